@@ -1,0 +1,362 @@
+"""Typed experiment configuration: dataclasses, YAML loading, dotted CLI overrides, validation.
+
+Precedence: CLI overrides (`--eval.batch_size 8`) > YAML file > dataclass defaults. Unknown keys,
+wrong types and impossible values raise `ValueError` naming the dotted key and what is allowed.
+Each field documents itself through `metadata["help"]`; `describe()` prints them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES = ("train", "calibrate", "evaluate", "report")
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
+    """A dataclass field with a help text (mutable defaults go through default_factory)."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class PlatformConfig:
+    device: str = _f("auto", "auto (cuda, then mps, then cpu), or one of cuda, mps, cpu")
+    dtype: str = _f("auto", "auto (bf16 on cuda when supported, fp32 on mps/cpu), or float32, bfloat16, float16")
+
+    def validate(self, prefix: str) -> None:
+        _choice(f"{prefix}.device", self.device, ("auto", "cuda", "mps", "cpu"))
+        _choice(f"{prefix}.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclass
+class ModelsConfig:
+    sender: str = _f("smollm2-135m-instruct", "model A (sees prompt_A): packaged name, tiny-* test model, HF id or local dir")
+    receiver: str = _f("smollm2-135m-instruct", "model B (sees prompt_B, answers): same kinds of spec as sender")
+    sender_revision: str | None = _f(None, "HF revision (commit or tag) of the sender, recorded with every result")
+    receiver_revision: str | None = _f(None, "HF revision of the receiver")
+
+    def validate(self, prefix: str) -> None:
+        for name in ("sender", "receiver"):
+            if not getattr(self, name):
+                raise ValueError(f"{prefix}.{name}: must name a model (e.g. smollm2-135m-instruct or tiny-llama-64)")
+
+
+@dataclass
+class TaskConfig:
+    name: str = _f("countries", "task registry name (countries, tipsheets, hotpotqa, ..., jsonl)")
+    n_test: int | None = _f(None, "number of test items (None: the task's default)")
+    n_calib: int = _f(8, "number of calibration items, drawn disjoint from the test items")
+    max_new_tokens: int | None = _f(None, "receiver's answer length (None: the task's default)")
+    path: str | None = _f(None, "local file or directory for tasks read from disk (jsonl, tmath)")
+    seed: int | None = _f(None, "generator seed for synthetic tasks (None: the experiment seed)")
+
+    def validate(self, prefix: str) -> None:
+        if not self.name:
+            raise ValueError(f"{prefix}.name: must name a task")
+        if self.n_test is not None and self.n_test < 1:
+            raise ValueError(f"{prefix}.n_test: must be >= 1 or null, got {self.n_test}")
+        if self.n_calib < 0:
+            raise ValueError(f"{prefix}.n_calib: must be >= 0, got {self.n_calib}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"{prefix}.max_new_tokens: must be >= 1 or null, got {self.max_new_tokens}")
+        if self.path is not None and not Path(self.path).expanduser().exists():
+            raise ValueError(f"{prefix}.path: {self.path!r} does not exist; point it at the task's local file or directory")
+
+
+@dataclass
+class TrainConfig:
+    corpus: str = _f("c4", "projection training text: c4 (allenai/c4 streamed from the hub) or offline (generated, no network)")
+    corpus_path: str | None = _f(None, "local text/jsonl files used instead of the hub for corpus=local")
+    n_sentences: int = _f(3072, "sentences drawn from the corpus (paper: 3072)")
+    heldout_fraction: float = _f(0.1, "fraction of sentences held out for MSE / R^2 / cosine")
+    epochs: int = _f(10, "passes over the training sentences (paper: 10)")
+    batch_size: int = _f(32, "global batch size in sentences, split over ranks (paper: 32)")
+    lr: float = _f(1e-3, "Adam learning rate (paper: 1e-3)")
+    max_length: int = _f(64, "tokens kept per sentence")
+    checkpoint_dir: str = _f("checkpoints", "where projection checkpoints live (one sub-directory per pair and layers)")
+    checkpoint_every: int = _f(50, "optimizer steps between checkpoints")
+    keep_last: int = _f(3, "complete checkpoints kept (older ones are pruned)")
+    cache_activations: bool = _f(True, "cache frozen-model activations on disk so later epochs skip the models")
+
+    def validate(self, prefix: str) -> None:
+        _choice(f"{prefix}.corpus", self.corpus, ("c4", "offline", "local"))
+        if self.corpus == "local" and not self.corpus_path:
+            raise ValueError(f"{prefix}.corpus_path: required when {prefix}.corpus is 'local'")
+        for name in ("n_sentences", "epochs", "batch_size", "max_length", "checkpoint_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ValueError(f"{prefix}.heldout_fraction: must be in (0, 1), got {self.heldout_fraction}")
+        if self.lr <= 0:
+            raise ValueError(f"{prefix}.lr: must be > 0, got {self.lr}")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _f(8, "examples per batch for every method (methods may override with their own batch_size)")
+    limit: int | None = _f(None, "evaluate only the first N test items of each task (None: all)")
+
+    def validate(self, prefix: str) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"{prefix}.batch_size: must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"{prefix}.limit: must be >= 1 or null, got {self.limit}")
+
+
+@dataclass
+class LoggingConfig:
+    level: str = _f("INFO", "log level on rank 0 (other ranks log warnings and above)")
+    wandb: bool = _f(False, "log metrics to Weights & Biases (rank 0 only; needs `pip install wandb`)")
+    wandb_project: str = _f("cross_model", "wandb project")
+    wandb_mode: str = _f("offline", "wandb mode: online, offline or disabled")
+
+    def validate(self, prefix: str) -> None:
+        _choice(f"{prefix}.level", self.level.upper(), ("DEBUG", "INFO", "WARNING", "ERROR"))
+        _choice(f"{prefix}.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = _f("experiment", "run name; the run directory is <output_dir>/<name>")
+    output_dir: str = _f("runs", "parent directory of run directories")
+    seed: int = _f(0, "global seed (task generation, sampling, initialisation)")
+    stages: list[str] = _f(list(STAGES), f"stages to run, in order, from {', '.join(STAGES)}")
+    platform: PlatformConfig = field(default_factory=PlatformConfig, metadata={"help": "device and dtype"})
+    models: ModelsConfig = field(default_factory=ModelsConfig, metadata={"help": "the sender/receiver pair"})
+    tasks: list[TaskConfig] = field(default_factory=lambda: [TaskConfig()], metadata={"help": "tasks to evaluate"})
+    methods: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"baseline": {}, "skyline": {}},
+        metadata={"help": "method instances: name -> parameters; `method:` names the registry entry (default: the name)"},
+    )
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "projection training"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation"})
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "logging and tracking"})
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name: must be a non-empty directory name without '/', got {self.name!r}")
+        for stage in self.stages:
+            _choice("stages", stage, STAGES)
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"stages: each stage at most once, got {self.stages}")
+        self.platform.validate("platform")
+        self.models.validate("models")
+        if not self.tasks:
+            raise ValueError("tasks: at least one task is needed")
+        for i, task in enumerate(self.tasks):
+            task.validate(f"tasks.{i}")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: each task at most once, got {names}")
+        if not self.methods:
+            raise ValueError("methods: at least one method is needed")
+        for name, params in self.methods.items():
+            if not isinstance(params, dict):
+                raise ValueError(f"methods.{name}: must be a mapping of parameters, got {type(params).__name__}")
+        self.train.validate("train")
+        self.eval.validate("eval")
+        self.logging.validate("logging")
+        # Method parameters are checked against each method's own typed parameters.
+        from cross_model.methods.registry import validate_method_params
+
+        for name, params in self.methods.items():
+            validate_method_params(name, params)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with type checking that names the key.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and convert it (dataclasses from dicts)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        return [coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): coerce(v if v is not None else {}, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"{key}: unsupported annotation {tp!r}")  # a bug in a config class, not user input
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ValueError(
+            f"unknown config key {where}{unknown[0]!r}; allowed keys{' under ' + prefix if prefix else ''}: "
+            f"{', '.join(sorted(names))}"
+        )
+    kwargs = {k: coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Any:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML + overrides
+
+
+def parse_override_value(text: str) -> Any:
+    """CLI values are YAML scalars/lists: `8` -> 8, `true` -> True, `[a,b]` -> list, `null` -> None."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c = value` in nested dicts/lists; list items are addressed by index (`tasks.0.n_test`)."""
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        key_so_far = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ValueError(f"--{dotted}: {key_so_far!r} must be a list index below {len(node)}")
+            node = node[int(part)]
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ValueError(f"--{dotted}: {last!r} must be a list index below {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """`--a.b 3 --c=x` -> [("a.b", 3), ("c", "x")]."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ValueError(f"unexpected argument {arg!r}; overrides look like --section.key value")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ValueError(f"override {arg} has no value; write {arg} VALUE")
+            key, raw = arg[2:], args[i + 1]
+            i += 2
+        out.append((key, parse_override_value(raw)))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Defaults, then the YAML file, then CLI overrides; validated."""
+    data = to_dict(ExperimentConfig())
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist (configs live in configs/)")
+        with open(path) as fh:
+            loaded = yaml.safe_load(fh) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of config sections")
+        _merge(data, loaded, "")
+    for key, value in parse_overrides(overrides or []):
+        apply_override(data, key, value)
+    cfg = from_dict(ExperimentConfig, data)
+    cfg.validate()
+    return cfg
+
+
+def _merge(base: dict, new: dict, prefix: str) -> None:
+    """YAML mappings merge into the defaults, except `methods` and lists, which replace them."""
+    for key, value in new.items():
+        dotted = f"{prefix}{key}"
+        if key in base and isinstance(base[key], dict) and isinstance(value, dict) and dotted != "methods":
+            _merge(base[key], value, dotted + ".")
+        else:
+            base[key] = value
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
+    """One line per config key with its default and help (for `--help-config`)."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines.append(f"{key}: {f.metadata.get('help', '')}")
+            lines.extend(describe(hint, key + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"{key} = {default!r}  # {f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,90 @@
+"""The task interface and registry. Every example has a stable id, A's prompt, B's prompt and answers."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+QA = "qa"
+MATH = "math"
+
+
+@dataclass(frozen=True)
+class Example:
+    example_id: str
+    prompt_A: str  # what only the sender sees (context, hint, tip sheet)
+    prompt_B: str  # what only the receiver sees (the question)
+    answers: tuple[str, ...]
+    task: str
+    max_new_tokens: int
+    metric: str  # f1_match, exact_match, numeric_match, rouge_l_recall
+    kind: str = QA  # selects the instruction (QA or math)
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A registered task: how to build its test and calibration splits."""
+
+    name: str
+    metric: str
+    max_new_tokens: int
+    default_n_test: int
+    # build(n_test, n_calib, seed, path) -> (test examples, calibration examples), disjoint by construction
+    build: Callable[..., tuple[list[Example], list[Example]]]
+    kind: str = QA
+    description: str = ""
+
+
+_TASKS: dict[str, Task] = {}
+_MODULES = ("synthetic", "hub", "local")
+
+
+def register_task(task: Task) -> Task:
+    _TASKS[task.name] = task
+    return task
+
+
+def _load_all() -> None:
+    for module in _MODULES:
+        importlib.import_module(f"cross_model.data.{module}")
+
+
+def available_tasks() -> list[str]:
+    _load_all()
+    return sorted(_TASKS)
+
+
+def get_task(name: str) -> Task:
+    _load_all()
+    if name not in _TASKS:
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(sorted(_TASKS))}")
+    return _TASKS[name]
+
+
+def load_task_examples(
+    name: str,
+    n_test: int | None = None,
+    n_calib: int = 0,
+    seed: int = 0,
+    path: str | None = None,
+    max_new_tokens: int | None = None,
+) -> tuple[list[Example], list[Example]]:
+    """Test and calibration examples of a task; calibration ids never overlap test ids."""
+    task = get_task(name)
+    test, calib = task.build(n_test=n_test or task.default_n_test, n_calib=n_calib, seed=seed, path=path)
+    if max_new_tokens is not None:
+        test = [_with_max_new_tokens(e, max_new_tokens) for e in test]
+        calib = [_with_max_new_tokens(e, max_new_tokens) for e in calib]
+    overlap = {e.example_id for e in test} & {e.example_id for e in calib}
+    assert not overlap, f"task {name}: calibration and test share ids {sorted(overlap)[:3]}"
+    ids = [e.example_id for e in test]
+    assert len(set(ids)) == len(ids), f"task {name}: duplicate example ids"
+    return test, calib
+
+
+def _with_max_new_tokens(example: Example, n: int) -> Example:
+    from dataclasses import replace
+
+    return replace(example, max_new_tokens=n)

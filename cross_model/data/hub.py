@@ -1,0 +1,133 @@
+"""Hugging Face tasks through their real loaders (`datasets.load_dataset`), as the papers use them.
+
+Each split is shuffled with seed 42; the first `n_test` rows are the test items (the papers take 500)
+and the next `n_calib` rows the calibration items, so the two never overlap. `tasks.N.path` points
+at a local copy (a JSON/JSONL file or a directory of them, in the hub's record format) for machines
+without the hub.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from cross_model.data.base import MATH, QA, Example, Task, register_task
+
+SHUFFLE_SEED = 42
+
+
+@dataclass(frozen=True)
+class HubSource:
+    path: str
+    name: str | None
+    split: str
+
+
+def load_rows(source: HubSource, local_path: str | None) -> Any:
+    """The dataset rows from a local copy, or from the hub (which needs network access)."""
+    import datasets
+
+    if local_path:
+        p = Path(local_path).expanduser()
+        files = sorted(str(f) for f in p.glob("*.json*")) if p.is_dir() else [str(p)]
+        if not files:
+            raise FileNotFoundError(f"no .json/.jsonl files in {p}")
+        return datasets.load_dataset("json", data_files=files, split="train")
+    try:
+        return datasets.load_dataset(source.path, source.name, split=source.split)
+    except Exception as err:  # the hub raises many types (ConnectionError, OSError, DatasetNotFoundError)
+        raise FileNotFoundError(
+            f"could not load {source.path} ({source.name or 'default'}, {source.split}) from the Hugging Face hub: "
+            f"{type(err).__name__}: {err}\nWithout network access, save the split as JSONL elsewhere "
+            f"(`datasets.load_dataset(...).to_json('x.jsonl')`) and set the task's `path` to that file."
+        ) from err
+
+
+def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tuple[str, str, str, list[str]]]):
+    def build(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
+        rows = load_rows(source, path).shuffle(seed=SHUFFLE_SEED)
+        if n_test + n_calib > len(rows):
+            raise ValueError(
+                f"tasks.{task_name}: n_test ({n_test}) + n_calib ({n_calib}) exceeds the {len(rows)} rows available"
+            )
+        task = TASKS[task_name]
+
+        def make(row: dict, split: str) -> Example:
+            rid, prompt_a, prompt_b, answers = parse(row)
+            return Example(
+                example_id=f"{task_name}-{rid}",
+                prompt_A=prompt_a,
+                prompt_B=prompt_b,
+                answers=tuple(answers),
+                task=task_name,
+                max_new_tokens=task.max_new_tokens,
+                metric=task.metric,
+                kind=task.kind,
+                meta={"split": split},
+            )
+
+        test = [make(rows[i], "test") for i in range(n_test)]
+        calib = [make(rows[i], "calib") for i in range(n_test, n_test + n_calib)]
+        return test, calib
+
+    return build
+
+
+# --- record parsers: (id, prompt_A, prompt_B, answers) from one row in the hub's format ---------
+
+
+def parse_hotpotqa(row: dict) -> tuple[str, str, str, list[str]]:
+    """A gets the gold supporting-fact sentences (title, sentence index) from the distractor context."""
+    titles = row["context"]["title"]
+    sentences = row["context"]["sentences"]
+    by_title = dict(zip(titles, sentences))
+    facts = []
+    for title, sent_id in zip(row["supporting_facts"]["title"], row["supporting_facts"]["sent_id"]):
+        sents = by_title.get(title, [])
+        if 0 <= sent_id < len(sents):
+            facts.append(sents[sent_id].strip())
+    return row["id"], " ".join(facts), row["question"], [row["answer"]]
+
+
+def parse_musique(row: dict) -> tuple[str, str, str, list[str]]:
+    """A gets the supporting paragraphs."""
+    paras = [f"{p['title']}: {p['paragraph_text']}" for p in row["paragraphs"] if p.get("is_supporting")]
+    answers = [row["answer"], *(row.get("answer_aliases") or [])]
+    return row["id"], "\n".join(paras), row["question"], answers
+
+
+def parse_longbench(row: dict) -> tuple[str, str, str, list[str]]:
+    """LongBench rows: `context` for A, `input` (the question) for B, `answers` a list."""
+    return row["_id"], row["context"], row["input"], list(row["answers"])
+
+
+def parse_squad(row: dict) -> tuple[str, str, str, list[str]]:
+    return row["id"], row["context"], row["question"], list(dict.fromkeys(row["answers"]["text"]))
+
+
+def parse_gsm8k(row: dict) -> tuple[str, str, str, list[str]]:
+    """Both agents read the problem (AC paper, Table 3); the gold is the number after '####'."""
+    import hashlib
+
+    rid = hashlib.sha1(row["question"].encode()).hexdigest()[:12]
+    return rid, row["question"], row["question"], [row["answer"].split("####")[-1].strip()]
+
+
+TASKS: dict[str, Task] = {}
+
+
+def _register(name: str, source: HubSource, parse: Callable, metric: str, max_new_tokens: int, kind: str = QA) -> None:
+    TASKS[name] = register_task(
+        Task(name, metric, max_new_tokens, 500, _hub_builder(name, source, parse), kind=kind,
+             description=f"{source.path} {source.name or ''} {source.split}".strip())
+    )
+
+
+_register("hotpotqa", HubSource("hotpotqa/hotpot_qa", "distractor", "validation"), parse_hotpotqa, "f1_match", 48)
+_register("musique", HubSource("dgslibisey/MuSiQue", None, "validation"), parse_musique, "f1_match", 48)
+_register("qasper", HubSource("THUDM/LongBench", "qasper", "test"), parse_longbench, "f1_match", 128)
+_register("multifieldqa_en", HubSource("THUDM/LongBench", "multifieldqa_en", "test"), parse_longbench, "f1_match", 64)
+_register("twowikimqa", HubSource("THUDM/LongBench", "2wikimqa", "test"), parse_longbench, "f1_match", 32)
+_register("squad", HubSource("rajpurkar/squad", None, "validation"), parse_squad, "exact_match", 32)
+_register("gsm8k", HubSource("openai/gsm8k", "main", "test"), parse_gsm8k, "numeric_match", 256, kind=MATH)

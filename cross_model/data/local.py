@@ -1,0 +1,91 @@
+"""Tasks read from local files: `jsonl` (bring your own data) and `tmath` (a local copy of TMATH)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cross_model.data.base import MATH, Example, Task, register_task
+from cross_model.metrics import METRICS
+
+
+def _read_jsonl(path: str | None, task: str) -> list[tuple[int, dict]]:
+    if not path:
+        raise ValueError(f"tasks.{task}: set `path` to a local .jsonl file (or a directory of them)")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"tasks.{task}.path: {p} does not exist")
+    files = sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
+    rows = []
+    for f in files:
+        with open(f) as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((lineno, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{f}:{lineno}: not valid JSON ({err})") from err
+    if not rows:
+        raise ValueError(f"tasks.{task}: no records in {p}")
+    return rows
+
+
+def _split_rows(rows: list, n_test: int, n_calib: int, task: str) -> tuple[list, list]:
+    """Rows with `"split": "calib"` are calibration items; otherwise the rows after the test block are."""
+    if any(r.get("split") == "calib" for _, r in rows):
+        test = [x for x in rows if x[1].get("split") != "calib"][:n_test]
+        calib = [x for x in rows if x[1].get("split") == "calib"][:n_calib]
+    else:
+        test, calib = rows[:n_test], rows[n_test : n_test + n_calib]
+    if len(test) < n_test:
+        raise ValueError(f"tasks.{task}: asked for n_test={n_test} but the file has {len(test)} test records")
+    return test, calib
+
+
+def build_jsonl(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
+    rows = _read_jsonl(path, "jsonl")
+    n_test = min(n_test, sum(1 for _, r in rows if r.get("split") != "calib"))
+
+    def make(lineno: int, row: dict, split: str) -> Example:
+        missing = [k for k in ("prompt_A", "prompt_B", "answers") if k not in row]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: record lacks {', '.join(missing)} (each line needs prompt_A, prompt_B, answers)")
+        answers = row["answers"] if isinstance(row["answers"], list) else [row["answers"]]
+        metric = row.get("metric", "f1_match")
+        if metric not in METRICS:
+            raise ValueError(f"{path}:{lineno}: metric {metric!r} is not one of {', '.join(METRICS)}")
+        return Example(
+            example_id=f"jsonl-{row.get('id', f'{split}-{lineno}')}",
+            prompt_A=row["prompt_A"], prompt_B=row["prompt_B"], answers=tuple(map(str, answers)),
+            task="jsonl", max_new_tokens=int(row.get("max_new_tokens", 32)), metric=metric,
+            meta={"candidates": row.get("candidates", [])},
+        )
+
+    test, calib = _split_rows(rows, n_test, n_calib, "jsonl")
+    return [make(n, r, "test") for n, r in test], [make(n, r, "calib") for n, r in calib]
+
+
+def build_tmath(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
+    """TMATH records: `problem` (B), `hints` (A: Socratic questions, a list or a string), `answer` or `solution`."""
+    rows = _read_jsonl(path, "tmath")
+
+    def make(lineno: int, row: dict, split: str) -> Example:
+        for key in ("problem", "hints"):
+            if key not in row:
+                raise ValueError(f"{path}:{lineno}: TMATH record lacks {key!r}")
+        gold = row.get("solution") or row.get("answer")
+        if gold is None:
+            raise ValueError(f"{path}:{lineno}: TMATH record needs `solution` or `answer`")
+        hints = row["hints"] if isinstance(row["hints"], str) else "\n".join(row["hints"])
+        return Example(
+            example_id=f"tmath-{row.get('id', lineno)}", prompt_A=hints, prompt_B=row["problem"],
+            answers=(str(gold),), task="tmath", max_new_tokens=256, metric="rouge_l_recall", kind=MATH,
+        )
+
+    test, calib = _split_rows(rows, n_test, n_calib, "tmath")
+    return [make(n, r, "test") for n, r in test], [make(n, r, "calib") for n, r in calib]
+
+
+register_task(Task("jsonl", "f1_match", 32, 10**9, build_jsonl, description="local JSONL: prompt_A, prompt_B, answers"))
+register_task(Task("tmath", "rouge_l_recall", 256, 500, build_tmath, kind=MATH, description="local TMATH copy"))

@@ -1,0 +1,151 @@
+"""Our own generators for the AC paper's two synthetic tasks, deterministic for a seed.
+
+Countries: A reads "{person} is at the {landmark}.", B is asked which country the person is in.
+Tip sheets: A reads tip sheets on three companies (exactly one is a good investment), B must name it.
+Test items come from the front of a seeded permutation and calibration items from its back, so the
+two splits never overlap for any sizes that fit.
+"""
+
+from __future__ import annotations
+
+import random
+
+from cross_model.data.base import Example, Task, register_task
+
+# Well-known landmarks, so that a small model can tell the country once it knows the landmark.
+LANDMARKS: dict[str, str] = {
+    "Eiffel Tower": "France", "Louvre Museum": "France", "Arc de Triomphe": "France", "Mont Saint-Michel": "France",
+    "Colosseum": "Italy", "Leaning Tower of Pisa": "Italy", "Trevi Fountain": "Italy", "Grand Canal of Venice": "Italy",
+    "Big Ben": "United Kingdom", "Tower of London": "United Kingdom", "Stonehenge": "United Kingdom",
+    "Buckingham Palace": "United Kingdom", "Statue of Liberty": "United States", "Grand Canyon": "United States",
+    "Golden Gate Bridge": "United States", "White House": "United States", "Mount Rushmore": "United States",
+    "Great Wall": "China", "Forbidden City": "China", "Terracotta Army": "China", "Taj Mahal": "India",
+    "Red Fort": "India", "Gateway of India": "India", "Mount Fuji": "Japan", "Tokyo Tower": "Japan",
+    "Fushimi Inari Shrine": "Japan", "Sydney Opera House": "Australia", "Uluru": "Australia",
+    "Great Barrier Reef": "Australia", "Pyramids of Giza": "Egypt", "Great Sphinx": "Egypt",
+    "Valley of the Kings": "Egypt", "Christ the Redeemer statue": "Brazil", "Sugarloaf Mountain": "Brazil",
+    "Machu Picchu": "Peru", "Brandenburg Gate": "Germany", "Neuschwanstein Castle": "Germany",
+    "Cologne Cathedral": "Germany", "Sagrada Familia": "Spain", "Alhambra": "Spain", "Park Guell": "Spain",
+    "Acropolis": "Greece", "Parthenon": "Greece", "Kremlin": "Russia", "Red Square": "Russia",
+    "Niagara Falls": "Canada", "CN Tower": "Canada", "Chichen Itza": "Mexico", "Petra": "Jordan",
+    "Burj Khalifa": "United Arab Emirates", "Angkor Wat": "Cambodia", "Hagia Sophia": "Turkey",
+    "Table Mountain": "South Africa", "Anne Frank House": "Netherlands", "Atomium": "Belgium",
+    "Matterhorn": "Switzerland", "Blue Mosque": "Turkey", "Marina Bay Sands": "Singapore",
+    "Gyeongbokgung Palace": "South Korea", "Petronas Towers": "Malaysia",
+}
+
+PEOPLE = (
+    "Uma", "Liam", "Sofia", "Noah", "Amara", "Kenji", "Elena", "Mateo", "Priya", "Oskar", "Chloe", "Tariq",
+    "Ingrid", "Diego", "Mei", "Kwame", "Hannah", "Ravi", "Lucia", "Felix", "Zara", "Ivan", "Nadia", "Omar",
+    "Greta", "Hugo", "Aisha", "Leo", "Yara", "Tomas", "Freya", "Jonas", "Leila", "Marco", "Sven", "Ayumi",
+    "Caleb", "Dalia", "Emil", "Farah", "Gideon", "Hana", "Idris", "Jade", "Kofi", "Lena", "Milo", "Nina",
+)
+
+
+def _split(items: list, n_test: int, n_calib: int, task: str) -> tuple[list, list]:
+    if n_test + n_calib > len(items):
+        raise ValueError(
+            f"tasks.{task}: n_test ({n_test}) + n_calib ({n_calib}) exceeds the {len(items)} distinct items "
+            f"this generator makes; lower them"
+        )
+    return items[:n_test], items[len(items) - n_calib :] if n_calib else []
+
+
+def build_countries(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
+    rng = random.Random(f"countries-{seed}")
+    pairs = [(p, lm) for p in PEOPLE for lm in sorted(LANDMARKS)]
+    rng.shuffle(pairs)
+    test, calib = _split(pairs, n_test, n_calib, "countries")
+    countries = sorted(set(LANDMARKS.values()))
+
+    def make(split: str, i: int, person: str, landmark: str) -> Example:
+        return Example(
+            example_id=f"countries-s{seed}-{split}-{i:04d}",
+            prompt_A=f"{person} is at the {landmark}.",
+            prompt_B=f"Which country is {person} located in?",
+            answers=(LANDMARKS[landmark],),
+            task="countries",
+            max_new_tokens=COUNTRIES.max_new_tokens,
+            metric="f1_match",
+            meta={"candidates": countries, "person": person, "landmark": landmark},
+        )
+
+    return (
+        [make("test", i, *p) for i, p in enumerate(test)],
+        [make("calib", i, *p) for i, p in enumerate(calib)],
+    )
+
+
+_PREFIXES = (
+    "Zen", "Alto", "Brio", "Cala", "Dyna", "Echo", "Flux", "Gala", "Helio", "Iona", "Juno", "Kova", "Luma",
+    "Mira", "Nexa", "Orbi", "Pyra", "Quanta", "Rivo", "Sola", "Tera", "Ultra", "Vela", "Wyn", "Xeno", "Yota",
+)
+_SUFFIXES = ("tech", "corp", "labs", "works", "gen", "soft", "dyne", "ware", "net", "sys")
+GOOD_TIPS = (
+    "quarterly revenue grew 40% and profits doubled",
+    "won a ten-year contract with the national government",
+    "its new product sold out within a week of launch",
+    "analysts expect earnings to triple next year",
+    "just received regulatory approval for its flagship product",
+    "cut its debt in half while growing sales",
+)
+BAD_TIPS = (
+    "is under investigation for accounting fraud",
+    "lost its largest customer last month",
+    "its CEO resigned amid a scandal",
+    "reported a third straight quarter of heavy losses",
+    "faces a product recall that could bankrupt it",
+    "was downgraded to junk status by every major rating agency",
+)
+
+
+def company_names() -> list[str]:
+    return [f"{p}{s}" for p in _PREFIXES for s in _SUFFIXES]
+
+
+def build_tipsheets(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
+    rng = random.Random(f"tipsheets-{seed}")
+    names = company_names()
+    total = n_test + n_calib
+    if total > 10_000:
+        raise ValueError(f"tasks.tipsheets: at most 10000 items (n_test + n_calib), got {total}")
+    items = []
+    for _ in range(total):
+        trio = rng.sample(names, 3)
+        good = rng.randrange(3)
+        sheets = []
+        for idx, name in enumerate(trio):
+            tips = rng.sample(GOOD_TIPS if idx == good else BAD_TIPS, 2)
+            sheets.append(f"{name}: {name} {tips[0]}, and {tips[1]}.")
+        listed = trio[:]
+        rng.shuffle(listed)
+        items.append((trio, good, sheets, listed))
+    test, calib = items[:n_test], items[n_test:]
+
+    def make(split: str, i: int, trio: list[str], good: int, sheets: list[str], listed: list[str]) -> Example:
+        return Example(
+            example_id=f"tipsheets-s{seed}-{split}-{i:04d}",
+            prompt_A="Tip sheets. " + " ".join(sheets),
+            prompt_B=(
+                f"You must invest in exactly one company from {listed[0]}, {listed[1]}, {listed[2]}. "
+                "Which company should you invest in? The company name is:"
+            ),
+            answers=(trio[good],),
+            task="tipsheets",
+            max_new_tokens=TIPSHEETS.max_new_tokens,
+            metric="f1_match",
+            meta={"candidates": list(trio)},
+        )
+
+    return (
+        [make("test", i, *it) for i, it in enumerate(test)],
+        [make("calib", i, *it) for i, it in enumerate(calib)],
+    )
+
+
+COUNTRIES = register_task(
+    Task("countries", "f1_match", 5, 200, build_countries, description="AC paper's Countries, well-known landmarks")
+)
+TIPSHEETS = register_task(
+    Task("tipsheets", "f1_match", 10, 500, build_tipsheets, description="AC paper's Tip Sheets, generated")
+)

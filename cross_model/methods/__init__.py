@@ -1,0 +1,1 @@
+"""Communication methods: one module per method, one interface (`base.Method`), one registry."""

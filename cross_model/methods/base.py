@@ -1,0 +1,114 @@
+"""The interface every method implements, the per-example prediction record, and shared helpers."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cross_model.data.base import Example
+from cross_model.generation import GenerationResult, greedy_generate
+from cross_model.models import LoadedModel
+from cross_model.prompting import tokenize_prompts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MethodParams:
+    batch_size: int | None = field(default=None, metadata={"help": "examples per batch (None: eval.batch_size)"})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "answer length (None: the task's)"})
+    max_prompt_tokens: int | None = field(default=None, metadata={"help": "longer prompts keep first and last halves"})
+
+    def validate(self, prefix: str) -> None:
+        for name in ("batch_size", "max_new_tokens", "max_prompt_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{prefix}.{name}: must be >= 1 or null, got {value}")
+
+
+@dataclass
+class Prediction:
+    example_id: str
+    answer: str
+    payload_bytes: int
+    sender_prefill_tokens: int = 0
+    sender_generated_tokens: int = 0
+    receiver_prefill_tokens: int = 0
+    receiver_generated_tokens: int = 0
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ModelPair:
+    sender: LoadedModel
+    receiver: LoadedModel
+
+    @property
+    def same_model(self) -> bool:
+        return self.sender is self.receiver
+
+
+class Method:
+    """A communication method. Subclasses set `Params` and implement `_run_batch`."""
+
+    Params = MethodParams
+    registry_name = ""
+
+    def __init__(self, params: MethodParams, pair: ModelPair, name: str | None = None, run_dir: Path | None = None):
+        self.params = params
+        self.pair = pair
+        self.name = name or self.registry_name
+        self.run_dir = run_dir
+        self.check_pair()
+
+    # --- what the pipeline asks before running -------------------------------------------------
+    @classmethod
+    def needs_training(cls, params: MethodParams) -> bool:
+        return False
+
+    @classmethod
+    def needs_calibration(cls, params: MethodParams) -> bool:
+        return False
+
+    def check_pair(self) -> None:
+        """Refuse model pairs this method cannot serve, with a clear error."""
+
+    def calibrate(self, examples: list[Example]) -> dict[str, Any]:
+        return {}
+
+    # --- running ----------------------------------------------------------------------------
+    def max_new_tokens(self, example: Example) -> int:
+        return self.params.max_new_tokens or example.max_new_tokens
+
+    def run_batch(self, examples: list[Example]) -> list[Prediction]:
+        """Run a batch; if it fails, run its examples one by one so that only the failing ones are
+        recorded as errors (scored 0), never dropped."""
+        try:
+            preds = self._run_batch(examples)
+            assert [p.example_id for p in preds] == [e.example_id for e in examples]
+            return preds
+        except Exception:  # noqa: BLE001 - a method failure is data, recorded per example
+            if len(examples) == 1:
+                err = traceback.format_exc(limit=4)
+                log.warning("%s failed on %s: %s", self.name, examples[0].example_id, err.strip().splitlines()[-1])
+                return [Prediction(examples[0].example_id, "", 0, error=err)]
+            return [p for e in examples for p in self.run_batch([e])]
+
+    def _run_batch(self, examples: list[Example]) -> list[Prediction]:
+        raise NotImplementedError
+
+    # --- shared helpers ---------------------------------------------------------------------
+    def answer_with(self, lm: LoadedModel, texts: list[str], examples: list[Example], **kw: Any) -> tuple[GenerationResult, list[int]]:
+        """Chat-wrap `texts`, prefill them on `lm` and decode greedily; returns the generation and each
+        row's prompt length."""
+        batch = tokenize_prompts(lm, texts, self.params.max_prompt_tokens)
+        limits = [self.max_new_tokens(e) for e in examples]
+        gen = greedy_generate(lm, batch.input_ids, batch.attention_mask, max(limits), max_new_tokens_B=limits, **kw)
+        return gen, batch.lengths

@@ -1,0 +1,183 @@
+"""Scorers: SQuAD normalisation, token F1, the KVComm papers' f1_match, EM, numeric match,
+ROUGE-L recall, a lenient first-named match, and Wilson 95% intervals."""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from functools import lru_cache
+from typing import Iterable, Sequence
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD: lower-case, drop punctuation and articles, collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+@lru_cache(maxsize=65536)
+def _lemma(word: str) -> str:
+    import simplemma
+
+    return simplemma.lemmatize(word, lang="en")
+
+
+def _tokens(text: str, lemmatize: bool) -> list[str]:
+    toks = normalize_answer(text).split()
+    return [_lemma(t) for t in toks] if lemmatize else toks
+
+
+def _f1(pred: Counter, gold: Counter) -> float:
+    common = sum((pred & gold).values())
+    if common == 0:
+        return 0.0
+    precision = common / sum(pred.values())
+    recall = common / sum(gold.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    """SQuAD token F1 over token multisets. Two empty strings agree (1.0); one empty scores 0."""
+    p, g = _tokens(prediction, False), _tokens(gold, False)
+    if not p or not g:
+        return float(p == g)
+    return _f1(Counter(p), Counter(g))
+
+
+def lemma_set_f1(prediction: str, gold: str) -> float:
+    """F1 between lemmatised token *sets* (the KVComm papers' variant)."""
+    p, g = set(_tokens(prediction, True)), set(_tokens(gold, True))
+    if not p or not g:
+        return float(p == g)
+    return _f1(Counter(p), Counter(g))
+
+
+def f1_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the lemmatised set F1 against any gold answer is strictly above 0.5."""
+    return float(any(lemma_set_f1(prediction, a) > 0.5 for a in answers))
+
+
+def max_token_f1(prediction: str, answers: Sequence[str]) -> float:
+    return max((token_f1(prediction, a) for a in answers), default=0.0)
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    return float(any(normalize_answer(prediction) == normalize_answer(a) for a in answers))
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_number(text: str) -> float | None:
+    """The answer's number: after '####' if present (GSM8k style), else the last number in the text."""
+    if "####" in text:
+        text = text.split("####")[-1]
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", "").rstrip("."))
+    except ValueError:
+        return None
+
+
+def numeric_match(prediction: str, answers: Sequence[str]) -> float:
+    got = extract_number(prediction)
+    if got is None:
+        return 0.0
+    for answer in answers:
+        want = extract_number(answer)
+        if want is not None and math.isclose(got, want, rel_tol=0, abs_tol=1e-6):
+            return 1.0
+    return 0.0
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    if not a or not b:
+        return 0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l_recall(prediction: str, answers: Sequence[str]) -> float:
+    """LCS(prediction, gold) / len(gold) over normalised tokens, max over gold answers."""
+    best = 0.0
+    p = _tokens(prediction, False)
+    for answer in answers:
+        g = _tokens(answer, False)
+        if g:
+            best = max(best, _lcs(p, g) / len(g))
+    return best
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?\n])\s")
+
+
+def first_sentence(text: str) -> str:
+    text = text.strip()
+    return _SENTENCE_END.split(text, maxsplit=1)[0] if text else ""
+
+
+def _first_position(haystack: str, needle: str) -> int | None:
+    if not needle:
+        return None
+    m = re.search(rf"(?<!\w){re.escape(needle)}(?!\w)", haystack)
+    return m.start() if m else None
+
+
+def first_named_match(prediction: str, answers: Sequence[str], candidates: Iterable[str] = ()) -> float:
+    """Lenient: 1.0 when, in the answer's first sentence, a gold answer is named before any other
+    candidate (e.g. the other companies of a tip sheet). Without candidates: a gold answer is named."""
+    sentence = normalize_answer(first_sentence(prediction))
+    gold = {normalize_answer(a) for a in answers}
+    positions = {}
+    for name in set(candidates) | set(answers):
+        pos = _first_position(sentence, normalize_answer(name))
+        if pos is not None:
+            positions[normalize_answer(name)] = pos
+    if not positions:
+        return 0.0
+    first = min(positions.values())
+    return float(any(positions.get(g) == first for g in gold))
+
+
+METRICS = {
+    "f1_match": f1_match,
+    "exact_match": exact_match,
+    "numeric_match": numeric_match,
+    "rouge_l_recall": rouge_l_recall,
+}
+
+
+def score_prediction(metric: str, prediction: str, answers: Sequence[str], candidates: Iterable[str] = ()) -> dict[str, float]:
+    """The task's primary score plus token F1 and the lenient first-named match, for every example."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; available: {', '.join(METRICS)}")
+    return {
+        "score": METRICS[metric](prediction, answers),
+        "token_f1": max_token_f1(prediction, answers),
+        "first_named": first_named_match(prediction, answers, candidates),
+    }
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score 95% interval for a proportion; (0, 0) for n = 0."""
+    if n <= 0:
+        return (0.0, 0.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))

