@@ -1,0 +1,67 @@
+import time
+
+import pytest
+import torch
+
+from cross_model.models import TINY_MODELS, load_model
+from cross_model.prompting import tokenize_prompts
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_tiny_models_are_fast_deterministic_and_frozen(name):
+    load_model(name)  # warm the imports
+    t0 = time.perf_counter()
+    a = load_model(name)
+    elapsed = time.perf_counter() - t0
+    b = load_model(name)
+    assert elapsed < 2.0, f"tiny model took {elapsed:.2f}s"
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    assert not any(p.requires_grad for p in a.model.parameters()) and not a.model.training
+    assert a.tokenizer.padding_side == "left"
+
+
+def test_tiny_models_differ_and_describe_themselves():
+    a, b = load_model("tiny-llama-64"), load_model("tiny-llama-48")
+    assert (a.info.hidden_size, a.info.num_layers, a.info.num_kv_heads, a.info.head_dim) == (64, 4, 2, 16)
+    assert (b.info.hidden_size, b.info.num_layers) == (48, 3)
+    assert a.info.has_chat_template and not load_model("tiny-gemma3-64").info.has_chat_template
+    assert a.info.kv_bytes_per_token_per_layer == 2 * 2 * 16 * 4
+
+
+def test_tiny_tokenizer_round_trips_text():
+    lm = load_model("tiny-llama-64")
+    text = "Uma is at the Eiffel Tower. Ünïcode ✓"
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert lm.tokenizer.decode(ids) == text
+
+
+def test_unknown_specs_give_clear_errors():
+    with pytest.raises(ValueError, match="unknown tiny test model 'tiny-nope'"):
+        load_model("tiny-nope")
+    with pytest.raises(FileNotFoundError, match="local directory"):
+        load_model("someone/not-a-model-xyz")
+
+
+def _answer(lm, question: str, max_new_tokens: int = 12) -> str:
+    from cross_model.generation import greedy_generate
+
+    batch = tokenize_prompts(lm, [question])
+    return greedy_generate(lm, batch.input_ids, batch.attention_mask, max_new_tokens).texts[0]
+
+
+@pytest.mark.slow
+def test_smollm2_loads_offline_and_answers(smollm2):
+    info = smollm2.info
+    assert (info.hidden_size, info.num_layers, info.num_heads, info.num_kv_heads, info.vocab_size) == (576, 30, 9, 3, 49152)
+    assert info.has_chat_template
+    assert "Paris" in _answer(smollm2, "What is the capital of France?")
+
+
+@pytest.mark.slow
+def test_gemma3_loads_offline_and_answers():
+    lm = load_model("gemma3-270m")
+    info = lm.info
+    assert (info.hidden_size, info.num_layers, info.num_kv_heads, info.head_dim, info.vocab_size) == (640, 18, 1, 256, 262144)
+    assert not info.has_chat_template  # a base model: plain-text prompts
+    assert "Paris" in _answer(lm, "Question: What is the capital of France?\nAnswer:", 6)
