@@ -1,0 +1,209 @@
+"""KVComm (Shi et al., ICLR 2026): B reads a selected subset of A's KV-cache layers.
+
+A prefills its prompt once, up to the highest layer that is sent (no LM head). B's cache holds, per
+receiver layer, all of A's keys/values for selected layers and only A's first token (the attention
+sink) elsewhere. B's tokens take positions after A's context and attend causally, layer by layer, to
+exactly what that layer holds (see `surgery.KVLayout`): causal for every layer selection, unlike the
+public code. Layers are chosen by hand, at random, or by calibration on a split disjoint from the test
+items: attention mass of B's prompt on A's tokens (sink excluded, causal mask applied), min-max
+normalised and blended with a Gaussian prior over depth.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from cross_model.data.base import Example
+from cross_model.generation import greedy_generate
+from cross_model.methods.base import Method, MethodParams, Prediction
+from cross_model.methods.registry import register
+from cross_model.prompting import receiver_text, sender_text, tokenize_prompts
+from cross_model.surgery import (
+    assemble_receiver_cache, layout_forward, partial_forward, use_cross_model_attention,
+)
+
+SELECTIONS = ("calibrate", "layers", "range", "random", "all")
+
+
+@dataclass
+class KVCommParams(MethodParams):
+    selection: str = field(default="calibrate", metadata={"help": "calibrate, layers (layers_list), range, random, all"})
+    layers_list: list[int] | None = field(default=None, metadata={"help": "receiver layers to send (selection: layers)"})
+    layer_from: int | None = field(default=None, metadata={"help": "first receiver layer sent (selection: range)"})
+    layer_to: int | None = field(default=None, metadata={"help": "last receiver layer sent, inclusive (selection: range)"})
+    top_layers: float = field(default=0.3, metadata={"help": "fraction of layers kept (calibrate, random)"})
+    alpha: float = field(default=0.5, metadata={"help": "weight of measured importance against the depth prior"})
+    mu: float = field(default=0.5, metadata={"help": "prior centre as a fraction of depth"})
+    sigma: float = field(default=10.0, metadata={"help": "prior width in layers"})
+    always_send_layer0: bool = field(default=True, metadata={"help": "send layer 0 in full (as the public code)"})
+    seed: int = field(default=0, metadata={"help": "seed for random selection"})
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"{prefix}.selection: {self.selection!r} is not one of {', '.join(SELECTIONS)}")
+        if self.selection == "layers" and not self.layers_list:
+            raise ValueError(f"{prefix}.layers_list: required (a non-empty list) when selection is 'layers'")
+        if self.selection == "range" and (self.layer_from is None or self.layer_to is None or self.layer_from > self.layer_to):
+            raise ValueError(f"{prefix}.layer_from/layer_to: required with layer_from <= layer_to when selection is 'range'")
+        if not 0.0 <= self.top_layers <= 1.0:
+            raise ValueError(f"{prefix}.top_layers: a fraction in [0, 1], got {self.top_layers}")
+        if not 0.0 <= self.alpha <= 1.0 or self.sigma <= 0:
+            raise ValueError(f"{prefix}.alpha must be in [0, 1] and {prefix}.sigma > 0")
+
+
+def layer_map(l_a: int, l_b: int) -> list[int]:
+    """For each receiver layer, the sender layer it reads (A layer l maps to B layer
+    round((l + 0.5) L_B / L_A - 0.5); this is that rule read from B's side)."""
+    return [min(l_a - 1, max(0, round((lb + 0.5) * l_a / l_b - 0.5))) for lb in range(l_b)]
+
+
+def blend_scores(importance: list[float], alpha: float, mu: float, sigma: float) -> list[float]:
+    n = len(importance)
+    lo, hi = min(importance), max(importance)
+    imp = [(x - lo) / (hi - lo) if hi > lo else 0.0 for x in importance]
+    prior = [math.exp(-0.5 * ((l - mu * (n - 1)) / sigma) ** 2) for l in range(n)]
+    top = max(prior)
+    prior = [p / top for p in prior]
+    return [alpha * i + (1 - alpha) * p for i, p in zip(imp, prior)]
+
+
+@register("kvcomm")
+class KVComm(Method):
+    Params = KVCommParams
+
+    @classmethod
+    def needs_calibration(cls, params: KVCommParams) -> bool:
+        return params.selection == "calibrate"
+
+    def check_pair(self) -> None:
+        a, b = self.pair.sender.info, self.pair.receiver.info
+        if (a.num_kv_heads, a.head_dim) != (b.num_kv_heads, b.head_dim):
+            raise ValueError(
+                f"methods.{self.name}: KVComm needs the same KV shape in both models; {a.name} has "
+                f"{a.num_kv_heads} KV heads x {a.head_dim} dims, {b.name} has {b.num_kv_heads} x {b.head_dim}. "
+                "Caches of different shapes cannot be shared without a learned KV projector."
+            )
+        self.layer_map = layer_map(a.num_layers, b.num_layers)
+        n = b.num_layers
+        p = self.params
+        for layer in (p.layers_list or []) + [x for x in (p.layer_from, p.layer_to) if x is not None]:
+            if not 0 <= layer < n:
+                raise ValueError(f"methods.{self.name}: layer {layer} is outside {b.name}'s 0..{n - 1}")
+        self.ranking: list[int] | None = None
+        self.calibration: dict[str, Any] = {}
+        use_cross_model_attention(self.pair.receiver)
+
+    # --- which layers ---------------------------------------------------------------------------
+    def n_keep(self) -> int:
+        return int(self.params.top_layers * self.pair.receiver.info.num_layers)
+
+    def selected_layers(self) -> set[int]:
+        p, n = self.params, self.pair.receiver.info.num_layers
+        if p.selection == "all":
+            chosen = set(range(n))
+        elif p.selection == "layers":
+            chosen = set(p.layers_list)
+        elif p.selection == "range":
+            chosen = set(range(p.layer_from, p.layer_to + 1))
+        elif p.selection == "random":
+            chosen = set(random.Random(p.seed).sample(range(n), self.n_keep()))
+        else:
+            if self.ranking is None:
+                raise ValueError(f"methods.{self.name}: layer selection needs calibration; run the calibrate stage first")
+            chosen = set(self.ranking[: self.n_keep()])
+        if p.always_send_layer0:
+            chosen.add(0)
+        return chosen
+
+    # --- sender ---------------------------------------------------------------------------------
+    def sender_cache(self, examples: list[Example], selected: set[int]):
+        """A's prefill, stopping after the highest sent layer; the sinks of higher layers come from a
+        one-token forward (A's first token attends only to itself, so its keys/values are the same)."""
+        a = self.pair.sender
+        batch = tokenize_prompts(a, [sender_text(e) for e in examples], self.params.max_prompt_tokens)
+        top = max((self.layer_map[l] for l in selected), default=-1) + 1
+        cache = DynamicCache()
+        partial_forward(a, batch.input_ids, batch.attention_mask, top, cache=cache)
+        sink_kv = {}
+        sink_layers = {self.layer_map[l] for l in range(len(self.layer_map)) if l not in selected}
+        if any(la >= top for la in sink_layers):
+            first = batch.input_ids.shape[1] - batch.attention_mask.sum(-1)
+            ids = batch.input_ids[torch.arange(len(examples)), first][:, None]
+            sink_cache = DynamicCache()
+            partial_forward(a, ids, torch.ones_like(ids), max(sink_layers) + 1, cache=sink_cache)
+            sink_kv = {la: (sink_cache.layers[la].keys, sink_cache.layers[la].values) for la in sink_layers if la >= top}
+        return batch, cache, sink_kv
+
+    def payload_bytes(self, n_tokens: int, selected: set[int]) -> int:
+        a = self.pair.sender.info
+        per_token_layer = 2 * a.num_kv_heads * a.head_dim * self.pair.sender.model.dtype.itemsize
+        n_layers = self.pair.receiver.info.num_layers
+        return per_token_layer * (len(selected) * n_tokens + (n_layers - len(selected)))
+
+    # --- receiver -------------------------------------------------------------------------------
+    def _receive(self, examples: list[Example], selected: set[int], record: bool = False, max_new: list[int] | None = None):
+        a_batch, a_cache, sink_kv = self.sender_cache(examples, selected)
+        cache, layout = assemble_receiver_cache(a_cache, a_batch.attention_mask, self.layer_map, selected, sink_kv)
+        layout.record_attention = record
+        b = self.pair.receiver
+        b_batch = tokenize_prompts(b, [receiver_text(e) for e in examples], self.params.max_prompt_tokens)
+        offset = a_batch.attention_mask.sum(-1).to(b.device)  # B's positions continue after A's context
+        limits = max_new or [self.max_new_tokens(e) for e in examples]
+        gen = greedy_generate(
+            b, b_batch.input_ids, b_batch.attention_mask, max(limits), cache=cache,
+            position_offset_B=offset, forward=layout_forward(b, layout), max_new_tokens_B=limits,
+        )
+        return gen, a_batch.lengths, b_batch.lengths, layout
+
+    def _run_batch(self, examples: list[Example]) -> list[Prediction]:
+        selected = self.selected_layers()
+        gen, a_len, b_len, _ = self._receive(examples, selected)
+        return [
+            Prediction(
+                e.example_id, text, self.payload_bytes(n_a, selected), sender_prefill_tokens=n_a,
+                receiver_prefill_tokens=n_b, receiver_generated_tokens=n_out,
+                extra={"layers": sorted(selected)},
+            )
+            for e, text, n_a, n_b, n_out in zip(examples, gen.texts, a_len, b_len, gen.n_generated)
+        ]
+
+    # --- calibration ------------------------------------------------------------------------------
+    def layer_importance(self, examples: list[Example], batch_size: int = 8) -> list[float]:
+        """Mean attention mass of B's prompt tokens on A's tokens (sink excluded), per receiver layer."""
+        n = self.pair.receiver.info.num_layers
+        totals, count = [0.0] * n, 0
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            _, _, _, layout = self._receive(chunk, set(range(n)), record=True, max_new=[1] * len(chunk))
+            for l in range(n):
+                totals[l] += float(torch.cat(layout.attention_on_A[l]).sum())
+            count += len(chunk)
+        return [t / max(count, 1) for t in totals]
+
+    def calibrate(self, examples: list[Example]) -> dict[str, Any]:
+        if not examples:
+            raise ValueError(f"methods.{self.name}: calibration needs calibration items (tasks.N.n_calib > 0)")
+        importance = self.layer_importance(examples, self.params.batch_size or 8)
+        p = self.params
+        scores = blend_scores(importance, p.alpha, p.mu, p.sigma)
+        self.ranking = sorted(range(len(scores)), key=lambda l: (-scores[l], l))
+        self.calibration = {
+            "importance": importance, "scores": scores, "ranking": self.ranking,
+            "selected": sorted(self.selected_layers()), "calibration_ids": [e.example_id for e in examples],
+        }
+        return self.calibration
+
+    def load_calibration(self, data: dict[str, Any]) -> None:
+        self.ranking = list(data["ranking"])
+        self.calibration = data
+
+    def save_calibration(self, path) -> None:
+        path.write_text(json.dumps(self.calibration, indent=2))

@@ -1,0 +1,298 @@
+"""Model surgery through the public transformers 5.x API, in one place:
+
+1. `partial_forward`: run the decoder only up to layer k (a forward hook stops it), no LM head;
+2. `residual_edit`: change the residual entering decoder block j at the last prompt token (prefill);
+3. `KVLayout` + the registered attention function `cross_model`: per-layer caches of different
+   lengths and origins (A's tokens, A's sink, B's tokens), each key with its own position and
+   validity, so B attends causally to exactly what each layer holds.
+
+Legend: B batch, T tokens, H heads, D hidden / head dim, L layers.
+`hidden_states[k]` follows Hugging Face: index 0 is the embeddings, index k the output of block k-1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from cross_model.models import LoadedModel
+
+ATTN_IMPLEMENTATION = "cross_model"
+
+
+def decoder(lm: LoadedModel) -> Any:
+    return lm.model.get_decoder()
+
+
+def decoder_layers(lm: LoadedModel) -> Any:
+    return decoder(lm).layers
+
+
+def input_embeddings(lm: LoadedModel) -> torch.Tensor:
+    """E_VD times the model's embedding scale (Gemma multiplies by sqrt(d) inside its embedding)."""
+    emb = lm.model.get_input_embeddings()
+    scale = getattr(emb, "embed_scale", None)
+    weight = emb.weight
+    return weight * scale.to(weight.dtype) if scale is not None else weight
+
+
+# --- 1. partial forward -----------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    pass
+
+
+def check_layer(lm: LoadedModel, index: int, key: str, allow_last: bool = True) -> None:
+    top = lm.info.num_layers if allow_last else lm.info.num_layers - 1
+    if not 0 <= index <= top:
+        raise ValueError(
+            f"{key}={index} is outside {lm.info.name}'s depth: it has {lm.info.num_layers} layers, "
+            f"so {key} must be in 0..{top}"
+        )
+
+
+@torch.inference_mode()
+def partial_forward(
+    lm: LoadedModel,
+    input_ids_BT: torch.Tensor,
+    attention_mask_BT: torch.Tensor,
+    stop_after: int,
+    cache: Any = None,
+    position_ids_BT: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`hidden_states[stop_after]` (B x T x D), computing no layer above it and no LM head.
+    With `cache`, the keys/values of layers below `stop_after` are stored in it."""
+    check_layer(lm, stop_after, "layer")
+    if position_ids_BT is None:
+        from cross_model.generation import positions_from_mask
+
+        position_ids_BT = positions_from_mask(attention_mask_BT)
+    captured: dict[str, torch.Tensor] = {}
+    dec = decoder(lm)
+    if stop_after == 0:
+        target = dec.embed_tokens
+    else:
+        target = dec.layers[stop_after - 1]
+
+    def hook(module: Any, args: Any, output: Any) -> None:
+        captured["h"] = output[0] if isinstance(output, tuple) else output
+        raise _StopForward
+
+    handle = target.register_forward_hook(hook)
+    try:
+        dec(
+            input_ids=input_ids_BT, attention_mask=attention_mask_BT, position_ids=position_ids_BT,
+            past_key_values=cache, use_cache=cache is not None,
+        )
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
+def last_token(h_BTD: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """Each row's last real token (robust to left or right padding)."""
+    idx = attention_mask_BT.long().sum(-1) - 1
+    if attention_mask_BT[:, -1].all():  # left padding: the last column is real for every row
+        return h_BTD[:, -1, :]
+    return h_BTD[torch.arange(h_BTD.shape[0], device=h_BTD.device), idx]
+
+
+# --- 2. residual edit at block j during prefill ----------------------------------------------
+
+
+@contextlib.contextmanager
+def residual_edit(lm: LoadedModel, j: int, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[dict]:
+    """While active, the residual entering block j (= `hidden_states[j]`) at the last position of
+    each row (left padding: the last prompt token) is replaced by `edit(h_BD)`. Enter it around the
+    prefill only, so decoding proceeds normally. Yields a record of the edit (before/after)."""
+    check_layer(lm, j, "j", allow_last=False)
+    record: dict[str, torch.Tensor] = {}
+
+    def pre_hook(module: Any, args: tuple, kwargs: dict) -> Any:
+        if args:
+            h, rest = args[0], args[1:]
+        else:
+            h, rest = kwargs["hidden_states"], None
+        h = h.clone()
+        record["before"] = h[:, -1, :].clone()
+        h[:, -1, :] = edit(h[:, -1, :]).to(h.dtype)
+        record["after"] = h[:, -1, :].clone()
+        if rest is None:
+            kwargs = dict(kwargs, hidden_states=h)
+            return args, kwargs
+        return (h, *rest), kwargs
+
+    handle = decoder_layers(lm)[j].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield record
+    finally:
+        handle.remove()
+
+
+# --- 3. per-layer KV layouts and the attention function that honours them ---------------------
+
+SRC_B, SRC_A, SRC_SINK = 0, 1, 2
+
+
+@dataclass
+class KVLayout:
+    """What each layer's cache holds: per key, its position, whether it is real, and its origin."""
+
+    key_pos: list[torch.Tensor]  # per layer, B x T_l
+    key_valid: list[torch.Tensor]  # per layer, B x T_l (bool)
+    key_src: list[torch.Tensor]  # per layer, B x T_l (SRC_*)
+    query_pos: torch.Tensor | None = None  # B x q, for the forward in progress
+    record_attention: bool = False
+    attention_on_A: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> per-call B x H
+
+    def append(self, pos_BT: torch.Tensor, valid_BT: torch.Tensor) -> None:
+        """Register new (receiver) tokens in every layer before the forward that adds them."""
+        self.query_pos = pos_BT
+        src = torch.full_like(pos_BT, SRC_B)
+        for l in range(len(self.key_pos)):
+            self.key_pos[l] = torch.cat([self.key_pos[l], pos_BT], dim=1)
+            self.key_valid[l] = torch.cat([self.key_valid[l], valid_BT.bool()], dim=1)
+            self.key_src[l] = torch.cat([self.key_src[l], src], dim=1)
+        self._query_valid = valid_BT.bool()
+
+    def mask(self, layer: int, q_len: int, sliding_window: int | None) -> torch.Tensor:
+        """B x 1 x q x T_l boolean: key real, not after the query, inside the sliding window."""
+        kpos, kvalid = self.key_pos[layer], self.key_valid[layer]
+        qpos = self.query_pos[:, -q_len:]
+        m = kvalid[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None])
+        if sliding_window:
+            m = m & (qpos[:, :, None] - kpos[:, None, :] < sliding_window)
+        # Padding queries see nothing; give them everything so softmax stays finite (their outputs are unused).
+        empty = ~m.any(-1, keepdim=True)
+        return (m | empty)[:, None, :, :]
+
+
+_ACTIVE: contextvars.ContextVar[KVLayout | None] = contextvars.ContextVar("cross_model_layout", default=None)
+
+
+@contextlib.contextmanager
+def active_layout(layout: KVLayout) -> Iterator[KVLayout]:
+    token = _ACTIVE.set(layout)
+    try:
+        yield layout
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def cross_model_attention(
+    module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
+    dropout: float = 0.0, scaling: float | None = None, **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA, but with masks from the active `KVLayout` when there is one (else plain SDPA)."""
+    layout = _ACTIVE.get()
+    if layout is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    layer = module.layer_idx
+    q_len = query.shape[2]
+    assert key.shape[2] == layout.key_pos[layer].shape[1], "cache and layout disagree on the key count"
+    mask_B1QT = layout.mask(layer, q_len, getattr(module, "sliding_window", None))
+    groups = query.shape[1] // key.shape[1]
+    k, v = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if layout.record_attention and q_len > 1:
+        scores = (query.float() @ k.float().transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~mask_B1QT, float("-inf"))
+        probs = scores.softmax(-1)  # B x H x q x T, causal mask applied
+        on_a = (layout.key_src[layer] == SRC_A)[:, None, None, :]
+        mass = (probs * on_a).sum(-1)  # B x H x q
+        qvalid = layout._query_valid[:, -q_len:]
+        per_row = (mass * qvalid[:, None, :]).sum(-1) / qvalid.sum(-1).clamp(min=1)[:, None]
+        layout.attention_on_A.setdefault(layer, []).append(per_row.mean(1).cpu())  # B, averaged over heads
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask_B1QT, scale=scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, cross_model_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def use_cross_model_attention(lm: LoadedModel) -> None:
+    """Switch a model to our attention function (plain SDPA until a layout is active)."""
+    if lm.model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        lm.model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+def layout_forward(lm: LoadedModel, layout: KVLayout, all_logits: bool = False) -> Callable[..., torch.Tensor]:
+    """A `generation.greedy_generate` forward that registers each step's tokens in `layout` and runs
+    with it active. The 2-D mask is not used by attention (the layout is); a 4-D placeholder makes
+    transformers skip building its own. `all_logits` returns B x T x V (tests) instead of B x V."""
+
+    def forward(cache: Any, full_mask_BT: torch.Tensor, position_ids_BT: torch.Tensor,
+                input_ids_BT: torch.Tensor | None = None, inputs_embeds_BTD: torch.Tensor | None = None) -> torch.Tensor:
+        q = position_ids_BT.shape[1]
+        layout.append(position_ids_BT, full_mask_BT[:, -q:])
+        placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=position_ids_BT.device)
+        with active_layout(layout):
+            out = lm.model(
+                input_ids=input_ids_BT, inputs_embeds=inputs_embeds_BTD, attention_mask=placeholder,
+                position_ids=position_ids_BT, past_key_values=cache, use_cache=True,
+                logits_to_keep=0 if all_logits else 1,
+            )
+        return out.logits if all_logits else out.logits[:, -1, :]
+
+    return forward
+
+
+def assemble_receiver_cache(
+    sender_cache: Any,
+    sender_mask_BT: torch.Tensor,
+    layer_map: list[int],
+    selected: set[int],
+    sink_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> tuple[DynamicCache, KVLayout]:
+    """B's cache from A's: receiver layer l holds all of A's layer `layer_map[l]` when l is selected,
+    else only A's first real token (the attention sink). Positions are A's own (0..N-1).
+    `sink_kv[la]` gives the sink's keys/values (B x H x 1 x D) of A layers the full forward skipped."""
+    from cross_model.generation import positions_from_mask
+
+    bsz, t_a = sender_mask_BT.shape
+    device = sender_mask_BT.device
+    pos_a = positions_from_mask(sender_mask_BT)
+    valid_a = sender_mask_BT.bool()
+    first_real = (t_a - sender_mask_BT.long().sum(-1)).clamp(max=t_a - 1)  # left padding
+    rows = torch.arange(bsz, device=device)
+    cache = DynamicCache()
+    key_pos, key_valid, key_src = [], [], []
+    for l, la in enumerate(layer_map):
+        if l not in selected and sink_kv and la in sink_kv:
+            k_BHTD = v_BHTD = None
+        else:
+            k_BHTD, v_BHTD = sender_cache.layers[la].keys, sender_cache.layers[la].values
+        if l in selected:
+            k, v = k_BHTD, v_BHTD
+            src = torch.where(pos_a == 0, SRC_SINK, SRC_A)
+            kp, kv = pos_a, valid_a
+        else:
+            if k_BHTD is None:
+                k, v = sink_kv[la]
+            else:
+                k = k_BHTD[rows, :, first_real][:, :, None, :]
+                v = v_BHTD[rows, :, first_real][:, :, None, :]
+            kp = torch.zeros((bsz, 1), dtype=torch.long, device=device)
+            kv = torch.ones((bsz, 1), dtype=torch.bool, device=device)
+            src = torch.full((bsz, 1), SRC_SINK, device=device)
+        cache.update(k, v, l)
+        key_pos.append(kp)
+        key_valid.append(kv)
+        key_src.append(src)
+    return cache, KVLayout(key_pos, key_valid, key_src)

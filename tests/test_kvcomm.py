@@ -1,0 +1,170 @@
+"""KVComm's invariants: exactness when every layer is sent, causality for every selection, batching."""
+
+import pytest
+import torch
+
+from cross_model.data import load_task_examples
+from cross_model.generation import positions_from_mask
+from cross_model.methods.base import ModelPair
+from cross_model.methods.registry import resolve_method
+from cross_model.models import load_model
+from cross_model.prompting import chat_wrap, encode_texts, receiver_text, sender_text, tokenize_prompts
+from cross_model.surgery import assemble_receiver_cache, layout_forward
+
+ARCHS = ["tiny-llama-64", "tiny-qwen2-64", "tiny-gemma3-64"]
+
+
+def make(spec_a, spec_b=None, **params):
+    a = load_model(spec_a)
+    b = a if spec_b is None else load_model(spec_b)
+    cls, p = resolve_method("kvcomm", params)
+    return cls(p, ModelPair(a, b))
+
+
+def receiver_logits(m, examples, selected, b_ids=None):
+    """B's logits at every prompt position (B x T x V), reading A's cache for `selected` layers."""
+    a_batch, a_cache, sink = m.sender_cache(examples, selected)
+    cache, layout = assemble_receiver_cache(a_cache, a_batch.attention_mask, m.layer_map, selected, sink)
+    b = m.pair.receiver
+    batch = tokenize_prompts(b, [receiver_text(e) for e in examples]) if b_ids is None else b_ids
+    pos = positions_from_mask(batch.attention_mask, a_batch.attention_mask.sum(-1))
+    fwd = layout_forward(b, layout, all_logits=True)
+    with torch.inference_mode():
+        return fwd(cache=cache, full_mask_BT=batch.attention_mask, position_ids_BT=pos, input_ids_BT=batch.input_ids), batch
+
+
+def concatenated_logits(lm, example):
+    ids = encode_texts(lm, [chat_wrap(lm, sender_text(example)), chat_wrap(lm, receiver_text(example))])
+    n_b = len(ids[1])
+    with torch.inference_mode():
+        out = lm.model(input_ids=torch.tensor([ids[0] + ids[1]])).logits[0]
+    return out[-n_b:]
+
+
+@pytest.fixture(scope="module")
+def examples():
+    test, _ = load_task_examples("countries", 6, 0, seed=3)
+    return test
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_all_layers_sent_equals_one_concatenated_forward(arch, examples):
+    m = make(arch, selection="all")
+    # a left-padded batch of mixed A and B lengths (the generator gives different names and landmarks)
+    logits, batch = receiver_logits(m, examples, set(range(m.pair.receiver.info.num_layers)))
+    for i, e in enumerate(examples):
+        ref = concatenated_logits(m.pair.receiver, e)
+        n = ref.shape[0]
+        got = logits[i, -n:]
+        torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+        assert batch.attention_mask[i, :-n].sum() == 0  # padding sits on the left
+
+
+def test_gemma_sliding_window_is_exercised(examples):
+    lm = load_model("tiny-gemma3-64")
+    n = len(encode_texts(lm, [chat_wrap(lm, sender_text(examples[0])) + chat_wrap(lm, receiver_text(examples[0]))])[0])
+    assert n > lm.model.config.sliding_window  # so the window rule matters in the test above
+
+
+def test_sink_only_differs(examples):
+    m = make("tiny-llama-64", selection="all")
+    full, _ = receiver_logits(m, examples[:2], {0, 1, 2, 3})
+    sink, _ = receiver_logits(m, examples[:2], set())
+    assert (full[:, -1] - sink[:, -1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("selected", [set(), {0}, {1, 3}, {2}])
+def test_causal_for_every_selection(arch, selected, examples):
+    """Changing only B's last prompt token leaves the logits at every earlier B position unchanged."""
+    m = make(arch, selection="all")
+    b = m.pair.receiver
+    ex = examples[:3]
+    batch = tokenize_prompts(b, [receiver_text(e) for e in ex])
+    before, _ = receiver_logits(m, ex, selected, batch)
+    changed = batch.input_ids.clone()
+    changed[:, -1] = (changed[:, -1] + 7) % b.info.vocab_size
+    batch2 = type(batch)(changed, batch.attention_mask)
+    after, _ = receiver_logits(m, ex, selected, batch2)
+    torch.testing.assert_close(after[:, :-1], before[:, :-1], atol=1e-5, rtol=0)
+    assert (after[:, -1] - before[:, -1]).abs().max() > 1e-4
+
+
+def test_greedy_continuation_matches_concatenated_generation(examples):
+    from cross_model.generation import greedy_generate
+
+    m = make("tiny-llama-64", selection="all", max_new_tokens=6)
+    preds = m.run_batch(examples[:3])
+    lm = m.pair.receiver
+    for p, e in zip(preds, examples[:3]):
+        ids = encode_texts(lm, [chat_wrap(lm, sender_text(e)) + chat_wrap(lm, receiver_text(e))])[0]
+        t = torch.tensor([ids])
+        ref = greedy_generate(lm, t, torch.ones_like(t), 6).texts[0]
+        assert p.answer == ref
+
+
+def test_batched_equals_unbatched_and_payload_formula(examples):
+    m = make("tiny-llama-64", selection="layers", layers_list=[2], max_new_tokens=5)
+    batched = m.run_batch(examples)
+    single = [m.run_batch([e])[0] for e in examples]
+    assert [p.answer for p in batched] == [p.answer for p in single]
+    assert [p.payload_bytes for p in batched] == [p.payload_bytes for p in single]
+    info = m.pair.sender.info
+    per = 2 * info.num_kv_heads * info.head_dim * 4  # fp32
+    for p in batched:
+        n = p.sender_prefill_tokens
+        assert p.extra["layers"] == [0, 2]  # layer 0 is always sent by default
+        assert p.payload_bytes == per * (2 * n + 2)  # two full layers + two sink tokens
+
+
+def test_refuses_different_kv_shapes_and_bad_layers():
+    with pytest.raises(ValueError, match="same KV shape"):
+        make("tiny-llama-64", "tiny-gemma3-64", selection="all")
+    with pytest.raises(ValueError, match="outside tiny-llama-64's 0..3"):
+        make("tiny-llama-64", selection="layers", layers_list=[9])
+
+
+def test_layer_map_across_depths():
+    from cross_model.methods.kvcomm import layer_map
+
+    assert layer_map(4, 4) == [0, 1, 2, 3]
+    assert layer_map(4, 3) == [0, 2, 3]  # 3 receiver layers read sender layers spread over 4
+    assert layer_map(28, 32)[-1] == 27 and layer_map(28, 32)[0] == 0
+
+
+def test_calibration_ranks_layers_where_b_can_see_a(examples, monkeypatch):
+    """Synthetic: B's tokens can see A's tokens only in layers 1 and 3; those must rank first."""
+    import cross_model.methods.kvcomm as kv
+    from cross_model.surgery import SRC_A
+
+    real = kv.assemble_receiver_cache
+
+    def only_1_and_3(*args, **kw):
+        cache, layout = real(*args, **kw)
+        for l in (0, 2):
+            layout.key_valid[l] = layout.key_valid[l] & (layout.key_src[l] != SRC_A)
+        return cache, layout
+
+    monkeypatch.setattr(kv, "assemble_receiver_cache", only_1_and_3)
+    m = make("tiny-llama-64", selection="calibrate", top_layers=0.5, alpha=1.0, always_send_layer0=False)
+    _, calib = load_task_examples("countries", 1, 4, seed=5)
+    out = m.calibrate(calib)
+    assert out["importance"][0] == 0.0 and out["importance"][2] == 0.0
+    assert set(out["ranking"][:2]) == {1, 3} and m.selected_layers() == {1, 3}
+    assert set(out["calibration_ids"]).isdisjoint({e.example_id for e in examples})
+
+
+def test_calibration_attention_applies_the_causal_mask(examples):
+    """Our recorded mass equals HF's eager attention (causal) over one concatenated [A ; B] forward."""
+    m = make("tiny-llama-64", selection="calibrate")
+    e = examples[0]
+    importance = m.layer_importance([e])
+    ref_lm = load_model("tiny-llama-64")
+    ref_lm.model.set_attn_implementation("eager")
+    ids = encode_texts(ref_lm, [chat_wrap(ref_lm, sender_text(e)), chat_wrap(ref_lm, receiver_text(e))])
+    n_a, n_b = len(ids[0]), len(ids[1])
+    with torch.inference_mode():
+        out = ref_lm.model(input_ids=torch.tensor([ids[0] + ids[1]]), output_attentions=True)
+    for l, att in enumerate(out.attentions):  # 1 x H x T x T, rows sum to 1 under the causal mask
+        mass = att[0, :, n_a:, 1:n_a].sum(-1).mean()  # B's queries on A's tokens except the sink
+        assert importance[l] == pytest.approx(float(mass), abs=1e-5)
