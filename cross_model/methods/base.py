@@ -105,10 +105,12 @@ class Method:
         raise NotImplementedError
 
     # --- shared helpers ---------------------------------------------------------------------
-    def answer_with(self, lm: LoadedModel, texts: list[str], examples: list[Example], **kw: Any) -> tuple[GenerationResult, list[int]]:
-        """Chat-wrap `texts`, prefill them on `lm` and decode greedily; returns the generation and each
-        row's prompt length."""
+    def answer_with(
+        self, lm: LoadedModel, texts: list[str], examples: list[Example], limit: int | None = None, **kw: Any
+    ) -> tuple[GenerationResult, list[int]]:
+        """Chat-wrap `texts`, prefill them on `lm` and decode greedily (`limit` new tokens, else each
+        example's answer length); returns the generation and each row's prompt length."""
         batch = tokenize_prompts(lm, texts, self.params.max_prompt_tokens)
-        limits = [self.max_new_tokens(e) for e in examples]
+        limits = [limit or self.max_new_tokens(e) for e in examples]
         gen = greedy_generate(lm, batch.input_ids, batch.attention_mask, max(limits), max_new_tokens_B=limits, **kw)
         return gen, batch.lengths

@@ -1,0 +1,179 @@
+"""CIPHER: debate in expected embeddings instead of tokens.
+
+Each step feeds back e = softmax(logits / T) @ E (E: the input embedding table times the model's
+embedding scale) as `inputs_embeds`, with a KV cache (the public code recomputes the whole prefix;
+`vector_generate(..., recompute=True)` is that reference, kept for tests and benchmarks). A message
+ends when the nearest vocabulary embedding (cosine) of e is EOS, or at `nld_max_tokens`. B's
+refinement prompt embeds its text with B's table and splices in B's own and A's vectors; B's final
+answer is decoded greedily as tokens. Payload: n_vectors x d x bytes per element.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cross_model.data.base import Example
+from cross_model.generation import default_forward, eos_token_ids, greedy_generate
+from cross_model.methods.base import Method, Prediction
+from cross_model.methods.debate import DebateParams, first_sender_text, receiver_prompt, refinement_parts
+from cross_model.methods.registry import register
+from cross_model.models import LoadedModel
+from cross_model.prompting import chat_wrap, encode_texts, tokenize_prompts
+from cross_model.surgery import input_embeddings
+from transformers import DynamicCache
+
+
+@dataclass
+class CipherParams(DebateParams):
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the expected embedding"})
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if self.temperature <= 0:
+            raise ValueError(f"{prefix}.temperature: must be > 0, got {self.temperature}")
+
+
+@torch.inference_mode()
+def vector_generate(
+    lm: LoadedModel, prompts_BTD: torch.Tensor, mask_BT: torch.Tensor, max_steps: int, temperature: float,
+    recompute: bool = False,
+) -> tuple[list[torch.Tensor], list[int]]:
+    """Expected-embedding messages from embedded, left-padded prompts. Returns per row its vectors
+    (n_i x D, EOS excluded) and the steps it ran."""
+    from cross_model.generation import positions_from_mask
+
+    table_VD = input_embeddings(lm)
+    work = torch.promote_types(table_VD.dtype, torch.float32)  # at least fp32 for the softmax mixture
+    table_VD = table_VD.to(work)
+    unit_VD = torch.nn.functional.normalize(table_VD, dim=-1)
+    eos = torch.tensor(sorted(eos_token_ids(lm)), device=table_VD.device)
+    bsz = prompts_BTD.shape[0]
+    cache = None if recompute else DynamicCache()
+    pos = positions_from_mask(mask_BT)
+    embeds, mask = prompts_BTD, mask_BT
+
+    def step(inputs_BTD: torch.Tensor, pos_BT: torch.Tensor) -> torch.Tensor:
+        if recompute:
+            return default_forward(lm, None, mask, positions_from_mask(mask), inputs_embeds_BTD=embeds)
+        return default_forward(lm, cache, mask, pos_BT, inputs_embeds_BTD=inputs_BTD)
+
+    logits = step(embeds, pos)
+    next_pos = pos[:, -1] + 1
+    vectors: list[list[torch.Tensor]] = [[] for _ in range(bsz)]
+    steps = [0] * bsz
+    done = torch.zeros(bsz, dtype=torch.bool, device=mask_BT.device)
+    for _ in range(max_steps):
+        e_BD = (logits.to(work) / temperature).softmax(-1) @ table_VD
+        nearest = (torch.nn.functional.normalize(e_BD, dim=-1) @ unit_VD.T).argmax(-1)
+        is_eos = torch.isin(nearest, eos)
+        for i in range(bsz):
+            if not done[i]:
+                steps[i] += 1
+                if not is_eos[i]:
+                    vectors[i].append(e_BD[i].to(prompts_BTD.dtype))
+        done |= is_eos
+        done |= torch.tensor([len(v) >= max_steps for v in vectors], device=done.device)
+        if done.all():
+            break
+        new_BTD = e_BD.to(prompts_BTD.dtype)[:, None, :]
+        embeds = torch.cat([embeds, new_BTD], dim=1)
+        mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=mask.device)], dim=1)
+        logits = step(new_BTD, next_pos[:, None])
+        next_pos = next_pos + 1
+    width = prompts_BTD.shape[-1]
+    return [torch.stack(v) if v else prompts_BTD.new_zeros((0, width)) for v in vectors], steps
+
+
+def embed_ids(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
+    table = input_embeddings(lm)
+    return table[torch.tensor(ids, dtype=torch.long, device=table.device)]
+
+
+def pad_embeddings_left(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(r.shape[0] for r in rows)
+    d = rows[0].shape[-1]
+    out = rows[0].new_zeros((len(rows), width, d))
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=rows[0].device)
+    for i, r in enumerate(rows):
+        if r.shape[0]:
+            out[i, width - r.shape[0] :] = r
+            mask[i, width - r.shape[0] :] = 1
+    return out, mask
+
+
+@register("cipher")
+class Cipher(Method):
+    Params = CipherParams
+
+    def check_pair(self) -> None:
+        a, b = self.pair.sender, self.pair.receiver
+        if a.info.hidden_size != b.info.hidden_size or a.tokenizer.get_vocab() != b.tokenizer.get_vocab():
+            raise ValueError(
+                f"methods.{self.name}: CIPHER needs one vocabulary and one embedding width for both models; "
+                f"{a.info.name} has vocab {a.info.vocab_size} x {a.info.hidden_size}, {b.info.name} has "
+                f"vocab {b.info.vocab_size} x {b.info.hidden_size}. Use ac or kvcomm for such pairs."
+            )
+
+    def _embedded_prompts(self, lm: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        batch = tokenize_prompts(lm, texts, self.params.max_prompt_tokens)
+        with torch.inference_mode():
+            emb = lm.model.get_input_embeddings()(batch.input_ids)
+        return emb, batch.attention_mask, batch.lengths
+
+    def _refinement_embeds(self, lm: LoadedModel, prompt: str, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """Chat-wrapped refinement prompt with the two vector messages spliced into its text."""
+        before, between, after = refinement_parts(prompt)
+        marker = "\x00CIPHER\x00"
+        wrapped = chat_wrap(lm, f"{before}{marker}{between}{marker}{after}")
+        head, mid, tail = wrapped.split(marker)
+        first, middle, last = encode_texts(lm, [head]), encode_texts(lm, [mid]), encode_texts(lm, [tail])
+        # Only the head carries the tokenizer's own special tokens (e.g. <bos>) for template-less models.
+        if not lm.info.has_chat_template:
+            middle = [lm.tokenizer(mid, add_special_tokens=False)["input_ids"]]
+            last = [lm.tokenizer(tail, add_special_tokens=False)["input_ids"]]
+        parts = [embed_ids(lm, first[0]), own, embed_ids(lm, middle[0]), other, embed_ids(lm, last[0])]
+        return torch.cat([x.to(parts[0].dtype) for x in parts], dim=0)
+
+    def _run_batch(self, examples: list[Example]) -> list[Prediction]:
+        p = self.params
+        a, b = self.pair.sender, self.pair.receiver
+        a_prompts = [first_sender_text(e, p) for e in examples]
+        b_prompts = [receiver_prompt(e) for e in examples]
+        emb, mask, a_len = self._embedded_prompts(a, a_prompts)
+        a_vecs, a_steps = vector_generate(a, emb, mask, p.nld_max_tokens, p.temperature)
+        emb, mask, b_len = self._embedded_prompts(b, b_prompts)
+        b_vecs, b_steps = vector_generate(b, emb, mask, p.nld_max_tokens, p.temperature)
+        n_sent = [v.shape[0] for v in a_vecs]
+        a_gen, b_gen = list(a_steps), list(b_steps)
+        a_in, b_in = list(a_len), list(b_len)
+        for r in range(1, p.rounds):
+            a_rows = [self._refinement_embeds(a, ap, av, bv) for ap, av, bv in zip(a_prompts, a_vecs, b_vecs)]
+            emb, mask = pad_embeddings_left(a_rows)
+            new_a, steps = vector_generate(a, emb, mask, p.nld_max_tokens, p.temperature)
+            b_rows = [self._refinement_embeds(b, bp, bv, av) for bp, bv, av in zip(b_prompts, b_vecs, a_vecs)]
+            emb, mask = pad_embeddings_left(b_rows)
+            b_vecs, b_steps2 = vector_generate(b, emb, mask, p.nld_max_tokens, p.temperature)
+            a_in = [x + len(rw) for x, rw in zip(a_in, a_rows)]
+            b_in = [x + len(rw) for x, rw in zip(b_in, b_rows)]
+            a_gen = [x + s for x, s in zip(a_gen, steps)]
+            b_gen = [x + s for x, s in zip(b_gen, b_steps2)]
+            a_vecs = new_a
+            n_sent = [n + v.shape[0] for n, v in zip(n_sent, a_vecs)]
+        rows = [self._refinement_embeds(b, bp, bv, av) for bp, bv, av in zip(b_prompts, b_vecs, a_vecs)]
+        emb, mask = pad_embeddings_left(rows)
+        limits = [self.max_new_tokens(e) for e in examples]
+        gen = greedy_generate(b, None, mask, max(limits), inputs_embeds_BTD=emb, max_new_tokens_B=limits)
+        elem = a_vecs[0].element_size() if a_vecs else 4
+        d = a.info.hidden_size
+        return [
+            Prediction(
+                e.example_id, text, n * d * elem, sender_prefill_tokens=ai, sender_generated_tokens=ag,
+                receiver_prefill_tokens=bi + len(row), receiver_generated_tokens=bg + out,
+                extra={"sender_vectors": n},
+            )
+            for e, text, n, ai, ag, bi, bg, row, out in zip(
+                examples, gen.texts, n_sent, a_in, a_gen, b_in, b_gen, rows, gen.n_generated
+            )
+        ]
