@@ -1,0 +1,24 @@
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_tiny_config_runs_every_method_end_to_end(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "run_experiments.py", "--config", "configs/tiny.yaml", "--output_dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())
+    methods = {"baseline", "skyline", "nld", "cipher", "ac_replace", "ac_sum", "kvcomm", "kvcomm_all"}
+    assert {(s["task"], s["method"]) for s in summary} == {(t, m) for t in ("countries", "tipsheets") for m in methods}
+    for s in summary:
+        assert s["n"] == {"countries": 6, "tipsheets": 4}[s["task"]] and s["errors"] == 0
+        assert f"{s['method']:>14}" in res.stdout
+    by = {(s["task"], s["method"]): s["payload_bytes"] for s in summary}
+    assert by[("countries", "baseline")] == 0 and 0 < by[("countries", "kvcomm")] < by[("countries", "kvcomm_all")]
+    calib = json.loads((tmp_path / "tiny" / "calibration-kvcomm.json").read_text())
+    assert len(calib["ranking"]) == 4 and all("calib" in i for i in calib["calibration_ids"])
+    assert (tmp_path / "tiny" / "config.yaml").exists() and (tmp_path / "tiny" / "versions.json").exists()
