@@ -214,3 +214,21 @@ def test_other_architectures_run(examples):
         for method in ("ac", "kvcomm", "cipher"):
             preds = make(method, arch).run_batch(examples[:2])
             assert all(p.error is None for p in preds), preds[0].error
+
+
+def test_ac_with_a_projection_checkpoint_and_its_refusals(tmp_path, examples):
+    from cross_model.projection import LearnedProjection, save_projection
+
+    proj = LearnedProjection(48, 64, seed=0)
+    meta = {"sender": "tiny-llama-48", "receiver": "tiny-llama-64", "k": 3, "j": 1, "d_in": 48, "d_out": 64}
+    save_projection(proj, tmp_path / "w", meta)
+    m = make("ac", "tiny-llama-48", "tiny-llama-64", k=3, j=1, projection=str(tmp_path / "w"))
+    torch.testing.assert_close(m.projection.linear.weight, proj.linear.weight)
+    preds = m.run_batch(examples[:2])
+    assert all(p.error is None for p in preds) and preds[0].payload_bytes == 48 * 4  # sent before W
+    with pytest.raises(ValueError, match="k: checkpoint has 3, this run needs 2"):
+        make("ac", "tiny-llama-48", "tiny-llama-64", k=2, j=1, projection=str(tmp_path / "w"))
+    with pytest.raises(ValueError, match="sender: checkpoint has 'tiny-llama-48'"):
+        make("ac", "tiny-llama-64", "tiny-llama-64", k=3, j=1, projection=str(tmp_path / "w"))
+    with pytest.raises(FileNotFoundError, match="no projection"):
+        make("ac", "tiny-llama-48", "tiny-llama-64", k=3, j=1, projection=str(tmp_path / "missing"))
