@@ -11,7 +11,6 @@ normalised and blended with a Gaussian prior over depth.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -204,6 +203,3 @@ class KVComm(Method):
     def load_calibration(self, data: dict[str, Any]) -> None:
         self.ranking = list(data["ranking"])
         self.calibration = data
-
-    def save_calibration(self, path) -> None:
-        path.write_text(json.dumps(self.calibration, indent=2))
