@@ -12,8 +12,8 @@ import logging
 import sys
 
 from cross_model.config import describe, dump_yaml, load_config
-from cross_model.distributed import barrier, distributed_session, is_main, read_env, setup_logging
-from cross_model.pipeline import RunContext, plan, run_stages
+from cross_model.distributed import StopFlag, barrier, distributed_session, is_main, read_env, setup_logging
+from cross_model.pipeline import Preempted, RunContext, plan, run_stages
 from cross_model.platform import detect_platform
 from cross_model.runinfo import prepare_run_dir, run_metadata
 
@@ -62,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         log.info("run directory: %s", run_dir)
         for line in plan(cfg):
             log.info("plan: %s", line)
-        run_stages(RunContext(cfg=cfg, platform=platform, env=env, run_dir=run_dir))
+        stop = StopFlag().install()  # SIGTERM / SIGUSR1: save, leave together, exit 0, resume later
+        try:
+            run_stages(RunContext(cfg=cfg, platform=platform, env=env, run_dir=run_dir, state={"stop": stop}))
+        except Preempted as why:
+            log.warning("preempted: %s. Start the same command again to resume.", why)
+        finally:
+            stop.uninstall()
     return 0
 
 

@@ -82,7 +82,7 @@ class TrainConfig:
     batch_size: int = _f(32, "global batch size in sentences, split over ranks (paper: 32)")
     lr: float = _f(1e-3, "Adam learning rate (paper: 1e-3)")
     max_length: int = _f(64, "tokens kept per sentence")
-    checkpoint_dir: str = _f("checkpoints", "where projection checkpoints live (one sub-directory per pair and layers)")
+    checkpoint_dir: str = _f("checkpoints", "where projection checkpoints live, one sub-directory per pair, layers and recipe (relative: under output_dir)")
     checkpoint_every: int = _f(50, "optimizer steps between checkpoints")
     keep_last: int = _f(3, "complete checkpoints kept (older ones are pruned)")
     cache_activations: bool = _f(True, "cache frozen-model activations on disk so later epochs skip the models")

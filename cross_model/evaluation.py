@@ -14,21 +14,9 @@ from typing import Any
 
 from cross_model.data import load_task_examples
 from cross_model.distributed import gather_object, get_rank, get_world_size, is_main, progress
-from cross_model.methods.base import ModelPair
 from cross_model.metrics import score_prediction, wilson_interval
-from cross_model.models import load_model
 
 log = logging.getLogger(__name__)
-
-
-def load_pair(ctx) -> ModelPair:
-    if "pair" not in ctx.state:
-        m, p = ctx.cfg.models, ctx.platform
-        sender = load_model(m.sender, p.dtype, p.device, m.sender_revision)
-        same = m.sender == m.receiver and m.sender_revision == m.receiver_revision
-        receiver = sender if same else load_model(m.receiver, p.dtype, p.device, m.receiver_revision)
-        ctx.state["pair"] = ModelPair(sender, receiver)
-    return ctx.state["pair"]
 
 
 def task_splits(ctx) -> dict[str, tuple[list, list]]:
@@ -43,11 +31,33 @@ def task_splits(ctx) -> dict[str, tuple[list, list]]:
 
 def build_methods(ctx) -> dict[str, Any]:
     if "methods" not in ctx.state:
-        from cross_model.pipeline import method_instances
+        from cross_model.pipeline import method_instances, model_pair
 
-        pair = load_pair(ctx)
-        ctx.state["methods"] = {name: cls(params, pair, name, ctx.run_dir) for name, cls, params in method_instances(ctx.cfg)}
+        methods = {}
+        for name, cls, params in method_instances(ctx.cfg):
+            methods[name] = method = cls(params, model_pair(ctx, params), name, ctx.run_dir)
+            if cls.needs_training(params):
+                method.set_projection_from(trained_projection(ctx, name, method))
+        ctx.state["methods"] = methods
     return ctx.state["methods"]
+
+
+def trained_projection(ctx, name: str, method) -> str:
+    """Where the train stage put this method's projection (this run or an earlier one)."""
+    from cross_model.checkpointing import verify
+    from cross_model.training import final_projection_dir, projection_identity, resolved_train_config, training_recipe
+
+    path = ctx.state.get("projections", {}).get(name)
+    if path is None:
+        identity = projection_identity(method.pair.sender, method.pair.receiver, method.params.k, method.params.j)
+        train = resolved_train_config(ctx.cfg)
+        path = final_projection_dir(train.checkpoint_dir, identity, training_recipe(train, ctx.cfg.seed))
+    if verify(path)[0] is None:
+        raise FileNotFoundError(
+            f"methods.{name}: projection: train, but no finished projection at {path}; "
+            f"run the train stage first (stages: [train, ...]) with the same train settings"
+        )
+    return str(path)
 
 
 def calibrate_methods(ctx, instances: list) -> None:

@@ -15,6 +15,10 @@ from cross_model.platform import Platform
 log = logging.getLogger(__name__)
 
 
+class Preempted(Exception):
+    """A stop signal arrived; every rank saved its progress. The run exits 0 and resumes when restarted."""
+
+
 @dataclass
 class RunContext:
     cfg: ExperimentConfig
@@ -26,6 +30,31 @@ class RunContext:
 
 def method_instances(cfg: ExperimentConfig) -> list[tuple[str, type, Any]]:
     return [(name, *resolve_method(name, params)) for name, params in cfg.methods.items()]
+
+
+def model_pair(ctx: RunContext, params: Any) -> Any:
+    """The (sender, receiver) pair of a method: the experiment's models unless the method names its
+    own (`sender:` / `receiver:`); each model is loaded once per run and shared."""
+    from cross_model.methods.base import ModelPair
+    from cross_model.models import load_model
+
+    m, p = ctx.cfg.models, ctx.platform
+    loaded = ctx.state.setdefault("models", {})
+
+    def get(spec: str, role: str) -> Any:
+        # A configured revision belongs to its model name (the role's own first).
+        own, other = (m.sender, m.sender_revision), (m.receiver, m.receiver_revision)
+        if role == "receiver":
+            own, other = other, own
+        revision = own[1] if spec == own[0] else other[1] if spec == other[0] else None
+        key = (spec, revision)
+        if key not in loaded:
+            loaded[key] = load_model(spec, p.dtype, p.device, revision)
+        return loaded[key]
+
+    sender = get(getattr(params, "sender", None) or m.sender, "sender")
+    receiver = get(getattr(params, "receiver", None) or m.receiver, "receiver")
+    return ModelPair(sender, receiver)
 
 
 def plan(cfg: ExperimentConfig) -> list[str]:

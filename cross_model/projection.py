@@ -45,22 +45,35 @@ def save_projection(proj: LearnedProjection, directory: Path, meta: dict[str, An
     (directory / "projection.json").write_text(json.dumps(meta, indent=2))
 
 
+def check_identity(meta: dict[str, Any], expected: dict[str, Any], where: str, keys: tuple[str, ...] = IDENTITY_KEYS) -> None:
+    """Refuse a checkpoint made for another pair, other layers, other widths (or another recipe),
+    naming every mismatch."""
+    mismatches = [
+        f"{key}: checkpoint has {meta.get(key)!r}, this run needs {expected[key]!r}"
+        for key in keys
+        if key in expected and meta.get(key) != expected[key]
+    ]
+    if mismatches:
+        raise ValueError(f"{where} does not fit this run: " + "; ".join(mismatches))
+
+
 def load_projection(directory: str | Path, expected: dict[str, Any]) -> tuple[LearnedProjection, dict[str, Any]]:
-    """Load W and refuse it when it was fitted for another pair, other layers or other widths."""
+    """Load W and refuse it when it was fitted for another pair, other layers or other widths, or when
+    its files do not match their checksums (when it was written by the trainer)."""
     from safetensors.torch import load_file
+
+    from cross_model.checkpointing import META, verify
 
     directory = Path(directory)
     meta_path, weights_path = directory / "projection.json", directory / "projection.safetensors"
     if not meta_path.exists() or not weights_path.exists():
         raise FileNotFoundError(f"no projection in {directory} (expected projection.json and projection.safetensors)")
+    if (directory / META).exists():
+        ok, why = verify(directory)
+        if ok is None:
+            raise ValueError(f"projection {directory} is damaged: {why}; delete it and train again")
     meta = json.loads(meta_path.read_text())
-    mismatches = [
-        f"{key}: checkpoint has {meta.get(key)!r}, this run needs {expected[key]!r}"
-        for key in IDENTITY_KEYS
-        if key in expected and meta.get(key) != expected[key]
-    ]
-    if mismatches:
-        raise ValueError(f"projection {directory} does not fit this run: " + "; ".join(mismatches))
+    check_identity(meta, expected, f"projection {directory}")
     state = load_file(str(weights_path))
     proj = LearnedProjection(meta["d_in"], meta["d_out"], bias="linear.bias" in state)
     proj.load_state_dict(state)

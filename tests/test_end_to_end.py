@@ -12,7 +12,7 @@ def test_tiny_config_runs_every_method_end_to_end(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())
-    methods = {"baseline", "skyline", "nld", "cipher", "ac_replace", "ac_sum", "kvcomm", "kvcomm_all"}
+    methods = {"baseline", "skyline", "nld", "cipher", "ac_replace", "ac_sum", "kvcomm", "kvcomm_all", "ac_48_to_64"}
     assert {(s["task"], s["method"]) for s in summary} == {(t, m) for t in ("countries", "tipsheets") for m in methods}
     for s in summary:
         assert s["n"] == {"countries": 6, "tipsheets": 4}[s["task"]] and s["errors"] == 0
@@ -21,4 +21,8 @@ def test_tiny_config_runs_every_method_end_to_end(tmp_path):
     assert by[("countries", "baseline")] == 0 and 0 < by[("countries", "kvcomm")] < by[("countries", "kvcomm_all")]
     calib = json.loads((tmp_path / "tiny" / "calibration-kvcomm.json").read_text())
     assert len(calib["ranking"]) == 4 and all("calib" in i for i in calib["calibration_ids"])
+    # The train stage fitted the 48 -> 64 projection that ac_48_to_64 then used (checkpoints under output_dir).
+    (final,) = list((tmp_path / "checkpoints").glob("tiny-llama-48__tiny-llama-64__k2_j2__*/final"))
+    assert json.loads((final / "projection.json").read_text())["d_in"] == 48
+    assert by[("countries", "ac_48_to_64")] == 48 * 4
     assert (tmp_path / "tiny" / "config.yaml").exists() and (tmp_path / "tiny" / "versions.json").exists()

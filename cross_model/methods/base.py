@@ -21,6 +21,8 @@ class MethodParams:
     batch_size: int | None = field(default=None, metadata={"help": "examples per batch (None: eval.batch_size)"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "answer length (None: the task's)"})
     max_prompt_tokens: int | None = field(default=None, metadata={"help": "longer prompts keep first and last halves"})
+    sender: str | None = field(default=None, metadata={"help": "this method's model A (None: models.sender)"})
+    receiver: str | None = field(default=None, metadata={"help": "this method's model B (None: models.receiver)"})
 
     def validate(self, prefix: str) -> None:
         for name in ("batch_size", "max_new_tokens", "max_prompt_tokens"):

@@ -1,0 +1,369 @@
+"""Fitting the learned projection W (A's layer-k residual -> B's layer-j residual), data-parallel.
+
+Recipe (METHODS.md, "Learned projection W"): the same sentence goes to both frozen models; the pair
+is (A's hidden_states[k], B's hidden_states[j]) at the last real token. Each frozen model runs only up
+to its layer, under inference_mode, in the platform dtype (bf16 on GPU). Only W is wrapped in DDP.
+Every global batch is split over ranks (no sentence twice per epoch) and each rank's loss is scaled
+so that DDP's gradient average equals the gradient of the global-batch mean squared error.
+
+Resume: started again with the same arguments, training continues from the newest complete
+checkpoint; a finished projection (`final/`) is loaded, not retrained. SIGTERM/SIGUSR1 set a flag
+that all ranks agree on every step; they save and leave together (`Preempted`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from cross_model.checkpointing import CheckpointManager, rng_state, set_rng_state, verify, write_atomically
+from cross_model.config import TrainConfig
+from cross_model.distributed import (
+    StopFlag, barrier, broadcast_object, gather_object, get_rank, get_world_size, is_initialized, is_main, progress,
+)
+from cross_model.models import LoadedModel
+from cross_model.pipeline import Preempted
+from cross_model.projection import LearnedProjection, check_identity, load_projection
+
+log = logging.getLogger(__name__)
+
+FINAL = "final"
+ACTIVATIONS = "activations"
+RECIPE_KEYS = ("corpus", "corpus_path", "n_sentences", "heldout_fraction", "epochs", "batch_size", "lr", "max_length", "seed")
+
+
+# --- identity, recipe and where a projection lives ---------------------------------------------
+
+
+def projection_identity(sender: LoadedModel, receiver: LoadedModel, k: int, j: int) -> dict[str, Any]:
+    s, r = sender.info, receiver.info
+    return {"sender": s.name, "receiver": r.name, "sender_revision": s.revision, "receiver_revision": r.revision,
+            "k": k, "j": j, "d_in": s.hidden_size, "d_out": r.hidden_size}
+
+
+def training_recipe(cfg: TrainConfig, seed: int) -> dict[str, Any]:
+    recipe = {key: getattr(cfg, key) for key in RECIPE_KEYS if key != "seed"}
+    return {**recipe, "seed": seed}
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[-48:]
+
+
+def projection_dir(checkpoint_dir: str | Path, identity: dict[str, Any], recipe: dict[str, Any]) -> Path:
+    """One directory per (pair, layers, recipe): a changed recipe never resumes another's checkpoints."""
+    digest = hashlib.sha256(json.dumps({**identity, **recipe}, sort_keys=True).encode()).hexdigest()[:10]
+    name = f"{_slug(identity['sender'])}__{_slug(identity['receiver'])}__k{identity['k']}_j{identity['j']}__{digest}"
+    return Path(checkpoint_dir).expanduser() / name
+
+
+def resolved_train_config(cfg: Any) -> TrainConfig:
+    """The experiment's train settings with `checkpoint_dir` made absolute: a relative one lives
+    under `output_dir`, so runs in one output directory share finished projections."""
+    from dataclasses import replace
+
+    path = Path(cfg.train.checkpoint_dir).expanduser()
+    return replace(cfg.train, checkpoint_dir=str(path if path.is_absolute() else Path(cfg.output_dir) / path))
+
+
+def final_projection_dir(checkpoint_dir: str | Path, identity: dict[str, Any], recipe: dict[str, Any]) -> Path:
+    return projection_dir(checkpoint_dir, identity, recipe) / FINAL
+
+
+# --- activations ---------------------------------------------------------------------------------
+
+
+def _encode_raw(lm: LoadedModel, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from cross_model.prompting import pad_left
+
+    ids = [lm.tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    batch = pad_left(ids, lm.tokenizer.pad_token_id, lm.device)
+    return batch.input_ids, batch.attention_mask
+
+
+def frozen_activations(
+    sender: LoadedModel, receiver: LoadedModel, k: int, j: int, texts: list[str], max_length: int, batch_size: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A's hidden_states[k], B's hidden_states[j]) at each text's last real token, fp32 on CPU."""
+    from cross_model.surgery import last_token, partial_forward
+
+    a_parts, b_parts = [], []
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i : i + batch_size]
+        out = []
+        for lm, layer in ((sender, k), (receiver, j)):
+            ids, mask = _encode_raw(lm, chunk, max_length)
+            with torch.inference_mode():
+                h = last_token(partial_forward(lm, ids, mask, layer), mask)
+            # A copy made outside inference mode, so that autograd may use it as an input.
+            out.append(h.float().cpu().clone())
+        a_parts.append(out[0])
+        b_parts.append(out[1])
+    d_a, d_b = sender.info.hidden_size, receiver.info.hidden_size
+    return (torch.cat(a_parts) if a_parts else torch.zeros(0, d_a), torch.cat(b_parts) if b_parts else torch.zeros(0, d_b))
+
+
+def sharded_activations(compute: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]], n: int):
+    """Every rank computes the items i % world == rank; all ranks get all n pairs, in order."""
+    rank, world = get_rank(), get_world_size()
+    mine = list(range(rank, n, world))
+    a, b = compute(mine)
+    parts = gather_object((mine, a, b))
+    a_all = torch.empty(n, a.shape[-1])
+    b_all = torch.empty(n, b.shape[-1])
+    for idx, pa, pb in parts:
+        if idx:
+            a_all[idx], b_all[idx] = pa, pb
+    return a_all, b_all
+
+
+# --- fit statistics ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def fit_statistics(proj: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """Held-out MSE, R^2 (1 - SSE / SST about the per-dimension mean) and mean cosine similarity."""
+    if len(a) == 0:
+        return {"mse": float("nan"), "r2": float("nan"), "cosine": float("nan")}
+    dev = next(proj.parameters()).device
+    pred = proj(a.to(dev)).float().cpu()
+    err = ((pred - b) ** 2).sum().item()
+    sst = ((b - b.mean(0, keepdim=True)) ** 2).sum().item()
+    cos = torch.nn.functional.cosine_similarity(pred, b, dim=-1).mean().item()
+    return {"mse": err / b.numel(), "r2": 1.0 - err / sst if sst > 0 else float("nan"), "cosine": cos}
+
+
+# --- the data-parallel fit ---------------------------------------------------------------------------
+
+
+@dataclass
+class FitResult:
+    projection: LearnedProjection
+    meta: dict[str, Any]
+    directory: Path
+    resumed_from: int | None = None
+    loaded_final: bool = False
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def fit_projection(
+    train_pairs: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
+    n_train: int,
+    heldout: tuple[torch.Tensor, torch.Tensor],
+    identity: dict[str, Any],
+    recipe: dict[str, Any],
+    directory: Path,
+    cfg: TrainConfig,
+    device: torch.device | str = "cpu",
+    stop: StopFlag | None = None,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
+    log_metrics: Callable[[dict[str, Any]], None] | None = None,
+) -> FitResult:
+    """Fit W on `train_pairs(indices) -> (a, b)` for indices in range(n_train), resuming from the
+    newest complete checkpoint in `directory`. Collective: every rank calls it with the same arguments."""
+    rank, world = get_rank(), get_world_size()
+    seed = recipe["seed"]
+    manager = CheckpointManager(directory, cfg.keep_last)
+    proj = LearnedProjection(identity["d_in"], identity["d_out"], seed=seed).to(device)
+    opt = torch.optim.Adam(proj.parameters(), lr=cfg.lr)
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    sidecar = {**identity, **recipe, "dtype": "float32", "bias": False, "total_steps": total}
+    history: list[dict[str, Any]] = []
+
+    step, resumed = 0, None
+    ckpt = manager.load_latest(rank, world)
+    if ckpt is not None:
+        check_identity(ckpt.meta, sidecar, f"checkpoint {ckpt.path}", keys=tuple(identity) + RECIPE_KEYS)
+        proj.load_state_dict(ckpt.tensors)
+        opt.load_state_dict(ckpt.trainer["optimizer"])
+        step, resumed = ckpt.trainer["step"], ckpt.step
+        history = ckpt.meta.get("history", [])
+        if ckpt.rng is not None:
+            set_rng_state(ckpt.rng)
+        log.info("train: resumed %s at step %d of %d", directory.name, step, total)
+
+    model: torch.nn.Module = proj
+    if is_initialized():
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(proj, device_ids=[torch.device(device).index] if torch.device(device).type == "cuda" else None)
+
+    def save(at: int) -> None:
+        rngs = gather_object(rng_state())
+        if is_main():
+            trainer = {"optimizer": opt.state_dict(), "step": at, "epoch": at // steps_per_epoch,
+                       "batch_in_epoch": at % steps_per_epoch}
+            manager.save(at, {k: v.detach() for k, v in proj.state_dict().items()},
+                         {**sidecar, "history": history, "epoch": at // steps_per_epoch}, trainer, rngs)
+        barrier()
+
+    delay = float(os.environ.get("CROSS_MODEL_TEST_STEP_DELAY", "0"))  # lets tests kill a run mid-training
+    bar = progress(total=total, initial=step, desc=f"train {identity['sender']}->{identity['receiver']}")
+    last_saved = resumed
+    while step < total:
+        epoch, b = divmod(step, steps_per_epoch)
+        order = _epoch_order(n_train, seed, epoch)
+        batch = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        mine = batch[rank::world]
+        a, target = train_pairs(mine)
+        a, target = a.to(device), target.to(device)
+        pred = model(a)
+        # Sum over this rank's rows / (global rows x width) x world: DDP's mean over ranks then gives
+        # exactly the gradient of the global batch's MSE, however the batch was split.
+        loss = ((pred - target.float()) ** 2).sum() / (len(batch) * identity["d_out"]) * world
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        if on_step is not None:
+            on_step(step, proj)
+        if delay:
+            time.sleep(delay)
+        end_of_epoch = step % steps_per_epoch == 0
+        if end_of_epoch:
+            stats = {"epoch": step // steps_per_epoch, "step": step, **fit_statistics(proj, *heldout)}
+            history.append(stats)
+            log.info("train: epoch %d/%d held-out mse %.4g  R^2 %.4f  cosine %.4f",
+                     stats["epoch"], cfg.epochs, stats["mse"], stats["r2"], stats["cosine"])
+            if log_metrics is not None and is_main():
+                log_metrics({f"train/{k}": v for k, v in stats.items()})
+        stopping = stop is not None and stop.should_stop()
+        if step == total or stopping or end_of_epoch or step % cfg.checkpoint_every == 0:
+            save(step)
+            last_saved = step
+        if stopping:
+            bar.close()
+            log.warning("train: stop signal; saved step %d of %d in %s, exiting to resume later", step, total, directory)
+            raise Preempted(f"training stopped at step {step} of {total}; checkpoint saved in {directory}")
+    bar.close()
+    if last_saved != step:
+        save(step)
+    meta = {**sidecar, "history": history, "final_step": step, "fit": history[-1] if history else {}}
+    if is_main():
+        publish_final(proj, directory / FINAL, meta)
+    barrier()
+    return FitResult(proj.cpu().eval().requires_grad_(False), meta, directory, resumed_from=resumed)
+
+
+def publish_final(proj: LearnedProjection, target: Path, meta: dict[str, Any]) -> None:
+    """The finished W in the format `load_projection` reads, written atomically (checksummed)."""
+    if target.exists() and verify(target)[0] is not None:
+        return
+    if target.exists():
+        os.rename(target, target.with_name(f"{target.name}.damaged-{time.time_ns()}"))
+    files = {"projection.safetensors": {k: v.detach() for k, v in proj.state_dict().items()},
+             "projection.json": json.dumps(meta, indent=2, sort_keys=True)}
+    write_atomically(target, files, meta)
+
+
+# --- the model-driven entry points ---------------------------------------------------------------
+
+
+def train_projection(
+    sender: LoadedModel,
+    receiver: LoadedModel,
+    k: int,
+    j: int,
+    cfg: TrainConfig,
+    seed: int,
+    stop: StopFlag | None = None,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
+    log_metrics: Callable[[dict[str, Any]], None] | None = None,
+) -> FitResult:
+    """Fit (or load, if already finished) W for A's layer k -> B's layer j on the configured corpus."""
+    from cross_model.data.corpus import load_corpus
+    from cross_model.surgery import check_layer
+
+    check_layer(sender, k, "k")
+    check_layer(receiver, j, "j")
+    identity, recipe = projection_identity(sender, receiver, k, j), training_recipe(cfg, seed)
+    directory = projection_dir(cfg.checkpoint_dir, identity, recipe)
+    final = directory / FINAL
+    if verify(final)[0] is not None:
+        proj, meta = load_projection(final, identity)
+        log.info("train: %s is already trained (R^2 %.4f); loaded, not retrained", final,
+                 meta.get("fit", {}).get("r2", float("nan")))
+        return FitResult(proj, meta, directory, loaded_final=True)
+
+    # One rank reads the corpus (C4 streams from the hub) and every rank gets the same sentences.
+    sentences = load_corpus(cfg.corpus, cfg.n_sentences, seed, cfg.corpus_path) if is_main() else None
+    sentences = broadcast_object(sentences)
+    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_held = max(1, round(len(sentences) * cfg.heldout_fraction))
+    held_texts = [sentences[i] for i in order[:n_held]]
+    train_texts = [sentences[i] for i in order[n_held:]]
+    if len(train_texts) < 1:
+        raise ValueError(f"train.n_sentences={cfg.n_sentences} leaves no training sentence after the held-out split")
+
+    def compute(texts: list[str]) -> Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]:
+        return lambda idx: frozen_activations(sender, receiver, k, j, [texts[i] for i in idx], cfg.max_length)
+
+    heldout = sharded_activations(compute(held_texts), len(held_texts))
+    if cfg.cache_activations:
+        a_all, b_all = cached_activations(directory / ACTIVATIONS, {**identity, **recipe}, compute(train_texts), len(train_texts))
+        train_pairs = lambda idx: (a_all[idx], b_all[idx])  # noqa: E731
+    else:
+        train_pairs = compute(train_texts)
+    log.info("train: %s k=%d -> %s j=%d (%d -> %d), %d train / %d held-out sentences, %d epochs",
+             identity["sender"], k, identity["receiver"], j, identity["d_in"], identity["d_out"],
+             len(train_texts), len(held_texts), cfg.epochs)
+    return fit_projection(train_pairs, len(train_texts), heldout, identity, recipe, directory, cfg,
+                          device=receiver.device, stop=stop, on_step=on_step, log_metrics=log_metrics)
+
+
+def cached_activations(
+    directory: Path, key: dict[str, Any], compute: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]], n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All n training pairs, from the on-disk cache when it verifies and matches, else computed
+    (sharded over ranks) and written by rank 0."""
+    from safetensors.torch import load_file
+
+    meta, why = verify(directory)
+    if meta is not None and meta.get("key") == key and meta.get("n") == n:
+        tensors = load_file(str(directory / "activations.safetensors"))
+        log.info("train: frozen-model activations read from the cache %s", directory)
+        return tensors["a"], tensors["b"]
+    if directory.exists() and is_main():
+        log.warning("activation cache %s is not usable (%s); recomputing", directory, why or "different recipe")
+        os.rename(directory, directory.with_name(f"{directory.name}.stale-{time.time_ns()}"))
+    a, b = sharded_activations(compute, n)
+    if is_main():
+        write_atomically(directory, {"activations.safetensors": {"a": a, "b": b}}, {"key": key, "n": n})
+    barrier()
+    return a, b
+
+
+def train_projections_for(ctx: Any, methods: list[tuple[str, type, Any]]) -> None:
+    """The pipeline's train stage: one projection per distinct (pair, k, j) among `methods`."""
+    from cross_model.pipeline import model_pair
+
+    done: dict[tuple, FitResult] = {}
+    train_cfg = resolved_train_config(ctx.cfg)
+    tracker = ctx.state.get("tracker")
+    for name, _, params in methods:
+        pair = model_pair(ctx, params)
+        key = (pair.sender.info.name, pair.receiver.info.name, params.k, params.j)
+        if key not in done:
+            done[key] = train_projection(pair.sender, pair.receiver, params.k, params.j, train_cfg, ctx.cfg.seed,
+                                         stop=ctx.state.get("stop"), log_metrics=tracker.log if tracker else None)
+        result = done[key]
+        ctx.state.setdefault("projections", {})[name] = result.directory / FINAL
+        fit = result.meta.get("fit", {})
+        log.info("train: %s uses %s (held-out R^2 %.4f, cosine %.4f)", name, result.directory / FINAL,
+                 fit.get("r2", float("nan")), fit.get("cosine", float("nan")))

@@ -1,0 +1,264 @@
+"""Projection training and the checkpoint manager: real gloo groups, real processes killed with
+SIGKILL / SIGTERM, real checkpoints on disk, tiny random models."""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from cross_model import distributed as d
+from cross_model.checkpointing import CheckpointManager, verify
+from cross_model.config import TrainConfig
+from cross_model.pipeline import Preempted
+from cross_model.training import fit_projection, train_projection
+from tests.conftest import ROOT, free_port
+
+IDENTITY = {"sender": "synthetic-a", "receiver": "synthetic-b", "sender_revision": None, "receiver_revision": None,
+            "k": 1, "j": 1, "d_in": 24, "d_out": 16}
+
+
+def synthetic_pairs(n: int, seed: int = 0, noise: float = 0.0):
+    """B's activation is an exact linear map of A's (plus optional noise)."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(IDENTITY["d_out"], IDENTITY["d_in"], generator=g) / 4
+    a = torch.randn(n, IDENTITY["d_in"], generator=g)
+    return a, a @ m.T + noise * torch.randn(n, IDENTITY["d_out"], generator=g), m
+
+
+def recipe(cfg: TrainConfig, seed: int = 0) -> dict:
+    from cross_model.training import training_recipe
+
+    return training_recipe(cfg, seed)
+
+
+# --- the checkpoint manager --------------------------------------------------------------------
+
+
+def test_checkpoints_are_atomic_pruned_and_damaged_ones_skipped(tmp_path, caplog):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (1, 2, 3, 4):
+        manager.save(step, {"w": torch.full((3,), float(step))}, {"what": "test"}, {"step": step}, [{"r": 0}])
+    assert manager.steps() == [3, 4]  # keep-last-2
+    assert manager.load_latest().tensors["w"].tolist() == [4.0] * 3
+
+    weights = manager.step_dir(4) / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])  # truncated, as by a kill during a copy
+    with caplog.at_level(logging.WARNING):
+        latest = manager.load_latest()
+    assert latest.step == 3 and latest.tensors["w"].tolist() == [3.0] * 3
+    assert "step_00000004" in caplog.text and "checksum" in caplog.text
+
+    # A writer killed before its rename leaves only a hidden temporary: never taken for a checkpoint.
+    (tmp_path / ".tmp-step_00000005-1-1").mkdir()
+    (tmp_path / "step_00000006").mkdir()  # and a directory without meta.json is incomplete
+    assert manager.latest_step() == 3
+
+    # Saving over the damaged step 4 moves it aside instead of overwriting it in place.
+    manager.save(4, {"w": torch.zeros(3)}, {"what": "test"}, {"step": 4}, [{"r": 0}])
+    assert manager.latest_step() == 4 and manager.load_latest().tensors["w"].tolist() == [0.0] * 3
+    assert any(p.name.startswith("step_00000004.damaged-") for p in tmp_path.iterdir())
+    with pytest.raises(FileExistsError):
+        from cross_model.checkpointing import write_atomically
+
+        write_atomically(manager.step_dir(4), {"x.txt": "x"}, {})
+
+
+def test_linear_map_is_recovered(tmp_path):
+    a, b, m = synthetic_pairs(640)
+    cfg = TrainConfig(epochs=30, batch_size=32, lr=1e-2, checkpoint_dir=str(tmp_path), checkpoint_every=1000)
+    held = (a[576:], b[576:])
+    result = fit_projection(lambda idx: (a[idx], b[idx]), 576, held, IDENTITY, recipe(cfg), tmp_path / "p", cfg)
+    fit = result.meta["fit"]
+    assert fit["r2"] > 0.99 and fit["cosine"] > 0.99, fit
+    assert len(result.meta["history"]) == 30  # held-out statistics every epoch, stored with the checkpoint
+    torch.testing.assert_close(result.projection.linear.weight, m, atol=0.05, rtol=0)
+    final_meta = json.loads((tmp_path / "p" / "final" / "projection.json").read_text())
+    assert final_meta["fit"]["r2"] == fit["r2"] and final_meta["d_in"] == 24 and final_meta["lr"] == 1e-2
+
+
+# --- two ranks -------------------------------------------------------------------------------
+
+
+def _fit_worker(rank, world, port, directory, out, delay):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), CROSS_MODEL_TEST_STEP_DELAY=str(delay))
+    torch.set_num_threads(1)
+    a, b, _ = synthetic_pairs(200, noise=0.1)
+    cfg = TrainConfig(epochs=4, batch_size=30, lr=1e-2, checkpoint_every=2, keep_last=10)
+    record = []
+
+    def on_step(step, proj):
+        # numpy arrays travel through the queue by value (tensors would go through shared memory)
+        record.append((step, proj.linear.weight.grad.numpy().copy(), proj.linear.weight.detach().numpy().copy()))
+
+    with d.distributed_session("gloo"):
+        stop = d.StopFlag().install()
+        try:
+            res = fit_projection(lambda idx: (a[idx], b[idx]), 180, (a[180:], b[180:]), IDENTITY, recipe(cfg),
+                                 Path(directory), cfg, stop=stop, on_step=on_step)
+            out.put((rank, "done", record, res.projection.linear.weight.numpy().copy()))
+        except Preempted:
+            out.put((rank, "preempted", record, None))
+
+
+def _run_ranks(directory, delay=0.0, sigterm_rank=None, world=2):
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_fit_worker, args=(r, world, port, str(directory), out, delay)) for r in range(world)]
+    for p in procs:
+        p.start()
+    if sigterm_rank is not None:
+        manager = CheckpointManager(directory)
+        deadline = time.time() + 120
+        while manager.latest_step() is None:  # wait for the first complete checkpoint
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        os.kill(procs[sigterm_rank].pid, signal.SIGTERM)  # one rank only: the others must agree
+    results = sorted((out.get(timeout=180) for _ in procs), key=lambda r: r[0])
+    results = [(r, status, [(s, torch.from_numpy(g), torch.from_numpy(w)) for s, g, w in rec],
+                None if final is None else torch.from_numpy(final)) for r, status, rec, final in results]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
+def test_two_ranks_keep_identical_gradients_and_parameters_and_match_one_process(tmp_path):
+    results = _run_ranks(tmp_path / "two")
+    (_, s0, rec0, w0), (_, s1, rec1, w1) = results
+    assert s0 == s1 == "done" and len(rec0) == len(rec1) == 24
+    for (step0, g0, p0), (step1, g1, p1) in zip(rec0, rec1):
+        assert step0 == step1
+        assert torch.equal(g0, g1), f"gradients differ between ranks at step {step0}"
+        assert torch.equal(p0, p1), f"parameters differ between ranks at step {step0}"
+    assert torch.equal(w0, w1)
+    # The split batch gives the global-batch gradient: the same fit as one process, up to rounding.
+    (_, s, rec, w) = _run_ranks(tmp_path / "one", world=1)[0]
+    torch.testing.assert_close(rec[0][1], rec0[0][1], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w, w0, rtol=1e-4, atol=1e-5)
+
+
+def test_sigterm_to_one_rank_saves_exits_zero_and_resume_is_bitwise_equal(tmp_path):
+    reference = _run_ranks(tmp_path / "ref")
+    interrupted = tmp_path / "int"
+    first = _run_ranks(interrupted, delay=0.1, sigterm_rank=1)
+    assert [r[1] for r in first] == ["preempted", "preempted"]  # both ranks left the loop together
+    stopped_at = CheckpointManager(interrupted).latest_step()
+    assert stopped_at is not None and stopped_at < 24 and not (interrupted / "final").exists()
+    assert stopped_at == first[0][2][-1][0]  # the checkpoint is the step the ranks stopped at
+    second = _run_ranks(interrupted)
+    assert [r[1] for r in second] == ["done", "done"]
+    assert second[0][2][0][0] == stopped_at + 1  # resumed, not restarted
+    assert torch.equal(second[0][3], reference[0][3]) and torch.equal(second[1][3], reference[0][3])
+
+
+# --- the real entry point, killed with SIGKILL ----------------------------------------------------
+
+
+def _train_config(tmp_path: Path, name: str, cache: bool) -> Path:
+    cfg = {
+        "name": name, "output_dir": str(tmp_path / "runs"), "stages": ["train"],
+        "models": {"sender": "tiny-llama-48", "receiver": "tiny-llama-64"},
+        "tasks": [{"name": "countries", "n_test": 2}],
+        "methods": {"ac_w": {"method": "ac", "k": 2, "j": 2, "projection": "train"}},
+        "train": {"corpus": "offline", "n_sentences": 72, "epochs": 3, "batch_size": 8, "checkpoint_every": 3,
+                  "cache_activations": cache, "checkpoint_dir": str(tmp_path / name / "ckpt")},
+    }
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+def _final_weights(tmp_path: Path, name: str) -> torch.Tensor:
+    (final,) = list((tmp_path / name / "ckpt").glob("*/final"))
+    return load_file(str(final / "projection.safetensors"))["linear.weight"]
+
+
+def _entry(config: Path, delay: float = 0.0) -> subprocess.Popen:
+    env = {**os.environ, "CROSS_MODEL_TEST_STEP_DELAY": str(delay), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "run_experiments.py"), "--config", str(config)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["activation-cache", "no-cache"])
+def test_kill_9_then_restart_gives_the_uninterrupted_projection(tmp_path, cache):
+    ref = _entry(_train_config(tmp_path, "ref", cache))
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()
+
+    config = _train_config(tmp_path, "killed", cache)
+    proc = _entry(config, delay=0.15)
+    deadline = time.time() + 120
+    while not list((tmp_path / "killed" / "ckpt").glob("*/step_*/meta.json")):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not list((tmp_path / "killed" / "ckpt").glob("*/final")), "killed before the end"
+
+    again = _entry(config)
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out
+    assert "resumed" in out
+    assert torch.equal(_final_weights(tmp_path, "killed"), _final_weights(tmp_path, "ref"))
+
+    # Started once more, the finished projection is loaded, not retrained.
+    done = _entry(config)
+    out, _ = done.communicate(timeout=300)
+    assert done.returncode == 0 and "loaded, not retrained" in out, out
+
+
+def test_sigterm_on_the_entry_point_leaves_a_checkpoint_and_exits_zero(tmp_path):
+    config = _train_config(tmp_path, "term", True)
+    proc = _entry(config, delay=0.15)
+    deadline = time.time() + 120
+    while not list((tmp_path / "term" / "ckpt").glob("*/step_*/meta.json")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "preempted" in out
+    (pair_dir,) = list((tmp_path / "term" / "ckpt").glob("*"))
+    assert CheckpointManager(pair_dir).latest_step() is not None and not (pair_dir / "final").exists()
+
+
+# --- refusing what does not fit -----------------------------------------------------------------
+
+
+def test_checkpoints_and_projections_of_another_pair_are_refused(tmp_path, tiny_llama, tiny_llama_48):
+    from cross_model.projection import load_projection
+    from cross_model.training import projection_identity
+
+    cfg = TrainConfig(corpus="offline", n_sentences=24, epochs=1, batch_size=8, checkpoint_dir=str(tmp_path))
+    first = train_projection(tiny_llama_48, tiny_llama, 2, 2, cfg, seed=0)
+    assert not first.loaded_final and first.meta["d_in"] == 48 and first.meta["d_out"] == 64
+    assert train_projection(tiny_llama_48, tiny_llama, 2, 2, cfg, seed=0).loaded_final
+
+    # A step checkpoint of the 48 -> 64 pair copied where the 64 -> 48 pair's training looks:
+    other = train_projection.__globals__["projection_dir"](
+        tmp_path, projection_identity(tiny_llama, tiny_llama_48, 2, 2), recipe(cfg))
+    other.mkdir(parents=True)
+    step = max(first.directory.glob("step_*"))
+    shutil.copytree(step, other / step.name)
+    with pytest.raises(ValueError, match=r"sender: checkpoint has 'tiny-llama-48', this run needs 'tiny-llama-64'.*d_in"):
+        train_projection(tiny_llama, tiny_llama_48, 2, 2, cfg, seed=0)
+
+    with pytest.raises(ValueError, match="k: checkpoint has 2, this run needs 3"):
+        load_projection(first.directory / "final", {**projection_identity(tiny_llama_48, tiny_llama, 3, 2)})
+    # A damaged final projection is refused too, not half-loaded.
+    w = first.directory / "final" / "projection.safetensors"
+    w.write_bytes(w.read_bytes()[:-3])
+    with pytest.raises(ValueError, match="damaged"):
+        load_projection(first.directory / "final", projection_identity(tiny_llama_48, tiny_llama, 2, 2))
