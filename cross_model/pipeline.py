@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cross_model.config import ExperimentConfig
-from cross_model.distributed import DistEnv
+from cross_model.distributed import DistEnv, barrier, is_main
 from cross_model.methods.registry import resolve_method
 from cross_model.platform import Platform
 
@@ -49,7 +49,12 @@ def model_pair(ctx: RunContext, params: Any) -> Any:
         revision = own[1] if spec == own[0] else other[1] if spec == other[0] else None
         key = (spec, revision)
         if key not in loaded:
-            loaded[key] = load_model(spec, p.dtype, p.device, revision)
+            # Rank 0 first: a packaged model is de-quantised and cached once, then the others read the cache.
+            if is_main():
+                loaded[key] = load_model(spec, p.dtype, p.device, revision)
+            barrier()
+            if not is_main():
+                loaded[key] = load_model(spec, p.dtype, p.device, revision)
         return loaded[key]
 
     sender = get(getattr(params, "sender", None) or m.sender, "sender")
@@ -130,6 +135,13 @@ STAGE_FUNCTIONS: dict[str, Callable[[RunContext], None]] = {
 
 
 def run_stages(ctx: RunContext) -> None:
-    for stage in ctx.cfg.stages:
-        log.info("== stage %s ==", stage)
-        STAGE_FUNCTIONS[stage](ctx)
+    from cross_model.config import to_dict
+    from cross_model.tracking import Tracker
+
+    tracker = ctx.state.setdefault("tracker", Tracker.start(ctx.cfg.logging, ctx.run_dir, to_dict(ctx.cfg), ctx.cfg.name))
+    try:
+        for stage in ctx.cfg.stages:
+            log.info("== stage %s ==", stage)
+            STAGE_FUNCTIONS[stage](ctx)
+    finally:
+        tracker.finish()

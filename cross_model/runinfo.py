@@ -101,3 +101,16 @@ def _atomic_write(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def load_run_context(run_dir: Path) -> dict[str, Any]:
+    """What a report carries so its numbers can be reproduced: the resolved config, and the versions,
+    commit, host and world size of every start of the run."""
+    run_dir = Path(run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else None
+    starts = []
+    if (run_dir / "runs.jsonl").exists():
+        starts = [json.loads(line) for line in (run_dir / "runs.jsonl").read_text().splitlines() if line.strip()]
+    latest = starts[-1] if starts else {}
+    return {"name": run_dir.name, "config": config, "versions": latest.get("versions"), "git": latest.get("git"),
+            "starts": starts}

@@ -1,0 +1,185 @@
+"""Results a researcher can publish: results.json (every number, with the config, versions and commit),
+results.md and results.csv (per task x method: accuracy with its Wilson 95% interval, the lenient
+first-named match, token F1, mean payload bytes, tokens, wall time) and two plots (accuracy per method
+per task; accuracy against payload bytes, log scale). Read from the per-rank result files, so
+`--stages [report]` can run on its own after an evaluation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from cross_model.distributed import barrier, is_main
+from cross_model.metrics import wilson_interval
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (
+    ("task", "task"), ("method", "method"), ("n", "n"), ("accuracy", "accuracy"), ("ci95_low", "CI low"),
+    ("ci95_high", "CI high"), ("first_named", "first-named"), ("token_f1", "token F1"),
+    ("payload_bytes", "payload B"), ("sender_tokens", "A tokens"), ("receiver_tokens", "B tokens"),
+    ("seconds_per_example", "s/example"), ("errors", "errors"),
+)
+
+
+def summarize(task: str, method: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One task x method line from its per-example rows (failed examples included, scored 0)."""
+    n = len(rows)
+
+    def mean(key: str) -> float:
+        return sum(float(r.get(key) or 0) for r in rows) / n if n else 0.0
+
+    correct = sum(float(r["score"]) for r in rows)
+    lo, hi = wilson_interval(correct, n)
+    return {
+        "task": task, "method": method, "n": n, "accuracy": correct / n if n else 0.0, "ci95_low": lo, "ci95_high": hi,
+        "first_named": mean("first_named"), "token_f1": mean("token_f1"), "payload_bytes": mean("payload_bytes"),
+        "sender_tokens": mean("sender_prefill_tokens") + mean("sender_generated_tokens"),
+        "receiver_tokens": mean("receiver_prefill_tokens") + mean("receiver_generated_tokens"),
+        "seconds_per_example": mean("seconds"), "seconds_total": sum(float(r.get("seconds") or 0) for r in rows),
+        "errors": sum(1 for r in rows if r.get("error")),
+    }
+
+
+def _cell(key: str, value: Any) -> str:
+    if key in ("accuracy", "first_named", "token_f1", "ci95_low", "ci95_high"):
+        return f"{100 * value:.1f}"
+    if key == "payload_bytes":
+        return f"{value:,.0f}"
+    if key in ("sender_tokens", "receiver_tokens"):
+        return f"{value:.0f}"
+    if key == "seconds_per_example":
+        return f"{value:.2f}"
+    return str(value)
+
+
+def format_table(summary: list[dict[str, Any]]) -> str:
+    """A markdown table: accuracy as `acc [lo, hi]` (%), then the other columns."""
+    head = ["task", "method", "n", "accuracy % [95% CI]", "first-named %", "token F1 %", "payload B",
+            "A tokens", "B tokens", "s/example", "errors"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        acc = f"{100 * s['accuracy']:.1f} [{100 * s['ci95_low']:.1f}, {100 * s['ci95_high']:.1f}]"
+        cells = [s["task"], s["method"], str(s["n"]), acc] + [
+            _cell(k, s[k]) for k in ("first_named", "token_f1", "payload_bytes", "sender_tokens", "receiver_tokens",
+                                     "seconds_per_example", "errors")
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, summary: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([key for key, _ in COLUMNS])
+        for s in summary:
+            writer.writerow([s[key] for key, _ in COLUMNS])
+
+
+def _below(s: dict | None) -> float:
+    """Error-bar lengths in points of accuracy (rounding can put the interval a hair past the estimate)."""
+    return max(0.0, 100 * (s["accuracy"] - s["ci95_low"])) if s else 0.0
+
+
+def _above(s: dict | None) -> float:
+    return max(0.0, 100 * (s["ci95_high"] - s["accuracy"])) if s else 0.0
+
+
+def plot_accuracy(path: Path, summary: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(s["task"] for s in summary))
+    methods = list(dict.fromkeys(s["method"] for s in summary))
+    by = {(s["task"], s["method"]): s for s in summary}
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * len(methods) ** 0.5 + 3), 4))
+    for i, m in enumerate(methods):
+        xs = [t + (i - (len(methods) - 1) / 2) * width for t in range(len(tasks))]
+        acc = [100 * by[(t, m)]["accuracy"] if (t, m) in by else 0 for t in tasks]
+        err = [[_below(by.get((t, m))) for t in tasks], [_above(by.get((t, m))) for t in tasks]]
+        ax.bar(xs, acc, width, yerr=err, capsize=2, label=m)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("accuracy (%), Wilson 95% CI")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Accuracy per method")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_bytes(path: Path, summary: list[dict[str, Any]]) -> None:
+    """Accuracy against mean payload bytes (log x); methods that send nothing sit at 1 byte."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(s["task"] for s in summary))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [s for s in summary if s["task"] == task]
+        for s in rows:
+            x = max(s["payload_bytes"], 1.0)
+            y = 100 * s["accuracy"]
+            ax.errorbar([x], [y], yerr=[[_below(s)], [_above(s)]], fmt="o", capsize=2)
+            ax.annotate(s["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("payload bytes per example, A -> B (log; 0 B shown at 1)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(task)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_reports(run_dir: Path, summary: list[dict[str, Any]], rows: dict[str, Any], context: dict[str, Any]) -> list[Path]:
+    """results.json / .md / .csv and the two plots in `run_dir`; returns the paths written."""
+    run_dir = Path(run_dir)
+    table = format_table(summary)
+    out = {"results.json": run_dir / "results.json", "results.md": run_dir / "results.md",
+           "results.csv": run_dir / "results.csv", "accuracy.png": run_dir / "accuracy.png",
+           "accuracy_vs_bytes.png": run_dir / "accuracy_vs_bytes.png"}
+    out["results.json"].write_text(json.dumps({**context, "summary": summary, "examples": rows}, indent=2))
+    out["results.md"].write_text(
+        f"# Results: {context.get('name', run_dir.name)}\n\n{table}\n\n"
+        "accuracy: the task's metric (countries/tipsheets: the paper's f1_match); first-named: the gold answer is "
+        "the first candidate named in the answer's first sentence; payload B: mean bytes crossing from A to B per "
+        "example; A/B tokens: mean tokens each model processed (prompt + generated); s/example: wall time per "
+        "example on one rank.\n\n![accuracy](accuracy.png)\n\n![accuracy vs bytes](accuracy_vs_bytes.png)\n"
+    )
+    write_csv(out["results.csv"], summary)
+    plot_accuracy(out["accuracy.png"], summary)
+    plot_accuracy_vs_bytes(out["accuracy_vs_bytes.png"], summary)
+    return list(out.values())
+
+
+def report(ctx) -> None:
+    """The report stage: read every rank's results, write the files on rank 0, print the table."""
+    from cross_model.evaluation import gather_results, task_splits
+    from cross_model.pipeline import method_instances
+    from cross_model.runinfo import load_run_context
+
+    if is_main():
+        names = [name for name, _, _ in method_instances(ctx.cfg)]
+        summary, rows = [], {}
+        for task, (test, _) in task_splits(ctx).items():
+            for name in names:
+                task_rows = gather_results(ctx.run_dir, task, name, test)
+                summary.append(summarize(task, name, task_rows))
+                rows.setdefault(task, {})[name] = task_rows
+        paths = write_reports(ctx.run_dir, summary, rows, load_run_context(ctx.run_dir))
+        tracker = ctx.state.get("tracker")
+        if tracker is not None:
+            tracker.log_summary(summary)
+        print(format_table(summary), flush=True)
+        print(f"\nResults in {ctx.run_dir}/: " + ", ".join(p.name for p in paths), flush=True)
+    barrier()

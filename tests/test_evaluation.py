@@ -1,0 +1,127 @@
+"""Sharded, resumable evaluation and its reports: a real two-rank torchrun, a real SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+VOLATILE = ("seconds", "rank")  # wall time and which rank ran it may differ; nothing else may
+
+
+def _run(tmp_path: Path, name: str, nproc: int = 1, extra=(), delay: float = 0.0, wait: bool = True):
+    args = ["--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--name", name,
+            "--eval.batch_size", "2", *extra]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "run_experiments.py", *args]
+    else:
+        cmd = [sys.executable, "run_experiments.py", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CROSS_MODEL_TEST_STEP_DELAY": str(delay)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _examples(run_dir: Path) -> dict:
+    """task -> method -> [rows in test order], from results.json, without the volatile fields."""
+    data = json.loads((run_dir / "results.json").read_text())
+    return {t: {m: [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows] for m, rows in ms.items()}
+            for t, ms in data["examples"].items()}
+
+
+@pytest.fixture(scope="module")
+def unsharded(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    _run(tmp, "one")
+    return tmp, _examples(tmp / "one")
+
+
+def test_two_ranks_give_the_same_results_as_one_example_by_example(unsharded):
+    tmp, one = unsharded
+    _run(tmp, "two", nproc=2)
+    two = _examples(tmp / "two")
+    assert two == one
+    # Both ranks really worked: each wrote the items i % 2 == rank.
+    rank_files = sorted((tmp / "two" / "results" / "countries" / "kvcomm").glob("rank*.jsonl"))
+    assert [p.name for p in rank_files] == ["rank0.jsonl", "rank1.jsonl"]
+    for r, path in enumerate(rank_files):
+        assert {json.loads(line)["index"] % 2 for line in path.read_text().splitlines()} == {r}
+
+
+def test_kill_9_during_evaluation_then_restart_loses_nothing_and_duplicates_nothing(unsharded):
+    tmp, one = unsharded
+    proc = _run(tmp, "killed", delay=0.3, wait=False)
+    results = tmp / "killed" / "results"
+    deadline = time.time() + 300
+    # Kill once a few methods are done and one is part-way (at least one batch written).
+    while len(list(results.glob("countries/*/rank0.jsonl"))) < 4:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "evaluation did not progress"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (tmp / "killed" / "results.json").exists()
+    # As if the kill had hit while a line was being written:
+    partial = sorted(results.glob("countries/*/rank0.jsonl"), key=os.path.getmtime)[-1]
+    with open(partial, "a") as f:
+        f.write('{"example_id": "countries-')
+    out = _run(tmp, "killed")
+    assert "partial line" in out and "already done; resuming" in out
+    assert _examples(tmp / "killed") == one
+    for path in results.glob("*/*/rank0.jsonl"):
+        ids = [json.loads(line)["example_id"] for line in path.read_text().splitlines()]
+        assert len(ids) == len(set(ids)), f"duplicate ids in {path}"
+
+
+def test_every_example_is_reported_once_per_method_including_failures(unsharded):
+    tmp, one = unsharded
+    data = json.loads((tmp / "one" / "results.json").read_text())
+    n = {"countries": 6, "tipsheets": 4}
+    for task, methods in data["examples"].items():
+        assert set(methods) == set(data["config"]["methods"])
+        for method, rows in methods.items():
+            assert [r["index"] for r in rows] == list(range(n[task]))
+    assert {(s["task"], s["method"]) for s in data["summary"]} == {(t, m) for t in n for m in data["config"]["methods"]}
+    assert data["versions"]["torch"] and "commit" in data["git"]
+
+
+def test_failed_examples_are_scored_wrong_not_dropped(tmp_path):
+    """A method that fails on some items: every item is still in the report, the failures as errors."""
+    from cross_model.methods.baseline import Baseline
+    from cross_model.methods.registry import register
+
+    @register("fails_on_odd")
+    class FailsOnOdd(Baseline):
+        def _run_batch(self, examples):
+            if any(int(e.example_id.rsplit("-", 1)[-1]) % 2 for e in examples):
+                raise RuntimeError("this item is odd")
+            return super()._run_batch(examples)
+
+    import run_experiments
+
+    rc = run_experiments.main([
+        "--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--stages", "[evaluate,report]",
+        "--methods", '{"baseline": {}, "flaky": {"method": "fails_on_odd"}}', "--eval.batch_size", "3"])
+    assert rc == 0
+    data = json.loads((tmp_path / "tiny" / "results.json").read_text())
+    for task, n in (("countries", 6), ("tipsheets", 4)):
+        rows = data["examples"][task]["flaky"]
+        assert len(rows) == n and len({r["example_id"] for r in rows}) == n
+        failed = [r for r in rows if r["error"]]
+        assert failed and all(r["score"] == 0 and "this item is odd" in r["error"] for r in failed)
+        assert all(int(r["example_id"].rsplit("-", 1)[-1]) % 2 for r in failed)
+        # The batch with one odd item was re-run one by one: its even items were answered.
+        assert [r["answer"] for r in rows if not r["error"]] == [
+            r["answer"] for r in data["examples"][task]["baseline"] if not int(r["example_id"].rsplit("-", 1)[-1]) % 2]
+        line = next(s for s in data["summary"] if s["task"] == task and s["method"] == "flaky")
+        assert line["n"] == n and line["errors"] == len(failed)
