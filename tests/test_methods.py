@@ -232,3 +232,25 @@ def test_ac_with_a_projection_checkpoint_and_its_refusals(tmp_path, examples):
         make("ac", "tiny-llama-64", "tiny-llama-64", k=3, j=1, projection=str(tmp_path / "w"))
     with pytest.raises(FileNotFoundError, match="no projection"):
         make("ac", "tiny-llama-48", "tiny-llama-64", k=3, j=1, projection=str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("method", ["baseline", "skyline", "nld", "ac"])
+def test_shared_prefix_reuse_changes_no_answer(method, examples):
+    """Prefilling the common prompt prefix once (cached, expanded over the batch) gives the answers of
+    a full prefill, in float64 so that only a real difference in what each row sees could show."""
+    from cross_model.prefix_cache import shared_prefix_length
+
+    shared = make(method, dtype=torch.float64, share_prefix=True)
+    full = make(method, dtype=torch.float64, share_prefix=False)
+    a = [p.to_dict() for p in shared.run_batch(examples)]
+    b = [p.to_dict() for p in full.run_batch(examples)]
+    assert a == b
+    assert shared.prefix_cache._entries, "the prefix cache was used"
+    ids = [[1, 2, 3, 4], [1, 2, 3], [1, 2, 5, 6]]
+    assert shared_prefix_length(ids) == 2 and shared_prefix_length([[1, 2], [1, 2]]) == 1
+
+
+def test_shared_prefix_sender_vectors_match_a_full_forward(examples):
+    shared = make("ac", "tiny-llama-64", dtype=torch.float64, k=3, j=2)
+    full = make("ac", "tiny-llama-64", dtype=torch.float64, k=3, j=2, share_prefix=False)
+    torch.testing.assert_close(shared.sender_vectors(examples), full.sender_vectors(examples), rtol=1e-10, atol=1e-10)

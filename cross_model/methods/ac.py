@@ -16,7 +16,8 @@ import torch
 from cross_model.data.base import Example
 from cross_model.methods.base import Method, MethodParams, Prediction
 from cross_model.methods.registry import register
-from cross_model.prompting import receiver_text, sender_text, tokenize_prompts
+from cross_model.prefix_cache import PrefixedBatch
+from cross_model.prompting import receiver_text, sender_text
 from cross_model.surgery import check_layer, last_token, partial_forward, residual_edit
 
 MODES = ("replace", "sum", "mean")
@@ -83,9 +84,13 @@ class ActivationCommunication(Method):
     def sender_vectors(self, examples: list[Example]) -> torch.Tensor:
         """A's residual after layer k at its last prompt token (B x d_A); no layer above k runs."""
         a = self.pair.sender
-        batch = tokenize_prompts(a, [sender_text(e) for e in examples], self.params.max_prompt_tokens)
+        batch = self.prompt_batch(a, [sender_text(e) for e in examples])
+        self._sender_lengths = self._prompt_lengths
+        if isinstance(batch, PrefixedBatch):
+            h = partial_forward(a, batch.input_ids, batch.full_mask, self.params.k, cache=batch.cache,
+                                position_ids_BT=batch.position_ids)
+            return last_token(h, batch.suffix_mask)
         h = partial_forward(a, batch.input_ids, batch.attention_mask, self.params.k)
-        self._sender_lengths = batch.lengths
         return last_token(h, batch.attention_mask)
 
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:

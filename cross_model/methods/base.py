@@ -11,7 +11,8 @@ from typing import Any
 from cross_model.data.base import Example
 from cross_model.generation import GenerationResult, greedy_generate
 from cross_model.models import LoadedModel
-from cross_model.prompting import tokenize_prompts
+from cross_model.prefix_cache import PrefixCache, PrefixedBatch
+from cross_model.prompting import Batch, chat_wrap, encode_texts, pad_left
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ class MethodParams:
     max_prompt_tokens: int | None = field(default=None, metadata={"help": "longer prompts keep first and last halves"})
     sender: str | None = field(default=None, metadata={"help": "this method's model A (None: models.sender)"})
     receiver: str | None = field(default=None, metadata={"help": "this method's model B (None: models.receiver)"})
+    share_prefix: bool = field(default=True, metadata={"help": "prefill the prompt prefix all rows share once (same answers, less compute)"})
 
     def validate(self, prefix: str) -> None:
         for name in ("batch_size", "max_new_tokens", "max_prompt_tokens"):
@@ -68,6 +70,7 @@ class Method:
         self.pair = pair
         self.name = name or self.registry_name
         self.run_dir = run_dir
+        self.prefix_cache = PrefixCache()
         self.check_pair()
 
     # --- what the pipeline asks before running -------------------------------------------------
@@ -112,7 +115,21 @@ class Method:
     ) -> tuple[GenerationResult, list[int]]:
         """Chat-wrap `texts`, prefill them on `lm` and decode greedily (`limit` new tokens, else each
         example's answer length); returns the generation and each row's prompt length."""
-        batch = tokenize_prompts(lm, texts, self.params.max_prompt_tokens)
+        batch = self.prompt_batch(lm, texts)
         limits = [limit or self.max_new_tokens(e) for e in examples]
-        gen = greedy_generate(lm, batch.input_ids, batch.attention_mask, max(limits), max_new_tokens_B=limits, **kw)
-        return gen, batch.lengths
+        if isinstance(batch, PrefixedBatch):
+            kw.update(cache=batch.cache, past_mask_BP=batch.past_mask, position_offset_B=batch.position_offset)
+            mask = batch.suffix_mask
+        else:
+            mask = batch.attention_mask
+        gen = greedy_generate(lm, batch.input_ids, mask, max(limits), max_new_tokens_B=limits, **kw)
+        return gen, self._prompt_lengths
+
+    def prompt_batch(self, lm: LoadedModel, texts: list[str]) -> Batch | PrefixedBatch:
+        """Chat-wrapped, tokenised prompts: with `share_prefix`, their common prefix comes from the
+        prefix cache and only the suffixes are left to prefill; otherwise a plain left-padded batch.
+        The full prompt lengths are kept in `_prompt_lengths` (the tokens each row stands for)."""
+        ids = encode_texts(lm, [chat_wrap(lm, t) for t in texts], self.params.max_prompt_tokens)
+        self._prompt_lengths = [len(x) for x in ids]
+        split = self.prefix_cache.split(lm, ids) if self.params.share_prefix else None
+        return split if split is not None else pad_left(ids, lm.tokenizer.pad_token_id, lm.device)
