@@ -87,7 +87,7 @@ class PrefixCache:
     def split(self, lm: LoadedModel, ids: list[list[int]]) -> PrefixedBatch | None:
         """The batch as (cached shared prefix, suffixes), or None when the rows share too little."""
         p = shared_prefix_length(ids)
-        if p < MIN_SHARED:
+        if len(ids) < 2 or p < MIN_SHARED:  # one row has nothing to share (and would evict useful prefixes)
             return None
         kv = self._prefix_kv(lm, ids[0][:p])
         cache = DynamicCache()

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 COLUMNS = (
     ("task", "task"), ("method", "method"), ("n", "n"), ("accuracy", "accuracy"), ("ci95_low", "CI low"),
-    ("ci95_high", "CI high"), ("first_named", "first-named"), ("token_f1", "token F1"),
+    ("ci95_high", "CI high"), ("first_named", "first-named"), ("first_named_ci95_low", "first-named CI low"),
+    ("first_named_ci95_high", "first-named CI high"), ("token_f1", "token F1"),
     ("payload_bytes", "payload B"), ("sender_tokens", "A tokens"), ("receiver_tokens", "B tokens"),
     ("seconds_per_example", "s/example"), ("errors", "errors"),
 )
@@ -34,9 +35,11 @@ def summarize(task: str, method: str, rows: list[dict[str, Any]]) -> dict[str, A
 
     correct = sum(float(r["score"]) for r in rows)
     lo, hi = wilson_interval(correct, n)
+    named_lo, named_hi = wilson_interval(sum(float(r["first_named"]) for r in rows), n)
     return {
         "task": task, "method": method, "n": n, "accuracy": correct / n if n else 0.0, "ci95_low": lo, "ci95_high": hi,
-        "first_named": mean("first_named"), "token_f1": mean("token_f1"), "payload_bytes": mean("payload_bytes"),
+        "first_named": mean("first_named"), "first_named_ci95_low": named_lo, "first_named_ci95_high": named_hi,
+        "token_f1": mean("token_f1"), "payload_bytes": mean("payload_bytes"),
         "sender_tokens": mean("sender_prefill_tokens") + mean("sender_generated_tokens"),
         "receiver_tokens": mean("receiver_prefill_tokens") + mean("receiver_generated_tokens"),
         "seconds_per_example": mean("seconds"), "seconds_total": sum(float(r.get("seconds") or 0) for r in rows),
@@ -58,13 +61,14 @@ def _cell(key: str, value: Any) -> str:
 
 def format_table(summary: list[dict[str, Any]]) -> str:
     """A markdown table: accuracy as `acc [lo, hi]` (%), then the other columns."""
-    head = ["task", "method", "n", "accuracy % [95% CI]", "first-named %", "token F1 %", "payload B",
+    head = ["task", "method", "n", "accuracy % [95% CI]", "first-named % [95% CI]", "token F1 %", "payload B",
             "A tokens", "B tokens", "s/example", "errors"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         acc = f"{100 * s['accuracy']:.1f} [{100 * s['ci95_low']:.1f}, {100 * s['ci95_high']:.1f}]"
-        cells = [s["task"], s["method"], str(s["n"]), acc] + [
-            _cell(k, s[k]) for k in ("first_named", "token_f1", "payload_bytes", "sender_tokens", "receiver_tokens",
+        named = f"{100 * s['first_named']:.1f} [{100 * s['first_named_ci95_low']:.1f}, {100 * s['first_named_ci95_high']:.1f}]"
+        cells = [s["task"], s["method"], str(s["n"]), acc, named] + [
+            _cell(k, s[k]) for k in ("token_f1", "payload_bytes", "sender_tokens", "receiver_tokens",
                                      "seconds_per_example", "errors")
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -71,7 +71,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--time", type=int, default=240, help="minutes")
     p.add_argument("--signal-delay-s", type=int, default=120, help="warning before the time limit, to save and requeue")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
-    p.add_argument("--cluster", default=None, help="submitit cluster: slurm (default), local or debug")
+    p.add_argument("--cluster", default="slurm", choices=("slurm", "local"), help="slurm, or local (no scheduler)")
     return p.parse_known_args(argv)
 
 
@@ -94,25 +94,55 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     tasks = args.gpus_per_node or args.tasks_per_node
-    executor = submitit.AutoExecutor(folder=str(run_dir / "slurm" / "%j"), cluster=args.cluster)
-    params: dict[str, Any] = dict(nodes=args.nodes, tasks_per_node=tasks, timeout_min=args.time,
-                                  slurm_signal_delay_s=args.signal_delay_s, name=run_dir.name)
-    if args.gpus_per_node:
-        params["gpus_per_node"] = args.gpus_per_node
-    if args.cpus_per_task:
-        params["cpus_per_task"] = args.cpus_per_task
-    if args.mem_gb:
-        params["mem_gb"] = args.mem_gb
-    for key in ("partition", "account", "qos"):
-        if getattr(args, key):
-            params[f"slurm_{key}"] = getattr(args, key)
-    executor.update_parameters(**params)
+    folder = str(run_dir / "slurm" / "%j")
+    # The executors directly: submitit's AutoExecutor discovers plugins through pkg_resources, which
+    # recent setuptools no longer ship.
+    if args.cluster == "local":
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(nodes=1, tasks_per_node=tasks, timeout_min=args.time,
+                                   gpus_per_node=args.gpus_per_node or 0)
+    else:
+        executor = submitit.SlurmExecutor(folder=folder)
+        params: dict[str, Any] = dict(nodes=args.nodes, ntasks_per_node=tasks, time=args.time,
+                                      signal_delay_s=args.signal_delay_s, job_name=run_dir.name)
+        if args.gpus_per_node:
+            params["gpus_per_node"] = args.gpus_per_node
+        if args.cpus_per_task:
+            params["cpus_per_task"] = args.cpus_per_task
+        if args.mem_gb:
+            params["mem"] = f"{args.mem_gb}GB"
+        for key in ("partition", "account", "qos"):
+            if getattr(args, key):
+                params[key] = getattr(args, key)
+        executor.update_parameters(**params)
     job = executor.submit(Experiment(["--config", args.config, *rest]))
     print(f"submitted job {job.job_id}; logs in {run_dir / 'slurm' / str(job.job_id)}", flush=True)
     if args.wait:
-        job.result()
+        wait_for(job)
+        try:
+            job.results()  # one per task
+        except Exception as err:  # noqa: BLE001 - the job's own failure, shown with where its logs are
+            print(f"job {job.job_id} failed: {err}\nlogs: {run_dir / 'slurm' / str(job.job_id)}", file=sys.stderr)
+            return 1
         print(f"job {job.job_id} finished; results in {run_dir}", flush=True)
     return 0
+
+
+def wait_for(job: Any, poll_s: float = 5.0) -> None:
+    """Until the job has left the queue. `squeue` works where accounting (`sacct`, which submitit's own
+    watcher uses) is off, as on small clusters; requeued jobs stay in the queue and are waited for."""
+    import shutil
+    import subprocess
+    import time
+
+    if not shutil.which("squeue"):
+        job.wait()
+        return
+    while True:
+        out = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True)
+        if out.returncode == 0 and not out.stdout.strip():
+            return
+        time.sleep(poll_s)
 
 
 if __name__ == "__main__":

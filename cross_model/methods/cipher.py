@@ -11,6 +11,7 @@ answer is decoded greedily as tokens. Payload: n_vectors x d x bytes per element
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -20,7 +21,8 @@ from cross_model.methods.base import Method, Prediction
 from cross_model.methods.debate import DebateParams, first_sender_text, receiver_prompt, refinement_parts
 from cross_model.methods.registry import register
 from cross_model.models import LoadedModel
-from cross_model.prompting import chat_wrap, encode_texts, tokenize_prompts
+from cross_model.prefix_cache import PrefixedBatch
+from cross_model.prompting import chat_wrap, encode_texts
 from cross_model.surgery import input_embeddings
 from transformers import DynamicCache
 
@@ -39,9 +41,11 @@ class CipherParams(DebateParams):
 def vector_generate(
     lm: LoadedModel, prompts_BTD: torch.Tensor, mask_BT: torch.Tensor, max_steps: int, temperature: float,
     recompute: bool = False,
+    prefix: PrefixedBatch | None = None,
 ) -> tuple[list[torch.Tensor], list[int]]:
     """Expected-embedding messages from embedded, left-padded prompts. Returns per row its vectors
-    (n_i x D, EOS excluded) and the steps it ran."""
+    (n_i x D, EOS excluded) and the steps it ran. With `prefix`, the prompts continue its cached
+    shared prefix (`prompts_BTD`/`mask_BT` are then the suffixes)."""
     from cross_model.generation import positions_from_mask
 
     table_VD = input_embeddings(lm)
@@ -50,9 +54,13 @@ def vector_generate(
     unit_VD = torch.nn.functional.normalize(table_VD, dim=-1)
     eos = torch.tensor(sorted(eos_token_ids(lm)), device=table_VD.device)
     bsz = prompts_BTD.shape[0]
+    if prefix is not None and recompute:
+        raise ValueError("vector_generate: recompute=True needs the whole prompt, not a cached prefix")
     cache = None if recompute else DynamicCache()
     pos = positions_from_mask(mask_BT)
     embeds, mask = prompts_BTD, mask_BT
+    if prefix is not None:
+        cache, pos, mask = prefix.cache, prefix.position_ids, prefix.full_mask
 
     def step(inputs_BTD: torch.Tensor, pos_BT: torch.Tensor) -> torch.Tensor:
         if recompute:
@@ -116,11 +124,14 @@ class Cipher(Method):
                 f"vocab {b.info.vocab_size} x {b.info.hidden_size}. Use ac or kvcomm for such pairs."
             )
 
-    def _embedded_prompts(self, lm: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        batch = tokenize_prompts(lm, texts, self.params.max_prompt_tokens)
+    def _embedded_prompts(self, lm: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int], Any]:
+        """Embedded prompts; with a shared prefix, only the suffixes (the prefix is in its cache)."""
+        batch = self.prompt_batch(lm, texts)
+        prefix = batch if isinstance(batch, PrefixedBatch) else None
+        mask = batch.suffix_mask if prefix is not None else batch.attention_mask
         with torch.inference_mode():
             emb = lm.model.get_input_embeddings()(batch.input_ids)
-        return emb, batch.attention_mask, batch.lengths
+        return emb, mask, self._prompt_lengths, prefix
 
     def _refinement_embeds(self, lm: LoadedModel, prompt: str, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """Chat-wrapped refinement prompt with the two vector messages spliced into its text."""
@@ -141,10 +152,10 @@ class Cipher(Method):
         a, b = self.pair.sender, self.pair.receiver
         a_prompts = [first_sender_text(e, p) for e in examples]
         b_prompts = [receiver_prompt(e) for e in examples]
-        emb, mask, a_len = self._embedded_prompts(a, a_prompts)
-        a_vecs, a_steps = vector_generate(a, emb, mask, p.nld_max_tokens, p.temperature)
-        emb, mask, b_len = self._embedded_prompts(b, b_prompts)
-        b_vecs, b_steps = vector_generate(b, emb, mask, p.nld_max_tokens, p.temperature)
+        emb, mask, a_len, prefix = self._embedded_prompts(a, a_prompts)
+        a_vecs, a_steps = vector_generate(a, emb, mask, p.nld_max_tokens, p.temperature, prefix=prefix)
+        emb, mask, b_len, prefix = self._embedded_prompts(b, b_prompts)
+        b_vecs, b_steps = vector_generate(b, emb, mask, p.nld_max_tokens, p.temperature, prefix=prefix)
         n_sent = [v.shape[0] for v in a_vecs]
         a_gen, b_gen = list(a_steps), list(b_steps)
         a_in, b_in = list(a_len), list(b_len)
