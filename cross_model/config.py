@@ -104,8 +104,13 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = _f(8, "examples per batch for every method (methods may override with their own batch_size)")
     limit: int | None = _f(None, "evaluate only the first N test items of each task (None: all)")
+    reuse_prefills: int = _f(
+        4, "prefills kept for other methods reading the same prompts (each holds a batch's KV cache; 0: off)"
+    )
 
     def validate(self, prefix: str) -> None:
+        if self.reuse_prefills < 0:
+            raise ValueError(f"{prefix}.reuse_prefills: a count >= 0, got {self.reuse_prefills}")
         if self.batch_size < 1:
             raise ValueError(f"{prefix}.batch_size: must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:

@@ -22,6 +22,7 @@ from cross_model.data import load_task_examples
 from cross_model.data.base import Example
 from cross_model.distributed import all_reduce_max, barrier, get_rank, get_world_size, is_main, progress
 from cross_model.metrics import score_prediction
+from cross_model.prompt_prefill import MEMO, set_memo_entries
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,10 @@ def calibrate_methods(ctx, instances: list) -> None:
         result = methods[name].calibrate(calib)
         if is_main():
             write_json_atomically(path, result)
-        log.info("calibrate: %s keeps receiver layers %s", name, result.get("selected"))
+        if "selected" in result:
+            log.info("calibrate: %s keeps receiver layers %s", name, result["selected"])
+        if "layer_bits" in result:
+            log.info("calibrate: %s gives its layers these bits: %s", name, result["layer_bits"])
     barrier()
 
 
@@ -206,9 +210,12 @@ def evaluate(ctx) -> None:
     from cross_model.reporting import format_table, summarize
 
     methods = build_methods(ctx)
+    set_memo_entries(ctx.cfg.eval.reuse_prefills)
     for task, (test, _) in task_splits(ctx).items():
         for name, method in methods.items():
             run_method_on_task(ctx, task, test, name, method)
+        log.debug("evaluate: %s: %d prefills reused, %d run", task, MEMO.hits, MEMO.misses)
+        MEMO.clear()  # a task's prompts serve no other task
     barrier()
     if is_main():
         summary = [summarize(task, name, gather_results(ctx.run_dir, task, name, test))

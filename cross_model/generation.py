@@ -87,12 +87,15 @@ def greedy_generate(
     prefill_context: Callable[[], ContextManager] | None = None,
     forward: ForwardFn | None = None,
     max_new_tokens_B: list[int] | None = None,
+    first_logits_BV: torch.Tensor | None = None,
 ) -> GenerationResult:
     """Greedy decoding of a left-padded batch.
 
     `cache`/`past_mask_BP`: a prefix already in the cache (its padding mask); `position_offset_B`:
     where each row's new tokens start counting positions; `prefill_context`: entered around the
-    prefill forward only; `max_new_tokens_B`: per-row limits (rows stop early, the batch runs to the max).
+    prefill forward only; `max_new_tokens_B`: per-row limits (rows stop early, the batch runs to the max);
+    `first_logits_BV`: the prompt was prefilled already (its keys/values are in `cache`), these are
+    its last logits.
     """
     own_forward = forward is None
     forward = forward or (lambda **kw: default_forward(lm, **kw))
@@ -105,11 +108,14 @@ def greedy_generate(
 
     full_mask = attention_mask_BT if past_mask_BP is None else torch.cat([past_mask_BP, attention_mask_BT], dim=-1)
     position_ids = positions_from_mask(attention_mask_BT, position_offset_B)
-    with prefill_context() if prefill_context else contextlib.nullcontext():
-        logits = forward(
-            cache=cache, full_mask_BT=full_mask, position_ids_BT=position_ids,
-            input_ids_BT=input_ids_BT, inputs_embeds_BTD=inputs_embeds_BTD,
-        )
+    if first_logits_BV is not None:
+        logits = first_logits_BV
+    else:
+        with prefill_context() if prefill_context else contextlib.nullcontext():
+            logits = forward(
+                cache=cache, full_mask_BT=full_mask, position_ids_BT=position_ids,
+                input_ids_BT=input_ids_BT, inputs_embeds_BTD=inputs_embeds_BTD,
+            )
     next_pos = position_ids[:, -1] + 1
 
     generated: list[list[int]] = [[] for _ in range(bsz)]

@@ -62,12 +62,23 @@ class PrefixedBatch:
         return positions_from_mask(self.suffix_mask, self.position_offset)
 
 
+def sliding_window(lm: LoadedModel) -> int | None:
+    """The model's sliding window, if any layer has one. Transformers applies it to cache indices,
+    not positions, so padding in the middle of a row would shift it: with one, the prefix layout is
+    used only while no row, padding and `PrefixCache.reserve` new tokens included, reaches the window."""
+    config = lm.model.config.get_text_config()
+    if "sliding_attention" not in (getattr(config, "layer_types", None) or []):
+        return None
+    return getattr(config, "sliding_window", None)
+
+
 class PrefixCache:
     """Per-model memo of prefix keys/values (batch of one), expanded to each batch on demand."""
 
-    def __init__(self, max_entries: int = 8):
+    def __init__(self, max_entries: int = 8, reserve: int = 256):
         self._entries: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self.max_entries = max_entries
+        self.reserve = reserve  # tokens a row may still generate (see `sliding_window`)
 
     @torch.inference_mode()
     def _prefix_kv(self, lm: LoadedModel, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -85,13 +96,24 @@ class PrefixCache:
         return kv
 
     def split(self, lm: LoadedModel, ids: list[list[int]]) -> PrefixedBatch | None:
-        """The batch as (cached shared prefix, suffixes), or None when the rows share too little."""
+        """The batch as (cached shared prefix, suffixes), or None when the rows share too little or
+        the layout would change a sliding window."""
         p = shared_prefix_length(ids)
         if len(ids) < 2 or p < MIN_SHARED:  # one row has nothing to share (and would evict useful prefixes)
             return None
-        kv = self._prefix_kv(lm, ids[0][:p])
-        cache = DynamicCache()
-        for layer, (k, v) in enumerate(kv):
-            cache.update(k.expand(len(ids), -1, -1, -1).clone(), v.expand(len(ids), -1, -1, -1).clone(), layer)
+        if not self.fits_window(lm, [len(x) for x in ids]):
+            return None
         batch = pad_left([x[p:] for x in ids], lm.tokenizer.pad_token_id, lm.device)
-        return PrefixedBatch(batch.input_ids, batch.attention_mask, cache, p)
+        return PrefixedBatch(batch.input_ids, batch.attention_mask, self.cache_for(lm, ids[0][:p], len(ids)), p)
+
+    def fits_window(self, lm: LoadedModel, lengths: list[int]) -> bool:
+        """Whether rows of these lengths can use the prefix layout without shifting a sliding window."""
+        window = sliding_window(lm)
+        return window is None or max(lengths) + (max(lengths) - min(lengths)) + self.reserve < window
+
+    def cache_for(self, lm: LoadedModel, prefix: list[int], n_rows: int) -> DynamicCache:
+        """A cache holding `prefix` for each of `n_rows` rows."""
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(self._prefix_kv(lm, prefix)):
+            cache.update(k.expand(n_rows, -1, -1, -1).clone(), v.expand(n_rows, -1, -1, -1).clone(), layer)
+        return cache

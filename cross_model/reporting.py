@@ -83,63 +83,93 @@ def write_csv(path: Path, summary: list[dict[str, Any]]) -> None:
             writer.writerow([s[key] for key, _ in COLUMNS])
 
 
-def _below(s: dict | None) -> float:
-    """Error-bar lengths in points of accuracy (rounding can put the interval a hair past the estimate)."""
-    return max(0.0, 100 * (s["accuracy"] - s["ci95_low"])) if s else 0.0
+METRICS = (("accuracy", "ci95_low", "ci95_high", "accuracy"), ("first_named", "first_named_ci95_low", "first_named_ci95_high", "first-named"))
 
 
-def _above(s: dict | None) -> float:
-    return max(0.0, 100 * (s["ci95_high"] - s["accuracy"])) if s else 0.0
+def plotted_metrics(summary: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """The task metric, and the lenient first-named match where any method scored on it."""
+    return [m for m in METRICS if m[0] == "accuracy" or any(s.get(m[0]) for s in summary)]
 
 
-def plot_accuracy(path: Path, summary: list[dict[str, Any]]) -> None:
+def _below(s: dict | None, metric=METRICS[0]) -> float:
+    """Error-bar lengths in points (rounding can put the interval a hair past the estimate)."""
+    return max(0.0, 100 * (s[metric[0]] - s[metric[1]])) if s else 0.0
+
+
+def _above(s: dict | None, metric=METRICS[0]) -> float:
+    return max(0.0, 100 * (s[metric[2]] - s[metric[0]])) if s else 0.0
+
+
+def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The (bytes, accuracy, method) points no other point beats: none sends fewer or as many bytes
+    with higher accuracy, or fewer bytes with the same. Sorted by bytes."""
+    front: list[tuple[float, float, str]] = []
+    for x, y, name in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y, name))
+    return front
+
+
+def _subplots(n_rows: int, n_cols: int, width: float, height: float):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(width * n_cols, height * n_rows), squeeze=False)
+    return plt, fig, axes
+
+
+def plot_accuracy(path: Path, summary: list[dict[str, Any]]) -> None:
     tasks = list(dict.fromkeys(s["task"] for s in summary))
     methods = list(dict.fromkeys(s["method"] for s in summary))
     by = {(s["task"], s["method"]): s for s in summary}
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * len(methods) ** 0.5 + 3), 4))
-    for i, m in enumerate(methods):
-        xs = [t + (i - (len(methods) - 1) / 2) * width for t in range(len(tasks))]
-        acc = [100 * by[(t, m)]["accuracy"] if (t, m) in by else 0 for t in tasks]
-        err = [[_below(by.get((t, m))) for t in tasks], [_above(by.get((t, m))) for t in tasks]]
-        ax.bar(xs, acc, width, yerr=err, capsize=2, label=m)
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel("accuracy (%), Wilson 95% CI")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title("Accuracy per method")
+    metrics = plotted_metrics(summary)
+    plt, fig, axes = _subplots(len(metrics), 1, max(6, 1.2 * len(tasks) * len(methods) ** 0.5 + 3), 4)
+    for ax, metric in zip(axes[:, 0], metrics):
+        key, _, _, label = metric
+        for i, m in enumerate(methods):
+            xs = [t + (i - (len(methods) - 1) / 2) * width for t in range(len(tasks))]
+            acc = [100 * by[(t, m)][key] if (t, m) in by else 0 for t in tasks]
+            err = [[_below(by.get((t, m)), metric) for t in tasks], [_above(by.get((t, m)), metric) for t in tasks]]
+            ax.bar(xs, acc, width, yerr=err, capsize=2, label=m)
+        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set_ylabel(f"{label} (%), Wilson 95% CI")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=7, ncol=2)
+        ax.set_title(f"{label} per method")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def plot_accuracy_vs_bytes(path: Path, summary: list[dict[str, Any]]) -> None:
-    """Accuracy against mean payload bytes (log x); methods that send nothing sit at 1 byte."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Accuracy against mean payload bytes (log x), with the Pareto front (the fewest bytes for each
+    level of accuracy) as a dashed line; methods that send nothing sit at 1 byte."""
     tasks = list(dict.fromkeys(s["task"] for s in summary))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        rows = [s for s in summary if s["task"] == task]
-        for s in rows:
-            x = max(s["payload_bytes"], 1.0)
-            y = 100 * s["accuracy"]
-            ax.errorbar([x], [y], yerr=[[_below(s)], [_above(s)]], fmt="o", capsize=2)
-            ax.annotate(s["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.set_xscale("log")
-        ax.set_xlabel("payload bytes per example, A -> B (log; 0 B shown at 1)")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.set_title(task)
-        ax.grid(True, which="both", alpha=0.3)
+    metrics = plotted_metrics(summary)
+    plt, fig, axes = _subplots(len(metrics), len(tasks), 5.5, 4.2)
+    for row, metric in enumerate(metrics):
+        key, _, _, label = metric
+        for ax, task in zip(axes[row], tasks):
+            rows = [s for s in summary if s["task"] == task]
+            points = []
+            for s in rows:
+                x, y = max(s["payload_bytes"], 1.0), 100 * s[key]
+                points.append((x, y, s["method"]))
+                ax.errorbar([x], [y], yerr=[[_below(s, metric)], [_above(s, metric)]], fmt="o", capsize=2)
+                ax.annotate(s["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            front = pareto_front(points)
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", ls="--", color="grey", lw=1,
+                    label="Pareto front")
+            ax.set_xscale("log")
+            ax.set_xlabel("payload bytes per example, A -> B (log; 0 B shown at 1)")
+            ax.set_ylabel(f"{label} (%)")
+            ax.set_ylim(0, 100)
+            ax.set_title(f"{task}: {label}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -265,11 +265,11 @@ def assemble_receiver_cache(
     `sink_kv[la]` gives the sink's keys/values (B x H x 1 x D) of A layers the full forward skipped."""
     from cross_model.generation import positions_from_mask
 
-    bsz, t_a = sender_mask_BT.shape
+    bsz = sender_mask_BT.shape[0]
     device = sender_mask_BT.device
     pos_a = positions_from_mask(sender_mask_BT)
     valid_a = sender_mask_BT.bool()
-    first_real = (t_a - sender_mask_BT.long().sum(-1)).clamp(max=t_a - 1)  # left padding
+    first_real = sender_mask_BT.long().argmax(-1)  # the first real token (left padding or a shared prefix)
     rows = torch.arange(bsz, device=device)
     cache = DynamicCache()
     key_pos, key_valid, key_src = [], [], []

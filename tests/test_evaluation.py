@@ -125,3 +125,15 @@ def test_failed_examples_are_scored_wrong_not_dropped(tmp_path):
             r["answer"] for r in data["examples"][task]["baseline"] if not int(r["example_id"].rsplit("-", 1)[-1]) % 2]
         line = next(s for s in data["summary"] if s["task"] == task and s["method"] == "flaky")
         assert line["n"] == n and line["errors"] == len(failed)
+
+
+def test_pareto_front_keeps_only_undominated_points(tmp_path):
+    from cross_model.reporting import pareto_front, plot_accuracy_vs_bytes
+
+    points = [(1, 10.0, "baseline"), (30, 40.0, "skyline"), (900_000, 35.0, "kvcomm"), (200_000, 45.0, "qkvcomm-4"),
+              (50_000, 40.0, "qkvcomm-2"), (30, 20.0, "nld")]
+    assert [p[2] for p in pareto_front(points)] == ["baseline", "skyline", "qkvcomm-4"]
+    summary = [{"task": "t", "method": m, "payload_bytes": x, "accuracy": y / 100, "ci95_low": 0.0, "ci95_high": 1.0,
+                "first_named": 0.0, "first_named_ci95_low": 0.0, "first_named_ci95_high": 0.0} for x, y, m in points]
+    plot_accuracy_vs_bytes(tmp_path / "p.png", summary)
+    assert (tmp_path / "p.png").stat().st_size > 10_000

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from cross_model import kv_wire
 from cross_model.data import load_task_examples
 from cross_model.generation import positions_from_mask
 from cross_model.methods.base import ModelPair
@@ -23,11 +24,11 @@ def make(spec_a, spec_b=None, **params):
 
 def receiver_logits(m, examples, selected, b_ids=None):
     """B's logits at every prompt position (B x T x V), reading A's cache for `selected` layers."""
-    a_batch, a_cache, sink = m.sender_cache(examples, selected)
-    cache, layout = assemble_receiver_cache(a_cache, a_batch.attention_mask, m.layer_map, selected, sink)
+    a_pre, a_cache, sink = m.sender_cache(examples, selected)
+    cache, layout = assemble_receiver_cache(a_cache, a_pre.full_mask, m.layer_map, selected, sink)
     b = m.pair.receiver
     batch = tokenize_prompts(b, [receiver_text(e) for e in examples]) if b_ids is None else b_ids
-    pos = positions_from_mask(batch.attention_mask, a_batch.attention_mask.sum(-1))
+    pos = positions_from_mask(batch.attention_mask, a_pre.full_mask.sum(-1))
     fwd = layout_forward(b, layout, all_logits=True)
     with torch.inference_mode():
         return fwd(cache=cache, full_mask_BT=batch.attention_mask, position_ids_BT=pos, input_ids_BT=batch.input_ids), batch
@@ -47,9 +48,10 @@ def examples():
     return test
 
 
+@pytest.mark.parametrize("share_prefix", [True, False], ids=["shared-prefix", "left-padded"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_all_layers_sent_equals_one_concatenated_forward(arch, examples):
-    m = make(arch, selection="all")
+def test_all_layers_sent_equals_one_concatenated_forward(arch, share_prefix, examples):
+    m = make(arch, selection="all", share_prefix=share_prefix)
     # a left-padded batch of mixed A and B lengths (the generator gives different names and landmarks)
     logits, batch = receiver_logits(m, examples, set(range(m.pair.receiver.info.num_layers)))
     for i, e in enumerate(examples):
@@ -114,7 +116,9 @@ def test_batched_equals_unbatched_and_payload_formula(examples):
     for p in batched:
         n = p.sender_prefill_tokens
         assert p.extra["layers"] == [0, 2]  # layer 0 is always sent by default
-        assert p.payload_bytes == per * (2 * n + 2)  # two full layers + two sink tokens
+        header = m.wire_payload({0, 2}, n).header()
+        framing = kv_wire._PREAMBLE.size + len(kv_wire._header_bytes(header)) + kv_wire._CRC.size
+        assert p.payload_bytes == per * (2 * n + 2) + framing  # two full layers + two sink tokens, framed
 
 
 def test_refuses_different_kv_shapes_and_bad_layers():

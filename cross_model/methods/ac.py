@@ -16,9 +16,8 @@ import torch
 from cross_model.data.base import Example
 from cross_model.methods.base import Method, MethodParams, Prediction
 from cross_model.methods.registry import register
-from cross_model.prefix_cache import PrefixedBatch
 from cross_model.prompting import receiver_text, sender_text
-from cross_model.surgery import check_layer, last_token, partial_forward, residual_edit
+from cross_model.surgery import check_layer, residual_edit
 
 MODES = ("replace", "sum", "mean")
 
@@ -83,15 +82,9 @@ class ActivationCommunication(Method):
 
     def sender_vectors(self, examples: list[Example]) -> torch.Tensor:
         """A's residual after layer k at its last prompt token (B x d_A); no layer above k runs."""
-        a = self.pair.sender
-        batch = self.prompt_batch(a, [sender_text(e) for e in examples])
-        self._sender_lengths = self._prompt_lengths
-        if isinstance(batch, PrefixedBatch):
-            h = partial_forward(a, batch.input_ids, batch.full_mask, self.params.k, cache=batch.cache,
-                                position_ids_BT=batch.position_ids)
-            return last_token(h, batch.suffix_mask)
-        h = partial_forward(a, batch.input_ids, batch.attention_mask, self.params.k)
-        return last_token(h, batch.attention_mask)
+        pre = self.prefill(self.pair.sender, [sender_text(e) for e in examples], layers=self.params.k)
+        self._sender_lengths = pre.prompt_lengths
+        return pre.hidden_last[self.params.k]
 
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         a_BD = self.sender_vectors(examples)

@@ -12,6 +12,7 @@ from cross_model.data.base import Example
 from cross_model.generation import GenerationResult, greedy_generate
 from cross_model.models import LoadedModel
 from cross_model.prefix_cache import PrefixCache, PrefixedBatch
+from cross_model.prompt_prefill import MEMO, Prefill
 from cross_model.prompting import Batch, chat_wrap, encode_texts, pad_left
 
 log = logging.getLogger(__name__)
@@ -111,12 +112,23 @@ class Method:
 
     # --- shared helpers ---------------------------------------------------------------------
     def answer_with(
-        self, lm: LoadedModel, texts: list[str], examples: list[Example], limit: int | None = None, **kw: Any
+        self, lm: LoadedModel, texts: list[str], examples: list[Example], limit: int | None = None,
+        reuse: bool = False, **kw: Any,
     ) -> tuple[GenerationResult, list[int]]:
         """Chat-wrap `texts`, prefill them on `lm` and decode greedily (`limit` new tokens, else each
-        example's answer length); returns the generation and each row's prompt length."""
-        batch = self.prompt_batch(lm, texts)
+        example's answer length); returns the generation and each row's prompt length. `reuse`: the
+        prefill comes from (and goes to) the prefill memo, for prompts other methods also read."""
         limits = [limit or self.max_new_tokens(e) for e in examples]
+        if reuse:
+            if kw:
+                raise ValueError("answer_with: a reused prefill cannot have its own forward or prefill context")
+            pre = self.prefill(lm, texts)
+            gen = greedy_generate(
+                lm, None, pre.suffix_mask, max(limits), max_new_tokens_B=limits, cache=pre.cache(),
+                past_mask_BP=pre.past_mask, position_offset_B=pre.position_offset, first_logits_BV=pre.logits,
+            )
+            return gen, pre.prompt_lengths
+        batch = self.prompt_batch(lm, texts)
         if isinstance(batch, PrefixedBatch):
             kw.update(cache=batch.cache, past_mask_BP=batch.past_mask, position_offset_B=batch.position_offset)
             mask = batch.suffix_mask
@@ -125,11 +137,24 @@ class Method:
         gen = greedy_generate(lm, batch.input_ids, mask, max(limits), max_new_tokens_B=limits, **kw)
         return gen, self._prompt_lengths
 
+    def prompt_ids(self, lm: LoadedModel, texts: list[str]) -> list[list[int]]:
+        """Chat-wrapped, tokenised prompts; their lengths are kept in `_prompt_lengths`."""
+        ids = encode_texts(lm, [chat_wrap(lm, t) for t in texts], self.params.max_prompt_tokens)
+        self._prompt_lengths = [len(x) for x in ids]
+        return ids
+
+    def batch_from_ids(self, lm: LoadedModel, ids: list[list[int]]) -> Batch | PrefixedBatch:
+        split = self.prefix_cache.split(lm, ids) if self.params.share_prefix else None
+        return split if split is not None else pad_left(ids, lm.tokenizer.pad_token_id, lm.device)
+
     def prompt_batch(self, lm: LoadedModel, texts: list[str]) -> Batch | PrefixedBatch:
         """Chat-wrapped, tokenised prompts: with `share_prefix`, their common prefix comes from the
         prefix cache and only the suffixes are left to prefill; otherwise a plain left-padded batch.
         The full prompt lengths are kept in `_prompt_lengths` (the tokens each row stands for)."""
-        ids = encode_texts(lm, [chat_wrap(lm, t) for t in texts], self.params.max_prompt_tokens)
-        self._prompt_lengths = [len(x) for x in ids]
-        split = self.prefix_cache.split(lm, ids) if self.params.share_prefix else None
-        return split if split is not None else pad_left(ids, lm.tokenizer.pad_token_id, lm.device)
+        return self.batch_from_ids(lm, self.prompt_ids(lm, texts))
+
+    def prefill(self, lm: LoadedModel, texts: list[str], layers: int | None = None) -> Prefill:
+        """These prompts prefilled through `layers` blocks (None: all, with logits), taken from the
+        prefill memo when another method already ran the same prompts on the same model."""
+        ids = self.prompt_ids(lm, texts)
+        return MEMO.get(lm, ids, self.params.share_prefix, layers, lambda: self.batch_from_ids(lm, ids))

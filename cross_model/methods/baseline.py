@@ -11,7 +11,7 @@ from cross_model.prompting import receiver_text
 @register("baseline")
 class Baseline(Method):
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
-        gen, lengths = self.answer_with(self.pair.receiver, [receiver_text(e) for e in examples], examples)
+        gen, lengths = self.answer_with(self.pair.receiver, [receiver_text(e) for e in examples], examples, reuse=True)
         return [
             Prediction(e.example_id, text, 0, receiver_prefill_tokens=n_in, receiver_generated_tokens=n_out)
             for e, text, n_in, n_out in zip(examples, gen.texts, lengths, gen.n_generated)

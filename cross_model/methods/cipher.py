@@ -21,7 +21,8 @@ from cross_model.methods.base import Method, Prediction
 from cross_model.methods.debate import DebateParams, first_sender_text, receiver_prompt, refinement_parts
 from cross_model.methods.registry import register
 from cross_model.models import LoadedModel
-from cross_model.prefix_cache import PrefixedBatch
+from cross_model.prefix_cache import MIN_SHARED, PrefixedBatch, shared_prefix_length
+from cross_model.prompt_prefill import Prefill
 from cross_model.prompting import chat_wrap, encode_texts
 from cross_model.surgery import input_embeddings
 from transformers import DynamicCache
@@ -39,13 +40,13 @@ class CipherParams(DebateParams):
 
 @torch.inference_mode()
 def vector_generate(
-    lm: LoadedModel, prompts_BTD: torch.Tensor, mask_BT: torch.Tensor, max_steps: int, temperature: float,
-    recompute: bool = False,
-    prefix: PrefixedBatch | None = None,
+    lm: LoadedModel, prompts_BTD: torch.Tensor | None, mask_BT: torch.Tensor | None, max_steps: int,
+    temperature: float, recompute: bool = False, prefix: PrefixedBatch | None = None, start: Prefill | None = None,
 ) -> tuple[list[torch.Tensor], list[int]]:
     """Expected-embedding messages from embedded, left-padded prompts. Returns per row its vectors
     (n_i x D, EOS excluded) and the steps it ran. With `prefix`, the prompts continue its cached
-    shared prefix (`prompts_BTD`/`mask_BT` are then the suffixes)."""
+    shared prefix (`prompts_BTD`/`mask_BT` are then the suffixes). With `start`, the prompts were
+    prefilled already (from token ids, whose embeddings are the same vectors): pass None for both."""
     from cross_model.generation import positions_from_mask
 
     table_VD = input_embeddings(lm)
@@ -53,25 +54,29 @@ def vector_generate(
     table_VD = table_VD.to(work)
     unit_VD = torch.nn.functional.normalize(table_VD, dim=-1)
     eos = torch.tensor(sorted(eos_token_ids(lm)), device=table_VD.device)
-    bsz = prompts_BTD.shape[0]
-    if prefix is not None and recompute:
+    if (prefix is not None or start is not None) and recompute:
         raise ValueError("vector_generate: recompute=True needs the whole prompt, not a cached prefix")
-    cache = None if recompute else DynamicCache()
-    pos = positions_from_mask(mask_BT)
-    embeds, mask = prompts_BTD, mask_BT
-    if prefix is not None:
-        cache, pos, mask = prefix.cache, prefix.position_ids, prefix.full_mask
+    if start is not None:
+        cache, pos, mask, embeds = start.cache(), start.position_ids, start.full_mask, None
+        bsz, dtype, width = mask.shape[0], input_embeddings(lm).dtype, lm.info.hidden_size
+    else:
+        bsz, dtype, width = prompts_BTD.shape[0], prompts_BTD.dtype, prompts_BTD.shape[-1]
+        cache = None if recompute else DynamicCache()
+        pos = positions_from_mask(mask_BT)
+        embeds, mask = prompts_BTD, mask_BT
+        if prefix is not None:
+            cache, pos, mask = prefix.cache, prefix.position_ids, prefix.full_mask
 
     def step(inputs_BTD: torch.Tensor, pos_BT: torch.Tensor) -> torch.Tensor:
         if recompute:
             return default_forward(lm, None, mask, positions_from_mask(mask), inputs_embeds_BTD=embeds)
         return default_forward(lm, cache, mask, pos_BT, inputs_embeds_BTD=inputs_BTD)
 
-    logits = step(embeds, pos)
+    logits = start.logits if start is not None else step(embeds, pos)
     next_pos = pos[:, -1] + 1
     vectors: list[list[torch.Tensor]] = [[] for _ in range(bsz)]
     steps = [0] * bsz
-    done = torch.zeros(bsz, dtype=torch.bool, device=mask_BT.device)
+    done = torch.zeros(bsz, dtype=torch.bool, device=mask.device)
     for _ in range(max_steps):
         e_BD = (logits.to(work) / temperature).softmax(-1) @ table_VD
         nearest = (torch.nn.functional.normalize(e_BD, dim=-1) @ unit_VD.T).argmax(-1)
@@ -80,18 +85,18 @@ def vector_generate(
             if not done[i]:
                 steps[i] += 1
                 if not is_eos[i]:
-                    vectors[i].append(e_BD[i].to(prompts_BTD.dtype))
+                    vectors[i].append(e_BD[i].to(dtype))
         done |= is_eos
         done |= torch.tensor([len(v) >= max_steps for v in vectors], device=done.device)
         if done.all():
             break
-        new_BTD = e_BD.to(prompts_BTD.dtype)[:, None, :]
-        embeds = torch.cat([embeds, new_BTD], dim=1)
+        new_BTD = e_BD.to(dtype)[:, None, :]
+        if recompute:  # only the reference re-reads the whole sequence
+            embeds = torch.cat([embeds, new_BTD], dim=1)
         mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=mask.device)], dim=1)
         logits = step(new_BTD, next_pos[:, None])
         next_pos = next_pos + 1
-    width = prompts_BTD.shape[-1]
-    return [torch.stack(v) if v else prompts_BTD.new_zeros((0, width)) for v in vectors], steps
+    return [torch.stack(v) if v else torch.zeros((0, width), dtype=dtype, device=mask.device) for v in vectors], steps
 
 
 def embed_ids(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
@@ -135,6 +140,11 @@ class Cipher(Method):
 
     def _refinement_embeds(self, lm: LoadedModel, prompt: str, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """Chat-wrapped refinement prompt with the two vector messages spliced into its text."""
+        head, rest = self._refinement_parts(lm, prompt, own, other)
+        return torch.cat([embed_ids(lm, head).to(rest.dtype), rest], dim=0)
+
+    def _refinement_parts(self, lm: LoadedModel, prompt: str, own: torch.Tensor, other: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """The refinement prompt as (token ids before the first message, embeddings of the rest)."""
         before, between, after = refinement_parts(prompt)
         marker = "\x00CIPHER\x00"
         wrapped = chat_wrap(lm, f"{before}{marker}{between}{marker}{after}")
@@ -144,18 +154,39 @@ class Cipher(Method):
         if not lm.info.has_chat_template:
             middle = [lm.tokenizer(mid, add_special_tokens=False)["input_ids"]]
             last = [lm.tokenizer(tail, add_special_tokens=False)["input_ids"]]
-        parts = [embed_ids(lm, first[0]), own, embed_ids(lm, middle[0]), other, embed_ids(lm, last[0])]
-        return torch.cat([x.to(parts[0].dtype) for x in parts], dim=0)
+        dtype = input_embeddings(lm).dtype
+        parts = [own, embed_ids(lm, middle[0]), other, embed_ids(lm, last[0])]
+        return first[0], torch.cat([x.to(dtype) for x in parts], dim=0)
+
+    def _final_answer(self, lm: LoadedModel, parts: list[tuple[list[int], torch.Tensor]], limits: list[int]):
+        """B's answer to its refinement prompts; the text every row starts with is prefilled once."""
+        heads = [h for h, _ in parts]
+        p = shared_prefix_length(heads) if self.params.share_prefix and len(heads) > 1 else 0
+        if p < MIN_SHARED or not self.prefix_cache.fits_window(lm, [len(h) + len(r) for h, r in parts]):
+            p = 0
+        dtype = input_embeddings(lm).dtype
+        emb, mask = pad_embeddings_left([torch.cat([embed_ids(lm, h[p:]).to(dtype), rest]) for h, rest in parts])
+        kw: dict[str, Any] = {}
+        if p:
+            n = len(parts)
+            kw = dict(
+                cache=self.prefix_cache.cache_for(lm, heads[0][:p], n),
+                past_mask_BP=torch.ones((n, p), dtype=mask.dtype, device=mask.device),
+                position_offset_B=torch.full((n,), p, dtype=torch.long, device=mask.device),
+            )
+        return greedy_generate(lm, None, mask, max(limits), inputs_embeds_BTD=emb, max_new_tokens_B=limits, **kw)
 
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         p = self.params
         a, b = self.pair.sender, self.pair.receiver
         a_prompts = [first_sender_text(e, p) for e in examples]
         b_prompts = [receiver_prompt(e) for e in examples]
-        emb, mask, a_len, prefix = self._embedded_prompts(a, a_prompts)
-        a_vecs, a_steps = vector_generate(a, emb, mask, p.nld_max_tokens, p.temperature, prefix=prefix)
-        emb, mask, b_len, prefix = self._embedded_prompts(b, b_prompts)
-        b_vecs, b_steps = vector_generate(b, emb, mask, p.nld_max_tokens, p.temperature, prefix=prefix)
+        # The first messages continue prefills other methods share (the same prompts' token ids).
+        a_pre = self.prefill(a, a_prompts)
+        a_vecs, a_steps = vector_generate(a, None, None, p.nld_max_tokens, p.temperature, start=a_pre)
+        b_pre = self.prefill(b, b_prompts)
+        b_vecs, b_steps = vector_generate(b, None, None, p.nld_max_tokens, p.temperature, start=b_pre)
+        a_len, b_len = a_pre.prompt_lengths, b_pre.prompt_lengths
         n_sent = [v.shape[0] for v in a_vecs]
         a_gen, b_gen = list(a_steps), list(b_steps)
         a_in, b_in = list(a_len), list(b_len)
@@ -172,16 +203,15 @@ class Cipher(Method):
             b_gen = [x + s for x, s in zip(b_gen, b_steps2)]
             a_vecs = new_a
             n_sent = [n + v.shape[0] for n, v in zip(n_sent, a_vecs)]
-        rows = [self._refinement_embeds(b, bp, bv, av) for bp, bv, av in zip(b_prompts, b_vecs, a_vecs)]
-        emb, mask = pad_embeddings_left(rows)
-        limits = [self.max_new_tokens(e) for e in examples]
-        gen = greedy_generate(b, None, mask, max(limits), inputs_embeds_BTD=emb, max_new_tokens_B=limits)
+        parts = [self._refinement_parts(b, bp, bv, av) for bp, bv, av in zip(b_prompts, b_vecs, a_vecs)]
+        gen = self._final_answer(b, parts, [self.max_new_tokens(e) for e in examples])
+        rows = [len(head) + len(rest) for head, rest in parts]
         elem = a_vecs[0].element_size() if a_vecs else 4
         d = a.info.hidden_size
         return [
             Prediction(
                 e.example_id, text, n * d * elem, sender_prefill_tokens=ai, sender_generated_tokens=ag,
-                receiver_prefill_tokens=bi + len(row), receiver_generated_tokens=bg + out,
+                receiver_prefill_tokens=bi + row, receiver_generated_tokens=bg + out,
                 extra={"sender_vectors": n},
             )
             for e, text, n, ai, ag, bi, bg, row, out in zip(

@@ -23,6 +23,8 @@ from cross_model.data.base import Example
 from cross_model.generation import greedy_generate
 from cross_model.methods.base import Method, MethodParams, Prediction
 from cross_model.methods.registry import register
+from cross_model.kv_wire import KVPayload, dtype_bits, dtype_name, payload_size
+from cross_model.prompt_prefill import Prefill
 from cross_model.prompting import receiver_text, sender_text, tokenize_prompts
 from cross_model.surgery import (
     assemble_receiver_cache, layout_forward, partial_forward, use_cross_model_attention,
@@ -123,55 +125,76 @@ class KVComm(Method):
         return chosen
 
     # --- sender ---------------------------------------------------------------------------------
-    def sender_cache(self, examples: list[Example], selected: set[int]):
-        """A's prefill, stopping after the highest sent layer; the sinks of higher layers come from a
-        one-token forward (A's first token attends only to itself, so its keys/values are the same)."""
+    def sender_cache(self, examples: list[Example], selected: set[int]) -> tuple[Prefill, Any, dict]:
+        """A's prefill, stopping after the highest sent layer (or shared with a method that ran more);
+        the sinks of higher layers come from a one-token forward (A's first token attends only to
+        itself, so its keys/values are the same)."""
         a = self.pair.sender
-        batch = tokenize_prompts(a, [sender_text(e) for e in examples], self.params.max_prompt_tokens)
         top = max((self.layer_map[l] for l in selected), default=-1) + 1
-        cache = DynamicCache()
-        partial_forward(a, batch.input_ids, batch.attention_mask, top, cache=cache)
+        pre = self.prefill(a, [sender_text(e) for e in examples], layers=top)
         sink_kv = {}
         sink_layers = {self.layer_map[l] for l in range(len(self.layer_map)) if l not in selected}
-        if any(la >= top for la in sink_layers):
-            first = batch.input_ids.shape[1] - batch.attention_mask.sum(-1)
-            ids = batch.input_ids[torch.arange(len(examples)), first][:, None]
+        if any(la >= pre.layers for la in sink_layers):
+            ids = torch.tensor(pre.first_ids, dtype=torch.long, device=a.device)[:, None]
             sink_cache = DynamicCache()
             partial_forward(a, ids, torch.ones_like(ids), max(sink_layers) + 1, cache=sink_cache)
-            sink_kv = {la: (sink_cache.layers[la].keys, sink_cache.layers[la].values) for la in sink_layers if la >= top}
-        return batch, cache, sink_kv
+            sink_kv = {la: (sink_cache.layers[la].keys, sink_cache.layers[la].values)
+                       for la in sink_layers if la >= pre.layers}
+        return pre, pre.cache(), sink_kv
+
+    def wire_payload(self, selected: set[int], n_tokens: int, bits: list[int] | None = None) -> KVPayload:
+        """The payload's description (no tensors yet): what `kv_wire.encode` frames."""
+        a, b = self.pair.sender, self.pair.receiver
+        layers = sorted(selected)
+        sinks = [l for l in range(b.info.num_layers) if l not in selected]
+        dt = dtype_name(a.model.dtype)
+        return KVPayload(
+            a.info.name, b.info.name, layers, [self.layer_map[l] for l in layers], sinks,
+            [self.layer_map[l] for l in sinks], dt, bits or [dtype_bits(dt)] * len(layers),
+            kv_heads=a.info.num_kv_heads, head_dim=a.info.head_dim, tokens=n_tokens,
+        )
 
     def payload_bytes(self, n_tokens: int, selected: set[int]) -> int:
-        a = self.pair.sender.info
-        per_token_layer = 2 * a.num_kv_heads * a.head_dim * self.pair.sender.model.dtype.itemsize
-        n_layers = self.pair.receiver.info.num_layers
-        return per_token_layer * (len(selected) * n_tokens + (n_layers - len(selected)))
+        """The length of the encoded payload: sent layers and sinks raw, plus header and checksum."""
+        return payload_size(self.wire_payload(selected, n_tokens).header())
+
+    def transmit(self, pre: Prefill, cache: Any, sink_kv: dict, selected: set[int]) -> tuple[Any, dict, list[int], list[dict]]:
+        """What crosses from A to B: B's view of A's cache and sinks, and each row's payload bytes.
+        KVComm sends A's tensors as they are, so B's view is A's cache."""
+        return cache, sink_kv, [self.payload_bytes(n, selected) for n in pre.prompt_lengths], [{} for _ in pre.prompt_lengths]
 
     # --- receiver -------------------------------------------------------------------------------
-    def _receive(self, examples: list[Example], selected: set[int], record: bool = False, max_new: list[int] | None = None):
-        a_batch, a_cache, sink_kv = self.sender_cache(examples, selected)
-        cache, layout = assemble_receiver_cache(a_cache, a_batch.attention_mask, self.layer_map, selected, sink_kv)
+    def _receive(self, examples: list[Example], selected: set[int], record: bool = False, max_new: list[int] | None = None,
+                 as_sent: bool = True):
+        """B's greedy answers reading A's cache; `as_sent=False` reads A's tensors as they are (calibration)."""
+        a_pre, a_cache, sink_kv = self.sender_cache(examples, selected)
+        if as_sent:
+            a_cache, sink_kv, self._payload_sizes, self._payload_extra = self.transmit(a_pre, a_cache, sink_kv, selected)
+        a_mask = a_pre.full_mask
+        cache, layout = assemble_receiver_cache(a_cache, a_mask, self.layer_map, selected, sink_kv)
         layout.record_attention = record
         b = self.pair.receiver
         b_batch = tokenize_prompts(b, [receiver_text(e) for e in examples], self.params.max_prompt_tokens)
-        offset = a_batch.attention_mask.sum(-1).to(b.device)  # B's positions continue after A's context
+        offset = a_mask.sum(-1).to(b.device)  # B's positions continue after A's context
         limits = max_new or [self.max_new_tokens(e) for e in examples]
         gen = greedy_generate(
             b, b_batch.input_ids, b_batch.attention_mask, max(limits), cache=cache,
             position_offset_B=offset, forward=layout_forward(b, layout), max_new_tokens_B=limits,
         )
-        return gen, a_batch.lengths, b_batch.lengths, layout
+        return gen, a_pre.prompt_lengths, b_batch.lengths, layout
 
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         selected = self.selected_layers()
         gen, a_len, b_len, _ = self._receive(examples, selected)
         return [
             Prediction(
-                e.example_id, text, self.payload_bytes(n_a, selected), sender_prefill_tokens=n_a,
+                e.example_id, text, size, sender_prefill_tokens=n_a,
                 receiver_prefill_tokens=n_b, receiver_generated_tokens=n_out,
-                extra={"layers": sorted(selected)},
+                extra={"layers": sorted(selected), **extra},
             )
-            for e, text, n_a, n_b, n_out in zip(examples, gen.texts, a_len, b_len, gen.n_generated)
+            for e, text, n_a, n_b, n_out, size, extra in zip(
+                examples, gen.texts, a_len, b_len, gen.n_generated, self._payload_sizes, self._payload_extra
+            )
         ]
 
     # --- calibration ------------------------------------------------------------------------------
@@ -181,7 +204,7 @@ class KVComm(Method):
         totals, count = [0.0] * n, 0
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            _, _, _, layout = self._receive(chunk, set(range(n)), record=True, max_new=[1] * len(chunk))
+            _, _, _, layout = self._receive(chunk, set(range(n)), record=True, max_new=[1] * len(chunk), as_sent=False)
             for l in range(n):
                 totals[l] += float(torch.cat(layout.attention_on_A[l]).sum())
             count += len(chunk)

@@ -13,8 +13,9 @@ from cross_model.methods.registry import register
 class NaturalLanguageDebate(Method):
     Params = DebateParams
 
-    def _generate(self, lm, texts: list[str], examples: list[Example], limit: int | None, tokens: dict, who: str):
-        gen, lengths = self.answer_with(lm, texts, examples, limit=limit)  # None: the task's length
+    def _generate(self, lm, texts: list[str], examples: list[Example], limit: int | None, tokens: dict, who: str,
+                  reuse: bool = False):
+        gen, lengths = self.answer_with(lm, texts, examples, limit=limit, reuse=reuse)  # None: the task's length
         for i, (n_in, n_out) in enumerate(zip(lengths, gen.n_generated)):
             tokens[i][f"{who}_prefill_tokens"] += n_in
             tokens[i][f"{who}_generated_tokens"] += n_out
@@ -27,8 +28,9 @@ class NaturalLanguageDebate(Method):
         tokens = [dict.fromkeys(keys, 0) for _ in examples]
         a_prompts = [first_sender_text(e, p) for e in examples]
         b_prompts = [receiver_prompt(e) for e in examples]
-        a_msgs = self._generate(a, a_prompts, examples, p.nld_max_tokens, tokens, "sender")
-        b_ans = self._generate(b, b_prompts, examples, p.nld_max_tokens, tokens, "receiver")
+        # The first messages read the prompts other methods read too: their prefills are shared.
+        a_msgs = self._generate(a, a_prompts, examples, p.nld_max_tokens, tokens, "sender", reuse=True)
+        b_ans = self._generate(b, b_prompts, examples, p.nld_max_tokens, tokens, "receiver", reuse=True)
         sent = [len(m.encode("utf-8")) for m in a_msgs]
         for r in range(1, p.rounds + 1):
             last = r == p.rounds

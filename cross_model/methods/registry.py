@@ -8,7 +8,7 @@ from typing import Any
 from cross_model.config import from_dict
 
 _METHODS: dict[str, type] = {}
-_MODULES = ("baseline", "skyline", "nld", "cipher", "ac", "kvcomm")
+_MODULES = ("baseline", "skyline", "nld", "cipher", "ac", "kvcomm", "qkvcomm")
 
 
 def register(name: str):

@@ -1,0 +1,198 @@
+"""Q-KVComm: KVComm's selected layers, quantized before they cross and de-quantized on B's side.
+
+Each example's payload is framed by `kv_wire.encode` (header, bit-packed codes, float16 scales and
+zero points, sinks raw, CRC-32) and B reads what `kv_wire.decode` gives back, so the bytes reported
+are the bytes B used. Keys are grouped per channel, values per token (KIVI's finding: keys have
+outlier channels, values do not). Sinks travel raw, in float16 when the model runs in float32
+(`sink_dtype`). Bit widths: one for every sent layer (`bits`), or a target average
+(`target_bits`) allocated per layer from a sensitivity profile measured on the calibration split: for
+each sent layer and each width, the KL divergence of B's next-token distribution from KVComm's when
+only that layer is quantized; widths are lowered greedily where that costs the least KL per bit saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from cross_model.data.base import Example
+from cross_model.generation import positions_from_mask
+from cross_model.kv_wire import QUANT_BITS, decode, dtype_bits, encode, payload_size
+from cross_model.methods.kvcomm import KVComm, KVCommParams
+from cross_model.methods.registry import register
+from cross_model.prompt_prefill import Prefill
+from cross_model.prompting import receiver_text, tokenize_prompts
+from cross_model.surgery import assemble_receiver_cache, layout_forward
+
+
+@dataclass
+class QKVCommParams(KVCommParams):
+    bits: int = field(default=4, metadata={"help": "bits of every sent layer (2, 3, 4 or 8) unless target_bits is set"})
+    target_bits: float | None = field(
+        default=None, metadata={"help": "average bits over the sent layers, allocated per layer by calibration"}
+    )
+    bit_choices: list[int] = field(default_factory=lambda: [2, 3, 4, 8], metadata={"help": "widths calibration may give a layer"})
+    sink_dtype: str = field(
+        default="float16", metadata={"help": "how sinks travel when the model runs wider than 16 bits (float16 or bfloat16)"}
+    )
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if self.bits not in QUANT_BITS:
+            raise ValueError(f"{prefix}.bits: one of {QUANT_BITS}, got {self.bits}")
+        if not self.bit_choices or any(b not in QUANT_BITS for b in self.bit_choices):
+            raise ValueError(f"{prefix}.bit_choices: a non-empty list drawn from {QUANT_BITS}, got {self.bit_choices}")
+        if self.sink_dtype not in ("float16", "bfloat16"):
+            raise ValueError(f"{prefix}.sink_dtype: float16 or bfloat16, got {self.sink_dtype!r}")
+        if self.target_bits is not None and not min(self.bit_choices) <= self.target_bits <= max(self.bit_choices):
+            raise ValueError(
+                f"{prefix}.target_bits: between {min(self.bit_choices)} and {max(self.bit_choices)} "
+                f"(the bit_choices), got {self.target_bits}"
+            )
+
+
+def allocate_bits(sensitivity: dict[int, dict[int, float]], target: float, choices: list[int]) -> dict[int, int]:
+    """Per-layer widths with mean <= target: start at the widest, then repeatedly narrow the layer
+    whose next narrower width adds the least sensitivity per bit saved."""
+    choices = sorted(choices)
+    bits = {layer: choices[-1] for layer in sensitivity}
+    while bits and sum(bits.values()) / len(bits) > target:
+        best = None
+        for layer, b in sorted(bits.items()):
+            narrower = [c for c in choices if c < b]
+            if not narrower:
+                continue
+            c = narrower[-1]
+            cost = (sensitivity[layer][c] - sensitivity[layer][b]) / (b - c)
+            if best is None or cost < best[0]:
+                best = (cost, layer, c)
+        if best is None:
+            break
+        bits[best[1]] = best[2]
+    return bits
+
+
+@register("qkvcomm")
+class QKVComm(KVComm):
+    Params = QKVCommParams
+
+    @classmethod
+    def needs_calibration(cls, params: QKVCommParams) -> bool:
+        return params.selection == "calibrate" or params.target_bits is not None
+
+    def check_pair(self) -> None:
+        super().check_pair()
+        self.layer_bits: dict[int, int] | None = None
+
+    def bits_for(self, selected: set[int]) -> list[int]:
+        layers = sorted(selected)
+        if self.params.target_bits is None:
+            return [self.params.bits] * len(layers)
+        if self.layer_bits is None:
+            raise ValueError(f"methods.{self.name}: target_bits needs calibration; run the calibrate stage first")
+        missing = [l for l in layers if l not in self.layer_bits]
+        if missing:
+            raise ValueError(f"methods.{self.name}: no calibrated width for layers {missing}; calibrate again")
+        return [self.layer_bits[l] for l in layers]
+
+    def transmit(self, pre: Prefill, cache: Any, sink_kv: dict, selected: set[int]):
+        return self.send_quantized(pre, cache, sink_kv, selected, self.bits_for(selected))
+
+    def send_quantized(self, pre: Prefill, cache: Any, sink_kv: dict, selected: set[int], bits: list[int]):
+        """Encode each row's payload, decode it as B would, and return B's view: a copy of A's cache
+        whose sent layers hold the decoded tensors, and every sink as decoded."""
+        b = self.pair.receiver.info
+        mask = pre.full_mask.bool()
+        view = DynamicCache()
+        for layer, entry in enumerate(cache.layers):
+            view.update(entry.keys, entry.values, layer)  # copies: A's cache stays as it was
+        sinks: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        sizes, extras = [], []
+        for row in range(mask.shape[0]):
+            idx = mask[row].nonzero().squeeze(-1)
+            first = int(idx[0])
+            p = self.wire_payload(selected, idx.numel(), bits)
+            p.sink_dtype = self.params.sink_dtype if dtype_bits(p.dtype) > 16 else None
+            for la in p.sender_layers:
+                p.keys.append(cache.layers[la].keys[row][:, idx])
+                p.values.append(cache.layers[la].values[row][:, idx])
+            for la in p.sink_sender_layers:
+                if la in sink_kv:
+                    k, v = sink_kv[la][0][row], sink_kv[la][1][row]
+                else:
+                    k, v = cache.layers[la].keys[row][:, first : first + 1], cache.layers[la].values[row][:, first : first + 1]
+                p.sink_keys.append(k)
+                p.sink_values.append(v)
+            blob = encode(p)
+            got = decode(blob, b.name, b.num_kv_heads, b.head_dim, device=mask.device)
+            for la, k, v in zip(got.sender_layers, got.keys, got.values):
+                view.layers[la].keys[row][:, idx] = k
+                view.layers[la].values[row][:, idx] = v
+            for la, k, v in zip(got.sink_sender_layers, got.sink_keys, got.sink_values):
+                sinks.setdefault(la, []).append((k, v))
+            bf16 = payload_size({**p.header(), "dtype": "bfloat16", "sink_dtype": "bfloat16", "bits": [16] * len(p.bits)})
+            sizes.append(len(blob))
+            extras.append({"mean_bits": sum(bits) / max(len(bits), 1), "compression_vs_bf16": round(bf16 / len(blob), 3)})
+        sink_view = {la: (torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])) for la, kv in sinks.items()}
+        return view, sink_view, sizes, extras
+
+    # --- calibration: which layers (KVComm's), then how many bits each -------------------------------
+    def first_logits(self, examples: list[Example], selected: set[int], bits: list[int] | None) -> torch.Tensor:
+        """B's logits for its first answer token, reading A's layers quantized to `bits` (None: raw)."""
+        pre, cache, sink_kv = self.sender_cache(examples, selected)
+        if bits is not None:
+            cache, sink_kv, _, _ = self.send_quantized(pre, cache, sink_kv, selected, bits)
+        b_cache, layout = assemble_receiver_cache(cache, pre.full_mask, self.layer_map, selected, sink_kv)
+        b = self.pair.receiver
+        batch = tokenize_prompts(b, [receiver_text(e) for e in examples], self.params.max_prompt_tokens)
+        pos = positions_from_mask(batch.attention_mask, pre.full_mask.sum(-1).to(b.device))
+        with torch.inference_mode():
+            return layout_forward(b, layout)(
+                cache=b_cache, full_mask_BT=batch.attention_mask, position_ids_BT=pos, input_ids_BT=batch.input_ids
+            )
+
+    def sensitivity(self, examples: list[Example], selected: set[int]) -> dict[int, dict[int, float]]:
+        """Per sent layer and width: mean KL(B's next-token distribution unquantized || with only that
+        layer quantized), over `examples`."""
+        layers = sorted(selected)
+        raw = dtype_bits(self.wire_payload(selected, 0).dtype)
+        size = self.params.batch_size or 8
+        totals = {l: {c: 0.0 for c in self.params.bit_choices} for l in layers}
+        for start in range(0, len(examples), size):
+            chunk = examples[start : start + size]
+            ref = self.first_logits(chunk, selected, None).float().log_softmax(-1)
+            for i, layer in enumerate(layers):
+                for c in self.params.bit_choices:
+                    bits = [raw] * len(layers)
+                    bits[i] = c
+                    got = self.first_logits(chunk, selected, bits).float().log_softmax(-1)
+                    totals[layer][c] += float((ref.exp() * (ref - got)).sum(-1).clamp(min=0).sum())
+        return {l: {c: v / len(examples) for c, v in per.items()} for l, per in totals.items()}
+
+    def calibrate(self, examples: list[Example]) -> dict[str, Any]:
+        if not examples:
+            raise ValueError(f"methods.{self.name}: calibration needs calibration items (tasks.N.n_calib > 0)")
+        calibration = super().calibrate(examples) if self.params.selection == "calibrate" else {}
+        if self.params.target_bits is not None:
+            selected = self.selected_layers()
+            profile = self.sensitivity(examples, selected)
+            self.layer_bits = allocate_bits(profile, self.params.target_bits, self.params.bit_choices)
+            calibration = {
+                **calibration,
+                "sensitivity": {str(l): {str(c): v for c, v in per.items()} for l, per in profile.items()},
+                "layer_bits": {str(l): b for l, b in sorted(self.layer_bits.items())},
+                "calibration_ids": [e.example_id for e in examples],
+            }
+        self.calibration = calibration
+        return calibration
+
+    def load_calibration(self, data: dict[str, Any]) -> None:
+        if "ranking" in data:
+            super().load_calibration(data)
+        if "layer_bits" in data:
+            self.layer_bits = {int(l): int(b) for l, b in data["layer_bits"].items()}
+        self.calibration = data
+

@@ -1,0 +1,159 @@
+"""Q-KVComm and the KV wire format: exact headers, values within the quantization bound, sizes equal
+to the formula, refusal of corrupted payloads and of payloads for another receiver, B's logits at 8
+bits close to KVComm's, and a bit allocation that follows the sensitivity profile."""
+
+import numpy as np
+import pytest
+import torch
+
+from cross_model import kv_wire
+from cross_model.data import load_task_examples
+from cross_model.methods.base import ModelPair
+from cross_model.methods.qkvcomm import allocate_bits
+from cross_model.methods.registry import resolve_method
+from cross_model.models import load_model
+
+
+def payload(bits, dtype="float32", tokens=7, heads=2, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = kv_wire.KVPayload("model-a", "model-b", [0, 2], [0, 2], [1, 3], [1, 3], dtype, bits,
+                          kv_heads=heads, head_dim=dim, tokens=tokens)
+    dt = kv_wire.DTYPES[dtype]
+    for _ in p.layers:
+        k = torch.randn(heads, tokens, dim, generator=g) * 3
+        k[:, :, 5] += 40  # an outlier channel, as keys have
+        p.keys.append(k.to(dt))
+        p.values.append(torch.randn(heads, tokens, dim, generator=g).to(dt))
+    for _ in p.sink_layers:
+        p.sink_keys.append(torch.randn(heads, 1, dim, generator=g).to(dt))
+        p.sink_values.append(torch.randn(heads, 1, dim, generator=g).to(dt))
+    return p
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_bit_packing_round_trips(bits):
+    codes = np.random.default_rng(bits).integers(0, 2**bits, size=1001).astype(np.uint8)
+    packed = kv_wire.pack_bits(codes, bits)
+    assert len(packed) == -(-1001 * bits // 8)
+    np.testing.assert_array_equal(kv_wire.unpack_bits(packed, bits, 1001), codes)
+
+
+@pytest.mark.parametrize("bits", [[2, 2], [3, 4], [8, 8], [32, 4]])
+def test_round_trip_header_exact_values_within_bound(bits):
+    p = payload(bits)
+    blob = kv_wire.encode(p)
+    assert len(blob) == kv_wire.payload_size(p.header())
+    got = kv_wire.decode(blob, "model-b", 2, 16)
+    assert got.header() == p.header()
+    for b, k, v, k2, v2 in zip(bits, p.keys, p.values, got.keys, got.values):
+        if b == 32:
+            assert torch.equal(k, k2) and torch.equal(v, v2)
+            continue
+        # half a step per group (float16 scales are what both sides use), plus float16 rounding of the zero
+        k_step = (k.amax(1, keepdim=True) - k.amin(1, keepdim=True)) / (2**b - 1)
+        v_step = (v.amax((0, 2), keepdim=True) - v.amin((0, 2), keepdim=True)) / (2**b - 1)
+        assert ((k - k2).abs() <= k_step / 2 * 1.01 + 0.05).all()
+        assert ((v - v2).abs() <= v_step / 2 * 1.01 + 1e-2).all()
+        assert (k - k2).abs().max() > 0  # it was quantized
+    for a, b in zip(p.sink_keys + p.sink_values, got.sink_keys + got.sink_values):
+        assert torch.equal(a, b)
+
+
+def test_sinks_travel_in_their_own_dtype():
+    p = payload([4, 4])
+    p.sink_dtype = "float16"
+    got = kv_wire.decode(kv_wire.encode(p), "model-b", 2, 16)
+    assert got.sink_keys[0].dtype == torch.float32
+    torch.testing.assert_close(got.sink_keys[0], p.sink_keys[0].half().float(), rtol=0, atol=0)
+    assert len(kv_wire.encode(p)) == len(kv_wire.encode(payload([4, 4]))) - 2 * 2 * 2 * 16 * 2  # layers, k+v, heads, dims, bytes
+
+
+def test_bfloat16_payload_round_trips_raw():
+    p = payload([16, 16], dtype="bfloat16")
+    got = kv_wire.decode(kv_wire.encode(p), "model-b", 2, 16)
+    assert all(torch.equal(a, b) for a, b in zip(p.keys + p.values, got.keys + got.values))
+    assert got.keys[0].dtype == torch.bfloat16
+
+
+def test_corrupted_or_misaddressed_payloads_are_refused():
+    blob = bytearray(kv_wire.encode(payload([4, 4])))
+    for pos in (2, 20, len(blob) // 2, len(blob) - 1):
+        bad = bytearray(blob)
+        bad[pos] ^= 0x10
+        with pytest.raises(kv_wire.PayloadError, match="checksum"):
+            kv_wire.decode(bytes(bad), "model-b", 2, 16)
+    with pytest.raises(kv_wire.PayloadError, match="checksum|too short"):
+        kv_wire.decode(bytes(blob[:-9]), "model-b", 2, 16)
+    with pytest.raises(kv_wire.PayloadError, match="made for receiver 'model-b'.*not for 'model-c'"):
+        kv_wire.decode(bytes(blob), "model-c", 2, 16)
+    with pytest.raises(kv_wire.PayloadError, match="not for 'model-b' \\(4 x 16\\)"):
+        kv_wire.decode(bytes(blob), "model-b", 4, 16)
+
+
+def test_allocation_follows_sensitivity():
+    profile = {0: {2: 5.0, 4: 0.5, 8: 0.0}, 1: {2: 0.1, 4: 0.01, 8: 0.0}, 2: {2: 0.2, 4: 0.02, 8: 0.0}}
+    bits = allocate_bits(profile, 4.0, [2, 4, 8])
+    assert sum(bits.values()) / 3 <= 4.0
+    assert bits[0] >= bits[1] and bits[0] >= bits[2]  # the sensitive layer keeps the most bits
+    assert allocate_bits(profile, 8, [2, 4, 8]) == {0: 8, 1: 8, 2: 8}
+    assert allocate_bits(profile, 2, [2, 4, 8]) == {0: 2, 1: 2, 2: 2}
+
+
+def make(**params):
+    lm = load_model("tiny-llama-64")
+    cls, p = resolve_method("qkvcomm", params)
+    return cls(p, ModelPair(lm, lm))
+
+
+@pytest.fixture(scope="module")
+def examples():
+    test, calib = load_task_examples("countries", 4, 3, seed=5)
+    return test, calib
+
+
+def test_eight_bits_keep_receiver_logits_close_to_kvcomm(examples):
+    test, _ = examples
+    m = make(selection="layers", layers_list=[1, 2])
+    selected = m.selected_layers()
+    raw = m.first_logits(test, selected, None)
+    eight = m.first_logits(test, selected, [8] * len(selected))
+    two = m.first_logits(test, selected, [2] * len(selected))
+    scale = raw.abs().max()
+    assert (eight - raw).abs().max() < 0.02 * scale
+    assert (two - raw).abs().max() > (eight - raw).abs().max()  # fewer bits, further away
+
+
+def test_payload_size_is_the_encoded_length_and_beats_raw(examples):
+    test, _ = examples
+    m = make(selection="layers", layers_list=[1, 2], bits=2)
+    preds = m.run_batch(test)
+    info = m.pair.sender.info
+    for p in preds:
+        assert p.error is None
+        wire = m.wire_payload({0, 1, 2}, p.sender_prefill_tokens, [2, 2, 2])
+        wire.sink_dtype = "float16"  # a float32 model's sinks travel in float16
+        assert p.payload_bytes == kv_wire.payload_size(wire.header())
+        raw = make(selection="layers", layers_list=[1, 2]).payload_bytes(p.sender_prefill_tokens, {0, 1, 2})
+        assert p.payload_bytes < raw / 4  # float32 -> 2 bits, less the scales
+        assert p.extra["compression_vs_bf16"] > 1
+    batched = [p.answer for p in preds]
+    assert batched == [m.run_batch([e])[0].answer for e in test]
+    assert info.num_kv_heads > 0
+
+
+def test_target_bits_are_allocated_on_the_calibration_split(examples):
+    test, calib = examples
+    m = make(selection="calibrate", top_layers=0.5, target_bits=3)
+    uncalibrated = m.run_batch(test)  # recorded as errors, never dropped
+    assert all(p.error and "run the calibrate stage first" in p.error for p in uncalibrated)
+    cal = m.calibrate(calib)
+    assert set(cal["calibration_ids"]).isdisjoint(e.example_id for e in test)
+    bits = [cal["layer_bits"][str(l)] for l in cal["selected"]]
+    assert sum(bits) / len(bits) <= 3
+    restored = make(selection="calibrate", top_layers=0.5, target_bits=3)
+    restored.load_calibration(cal)
+    assert [p.answer for p in restored.run_batch(test)] == [p.answer for p in m.run_batch(test)]
+    with pytest.raises(ValueError, match="target_bits"):
+        make(target_bits=1)
+    with pytest.raises(ValueError, match="bits: one of"):
+        make(bits=5)
