@@ -148,8 +148,14 @@ def plot_accuracy_vs_bytes(path: Path, summary: list[dict[str, Any]]) -> None:
     """Accuracy against mean payload bytes (log x), with the Pareto front (the fewest bytes for each
     level of accuracy) as a dashed line; methods that send nothing sit at 1 byte."""
     tasks = list(dict.fromkeys(s["task"] for s in summary))
+    methods = list(dict.fromkeys(s["method"] for s in summary))
     metrics = plotted_metrics(summary)
     plt, fig, axes = _subplots(len(metrics), len(tasks), 5.5, 4.2)
+    # One colour and marker per method, the same in every panel, named once in a shared legend:
+    # labels written next to the points collide when methods send similar byte counts.
+    cmap = plt.get_cmap("tab20")
+    style = {m: (cmap(i % 20), "osD^vPX*<>"[i % 10]) for i, m in enumerate(methods)}
+    handles = {}
     for row, metric in enumerate(metrics):
         key, _, _, label = metric
         for ax, task in zip(axes[row], tasks):
@@ -158,20 +164,22 @@ def plot_accuracy_vs_bytes(path: Path, summary: list[dict[str, Any]]) -> None:
             for s in rows:
                 x, y = max(s["payload_bytes"], 1.0), 100 * s[key]
                 points.append((x, y, s["method"]))
-                ax.errorbar([x], [y], yerr=[[_below(s, metric)], [_above(s, metric)]], fmt="o", capsize=2)
-                ax.annotate(s["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                color, marker = style[s["method"]]
+                handles[s["method"]] = ax.errorbar(
+                    [x], [y], yerr=[[_below(s, metric)], [_above(s, metric)]], fmt=marker, color=color, capsize=2
+                )
             front = pareto_front(points)
-            ax.step([p[0] for p in front], [p[1] for p in front], where="post", ls="--", color="grey", lw=1,
-                    label="Pareto front")
+            handles["Pareto front"] = ax.step([p[0] for p in front], [p[1] for p in front], where="post", ls="--",
+                                              color="grey", lw=1)[0]
             ax.set_xscale("log")
             ax.set_xlabel("payload bytes per example, A -> B (log; 0 B shown at 1)")
             ax.set_ylabel(f"{label} (%)")
             ax.set_ylim(0, 100)
             ax.set_title(f"{task}: {label}")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7, loc="upper left")
+    fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
