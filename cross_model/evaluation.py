@@ -214,7 +214,7 @@ def evaluate(ctx) -> None:
     for task, (test, _) in task_splits(ctx).items():
         for name, method in methods.items():
             run_method_on_task(ctx, task, test, name, method)
-        log.debug("evaluate: %s: %d prefills reused, %d run", task, MEMO.hits, MEMO.misses)
+        log.debug("evaluate: after %s, %d prefills reused and %d run so far", task, MEMO.hits, MEMO.misses)
         MEMO.clear()  # a task's prompts serve no other task
     barrier()
     if is_main():

@@ -99,13 +99,6 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dty
     return (codes.float() * scale.float() + zero.float()).to(dtype)
 
 
-def quantize_kv(keys_HnD: torch.Tensor, values_HnD: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """What B gets back from `bits`-bit keys (per channel) and values (per token): the round trip."""
-    kc, ks, kz = quantize(keys_HnD, bits, (1,))
-    vc, vs, vz = quantize(values_HnD, bits, (0, 2))
-    return dequantize(kc, ks, kz, keys_HnD.dtype), dequantize(vc, vs, vz, values_HnD.dtype)
-
-
 def pack_bits(codes: np.ndarray, bits: int) -> bytes:
     """Codes < 2**bits as a little-endian bit stream of ceil(n * bits / 8) bytes."""
     codes = codes.astype(np.uint8).reshape(-1)

@@ -13,7 +13,6 @@ request for more layers runs again, never computing layers nobody asked for.
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,6 +28,19 @@ from cross_model.prompting import Batch
 from cross_model.surgery import _StopForward, decoder
 
 DEFAULT_ENTRIES = 4
+
+
+@dataclass
+class LayerKV:
+    keys: torch.Tensor  # B x H x T x D
+    values: torch.Tensor
+
+
+@dataclass
+class KVView:
+    """Read-only per-layer keys/values, shaped like a cache's `.layers` (what `assemble_receiver_cache` reads)."""
+
+    layers: list[LayerKV]
 
 
 @dataclass
@@ -70,18 +82,17 @@ class Prefill:
     def position_ids(self) -> torch.Tensor:
         return positions_from_mask(self.suffix_mask, self.position_offset)
 
-    def cache(self, layers: int | None = None) -> DynamicCache:
-        """A new cache holding the first `layers` layers (all that ran by default). Decoding appends
-        to it by concatenation, so the memo's tensors are never changed."""
+    def cache(self) -> DynamicCache:
+        """A new cache to decode from (the logits' prefill ran every layer). Decoding appends to it
+        by concatenation, so the memo's tensors are never changed."""
         cache = DynamicCache()
-        for layer, (k, v) in enumerate(self.kv[: layers if layers is not None else len(self.kv)]):
+        for layer, (k, v) in enumerate(self.kv):
             cache.update(k, v, layer)
         return cache
 
-    def as_prefixed_batch(self) -> PrefixedBatch | None:
-        if not self.prefix_len:
-            return None
-        return PrefixedBatch(self.input_ids, self.suffix_mask, self.cache(), self.prefix_len)
+    def kv_view(self) -> KVView:
+        """The keys/values as they are, without copies, for readers that never write into them."""
+        return KVView([LayerKV(k, v) for k, v in self.kv])
 
 
 @torch.inference_mode()
@@ -131,13 +142,12 @@ def run_prefill(lm: LoadedModel, batch: Batch | PrefixedBatch, ids_rows: list[li
 
 
 class PrefillMemo:
-    """The last few prefills, keyed by (model, every row's token ids). Thread-safe for lookups."""
+    """The last few prefills, keyed by (model, every row's token ids)."""
 
     def __init__(self, max_entries: int = DEFAULT_ENTRIES):
         self.max_entries = max_entries
         # key -> (weak reference to the model, prefill): a freed model's id may be reused by another
         self._entries: OrderedDict[tuple, tuple[weakref.ref, Prefill]] = OrderedDict()
-        self._lock = threading.Lock()
         self.hits = self.misses = 0
 
     def get(self, lm: LoadedModel, ids: list[list[int]], share_prefix: bool, layers: int | None,
@@ -146,28 +156,25 @@ class PrefillMemo:
         builds the batch when it has to run."""
         key = (id(lm.model), share_prefix, tuple(tuple(x) for x in ids))
         need = lm.info.num_layers if layers is None else layers
-        with self._lock:
-            model_ref, found = self._entries.get(key, (None, None))
-            if found is not None and model_ref() is not lm.model:
-                del self._entries[key]
-                found = None
-            if found is not None and (found.logits is not None or (layers is not None and found.layers >= need)):
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return found
+        model_ref, found = self._entries.get(key, (None, None))
+        if found is not None and model_ref() is not lm.model:
+            del self._entries[key]
+            found = None
+        if found is not None and (found.logits is not None or (layers is not None and found.layers >= need)):
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return found
         self.misses += 1
         pre = run_prefill(lm, make_batch(), ids, layers)
         if self.max_entries > 0:
-            with self._lock:
-                self._entries[key] = (weakref.ref(lm.model), pre)
-                self._entries.move_to_end(key)
-                while len(self._entries) > self.max_entries:
-                    self._entries.popitem(last=False)
+            self._entries[key] = (weakref.ref(lm.model), pre)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
         return pre
 
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
+        self._entries.clear()
 
 
 MEMO = PrefillMemo()

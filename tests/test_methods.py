@@ -150,36 +150,43 @@ def test_ac_edits_the_receiver_vector_through_the_method(examples):
     torch.testing.assert_close(rec["after"][:, :16], rec["before"][:, :16])
 
 
+def embedded(lm, texts):
+    """Left-padded prompts as input embeddings (what the public CIPHER feeds its model)."""
+    batch = tokenize_prompts(lm, texts)
+    with torch.inference_mode():
+        return lm.model.get_input_embeddings()(batch.input_ids), batch.attention_mask
+
+
 def test_cipher_cache_equals_recompute(examples):
     """In float64 the cached loop and the public code's full recomputation agree to rounding. (In fp32
     the soft feedback amplifies rounding noise step by step on these random models: 1e-7 at step 2,
     1e-2 by step 8; the float64 run shows that this is noise, not a different computation.)"""
     m = make("cipher", dtype=torch.float64, share_prefix=False)
     lm = m.pair.sender
-    emb, mask, _, _ = m._embedded_prompts(lm, [sender_text(e) for e in examples])
+    texts = [sender_text(e) for e in examples]
+    emb, mask = embedded(lm, texts)
     cached, steps_c = vector_generate(lm, emb, mask, 8, 0.7)
     full, steps_f = vector_generate(lm, emb, mask, 8, 0.7, recompute=True)
     assert steps_c == steps_f and max(steps_c) > 1
     for c, f in zip(cached, full):
         torch.testing.assert_close(c, f, atol=1e-10, rtol=1e-10)
-    # ... and so does the loop that continues a cached shared prompt prefix.
+    # ... and so does the loop that continues a prefill, left-padded or with a cached shared prefix.
     shared = make("cipher", dtype=torch.float64)
-    emb, mask, _, prefix = shared._embedded_prompts(lm, [sender_text(e) for e in examples])
-    assert prefix is not None and prefix.prefix_len >= 8
-    from_prefix, steps_p = vector_generate(lm, emb, mask, 8, 0.7, prefix=prefix)
-    assert steps_p == steps_f
-    for c, f in zip(from_prefix, full):
-        torch.testing.assert_close(c, f, atol=1e-10, rtol=1e-10)
+    for method in (m, shared):
+        start = method.prefill(lm, texts)
+        assert (start.prefix_len >= 8) == (method is shared)
+        continued, steps_p = vector_generate(lm, None, None, 8, 0.7, start=start)
+        assert steps_p == steps_f
+        for c, f in zip(continued, full):
+            torch.testing.assert_close(c, f, atol=1e-10, rtol=1e-10)
 
 
 def test_cipher_vectors_batched_match_single(examples):
     m = make("cipher", dtype=torch.float64)
     lm = m.pair.sender
-    emb, mask, _, prefix = m._embedded_prompts(lm, [sender_text(e) for e in examples])
-    batched, steps = vector_generate(lm, emb, mask, 6, 0.7, prefix=prefix)
+    batched, steps = vector_generate(lm, None, None, 6, 0.7, start=m.prefill(lm, [sender_text(e) for e in examples]))
     for i, e in enumerate(examples):
-        emb1, mask1, _, prefix1 = m._embedded_prompts(lm, [sender_text(e)])
-        single, steps1 = vector_generate(lm, emb1, mask1, 6, 0.7, prefix=prefix1)
+        single, steps1 = vector_generate(lm, None, None, 6, 0.7, start=m.prefill(lm, [sender_text(e)]))
         assert steps1[0] == steps[i]
         torch.testing.assert_close(batched[i], single[0], atol=1e-9, rtol=1e-9)
 
@@ -187,10 +194,9 @@ def test_cipher_vectors_batched_match_single(examples):
 def test_cipher_temperature_is_honoured(examples):
     m = make("cipher")
     lm = m.pair.sender
-    emb, mask, _, prefix = m._embedded_prompts(lm, [sender_text(e) for e in examples[:2]])
-    hot, _ = vector_generate(lm, emb, mask, 3, 5.0, prefix=prefix)
-    prefix = m._embedded_prompts(lm, [sender_text(e) for e in examples[:2]])[3]  # a fresh cache
-    cold, _ = vector_generate(lm, emb, mask, 3, 0.1, prefix=prefix)
+    start = m.prefill(lm, [sender_text(e) for e in examples[:2]])
+    hot, _ = vector_generate(lm, None, None, 3, 5.0, start=start)
+    cold, _ = vector_generate(lm, None, None, 3, 0.1, start=start)  # each run decodes from its own copy
     assert not torch.allclose(hot[0][0], cold[0][0])
 
 

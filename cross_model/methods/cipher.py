@@ -21,7 +21,7 @@ from cross_model.methods.base import Method, Prediction
 from cross_model.methods.debate import DebateParams, first_sender_text, receiver_prompt, refinement_parts
 from cross_model.methods.registry import register
 from cross_model.models import LoadedModel
-from cross_model.prefix_cache import MIN_SHARED, PrefixedBatch, shared_prefix_length
+from cross_model.prefix_cache import MIN_SHARED, shared_prefix_length
 from cross_model.prompt_prefill import Prefill
 from cross_model.prompting import chat_wrap, encode_texts
 from cross_model.surgery import input_embeddings
@@ -41,12 +41,11 @@ class CipherParams(DebateParams):
 @torch.inference_mode()
 def vector_generate(
     lm: LoadedModel, prompts_BTD: torch.Tensor | None, mask_BT: torch.Tensor | None, max_steps: int,
-    temperature: float, recompute: bool = False, prefix: PrefixedBatch | None = None, start: Prefill | None = None,
+    temperature: float, recompute: bool = False, start: Prefill | None = None,
 ) -> tuple[list[torch.Tensor], list[int]]:
     """Expected-embedding messages from embedded, left-padded prompts. Returns per row its vectors
-    (n_i x D, EOS excluded) and the steps it ran. With `prefix`, the prompts continue its cached
-    shared prefix (`prompts_BTD`/`mask_BT` are then the suffixes). With `start`, the prompts were
-    prefilled already (from token ids, whose embeddings are the same vectors): pass None for both."""
+    (n_i x D, EOS excluded) and the steps it ran. With `start`, the prompts were prefilled already
+    (from token ids, whose embeddings are the same vectors, shared prefix or not): pass None for both."""
     from cross_model.generation import positions_from_mask
 
     table_VD = input_embeddings(lm)
@@ -54,8 +53,8 @@ def vector_generate(
     table_VD = table_VD.to(work)
     unit_VD = torch.nn.functional.normalize(table_VD, dim=-1)
     eos = torch.tensor(sorted(eos_token_ids(lm)), device=table_VD.device)
-    if (prefix is not None or start is not None) and recompute:
-        raise ValueError("vector_generate: recompute=True needs the whole prompt, not a cached prefix")
+    if start is not None and recompute:
+        raise ValueError("vector_generate: recompute=True needs the whole prompt, not a prefilled one")
     if start is not None:
         cache, pos, mask, embeds = start.cache(), start.position_ids, start.full_mask, None
         bsz, dtype, width = mask.shape[0], input_embeddings(lm).dtype, lm.info.hidden_size
@@ -64,8 +63,6 @@ def vector_generate(
         cache = None if recompute else DynamicCache()
         pos = positions_from_mask(mask_BT)
         embeds, mask = prompts_BTD, mask_BT
-        if prefix is not None:
-            cache, pos, mask = prefix.cache, prefix.position_ids, prefix.full_mask
 
     def step(inputs_BTD: torch.Tensor, pos_BT: torch.Tensor) -> torch.Tensor:
         if recompute:
@@ -128,15 +125,6 @@ class Cipher(Method):
                 f"{a.info.name} has vocab {a.info.vocab_size} x {a.info.hidden_size}, {b.info.name} has "
                 f"vocab {b.info.vocab_size} x {b.info.hidden_size}. Use ac or kvcomm for such pairs."
             )
-
-    def _embedded_prompts(self, lm: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int], Any]:
-        """Embedded prompts; with a shared prefix, only the suffixes (the prefix is in its cache)."""
-        batch = self.prompt_batch(lm, texts)
-        prefix = batch if isinstance(batch, PrefixedBatch) else None
-        mask = batch.suffix_mask if prefix is not None else batch.attention_mask
-        with torch.inference_mode():
-            emb = lm.model.get_input_embeddings()(batch.input_ids)
-        return emb, mask, self._prompt_lengths, prefix
 
     def _refinement_embeds(self, lm: LoadedModel, prompt: str, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """Chat-wrapped refinement prompt with the two vector messages spliced into its text."""

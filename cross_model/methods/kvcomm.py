@@ -140,7 +140,7 @@ class KVComm(Method):
             partial_forward(a, ids, torch.ones_like(ids), max(sink_layers) + 1, cache=sink_cache)
             sink_kv = {la: (sink_cache.layers[la].keys, sink_cache.layers[la].values)
                        for la in sink_layers if la >= pre.layers}
-        return pre, pre.cache(), sink_kv
+        return pre, pre.kv_view(), sink_kv
 
     def wire_payload(self, selected: set[int], n_tokens: int, bits: list[int] | None = None) -> KVPayload:
         """The payload's description (no tensors yet): what `kv_wire.encode` frames."""

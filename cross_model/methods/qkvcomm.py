@@ -16,14 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
-
 from cross_model.data.base import Example
 from cross_model.generation import positions_from_mask
 from cross_model.kv_wire import QUANT_BITS, decode, dtype_bits, encode, payload_size
 from cross_model.methods.kvcomm import KVComm, KVCommParams
 from cross_model.methods.registry import register
-from cross_model.prompt_prefill import Prefill
+from cross_model.prompt_prefill import KVView, LayerKV, Prefill
 from cross_model.prompting import receiver_text, tokenize_prompts
 from cross_model.surgery import assemble_receiver_cache, layout_forward
 
@@ -106,9 +104,9 @@ class QKVComm(KVComm):
         whose sent layers hold the decoded tensors, and every sink as decoded."""
         b = self.pair.receiver.info
         mask = pre.full_mask.bool()
-        view = DynamicCache()
-        for layer, entry in enumerate(cache.layers):
-            view.update(entry.keys, entry.values, layer)  # copies: A's cache stays as it was
+        sent = {self.layer_map[l] for l in selected}
+        # B's view: copies of the sent layers, to be overwritten with what arrives; A's cache stays as it was.
+        view = KVView([LayerKV(e.keys.clone(), e.values.clone()) if la in sent else e for la, e in enumerate(cache.layers)])
         sinks: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         sizes, extras = [], []
         for row in range(mask.shape[0]):
