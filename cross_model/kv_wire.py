@@ -3,11 +3,16 @@
 Frame: b"CMKV" | format version (u16) | header length (u32) | JSON header | body | CRC-32 of all before.
 The header names the two models, the receiver layers sent in full (and the sender layer each reads),
 the receiver layers that get only A's first token (the attention sink), the shapes, the dtype and the
-bits of each sent layer. The body holds, per sent layer, keys then values: raw in `dtype` when the
-layer's bits equal the dtype's width, else quantized (asymmetric, uniform; keys grouped per channel
-over the tokens, values per token over all heads' channels; float16 scales and zero points), with the
-codes bit-packed; then every sink's key and value, raw (in `sink_dtype`, by default `dtype`). `payload_size(header)` is len(encode(...))
-without building the bytes (KVComm's tensors never need to leave the GPU to be counted).
+bits of each sent layer, and the quantization scheme. The body holds, per sent layer, keys then
+values: raw in `dtype` when the layer's bits equal the dtype's width, else quantized as `QuantScheme`
+says (asymmetric, uniform, float16 scales and zero points, codes bit-packed): the first `raw_first`
+tokens travel raw (in `sink_dtype`: they are A's attention sink, whose outlier keys would stretch every
+channel's range); the rest are optionally rotated by a normalised Hadamard matrix over the head
+dimension (spreading outliers; B rotates back exactly), keys grouped per channel over runs of
+`key_group` tokens, values per token over one head's or all heads' channels; the encoder may clip each
+group's range to the one with the least squared error (`clip`, which changes no byte of the format).
+Then every sink's key and value, raw (in `sink_dtype`, by default `dtype`). `payload_size(header)` is
+len(encode(...)) without building the bytes (KVComm's tensors never need to leave the GPU to be counted).
 """
 
 from __future__ import annotations
@@ -22,12 +27,40 @@ import numpy as np
 import torch
 
 MAGIC = b"CMKV"
-VERSION = 1
+VERSION = 2
 QUANT_BITS = (2, 3, 4, 8)
 SCALE_BYTES = 2  # float16 scales and zero points
 _PREAMBLE = struct.Struct("<4sHI")  # magic, version, header length
 _CRC = struct.Struct("<I")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How quantized layers are laid out. The defaults are the scheme that kept B's answers closest to
+    KVComm's per bit on SmolLM2 (docs/METHODS.md, Q-KVComm); `QuantScheme.plain()` is per-channel keys
+    and per-token values over all heads, min-max ranges, nothing raw."""
+
+    key_group: int = 0  # tokens per key group (per channel); 0: all of them
+    value_group: str = "head"  # "head": per token and head; "token": per token over all heads
+    rotate: bool = True  # Hadamard over the head dimension before quantizing
+    raw_first: int = 1  # leading tokens sent raw
+    clip: bool = True  # encoder-side: least-squares range per group
+
+    @staticmethod
+    def plain() -> "QuantScheme":
+        return QuantScheme(key_group=0, value_group="token", rotate=False, raw_first=0, clip=False)
+
+    def check(self, head_dim: int) -> None:
+        if self.key_group < 0 or self.raw_first < 0:
+            raise ValueError(f"KV quantization: key_group and raw_first must be >= 0, got {self.key_group}, {self.raw_first}")
+        if self.value_group not in ("head", "token"):
+            raise ValueError(f"KV quantization: value_group is 'head' or 'token', got {self.value_group!r}")
+        if self.rotate and head_dim & (head_dim - 1):
+            raise ValueError(
+                f"KV quantization: a Hadamard rotation needs a power-of-two head dimension, this model's is "
+                f"{head_dim}; set rotate: false"
+            )
 
 
 class PayloadError(ValueError):
@@ -65,6 +98,7 @@ class KVPayload:
     head_dim: int = 0
     tokens: int = 0
     sink_dtype: str | None = None  # how the sinks travel (None: `dtype`); B gets them back in `dtype`
+    scheme: QuantScheme = field(default_factory=QuantScheme)
 
     def header(self) -> dict:
         return {
@@ -72,27 +106,53 @@ class KVPayload:
             "sender_layers": self.sender_layers, "sink_layers": self.sink_layers,
             "sink_sender_layers": self.sink_sender_layers, "dtype": self.dtype, "bits": self.bits,
             "kv_heads": self.kv_heads, "head_dim": self.head_dim, "tokens": self.tokens,
-            "sink_dtype": self.sink_dtype or self.dtype, "key_group": "channel", "value_group": "token", "scale_dtype": "float16",
+            "sink_dtype": self.sink_dtype or self.dtype, "scale_dtype": "float16",
+            "scheme": {"key_group": self.scheme.key_group, "value_group": self.scheme.value_group,
+                       "rotate": self.scheme.rotate, "raw_first": self.scheme.raw_first, "clip": self.scheme.clip},
         }
 
 
 # --- quantization ----------------------------------------------------------------------------------
 
 
-def quantize(x: torch.Tensor, bits: int, reduce_dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # shrink factors of a group's range tried by `clip`
+
+
+def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    zero = lo.to(torch.float16)
+    return ((hi - zero.float()) / levels).clamp(min=1e-7).to(torch.float16), zero
+
+
+def _codes(xf: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: int) -> torch.Tensor:
+    return torch.round((xf - zero.float()) / scale.float()).clamp(0, levels).to(torch.uint8)
+
+
+def quantize(x: torch.Tensor, bits: int, reduce_dims: tuple[int, ...], clip: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric uniform quantization; one (scale, zero) per group, a group spanning `reduce_dims`.
-    Scale and zero are rounded to float16 first, so that B dequantizes with exactly what was used."""
+    Scale and zero are rounded to float16 first, so that B dequantizes with exactly what was used.
+    `clip`: per group, the range (min-max shrunk about its centre by one of CLIP_RATIOS) whose
+    dequantized values are closest to x in squared error; at 2-3 bits the tails cost less than the
+    resolution they take from everything else."""
     if bits not in QUANT_BITS:
         raise ValueError(f"KV quantization: bits must be one of {QUANT_BITS}, got {bits}")
     xf = x.float()
     lo, hi = xf.amin(reduce_dims, keepdim=True), xf.amax(reduce_dims, keepdim=True)
-    levels = 2**bits - 1
-    zero = lo.to(torch.float16)
-    scale = ((hi - zero.float()) / levels).clamp(min=1e-7).to(torch.float16)
-    if not (torch.isfinite(zero).all() and torch.isfinite(scale).all()):
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all() and lo.abs().max() < 65504 and hi.abs().max() < 65504):
         raise ValueError("KV quantization: values beyond float16's range cannot be given float16 scales")
-    codes = torch.round((xf - zero.float()) / scale.float()).clamp(0, levels).to(torch.uint8)
-    return codes, scale, zero
+    levels = 2**bits - 1
+    scale, zero = _scale_zero(lo, hi, levels)
+    if clip:
+        mid, best = (lo + hi) / 2, None
+        for r in CLIP_RATIOS:
+            s, z = _scale_zero(mid - (mid - lo) * r, mid + (hi - mid) * r, levels)
+            err = ((dequantize(_codes(xf, s, z, levels), s, z, torch.float32) - xf) ** 2).sum(reduce_dims, keepdim=True)
+            if best is None:
+                best = err
+                continue
+            better = err < best
+            best = torch.where(better, err, best)
+            scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    return _codes(xf, scale, zero, levels), scale, zero
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -118,14 +178,23 @@ def unpack_bits(buf: bytes, bits: int, n: int) -> np.ndarray:
 # --- sizes -----------------------------------------------------------------------------------------
 
 
+def _scheme(h: dict) -> QuantScheme:
+    return QuantScheme(**h["scheme"])
+
+
 def _layer_sizes(h: dict, bits: int) -> tuple[int, int]:
     """Bytes of one sent layer's keys and values in the body."""
     H, n, D = h["kv_heads"], h["tokens"], h["head_dim"]
     if bits == dtype_bits(h["dtype"]):
         raw = H * n * D * bits // 8
         return raw, raw
-    codes = math.ceil(H * n * D * bits / 8)
-    return codes + 2 * SCALE_BYTES * H * D, codes + 2 * SCALE_BYTES * n
+    sc = _scheme(h)
+    r = min(sc.raw_first, n)
+    m = n - r
+    head = H * r * D * dtype_bits(h["sink_dtype"]) // 8 + math.ceil(H * m * D * bits / 8)
+    key_groups = (math.ceil(m / sc.key_group) if sc.key_group else 1) if m else 0
+    value_groups = m * (H if sc.value_group == "head" else 1)
+    return head + 2 * SCALE_BYTES * H * D * key_groups, head + 2 * SCALE_BYTES * value_groups
 
 
 def _header_bytes(h: dict) -> bytes:
@@ -147,7 +216,65 @@ def _raw(x: torch.Tensor, dtype: torch.dtype) -> bytes:
 
 
 def _from_raw(buf: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if not buf:
+        return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(bytearray(buf), dtype=torch.uint8).view(dtype).reshape(shape).clone()
+
+
+_HADAMARD: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def hadamard(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The normalised Sylvester Hadamard matrix: symmetric and orthogonal, so it is its own inverse."""
+    key = (n, str(device))
+    if key not in _HADAMARD:
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        _HADAMARD[key] = (h / math.sqrt(n)).to(device, torch.float32)
+    return _HADAMARD[key]
+
+
+def _quantized_layer(x: torch.Tensor, bits: int, sc: QuantScheme, is_key: bool, raw_dtype: torch.dtype) -> list[bytes]:
+    """One layer's keys or values (H x n x D) as the body lays them out: raw leading tokens, codes,
+    scales, zero points."""
+    r = min(sc.raw_first, x.shape[1])
+    rest = x[:, r:].float()
+    if sc.rotate:
+        rest = rest @ hadamard(x.shape[-1], x.device)
+    if not rest.shape[1]:
+        return [_raw(x[:, :r], raw_dtype)]
+    if is_key:  # per channel, over runs of key_group tokens
+        g = sc.key_group or rest.shape[1]
+        parts = [quantize(rest[:, i : i + g], bits, (1,), sc.clip) for i in range(0, rest.shape[1], g)]
+        codes, scale, zero = (torch.cat(t, 1) for t in zip(*parts))
+    else:
+        codes, scale, zero = quantize(rest, bits, (2,) if sc.value_group == "head" else (0, 2), sc.clip)
+    return [_raw(x[:, :r], raw_dtype), pack_bits(codes.cpu().numpy(), bits), _raw(scale, torch.float16), _raw(zero, torch.float16)]
+
+
+def _dequantized_layer(take, h: dict, bits: int, is_key: bool) -> torch.Tensor:
+    H, n, D = h["kv_heads"], h["tokens"], h["head_dim"]
+    sc, dtype, raw_dtype = _scheme(h), DTYPES[h["dtype"]], DTYPES[h["sink_dtype"]]
+    r = min(sc.raw_first, n)
+    m = n - r
+    first = _from_raw(take(H * r * D * dtype_bits(h["sink_dtype"]) // 8), raw_dtype, (H, r, D)).to(dtype)
+    if not m:
+        return first
+    codes = torch.from_numpy(unpack_bits(take(math.ceil(H * m * D * bits / 8)), bits, H * m * D)).reshape(H, m, D)
+    if is_key:
+        g = sc.key_group or m
+        groups = math.ceil(m / g)
+        scale = _from_raw(take(SCALE_BYTES * H * groups * D), torch.float16, (H, groups, D)).repeat_interleave(g, 1)[:, :m]
+        zero = _from_raw(take(SCALE_BYTES * H * groups * D), torch.float16, (H, groups, D)).repeat_interleave(g, 1)[:, :m]
+    else:
+        shape = (H, m, 1) if sc.value_group == "head" else (1, m, 1)
+        scale = _from_raw(take(SCALE_BYTES * shape[0] * m), torch.float16, shape)
+        zero = _from_raw(take(SCALE_BYTES * shape[0] * m), torch.float16, shape)
+    rest = dequantize(codes, scale, zero, torch.float32)
+    if sc.rotate:
+        rest = rest @ hadamard(D)
+    return torch.cat([first, rest.to(dtype)], 1)
 
 
 def encode(p: KVPayload) -> bytes:
@@ -155,18 +282,17 @@ def encode(p: KVPayload) -> bytes:
     dtype = DTYPES[p.dtype]
     if len(p.bits) != len(p.layers) or len(p.keys) != len(p.layers) or len(p.sink_keys) != len(p.sink_layers):
         raise ValueError("KV payload: one bit width and one key/value pair per sent layer, one sink per sink layer")
+    sink_dtype = DTYPES[h["sink_dtype"]]
+    if any(b != dtype_bits(p.dtype) for b in p.bits):
+        p.scheme.check(p.head_dim)
     body = []
     for bits, k, v in zip(p.bits, p.keys, p.values):
         if tuple(k.shape) != (p.kv_heads, p.tokens, p.head_dim) or k.shape != v.shape:
             raise ValueError(f"KV payload: layer tensors must be {p.kv_heads} x {p.tokens} x {p.head_dim}, got {tuple(k.shape)}")
         if bits == dtype_bits(p.dtype):
             body += [_raw(k, dtype), _raw(v, dtype)]
-            continue
-        kc, ks, kz = quantize(k, bits, (1,))  # per channel: one group per (head, channel) over the tokens
-        vc, vs, vz = quantize(v, bits, (0, 2))  # per token: one group per token over every head's channels
-        for codes, scale, zero in ((kc, ks, kz), (vc, vs, vz)):
-            body += [pack_bits(codes.cpu().numpy(), bits), _raw(scale, torch.float16), _raw(zero, torch.float16)]
-    sink_dtype = DTYPES[h["sink_dtype"]]
+        else:
+            body += _quantized_layer(k, bits, p.scheme, True, sink_dtype) + _quantized_layer(v, bits, p.scheme, False, sink_dtype)
     for k, v in zip(p.sink_keys, p.sink_values):
         body += [_raw(k, sink_dtype), _raw(v, sink_dtype)]
     head = _header_bytes(h)
@@ -204,7 +330,7 @@ def decode(blob: bytes, receiver: str, kv_heads: int, head_dim: int, device: tor
 
     p = KVPayload(h["sender"], h["receiver"], h["layers"], h["sender_layers"], h["sink_layers"],
                   h["sink_sender_layers"], h["dtype"], h["bits"], kv_heads=H, head_dim=D, tokens=n,
-                  sink_dtype=h["sink_dtype"])
+                  sink_dtype=h["sink_dtype"], scheme=_scheme(h))
     sink_dtype, sink_elem = DTYPES[h["sink_dtype"]], dtype_bits(h["sink_dtype"]) // 8
     elem = torch.finfo(dtype).bits // 8
     for bits in h["bits"]:
@@ -212,14 +338,7 @@ def decode(blob: bytes, receiver: str, kv_heads: int, head_dim: int, device: tor
             k = _from_raw(take(H * n * D * elem), dtype, (H, n, D))
             v = _from_raw(take(H * n * D * elem), dtype, (H, n, D))
         else:
-            n_codes = math.ceil(H * n * D * bits / 8)
-            kc = torch.from_numpy(unpack_bits(take(n_codes), bits, H * n * D)).reshape(H, n, D)
-            ks = _from_raw(take(SCALE_BYTES * H * D), torch.float16, (H, 1, D))
-            kz = _from_raw(take(SCALE_BYTES * H * D), torch.float16, (H, 1, D))
-            vc = torch.from_numpy(unpack_bits(take(n_codes), bits, H * n * D)).reshape(H, n, D)
-            vs = _from_raw(take(SCALE_BYTES * n), torch.float16, (1, n, 1))
-            vz = _from_raw(take(SCALE_BYTES * n), torch.float16, (1, n, 1))
-            k, v = dequantize(kc, ks, kz, dtype), dequantize(vc, vs, vz, dtype)
+            k, v = _dequantized_layer(take, h, bits, True), _dequantized_layer(take, h, bits, False)
         p.keys.append(k.to(device))
         p.values.append(v.to(device))
     for _ in h["sink_layers"]:

@@ -14,10 +14,10 @@ from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
 
 
-def payload(bits, dtype="float32", tokens=7, heads=2, dim=16, seed=0):
+def payload(bits, dtype="float32", tokens=7, heads=2, dim=16, seed=0, scheme=None):
     g = torch.Generator().manual_seed(seed)
     p = kv_wire.KVPayload("model-a", "model-b", [0, 2], [0, 2], [1, 3], [1, 3], dtype, bits,
-                          kv_heads=heads, head_dim=dim, tokens=tokens)
+                          kv_heads=heads, head_dim=dim, tokens=tokens, scheme=scheme or kv_wire.QuantScheme.plain())
     dt = kv_wire.DTYPES[dtype]
     for _ in p.layers:
         k = torch.randn(heads, tokens, dim, generator=g) * 3
@@ -57,6 +57,74 @@ def test_round_trip_header_exact_values_within_bound(bits):
         assert (k - k2).abs().max() > 0  # it was quantized
     for a, b in zip(p.sink_keys + p.sink_values, got.sink_keys + got.sink_values):
         assert torch.equal(a, b)
+
+
+SCHEMES = [
+    kv_wire.QuantScheme(),  # the default: rotated, first token raw, values per head, clipped
+    kv_wire.QuantScheme(key_group=3, value_group="token", rotate=False, raw_first=2, clip=False),
+    kv_wire.QuantScheme(key_group=4, value_group="head", rotate=True, raw_first=0, clip=False),
+    kv_wire.QuantScheme(raw_first=20),  # every token raw
+]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_scheme_round_trips_within_its_bound(scheme, dtype):
+    p = payload([2, 3], dtype=dtype, tokens=9, scheme=scheme)
+    p.sink_dtype = "float16" if dtype == "float32" else None
+    blob = kv_wire.encode(p)
+    assert len(blob) == kv_wire.payload_size(p.header())
+    got = kv_wire.decode(blob, "model-b", 2, 16)
+    assert got.header() == p.header() and got.scheme == scheme
+    raw_dtype = kv_wire.DTYPES[p.header()["sink_dtype"]]
+    r = min(scheme.raw_first, 9)
+    rot = kv_wire.hadamard(16) if scheme.rotate else torch.eye(16)
+    for bits, k, v, k2, v2 in zip(p.bits, p.keys, p.values, got.keys, got.values):
+        for x, y in ((k, k2), (v, v2)):
+            # the leading tokens travel raw, in the raw dtype
+            assert torch.equal(y[:, :r], x[:, :r].to(raw_dtype).to(x.dtype))
+        if r == 9:
+            continue
+        if scheme.clip:
+            continue  # clipped ranges have no per-element bound; see the least-squares test below
+        # in the rotated domain each group is within half a step of its own min-max range
+        kr, vr = k[:, r:].float() @ rot, v[:, r:].float() @ rot
+        ke, ve = (k2[:, r:].float() - k[:, r:].float()) @ rot, (v2[:, r:].float() - v[:, r:].float()) @ rot
+        g = scheme.key_group or kr.shape[1]
+        for i in range(0, kr.shape[1], g):
+            grp = kr[:, i : i + g]
+            step = (grp.amax(1, keepdim=True) - grp.amin(1, keepdim=True)) / (2**bits - 1)
+            assert (ke[:, i : i + g].abs() <= step / 2 * 1.01 + 0.1).all()
+        dims = (2,) if scheme.value_group == "head" else (0, 2)
+        step = (vr.amax(dims, keepdim=True) - vr.amin(dims, keepdim=True)) / (2**bits - 1)
+        assert (ve.abs() <= step / 2 * 1.01 + 0.03).all()
+
+
+def test_hadamard_is_its_own_inverse():
+    h = kv_wire.hadamard(64)
+    torch.testing.assert_close(h @ h, torch.eye(64), atol=1e-6, rtol=0)
+    assert h.abs().unique().numel() == 1  # every entry +-1/8: outliers spread evenly over channels
+
+
+def test_clipping_never_loses_to_min_max_and_wins_on_heavy_tails():
+    x = torch.distributions.StudentT(2.0).sample((4, 64, 32)).clamp(-1000, 1000)
+    for bits in (2, 3):
+        errs = []
+        for clip in (False, True):
+            c, s, z = kv_wire.quantize(x, bits, (1,), clip=clip)
+            errs.append(((kv_wire.dequantize(c, s, z, torch.float32) - x) ** 2).sum(1))
+        assert (errs[1] <= errs[0] * (1 + 1e-5)).all()  # per group: min-max is one of the ranges tried
+        assert errs[1].sum() < 0.8 * errs[0].sum()
+
+
+def test_scheme_errors_name_the_fix():
+    with pytest.raises(ValueError, match="power-of-two head dimension.*rotate: false"):
+        kv_wire.encode(payload([2, 2], dim=12, scheme=kv_wire.QuantScheme()))
+    assert kv_wire.decode(kv_wire.encode(payload([2, 2], dim=12, scheme=kv_wire.QuantScheme(rotate=False))), "model-b", 2, 12)
+    with pytest.raises(ValueError, match="value_group is 'head' or 'token'"):
+        make(value_group="channel")
+    with pytest.raises(ValueError, match="key_group and raw_first must be >= 0"):
+        make(raw_first=-1)
 
 
 def test_sinks_travel_in_their_own_dtype():
@@ -157,3 +225,21 @@ def test_target_bits_are_allocated_on_the_calibration_split(examples):
         make(target_bits=1)
     with pytest.raises(ValueError, match="bits: one of"):
         make(bits=5)
+
+
+@pytest.mark.slow
+def test_default_scheme_keeps_smollm2_closer_to_kvcomm_than_min_max(smollm2):
+    """The measurement behind QuantScheme's defaults, on the real model: at 2 and 3 bits B's first-token
+    distribution (KL from unquantized KVComm's) moves less with the default scheme than with plain
+    min-max quantization of the same layers."""
+    test, _ = load_task_examples("tipsheets", 12, 0, seed=0)
+    kl = {}
+    for name, scheme in (("default", {}), ("plain", {"value_group": "token", "rotate": False, "raw_first": 0, "clip": False})):
+        cls, p = resolve_method("qkvcomm", {"selection": "layers", "layers_list": [3, 5, 7, 9, 17], **scheme})
+        m = cls(p, ModelPair(smollm2, smollm2))
+        selected = m.selected_layers()
+        ref = m.first_logits(test, selected, None).float().log_softmax(-1)
+        for bits in (2, 3):
+            got = m.first_logits(test, selected, [bits] * len(selected)).float().log_softmax(-1)
+            kl[name, bits] = float((ref.exp() * (ref - got)).sum(-1).mean())
+    assert kl["default", 2] < 0.7 * kl["plain", 2] and kl["default", 3] < 0.7 * kl["plain", 3], kl

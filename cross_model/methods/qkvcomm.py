@@ -3,8 +3,10 @@
 Each example's payload is framed by `kv_wire.encode` (header, bit-packed codes, float16 scales and
 zero points, sinks raw, CRC-32) and B reads what `kv_wire.decode` gives back, so the bytes reported
 are the bytes B used. Keys are grouped per channel, values per token (KIVI's finding: keys have
-outlier channels, values do not). Sinks travel raw, in float16 when the model runs in float32
-(`sink_dtype`). Bit widths: one for every sent layer (`bits`), or a target average
+outlier channels, values do not), after a Hadamard rotation over the head dimension, with A's first
+token sent raw and each group's range clipped to least squared error (`kv_wire.QuantScheme`; each
+of these measured on SmolLM2, see docs/METHODS.md). Sinks travel raw, in float16 when the model runs
+in float32 (`sink_dtype`). Bit widths: one for every sent layer (`bits`), or a target average
 (`target_bits`) allocated per layer from a sensitivity profile measured on the calibration split: for
 each sent layer and each width, the KL divergence of B's next-token distribution from KVComm's when
 only that layer is quantized; widths are lowered greedily where that costs the least KL per bit saved.
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from cross_model.data.base import Example
 from cross_model.generation import positions_from_mask
-from cross_model.kv_wire import QUANT_BITS, decode, dtype_bits, encode, payload_size
+from cross_model.kv_wire import QUANT_BITS, QuantScheme, decode, dtype_bits, encode, payload_size
 from cross_model.methods.kvcomm import KVComm, KVCommParams
 from cross_model.methods.registry import register
 from cross_model.prompt_prefill import KVView, LayerKV, Prefill
@@ -36,6 +38,11 @@ class QKVCommParams(KVCommParams):
     sink_dtype: str = field(
         default="float16", metadata={"help": "how sinks travel when the model runs wider than 16 bits (float16 or bfloat16)"}
     )
+    key_group: int = field(default=0, metadata={"help": "tokens per key quantization group, per channel (0: all tokens)"})
+    value_group: str = field(default="head", metadata={"help": "values quantized per token and head (head) or over all heads (token)"})
+    rotate: bool = field(default=True, metadata={"help": "Hadamard rotation over the head dimension before quantizing"})
+    raw_first: int = field(default=1, metadata={"help": "leading context tokens sent unquantized (A's attention sink)"})
+    clip: bool = field(default=True, metadata={"help": "least-squares clipping of each group's range"})
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
@@ -45,11 +52,18 @@ class QKVCommParams(KVCommParams):
             raise ValueError(f"{prefix}.bit_choices: a non-empty list drawn from {QUANT_BITS}, got {self.bit_choices}")
         if self.sink_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"{prefix}.sink_dtype: float16 or bfloat16, got {self.sink_dtype!r}")
+        try:
+            self.scheme().check(64)
+        except ValueError as e:
+            raise ValueError(f"{prefix}: {e}") from None
         if self.target_bits is not None and not min(self.bit_choices) <= self.target_bits <= max(self.bit_choices):
             raise ValueError(
                 f"{prefix}.target_bits: between {min(self.bit_choices)} and {max(self.bit_choices)} "
                 f"(the bit_choices), got {self.target_bits}"
             )
+
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(self.key_group, self.value_group, self.rotate, self.raw_first, self.clip)
 
 
 def allocate_bits(sensitivity: dict[int, dict[int, float]], target: float, choices: list[int]) -> dict[int, int]:
@@ -84,6 +98,10 @@ class QKVComm(KVComm):
     def check_pair(self) -> None:
         super().check_pair()
         self.layer_bits: dict[int, int] | None = None
+        try:
+            self.params.scheme().check(self.pair.sender.info.head_dim)
+        except ValueError as e:
+            raise ValueError(f"methods.{self.name}: {e}") from None
 
     def bits_for(self, selected: set[int]) -> list[int]:
         layers = sorted(selected)
@@ -114,6 +132,7 @@ class QKVComm(KVComm):
             first = int(idx[0])
             p = self.wire_payload(selected, idx.numel(), bits)
             p.sink_dtype = self.params.sink_dtype if dtype_bits(p.dtype) > 16 else None
+            p.scheme = self.params.scheme()
             for la in p.sender_layers:
                 p.keys.append(cache.layers[la].keys[row][:, idx])
                 p.values.append(cache.layers[la].values[row][:, idx])
