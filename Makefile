@@ -7,7 +7,7 @@ NPROC ?= 2
 CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench install clean-venv
+.PHONY: demo test test-fast bench bench-gpu install clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+
+bench-gpu: $(STAMP)
+	$(PY) -m bench.gpu --json bench_gpu.json
 
 clean-venv:
 	rm -rf $(VENV)

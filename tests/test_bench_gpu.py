@@ -1,0 +1,57 @@
+"""The GPU benchmark's code path, run on CPU with toy shapes (this machine has no GPU; on one,
+`make bench-gpu` runs the same code on Llama-3.1-8B-shaped models): every table is filled, and the
+FLOP and byte counts behind its TFLOP/s and GB/s columns match the shapes they count."""
+
+import json
+
+import pytest
+import torch
+
+from bench import gpu
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return gpu.bench_tokenizer()[0]
+
+
+def test_dense_parameter_count_matches_the_llama_formula(tokenizer):
+    lm = gpu.random_model("small", tokenizer, torch.float32, torch.device("cpu"), seed=0)
+    s = gpu.SHAPES["small"]
+    h, i, L = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
+    q, kv = s["num_attention_heads"] * s["head_dim"], s["num_key_value_heads"] * s["head_dim"]
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h
+    assert gpu.dense_params(lm) == L * per_layer + h
+    assert lm.info.vocab_size == gpu.VOCAB
+    # the real shape's count, from the same formula: Llama-3.1-8B has 6.98e9 parameters below its head
+    s = gpu.SHAPES["llama-8b"]
+    h, i, L = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
+    q, kv = s["num_attention_heads"] * s["head_dim"], s["num_key_value_heads"] * s["head_dim"]
+    assert abs(L * (h * q + 2 * h * kv + q * h + 3 * h * i) / 6.98e9 - 1) < 0.01
+
+
+def test_long_workload_contexts_have_the_stated_length(tokenizer):
+    examples = gpu.workload("long", 2, tokenizer)
+    short = gpu.workload("short", 2, tokenizer)
+    for e, s in zip(examples, short):
+        assert e.max_new_tokens == 32 and s.max_new_tokens == 5
+        extra = len(tokenizer(e.prompt_A)["input_ids"]) - len(tokenizer(s.prompt_A)["input_ids"])
+        assert abs(extra - 2000) <= 20  # the filler re-tokenises to within 1% of 2,000 tokens
+
+
+def test_gpu_bench_fills_every_table_on_toy_shapes(tmp_path, capsys):
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--shapes", "small", "--device", "cpu", "--workloads", "short", "--methods",
+                     "baseline,kvcomm,ac_projected", "--batches", "1,2", "--n", "4", "--ref-n", "short:1",
+                     "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["method"] for r in result["rows"]] == ["baseline", "kvcomm", "ac_projected"]
+    for r in result["rows"]:
+        assert set(r["ms_per_example"]) == {"1", "2"} and all(v > 0 for v in r["ms_per_example"].values())
+        assert r["vs_public"] > 0 and r["reference_ms"] > 0
+        assert r["same_answers"] == "1/1", r  # float32 on CPU: batch 1 equals the reference exactly
+    assert all(p["tflops"] > 0 for p in result["prefill"]) and len(result["decode"]) == 2
+    t = result["training"]
+    assert (t["d_in"], t["d_out"]) == (48, 64) and 0 < t["forward_share"] < 1
+    text = capsys.readouterr().out
+    assert "| ac_projected |" in text and "projection training 48 -> 64" in text
