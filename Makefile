@@ -32,7 +32,7 @@ bench: $(STAMP)
 	$(PY) -m bench.run
 
 bench-gpu: $(STAMP)
-	$(PY) -m bench.gpu --json bench_gpu.json
+	$(PY) -m bench.gpu --json docs/bench_gpu.json
 
 clean-venv:
 	rm -rf $(VENV)

@@ -176,6 +176,9 @@ def run_method_on_task(ctx, task: str, test: list[Example], name: str, method: A
     done = read_results(directory)
     index_of = {e.example_id: i for i, e in enumerate(test)}
     todo = [e for i, e in enumerate(test) if i % world == rank and e.example_id not in done]
+    # Batches of similar lengths pad less (left padding is computed like real tokens). Every method sorts
+    # the same way, so batches stay identical across methods and their prefills can be shared.
+    todo.sort(key=lambda e: (len(e.prompt_A), len(e.prompt_B)))
     bs = method.params.batch_size or ctx.cfg.eval.batch_size
     # Ranks may have different amounts left; the stop flag is a collective, so all run max(n) rounds.
     rounds = int(all_reduce_max(math.ceil(len(todo) / bs)))
