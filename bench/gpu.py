@@ -285,6 +285,17 @@ def projection_training(sender: LoadedModel, receiver: LoadedModel, n: int, max_
             "projection_sentences_per_s": n / step_s, "forward_share": forward_s / (forward_s + step_s)}
 
 
+def _peak_table(title: str, columns: list[str], rows: list[dict], cells: Callable[[dict], list[str]],
+                achieved: Callable[[dict], float], peak: float | None, peak_name: str) -> list[str]:
+    if not rows:
+        return []
+    lines = [f"## {title}", "", "| " + " | ".join(columns) + f" | % of {peak_name} |", "|---" * (len(columns) + 1) + "|"]
+    for r in rows:
+        pct = f"{100 * achieved(r) / peak:.0f}%" if peak else "-"
+        lines.append("| " + " | ".join(cells(r)) + f" | {pct} |")
+    return lines + [""]
+
+
 def format_tables(result: dict) -> str:
     out = [f"# GPU bench: {result['device']}, {result['dtype']}, tokenizer {result['tokenizer']}", ""]
     for wl in result["workloads"]:
@@ -303,19 +314,12 @@ def format_tables(result: dict) -> str:
                        f"{fmt(r['vs_public'], '{:.0f}x')} | {fmt(r['reference_ms'], '{:.1f}')} | "
                        f"{fmt(r['vs_reference'], '{:.1f}x')} | {r['same_answers'] or '-'} |")
         out.append("")
-    peak_f, peak_b = result["peak_flops"], result["peak_bandwidth"]
-    if result["prefill"]:
-        out += ["## prefill (A's full forward, no LM head)", "", "| batch x tokens | ms | TFLOP/s | % of bf16 peak |", "|---|---|---|---|"]
-        for p in result["prefill"]:
-            pct = f"{100 * p['tflops'] * 1e12 / peak_f:.0f}%" if peak_f else "-"
-            out.append(f"| {p['batch']} x {p['tokens']} | {p['ms']:.1f} | {p['tflops']:.1f} | {pct} |")
-        out.append("")
-    if result["decode"]:
-        out += ["## decode step", "", "| batch | context | ms/step | GB/s | % of HBM peak |", "|---|---|---|---|---|"]
-        for d in result["decode"]:
-            pct = f"{100 * d['gb_per_s'] * 1e9 / peak_b:.0f}%" if peak_b else "-"
-            out.append(f"| {d['batch']} | {d['context']} | {d['ms_per_step']:.2f} | {d['gb_per_s']:.0f} | {pct} |")
-        out.append("")
+    out += _peak_table("prefill (A's full forward, no LM head)", ["batch x tokens", "ms", "TFLOP/s"], result["prefill"],
+                       lambda p: [f"{p['batch']} x {p['tokens']}", f"{p['ms']:.1f}", f"{p['tflops']:.1f}"],
+                       lambda p: p["tflops"] * 1e12, result["peak_flops"], "bf16 peak")
+    out += _peak_table("decode step", ["batch", "context", "ms/step", "GB/s"], result["decode"],
+                       lambda d: [str(d["batch"]), str(d["context"]), f"{d['ms_per_step']:.2f}", f"{d['gb_per_s']:.0f}"],
+                       lambda d: d["gb_per_s"] * 1e9, result["peak_bandwidth"], "HBM peak")
     t = result.get("training")
     if t:
         out += [f"## projection training {t['d_in']} -> {t['d_out']}", "",
