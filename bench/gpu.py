@@ -86,9 +86,20 @@ def card_peaks(device: torch.device) -> tuple[str, float | None, float | None]:
     return name, None, None
 
 
-def bench_tokenizer() -> tuple[Any, str]:
-    """SmolLM2's tokenizer (vocabulary 49,152) where the packaged model is installed, else the byte-level
-    test tokenizer (prompts come out about four times longer in tokens; the table says which)."""
+def bench_tokenizer(directory: Path | None = None) -> tuple[Any, str]:
+    """A tokenizer saved in `directory` (a machine without the packaged models can be given SmolLM2's
+    tokenizer files this way), else SmolLM2's (vocabulary 49,152) where the packaged model is installed,
+    else the byte-level test tokenizer (prompts come out about four times longer in tokens; the table
+    says which)."""
+    if directory is not None:
+        from transformers import AutoTokenizer
+
+        if not (Path(directory) / "tokenizer_config.json").exists():
+            raise FileNotFoundError(f"--tokenizer {directory}: no tokenizer_config.json there (save one with save_pretrained)")
+        tok = AutoTokenizer.from_pretrained(directory)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok, str(directory)
     try:
         return load_model("smollm2-135m-instruct", device="cpu").tokenizer, "SmolLM2"
     except (FileNotFoundError, OSError, ImportError):
@@ -341,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=64, help="items per workload (at least twice the largest batch timed)")
     ap.add_argument("--ref-n", default="short:4,long:1", help="items the reference runs, per workload")
     ap.add_argument("--skip", default="", help="comma-separated: prefill, decode, training")
+    ap.add_argument("--tokenizer", type=Path, default=None, help="a saved tokenizer's folder (default: SmolLM2's)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -355,7 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     batches = [int(b) for b in args.batches.split(",")]
 
-    tokenizer, tok_name = bench_tokenizer()
+    try:
+        tokenizer, tok_name = bench_tokenizer(args.tokenizer)
+    except FileNotFoundError as e:
+        ap.error(str(e))
     big, small_shape = SHAPE_SETS[args.shapes]
     models = {"a": random_model(big, tokenizer, dtype, device, seed=0),
               "small": random_model(small_shape, tokenizer, dtype, device, seed=1)}

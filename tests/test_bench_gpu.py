@@ -30,6 +30,14 @@ def test_dense_parameter_count_matches_the_llama_formula(tokenizer):
     assert abs(L * (h * q + 2 * h * kv + q * h + 3 * h * i) / 6.98e9 - 1) < 0.01
 
 
+def test_a_saved_tokenizer_folder_is_used_and_a_wrong_one_refused(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    tok, name = gpu.bench_tokenizer(tmp_path / "tok")
+    assert name == str(tmp_path / "tok") and tok("Paris")["input_ids"] == tokenizer("Paris")["input_ids"]
+    with pytest.raises(SystemExit):
+        gpu.main(["--tokenizer", str(tmp_path / "missing"), "--device", "cpu"])
+
+
 def test_long_workload_contexts_have_the_stated_length(tokenizer):
     examples = gpu.workload("long", 2, tokenizer)
     short = gpu.workload("short", 2, tokenizer)
