@@ -63,3 +63,13 @@ def test_gpu_bench_fills_every_table_on_toy_shapes(tmp_path, capsys):
     assert (t["d_in"], t["d_out"]) == (48, 64) and 0 < t["forward_share"] < 1
     text = capsys.readouterr().out
     assert "| ac_projected |" in text and "projection training 48 -> 64" in text
+
+
+def test_a_batch_that_runs_out_of_memory_does_not_fit():
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (raised by the test)")
+
+    assert gpu.fits(lambda: None, torch.device("cpu"))
+    assert not gpu.fits(oom, torch.device("cpu"))
+    with pytest.raises(ValueError):  # anything else is a bug and surfaces
+        gpu.fits(lambda: int("x"), torch.device("cpu"))

@@ -211,7 +211,7 @@ def test_impossible_combinations_are_refused():
         make("ac", mode="max")
 
 
-def test_a_failing_example_is_recorded_not_dropped(examples, monkeypatch):
+def test_a_failing_example_is_recorded_not_dropped(examples, monkeypatch, caplog):
     m = make("baseline")
     real = m._run_batch
 
@@ -225,6 +225,8 @@ def test_a_failing_example_is_recorded_not_dropped(examples, monkeypatch):
     assert [p.example_id for p in preds] == [e.example_id for e in examples]
     assert preds[1].error and "boom" in preds[1].error and preds[1].answer == ""
     assert all(p.error is None for i, p in enumerate(preds) if i != 1)
+    # the fallback is said (a batch too big for memory would otherwise just run slowly)
+    assert f"a batch of {len(examples)} failed (RuntimeError: boom); running its examples one at a time" in caplog.text
 
 
 def test_other_architectures_run(examples):

@@ -101,10 +101,13 @@ class Method:
             assert [p.example_id for p in preds] == [e.example_id for e in examples]
             return preds
         except Exception:  # noqa: BLE001 - a method failure is data, recorded per example
+            err = traceback.format_exc(limit=4)
             if len(examples) == 1:
-                err = traceback.format_exc(limit=4)
                 log.warning("%s failed on %s: %s", self.name, examples[0].example_id, err.strip().splitlines()[-1])
                 return [Prediction(examples[0].example_id, "", 0, error=err)]
+            # Said out loud: a batch too big for the device memory lands here and runs, slowly.
+            log.warning("%s: a batch of %d failed (%s); running its examples one at a time",
+                        self.name, len(examples), err.strip().splitlines()[-1])
             return [p for e in examples for p in self.run_batch([e])]
 
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
