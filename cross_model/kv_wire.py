@@ -11,7 +11,8 @@ channel's range); the rest are optionally rotated by a normalised Hadamard matri
 dimension (spreading outliers; B rotates back exactly), keys grouped per channel over runs of
 `key_group` tokens, values per token over one head's or all heads' channels; the encoder may clip each
 group's range to the one with the least squared error (`clip`, which changes no byte of the format).
-Then every sink's key and value, raw (in `sink_dtype`, by default `dtype`). `payload_size(header)` is
+Then every sink's key and value: raw (in `sink_dtype`, by default `dtype`), or with `sink_bits` 8
+quantized per head (float16 scale and zero point). `payload_size(header)` is
 len(encode(...)) without building the bytes (KVComm's tensors never need to leave the GPU to be counted).
 """
 
@@ -46,14 +47,17 @@ class QuantScheme:
     rotate: bool = True  # Hadamard over the head dimension before quantizing
     raw_first: int = 1  # leading tokens sent raw
     clip: bool = True  # encoder-side: least-squares range per group
+    sink_bits: int = 16  # 16: sinks raw (in sink_dtype); 8: per-head 8-bit
 
     @staticmethod
     def plain() -> "QuantScheme":
-        return QuantScheme(key_group=0, value_group="token", rotate=False, raw_first=0, clip=False)
+        return QuantScheme(key_group=0, value_group="token", rotate=False, raw_first=0, clip=False, sink_bits=16)
 
     def check(self, head_dim: int) -> None:
         if self.key_group < 0 or self.raw_first < 0:
             raise ValueError(f"KV quantization: key_group and raw_first must be >= 0, got {self.key_group}, {self.raw_first}")
+        if self.sink_bits not in (8, 16):
+            raise ValueError(f"KV quantization: sink_bits is 8 or 16 (raw), got {self.sink_bits}")
         if self.value_group not in ("head", "token"):
             raise ValueError(f"KV quantization: value_group is 'head' or 'token', got {self.value_group!r}")
         if self.rotate and head_dim & (head_dim - 1):
@@ -108,7 +112,8 @@ class KVPayload:
             "kv_heads": self.kv_heads, "head_dim": self.head_dim, "tokens": self.tokens,
             "sink_dtype": self.sink_dtype or self.dtype, "scale_dtype": "float16",
             "scheme": {"key_group": self.scheme.key_group, "value_group": self.scheme.value_group,
-                       "rotate": self.scheme.rotate, "raw_first": self.scheme.raw_first, "clip": self.scheme.clip},
+                       "rotate": self.scheme.rotate, "raw_first": self.scheme.raw_first, "clip": self.scheme.clip,
+                       "sink_bits": self.scheme.sink_bits},
         }
 
 
@@ -204,7 +209,9 @@ def _header_bytes(h: dict) -> bytes:
 def payload_size(header: dict) -> int:
     """len(encode(payload)) for a payload with this header."""
     body = sum(sum(_layer_sizes(header, b)) for b in header["bits"])
-    sink = 2 * len(header["sink_layers"]) * header["kv_heads"] * header["head_dim"] * dtype_bits(header["sink_dtype"]) // 8
+    H, D = header["kv_heads"], header["head_dim"]
+    per_sink = H * D + 2 * SCALE_BYTES * H if _scheme(header).sink_bits == 8 else H * D * dtype_bits(header["sink_dtype"]) // 8
+    sink = 2 * len(header["sink_layers"]) * per_sink
     return _PREAMBLE.size + len(_header_bytes(header)) + body + sink + _CRC.size
 
 
@@ -294,7 +301,12 @@ def encode(p: KVPayload) -> bytes:
         else:
             body += _quantized_layer(k, bits, p.scheme, True, sink_dtype) + _quantized_layer(v, bits, p.scheme, False, sink_dtype)
     for k, v in zip(p.sink_keys, p.sink_values):
-        body += [_raw(k, sink_dtype), _raw(v, sink_dtype)]
+        for x in (k, v):
+            if p.scheme.sink_bits == 8:  # one (scale, zero) per head
+                codes, scale, zero = quantize(x, 8, (1, 2))
+                body += [codes.cpu().numpy().tobytes(), _raw(scale, torch.float16), _raw(zero, torch.float16)]
+            else:
+                body.append(_raw(x, sink_dtype))
     head = _header_bytes(h)
     blob = _PREAMBLE.pack(MAGIC, VERSION, len(head)) + head + b"".join(body)
     return blob + _CRC.pack(zlib.crc32(blob))
@@ -342,6 +354,15 @@ def decode(blob: bytes, receiver: str, kv_heads: int, head_dim: int, device: tor
         p.keys.append(k.to(device))
         p.values.append(v.to(device))
     for _ in h["sink_layers"]:
-        p.sink_keys.append(_from_raw(take(H * D * sink_elem), sink_dtype, (H, 1, D)).to(device, dtype))
-        p.sink_values.append(_from_raw(take(H * D * sink_elem), sink_dtype, (H, 1, D)).to(device, dtype))
+        kv = []
+        for _ in range(2):
+            if p.scheme.sink_bits == 8:
+                codes = torch.frombuffer(bytearray(take(H * D)), dtype=torch.uint8).reshape(H, 1, D)
+                scale = _from_raw(take(SCALE_BYTES * H), torch.float16, (H, 1, 1))
+                zero = _from_raw(take(SCALE_BYTES * H), torch.float16, (H, 1, 1))
+                kv.append(dequantize(codes, scale, zero, dtype).to(device))
+            else:
+                kv.append(_from_raw(take(H * D * sink_elem), sink_dtype, (H, 1, D)).to(device, dtype))
+        p.sink_keys.append(kv[0])
+        p.sink_values.append(kv[1])
     return p

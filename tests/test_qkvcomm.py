@@ -63,7 +63,7 @@ SCHEMES = [
     kv_wire.QuantScheme(),  # the default: rotated, first token raw, values per head, clipped
     kv_wire.QuantScheme(key_group=3, value_group="token", rotate=False, raw_first=2, clip=False),
     kv_wire.QuantScheme(key_group=4, value_group="head", rotate=True, raw_first=0, clip=False),
-    kv_wire.QuantScheme(raw_first=20),  # every token raw
+    kv_wire.QuantScheme(raw_first=20, sink_bits=8),  # every token raw, sinks in 8 bits
 ]
 
 
@@ -79,6 +79,15 @@ def test_every_scheme_round_trips_within_its_bound(scheme, dtype):
     raw_dtype = kv_wire.DTYPES[p.header()["sink_dtype"]]
     r = min(scheme.raw_first, 9)
     rot = kv_wire.hadamard(16) if scheme.rotate else torch.eye(16)
+    for x, y in zip(p.sink_keys + p.sink_values, got.sink_keys + got.sink_values):
+        if scheme.sink_bits == 16:
+            assert torch.equal(y, x.to(raw_dtype).to(x.dtype))
+        else:  # within half an 8-bit step of each head's range, plus float16 rounding of the zero and
+            # the rounding of B's values to the model's dtype (2^-8 relative in bfloat16)
+            xf = x.float()
+            step = (xf.amax((1, 2), keepdim=True) - xf.amin((1, 2), keepdim=True)) / 255
+            assert ((y.float() - xf).abs() <= step / 2 * 1.01 + 2e-3 * xf.abs().amax() + xf.abs() * 2**-8).all()
+            assert not torch.equal(y, x)
     for bits, k, v, k2, v2 in zip(p.bits, p.keys, p.values, got.keys, got.values):
         for x, y in ((k, k2), (v, v2)):
             # the leading tokens travel raw, in the raw dtype
@@ -200,6 +209,7 @@ def test_payload_size_is_the_encoded_length_and_beats_raw(examples):
         assert p.error is None
         wire = m.wire_payload({0, 1, 2}, p.sender_prefill_tokens, [2, 2, 2])
         wire.sink_dtype = "float16"  # a float32 model's sinks travel in float16
+        wire.scheme = m.params.scheme()
         assert p.payload_bytes == kv_wire.payload_size(wire.header())
         raw = make(selection="layers", layers_list=[1, 2]).payload_bytes(p.sender_prefill_tokens, {0, 1, 2})
         assert p.payload_bytes < raw / 4  # float32 -> 2 bits, less the scales

@@ -5,8 +5,8 @@ zero points, sinks raw, CRC-32) and B reads what `kv_wire.decode` gives back, so
 are the bytes B used. Keys are grouped per channel, values per token (KIVI's finding: keys have
 outlier channels, values do not), after a Hadamard rotation over the head dimension, with A's first
 token sent raw and each group's range clipped to least squared error (`kv_wire.QuantScheme`; each
-of these measured on SmolLM2, see docs/METHODS.md). Sinks travel raw, in float16 when the model runs
-in float32 (`sink_dtype`). Bit widths: one for every sent layer (`bits`), or a target average
+of these measured on SmolLM2, see docs/METHODS.md). The unsent layers' sinks travel in 8 bits per
+head (`sink_bits`; 16: raw, in float16 when the model runs in float32, `sink_dtype`). Bit widths: one for every sent layer (`bits`), or a target average
 (`target_bits`) allocated per layer from a sensitivity profile measured on the calibration split: for
 each sent layer and each width, the KL divergence of B's next-token distribution from KVComm's when
 only that layer is quantized; widths are lowered greedily where that costs the least KL per bit saved.
@@ -43,6 +43,7 @@ class QKVCommParams(KVCommParams):
     rotate: bool = field(default=True, metadata={"help": "Hadamard rotation over the head dimension before quantizing"})
     raw_first: int = field(default=1, metadata={"help": "leading context tokens sent unquantized (A's attention sink)"})
     clip: bool = field(default=True, metadata={"help": "least-squares clipping of each group's range"})
+    sink_bits: int = field(default=8, metadata={"help": "the unsent layers' sink tokens: 8 (per head) or 16 (raw, in sink_dtype)"})
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
@@ -63,7 +64,7 @@ class QKVCommParams(KVCommParams):
             )
 
     def scheme(self) -> QuantScheme:
-        return QuantScheme(self.key_group, self.value_group, self.rotate, self.raw_first, self.clip)
+        return QuantScheme(self.key_group, self.value_group, self.rotate, self.raw_first, self.clip, self.sink_bits)
 
 
 def allocate_bits(sensitivity: dict[int, dict[int, float]], target: float, choices: list[int]) -> dict[int, int]:
