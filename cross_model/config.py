@@ -105,10 +105,19 @@ class EvalConfig:
     batch_size: int = _f(8, "examples per batch for every method (methods may override with their own batch_size)")
     limit: int | None = _f(None, "evaluate only the first N test items of each task (None: all)")
     reuse_prefills: int = _f(
-        4, "prefills kept for other methods reading the same prompts (each holds a batch's KV cache; 0: off)"
+        4, "prefills of one batch kept for the other methods reading the same prompts (each holds a batch's "
+        "KV cache; freed after the batch; 0: off)"
     )
+    fail_fast_items: int = _f(
+        16, "after a method's first N items on a rank, stop the run if nearly all failed (0: never stop)"
+    )
+    fail_fast_ratio: float = _f(0.9, "the share of those first items that must fail to stop the run")
 
     def validate(self, prefix: str) -> None:
+        if self.fail_fast_items < 0:
+            raise ValueError(f"{prefix}.fail_fast_items: a count >= 0, got {self.fail_fast_items}")
+        if not 0.0 < self.fail_fast_ratio <= 1.0:
+            raise ValueError(f"{prefix}.fail_fast_ratio: a share in (0, 1], got {self.fail_fast_ratio}")
         if self.reuse_prefills < 0:
             raise ValueError(f"{prefix}.reuse_prefills: a count >= 0, got {self.reuse_prefills}")
         if self.batch_size < 1:
@@ -123,8 +132,13 @@ class LoggingConfig:
     wandb: bool = _f(False, "log metrics to Weights & Biases (rank 0 only; needs `pip install wandb`)")
     wandb_project: str = _f("cross_model", "wandb project")
     wandb_mode: str = _f("offline", "wandb mode: online, offline or disabled")
+    progress_every_s: float = _f(
+        60.0, "off a terminal (SLURM logs), rank 0 logs done/total, rate and ETA this often (seconds)"
+    )
 
     def validate(self, prefix: str) -> None:
+        if self.progress_every_s < 0:
+            raise ValueError(f"{prefix}.progress_every_s: seconds >= 0, got {self.progress_every_s}")
         _choice(f"{prefix}.level", self.level.upper(), ("DEBUG", "INFO", "WARNING", "ERROR"))
         _choice(f"{prefix}.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
 

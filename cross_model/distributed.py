@@ -11,12 +11,15 @@ import datetime
 import logging
 import os
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+
+from cross_model.platform import check_distinct_devices
 
 log = logging.getLogger(__name__)
 
@@ -50,26 +53,34 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def init_distributed(backend: str, env: DistEnv | None = None, timeout_s: float = 1800) -> DistEnv:
+def init_distributed(backend: str, env: DistEnv | None = None, timeout_s: float = 1800,
+                     device: torch.device | None = None) -> DistEnv:
     """Start the process group if the environment says there are several ranks.
 
-    The caller sets the CUDA device (`torch.cuda.set_device(local_rank)`) before this, so that
-    nccl binds each rank to its own GPU. The rendezvous address comes from the environment
-    (torchrun / our sbatch scripts), never a hard-coded port.
+    `device` is the rank's device as `platform.detect_platform` decided it (the one rule for it): on
+    CUDA it becomes the current device and nccl's `device_id`, so that every rank binds its own GPU
+    from the start. After the group is up, ranks that landed on the same GPU are refused by name.
+    The rendezvous address comes from the environment (torchrun / our sbatch scripts), never a
+    hard-coded port.
     """
     global _OBJECT_GROUP
     env = env or read_env()
     if not env.is_distributed or is_initialized():
         return env
-    if backend == "nccl" and torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
     dist.init_process_group(
         backend=backend,
         rank=env.rank,
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
+        **({"device_id": device} if cuda and backend == "nccl" else {}),
     )
     _OBJECT_GROUP = dist.new_group(backend="gloo") if backend == "nccl" else None
+    if cuda:
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        check_distinct_devices(gather_object((socket.gethostname(), uuid)))
     return env
 
 
@@ -81,9 +92,9 @@ def destroy_distributed() -> None:
 
 
 @contextlib.contextmanager
-def distributed_session(backend: str) -> Iterator[DistEnv]:
+def distributed_session(backend: str, device: torch.device | None = None) -> Iterator[DistEnv]:
     """`with distributed_session("gloo") as env:` - init, then teardown in `finally`."""
-    env = init_distributed(backend)
+    env = init_distributed(backend, device=device)
     try:
         yield env
     finally:
@@ -131,6 +142,24 @@ def all_reduce_max(value: float) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_OBJECT_GROUP)
     return float(t.item())
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sums over ranks, in float64 (the values themselves without a process group)."""
+    if not is_initialized():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_OBJECT_GROUP)
+    return t.tolist()
+
+
+def shard(items: list) -> list:
+    """This rank's share of `items`: those at index i with i % world_size == rank."""
+    return items[get_rank() :: get_world_size()]
+
+
+class Preempted(Exception):
+    """A stop signal arrived; every rank saved its progress. The run exits 0 and resumes when restarted."""
 
 
 class StopFlag:
@@ -188,11 +217,3 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper() if rank == 0 else "WARNING")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel("WARNING")
-
-
-def progress(iterable: Any = None, **kwargs: Any) -> Any:
-    """A tqdm bar on rank 0 only (and only when stderr is a terminal or CROSS_MODEL_PROGRESS=1)."""
-    from tqdm.auto import tqdm
-
-    enabled = is_main() and (sys.stderr.isatty() or os.environ.get("CROSS_MODEL_PROGRESS") == "1")
-    return tqdm(iterable, disable=not enabled, **kwargs)

@@ -1,32 +1,41 @@
-"""Sharded, resumable evaluation of every method on every task.
+"""Sharded, resumable evaluation of every method on every task, batch-major.
 
-Rank r takes the test items whose index i satisfies i % world_size == r, runs each method in batches,
-scores each answer, and appends one JSON line per finished example to
-`results/<task>/<method>/rank<r>.jsonl` (flushed and fsynced after each batch). Started again, every
-rank skips the ids already written by any rank (of this or an earlier world size), so a killed or
-preempted evaluation loses at most one batch. A stop signal is agreed on between batches. After a
-barrier, rank 0 reads every rank's file and checks that each test id appears exactly once.
+Rank r takes the test items whose index i satisfies i % world_size == r, sorts them by prompt length
+and cuts them into batches of `eval.batch_size`. Each batch goes through every method before the next
+batch starts: the methods that read the same prompts share one prefill of them (a `PrefillMemo` made
+for the batch and dropped after it), so a full-depth KV cache lives for one batch, never longer. Each
+method's rows are appended to `results/<task>/<method>/rank<r>.jsonl` (flushed and fsynced after each
+batch). Started again, every rank skips what any rank (of this or an earlier world size) wrote, so a
+killed or preempted evaluation loses at most one batch. A stop signal is agreed on between batches.
+After a barrier, rank 0 reads every rank's file and checks that each test id appears exactly once.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
+from cross_model.checkpointing import verify
+from cross_model.context import method_instances, model_pair
 from cross_model.data import load_task_examples
 from cross_model.data.base import Example
-from cross_model.distributed import all_reduce_max, barrier, get_rank, get_world_size, is_main, progress
+from cross_model.distributed import (
+    Preempted, all_reduce_max, barrier, broadcast_object, get_rank, get_world_size, is_main,
+)
+from cross_model.failures import FailureGuard
 from cross_model.metrics import score_prediction
-from cross_model.prompt_prefill import MEMO, set_memo_entries
+from cross_model.progress import Progress
+from cross_model.prompt_prefill import PrefillMemo
+from cross_model.reporting import format_table, summarize
+from cross_model.training import final_projection_dir, projection_identity, resolved_train_config, training_recipe
+from cross_model.result_files import (
+    append_rows, gather_results, read_results, repair_tail, result_dir, write_json_atomically,
+)
 
 log = logging.getLogger(__name__)
-
-RESULTS = "results"
 
 
 # --- what the stages share ------------------------------------------------------------------------
@@ -46,8 +55,6 @@ def task_splits(ctx) -> dict[str, tuple[list[Example], list[Example]]]:
 
 def build_methods(ctx) -> dict[str, Any]:
     if "methods" not in ctx.state:
-        from cross_model.pipeline import method_instances, model_pair
-
         methods = {}
         for name, cls, params in method_instances(ctx.cfg):
             methods[name] = method = cls(params, model_pair(ctx, params), name, ctx.run_dir)
@@ -58,16 +65,15 @@ def build_methods(ctx) -> dict[str, Any]:
 
 
 def trained_projection(ctx, name: str, method) -> str:
-    """Where the train stage put this method's projection (this run or an earlier one)."""
-    from cross_model.checkpointing import verify
-    from cross_model.training import final_projection_dir, projection_identity, resolved_train_config, training_recipe
-
+    """Where the train stage put this method's projection (this run or an earlier one). Rank 0 checks
+    it and tells the others, so every rank makes the same decision."""
     path = ctx.state.get("projections", {}).get(name)
     if path is None:
         identity = projection_identity(method.pair.sender, method.pair.receiver, method.params.k, method.params.j)
         train = resolved_train_config(ctx.cfg)
         path = final_projection_dir(train.checkpoint_dir, identity, training_recipe(train, ctx.cfg.seed))
-    if verify(path)[0] is None:
+    ok = broadcast_object(verify(path)[0] is not None if is_main() else None)
+    if not ok:
         raise FileNotFoundError(
             f"methods.{name}: projection: train, but no finished projection at {path}; "
             f"run the train stage first (stages: [train, ...]) with the same train settings"
@@ -75,78 +81,21 @@ def trained_projection(ctx, name: str, method) -> str:
     return str(path)
 
 
-def write_json_atomically(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+# --- one task, batch-major ------------------------------------------------------------------------
 
 
-def calibrate_methods(ctx, instances: list) -> None:
-    """Calibrate on the calibration splits of all tasks (never test items); saved with the run and
-    reloaded when the run resumes."""
-    methods = build_methods(ctx)
-    calib = [e for _, (_, c) in task_splits(ctx).items() for e in c]
-    for name, _, _ in instances:
-        path = ctx.run_dir / f"calibration-{name}.json"
-        if path.exists():
-            methods[name].load_calibration(json.loads(path.read_text()))
-            log.info("calibrate: %s loaded its saved calibration from %s", name, path)
-            continue
-        result = methods[name].calibrate(calib)
-        if is_main():
-            write_json_atomically(path, result)
-        if "selected" in result:
-            log.info("calibrate: %s keeps receiver layers %s", name, result["selected"])
-        if "layer_bits" in result:
-            log.info("calibrate: %s gives its layers these bits: %s", name, result["layer_bits"])
-    barrier()
+@dataclass
+class TaskOutcome:
+    """What one rank did for one task: items run per method, and how the batches shared prefills."""
+
+    items_run: dict[str, int]
+    batches: int
+    prefill_hits: int
+    prefill_misses: int
 
 
-# --- per-rank result files ------------------------------------------------------------------------
-
-
-def result_dir(run_dir: Path, task: str, method: str) -> Path:
-    return Path(run_dir) / RESULTS / task / method
-
-
-def repair_tail(path: Path) -> None:
-    """Cut a line left half-written by a kill, so that appending starts on a fresh line."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    if keep != len(data):
-        log.warning("%s ends in a partial line (killed while writing); dropped %d bytes", path, len(data) - keep)
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-
-
-def read_results(directory: Path) -> dict[str, dict[str, Any]]:
-    """example id -> its row, from every rank file in `directory` (first occurrence wins; a partial
-    last line of a file another rank is writing is ignored)."""
-    rows: dict[str, dict[str, Any]] = {}
-    for path in sorted(directory.glob("rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row["example_id"] in rows:
-                log.warning("%s: duplicate result for %s ignored", path, row["example_id"])
-                continue
-            rows[row["example_id"]] = row
-    return rows
-
-
-def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def scored_rows(examples: list[Example], preds: list, seconds: float, index_of: dict[str, int]) -> list[dict]:
+def scored_rows(examples: list[Example], preds: list, seconds: float, index_of: dict[str, int],
+                run_info: dict[str, Any]) -> list[dict]:
     rows = []
     for e, p in zip(examples, preds):
         score = score_prediction(e.metric, p.answer, e.answers, e.meta.get("candidates", ()))
@@ -158,73 +107,83 @@ def scored_rows(examples: list[Example], preds: list, seconds: float, index_of: 
             "sender_prefill_tokens": p.sender_prefill_tokens, "sender_generated_tokens": p.sender_generated_tokens,
             "receiver_prefill_tokens": p.receiver_prefill_tokens,
             "receiver_generated_tokens": p.receiver_generated_tokens,
-            "seconds": seconds / len(examples), "rank": get_rank(), "error": p.error, **p.extra,
+            "seconds": seconds / len(examples), "rank": get_rank(), **run_info, "error": p.error, **p.extra,
         })
     return rows
 
 
-def run_method_on_task(ctx, task: str, test: list[Example], name: str, method: Any) -> None:
-    """This rank's share of `test` for one method, appended to its file; resumes where it stopped."""
-    from cross_model.pipeline import Preempted
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
+
+def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) -> TaskOutcome:
+    """This rank's share of `test` through every method, batch by batch; resumes where it stopped."""
     rank, world = get_rank(), get_world_size()
-    directory = result_dir(ctx.run_dir, task, name)
-    directory.mkdir(parents=True, exist_ok=True)
-    mine = directory / f"rank{rank}.jsonl"
-    repair_tail(mine)
-    barrier()  # every rank's file is repaired before anyone reads them
-    done = read_results(directory)
+    cfg = ctx.cfg.eval
+    files, done = {}, {}
+    for name in methods:
+        directory = result_dir(ctx.run_dir, task, name)
+        directory.mkdir(parents=True, exist_ok=True)
+        files[name] = directory / f"rank{rank}.jsonl"
+        repair_tail(files[name])
+    barrier()  # every rank's files are repaired before anyone reads them
+    for name in methods:
+        done[name] = set(read_results(result_dir(ctx.run_dir, task, name)))
+        if done[name] and is_main():
+            log.info("evaluate %s/%s: %d of %d items already done; resuming", task, name, len(done[name]), len(test))
     index_of = {e.example_id: i for i, e in enumerate(test)}
-    todo = [e for i, e in enumerate(test) if i % world == rank and e.example_id not in done]
-    # Batches of similar lengths pad less (left padding is computed like real tokens). Every method sorts
-    # the same way, so batches stay identical across methods and their prefills can be shared.
-    todo.sort(key=lambda e: (len(e.prompt_A), len(e.prompt_B)))
-    bs = method.params.batch_size or ctx.cfg.eval.batch_size
+    pending = [e for i, e in enumerate(test)
+               if i % world == rank and any(e.example_id not in done[name] for name in methods)]
+    # Batches of similar lengths pad less (left padding is computed like real tokens). The same batch
+    # goes through every method, so the methods reading the same prompts share their prefill.
+    pending.sort(key=lambda e: (len(e.prompt_A), len(e.prompt_B)))
+    batches = chunks(pending, cfg.batch_size)
     # Ranks may have different amounts left; the stop flag is a collective, so all run max(n) rounds.
-    rounds = int(all_reduce_max(math.ceil(len(todo) / bs)))
-    if done and is_main():
-        log.info("evaluate %s/%s: %d of %d items already done; resuming", task, name, len(done), len(test))
+    rounds = int(all_reduce_max(len(batches)))
+    run_info = ctx.state.get("row_info", {})
+    guards = {name: FailureGuard(f"{task}/{name}", cfg.fail_fast_items, cfg.fail_fast_ratio) for name in methods}
     stop = ctx.state.get("stop")
     delay = float(os.environ.get("CROSS_MODEL_TEST_STEP_DELAY", "0"))  # lets tests kill a run mid-evaluation
-    for b in progress(range(rounds), desc=f"{task}/{name}"):
-        batch = todo[b * bs : (b + 1) * bs]
-        if batch:
-            start = time.perf_counter()
-            preds = method.run_batch(batch)
-            append_rows(mine, scored_rows(batch, preds, time.perf_counter() - start, index_of))
-            time.sleep(delay)
-        if stop is not None and stop.should_stop():
-            raise Preempted(f"evaluation stopped in {task}/{name}; finished examples are in {directory}")
+    outcome = TaskOutcome({name: 0 for name in methods}, 0, 0, 0)
+    todo_total = sum(e.example_id not in done[name] for e in pending for name in methods)
+    bar = Progress(todo_total, f"evaluate {task}", unit="answers",
+                   note=f"rank 0's share of {len(test)} items x {len(methods)} methods, {world} ranks")
+    with bar:
+        for b in range(rounds):
+            batch = batches[b] if b < len(batches) else []
+            if batch:
+                memo = PrefillMemo(cfg.reuse_prefills)
+                for name, method in methods.items():
+                    todo = [e for e in batch if e.example_id not in done[name]]
+                    for part in chunks(todo, method.params.batch_size or cfg.batch_size):
+                        start = time.perf_counter()
+                        preds = method.run_batch(part, memo=memo)
+                        append_rows(files[name], scored_rows(part, preds, time.perf_counter() - start, index_of, run_info))
+                        outcome.items_run[name] += len(part)
+                        bar.update(len(part))
+                        guards[name].record(preds)
+                outcome.prefill_hits += memo.hits
+                outcome.prefill_misses += memo.misses
+                memo.clear()  # nothing a batch prefilled outlives it
+                outcome.batches += 1
+                time.sleep(delay)
+            if stop is not None and stop.should_stop():
+                raise Preempted(f"evaluation stopped in {task}; finished examples are in {ctx.run_dir / 'results'}")
+    log.debug("evaluate %s: %d batches, %d prefills reused, %d run", task, outcome.batches,
+              outcome.prefill_hits, outcome.prefill_misses)
+    return outcome
 
 
-def gather_results(run_dir: Path, task: str, name: str, test: list[Example]) -> list[dict[str, Any]]:
-    """Every test item's row, in test order; an item without a row is an error, never skipped."""
-    rows = read_results(result_dir(run_dir, task, name))
-    missing = [e.example_id for e in test if e.example_id not in rows]
-    if missing:
-        raise RuntimeError(
-            f"{task}/{name}: {len(missing)} of {len(test)} test items have no result ({', '.join(missing[:5])}"
-            f"{', ...' if len(missing) > 5 else ''}); run the evaluate stage again to finish them"
-        )
-    return [rows[e.example_id] for e in test]
-
-
-def evaluate(ctx) -> None:
-    from cross_model.reporting import format_table, summarize
-
+def evaluate(ctx) -> dict[str, TaskOutcome]:
+    """The evaluate stage: every task, then (rank 0) the summary of every task x method."""
     methods = build_methods(ctx)
-    set_memo_entries(ctx.cfg.eval.reuse_prefills)
-    for task, (test, _) in task_splits(ctx).items():
-        for name, method in methods.items():
-            run_method_on_task(ctx, task, test, name, method)
-        log.debug("evaluate: after %s, %d prefills reused and %d run so far", task, MEMO.hits, MEMO.misses)
-        MEMO.clear()  # a task's prompts serve no other task
+    outcomes = {task: evaluate_task(ctx, task, test, methods) for task, (test, _) in task_splits(ctx).items()}
     barrier()
     if is_main():
         summary = [summarize(task, name, gather_results(ctx.run_dir, task, name, test))
                    for task, (test, _) in task_splits(ctx).items() for name in methods]
-        ctx.state["summary"] = summary
         write_json_atomically(ctx.run_dir / "summary.json", summary)
         if "report" not in ctx.cfg.stages:  # the report stage prints it otherwise
             print(format_table(summary), flush=True)
     barrier()
+    return outcomes

@@ -3,63 +3,20 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from cross_model.config import ExperimentConfig
-from cross_model.distributed import DistEnv, barrier, is_main
-from cross_model.methods.registry import resolve_method
-from cross_model.platform import Platform
+from cross_model.calibration import calibrate_methods
+from cross_model.config import ExperimentConfig, to_dict
+from cross_model.context import RunContext, method_instances, model_pair  # noqa: F401 - the stages' shared names
+from cross_model.distributed import barrier, is_main
+from cross_model.evaluation import evaluate, task_splits
+from cross_model.reporting import format_table, summarize, write_reports
+from cross_model.result_files import gather_results
+from cross_model.runinfo import load_run_context
+from cross_model.tracking import Tracker
+from cross_model.training import train_projections_for
 
 log = logging.getLogger(__name__)
-
-
-class Preempted(Exception):
-    """A stop signal arrived; every rank saved its progress. The run exits 0 and resumes when restarted."""
-
-
-@dataclass
-class RunContext:
-    cfg: ExperimentConfig
-    platform: Platform
-    env: DistEnv
-    run_dir: Path
-    state: dict[str, Any] = field(default_factory=dict)  # what one stage hands to the next
-
-
-def method_instances(cfg: ExperimentConfig) -> list[tuple[str, type, Any]]:
-    return [(name, *resolve_method(name, params)) for name, params in cfg.methods.items()]
-
-
-def model_pair(ctx: RunContext, params: Any) -> Any:
-    """The (sender, receiver) pair of a method: the experiment's models unless the method names its
-    own (`sender:` / `receiver:`); each model is loaded once per run and shared."""
-    from cross_model.methods.base import ModelPair
-    from cross_model.models import load_model
-
-    m, p = ctx.cfg.models, ctx.platform
-    loaded = ctx.state.setdefault("models", {})
-
-    def get(spec: str, role: str) -> Any:
-        # A configured revision belongs to its model name (the role's own first).
-        own, other = (m.sender, m.sender_revision), (m.receiver, m.receiver_revision)
-        if role == "receiver":
-            own, other = other, own
-        revision = own[1] if spec == own[0] else other[1] if spec == other[0] else None
-        key = (spec, revision)
-        if key not in loaded:
-            # Rank 0 first: a packaged model is de-quantised and cached once, then the others read the cache.
-            if is_main():
-                loaded[key] = load_model(spec, p.dtype, p.device, revision)
-            barrier()
-            if not is_main():
-                loaded[key] = load_model(spec, p.dtype, p.device, revision)
-        return loaded[key]
-
-    sender = get(getattr(params, "sender", None) or m.sender, "sender")
-    receiver = get(getattr(params, "receiver", None) or m.receiver, "receiver")
-    return ModelPair(sender, receiver)
 
 
 def plan(cfg: ExperimentConfig) -> list[str]:
@@ -81,27 +38,12 @@ def plan(cfg: ExperimentConfig) -> list[str]:
     return lines
 
 
-def _capability(module: str, function: str, stage: str) -> Callable | None:
-    """The stage's implementation, or None (said in one line) while that capability has not landed."""
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(module), function)
-    except ModuleNotFoundError as err:
-        if err.name != module:
-            raise
-        log.info("%s: not available yet (%s is not implemented); skipped", stage, module)
-        return None
-
-
 def _stage_train(ctx: RunContext) -> None:
     methods = [(n, c, p) for n, c, p in method_instances(ctx.cfg) if c.needs_training(p)]
     if not methods:
         log.info("train: no method needs a learned projection; nothing to do")
         return
-    train = _capability("cross_model.training", "train_projections_for", "train")
-    if train:
-        train(ctx, methods)
+    train_projections_for(ctx, methods)
 
 
 def _stage_calibrate(ctx: RunContext) -> None:
@@ -109,21 +51,33 @@ def _stage_calibrate(ctx: RunContext) -> None:
     if not methods:
         log.info("calibrate: no method needs calibration; nothing to do")
         return
-    calibrate = _capability("cross_model.evaluation", "calibrate_methods", "calibrate")
-    if calibrate:
-        calibrate(ctx, methods)
+    calibrate_methods(ctx, methods)
 
 
 def _stage_evaluate(ctx: RunContext) -> None:
-    evaluate = _capability("cross_model.evaluation", "evaluate", "evaluate")
-    if evaluate:
-        evaluate(ctx)
+    outcomes = evaluate(ctx)
+    for task, o in outcomes.items():
+        log.info("evaluate %s: %d batches on this rank, %d prefills shared between methods, %d run",
+                 task, o.batches, o.prefill_hits, o.prefill_misses)
 
 
 def _stage_report(ctx: RunContext) -> None:
-    report = _capability("cross_model.reporting", "report", "report")
-    if report:
-        report(ctx)
+    """Read every rank's results, write the files on rank 0, print the table."""
+    if is_main():
+        names = [name for name, _, _ in method_instances(ctx.cfg)]
+        summary, rows = [], {}
+        for task, (test, _) in task_splits(ctx).items():
+            for name in names:
+                task_rows = gather_results(ctx.run_dir, task, name, test)
+                summary.append(summarize(task, name, task_rows))
+                rows.setdefault(task, {})[name] = task_rows
+        paths = write_reports(ctx.run_dir, summary, rows, load_run_context(ctx.run_dir))
+        tracker = ctx.state.get("tracker")
+        if tracker is not None:
+            tracker.log_summary(summary)
+        print(format_table(summary), flush=True)
+        print(f"\nResults in {ctx.run_dir}/: " + ", ".join(p.name for p in paths), flush=True)
+    barrier()
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[RunContext], None]] = {
@@ -135,9 +89,6 @@ STAGE_FUNCTIONS: dict[str, Callable[[RunContext], None]] = {
 
 
 def run_stages(ctx: RunContext) -> None:
-    from cross_model.config import to_dict
-    from cross_model.tracking import Tracker
-
     tracker = ctx.state.setdefault("tracker", Tracker.start(ctx.cfg.logging, ctx.run_dir, to_dict(ctx.cfg), ctx.cfg.name))
     try:
         for stage in ctx.cfg.stages:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,53 @@ def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
 
+def _visible_devices_text(visible: int) -> str:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"{visible} visible CUDA device(s), CUDA_VISIBLE_DEVICES={env if env is not None else '(unset)'}"
+
+
+def cuda_index_for_rank(local_rank: int, visible: int, local_world_size: int | None = None) -> int:
+    """The one rule for which GPU a rank uses.
+
+    Rank i of a node uses GPU i when the node's ranks share the visible GPUs (torchrun
+    --nproc_per_node = GPUs); a rank that sees exactly one GPU uses it (srun --gpus-per-task=1, or
+    CUDA_VISIBLE_DEVICES set per rank). Anything else, more ranks than GPUs above all, is an error:
+    two ranks on one GPU would run at half speed and nccl refuses them."""
+    if visible < 1:
+        raise ValueError(f"platform.device: no CUDA device for LOCAL_RANK={local_rank} ({_visible_devices_text(visible)})")
+    if visible > 1 and local_world_size is not None and local_world_size > visible:
+        raise ValueError(
+            f"platform.device: {local_world_size} ranks on this node (LOCAL_WORLD_SIZE) but {_visible_devices_text(visible)}; "
+            f"start one rank per GPU (torchrun --nproc_per_node={visible}) or give each rank its own GPU (srun --gpus-per-task=1)"
+        )
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise ValueError(
+        f"platform.device: LOCAL_RANK={local_rank} has no GPU of its own: {_visible_devices_text(visible)}; start at most "
+        f"{visible} ranks per node (torchrun --nproc_per_node={visible}) or give each rank its own GPU (srun --gpus-per-task=1)"
+    )
+
+
+def check_distinct_devices(devices: list[tuple[str, str]]) -> None:
+    """`devices[rank]` = (host, GPU uuid): refuse two ranks on one GPU, naming them."""
+    seen: dict[tuple[str, str], int] = {}
+    for rank, key in enumerate(devices):
+        if key in seen:
+            raise ValueError(
+                f"platform.device: ranks {seen[key]} and {rank} both run on GPU {key[1]} of {key[0]}; each rank needs "
+                f"its own GPU: start one rank per GPU, or with one GPU visible per rank set CUDA_VISIBLE_DEVICES "
+                f"(or srun --gpus-per-task=1) so that each rank sees a different one"
+            )
+        seen[key] = rank
+
+
+def local_world_size() -> int | None:
+    value = os.environ.get("LOCAL_WORLD_SIZE")
+    return int(value) if value and value.isdigit() else None
+
+
 def detect_platform(device: str = "auto", dtype: str = "auto", local_rank: int = 0) -> Platform:
     """Resolve `auto` to the best available device; check explicit choices are possible here."""
     if device == "auto":
@@ -54,7 +102,7 @@ def detect_platform(device: str = "auto", dtype: str = "auto", local_rank: int =
         raise ValueError("platform.dtype: this GPU does not support bfloat16; use float16 or auto")
 
     if device == "cuda":
-        torch_device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        torch_device = torch.device("cuda", cuda_index_for_rank(local_rank, torch.cuda.device_count(), local_world_size()))
         name = torch.cuda.get_device_name(torch_device)
     else:
         torch_device = torch.device(device)

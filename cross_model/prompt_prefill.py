@@ -4,7 +4,8 @@ Several methods start from the same forward: NLD's and CIPHER's first messages a
 payloads all come from A's prefill of the same sender prompts; the baseline's answer and NLD's and
 CIPHER's first receiver answers all come from B's prefill of the same question. A `PrefillMemo` keeps
 the last few such prefills (keys/values, each layer's output at the last token, the last logits) keyed
-by the model and the exact token ids of every row, so the evaluator runs each of them once per batch.
+by the model and the exact token ids of every row, so the evaluator runs each of them once per batch
+(it loops batch-major: one batch of items through every method, then the next, one memo per batch).
 The result is the same computation on the same inputs, so answers do not change (tests check it).
 
 A prefill that ran only up to layer k (AC, KVComm) serves later requests for k or fewer layers; a
@@ -142,7 +143,8 @@ def run_prefill(lm: LoadedModel, batch: Batch | PrefixedBatch, ids_rows: list[li
 
 
 class PrefillMemo:
-    """The last few prefills, keyed by (model, every row's token ids)."""
+    """The last few prefills, keyed by (model, every row's token ids). The evaluator makes one per
+    batch of items, passes it to every method, and drops it after the batch: nothing outlives it."""
 
     def __init__(self, max_entries: int = DEFAULT_ENTRIES):
         self.max_entries = max_entries
@@ -175,14 +177,3 @@ class PrefillMemo:
 
     def clear(self) -> None:
         self._entries.clear()
-
-
-MEMO = PrefillMemo()
-
-
-def set_memo_entries(n: int) -> None:
-    """How many prefills the process keeps (0: none). Each holds a batch's keys/values."""
-    if n < 0:
-        raise ValueError(f"eval.reuse_prefills: a number of prefills >= 0, got {n}")
-    MEMO.max_entries = n
-    MEMO.clear()

@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cross_model.distributed import barrier, is_main
 from cross_model.metrics import wilson_interval
 
 log = logging.getLogger(__name__)
@@ -202,26 +201,3 @@ def write_reports(run_dir: Path, summary: list[dict[str, Any]], rows: dict[str, 
     plot_accuracy(out["accuracy.png"], summary)
     plot_accuracy_vs_bytes(out["accuracy_vs_bytes.png"], summary)
     return list(out.values())
-
-
-def report(ctx) -> None:
-    """The report stage: read every rank's results, write the files on rank 0, print the table."""
-    from cross_model.evaluation import gather_results, task_splits
-    from cross_model.pipeline import method_instances
-    from cross_model.runinfo import load_run_context
-
-    if is_main():
-        names = [name for name, _, _ in method_instances(ctx.cfg)]
-        summary, rows = [], {}
-        for task, (test, _) in task_splits(ctx).items():
-            for name in names:
-                task_rows = gather_results(ctx.run_dir, task, name, test)
-                summary.append(summarize(task, name, task_rows))
-                rows.setdefault(task, {})[name] = task_rows
-        paths = write_reports(ctx.run_dir, summary, rows, load_run_context(ctx.run_dir))
-        tracker = ctx.state.get("tracker")
-        if tracker is not None:
-            tracker.log_summary(summary)
-        print(format_table(summary), flush=True)
-        print(f"\nResults in {ctx.run_dir}/: " + ", ".join(p.name for p in paths), flush=True)
-    barrier()

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import uuid
 import platform as py_platform
+import logging
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -16,19 +21,36 @@ import yaml
 
 from cross_model.config import ExperimentConfig, to_dict
 
+log = logging.getLogger(__name__)
+
 TRACKED_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "gguf", "datasets", "numpy", "simplemma")
 # Keys that may change between a run and its resumption without changing its results.
-RESUMABLE_KEYS = {"stages", "logging", "eval.batch_size"}
+RESUMABLE_KEYS = {"stages", "logging", "eval.batch_size", "eval.reuse_prefills", "eval.fail_fast_items", "eval.fail_fast_ratio"}
+
+
+CODE_PATHS = ("cross_model", "run_experiments.py", "launch", "slurm", "configs", "requirements.txt")
 
 
 def git_commit(repo: Path | None = None) -> dict[str, Any]:
+    """The commit, whether the tree is dirty, and a hash of the uncommitted changes to the code that runs
+    (`CODE_PATHS`: diffs and untracked files), so that a resume can tell the same dirty tree from a
+    changed one."""
     repo = repo or Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout.strip())
-        return {"commit": commit, "dirty": dirty}
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+
+        commit = git("rev-parse", "HEAD").strip()
+        dirty = bool(git("status", "--porcelain").strip())
+        # Only what runs counts as a code change: editing docs or tests while a run waits is not one.
+        status = git("status", "--porcelain", "--untracked-files=all", "--", *CODE_PATHS)
+        untracked = [line[3:] for line in status.splitlines() if line.startswith("??")]
+        digest = hashlib.sha256((status + git("diff", "HEAD", "--binary", "--", *CODE_PATHS)).encode())
+        for name in untracked:
+            digest.update((repo / name).read_bytes())
+        return {"commit": commit, "dirty": dirty, "changes": digest.hexdigest()[:16] if status.strip() else None}
     except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
+        return {"commit": None, "dirty": None, "changes": None}
 
 
 def versions() -> dict[str, Any]:
@@ -71,11 +93,41 @@ def config_differences(old: dict, new: dict) -> list[str]:
     return [k for k in keys if a.get(k) != b.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)]
 
 
-def prepare_run_dir(cfg: ExperimentConfig, meta: dict[str, Any]) -> Path:
-    """Create the run directory, or check that a restart uses the same config (resume, never overwrite)."""
+def run_identity(meta: dict[str, Any], device: str, dtype: str) -> dict[str, Any]:
+    """What a resumed run must share with its first start for its rows to be one experiment: the
+    resolved device kind and dtype (`auto` resolves differently on a GPU and a CPU), and the code."""
+    git = meta.get("git") or {}
+    return {"device": device, "dtype": dtype, "commit": git.get("commit"), "changes": git.get("changes")}
+
+
+def check_identity(run_dir: Path, first: dict[str, Any], now: dict[str, Any], allow_code_change: bool) -> None:
+    if (first.get("device"), first.get("dtype")) != (now["device"], now["dtype"]):
+        raise ValueError(
+            f"run directory {run_dir} was started on {first.get('device')} in {first.get('dtype')}, this start resolves to "
+            f"{now['device']} in {now['dtype']}: resuming would mix results of two set-ups. Resume it on the same hardware "
+            f"(or set platform.device / platform.dtype to {first.get('device')} / {first.get('dtype')}), or pick another --name"
+        )
+    code = ("commit", "changes")
+    if any(first.get(k) != now.get(k) for k in code):
+        what = (f"commit {first.get('commit')} -> {now.get('commit')}" if first.get("commit") != now.get("commit")
+                else f"uncommitted changes {first.get('changes') or 'none'} -> {now.get('changes') or 'none'}")
+        if not allow_code_change:
+            raise ValueError(
+                f"run directory {run_dir} was started with other code ({what}); its finished rows came from that code. "
+                f"Check out the code it started with, pick another --name, or pass --allow-code-change to resume anyway "
+                f"(each row records the start it came from)"
+            )
+        log.warning("resuming %s with changed code (%s), as --allow-code-change asks", run_dir, what)
+
+
+def prepare_run_dir(cfg: ExperimentConfig, meta: dict[str, Any], identity: dict[str, Any] | None = None,
+                    allow_code_change: bool = False) -> int:
+    """Create the run directory, or check that a restart uses the same config, hardware and code (resume,
+    never overwrite). Returns this start's index (0 for the first start, the line in runs.jsonl)."""
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
+    identity_path = run_dir / "identity.json"
     resolved = to_dict(cfg)
     if config_path.exists():
         old = yaml.safe_load(config_path.read_text()) or {}
@@ -85,13 +137,53 @@ def prepare_run_dir(cfg: ExperimentConfig, meta: dict[str, Any]) -> Path:
                 f"run directory {run_dir} holds a run with a different config (differs in: {', '.join(diff[:8])}); "
                 f"resume it with the same arguments, or pick another --name"
             )
+        if identity is not None and identity_path.exists():
+            check_identity(run_dir, json.loads(identity_path.read_text()), identity, allow_code_change)
     else:
         _atomic_write(config_path, yaml.safe_dump(resolved, sort_keys=False))
+    if identity is not None and not identity_path.exists():
+        _atomic_write(identity_path, json.dumps(identity, indent=2))
+    runs = run_dir / "runs.jsonl"
+    start = sum(1 for line in runs.read_text().splitlines() if line.strip()) if runs.exists() else 0
     # Metadata is per start: a resumed run appends, so each start's versions are kept.
-    with open(run_dir / "runs.jsonl", "a") as fh:
-        fh.write(json.dumps(meta) + "\n")
+    with open(runs, "a") as fh:
+        fh.write(json.dumps({**meta, "start": start, "identity": identity}) + "\n")
     _atomic_write(run_dir / "versions.json", json.dumps(meta, indent=2))
-    return run_dir
+    return start
+
+
+def check_shared_run_dir(run_dir: Path, wait_s: float = 20.0) -> None:
+    """Every rank writes a token into the run directory and must see every other rank's: rank 0 alone
+    decides about the run's files (checkpoints, calibration, results), which only works when all ranks
+    see one directory. With node-local output directories the run would hang or mix; refuse it."""
+    from cross_model.distributed import barrier, broadcast_object, gather_object, get_rank, get_world_size, is_main
+
+    world = get_world_size()
+    if world == 1:
+        return
+    nonce = broadcast_object(uuid.uuid4().hex[:12] if is_main() else None)
+    tokens = Path(run_dir) / f".rank-check-{nonce}"
+    tokens.mkdir(parents=True, exist_ok=True)
+    (tokens / f"rank{get_rank()}").write_text(socket.gethostname())
+    barrier()
+    deadline = time.monotonic() + wait_s  # network filesystems may list a new file a few seconds late
+    while True:
+        seen = sorted(int(p.name[4:]) for p in tokens.glob("rank*"))
+        if seen == list(range(world)) or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    views = gather_object((socket.gethostname(), seen))
+    barrier()
+    if is_main():
+        shutil.rmtree(tokens, ignore_errors=True)
+    blind = [(r, host, s) for r, (host, s) in enumerate(views) if s != list(range(world))]
+    if blind:
+        detail = "; ".join(f"rank {r} on {host} sees ranks {s}" for r, host, s in blind[:4])
+        raise ValueError(
+            f"the run directory {run_dir} is not shared by all {world} ranks ({detail}). Rank 0 decides about the "
+            f"run's checkpoints, calibration and results and the other ranks read them, so output_dir must be on a "
+            f"filesystem every node sees (e.g. a cluster home or scratch, not /tmp)"
+        )
 
 
 def _atomic_write(path: Path, text: str) -> None:

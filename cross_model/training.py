@@ -29,10 +29,11 @@ import torch
 from cross_model.checkpointing import CheckpointManager, rng_state, set_rng_state, verify, write_atomically
 from cross_model.config import TrainConfig
 from cross_model.distributed import (
-    StopFlag, barrier, broadcast_object, gather_object, get_rank, get_world_size, is_initialized, is_main, progress,
+    Preempted, StopFlag, barrier, broadcast_object, gather_object, get_rank, get_world_size, is_initialized, is_main,
 )
+from cross_model.context import model_pair
 from cross_model.models import LoadedModel
-from cross_model.pipeline import Preempted
+from cross_model.progress import Progress
 from cross_model.projection import LearnedProjection, check_identity, load_projection
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,9 @@ def fit_projection(
     history: list[dict[str, Any]] = []
 
     step, resumed = 0, None
-    ckpt = manager.load_latest(rank, world)
+    # Rank 0 picks the checkpoint (it alone renames and prunes them); every rank loads that one.
+    latest = broadcast_object(manager.latest_step() if is_main() else None)
+    ckpt = None if latest is None else manager.load(latest, rank, world)
     if ckpt is not None:
         check_identity(ckpt.meta, sidecar, f"checkpoint {ckpt.path}", keys=tuple(identity) + RECIPE_KEYS)
         proj.load_state_dict(ckpt.tensors)
@@ -213,7 +216,7 @@ def fit_projection(
         barrier()
 
     delay = float(os.environ.get("CROSS_MODEL_TEST_STEP_DELAY", "0"))  # lets tests kill a run mid-training
-    bar = progress(total=total, initial=step, desc=f"train {identity['sender']}->{identity['receiver']}")
+    bar = Progress(total, f"train {identity['sender']}->{identity['receiver']}", unit="steps", initial=step)
     last_saved = resumed
     while step < total:
         epoch, b = divmod(step, steps_per_epoch)
@@ -295,7 +298,8 @@ def train_projection(
     identity, recipe = projection_identity(sender, receiver, k, j), training_recipe(cfg, seed)
     directory = projection_dir(cfg.checkpoint_dir, identity, recipe)
     final = directory / FINAL
-    if verify(final)[0] is not None:
+    # Rank 0 decides about shared files and tells the others (it may be moving a damaged one aside).
+    if broadcast_object(verify(final)[0] is not None if is_main() else None):
         proj, meta = load_projection(final, identity)
         log.info("train: %s is already trained (R^2 %.4f); loaded, not retrained", final,
                  meta.get("fit", {}).get("r2", float("nan")))
@@ -334,8 +338,11 @@ def cached_activations(
     (sharded over ranks) and written by rank 0."""
     from safetensors.torch import load_file
 
-    meta, why = verify(directory)
-    if meta is not None and meta.get("key") == key and meta.get("n") == n:
+    usable, why = None, ""
+    if is_main():
+        meta, why = verify(directory)
+        usable = meta is not None and meta.get("key") == key and meta.get("n") == n
+    if broadcast_object(usable):  # rank 0 decides; the others read only what it found complete
         tensors = load_file(str(directory / "activations.safetensors"))
         log.info("train: frozen-model activations read from the cache %s", directory)
         return tensors["a"], tensors["b"]
@@ -351,8 +358,6 @@ def cached_activations(
 
 def train_projections_for(ctx: Any, methods: list[tuple[str, type, Any]]) -> None:
     """The pipeline's train stage: one projection per distinct (pair, k, j) among `methods`."""
-    from cross_model.pipeline import model_pair
-
     done: dict[tuple, FitResult] = {}
     train_cfg = resolved_train_config(ctx.cfg)
     tracker = ctx.state.get("tracker")

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-VOLATILE = ("seconds", "rank")  # wall time and which rank ran it may differ; nothing else may
+VOLATILE = ("seconds", "rank", "start")  # wall time, which rank and which start ran it may differ; nothing else may
 
 
 def _run(tmp_path: Path, name: str, nproc: int = 1, extra=(), delay: float = 0.0, wait: bool = True):
@@ -98,7 +98,7 @@ def test_every_example_is_reported_once_per_method_including_failures(unsharded)
 def test_failed_examples_are_scored_wrong_not_dropped(tmp_path):
     """A method that fails on some items: every item is still in the report, the failures as errors."""
     from cross_model.methods.baseline import Baseline
-    from cross_model.methods.registry import register
+    from cross_model.methods.registry import _METHODS, register
 
     @register("fails_on_odd")
     class FailsOnOdd(Baseline):
@@ -109,9 +109,12 @@ def test_failed_examples_are_scored_wrong_not_dropped(tmp_path):
 
     import run_experiments
 
-    rc = run_experiments.main([
-        "--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--stages", "[evaluate,report]",
-        "--methods", '{"baseline": {}, "flaky": {"method": "fails_on_odd"}}', "--eval.batch_size", "3"])
+    try:
+        rc = run_experiments.main([
+            "--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--stages", "[evaluate,report]",
+            "--methods", '{"baseline": {}, "flaky": {"method": "fails_on_odd"}}', "--eval.batch_size", "3"])
+    finally:
+        _METHODS.pop("fails_on_odd")
     assert rc == 0
     data = json.loads((tmp_path / "tiny" / "results.json").read_text())
     for task, n in (("countries", 6), ("tipsheets", 4)):

@@ -274,25 +274,19 @@ def test_methods_sharing_prefills_answer_as_they_do_alone(examples):
     """Baseline, NLD, CIPHER, AC and KVComm read the same prompts: with the prefill memo, the later
     ones reuse the earlier ones' prefills (AC's layer-k residual and KVComm's caches then come from a
     full forward), and every answer, payload and token count equals the method's own with the memo off."""
-    from cross_model.prompt_prefill import MEMO
+    from cross_model.prompt_prefill import PrefillMemo
 
     lm = load_model("tiny-llama-64", dtype=torch.float64)  # one model, as the pipeline shares them
     methods = {}
     for n in ["baseline", "nld", "cipher", "ac", "kvcomm"]:
         cls, p = resolve_method(n, METHOD_PARAMS[n])
         methods[n] = cls(p, ModelPair(lm, lm))
-    MEMO.clear()
-    MEMO.hits = 0
-    shared = {n: [p.to_dict() for p in m.run_batch(examples)] for n, m in methods.items()}
-    assert MEMO.hits == 5  # NLD's B (from the baseline); CIPHER's A and B, AC's A, KVComm's A (from NLD)
-    entries = MEMO.max_entries
-    try:
-        MEMO.max_entries = 0
-        MEMO.clear()
-        alone = {n: [p.to_dict() for p in m.run_batch(examples)] for n, m in methods.items()}
-        assert MEMO.hits == 5 and not MEMO._entries
-    finally:
-        MEMO.max_entries = entries
+    memo = PrefillMemo()
+    shared = {n: [p.to_dict() for p in m.run_batch(examples, memo=memo)] for n, m in methods.items()}
+    assert memo.hits == 5  # NLD's B (from the baseline); CIPHER's A and B, AC's A, KVComm's A (from NLD)
+    off = PrefillMemo(0)
+    alone = {n: [p.to_dict() for p in m.run_batch(examples, memo=off)] for n, m in methods.items()}
+    assert off.hits == 0 and not off._entries
     assert shared == alone
 
 
@@ -300,7 +294,7 @@ def test_methods_sharing_prefills_answer_as_they_do_alone(examples):
 def test_ac_sender_vector_is_hidden_state_k_of_a_plain_forward(examples, k):
     """A's vector is Hugging Face's hidden_states[k] at the last prompt token, whether A's prefill ran
     only to layer k or a full prefill of the same prompts was taken from the memo."""
-    from cross_model.prompt_prefill import MEMO
+    from cross_model.prompt_prefill import PrefillMemo
 
     lm = load_model("tiny-llama-64", dtype=torch.float64)
     cls, p = resolve_method("ac", {"k": k, "j": 2})
@@ -310,12 +304,12 @@ def test_ac_sender_vector_is_hidden_state_k_of_a_plain_forward(examples, k):
         ref = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=positions_from_mask(batch.attention_mask), output_hidden_states=True)
     expected = ref.hidden_states[k][:, -1]
-    MEMO.clear()
     torch.testing.assert_close(ac.sender_vectors(examples), expected, rtol=1e-9, atol=1e-9)
-    ac.prefill(lm, [sender_text(e) for e in examples])  # what NLD leaves in the memo: every layer
-    hits = MEMO.hits
-    torch.testing.assert_close(ac.sender_vectors(examples), expected, rtol=1e-9, atol=1e-9)
-    assert MEMO.hits == hits + 1
+    memo = PrefillMemo()
+    with ac.using_memo(memo):
+        ac.prefill(lm, [sender_text(e) for e in examples])  # what NLD leaves in the memo: every layer
+        torch.testing.assert_close(ac.sender_vectors(examples), expected, rtol=1e-9, atol=1e-9)
+    assert (memo.hits, memo.misses) == (1, 1)
 
 
 def test_shared_prefix_sender_vectors_match_a_full_forward(examples):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from cross_model import distributed as d
 from cross_model.checkpointing import CheckpointManager, verify
 from cross_model.config import TrainConfig
-from cross_model.pipeline import Preempted
+from cross_model.distributed import Preempted
 from cross_model.training import fit_projection, train_projection
 from tests.conftest import ROOT, free_port
 

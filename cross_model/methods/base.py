@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from cross_model.data.base import Example
+from cross_model.failures import free_device_memory, full_traceback, innermost_traceback, is_out_of_memory, poisons_process
 from cross_model.generation import GenerationResult, greedy_generate
 from cross_model.models import LoadedModel
 from cross_model.prefix_cache import PrefixCache, PrefixedBatch
-from cross_model.prompt_prefill import MEMO, Prefill
+from cross_model.prompt_prefill import Prefill, PrefillMemo, run_prefill
 from cross_model.prompting import Batch, chat_wrap, encode_texts, pad_left
 
 log = logging.getLogger(__name__)
@@ -43,11 +45,14 @@ class Prediction:
     sender_generated_tokens: int = 0
     receiver_prefill_tokens: int = 0
     receiver_generated_tokens: int = 0
-    error: str | None = None
+    error: str | None = None  # the innermost frames of the traceback, kept with the result row
     extra: dict[str, Any] = field(default_factory=dict)
+    error_traceback: str | None = field(default=None, repr=False)  # in full, for a run that stops; not saved
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        del out["error_traceback"]
+        return out
 
 
 @dataclass
@@ -72,6 +77,7 @@ class Method:
         self.name = name or self.registry_name
         self.run_dir = run_dir
         self.prefix_cache = PrefixCache()
+        self._memo: PrefillMemo | None = None  # set for the duration of one `run_batch`
         self.check_pair()
 
     # --- what the pipeline asks before running -------------------------------------------------
@@ -93,22 +99,39 @@ class Method:
     def max_new_tokens(self, example: Example) -> int:
         return self.params.max_new_tokens or example.max_new_tokens
 
-    def run_batch(self, examples: list[Example]) -> list[Prediction]:
-        """Run a batch; if it fails, run its examples one by one so that only the failing ones are
-        recorded as errors (scored 0), never dropped."""
+    def run_batch(self, examples: list[Example], memo: PrefillMemo | None = None) -> list[Prediction]:
+        """Run a batch, its prefills shared through `memo` (the evaluator's, for this batch of items;
+        else one of its own, freed on return). A failing batch runs its examples one by one, so only
+        the failing ones are recorded as errors (scored 0), never dropped; out of memory frees the
+        cache and halves the batch; errors that poison the device or the process group are raised
+        (see `cross_model.failures`)."""
+        with self.using_memo(memo if memo is not None else PrefillMemo()):
+            return self._run_guarded(examples)
+
+    def _run_guarded(self, examples: list[Example]) -> list[Prediction]:
         try:
             preds = self._run_batch(examples)
             assert [p.example_id for p in preds] == [e.example_id for e in examples]
             return preds
-        except Exception:  # noqa: BLE001 - a method failure is data, recorded per example
-            err = traceback.format_exc(limit=4)
+        except Exception as exc:  # noqa: BLE001 - a method failure is data, recorded per example
+            if poisons_process(exc):
+                raise
+            if is_out_of_memory(exc):
+                if self._memo is not None:
+                    self._memo.clear()
+                free_device_memory()
+                if len(examples) > 1:
+                    half = (len(examples) + 1) // 2
+                    log.warning("%s: out of memory on a batch of %d; cache freed, running it as %d + %d "
+                                "(a smaller batch_size avoids this)", self.name, len(examples), half, len(examples) - half)
+                    return self._run_guarded(examples[:half]) + self._run_guarded(examples[half:])
+            err = innermost_traceback(exc)
+            last = err.strip().splitlines()[-1]
             if len(examples) == 1:
-                log.warning("%s failed on %s: %s", self.name, examples[0].example_id, err.strip().splitlines()[-1])
-                return [Prediction(examples[0].example_id, "", 0, error=err)]
-            # Said out loud: a batch too big for the device memory lands here and runs, slowly.
-            log.warning("%s: a batch of %d failed (%s); running its examples one at a time",
-                        self.name, len(examples), err.strip().splitlines()[-1])
-            return [p for e in examples for p in self.run_batch([e])]
+                log.warning("%s failed on %s: %s", self.name, examples[0].example_id, last)
+                return [Prediction(examples[0].example_id, "", 0, error=err, error_traceback=full_traceback(exc))]
+            log.warning("%s: a batch of %d failed (%s); running its examples one at a time", self.name, len(examples), last)
+            return [p for e in examples for p in self._run_guarded([e])]
 
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         raise NotImplementedError
@@ -131,33 +154,39 @@ class Method:
                 past_mask_BP=pre.past_mask, position_offset_B=pre.position_offset, first_logits_BV=pre.logits,
             )
             return gen, pre.prompt_lengths
-        batch = self.prompt_batch(lm, texts)
+        ids = self.prompt_ids(lm, texts)
+        batch = self.batch_from_ids(lm, ids)
         if isinstance(batch, PrefixedBatch):
             kw.update(cache=batch.cache, past_mask_BP=batch.past_mask, position_offset_B=batch.position_offset)
             mask = batch.suffix_mask
         else:
             mask = batch.attention_mask
         gen = greedy_generate(lm, batch.input_ids, mask, max(limits), max_new_tokens_B=limits, **kw)
-        return gen, self._prompt_lengths
+        return gen, [len(x) for x in ids]
 
     def prompt_ids(self, lm: LoadedModel, texts: list[str]) -> list[list[int]]:
-        """Chat-wrapped, tokenised prompts; their lengths are kept in `_prompt_lengths`."""
-        ids = encode_texts(lm, [chat_wrap(lm, t) for t in texts], self.params.max_prompt_tokens)
-        self._prompt_lengths = [len(x) for x in ids]
-        return ids
+        """Chat-wrapped, tokenised prompts (their lengths are the tokens each row stands for)."""
+        return encode_texts(lm, [chat_wrap(lm, t) for t in texts], self.params.max_prompt_tokens)
 
     def batch_from_ids(self, lm: LoadedModel, ids: list[list[int]]) -> Batch | PrefixedBatch:
         split = self.prefix_cache.split(lm, ids) if self.params.share_prefix else None
         return split if split is not None else pad_left(ids, lm.tokenizer.pad_token_id, lm.device)
 
-    def prompt_batch(self, lm: LoadedModel, texts: list[str]) -> Batch | PrefixedBatch:
-        """Chat-wrapped, tokenised prompts: with `share_prefix`, their common prefix comes from the
-        prefix cache and only the suffixes are left to prefill; otherwise a plain left-padded batch.
-        The full prompt lengths are kept in `_prompt_lengths` (the tokens each row stands for)."""
-        return self.batch_from_ids(lm, self.prompt_ids(lm, texts))
-
     def prefill(self, lm: LoadedModel, texts: list[str], layers: int | None = None) -> Prefill:
         """These prompts prefilled through `layers` blocks (None: all, with logits), taken from the
-        prefill memo when another method already ran the same prompts on the same model."""
+        prefill memo of the batch in progress when another method already ran the same prompts on the
+        same model (outside `run_batch`/`using_memo`, nothing is kept)."""
         ids = self.prompt_ids(lm, texts)
-        return MEMO.get(lm, ids, self.params.share_prefix, layers, lambda: self.batch_from_ids(lm, ids))
+        if self._memo is None:
+            return run_prefill(lm, self.batch_from_ids(lm, ids), ids, layers)
+        return self._memo.get(lm, ids, self.params.share_prefix, layers, lambda: self.batch_from_ids(lm, ids))
+
+    @contextlib.contextmanager
+    def using_memo(self, memo: PrefillMemo | None) -> Iterator[PrefillMemo | None]:
+        """Prefills in this block come from (and go to) `memo`: the evaluator passes one per batch of
+        items, shared by every method, and frees it after the batch."""
+        previous, self._memo = self._memo, memo
+        try:
+            yield memo
+        finally:
+            self._memo = previous

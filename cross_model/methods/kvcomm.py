@@ -20,10 +20,12 @@ import torch
 from transformers import DynamicCache
 
 from cross_model.data.base import Example
+from cross_model.distributed import all_reduce_sum, broadcast_object, gather_object, is_main, shard
 from cross_model.generation import greedy_generate
 from cross_model.methods.base import Method, MethodParams, Prediction
 from cross_model.methods.registry import register
 from cross_model.kv_wire import KVPayload, dtype_bits, dtype_name, payload_size
+from cross_model.progress import Progress
 from cross_model.prompt_prefill import Prefill
 from cross_model.prompting import receiver_text, sender_text, tokenize_prompts
 from cross_model.surgery import (
@@ -166,10 +168,13 @@ class KVComm(Method):
     # --- receiver -------------------------------------------------------------------------------
     def _receive(self, examples: list[Example], selected: set[int], record: bool = False, max_new: list[int] | None = None,
                  as_sent: bool = True):
-        """B's greedy answers reading A's cache; `as_sent=False` reads A's tensors as they are (calibration)."""
+        """B's greedy answers reading A's cache, with each row's payload bytes and extra fields;
+        `as_sent=False` reads A's tensors as they are (calibration)."""
         a_pre, a_cache, sink_kv = self.sender_cache(examples, selected)
+        sizes: list[int] = [0] * len(examples)
+        extras: list[dict] = [{} for _ in examples]
         if as_sent:
-            a_cache, sink_kv, self._payload_sizes, self._payload_extra = self.transmit(a_pre, a_cache, sink_kv, selected)
+            a_cache, sink_kv, sizes, extras = self.transmit(a_pre, a_cache, sink_kv, selected)
         a_mask = a_pre.full_mask
         cache, layout = assemble_receiver_cache(a_cache, a_mask, self.layer_map, selected, sink_kv)
         layout.record_attention = record
@@ -181,11 +186,11 @@ class KVComm(Method):
             b, b_batch.input_ids, b_batch.attention_mask, max(limits), cache=cache,
             position_offset_B=offset, forward=layout_forward(b, layout), max_new_tokens_B=limits,
         )
-        return gen, a_pre.prompt_lengths, b_batch.lengths, layout
+        return gen, a_pre.prompt_lengths, b_batch.lengths, layout, sizes, extras
 
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         selected = self.selected_layers()
-        gen, a_len, b_len, _ = self._receive(examples, selected)
+        gen, a_len, b_len, _, sizes, extras = self._receive(examples, selected)
         return [
             Prediction(
                 e.example_id, text, size, sender_prefill_tokens=n_a,
@@ -193,34 +198,51 @@ class KVComm(Method):
                 extra={"layers": sorted(selected), **extra},
             )
             for e, text, n_a, n_b, n_out, size, extra in zip(
-                examples, gen.texts, a_len, b_len, gen.n_generated, self._payload_sizes, self._payload_extra
+                examples, gen.texts, a_len, b_len, gen.n_generated, sizes, extras
             )
         ]
 
     # --- calibration ------------------------------------------------------------------------------
-    def layer_importance(self, examples: list[Example], batch_size: int = 8) -> list[float]:
-        """Mean attention mass of B's prompt tokens on A's tokens (sink excluded), per receiver layer."""
+    def importance_sums(self, examples: list[Example], batch_size: int = 8, bar: Progress | None = None) -> list[float]:
+        """Per receiver layer, the attention mass of B's prompt tokens on A's tokens (sink excluded),
+        summed over `examples` (each example: its mean over B's prompt tokens and heads)."""
         n = self.pair.receiver.info.num_layers
-        totals, count = [0.0] * n, 0
+        totals = [0.0] * n
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            _, _, _, layout = self._receive(chunk, set(range(n)), record=True, max_new=[1] * len(chunk), as_sent=False)
+            layout = self._receive(chunk, set(range(n)), record=True, max_new=[1] * len(chunk), as_sent=False)[3]
             for l in range(n):
-                totals[l] += float(torch.cat(layout.attention_on_A[l]).sum())
-            count += len(chunk)
+                totals[l] += float(torch.cat(layout.attention_on_A[l]).double().sum())
+            if bar is not None:
+                bar.update(len(chunk))
+        return totals
+
+    def layer_importance(self, examples: list[Example], batch_size: int = 8) -> list[float]:
+        """Mean attention mass on A's tokens per receiver layer over `examples`, each rank measuring
+        its share and the sums added over ranks."""
+        mine = shard(examples)
+        with Progress(len(mine), f"calibrate {self.name}: attention on A", unit="items") as bar:
+            sums = self.importance_sums(mine, batch_size, bar)
+        *totals, count = all_reduce_sum(sums + [len(mine)])
         return [t / max(count, 1) for t in totals]
 
     def calibrate(self, examples: list[Example]) -> dict[str, Any]:
+        """Measure on every rank's share, decide on rank 0, and give every rank that decision."""
         if not examples:
             raise ValueError(f"methods.{self.name}: calibration needs calibration items (tasks.N.n_calib > 0)")
         importance = self.layer_importance(examples, self.params.batch_size or 8)
-        p = self.params
-        scores = blend_scores(importance, p.alpha, p.mu, p.sigma)
-        self.ranking = sorted(range(len(scores)), key=lambda l: (-scores[l], l))
-        self.calibration = {
-            "importance": importance, "scores": scores, "ranking": self.ranking,
-            "selected": sorted(self.selected_layers()), "calibration_ids": [e.example_id for e in examples],
-        }
+        items_per_rank = gather_object(len(shard(examples)))
+        decision = None
+        if is_main():
+            p = self.params
+            scores = blend_scores(importance, p.alpha, p.mu, p.sigma)
+            self.ranking = sorted(range(len(scores)), key=lambda l: (-scores[l], l))
+            decision = {
+                "importance": importance, "scores": scores, "ranking": self.ranking,
+                "selected": sorted(self.selected_layers()), "calibration_ids": [e.example_id for e in examples],
+                "items_per_rank": items_per_rank,
+            }
+        self.load_calibration(broadcast_object(decision))
         return self.calibration
 
     def load_calibration(self, data: dict[str, Any]) -> None:

@@ -19,10 +19,12 @@ from typing import Any
 
 import torch
 from cross_model.data.base import Example
+from cross_model.distributed import all_reduce_sum, broadcast_object, gather_object, is_main, shard
 from cross_model.generation import positions_from_mask
 from cross_model.kv_wire import QUANT_BITS, QuantScheme, decode, dtype_bits, encode, payload_size
 from cross_model.methods.kvcomm import KVComm, KVCommParams
 from cross_model.methods.registry import register
+from cross_model.progress import Progress
 from cross_model.prompt_prefill import KVView, LayerKV, Prefill
 from cross_model.prompting import receiver_text, tokenize_prompts
 from cross_model.surgery import assemble_receiver_cache, layout_forward
@@ -174,21 +176,27 @@ class QKVComm(KVComm):
 
     def sensitivity(self, examples: list[Example], selected: set[int]) -> dict[int, dict[int, float]]:
         """Per sent layer and width: mean KL(B's next-token distribution unquantized || with only that
-        layer quantized), over `examples`."""
+        layer quantized), over `examples` (each rank measures its share; the sums are added)."""
         layers = sorted(selected)
         raw = dtype_bits(self.wire_payload(selected, 0).dtype)
         size = self.params.batch_size or 8
-        totals = {l: {c: 0.0 for c in self.params.bit_choices} for l in layers}
-        for start in range(0, len(examples), size):
-            chunk = examples[start : start + size]
-            ref = self.first_logits(chunk, selected, None).float().log_softmax(-1)
-            for i, layer in enumerate(layers):
-                for c in self.params.bit_choices:
-                    bits = [raw] * len(layers)
-                    bits[i] = c
-                    got = self.first_logits(chunk, selected, bits).float().log_softmax(-1)
-                    totals[layer][c] += float((ref.exp() * (ref - got)).sum(-1).clamp(min=0).sum())
-        return {l: {c: v / len(examples) for c, v in per.items()} for l, per in totals.items()}
+        choices = self.params.bit_choices
+        totals = {l: {c: 0.0 for c in choices} for l in layers}
+        mine = shard(examples)
+        with Progress(len(mine), f"calibrate {self.name}: bit sensitivity", unit="items") as bar:
+            for start in range(0, len(mine), size):
+                chunk = mine[start : start + size]
+                ref = self.first_logits(chunk, selected, None).float().log_softmax(-1)
+                for i, layer in enumerate(layers):
+                    for c in choices:
+                        bits = [raw] * len(layers)
+                        bits[i] = c
+                        got = self.first_logits(chunk, selected, bits).float().log_softmax(-1)
+                        totals[layer][c] += float((ref.exp() * (ref - got)).sum(-1).clamp(min=0).double().sum())
+                bar.update(len(chunk))
+        flat = all_reduce_sum([totals[l][c] for l in layers for c in choices])
+        return {l: {c: flat[i * len(choices) + j] / len(examples) for j, c in enumerate(choices)}
+                for i, l in enumerate(layers)}
 
     def calibrate(self, examples: list[Example]) -> dict[str, Any]:
         if not examples:
@@ -197,13 +205,19 @@ class QKVComm(KVComm):
         if self.params.target_bits is not None:
             selected = self.selected_layers()
             profile = self.sensitivity(examples, selected)
-            self.layer_bits = allocate_bits(profile, self.params.target_bits, self.params.bit_choices)
-            calibration = {
-                **calibration,
-                "sensitivity": {str(l): {str(c): v for c, v in per.items()} for l, per in profile.items()},
-                "layer_bits": {str(l): b for l, b in sorted(self.layer_bits.items())},
-                "calibration_ids": [e.example_id for e in examples],
-            }
+            items_per_rank = gather_object(len(shard(examples)))
+            decision = None
+            if is_main():
+                layer_bits = allocate_bits(profile, self.params.target_bits, self.params.bit_choices)
+                decision = {
+                    **calibration,
+                    "sensitivity": {str(l): {str(c): v for c, v in per.items()} for l, per in profile.items()},
+                    "layer_bits": {str(l): b for l, b in sorted(layer_bits.items())},
+                    "calibration_ids": [e.example_id for e in examples],
+                    "items_per_rank": items_per_rank,
+                }
+            self.load_calibration(broadcast_object(decision))
+            return self.calibration
         self.calibration = calibration
         return calibration
 

@@ -1,0 +1,44 @@
+"""The calibrate stage: methods that choose something before the test items (KVComm's layers,
+Q-KVComm's bits per layer) choose it on the calibration splits of all tasks, never test items.
+
+The calibration items are sharded over ranks like test items; each method sums its measurements over
+its share, the sums are all-reduced, and rank 0 decides and broadcasts (`Method.calibrate`), so every
+rank uses one decision however bf16 ties would fall on each GPU. The decision is saved with the run
+and reloaded when the run resumes; rank 0 reads the file and tells the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from cross_model.distributed import barrier, broadcast_object, is_main
+from cross_model.evaluation import build_methods, task_splits
+from cross_model.result_files import write_json_atomically
+
+log = logging.getLogger(__name__)
+
+
+def calibrate_methods(ctx, instances: list) -> dict[str, dict]:
+    """Calibrate (or reload) each method in `instances`; returns name -> its calibration."""
+    methods = build_methods(ctx)
+    calib = [e for _, (_, c) in task_splits(ctx).items() for e in c]
+    out = {}
+    for name, _, _ in instances:
+        path = ctx.run_dir / f"calibration-{name}.json"
+        saved = broadcast_object(json.loads(path.read_text()) if is_main() and path.exists() else None)
+        if saved is not None:
+            methods[name].load_calibration(saved)
+            log.info("calibrate: %s loaded its saved calibration from %s", name, path)
+            out[name] = saved
+            continue
+        result = methods[name].calibrate(calib)
+        if is_main():
+            write_json_atomically(path, result)
+        if "selected" in result:
+            log.info("calibrate: %s keeps receiver layers %s", name, result["selected"])
+        if "layer_bits" in result:
+            log.info("calibrate: %s gives its layers these bits: %s", name, result["layer_bits"])
+        out[name] = result
+    barrier()
+    return out

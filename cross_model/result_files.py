@@ -1,0 +1,79 @@
+"""The evaluator's files: one JSONL per task, method and rank, appended and fsynced batch by batch.
+
+`results/<task>/<method>/rank<r>.jsonl` holds one line per finished example. A kill can leave at most
+a partial last line, cut before appending again; readers take every rank's file (of any world size),
+the first row of each example id winning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from cross_model.data.base import Example
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results"
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def result_dir(run_dir: Path, task: str, method: str) -> Path:
+    return Path(run_dir) / RESULTS / task / method
+
+
+def repair_tail(path: Path) -> None:
+    """Cut a line left half-written by a kill, so that appending starts on a fresh line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep != len(data):
+        log.warning("%s ends in a partial line (killed while writing); dropped %d bytes", path, len(data) - keep)
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+
+
+def read_results(directory: Path) -> dict[str, dict[str, Any]]:
+    """example id -> its row, from every rank file in `directory` (first occurrence wins; a partial
+    last line of a file another rank is writing is ignored)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in sorted(directory.glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row["example_id"] in rows:
+                log.warning("%s: duplicate result for %s ignored", path, row["example_id"])
+                continue
+            rows[row["example_id"]] = row
+    return rows
+
+
+def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def gather_results(run_dir: Path, task: str, name: str, test: list[Example]) -> list[dict[str, Any]]:
+    """Every test item's row, in test order; an item without a row is an error, never skipped."""
+    rows = read_results(result_dir(run_dir, task, name))
+    missing = [e.example_id for e in test if e.example_id not in rows]
+    if missing:
+        raise RuntimeError(
+            f"{task}/{name}: {len(missing)} of {len(test)} test items have no result ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}); run the evaluate stage again to finish them"
+        )
+    return [rows[e.example_id] for e in test]
