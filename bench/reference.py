@@ -12,7 +12,8 @@ import torch
 from cross_model.data.base import Example
 from cross_model.generation import eos_token_ids
 from cross_model.methods.ac import combine
-from cross_model.methods.cipher import embed_ids, vector_generate
+from cross_model.methods.cipher import vector_generate
+from cross_model.surgery import embed_ids
 from cross_model.methods.debate import refinement_text
 from cross_model.models import LoadedModel
 from cross_model.prompting import chat_wrap, encode_texts, receiver_text, sender_text, skyline_text

@@ -18,6 +18,12 @@ from cross_model.models import LoadedModel
 
 
 def eos_token_ids(lm: LoadedModel) -> set[int]:
+    """The ids that end an answer (computed once per model: `get_vocab()` builds a dict of the whole
+    vocabulary, 128k entries for Llama-3)."""
+    return set(lm.cached("eos_token_ids", lambda: _eos_token_ids(lm)))
+
+
+def _eos_token_ids(lm: LoadedModel) -> frozenset[int]:
     ids = set()
     if lm.tokenizer.eos_token_id is not None:
         ids.add(int(lm.tokenizer.eos_token_id))
@@ -26,11 +32,11 @@ def eos_token_ids(lm: LoadedModel) -> set[int]:
         ids.add(gen_eos)
     elif gen_eos:
         ids.update(int(x) for x in gen_eos)
+    vocab = lm.tokenizer.get_vocab()
     for special in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
-        tid = lm.tokenizer.convert_tokens_to_ids(special) if special in lm.tokenizer.get_vocab() else None
-        if tid is not None:
-            ids.add(int(tid))
-    return ids
+        if special in vocab:
+            ids.add(int(lm.tokenizer.convert_tokens_to_ids(special)))
+    return frozenset(ids)
 
 
 def positions_from_mask(mask_BT: torch.Tensor, offset_B: torch.Tensor | None = None) -> torch.Tensor:

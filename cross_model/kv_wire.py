@@ -312,9 +312,9 @@ def encode(p: KVPayload) -> bytes:
     return blob + _CRC.pack(zlib.crc32(blob))
 
 
-def decode(blob: bytes, receiver: str, kv_heads: int, head_dim: int, device: torch.device | str = "cpu") -> KVPayload:
-    """The payload's tensors, dequantized, for `receiver` (whose KV shape is kv_heads x head_dim).
-    A corrupted payload, another format or version, or one meant for another receiver is refused."""
+def read_header(blob: bytes, receiver: str, kv_heads: int, head_dim: int) -> tuple[dict, int]:
+    """A checked payload's header and where its body starts. A corrupted payload, another format or
+    version, or one meant for another receiver (whose KV shape is kv_heads x head_dim) is refused."""
     if len(blob) < _PREAMBLE.size + _CRC.size:
         raise PayloadError(f"KV payload: {len(blob)} bytes is too short to be one")
     (crc,) = _CRC.unpack(blob[-_CRC.size :])
@@ -331,9 +331,15 @@ def decode(blob: bytes, receiver: str, kv_heads: int, head_dim: int, device: tor
         )
     if payload_size(h) != len(blob):
         raise PayloadError(f"KV payload: {len(blob)} bytes where its header describes {payload_size(h)}")
+    return h, _PREAMBLE.size + n_head
+
+
+def decode(blob: bytes, receiver: str, kv_heads: int, head_dim: int, device: torch.device | str = "cpu") -> KVPayload:
+    """The payload's tensors, dequantized, for `receiver` (whose KV shape is kv_heads x head_dim).
+    A corrupted payload, another format or version, or one meant for another receiver is refused."""
+    h, pos = read_header(blob, receiver, kv_heads, head_dim)
     dtype = DTYPES[h["dtype"]]
     H, n, D = h["kv_heads"], h["tokens"], h["head_dim"]
-    pos = _PREAMBLE.size + n_head
 
     def take(size: int) -> bytes:
         nonlocal pos

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,6 +49,14 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     info: ModelInfo
+    # Things computed once per model and reused on every call (EOS ids, CIPHER's fp32 table, ...):
+    # the model is frozen, so they never go stale.
+    derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        if key not in self.derived:
+            self.derived[key] = compute()
+        return self.derived[key]
 
     @property
     def device(self) -> torch.device:

@@ -37,11 +37,20 @@ def decoder_layers(lm: LoadedModel) -> Any:
 
 
 def input_embeddings(lm: LoadedModel) -> torch.Tensor:
-    """E_VD times the model's embedding scale (Gemma multiplies by sqrt(d) inside its embedding)."""
+    """E_VD times the model's embedding scale (Gemma multiplies by sqrt(d) inside its embedding); the
+    scaled copy is made once per model, an unscaled table is the weight itself."""
     emb = lm.model.get_input_embeddings()
     scale = getattr(emb, "embed_scale", None)
-    weight = emb.weight
-    return weight * scale.to(weight.dtype) if scale is not None else weight
+    if scale is None:
+        return emb.weight
+    return lm.cached("scaled_input_embeddings", lambda: emb.weight * scale.to(emb.weight.dtype))
+
+
+def embed_ids(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
+    """The input embeddings of `ids` (N x D), scaled as the model scales them, without building a table."""
+    emb = lm.model.get_input_embeddings()
+    with torch.inference_mode():
+        return emb(torch.tensor(ids, dtype=torch.long, device=emb.weight.device))
 
 
 # --- 1. partial forward -----------------------------------------------------------------------
@@ -155,27 +164,50 @@ class KVLayout:
     query_pos: torch.Tensor | None = None  # B x q, for the forward in progress
     record_attention: bool = False
     attention_on_A: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> per-call B x H
+    _masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)  # this step's masks
 
     def append(self, pos_BT: torch.Tensor, valid_BT: torch.Tensor) -> None:
-        """Register new (receiver) tokens in every layer before the forward that adds them."""
+        """Register new (receiver) tokens in every layer before the forward that adds them. Layers that
+        hold the same keys (every sent layer; every sink-only layer) share one tensor of each kind, so
+        this is one concatenation per kind of layer, not per layer."""
         self.query_pos = pos_BT
+        valid = valid_BT.bool()
         src = torch.full_like(pos_BT, SRC_B)
-        for l in range(len(self.key_pos)):
-            self.key_pos[l] = torch.cat([self.key_pos[l], pos_BT], dim=1)
-            self.key_valid[l] = torch.cat([self.key_valid[l], valid_BT.bool()], dim=1)
-            self.key_src[l] = torch.cat([self.key_src[l], src], dim=1)
-        self._query_valid = valid_BT.bool()
+        old = (list(self.key_pos), list(self.key_valid), list(self.key_src))  # their ids stay unique below
+        grown: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for l, (p, v, s) in enumerate(zip(*old)):
+            key = (id(p), id(v), id(s))
+            if key not in grown:
+                grown[key] = (torch.cat([p, pos_BT], dim=1), torch.cat([v, valid], dim=1), torch.cat([s, src], dim=1))
+            self.key_pos[l], self.key_valid[l], self.key_src[l] = grown[key]
+        self._query_valid = valid
+        self._masks = {}
 
     def mask(self, layer: int, q_len: int, sliding_window: int | None) -> torch.Tensor:
-        """B x 1 x q x T_l boolean: key real, not after the query, inside the sliding window."""
+        """B x 1 x q x T_l boolean: key real, not after the query, inside the sliding window. Built once
+        per step for each distinct (keys, window) and shared by the layers that have them."""
         kpos, kvalid = self.key_pos[layer], self.key_valid[layer]
+        masks = self._masks
+        key = (id(kpos), id(kvalid), q_len, sliding_window)
+        if key in masks:
+            return masks[key]
         qpos = self.query_pos[:, -q_len:]
         m = kvalid[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None])
         if sliding_window:
             m = m & (qpos[:, :, None] - kpos[:, None, :] < sliding_window)
         # Padding queries see nothing; give them everything so softmax stays finite (their outputs are unused).
         empty = ~m.any(-1, keepdim=True)
-        return (m | empty)[:, None, :, :]
+        masks[key] = (m | empty)[:, None, :, :]
+        return masks[key]
+
+    def folded_mask(self, mask_B1QT: torch.Tensor, groups: int) -> torch.Tensor:
+        """`mask_B1QT` repeated for `groups` query heads folded into the query axis (B x 1 x G*q x T),
+        made once per step and mask."""
+        key = ("folded", id(mask_B1QT), groups)
+        if key not in self._masks:
+            b, _, q, t = mask_B1QT.shape
+            self._masks[key] = mask_B1QT[:, :, None].expand(b, 1, groups, q, t).reshape(b, 1, groups * q, t)
+        return self._masks[key]
 
 
 _ACTIVE: contextvars.ContextVar[KVLayout | None] = contextvars.ContextVar("cross_model_layout", default=None)
@@ -207,9 +239,9 @@ def cross_model_attention(
     assert key.shape[2] == layout.key_pos[layer].shape[1], "cache and layout disagree on the key count"
     mask_B1QT = layout.mask(layer, q_len, getattr(module, "sliding_window", None))
     groups = query.shape[1] // key.shape[1]
-    k, v = _repeat_kv(key, groups), _repeat_kv(value, groups)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if layout.record_attention and q_len > 1:
+    if layout.record_attention and q_len > 1:  # calibration only: the probabilities themselves are needed
+        k = _repeat_kv(key, groups)
         scores = (query.float() @ k.float().transpose(-1, -2)) * scale
         scores = scores.masked_fill(~mask_B1QT, float("-inf"))
         probs = scores.softmax(-1)  # B x H x q x T, causal mask applied
@@ -218,8 +250,16 @@ def cross_model_attention(
         qvalid = layout._query_valid[:, -q_len:]
         per_row = (mass * qvalid[:, None, :]).sum(-1) / qvalid.sum(-1).clamp(min=1)[:, None]
         layout.attention_on_A.setdefault(layer, []).append(per_row.mean(1).cpu())  # B, averaged over heads
-    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask_B1QT, scale=scale)
-    return out.transpose(1, 2).contiguous(), None
+    if groups == 1:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask_B1QT, scale=scale)
+        return out.transpose(1, 2).contiguous(), None
+    # Grouped-query attention without copying K and V once per query head: the G query heads that read
+    # one KV head become G x q queries of that head (query head h reads KV head h // G, as HF's
+    # repeat_kv). Every SDPA backend takes this with a mask, unlike `enable_gqa`.
+    bsz, n_heads, _, dim = query.shape
+    q_fold = query.reshape(bsz, key.shape[1], groups * q_len, dim)
+    out = F.scaled_dot_product_attention(q_fold, key, value, attn_mask=layout.folded_mask(mask_B1QT, groups), scale=scale)
+    return out.reshape(bsz, n_heads, q_len, dim).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, cross_model_attention)
@@ -273,6 +313,12 @@ def assemble_receiver_cache(
     rows = torch.arange(bsz, device=device)
     cache = DynamicCache()
     key_pos, key_valid, key_src = [], [], []
+    # One tensor of each kind per kind of layer (see `KVLayout.append`): sent layers hold A's tokens,
+    # the others only the sink.
+    sent_src = torch.where(pos_a == 0, SRC_SINK, SRC_A)
+    sink_pos = torch.zeros((bsz, 1), dtype=torch.long, device=device)
+    sink_valid = torch.ones((bsz, 1), dtype=torch.bool, device=device)
+    sink_src = torch.full((bsz, 1), SRC_SINK, device=device)
     for l, la in enumerate(layer_map):
         if l not in selected and sink_kv and la in sink_kv:
             k_BHTD = v_BHTD = None
@@ -280,17 +326,14 @@ def assemble_receiver_cache(
             k_BHTD, v_BHTD = sender_cache.layers[la].keys, sender_cache.layers[la].values
         if l in selected:
             k, v = k_BHTD, v_BHTD
-            src = torch.where(pos_a == 0, SRC_SINK, SRC_A)
-            kp, kv = pos_a, valid_a
+            kp, kv, src = pos_a, valid_a, sent_src
         else:
             if k_BHTD is None:
                 k, v = sink_kv[la]
             else:
                 k = k_BHTD[rows, :, first_real][:, :, None, :]
                 v = v_BHTD[rows, :, first_real][:, :, None, :]
-            kp = torch.zeros((bsz, 1), dtype=torch.long, device=device)
-            kv = torch.ones((bsz, 1), dtype=torch.bool, device=device)
-            src = torch.full((bsz, 1), SRC_SINK, device=device)
+            kp, kv, src = sink_pos, sink_valid, sink_src
         cache.update(k, v, l)
         key_pos.append(kp)
         key_valid.append(kv)

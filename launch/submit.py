@@ -33,6 +33,8 @@ class Experiment:
         env = submitit.JobEnvironment()
         os.environ.update(
             RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks),
+            # tasks on this node, so the device rule can refuse more ranks than GPUs (platform.py)
+            LOCAL_WORLD_SIZE=str(env.num_tasks // max(env.num_nodes, 1)),
             MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(rendezvous_port(env.job_id)),
         )
         os.chdir(ROOT)

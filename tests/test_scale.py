@@ -332,3 +332,47 @@ def test_progress_off_a_terminal_logs_counts_rate_and_eta(caplog, monkeypatch):
     assert len(lines) == 4
     assert lines[0] == "evaluate countries: 3/10 items, 0.1 items/s, elapsed 30s, ETA 1m10s"
     assert lines[-1].startswith("evaluate countries: 10/10 items")
+
+
+# --- 7. hot paths: computed once per model or per step, same answers ---------------------------------
+
+
+def test_per_model_tables_are_built_once(monkeypatch):
+    from cross_model.generation import eos_token_ids
+    from cross_model.methods.cipher import vector_tables
+    from cross_model.models import load_model
+    from cross_model.surgery import input_embeddings
+
+    lm = load_model("tiny-gemma3-64")
+    calls = []
+    real = type(lm.tokenizer).get_vocab
+    monkeypatch.setattr(type(lm.tokenizer), "get_vocab", lambda self: calls.append(1) or real(self))
+    assert eos_token_ids(lm) == eos_token_ids(lm) and len(calls) == 1
+    assert vector_tables(lm) is vector_tables(lm)
+    assert input_embeddings(lm) is input_embeddings(lm)  # Gemma's scaled table: one copy per model
+    emb = lm.model.get_input_embeddings()
+    torch.testing.assert_close(input_embeddings(lm), emb.weight * emb.embed_scale.to(emb.weight.dtype))
+
+
+def test_kvcomm_builds_one_mask_per_kind_of_layer_per_step():
+    """Sent layers share A's keys, sink-only layers the sink: two masks a step (and their GQA-folded
+    forms), not one per layer; the answers still equal one concatenated forward (test_kvcomm)."""
+    from cross_model.data import load_task_examples
+    from cross_model.methods.base import ModelPair
+    from cross_model.methods.registry import resolve_method
+    from cross_model.models import load_model
+    from cross_model.surgery import assemble_receiver_cache, layout_forward
+
+    lm = load_model("tiny-llama-64")
+    cls, p = resolve_method("kvcomm", {"selection": "layers", "layers_list": [1, 2], "always_send_layer0": False})
+    m = cls(p, ModelPair(lm, lm))
+    ex = load_task_examples("countries", 2, 0, 0, None, 4)[0]
+    pre, cache, sink = m.sender_cache(ex, {1, 2})
+    b_cache, layout = assemble_receiver_cache(cache, pre.full_mask, m.layer_map, {1, 2}, sink)
+    assert len({id(t) for t in layout.key_pos}) == 2
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    pos = torch.tensor([[40, 41, 42], [40, 41, 42]])
+    with torch.inference_mode():
+        layout_forward(lm, layout)(cache=b_cache, full_mask_BT=torch.ones_like(ids), position_ids_BT=pos, input_ids_BT=ids)
+    plain = [k for k in layout._masks if k[0] != "folded"]
+    assert len(plain) == 2 and lm.info.num_layers == 4

@@ -24,7 +24,7 @@ from cross_model.models import LoadedModel
 from cross_model.prefix_cache import MIN_SHARED, shared_prefix_length
 from cross_model.prompt_prefill import Prefill
 from cross_model.prompting import chat_wrap, encode_texts
-from cross_model.surgery import input_embeddings
+from cross_model.surgery import embed_ids, input_embeddings
 from transformers import DynamicCache
 
 
@@ -38,6 +38,27 @@ class CipherParams(DebateParams):
             raise ValueError(f"{prefix}.temperature: must be > 0, got {self.temperature}")
 
 
+@dataclass
+class VectorTables:
+    """What every CIPHER step reads, made once per model: the embedding table in (at least) fp32 for
+    the softmax mixture, each row's inverse norm for the nearest-token cosine, and the EOS ids."""
+
+    table_VD: torch.Tensor
+    inv_norm_V: torch.Tensor
+    eos: torch.Tensor
+
+
+def vector_tables(lm: LoadedModel) -> VectorTables:
+    def build() -> VectorTables:
+        table = input_embeddings(lm)
+        table = table.to(torch.promote_types(table.dtype, torch.float32))  # a copy only when narrower
+        inv = 1.0 / table.norm(dim=-1).clamp(min=1e-12)
+        eos = torch.tensor(sorted(eos_token_ids(lm)), device=table.device)
+        return VectorTables(table, inv, eos)
+
+    return lm.cached("cipher_tables", build)
+
+
 @torch.inference_mode()
 def vector_generate(
     lm: LoadedModel, prompts_BTD: torch.Tensor | None, mask_BT: torch.Tensor | None, max_steps: int,
@@ -48,16 +69,13 @@ def vector_generate(
     (from token ids, whose embeddings are the same vectors, shared prefix or not): pass None for both."""
     from cross_model.generation import positions_from_mask
 
-    table_VD = input_embeddings(lm)
-    work = torch.promote_types(table_VD.dtype, torch.float32)  # at least fp32 for the softmax mixture
-    table_VD = table_VD.to(work)
-    unit_VD = torch.nn.functional.normalize(table_VD, dim=-1)
-    eos = torch.tensor(sorted(eos_token_ids(lm)), device=table_VD.device)
+    tables = vector_tables(lm)
+    table_VD, work = tables.table_VD, tables.table_VD.dtype
     if start is not None and recompute:
         raise ValueError("vector_generate: recompute=True needs the whole prompt, not a prefilled one")
     if start is not None:
         cache, pos, mask, embeds = start.cache(), start.position_ids, start.full_mask, None
-        bsz, dtype, width = mask.shape[0], input_embeddings(lm).dtype, lm.info.hidden_size
+        bsz, dtype, width = mask.shape[0], lm.model.get_input_embeddings().weight.dtype, lm.info.hidden_size
     else:
         bsz, dtype, width = prompts_BTD.shape[0], prompts_BTD.dtype, prompts_BTD.shape[-1]
         cache = None if recompute else DynamicCache()
@@ -73,32 +91,30 @@ def vector_generate(
     next_pos = pos[:, -1] + 1
     vectors: list[list[torch.Tensor]] = [[] for _ in range(bsz)]
     steps = [0] * bsz
-    done = torch.zeros(bsz, dtype=torch.bool, device=mask.device)
+    done = [False] * bsz
     for _ in range(max_steps):
         e_BD = (logits.to(work) / temperature).softmax(-1) @ table_VD
-        nearest = (torch.nn.functional.normalize(e_BD, dim=-1) @ unit_VD.T).argmax(-1)
-        is_eos = torch.isin(nearest, eos)
+        # Cosine's argmax: |e| is the same for every candidate, so only the table's norms matter.
+        nearest = ((e_BD @ table_VD.T) * tables.inv_norm_V).argmax(-1)
+        is_eos = torch.isin(nearest, tables.eos).tolist()  # the step's one wait for the device
+        e_out = e_BD.to(dtype)
         for i in range(bsz):
             if not done[i]:
                 steps[i] += 1
-                if not is_eos[i]:
-                    vectors[i].append(e_BD[i].to(dtype))
-        done |= is_eos
-        done |= torch.tensor([len(v) >= max_steps for v in vectors], device=done.device)
-        if done.all():
+                if is_eos[i]:
+                    done[i] = True
+                else:
+                    vectors[i].append(e_out[i])
+                    done[i] = len(vectors[i]) >= max_steps
+        if all(done):
             break
-        new_BTD = e_BD.to(dtype)[:, None, :]
+        new_BTD = e_out[:, None, :]
         if recompute:  # only the reference re-reads the whole sequence
             embeds = torch.cat([embeds, new_BTD], dim=1)
         mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=mask.device)], dim=1)
         logits = step(new_BTD, next_pos[:, None])
         next_pos = next_pos + 1
     return [torch.stack(v) if v else torch.zeros((0, width), dtype=dtype, device=mask.device) for v in vectors], steps
-
-
-def embed_ids(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
-    table = input_embeddings(lm)
-    return table[torch.tensor(ids, dtype=torch.long, device=table.device)]
 
 
 def pad_embeddings_left(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +158,7 @@ class Cipher(Method):
         if not lm.info.has_chat_template:
             middle = [lm.tokenizer(mid, add_special_tokens=False)["input_ids"]]
             last = [lm.tokenizer(tail, add_special_tokens=False)["input_ids"]]
-        dtype = input_embeddings(lm).dtype
+        dtype = lm.model.get_input_embeddings().weight.dtype
         parts = [own, embed_ids(lm, middle[0]), other, embed_ids(lm, last[0])]
         return first[0], torch.cat([x.to(dtype) for x in parts], dim=0)
 
@@ -152,7 +168,7 @@ class Cipher(Method):
         p = shared_prefix_length(heads) if self.params.share_prefix and len(heads) > 1 else 0
         if p < MIN_SHARED or not self.prefix_cache.fits_window(lm, [len(h) + len(r) for h, r in parts]):
             p = 0
-        dtype = input_embeddings(lm).dtype
+        dtype = lm.model.get_input_embeddings().weight.dtype
         emb, mask = pad_embeddings_left([torch.cat([embed_ids(lm, h[p:]).to(dtype), rest]) for h, rest in parts])
         kw: dict[str, Any] = {}
         if p:

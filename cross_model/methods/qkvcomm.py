@@ -21,7 +21,8 @@ import torch
 from cross_model.data.base import Example
 from cross_model.distributed import all_reduce_sum, broadcast_object, gather_object, is_main, shard
 from cross_model.generation import positions_from_mask
-from cross_model.kv_wire import QUANT_BITS, QuantScheme, decode, dtype_bits, encode, payload_size
+from cross_model.kv_wire import QUANT_BITS, QuantScheme, dtype_bits, payload_size
+from cross_model.kv_wire_batch import decode_batch, encode_batch
 from cross_model.methods.kvcomm import KVComm, KVCommParams
 from cross_model.methods.registry import register
 from cross_model.progress import Progress
@@ -122,41 +123,42 @@ class QKVComm(KVComm):
 
     def send_quantized(self, pre: Prefill, cache: Any, sink_kv: dict, selected: set[int], bits: list[int]):
         """Encode each row's payload, decode it as B would, and return B's view: a copy of A's cache
-        whose sent layers hold the decoded tensors, and every sink as decoded."""
+        whose sent layers hold the decoded tensors, and every sink as decoded. The arithmetic runs for
+        the whole batch at once on the device (`kv_wire_batch`); each row still gets its own frame."""
         b = self.pair.receiver.info
         mask = pre.full_mask.bool()
-        sent = {self.layer_map[l] for l in selected}
-        # B's view: copies of the sent layers, to be overwritten with what arrives; A's cache stays as it was.
+        rows = torch.arange(mask.shape[0], device=mask.device)
+        first = mask.long().argmax(-1)  # each row's first real token (A's attention sink)
+        p = self.wire_payload(selected, 0, bits)
+        p.sink_dtype = self.params.sink_dtype if dtype_bits(p.dtype) > 16 else None
+        p.scheme = self.params.scheme()
+        keys = [cache.layers[la].keys for la in p.sender_layers]
+        values = [cache.layers[la].values for la in p.sender_layers]
+        sink_keys, sink_values = [], []
+        for la in p.sink_sender_layers:
+            if la in sink_kv:
+                k, v = sink_kv[la]
+            else:
+                k, v = (x[rows, :, first][:, :, None, :] for x in (cache.layers[la].keys, cache.layers[la].values))
+            sink_keys.append(k)
+            sink_values.append(v)
+        blobs = encode_batch(p, keys, values, sink_keys, sink_values, mask)
+        got_k, got_v, got_sk, got_sv, lengths, _ = decode_batch(blobs, b.name, b.num_kv_heads, b.head_dim, device=mask.device)
+        # B's view: copies of the sent layers, overwritten with what arrived; A's cache stays as it was.
+        sent = set(p.sender_layers)
         view = KVView([LayerKV(e.keys.clone(), e.values.clone()) if la in sent else e for la, e in enumerate(cache.layers)])
-        sinks: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        row_i, pos_i = mask.nonzero(as_tuple=True)  # real tokens, in each row's order
+        tok_i = (mask.long().cumsum(-1) - 1)[row_i, pos_i]  # their place among the row's real tokens
+        for la, k, v in zip(p.sender_layers, got_k, got_v):
+            view.layers[la].keys[row_i, :, pos_i] = k[row_i, :, tok_i]
+            view.layers[la].values[row_i, :, pos_i] = v[row_i, :, tok_i]
+        sink_view = {la: (k, v) for la, k, v in zip(p.sink_sender_layers, got_sk, got_sv)}
         sizes, extras = [], []
-        for row in range(mask.shape[0]):
-            idx = mask[row].nonzero().squeeze(-1)
-            first = int(idx[0])
-            p = self.wire_payload(selected, idx.numel(), bits)
-            p.sink_dtype = self.params.sink_dtype if dtype_bits(p.dtype) > 16 else None
-            p.scheme = self.params.scheme()
-            for la in p.sender_layers:
-                p.keys.append(cache.layers[la].keys[row][:, idx])
-                p.values.append(cache.layers[la].values[row][:, idx])
-            for la in p.sink_sender_layers:
-                if la in sink_kv:
-                    k, v = sink_kv[la][0][row], sink_kv[la][1][row]
-                else:
-                    k, v = cache.layers[la].keys[row][:, first : first + 1], cache.layers[la].values[row][:, first : first + 1]
-                p.sink_keys.append(k)
-                p.sink_values.append(v)
-            blob = encode(p)
-            got = decode(blob, b.name, b.num_kv_heads, b.head_dim, device=mask.device)
-            for la, k, v in zip(got.sender_layers, got.keys, got.values):
-                view.layers[la].keys[row][:, idx] = k
-                view.layers[la].values[row][:, idx] = v
-            for la, k, v in zip(got.sink_sender_layers, got.sink_keys, got.sink_values):
-                sinks.setdefault(la, []).append((k, v))
+        for n, blob in zip(lengths, blobs):
+            p.tokens = n
             bf16 = payload_size({**p.header(), "dtype": "bfloat16", "sink_dtype": "bfloat16", "bits": [16] * len(p.bits)})
             sizes.append(len(blob))
             extras.append({"mean_bits": sum(bits) / max(len(bits), 1), "compression_vs_bf16": round(bf16 / len(blob), 3)})
-        sink_view = {la: (torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])) for la, kv in sinks.items()}
         return view, sink_view, sizes, extras
 
     # --- calibration: which layers (KVComm's), then how many bits each -------------------------------
