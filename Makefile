@@ -7,7 +7,7 @@ NPROC ?= 2
 CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench bench-gpu install clean-venv
+.PHONY: demo pareto qkvcomm-scheme docs-tables test test-fast bench bench-gpu install clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,22 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
 
 install: $(STAMP)
 
+# Each of these writes the results file its README/docs tables are rendered from, then rewrites them.
 demo: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) run_experiments.py --config $(CONFIG)
+	@if [ "$(CONFIG)" = "configs/quickstart.yaml" ]; then \
+		$(PY) -m cross_model.doc_tables --publish runs/quickstart docs/quickstart && $(PY) -m cross_model.doc_tables --write; fi
+
+pareto: $(STAMP)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) run_experiments.py --config configs/qkvcomm_pareto.yaml
+	$(PY) -m cross_model.doc_tables --publish runs/qkvcomm_pareto docs/qkvcomm --reference kvcomm_30
+	$(PY) -m cross_model.doc_tables --write
+
+qkvcomm-scheme: $(STAMP)
+	$(PY) -m bench.choose_qkvcomm_scheme --json docs/qkvcomm/scheme_choice.json
+
+docs-tables: $(STAMP)
+	$(PY) -m cross_model.doc_tables --write
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -29,7 +43,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m bench.run
+	$(PY) -m bench.run --json docs/bench_cpu.json
+	$(PY) -m cross_model.doc_tables --write
 
 bench-gpu: $(STAMP)
 	$(PY) -m bench.gpu --json docs/bench_gpu.json

@@ -11,7 +11,10 @@ import argparse
 import logging
 import sys
 
-from cross_model.config import describe, dump_yaml, load_config
+from cross_model.config import describe, dump_yaml
+from cross_model.context import load_experiment
+from cross_model.data.base import available_tasks, get_task
+from cross_model.methods.registry import available_methods, get_method_class
 from cross_model.distributed import (
     Preempted, StopFlag, broadcast_object, distributed_session, is_main, read_env, setup_logging,
 )
@@ -32,9 +35,35 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--config", help="YAML config (see configs/); defaults apply without one")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and planned stages, then exit")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    parser.add_argument("--list-methods", action="store_true", help="list the registered methods, one line each")
+    parser.add_argument("--help-method", metavar="NAME", help="every parameter of method NAME: default and meaning")
+    parser.add_argument("--list-tasks", action="store_true", help="list the registered tasks: metric, size, answer length")
     parser.add_argument("--allow-code-change", action="store_true",
                         help="resume a run whose code (commit or uncommitted changes) differs from its first start")
     return parser.parse_known_args(argv)
+
+
+def describe_registries(args: argparse.Namespace) -> int:
+    """--list-methods, --help-method NAME, --list-tasks."""
+    if args.list_methods:
+        for name in available_methods():
+            doc = (sys.modules[get_method_class(name).__module__].__doc__ or "").strip().splitlines()
+            print(f"{name:10s} {doc[0] if doc else ''}")
+    if args.help_method:
+        try:
+            cls = get_method_class(args.help_method)
+        except ValueError as err:
+            print(f"--help-method: {err}", file=sys.stderr)
+            return 2
+        print(f"# methods.<instance>: {{method: {args.help_method}, ...}}; each key, its default and meaning")
+        print("\n".join(describe(cls.Params, f"methods.<instance>.")))
+    if args.list_tasks:
+        for name in available_tasks():
+            t = get_task(name)
+            size = "all" if t.default_n_test >= 10**6 else t.default_n_test
+            print(f"{name:14s} metric {t.metric}, {size} test items by default, answers of up to "
+                  f"{t.max_new_tokens} tokens. {t.description}".rstrip())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.help_config:
         print("\n".join(describe()))
         return 0
+    if args.list_methods or args.help_method or args.list_tasks:
+        return describe_registries(args)
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_experiment(args.config, overrides)
     except (ValueError, FileNotFoundError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,16 @@
-"""Each method done the straightforward way, the reference our speed is measured against: one example
-at a time, every step a full forward over the whole sequence (no KV cache), logits at every position
-and all hidden states kept, nothing shared between steps, prompts or methods. Same prompts and the
-same greedy rule as ours, so the answers can be compared."""
+"""Each method done the straightforward way, by code that shares nothing with the method it checks, so
+that "same answers" tests the method and not only our caching and batching:
+
+- baseline, skyline: Hugging Face `generate` (greedy, batch 1) on the same prompt;
+- NLD: three greedy generations with a plain loop (no cache: every step re-reads the whole sequence);
+- CIPHER: a plain loop written here: every step a full forward over the embedded prefix, the expected
+  embedding softmax(logits / T) @ E, nearest-token cosine for the stop rule, B's prompt embedded here;
+- AC: the plain loop with a pre-hook written here that mixes A's `hidden_states[k]` into block j;
+- KVComm with every layer: one greedy generation over A's prompt followed by B's (sending every
+  layer is exactly B reading A's tokens as its own prefix), so the bench runs KVComm with every layer.
+
+What they share with ours is the specification: prompt texts, chat templates, the tokenizer, greedy
+argmax and the EOS ids the model's configs name. One example at a time; speeds are per example."""
 
 from __future__ import annotations
 
@@ -10,51 +19,70 @@ from typing import Any, Callable
 import torch
 
 from cross_model.data.base import Example
-from cross_model.generation import eos_token_ids
-from cross_model.methods.ac import combine
-from cross_model.methods.cipher import vector_generate
-from cross_model.surgery import embed_ids
-from cross_model.methods.debate import refinement_text
+from cross_model.methods.debate import refinement_parts, refinement_text
 from cross_model.models import LoadedModel
 from cross_model.prompting import chat_wrap, encode_texts, receiver_text, sender_text, skyline_text
-from cross_model.surgery import assemble_receiver_cache, decoder_layers, layout_forward
 
 
 def ids_of(lm: LoadedModel, text: str) -> list[int]:
     return encode_texts(lm, [chat_wrap(lm, text)])[0]
 
 
-@torch.inference_mode()
-def naive_generate(
-    lm: LoadedModel, ids: list[int] | None, max_new: int, *, embeds: torch.Tensor | None = None,
-    logits_of: Callable[[list[int]], torch.Tensor] | None = None,
-) -> str:
-    """Greedy decoding that re-reads the whole sequence at every step (no cache, full logits)."""
-    eos = eos_token_ids(lm)
-    out: list[int] = []
-    for _ in range(max_new):
-        if logits_of is not None:
-            logits = logits_of(out)
-        elif embeds is not None:
-            new = embed_ids(lm, out).to(embeds.dtype) if out else embeds[:0]
-            x = torch.cat([embeds, new])[None]
-            logits = lm.model(inputs_embeds=x, output_hidden_states=True, use_cache=False).logits[0]
-        else:
-            x = torch.tensor([ids + out], device=lm.device)
-            logits = lm.model(input_ids=x, output_hidden_states=True, use_cache=False).logits[0]
-        tok = int(logits[-1].argmax())
-        if tok in eos:
-            break
-        out.append(tok)
+def stop_ids(lm: LoadedModel) -> set[int]:
+    """The ids that end an answer, read from the tokenizer and the generation config."""
+    ids = {lm.tokenizer.eos_token_id} if lm.tokenizer.eos_token_id is not None else set()
+    cfg = getattr(lm.model.generation_config, "eos_token_id", None)
+    ids |= set(cfg if isinstance(cfg, list) else [cfg] if cfg is not None else [])
+    vocab = lm.tokenizer.get_vocab()
+    ids |= {vocab[t] for t in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>") if t in vocab}
+    return {int(i) for i in ids}
+
+
+def decode(lm: LoadedModel, out: list[int]) -> str:
     return lm.tokenizer.decode(out, skip_special_tokens=True).strip()
 
 
+@torch.inference_mode()
+def hf_generate(lm: LoadedModel, ids: list[int], max_new: int) -> str:
+    """Hugging Face's own greedy `generate`, one example."""
+    x = torch.tensor([ids], device=lm.device)
+    out = lm.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
+                            num_beams=1, eos_token_id=sorted(stop_ids(lm)), pad_token_id=lm.tokenizer.pad_token_id,
+                            temperature=None, top_p=None, top_k=None)
+    new = out[0, x.shape[1]:].tolist()
+    stops = stop_ids(lm)
+    for i, tok in enumerate(new):
+        if tok in stops:
+            new = new[:i]
+            break
+    return decode(lm, new)
+
+
+@torch.inference_mode()
+def naive_generate(lm: LoadedModel, ids: list[int] | None, max_new: int, *, embeds: torch.Tensor | None = None) -> str:
+    """Greedy decoding that re-reads the whole sequence at every step (no cache, full logits)."""
+    stops = stop_ids(lm)
+    emb = lm.model.get_input_embeddings()
+    out: list[int] = []
+    for _ in range(max_new):
+        if embeds is not None:
+            new = emb(torch.tensor(out, dtype=torch.long, device=lm.device)).to(embeds.dtype) if out else embeds[:0]
+            logits = lm.model(inputs_embeds=torch.cat([embeds, new])[None], use_cache=False).logits[0]
+        else:
+            logits = lm.model(input_ids=torch.tensor([ids + out], device=lm.device), use_cache=False).logits[0]
+        tok = int(logits[-1].argmax())
+        if tok in stops:
+            break
+        out.append(tok)
+    return decode(lm, out)
+
+
 def baseline(m: Any, e: Example) -> str:
-    return naive_generate(m.pair.receiver, ids_of(m.pair.receiver, receiver_text(e)), m.max_new_tokens(e))
+    return hf_generate(m.pair.receiver, ids_of(m.pair.receiver, receiver_text(e)), m.max_new_tokens(e))
 
 
 def skyline(m: Any, e: Example) -> str:
-    return naive_generate(m.pair.receiver, ids_of(m.pair.receiver, skyline_text(e)), m.max_new_tokens(e))
+    return hf_generate(m.pair.receiver, ids_of(m.pair.receiver, skyline_text(e)), m.max_new_tokens(e))
 
 
 def nld(m: Any, e: Example) -> str:
@@ -64,63 +92,88 @@ def nld(m: Any, e: Example) -> str:
     return naive_generate(b, ids_of(b, refinement_text(receiver_text(e), first, msg)), m.max_new_tokens(e))
 
 
+def scaled_table(lm: LoadedModel) -> torch.Tensor:
+    emb = lm.model.get_input_embeddings()
+    scale = getattr(emb, "embed_scale", None)
+    return emb.weight * scale.to(emb.weight.dtype) if scale is not None else emb.weight
+
+
+@torch.inference_mode()
+def expected_embeddings(lm: LoadedModel, prompt: torch.Tensor, steps: int, temperature: float) -> torch.Tensor:
+    """CIPHER's message, the plain way: each step reads the whole embedded prefix again."""
+    table = scaled_table(lm)
+    table = table.to(torch.promote_types(table.dtype, torch.float32))
+    unit = table / table.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # a zero row (padding) is no candidate
+    stops, seq, sent = stop_ids(lm), prompt, []
+    for _ in range(steps):
+        logits = lm.model(inputs_embeds=seq[None], use_cache=False).logits[0, -1].to(table.dtype)
+        e = (logits / temperature).softmax(-1) @ table
+        if int((unit @ (e / e.norm())).argmax()) in stops:
+            break
+        sent.append(e.to(prompt.dtype))
+        seq = torch.cat([seq, sent[-1][None]])
+    return torch.stack(sent) if sent else prompt[:0]
+
+
+def embedded_refinement(lm: LoadedModel, own_prompt: str, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """B's refinement prompt with the two vector messages spliced into its chat-wrapped text."""
+    before, between, after = refinement_parts(own_prompt)
+    mark = "\x00MSG\x00"
+    head, mid, tail = chat_wrap(lm, f"{before}{mark}{between}{mark}{after}").split(mark)
+    emb = lm.model.get_input_embeddings()
+    plain = not lm.info.has_chat_template  # then only the head carries the tokenizer's own <bos>
+
+    def embed(text: str, first: bool) -> torch.Tensor:
+        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"] if plain and not first else encode_texts(lm, [text])[0]
+        return emb(torch.tensor(ids, dtype=torch.long, device=lm.device))
+
+    return torch.cat([embed(head, True), own.to(emb.weight.dtype), embed(mid, False), other.to(emb.weight.dtype),
+                      embed(tail, False)])
+
+
 @torch.inference_mode()
 def cipher(m: Any, e: Example) -> str:
     """The public CIPHER's way: every step re-reads the whole embedded prefix."""
     a, b, p = m.pair.sender, m.pair.receiver, m.params
 
     def vectors(lm: LoadedModel, text: str) -> torch.Tensor:
-        ids = torch.tensor([ids_of(lm, text)], device=lm.device)
-        emb = lm.model.get_input_embeddings()(ids)
-        return vector_generate(lm, emb, torch.ones_like(ids), p.nld_max_tokens, p.temperature, recompute=True)[0][0]
+        ids = torch.tensor(ids_of(lm, text), device=lm.device)
+        return expected_embeddings(lm, lm.model.get_input_embeddings()(ids), p.nld_max_tokens, p.temperature)
 
     a_vec, b_vec = vectors(a, sender_text(e)), vectors(b, receiver_text(e))
-    prompt = m._refinement_embeds(b, receiver_text(e), b_vec, a_vec)
-    return naive_generate(b, None, m.max_new_tokens(e), embeds=prompt)
+    return naive_generate(b, None, m.max_new_tokens(e), embeds=embedded_refinement(b, receiver_text(e), b_vec, a_vec))
 
 
 @torch.inference_mode()
 def ac(m: Any, e: Example) -> str:
     a, b, p = m.pair.sender, m.pair.receiver, m.params
     a_ids = torch.tensor([ids_of(a, sender_text(e))], device=a.device)
-    vec = a.model(input_ids=a_ids, output_hidden_states=True, use_cache=False).hidden_states[p.k][:, -1]
+    vec = a.model(input_ids=a_ids, output_hidden_states=True, use_cache=False).hidden_states[p.k][0, -1]
     if m.projection is not None:
-        vec = m.projection(vec).to(b.dtype)
+        vec = m.projection(vec[None])[0].to(b.dtype)
     ids = ids_of(b, receiver_text(e))
     last = len(ids) - 1  # the prompt's last token, wherever the sequence has grown to
 
     def pre_hook(module: Any, args: tuple, kwargs: dict) -> Any:
         h = (args[0] if args else kwargs["hidden_states"]).clone()
-        h[:, last] = combine(p.mode, vec, h[:, last]).to(h.dtype)
+        d = min(vec.shape[-1], h.shape[-1])  # B's first d_B - d dims stay (widths may differ)
+        own, theirs = h[0, last, h.shape[-1] - d:], vec[vec.shape[-1] - d:].to(h.dtype)
+        h[0, last, h.shape[-1] - d:] = {"replace": theirs, "sum": own + theirs, "mean": (own + theirs) / 2}[p.mode]
         return ((h, *args[1:]), kwargs) if args else (args, dict(kwargs, hidden_states=h))
 
-    handle = decoder_layers(b)[p.j].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    handle = b.model.get_decoder().layers[p.j].register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
         return naive_generate(b, ids, m.max_new_tokens(e))
     finally:
         handle.remove()
 
 
-@torch.inference_mode()
 def kvcomm(m: Any, e: Example) -> str:
-    """A: one full forward (every layer, full logits); B: every step re-reads all its tokens over a
-    cache assembled afresh from A's."""
+    """Every layer sent: B reads A's prompt as its own prefix; one generation over both prompts."""
     a, b = m.pair.sender, m.pair.receiver
-    selected = m.selected_layers()
-    a_ids = torch.tensor([ids_of(a, sender_text(e))], device=a.device)
-    a_out = a.model(input_ids=a_ids, output_hidden_states=True, use_cache=True)
-    a_mask = torch.ones_like(a_ids)
-    ids = ids_of(b, receiver_text(e))
-    n_a = a_ids.shape[1]
-
-    def logits_of(out: list[int]) -> torch.Tensor:
-        cache, layout = assemble_receiver_cache(a_out.past_key_values, a_mask, m.layer_map, selected)
-        seq = torch.tensor([ids + out], device=b.device)
-        pos = torch.arange(n_a, n_a + seq.shape[1], device=b.device)[None]
-        fwd = layout_forward(b, layout, all_logits=True)
-        return fwd(cache=cache, full_mask_BT=torch.ones_like(seq), position_ids_BT=pos, input_ids_BT=seq)[0]
-
-    return naive_generate(b, None, m.max_new_tokens(e), logits_of=logits_of)
+    if m.selected_layers() != set(range(b.info.num_layers)) or a is not b:
+        raise ValueError("the KVComm reference is one concatenated forward: it needs every layer sent, A = B")
+    return hf_generate(b, ids_of(a, sender_text(e)) + ids_of(b, receiver_text(e)), m.max_new_tokens(e))
 
 
 REFERENCES: dict[str, Callable[[Any, Example], str]] = {

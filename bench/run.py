@@ -27,10 +27,13 @@ from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
 
+# KVComm sends every layer, which its reference computes independently as one concatenated forward;
+# Q-KVComm sends a subset (no reference: its wire format is ours).
 MODEL_SETS = {
-    "tiny": ("tiny-llama-64", {"ac": {"k": 2, "j": 2}, "kvcomm": {"selection": "layers", "layers_list": [1, 2]}}),
-    "smollm2": ("smollm2-135m-instruct", {"ac": {"k": 20, "j": 20},
-                                          "kvcomm": {"selection": "random", "top_layers": 0.3, "seed": 0}}),
+    "tiny": ("tiny-llama-64", {"ac": {"k": 2, "j": 2}, "kvcomm": {"selection": "all"},
+                               "qkvcomm": {"selection": "layers", "layers_list": [1, 2]}}),
+    "smollm2": ("smollm2-135m-instruct", {"ac": {"k": 20, "j": 20}, "kvcomm": {"selection": "all"},
+                                          "qkvcomm": {"selection": "random", "top_layers": 0.3, "seed": 0}}),
 }
 METHODS = ("baseline", "skyline", "nld", "cipher", "ac", "kvcomm", "qkvcomm")
 COMMON = {"nld": {"nld_max_tokens": 8}, "cipher": {"nld_max_tokens": 8}}
@@ -59,7 +62,7 @@ def peak_memory_mb(device: torch.device) -> float | None:
 
 
 def make_method(name: str, lm, overrides: dict):
-    params = {**COMMON.get(name, {}), **overrides.get("kvcomm" if name == "qkvcomm" else name, {})}
+    params = {**COMMON.get(name, {}), **overrides.get(name, {})}
     if name == "qkvcomm":
         params["bits"] = 4
     cls, p = resolve_method(name, params)

@@ -3,8 +3,10 @@
     python -m cross_model.agreement runs/qkvcomm_pareto kvcomm_30
 
 Accuracy can stay level while answers change (a compressed message that turns one wrong answer into
-another); the share of identical answers says how much of the reference's behaviour survived. Only
-items both methods answered are compared, and the table says how many those are.
+another); the share of identical answers says how much of the reference's behaviour survived. Beside
+it, the paired difference in accuracy and first-named match on the same items (`cross_model.paired`:
+bootstrap interval, McNemar's test). Only items both methods answered are compared, and the table
+says how many those are.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from cross_model.result_files import RESULTS, read_results, result_dir
 from cross_model.metrics import wilson_interval
+from cross_model.paired import paired_difference, verdict
+from cross_model.result_files import RESULTS, read_results, result_dir
+
+PAIRED_METRICS = ("score", "first_named")
 
 
 def agreement(run_dir: Path, reference: str) -> list[dict[str, Any]]:
@@ -32,18 +37,32 @@ def agreement(run_dir: Path, reference: str) -> list[dict[str, Any]]:
             shared = [i for i in ref if i in got]
             same = sum(got[i]["answer"] == ref[i]["answer"] for i in shared)
             lo, hi = wilson_interval(same, len(shared)) if shared else (0.0, 0.0)
-            rows.append({"task": task_dir.name, "method": method_dir.name, "n": len(shared), "same": same,
-                         "same_pct": 100 * same / len(shared) if shared else 0.0, "ci": (100 * lo, 100 * hi)})
+            row = {"task": task_dir.name, "method": method_dir.name, "n": len(shared), "same": same,
+                   "same_pct": 100 * same / len(shared) if shared else 0.0, "ci": (100 * lo, 100 * hi)}
+            for metric in PAIRED_METRICS:  # accuracy difference on the same items, when the rows are scored
+                if shared and all(metric in got[i] and metric in ref[i] for i in shared):
+                    res = paired_difference([float(ref[i][metric]) for i in shared], [float(got[i][metric]) for i in shared])
+                    row[metric] = {**res, "verdict": verdict(res)}
+            rows.append(row)
     if not rows:
         raise ValueError(f"{run_dir}: no task has results for {reference!r}; methods there: "
                          f"{sorted({p.name for t in root.iterdir() if t.is_dir() for p in t.iterdir()})}")
     return rows
 
 
+def _paired_cell(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return "-"
+    lo, hi = r["ci95"]
+    return f"{100 * r['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] {r['verdict']}"
+
+
 def format_agreement(rows: list[dict[str, Any]], reference: str) -> str:
-    lines = [f"| task | method | same answer as {reference} % [95% CI] | items |", "|---|---|---|---|"]
+    lines = [f"| task | method | same answer as {reference} % [95% CI] | items | accuracy - {reference} (points) [95% CI] "
+             f"| first-named - {reference} (points) [95% CI] |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['method']} | {r['same_pct']:.0f} [{r['ci'][0]:.0f}, {r['ci'][1]:.0f}] | {r['n']} |")
+        lines.append(f"| {r['task']} | {r['method']} | {r['same_pct']:.0f} [{r['ci'][0]:.0f}, {r['ci'][1]:.0f}] | {r['n']} "
+                     f"| {_paired_cell(r.get('score'))} | {_paired_cell(r.get('first_named'))} |")
     return "\n".join(lines)
 
 

@@ -112,6 +112,7 @@ class EvalConfig:
         16, "after a method's first N items on a rank, stop the run if nearly all failed (0: never stop)"
     )
     fail_fast_ratio: float = _f(0.9, "the share of those first items that must fail to stop the run")
+    log_prompts: bool = _f(False, "write the exact text of every prompt each model was given beside each answer")
 
     def validate(self, prefix: str) -> None:
         if self.fail_fast_items < 0:
@@ -188,11 +189,8 @@ class ExperimentConfig:
         self.train.validate("train")
         self.eval.validate("eval")
         self.logging.validate("logging")
-        # Method parameters are checked against each method's own typed parameters.
-        from cross_model.methods.registry import validate_method_params
-
-        for name, params in self.methods.items():
-            validate_method_params(name, params)
+        # Method parameters are checked by `context.load_experiment` against each method's own typed
+        # parameters: config stays a leaf that knows no method.
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cross_model.config import ExperimentConfig
+from cross_model.config import ExperimentConfig, load_config
 from cross_model.distributed import DistEnv, barrier, is_main
 from cross_model.methods.base import ModelPair
-from cross_model.methods.registry import resolve_method
+from cross_model.methods.registry import resolve_method, validate_methods
 from cross_model.models import load_model
 from cross_model.platform import Platform
 
@@ -21,6 +21,13 @@ class RunContext:
     env: DistEnv
     run_dir: Path
     state: dict[str, Any] = field(default_factory=dict)  # what one stage hands to the next
+
+
+def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """`config.load_config`, then every method instance checked against its method's parameters."""
+    cfg = load_config(path, overrides)
+    validate_methods(cfg.methods)
+    return cfg
 
 
 def method_instances(cfg: ExperimentConfig) -> list[tuple[str, type, Any]]:

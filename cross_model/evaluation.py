@@ -12,6 +12,7 @@ After a barrier, rank 0 reads every rank's file and checks that each test id app
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -29,6 +30,7 @@ from cross_model.failures import FailureGuard
 from cross_model.metrics import score_prediction
 from cross_model.progress import Progress
 from cross_model.prompt_prefill import PrefillMemo
+from cross_model.prompting import recording_prompts
 from cross_model.reporting import format_table, summarize
 from cross_model.training import final_projection_dir, projection_identity, resolved_train_config, training_recipe
 from cross_model.result_files import (
@@ -41,15 +43,20 @@ log = logging.getLogger(__name__)
 # --- what the stages share ------------------------------------------------------------------------
 
 
-def task_splits(ctx) -> dict[str, tuple[list[Example], list[Example]]]:
+def load_splits(cfg) -> dict[str, tuple[list[Example], list[Example]]]:
     """task -> (test items, calibration items), the test list cut to `eval.limit`."""
+    splits = {}
+    for t in cfg.tasks:
+        seed = t.seed if t.seed is not None else cfg.seed
+        test, calib = load_task_examples(t.name, t.n_test, t.n_calib, seed, t.path, t.max_new_tokens)
+        splits[t.name] = (test[: cfg.eval.limit] if cfg.eval.limit else test, calib)
+    return splits
+
+
+def task_splits(ctx) -> dict[str, tuple[list[Example], list[Example]]]:
+    """The run's splits, loaded once per run."""
     if "tasks" not in ctx.state:
-        splits = {}
-        for t in ctx.cfg.tasks:
-            seed = t.seed if t.seed is not None else ctx.cfg.seed
-            test, calib = load_task_examples(t.name, t.n_test, t.n_calib, seed, t.path, t.max_new_tokens)
-            splits[t.name] = (test[: ctx.cfg.eval.limit] if ctx.cfg.eval.limit else test, calib)
-        ctx.state["tasks"] = splits
+        ctx.state["tasks"] = load_splits(ctx.cfg)
     return ctx.state["tasks"]
 
 
@@ -94,10 +101,19 @@ class TaskOutcome:
     prefill_misses: int
 
 
+def attributed_prompts(log: list[dict[str, str]], n: int) -> list[dict[str, Any]]:
+    """Each row's prompts from a batch's prompt log: a batch builds each kind of prompt for its rows in
+    row order, so row i has entries i, i + n, ...; a log that does not divide into rows (a batch re-run
+    item by item after a failure) is given whole to every row, marked unattributed."""
+    if log and len(log) % n == 0:
+        return [{"prompts": log[i::n]} for i in range(n)]
+    return [{"prompts": log, "prompts_unattributed": True} for _ in range(n)]
+
+
 def scored_rows(examples: list[Example], preds: list, seconds: float, index_of: dict[str, int],
-                run_info: dict[str, Any]) -> list[dict]:
+                run_info: dict[str, Any], method: Any, prompts: list[dict[str, Any]] | None = None) -> list[dict]:
     rows = []
-    for e, p in zip(examples, preds):
+    for i, (e, p) in enumerate(zip(examples, preds)):
         score = score_prediction(e.metric, p.answer, e.answers, e.meta.get("candidates", ()))
         if p.error:  # a failed example counts, as wrong
             score = {key: 0.0 for key in score}
@@ -107,7 +123,9 @@ def scored_rows(examples: list[Example], preds: list, seconds: float, index_of: 
             "sender_prefill_tokens": p.sender_prefill_tokens, "sender_generated_tokens": p.sender_generated_tokens,
             "receiver_prefill_tokens": p.receiver_prefill_tokens,
             "receiver_generated_tokens": p.receiver_generated_tokens,
-            "seconds": seconds / len(examples), "rank": get_rank(), **run_info, "error": p.error, **p.extra,
+            "seconds": seconds / len(examples), "rank": get_rank(), **run_info,
+            "max_new_tokens": method.max_new_tokens(e), "max_prompt_tokens": method.params.max_prompt_tokens,
+            "error": p.error, **p.extra, **(prompts[i] if prompts else {}),
         })
     return rows
 
@@ -157,8 +175,11 @@ def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) 
                     todo = [e for e in batch if e.example_id not in done[name]]
                     for part in chunks(todo, method.params.batch_size or cfg.batch_size):
                         start = time.perf_counter()
-                        preds = method.run_batch(part, memo=memo)
-                        append_rows(files[name], scored_rows(part, preds, time.perf_counter() - start, index_of, run_info))
+                        with recording_prompts() if cfg.log_prompts else contextlib.nullcontext() as prompt_log:
+                            preds = method.run_batch(part, memo=memo)
+                        prompts = attributed_prompts(prompt_log, len(part)) if cfg.log_prompts else None
+                        append_rows(files[name], scored_rows(part, preds, time.perf_counter() - start, index_of,
+                                                             run_info, method, prompts))
                         outcome.items_run[name] += len(part)
                         bar.update(len(part))
                         guards[name].record(preds)

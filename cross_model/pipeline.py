@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import time
+from pathlib import Path
+from typing import Any, Callable
 
 from cross_model.calibration import calibrate_methods
 from cross_model.config import ExperimentConfig, to_dict
 from cross_model.context import RunContext, method_instances, model_pair  # noqa: F401 - the stages' shared names
-from cross_model.distributed import barrier, is_main
+from cross_model.distributed import barrier, get_world_size, is_main
 from cross_model.evaluation import evaluate, task_splits
 from cross_model.reporting import format_table, summarize, write_reports
-from cross_model.result_files import gather_results
+from cross_model.result_files import gather_results, write_json_atomically
 from cross_model.runinfo import load_run_context
 from cross_model.tracking import Tracker
 from cross_model.training import train_projections_for
@@ -61,22 +63,26 @@ def _stage_evaluate(ctx: RunContext) -> None:
                  task, o.batches, o.prefill_hits, o.prefill_misses)
 
 
+def report_run(cfg: ExperimentConfig, run_dir: Path, splits: dict, tracker: Any = None) -> list[Path]:
+    """Read every rank's results in `run_dir`, write the report files, print the table (one process)."""
+    names = list(cfg.methods)
+    summary, rows = [], {}
+    for task, (test, _) in splits.items():
+        for name in names:
+            task_rows = gather_results(run_dir, task, name, test)
+            summary.append(summarize(task, name, task_rows))
+            rows.setdefault(task, {})[name] = task_rows
+    paths = write_reports(run_dir, summary, rows, load_run_context(run_dir))
+    if tracker is not None:
+        tracker.log_summary(summary)
+    print(format_table(summary), flush=True)
+    print(f"\nResults in {run_dir}/: " + ", ".join(p.name for p in paths), flush=True)
+    return paths
+
+
 def _stage_report(ctx: RunContext) -> None:
-    """Read every rank's results, write the files on rank 0, print the table."""
     if is_main():
-        names = [name for name, _, _ in method_instances(ctx.cfg)]
-        summary, rows = [], {}
-        for task, (test, _) in task_splits(ctx).items():
-            for name in names:
-                task_rows = gather_results(ctx.run_dir, task, name, test)
-                summary.append(summarize(task, name, task_rows))
-                rows.setdefault(task, {})[name] = task_rows
-        paths = write_reports(ctx.run_dir, summary, rows, load_run_context(ctx.run_dir))
-        tracker = ctx.state.get("tracker")
-        if tracker is not None:
-            tracker.log_summary(summary)
-        print(format_table(summary), flush=True)
-        print(f"\nResults in {ctx.run_dir}/: " + ", ".join(p.name for p in paths), flush=True)
+        report_run(ctx.cfg, ctx.run_dir, task_splits(ctx), ctx.state.get("tracker"))
     barrier()
 
 
@@ -88,11 +94,22 @@ STAGE_FUNCTIONS: dict[str, Callable[[RunContext], None]] = {
 }
 
 
-def run_stages(ctx: RunContext) -> None:
+def run_stages(ctx: RunContext) -> dict[str, float]:
+    """Run the configured stages; returns (and rank 0 writes to timings.json) each one's wall time.
+    The report stage runs after the timings are written, so its tables can quote them."""
     tracker = ctx.state.setdefault("tracker", Tracker.start(ctx.cfg.logging, ctx.run_dir, to_dict(ctx.cfg), ctx.cfg.name))
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
     try:
         for stage in ctx.cfg.stages:
+            if stage == "report" and is_main():
+                write_json_atomically(ctx.run_dir / "timings.json", {
+                    "stages": seconds, "total_s": time.perf_counter() - start, "world_size": get_world_size(),
+                    "platform": ctx.platform.description if ctx.platform else None})
             log.info("== stage %s ==", stage)
+            t0 = time.perf_counter()
             STAGE_FUNCTIONS[stage](ctx)
+            seconds[stage] = time.perf_counter() - t0
     finally:
         tracker.finish()
+    return seconds

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cross_model.checkpointing import META, verify
+
 
 class LearnedProjection(nn.Module):
     def __init__(self, d_in: int, d_out: int, bias: bool = False, seed: int | None = None):
@@ -61,8 +63,6 @@ def load_projection(directory: str | Path, expected: dict[str, Any]) -> tuple[Le
     """Load W and refuse it when it was fitted for another pair, other layers or other widths, or when
     its files do not match their checksums (when it was written by the trainer)."""
     from safetensors.torch import load_file
-
-    from cross_model.checkpointing import META, verify
 
     directory = Path(directory)
     meta_path, weights_path = directory / "projection.json", directory / "projection.safetensors"

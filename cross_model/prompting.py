@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -33,12 +36,31 @@ def skyline_text(example: Example, context: str | None = None) -> str:
     return f"Instruction: {instruction(example)} Context: {context if context is not None else example.prompt_A} Question: {example.prompt_B}"
 
 
+VECTOR_MARK = "\x00VECTORS\x00"  # where a method splices vectors into a prompt's text (CIPHER)
+_PROMPT_LOG: contextvars.ContextVar[list | None] = contextvars.ContextVar("cross_model_prompt_log", default=None)
+
+
+@contextlib.contextmanager
+def recording_prompts() -> Iterator[list[dict[str, str]]]:
+    """While active, every prompt a model is given (its exact text, chat template applied) is appended
+    to the yielded list as {"model", "text"}, in the order the method builds them (`eval.log_prompts`)."""
+    log: list[dict[str, str]] = []
+    token = _PROMPT_LOG.set(log)
+    try:
+        yield log
+    finally:
+        _PROMPT_LOG.reset(token)
+
+
 def chat_wrap(lm: LoadedModel, text: str) -> str:
     """One user turn with the model's chat template and the generation prompt; plain text without one."""
     if lm.info.has_chat_template:
-        return lm.tokenizer.apply_chat_template(
+        text = lm.tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )
+    log = _PROMPT_LOG.get()
+    if log is not None:
+        log.append({"model": lm.info.name, "text": text.replace(VECTOR_MARK, "[vectors]")})
     return text
 
 

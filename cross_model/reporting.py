@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cross_model.metrics import wilson_interval
+from cross_model.paired import format_paired, paired_rows
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +187,19 @@ def write_reports(run_dir: Path, summary: list[dict[str, Any]], rows: dict[str, 
     """results.json / .md / .csv and the two plots in `run_dir`; returns the paths written."""
     run_dir = Path(run_dir)
     table = format_table(summary)
+    # Every method against the first configured one (usually the baseline), item by item.
+    reference = summary[0]["method"] if summary else None
+    paired = paired_rows(rows, reference) if reference else []
     out = {"results.json": run_dir / "results.json", "results.md": run_dir / "results.md",
            "results.csv": run_dir / "results.csv", "accuracy.png": run_dir / "accuracy.png",
            "accuracy_vs_bytes.png": run_dir / "accuracy_vs_bytes.png"}
-    out["results.json"].write_text(json.dumps({**context, "summary": summary, "examples": rows}, indent=2))
+    out["results.json"].write_text(json.dumps({**context, "summary": summary, "paired": paired, "examples": rows}, indent=2))
+    paired_md = (f"\n\n## Paired differences against {reference}\n\nOn the same items: the mean difference in points "
+                 f"with a 95% bootstrap interval over items, McNemar's exact p on the items only one of the two got "
+                 f"right, and the verdict (better / worse only when the interval excludes 0 and p < 0.05).\n\n{format_paired(paired)}"
+                 if paired else "")
     out["results.md"].write_text(
-        f"# Results: {context.get('name', run_dir.name)}\n\n{table}\n\n"
+        f"# Results: {context.get('name', run_dir.name)}\n\n{table}{paired_md}\n\n"
         "accuracy: the task's metric (countries/tipsheets: the paper's f1_match); first-named: the gold answer is "
         "the first candidate named in the answer's first sentence; payload B: mean bytes crossing from A to B per "
         "example; A/B tokens: mean tokens each model processed (prompt + generated); s/example: wall time per "

@@ -20,12 +20,14 @@ from typing import Any
 import yaml
 
 from cross_model.config import ExperimentConfig, to_dict
+from cross_model import __version__
+from cross_model.distributed import barrier, broadcast_object, gather_object, get_rank, get_world_size, is_main
 
 log = logging.getLogger(__name__)
 
 TRACKED_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "gguf", "datasets", "numpy", "simplemma")
 # Keys that may change between a run and its resumption without changing its results.
-RESUMABLE_KEYS = {"stages", "logging", "eval.batch_size", "eval.reuse_prefills", "eval.fail_fast_items", "eval.fail_fast_ratio"}
+RESUMABLE_KEYS = {"stages", "logging", "eval.batch_size", "eval.reuse_prefills", "eval.fail_fast_items", "eval.fail_fast_ratio", "eval.log_prompts"}
 
 
 CODE_PATHS = ("cross_model", "run_experiments.py", "launch", "slurm", "configs", "requirements.txt")
@@ -60,8 +62,6 @@ def versions() -> dict[str, Any]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
-    from cross_model import __version__
-
     out["cross_model"] = __version__
     return out
 
@@ -156,8 +156,6 @@ def check_shared_run_dir(run_dir: Path, wait_s: float = 20.0) -> None:
     """Every rank writes a token into the run directory and must see every other rank's: rank 0 alone
     decides about the run's files (checkpoints, calibration, results), which only works when all ranks
     see one directory. With node-local output directories the run would hang or mix; refuse it."""
-    from cross_model.distributed import barrier, broadcast_object, gather_object, get_rank, get_world_size, is_main
-
     world = get_world_size()
     if world == 1:
         return

@@ -23,6 +23,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from cross_model.generation import positions_from_mask
 from cross_model.models import LoadedModel
 
 ATTN_IMPLEMENTATION = "cross_model"
@@ -82,8 +83,6 @@ def partial_forward(
     With `cache`, the keys/values of layers below `stop_after` are stored in it."""
     check_layer(lm, stop_after, "layer")
     if position_ids_BT is None:
-        from cross_model.generation import positions_from_mask
-
         position_ids_BT = positions_from_mask(attention_mask_BT)
     captured: dict[str, torch.Tensor] = {}
     dec = decoder(lm)
@@ -303,8 +302,6 @@ def assemble_receiver_cache(
     """B's cache from A's: receiver layer l holds all of A's layer `layer_map[l]` when l is selected,
     else only A's first real token (the attention sink). Positions are A's own (0..N-1).
     `sink_kv[la]` gives the sink's keys/values (B x H x 1 x D) of A layers the full forward skipped."""
-    from cross_model.generation import positions_from_mask
-
     bsz = sender_mask_BT.shape[0]
     device = sender_mask_BT.device
     pos_a = positions_from_mask(sender_mask_BT)

@@ -35,6 +35,9 @@ from cross_model.context import model_pair
 from cross_model.models import LoadedModel
 from cross_model.progress import Progress
 from cross_model.projection import LearnedProjection, check_identity, load_projection
+from cross_model.data.corpus import load_corpus
+from cross_model.prompting import pad_left
+from cross_model.surgery import check_layer, last_token, partial_forward
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +88,6 @@ def final_projection_dir(checkpoint_dir: str | Path, identity: dict[str, Any], r
 
 
 def _encode_raw(lm: LoadedModel, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from cross_model.prompting import pad_left
-
     ids = [lm.tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
     batch = pad_left(ids, lm.tokenizer.pad_token_id, lm.device)
     return batch.input_ids, batch.attention_mask
@@ -96,8 +97,6 @@ def frozen_activations(
     sender: LoadedModel, receiver: LoadedModel, k: int, j: int, texts: list[str], max_length: int, batch_size: int = 32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A's hidden_states[k], B's hidden_states[j]) at each text's last real token, fp32 on CPU."""
-    from cross_model.surgery import last_token, partial_forward
-
     a_parts, b_parts = [], []
     for i in range(0, len(texts), batch_size):
         chunk = texts[i : i + batch_size]
@@ -290,9 +289,6 @@ def train_projection(
     log_metrics: Callable[[dict[str, Any]], None] | None = None,
 ) -> FitResult:
     """Fit (or load, if already finished) W for A's layer k -> B's layer j on the configured corpus."""
-    from cross_model.data.corpus import load_corpus
-    from cross_model.surgery import check_layer
-
     check_layer(sender, k, "k")
     check_layer(receiver, j, "j")
     identity, recipe = projection_identity(sender, receiver, k, j), training_recipe(cfg, seed)

@@ -33,3 +33,15 @@ def test_agreement_errors_name_the_problem(tmp_path):
     write(tmp_path, "t", "m", {"a": "x"})
     with pytest.raises(ValueError, match=r"no task has results for 'kvcomm'.*\['m'\]"):
         agreement.agreement(tmp_path, "kvcomm")
+
+
+def test_agreement_reports_the_paired_accuracy_difference_when_rows_are_scored(tmp_path, capsys):
+    d = tmp_path / "results" / "t"
+    for method, scores in {"ref": [0, 0, 1, 0], "m": [1, 1, 1, 0]}.items():
+        (d / method).mkdir(parents=True)
+        (d / method / "rank0.jsonl").write_text("".join(
+            json.dumps({"example_id": str(i), "answer": str(s), "score": s, "first_named": s}) + "\n" for i, s in enumerate(scores)))
+    rows = {r["method"]: r for r in agreement.agreement(tmp_path, "ref")}
+    assert rows["m"]["score"]["diff"] == 0.5 and (rows["m"]["score"]["a_only"], rows["m"]["score"]["b_only"]) == (0, 2)
+    assert agreement.main([str(tmp_path), "ref"]) == 0
+    assert "+50.0 [" in capsys.readouterr().out

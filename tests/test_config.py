@@ -49,9 +49,11 @@ def test_list_index_and_method_overrides(tmp_path):
     ],
 )
 def test_bad_input_names_the_key(tmp_path, data, overrides, match):
+    from cross_model.context import load_experiment
+
     p = write(tmp_path, data)
     with pytest.raises(ValueError, match=match):
-        load_config(p, overrides)
+        load_experiment(p, overrides)
 
 
 def test_missing_config_file():
@@ -68,7 +70,9 @@ def test_override_syntax_errors():
 
 @pytest.mark.parametrize("path", ["configs/tiny.yaml", "configs/quickstart.yaml"])
 def test_shipped_configs_validate(path):
-    load_config(path)
+    from cross_model.context import load_experiment
+
+    load_experiment(path)
 
 
 def test_run_dir_refuses_a_different_config(tmp_path):

@@ -140,3 +140,44 @@ def test_pareto_front_keeps_only_undominated_points(tmp_path):
                 "first_named": 0.0, "first_named_ci95_low": 0.0, "first_named_ci95_high": 0.0} for x, y, m in points]
     plot_accuracy_vs_bytes(tmp_path / "p.png", summary)
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_an_evaluation_preempted_on_two_ranks_resumes_on_one_with_the_same_results(unsharded):
+    """README: a run resumes at another world size. Two ranks are stopped (SIGTERM, as a preemption)
+    part-way; one rank finishes; every item equals the uninterrupted one-rank run."""
+    tmp, one = unsharded
+    proc = _run(tmp, "resized", nproc=2, delay=0.3, wait=False)
+    results = tmp / "resized" / "results"
+    deadline = time.time() + 300
+    while len(list(results.glob("countries/*/rank1.jsonl"))) < 3:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "evaluation did not progress"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert not (tmp / "resized" / "results.json").exists(), out[-3000:]
+    out = _run(tmp, "resized")
+    assert "already done; resuming" in out
+    assert _examples(tmp / "resized") == one
+    ranks = {json.loads(line)["rank"] for p in results.glob("countries/*/rank*.jsonl") for line in p.read_text().splitlines()}
+    assert ranks == {0, 1}, "rows of both the two-rank and the one-rank start are in the report"
+
+
+def test_the_report_is_rebuilt_from_the_run_directory_alone(unsharded, tmp_path, capsys):
+    import shutil
+
+    from cross_model import report
+
+    src, _ = unsharded
+    run = tmp_path / "copied"
+    shutil.copytree(src / "one", run)
+    before = json.loads((run / "results.json").read_text())
+    for name in ("results.json", "results.md", "results.csv"):
+        (run / name).unlink()
+    assert report.main([str(run)]) == 0
+    after = json.loads((run / "results.json").read_text())
+    assert after["summary"] == before["summary"] and after["examples"] == before["examples"]
+    assert after["paired"] and all(p["reference"] == "baseline" for p in after["paired"])
+    assert "Paired differences against baseline" in (run / "results.md").read_text()
+    assert report.main([str(tmp_path / "nowhere")]) == 2
+    assert "has no config.yaml" in capsys.readouterr().err

@@ -1,4 +1,3 @@
-import time
 
 import pytest
 import torch
@@ -8,13 +7,9 @@ from cross_model.prompting import tokenize_prompts
 
 
 @pytest.mark.parametrize("name", list(TINY_MODELS))
-def test_tiny_models_are_fast_deterministic_and_frozen(name):
-    load_model(name)  # warm the imports
-    t0 = time.perf_counter()
+def test_tiny_models_are_deterministic_and_frozen(name):
     a = load_model(name)
-    elapsed = time.perf_counter() - t0
     b = load_model(name)
-    assert elapsed < 2.0, f"tiny model took {elapsed:.2f}s"
     for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
     assert not any(p.requires_grad for p in a.model.parameters()) and not a.model.training

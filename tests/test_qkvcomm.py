@@ -94,19 +94,20 @@ def test_every_scheme_round_trips_within_its_bound(scheme, dtype):
             assert torch.equal(y[:, :r], x[:, :r].to(raw_dtype).to(x.dtype))
         if r == 9:
             continue
-        if scheme.clip:
-            continue  # clipped ranges have no per-element bound; see the least-squares test below
-        # in the rotated domain each group is within half a step of its own min-max range
+        # In the rotated domain each group is within half a step of its own min-max range. A clipped
+        # range is that range shrunk about its centre by at most 1 - min(CLIP_RATIOS): values it cuts
+        # off are clamped to it, so they may be that much further away (and its step is no wider).
+        shrink = (1 - min(kv_wire.CLIP_RATIOS)) / 2 if scheme.clip else 0.0
         kr, vr = k[:, r:].float() @ rot, v[:, r:].float() @ rot
         ke, ve = (k2[:, r:].float() - k[:, r:].float()) @ rot, (v2[:, r:].float() - v[:, r:].float()) @ rot
         g = scheme.key_group or kr.shape[1]
         for i in range(0, kr.shape[1], g):
             grp = kr[:, i : i + g]
-            step = (grp.amax(1, keepdim=True) - grp.amin(1, keepdim=True)) / (2**bits - 1)
-            assert (ke[:, i : i + g].abs() <= step / 2 * 1.01 + 0.1).all()
+            span = grp.amax(1, keepdim=True) - grp.amin(1, keepdim=True)
+            assert (ke[:, i : i + g].abs() <= span / (2**bits - 1) / 2 * 1.01 + shrink * span + 0.1).all()
         dims = (2,) if scheme.value_group == "head" else (0, 2)
-        step = (vr.amax(dims, keepdim=True) - vr.amin(dims, keepdim=True)) / (2**bits - 1)
-        assert (ve.abs() <= step / 2 * 1.01 + 0.03).all()
+        span = vr.amax(dims, keepdim=True) - vr.amin(dims, keepdim=True)
+        assert (ve.abs() <= span / (2**bits - 1) / 2 * 1.01 + shrink * span + 0.03).all()
 
 
 def test_hadamard_is_its_own_inverse():
@@ -116,6 +117,7 @@ def test_hadamard_is_its_own_inverse():
 
 
 def test_clipping_never_loses_to_min_max_and_wins_on_heavy_tails():
+    torch.manual_seed(0)  # the draw, not the order the tests ran in, decides the tails
     x = torch.distributions.StudentT(2.0).sample((4, 64, 32)).clamp(-1000, 1000)
     for bits in (2, 3):
         errs = []
@@ -204,7 +206,6 @@ def test_payload_size_is_the_encoded_length_and_beats_raw(examples):
     test, _ = examples
     m = make(selection="layers", layers_list=[1, 2], bits=2)
     preds = m.run_batch(test)
-    info = m.pair.sender.info
     for p in preds:
         assert p.error is None
         wire = m.wire_payload({0, 1, 2}, p.sender_prefill_tokens, [2, 2, 2])
@@ -216,7 +217,6 @@ def test_payload_size_is_the_encoded_length_and_beats_raw(examples):
         assert p.extra["compression_vs_bf16"] > 1
     batched = [p.answer for p in preds]
     assert batched == [m.run_batch([e])[0].answer for e in test]
-    assert info.num_kv_heads > 0
 
 
 def test_target_bits_are_allocated_on_the_calibration_split(examples):
@@ -239,10 +239,11 @@ def test_target_bits_are_allocated_on_the_calibration_split(examples):
 
 @pytest.mark.slow
 def test_default_scheme_keeps_smollm2_closer_to_kvcomm_than_min_max(smollm2):
-    """The measurement behind QuantScheme's defaults, on the real model: at 2 and 3 bits B's first-token
-    distribution (KL from unquantized KVComm's) moves less with the default scheme than with plain
-    min-max quantization of the same layers."""
-    test, _ = load_task_examples("tipsheets", 12, 0, seed=0)
+    """The measurement behind QuantScheme's defaults (bench/choose_qkvcomm_scheme.py), on the real model
+    and on calibration items, never test items: at 2 and 3 bits B's first-token distribution (KL from
+    unquantized KVComm's) moves less with the default scheme than with plain min-max quantization."""
+    _, calib = load_task_examples("tipsheets", 1, 12, seed=0)
+    test = calib
     kl = {}
     for name, scheme in (("default", {}), ("plain", {"value_group": "token", "rotate": False, "raw_first": 0, "clip": False})):
         cls, p = resolve_method("qkvcomm", {"selection": "layers", "layers_list": [3, 5, 7, 9, 17], **scheme})

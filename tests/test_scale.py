@@ -376,3 +376,27 @@ def test_kvcomm_builds_one_mask_per_kind_of_layer_per_step():
         layout_forward(lm, layout)(cache=b_cache, full_mask_BT=torch.ones_like(ids), position_ids_BT=pos, input_ids_BT=ids)
     plain = [k for k in layout._masks if k[0] != "folded"]
     assert len(plain) == 2 and lm.info.num_layers == 4
+
+
+def test_rows_carry_their_limits_and_with_log_prompts_the_exact_prompts(tmp_path):
+    from cross_model.models import load_model
+    from cross_model.prompting import chat_wrap, receiver_text, sender_text, skyline_text
+    from cross_model.data import load_task_examples
+
+    assert _main("--output_dir", str(tmp_path), "--stages", "[evaluate,report]", "--eval.log_prompts", "true",
+                 "--methods", '{"baseline": {}, "skyline": {"max_new_tokens": 3}, "nld": {"nld_max_tokens": 4}, '
+                              '"cipher": {"nld_max_tokens": 4}}') == 0
+    data = json.loads((tmp_path / "tiny" / "results.json").read_text())["examples"]["countries"]
+    lm = load_model("tiny-llama-64")
+    test = {e.example_id: e for e in load_task_examples("countries", 6, 2, 0, None, 4)[0]}
+    for row in data["baseline"]:
+        assert row["max_new_tokens"] == 4 and row["max_prompt_tokens"] is None
+        assert row["prompts"] == [{"model": "tiny-llama-64", "text": chat_wrap(lm, receiver_text(test[row["example_id"]]))}]
+    for row in data["skyline"]:
+        assert row["max_new_tokens"] == 3
+        assert [p["text"] for p in row["prompts"]] == [chat_wrap(lm, skyline_text(test[row["example_id"]]))]
+    for row in data["nld"]:  # A's message, B's first answer, B's revision (which quotes both)
+        e = test[row["example_id"]]
+        texts = [p["text"] for p in row["prompts"]]
+        assert texts[:2] == [chat_wrap(lm, sender_text(e)), chat_wrap(lm, receiver_text(e))] and len(texts) == 3
+    assert all("[vectors]" in row["prompts"][-1]["text"] for row in data["cipher"])

@@ -1,1 +1,6 @@
-"""Communication methods: one module per method, one interface (`base.Method`), one registry."""
+"""Communication methods: one module per method, one interface (`base.Method`), one registry.
+
+Importing this package imports every method module, so the registry is complete before anyone reads
+it; a missing module is an ImportError, never a method that silently is not there."""
+
+from cross_model.methods import ac, baseline, cipher, kvcomm, nld, qkvcomm, skyline  # noqa: F401

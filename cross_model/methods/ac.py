@@ -16,6 +16,8 @@ import torch
 from cross_model.data.base import Example
 from cross_model.methods.base import Method, MethodParams, Prediction
 from cross_model.methods.registry import register
+from cross_model.projection import load_projection
+from cross_model.prompt_prefill import Prefill
 from cross_model.prompting import receiver_text, sender_text
 from cross_model.surgery import check_layer, residual_edit
 
@@ -72,8 +74,6 @@ class ActivationCommunication(Method):
             self.set_projection_from(self.params.projection)
 
     def set_projection_from(self, directory: str) -> None:
-        from cross_model.projection import load_projection
-
         s, r = self.pair.sender.info, self.pair.receiver.info
         expected = {"sender": s.name, "receiver": r.name, "k": self.params.k, "j": self.params.j,
                     "d_in": s.hidden_size, "d_out": r.hidden_size}
@@ -82,12 +82,14 @@ class ActivationCommunication(Method):
 
     def sender_vectors(self, examples: list[Example]) -> torch.Tensor:
         """A's residual after layer k at its last prompt token (B x d_A); no layer above k runs."""
-        pre = self.prefill(self.pair.sender, [sender_text(e) for e in examples], layers=self.params.k)
-        self._sender_lengths = pre.prompt_lengths
-        return pre.hidden_last[self.params.k]
+        return self.sender_prefill(examples).hidden_last[self.params.k]
+
+    def sender_prefill(self, examples: list[Example]) -> Prefill:
+        return self.prefill(self.pair.sender, [sender_text(e) for e in examples], layers=self.params.k)
 
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
-        a_BD = self.sender_vectors(examples)
+        pre = self.sender_prefill(examples)
+        a_BD = pre.hidden_last[self.params.k]
         sent_bytes = a_BD.shape[-1] * a_BD.element_size()
         message = self.projection(a_BD).to(self.pair.receiver.dtype) if self.projection is not None else a_BD
         message = message.to(self.pair.receiver.device)
@@ -101,5 +103,5 @@ class ActivationCommunication(Method):
                 e.example_id, text, sent_bytes, sender_prefill_tokens=n_a,
                 receiver_prefill_tokens=n_b, receiver_generated_tokens=n_out,
             )
-            for e, text, n_a, n_b, n_out in zip(examples, gen.texts, self._sender_lengths, lengths, gen.n_generated)
+            for e, text, n_a, n_b, n_out in zip(examples, gen.texts, pre.prompt_lengths, lengths, gen.n_generated)
         ]

@@ -16,14 +16,14 @@ from typing import Any
 import torch
 
 from cross_model.data.base import Example
-from cross_model.generation import default_forward, eos_token_ids, greedy_generate
+from cross_model.generation import default_forward, eos_token_ids, greedy_generate, positions_from_mask
 from cross_model.methods.base import Method, Prediction
 from cross_model.methods.debate import DebateParams, first_sender_text, receiver_prompt, refinement_parts
 from cross_model.methods.registry import register
 from cross_model.models import LoadedModel
 from cross_model.prefix_cache import MIN_SHARED, shared_prefix_length
 from cross_model.prompt_prefill import Prefill
-from cross_model.prompting import chat_wrap, encode_texts
+from cross_model.prompting import VECTOR_MARK, chat_wrap, encode_texts
 from cross_model.surgery import embed_ids, input_embeddings
 from transformers import DynamicCache
 
@@ -67,8 +67,6 @@ def vector_generate(
     """Expected-embedding messages from embedded, left-padded prompts. Returns per row its vectors
     (n_i x D, EOS excluded) and the steps it ran. With `start`, the prompts were prefilled already
     (from token ids, whose embeddings are the same vectors, shared prefix or not): pass None for both."""
-    from cross_model.generation import positions_from_mask
-
     tables = vector_tables(lm)
     table_VD, work = tables.table_VD, tables.table_VD.dtype
     if start is not None and recompute:
@@ -150,7 +148,7 @@ class Cipher(Method):
     def _refinement_parts(self, lm: LoadedModel, prompt: str, own: torch.Tensor, other: torch.Tensor) -> tuple[list[int], torch.Tensor]:
         """The refinement prompt as (token ids before the first message, embeddings of the rest)."""
         before, between, after = refinement_parts(prompt)
-        marker = "\x00CIPHER\x00"
+        marker = VECTOR_MARK
         wrapped = chat_wrap(lm, f"{before}{marker}{between}{marker}{after}")
         head, mid, tail = wrapped.split(marker)
         first, middle, last = encode_texts(lm, [head]), encode_texts(lm, [mid]), encode_texts(lm, [tail])

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from cross_model.config import from_dict
 
-_METHODS: dict[str, type] = {}
-_MODULES = ("baseline", "skyline", "nld", "cipher", "ac", "kvcomm", "qkvcomm")
+_METHODS: dict[str, type] = {}  # filled by the method modules, which `cross_model.methods` imports
 
 
 def register(name: str):
@@ -22,24 +20,13 @@ def register(name: str):
     return wrap
 
 
-def _load_all() -> None:
-    for module in _MODULES:
-        try:
-            importlib.import_module(f"cross_model.methods.{module}")
-        except ModuleNotFoundError as err:
-            if err.name != f"cross_model.methods.{module}":
-                raise
-
-
 def available_methods() -> list[str]:
-    _load_all()
     return sorted(_METHODS)
 
 
 def get_method_class(name: str) -> type:
-    _load_all()
     if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS)) or 'none yet'}")
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS)) }")
     return _METHODS[name]
 
 
@@ -49,10 +36,9 @@ def resolve_method(instance: str, params: dict[str, Any]) -> tuple[type, Any]:
     method = params.pop("method", instance)
     if not isinstance(method, str):
         raise ValueError(f"methods.{instance}.method: expected a method name, got {method!r}")
-    _load_all()
     if method not in _METHODS:
         raise ValueError(
-            f"methods.{instance}: unknown method {method!r}; available: {', '.join(sorted(_METHODS)) or 'none yet'}"
+            f"methods.{instance}: unknown method {method!r}; available: {', '.join(sorted(_METHODS)) }"
             + ("" if "method" in (params or {}) else " (set `method:` when the instance name is not a method name)")
         )
     cls = _METHODS[method]
@@ -61,5 +47,7 @@ def resolve_method(instance: str, params: dict[str, Any]) -> tuple[type, Any]:
     return cls, typed
 
 
-def validate_method_params(instance: str, params: dict[str, Any]) -> None:
-    resolve_method(instance, params)
+def validate_methods(methods: dict[str, dict[str, Any]]) -> None:
+    """Every configured method instance against its method's typed parameters (errors name the key)."""
+    for instance, params in methods.items():
+        resolve_method(instance, params)

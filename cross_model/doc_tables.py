@@ -1,0 +1,204 @@
+"""Tables in README.md and docs/*.md are written from results files, never by hand.
+
+A table is a block that names what renders it and the file it reads:
+
+    <!-- table: summary docs/quickstart/results.json -->
+    | task | method | ... |
+    <!-- /table -->
+
+    python -m cross_model.doc_tables --write   # rewrite every block from its file
+    python -m cross_model.doc_tables --check   # exit 1 naming every stale block (tests/test_doc_tables.py)
+    python -m cross_model.doc_tables --publish runs/quickstart docs/quickstart
+        # a run's results.json without its per-item rows (summary, paired differences, config, versions,
+        # timings) and its plots, into a docs folder (what `make demo` and `make pareto` do)
+
+Renderers: `summary` (the report's table), `paired [REFERENCE]` (paired differences, from the report's
+`paired` rows or recomputed against REFERENCE when the file keeps its rows), `timings` (the run's
+stages, one line), `bench MODEL` (a `make bench` JSON's table for one model), `qkvcomm REFERENCE` (the
+Q-KVComm rows of a Pareto run: first-named, same answers as REFERENCE, paired difference, bytes),
+`scheme` (`make qkvcomm-scheme`'s KL per Q-KVComm scheme).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from cross_model.paired import format_paired, paired_difference, verdict
+from cross_model.progress import format_duration
+from cross_model.reporting import format_table
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTS = ("README.md", "docs/*.md")
+BLOCK = re.compile(r"(<!-- table: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /table -->)", re.DOTALL)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; the command that writes it is named next to the table")
+    return json.loads(path.read_text())
+
+
+def render_summary(data: dict, *args: str) -> str:
+    return format_table(data["summary"])
+
+
+def render_paired(data: dict, *args: str) -> str:
+    lines = data.get("paired") or []
+    if args:
+        lines = [p for p in lines if p["reference"] == args[0]]
+    return format_paired(lines)
+
+
+def render_timings(data: dict, *args: str) -> str:
+    t = data.get("timings") or {}
+    stages = ", ".join(f"{name} {format_duration(s)}" for name, s in t.get("stages", {}).items())
+    return f"{format_duration(t.get('total_s', 0))} in all ({stages}), {t.get('world_size', '?')} processes."
+
+
+def render_bench(data: dict, model: str, *args: str) -> str:
+    rows = data["results"][model]
+    lines = ["| method | ours ex/s | reference ex/s | speed-up | same answers | peak RSS MB | errors |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = f"{r['ref_ex_per_s']:.3g}" if r["ref_ex_per_s"] else "-"
+        up = f"{r['speedup']:.1f}x" if r["speedup"] else "-"
+        mem = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
+        lines.append(f"| {r['method']} | {r['ours_ex_per_s']:.3g} | {ref} | {up} | {r['same_answers'] or '-'} | {mem} | {r['errors']} |")
+    return "\n".join(lines)
+
+
+def render_qkvcomm(data: dict, reference: str, *args: str) -> str:
+    """Per task and KV method: first-named [Wilson], same answers as `reference`, the paired difference
+    in first-named to it, mean bytes and the compression against bfloat16."""
+    summary = {(s["task"], s["method"]): s for s in data["summary"]}
+    agreement = {(a["task"], a["method"]): a for a in data.get("agreement", [])}
+    paired = {(p["task"], p["method"]): p for p in data.get("paired_kv", [])}
+    lines = ["| task | method | first-named % [95% CI] | same answer as " + reference + " % | first-named - " + reference
+             + " (points) [95% CI], McNemar p | payload B | x fewer bytes than bf16 |", "|---|---|---|---|---|---|---|"]
+    for (task, method), s in summary.items():
+        if not (method.startswith("kvcomm") or method.startswith("qkvcomm")):
+            continue
+        a, p = agreement.get((task, method)), paired.get((task, method))
+        same = f"{a['same_pct']:.0f}" if a else "-"
+        if p:
+            lo, hi = p["ci95"]
+            diff = f"{100 * p['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}], p={p['mcnemar_p']:.2g}: {p['verdict']}"
+        else:
+            diff = "(reference)" if method == reference else "-"
+        ratio = s.get("compression_vs_bf16")
+        lines.append(f"| {task} | {method} | {100 * s['first_named']:.0f} [{100 * s['first_named_ci95_low']:.0f}, "
+                     f"{100 * s['first_named_ci95_high']:.0f}] | {same} | {diff} | {s['payload_bytes']:,.0f} | "
+                     f"{f'{ratio:.1f}' if ratio else '-'} |")
+    return "\n".join(lines)
+
+
+def render_scheme(data: dict, *args: str) -> str:
+    """`make qkvcomm-scheme`'s table: mean KL from unquantized KVComm per scheme and width."""
+    bits = data["bits"]
+    lines = ["| scheme | " + " | ".join(f"{b} bits: KL, bytes" for b in bits) + " | mean KL | within the byte budget |",
+             "|---|" + "---|" * (len(bits) + 2)]
+    for r in sorted(data["rows"], key=lambda r: r["mean_kl"]):
+        name = f"**{r['scheme']}**" if r["scheme"] == data["best"] else r["scheme"]
+        cells = " | ".join(f"{r['kl'][str(b)]:.4f}, {r['bytes'][str(b)]:,.0f}" for b in bits)
+        lines.append(f"| {name} | {cells} | {r['mean_kl']:.4f} | {'yes' if r['within_budget'] else 'no'} |")
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, Callable[..., str]] = {
+    "summary": render_summary, "paired": render_paired, "timings": render_timings, "bench": render_bench,
+    "qkvcomm": render_qkvcomm, "scheme": render_scheme,
+}
+
+
+def render(spec: str) -> str:
+    kind, path, *args = spec.split()
+    if kind not in RENDERERS:
+        raise ValueError(f"table '{spec}': no renderer {kind!r}; known: {', '.join(RENDERERS)}")
+    return RENDERERS[kind](_load(ROOT / path), *args)
+
+
+def documents() -> list[Path]:
+    return sorted({p for pattern in DOCUMENTS for p in ROOT.glob(pattern)})
+
+
+def stale_blocks(write: bool = False) -> list[str]:
+    """Blocks whose text differs from what their file renders (rewritten when `write`)."""
+    stale = []
+    for doc in documents():
+        text = doc.read_text()
+
+        def fix(m: re.Match) -> str:
+            fresh = render(m.group("spec")).rstrip("\n") + "\n"
+            if fresh != m.group("body"):
+                stale.append(f"{doc.relative_to(ROOT)}: table '{m.group('spec')}'")
+            return m.group(1) + fresh + m.group(4)
+
+        new = BLOCK.sub(fix, text)
+        if write and new != text:
+            doc.write_text(new)
+    return stale
+
+
+def publish(run_dir: Path, target: Path, reference: str | None = None) -> Path:
+    """A run's report without its per-item rows (plus, with `reference`, each method's agreement with
+    it and the paired difference of KV methods to it), and its plots, into `target`."""
+    data = _load(run_dir / "results.json")
+    rows = data.pop("examples")
+    if reference:
+        data["agreement"], data["paired_kv"] = [], []
+        for task, methods in rows.items():
+            ref = {r["example_id"]: r for r in methods.get(reference, [])}
+            for method, method_rows in methods.items():
+                got = {r["example_id"]: r for r in method_rows}
+                shared = [i for i in ref if i in got]
+                same = sum(got[i]["answer"] == ref[i]["answer"] for i in shared)
+                data["agreement"].append({"task": task, "method": method, "n": len(shared),
+                                          "same_pct": 100 * same / len(shared) if shared else 0.0})
+                if method != reference and shared:
+                    res = paired_difference([float(ref[i]["first_named"]) for i in shared],
+                                            [float(got[i]["first_named"]) for i in shared])
+                    data["paired_kv"].append({"task": task, "method": method, **res, "verdict": verdict(res)})
+        for s in data["summary"]:
+            ratios = [r.get("compression_vs_bf16") for r in rows[s["task"]][s["method"]] if r.get("compression_vs_bf16")]
+            if ratios:
+                s["compression_vs_bf16"] = sum(ratios) / len(ratios)
+    timings = run_dir / "timings.json"
+    if timings.exists():
+        data["timings"] = json.loads(timings.read_text())
+    target.mkdir(parents=True, exist_ok=True)
+    out = target / "results.json"
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    for name in ("results.md", "results.csv", "accuracy.png", "accuracy_vs_bytes.png"):
+        if (run_dir / name).exists():
+            shutil.copy(run_dir / name, target / name)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--write", action="store_true", help="rewrite every table from its file")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a table differs from its file")
+    ap.add_argument("--publish", nargs=2, metavar=("RUN_DIR", "DOCS_DIR"), help="copy a run's report into docs")
+    ap.add_argument("--reference", help="with --publish: the method others are compared with item by item")
+    args = ap.parse_args(argv)
+    if args.publish:
+        print(publish(Path(args.publish[0]), Path(args.publish[1]), args.reference))
+    if args.write or args.check:
+        stale = stale_blocks(write=args.write)
+        if stale and args.check:
+            print("stale tables (run `python -m cross_model.doc_tables --write` after the command that feeds them):\n  "
+                  + "\n  ".join(stale), file=sys.stderr)
+            return 1
+        if args.write:
+            print(f"{len(stale)} table(s) rewritten" if stale else "every table is up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+"""Every table in README.md and docs/ equals what its results file renders (the command that writes
+the file is named beside each table: make demo, make pareto, make bench)."""
+
+import json
+
+import pytest
+
+from cross_model import doc_tables
+
+
+def test_every_published_table_matches_its_results_file():
+    assert doc_tables.stale_blocks() == [], "run the command named beside the table, or `make docs-tables`"
+
+
+def test_the_readme_and_performance_tables_are_generated_not_typed():
+    readme = (doc_tables.ROOT / "README.md").read_text()
+    perf = (doc_tables.ROOT / "docs" / "PERFORMANCE.md").read_text()
+    assert readme.count("<!-- table: ") >= 3 and perf.count("<!-- table: bench ") >= 2
+
+
+def test_a_changed_number_is_caught_and_rewritten(tmp_path, monkeypatch):
+    data = {"summary": [{"task": "t", "method": "m", "n": 2, "accuracy": 0.5, "ci95_low": 0.1, "ci95_high": 0.9,
+                         "first_named": 0.5, "first_named_ci95_low": 0.1, "first_named_ci95_high": 0.9, "token_f1": 0.5,
+                         "payload_bytes": 10, "sender_tokens": 1, "receiver_tokens": 1, "seconds_per_example": 0.1,
+                         "errors": 0}]}
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    doc = tmp_path / "README.md"
+    doc.write_text("text\n<!-- table: summary r.json -->\n| stale |\n<!-- /table -->\nmore\n")
+    monkeypatch.setattr(doc_tables, "ROOT", tmp_path)
+    monkeypatch.setattr(doc_tables, "DOCUMENTS", ("README.md",))
+    assert doc_tables.stale_blocks() == ["README.md: table 'summary r.json'"]
+    assert doc_tables.main(["--check"]) == 1
+    assert doc_tables.main(["--write"]) == 0 and doc_tables.stale_blocks() == []
+    assert "| t | m | 2 | 50.0 [10.0, 90.0]" in doc.read_text() and doc.read_text().endswith("more\n")
+    with pytest.raises(ValueError, match="no renderer 'nope'"):
+        doc_tables.render("nope r.json")
