@@ -28,6 +28,7 @@ demo: $(STAMP)
 pareto: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) run_experiments.py --config configs/qkvcomm_pareto.yaml
 	$(PY) -m cross_model.doc_tables --publish runs/qkvcomm_pareto docs/qkvcomm --reference kvcomm_30
+	$(PY) -m cross_model.agreement runs/qkvcomm_pareto kvcomm_30 > docs/qkvcomm/agreement_with_kvcomm_30.md
 	$(PY) -m cross_model.doc_tables --write
 
 qkvcomm-scheme: $(STAMP)

@@ -25,6 +25,7 @@ from bench.reference import REFERENCES
 from cross_model.data import load_task_examples
 from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method
+from cross_model.doc_tables import bench_table
 from cross_model.models import load_model
 
 # KVComm sends every layer, which its reference computes independently as one concatenated forward;
@@ -91,15 +92,7 @@ def bench_method(name: str, lm, overrides: dict, examples: list, batch: int, ref
 
 
 def format_table(title: str, rows: list[dict]) -> str:
-    lines = [f"### {title}", "",
-             "| method | ours ex/s | reference ex/s | speed-up | same answers | peak RSS MB | errors |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ref = f"{r['ref_ex_per_s']:.3g}" if r["ref_ex_per_s"] else "-"
-        up = f"{r['speedup']:.1f}x" if r["speedup"] else "-"
-        mem = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
-        lines.append(f"| {r['method']} | {r['ours_ex_per_s']:.3g} | {ref} | {up} | {r['same_answers'] or '-'} | {mem} | {r['errors']} |")
-    return "\n".join(lines)
+    return f"### {title}\n\n{bench_table(rows)}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,7 +62,11 @@ def render_timings(data: dict, *args: str) -> str:
 
 
 def render_bench(data: dict, model: str, *args: str) -> str:
-    rows = data["results"][model]
+    return bench_table(data["results"][model])
+
+
+def bench_table(rows: list[dict]) -> str:
+    """`make bench`'s table for one model: ours against the reference, per method."""
     lines = ["| method | ours ex/s | reference ex/s | speed-up | same answers | peak RSS MB | errors |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -132,16 +132,23 @@ def _codes(xf: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: in
     return torch.round((xf - zero.float()) / scale.float()).clamp(0, levels).to(torch.uint8)
 
 
-def quantize(x: torch.Tensor, bits: int, reduce_dims: tuple[int, ...], clip: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, bits: int, reduce_dims: tuple[int, ...], clip: bool = False,
+             valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric uniform quantization; one (scale, zero) per group, a group spanning `reduce_dims`.
     Scale and zero are rounded to float16 first, so that B dequantizes with exactly what was used.
     `clip`: per group, the range (min-max shrunk about its centre by one of CLIP_RATIOS) whose
     dequantized values are closest to x in squared error; at 2-3 bits the tails cost less than the
-    resolution they take from everything else."""
+    resolution they take from everything else. `valid` (broadcast to x): only those entries count (a
+    batch's padding); a group without one gets a zero range, its codes never sent."""
     if bits not in QUANT_BITS:
         raise ValueError(f"KV quantization: bits must be one of {QUANT_BITS}, got {bits}")
     xf = x.float()
-    lo, hi = xf.amin(reduce_dims, keepdim=True), xf.amax(reduce_dims, keepdim=True)
+    valid = torch.ones((), dtype=torch.bool, device=x.device) if valid is None else valid
+    valid = valid.expand_as(xf)
+    lo = torch.where(valid, xf, math.inf).amin(reduce_dims, keepdim=True)
+    hi = torch.where(valid, xf, -math.inf).amax(reduce_dims, keepdim=True)
+    empty = valid.to(torch.uint8).amax(reduce_dims, keepdim=True) == 0
+    lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all() and lo.abs().max() < 65504 and hi.abs().max() < 65504):
         raise ValueError("KV quantization: values beyond float16's range cannot be given float16 scales")
     levels = 2**bits - 1
@@ -150,7 +157,8 @@ def quantize(x: torch.Tensor, bits: int, reduce_dims: tuple[int, ...], clip: boo
         mid, best = (lo + hi) / 2, None
         for r in CLIP_RATIOS:
             s, z = _scale_zero(mid - (mid - lo) * r, mid + (hi - mid) * r, levels)
-            err = ((dequantize(_codes(xf, s, z, levels), s, z, torch.float32) - xf) ** 2).sum(reduce_dims, keepdim=True)
+            diff = dequantize(_codes(xf, s, z, levels), s, z, torch.float32) - xf
+            err = torch.where(valid, diff * diff, 0.0).sum(reduce_dims, keepdim=True)
             if best is None:
                 best = err
                 continue

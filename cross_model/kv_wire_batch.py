@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from cross_model.kv_wire import (
-    _CRC, _PREAMBLE, CLIP_RATIOS, DTYPES, MAGIC, SCALE_BYTES, VERSION, KVPayload, PayloadError, QuantScheme,
-    _header_bytes, _scheme, _scale_zero, _codes, dequantize, dtype_bits, hadamard, payload_size, read_header,
+    _CRC, _PREAMBLE, DTYPES, MAGIC, SCALE_BYTES, VERSION, KVPayload, PayloadError, QuantScheme,
+    _header_bytes, _scheme, dequantize, dtype_bits, hadamard, quantize, read_header,
 )
 
 
@@ -64,34 +64,6 @@ def compact(x_BHTD: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     return x_BHTD.gather(2, order[:, None, :n, None].expand(b, h, n, d))
 
 
-def quantize_masked(x: torch.Tensor, valid: torch.Tensor, bits: int, reduce_dims: tuple[int, ...], clip: bool):
-    """`kv_wire.quantize` over the entries where `valid` (broadcast to x) is true; groups without a
-    valid entry get a zero range (their codes are never sent)."""
-    xf = x.float()
-    valid = valid.expand_as(xf)
-    lo = torch.where(valid, xf, math.inf).amin(reduce_dims, keepdim=True)
-    hi = torch.where(valid, xf, -math.inf).amax(reduce_dims, keepdim=True)
-    empty = valid.to(torch.uint8).amax(reduce_dims, keepdim=True) == 0
-    lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
-    if not (lo.abs().max() < 65504 and hi.abs().max() < 65504):
-        raise ValueError("KV quantization: values beyond float16's range cannot be given float16 scales")
-    levels = 2**bits - 1
-    scale, zero = _scale_zero(lo, hi, levels)
-    if clip:
-        mid, best = (lo + hi) / 2, None
-        for r in CLIP_RATIOS:
-            s, z = _scale_zero(mid - (mid - lo) * r, mid + (hi - mid) * r, levels)
-            diff = dequantize(_codes(xf, s, z, levels), s, z, torch.float32) - xf
-            err = torch.where(valid, diff * diff, 0.0).sum(reduce_dims, keepdim=True)
-            if best is None:
-                best = err
-                continue
-            better = err < best
-            best = torch.where(better, err, best)
-            scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
-    return _codes(xf, scale, zero, levels), scale, zero
-
-
 def _host(x: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     """One transfer: the tensor in `dtype`, as bytes on the host (B x ... x itemsize)."""
     t = x.detach().to(dtype).contiguous()
@@ -119,12 +91,12 @@ def _quantized_layer_rows(xc: torch.Tensor, n: list[int], bits: int, sc: QuantSc
         pad = groups * g - big_m
         x5 = torch.nn.functional.pad(rest, (0, 0, 0, pad)).reshape(b, h, groups, g, d)
         v5 = torch.nn.functional.pad(valid_BM, (0, pad)).reshape(b, 1, groups, g, 1)
-        codes, scale, zero = quantize_masked(x5, v5, bits, (3,), sc.clip)
+        codes, scale, zero = quantize(x5, bits, (3,), sc.clip, valid=v5)
         codes = codes.reshape(b, h, groups * g, d)
         scale, zero = scale.squeeze(3), zero.squeeze(3)  # B x H x G x D
     else:
         dims = (3,) if sc.value_group == "head" else (1, 3)
-        codes, scale, zero = quantize_masked(rest, valid_BM[:, None, :, None], bits, dims, sc.clip)
+        codes, scale, zero = quantize(rest, bits, dims, sc.clip, valid=valid_BM[:, None, :, None])
     # Each row's bit stream packed on the device; all rows cross to the host in one transfer.
     packed = [pack_bits_torch(codes[i, :, : m[i]], bits) for i in range(b) if m[i]]
     stream = torch.cat(packed).cpu().numpy().tobytes() if packed else b""
@@ -172,7 +144,7 @@ def encode_batch(template: KVPayload, keys: list[torch.Tensor], values: list[tor
     for k, v in zip(sink_keys, sink_values):
         for x in (k, v):
             if p.scheme.sink_bits == 8:  # one (scale, zero) per head
-                codes, scale, zero = quantize_masked(x, torch.ones_like(x, dtype=torch.bool), 8, (2, 3), False)
+                codes, scale, zero = quantize(x, 8, (2, 3))
                 c, s, z = codes.cpu().numpy(), _host(scale, torch.float16), _host(zero, torch.float16)
                 for i in range(rows):
                     body[i] += [c[i].tobytes(), s[i].tobytes(), z[i].tobytes()]

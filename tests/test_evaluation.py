@@ -39,6 +39,15 @@ def _examples(run_dir: Path) -> dict:
             for t, ms in data["examples"].items()}
 
 
+def _wait_for_files(proc, results: Path, pattern: str, n: int, timeout: float = 300) -> None:
+    """Until `n` result files match `pattern` (the run is part-way), failing if the run ends or stalls."""
+    deadline = time.time() + timeout
+    while len(list(results.glob(pattern))) < n:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "evaluation did not progress"
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def unsharded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
@@ -62,12 +71,8 @@ def test_kill_9_during_evaluation_then_restart_loses_nothing_and_duplicates_noth
     tmp, one = unsharded
     proc = _run(tmp, "killed", delay=0.3, wait=False)
     results = tmp / "killed" / "results"
-    deadline = time.time() + 300
     # Kill once a few methods are done and one is part-way (at least one batch written).
-    while len(list(results.glob("countries/*/rank0.jsonl"))) < 4:
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() < deadline, "evaluation did not progress"
-        time.sleep(0.05)
+    _wait_for_files(proc, results, "countries/*/rank0.jsonl", 4)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not (tmp / "killed" / "results.json").exists()
@@ -148,11 +153,7 @@ def test_an_evaluation_preempted_on_two_ranks_resumes_on_one_with_the_same_resul
     tmp, one = unsharded
     proc = _run(tmp, "resized", nproc=2, delay=0.3, wait=False)
     results = tmp / "resized" / "results"
-    deadline = time.time() + 300
-    while len(list(results.glob("countries/*/rank1.jsonl"))) < 3:
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() < deadline, "evaluation did not progress"
-        time.sleep(0.05)
+    _wait_for_files(proc, results, "countries/*/rank1.jsonl", 3)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert not (tmp / "resized" / "results.json").exists(), out[-3000:]
