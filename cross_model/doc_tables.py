@@ -138,7 +138,11 @@ def stale_blocks(write: bool = False) -> list[str]:
         text = doc.read_text()
 
         def fix(m: re.Match) -> str:
-            fresh = render(m.group("spec")).rstrip("\n") + "\n"
+            try:
+                fresh = render(m.group("spec")).rstrip("\n") + "\n"
+            except FileNotFoundError as err:
+                stale.append(f"{doc.relative_to(ROOT)}: table '{m.group('spec')}': {err}")
+                return m.group(0)
             if fresh != m.group("body"):
                 stale.append(f"{doc.relative_to(ROOT)}: table '{m.group('spec')}'")
             return m.group(1) + fresh + m.group(4)
@@ -200,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
                   + "\n  ".join(stale), file=sys.stderr)
             return 1
         if args.write:
-            print(f"{len(stale)} table(s) rewritten" if stale else "every table is up to date")
+            missing = [x for x in stale if "does not exist" in x]
+            print(f"{len(stale) - len(missing)} table(s) rewritten" if stale else "every table is up to date")
+            for line in missing:
+                print(f"not rendered: {line}", file=sys.stderr)
     return 0
 
 
