@@ -168,12 +168,21 @@ def ac(m: Any, e: Example) -> str:
         handle.remove()
 
 
+def sends_every_layer_to_itself(m: Any) -> bool:
+    return m.pair.sender is m.pair.receiver and m.selected_layers() == set(range(m.pair.receiver.info.num_layers))
+
+
 def kvcomm(m: Any, e: Example) -> str:
     """Every layer sent: B reads A's prompt as its own prefix; one generation over both prompts."""
     a, b = m.pair.sender, m.pair.receiver
-    if m.selected_layers() != set(range(b.info.num_layers)) or a is not b:
+    if not sends_every_layer_to_itself(m):
         raise ValueError("the KVComm reference is one concatenated forward: it needs every layer sent, A = B")
     return hf_generate(b, ids_of(a, sender_text(e)) + ids_of(b, receiver_text(e)), m.max_new_tokens(e))
+
+
+def applies(name: str, m: Any) -> bool:
+    """Whether `REFERENCES[name]` can check this configuration of the method."""
+    return name in REFERENCES and (name != "kvcomm" or sends_every_layer_to_itself(m))
 
 
 REFERENCES: dict[str, Callable[[Any, Example], str]] = {

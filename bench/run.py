@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench.reference import REFERENCES
+from bench.reference import REFERENCES, applies
 from cross_model.data import load_task_examples
 from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method
@@ -79,7 +79,7 @@ def bench_method(name: str, lm, overrides: dict, examples: list, batch: int, ref
     ours_s = time.perf_counter() - start
     row = {"method": name, "n": len(examples), "ours_ex_per_s": len(examples) / ours_s,
            "peak_mb": peak_memory_mb(lm.device), "errors": sum(p.error is not None for p in preds)}
-    reference = REFERENCES.get(name)
+    reference = REFERENCES.get(name) if applies(name, method) else None
     if reference is None or ref_n == 0:
         return {**row, "ref_ex_per_s": None, "speedup": None, "same_answers": None}
     start = time.perf_counter()

@@ -56,7 +56,11 @@ def test_gpu_bench_fills_every_table_on_toy_shapes(tmp_path, capsys):
     assert [r["method"] for r in result["rows"]] == ["baseline", "kvcomm", "ac_projected"]
     for r in result["rows"]:
         assert set(r["ms_per_example"]) == {"1", "2"} and all(v > 0 for v in r["ms_per_example"].values())
-        assert r["vs_public"] > 0 and r["reference_ms"] > 0
+        assert r["vs_public"] > 0
+        if r["method"] == "kvcomm":  # 30% of layers, as the public numbers: no independent reference exists
+            assert r["reference_ms"] is None and r["same_answers"] is None
+            continue
+        assert r["reference_ms"] > 0
         assert r["same_answers"] == "1/1", r  # float32 on CPU: batch 1 equals the reference exactly
     assert all(p["tflops"] > 0 for p in result["prefill"]) and len(result["decode"]) == 2
     t = result["training"]
