@@ -59,7 +59,8 @@ def hf_generate(lm: LoadedModel, ids: list[int], max_new: int) -> str:
 
 
 @torch.inference_mode()
-def naive_generate(lm: LoadedModel, ids: list[int] | None, max_new: int, *, embeds: torch.Tensor | None = None) -> str:
+def naive_generate(lm: LoadedModel, ids: list[int] | None, max_new: int, *, embeds: torch.Tensor | None = None,
+                   raw: bool = False) -> str:
     """Greedy decoding that re-reads the whole sequence at every step (no cache, full logits)."""
     stops = stop_ids(lm)
     emb = lm.model.get_input_embeddings()
@@ -74,7 +75,8 @@ def naive_generate(lm: LoadedModel, ids: list[int] | None, max_new: int, *, embe
         if tok in stops:
             break
         out.append(tok)
-    return decode(lm, out)
+    text = lm.tokenizer.decode(out, skip_special_tokens=True)
+    return text if raw else text.strip()
 
 
 def baseline(m: Any, e: Example) -> str:
@@ -87,8 +89,9 @@ def skyline(m: Any, e: Example) -> str:
 
 def nld(m: Any, e: Example) -> str:
     a, b, p = m.pair.sender, m.pair.receiver, m.params
-    msg = naive_generate(a, ids_of(a, sender_text(e)), p.nld_max_tokens)
-    first = naive_generate(b, ids_of(b, receiver_text(e)), p.nld_max_tokens)
+    raw = p.message_text == "raw"  # messages quoted as decoded, or stripped
+    msg = naive_generate(a, ids_of(a, sender_text(e)), p.nld_max_tokens, raw=raw)
+    first = naive_generate(b, ids_of(b, receiver_text(e)), p.nld_max_tokens, raw=raw)
     return naive_generate(b, ids_of(b, refinement_text(receiver_text(e), first, msg)), m.max_new_tokens(e))
 
 

@@ -50,8 +50,9 @@ def positions_from_mask(mask_BT: torch.Tensor, offset_B: torch.Tensor | None = N
 @dataclass
 class GenerationResult:
     token_ids: list[list[int]]  # generated ids per row, EOS excluded
-    texts: list[str]
+    texts: list[str]  # decoded and stripped: the answers that are scored
     n_generated: list[int]  # tokens each row generated, EOS included (the compute spent)
+    raw_texts: list[str] | None = None  # decoded as they are (a message quoted to the other model)
 
 
 ForwardFn = Callable[..., torch.Tensor]
@@ -157,5 +158,5 @@ def greedy_generate(
             input_ids_BT=next_tok[:, None], inputs_embeds_BTD=None,
         )
         next_pos = next_pos + 1
-    texts = [lm.tokenizer.decode(g, skip_special_tokens=True).strip() for g in generated]
-    return GenerationResult(generated, texts, n_generated)
+    raw = [lm.tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+    return GenerationResult(generated, [t.strip() for t in raw], n_generated, raw)

@@ -162,6 +162,11 @@ class KVLayout:
     key_src: list[torch.Tensor]  # per layer, B x T_l (SRC_*)
     query_pos: torch.Tensor | None = None  # B x q, for the forward in progress
     record_attention: bool = False
+    # "causal": each key at its own position, B attends only backwards. "public": as the public KVComm
+    # receiver, whose transformers builds one mask for layer 0's cache (A's whole context) and cuts it to
+    # each layer's length, so a key's place in its layer's cache stands in for its position: in a
+    # sink-only layer B's prompt tokens then see later prompt tokens during the prefill.
+    receiver_mask: str = "causal"
     attention_on_A: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> per-call B x H
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)  # this step's masks
 
@@ -191,6 +196,8 @@ class KVLayout:
         if key in masks:
             return masks[key]
         qpos = self.query_pos[:, -q_len:]
+        if self.receiver_mask == "public":
+            kpos = kvalid.long().cumsum(-1) - 1  # the key's place among its layer's keys
         m = kvalid[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None])
         if sliding_window:
             m = m & (qpos[:, :, None] - kpos[:, None, :] < sliding_window)
@@ -298,6 +305,7 @@ def assemble_receiver_cache(
     layer_map: list[int],
     selected: set[int],
     sink_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    receiver_mask: str = "causal",
 ) -> tuple[DynamicCache, KVLayout]:
     """B's cache from A's: receiver layer l holds all of A's layer `layer_map[l]` when l is selected,
     else only A's first real token (the attention sink). Positions are A's own (0..N-1).
@@ -335,4 +343,4 @@ def assemble_receiver_cache(
         key_pos.append(kp)
         key_valid.append(kv)
         key_src.append(src)
-    return cache, KVLayout(key_pos, key_valid, key_src)
+    return cache, KVLayout(key_pos, key_valid, key_src, receiver_mask=receiver_mask)

@@ -25,7 +25,7 @@ def make(spec_a, spec_b=None, **params):
 def receiver_logits(m, examples, selected, b_ids=None):
     """B's logits at every prompt position (B x T x V), reading A's cache for `selected` layers."""
     a_pre, a_cache, sink = m.sender_cache(examples, selected)
-    cache, layout = assemble_receiver_cache(a_cache, a_pre.full_mask, m.layer_map, selected, sink)
+    cache, layout = assemble_receiver_cache(a_cache, a_pre.full_mask, m.layer_map, selected, sink, m.params.receiver_mask)
     b = m.pair.receiver
     batch = tokenize_prompts(b, [receiver_text(e) for e in examples]) if b_ids is None else b_ids
     pos = positions_from_mask(batch.attention_mask, a_pre.full_mask.sum(-1))
@@ -172,3 +172,69 @@ def test_calibration_attention_applies_the_causal_mask(examples):
     for l, att in enumerate(out.attentions):  # 1 x H x T x T, rows sum to 1 under the causal mask
         mass = att[0, :, n_a:, 1:n_a].sum(-1).mean()  # B's queries on A's tokens except the sink
         assert importance[l] == pytest.approx(float(mass), abs=1e-5)
+
+
+def _public_receiver_logits(lm, a_ids: list[int], b_ids: list[int], selected: set[int]) -> torch.Tensor:
+    """The public KVComm receiver, rebuilt from Hugging Face pieces (batch 1, A = B): a cache holding A's
+    keys/values in the sent layers and A's first token elsewhere, and transformers' mask for layer 0's
+    length cut to each layer's length inside attention (what transformers 4.53's SDPA did, which the
+    public code pins). Shares no code with `surgery`."""
+    from transformers import AttentionInterface, DynamicCache
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    def cut_mask_sdpa(module, query, key, value, attention_mask, **kw):
+        if attention_mask is not None and attention_mask.ndim == 4:
+            attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+
+    AttentionInterface.register("public_kvcomm_test", cut_mask_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(
+        "public_kvcomm_test", lambda *a, **kw: sdpa_mask(*a, **{**kw, "allow_is_causal_skip": False}))
+    model = load_model("tiny-llama-64").model  # a fresh instance: the shared one keeps its attention
+    model.set_attn_implementation("public_kvcomm_test")
+    a = torch.tensor([a_ids])
+    with torch.inference_mode():
+        a_cache = model(input_ids=a, use_cache=True).past_key_values
+        cache = DynamicCache()
+        for l, layer in enumerate(a_cache.layers):
+            k, v = layer.keys, layer.values
+            if l not in selected:
+                k, v = k[:, :, :1], v[:, :, :1]
+            cache.update(k, v, l)
+        n_a, q = len(a_ids), len(b_ids)
+        out = model(input_ids=torch.tensor([b_ids]), past_key_values=cache, attention_mask=torch.ones(1, n_a + q, dtype=torch.long),
+                    position_ids=torch.arange(n_a, n_a + q)[None], use_cache=True)
+    return out.logits[0]
+
+
+@pytest.mark.parametrize("selected", [{0, 2}, {0}, {0, 1, 2, 3}])
+def test_public_receiver_mask_reproduces_the_public_first_pass(selected, examples):
+    """receiver_mask: public equals the public receiver rebuilt from transformers (later B tokens change
+    earlier B positions in sink-only layers); causal differs there; with every layer both are one
+    concatenated forward."""
+    e = examples[0]
+    lm = load_model("tiny-llama-64")
+    a_ids, b_ids = encode_texts(lm, [chat_wrap(lm, sender_text(e)), chat_wrap(lm, receiver_text(e))])
+    public = make("tiny-llama-64", selection="layers", layers_list=sorted(selected), receiver_mask="public")
+    causal = make("tiny-llama-64", selection="layers", layers_list=sorted(selected))
+    got_public, _ = receiver_logits(public, [e], selected)
+    got_causal, _ = receiver_logits(causal, [e], selected)
+    ref = _public_receiver_logits(lm, a_ids, b_ids, selected)
+    torch.testing.assert_close(got_public[0, -len(b_ids):], ref, atol=2e-4, rtol=1e-4)
+    if len(selected) == 4:
+        torch.testing.assert_close(got_public, got_causal, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(got_causal[0, -len(b_ids):], concatenated_logits(lm, e), atol=2e-4, rtol=1e-4)
+    else:
+        assert (got_public[0, 0] - got_causal[0, 0]).abs().max() > 1e-3  # B's first token saw later ones
+
+
+def test_public_receiver_mask_batched_equals_one_at_a_time(examples):
+    """The public rule is per row (a key's place among that row's real keys), so left padding and a
+    shared prefix do not change it."""
+    m = make("tiny-llama-64", selection="layers", layers_list=[0, 2], receiver_mask="public")
+    batched, batch = receiver_logits(m, examples[:4], {0, 2})
+    for i, e in enumerate(examples[:4]):
+        alone, _ = receiver_logits(m, [e], {0, 2})
+        n = int(batch.attention_mask[i].sum())
+        torch.testing.assert_close(batched[i, -n:], alone[0, -n:], atol=2e-4, rtol=1e-4)

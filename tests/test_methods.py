@@ -316,3 +316,19 @@ def test_shared_prefix_sender_vectors_match_a_full_forward(examples):
     shared = make("ac", "tiny-llama-64", dtype=torch.float64, k=3, j=2)
     full = make("ac", "tiny-llama-64", dtype=torch.float64, k=3, j=2, share_prefix=False)
     torch.testing.assert_close(shared.sender_vectors(examples), full.sender_vectors(examples), rtol=1e-10, atol=1e-10)
+
+
+def test_nld_quotes_messages_raw_by_default_or_stripped(examples):
+    """The public code quotes the decoded message as it is; `message_text: stripped` trims it. The same
+    generation either way: the stripped message is the raw one trimmed, and its bytes are no more."""
+    lm = load_model("tiny-llama-64")
+    raw_cls, raw_p = resolve_method("nld", {"nld_max_tokens": 8})
+    st_cls, st_p = resolve_method("nld", {"nld_max_tokens": 8, "message_text": "stripped"})
+    assert raw_p.message_text == "raw"
+    raw = raw_cls(raw_p, ModelPair(lm, lm)).run_batch(examples)
+    stripped = st_cls(st_p, ModelPair(lm, lm)).run_batch(examples)
+    for r, s in zip(raw, stripped):
+        assert r.extra["sender_message"].strip() == s.extra["sender_message"]
+        assert r.payload_bytes >= s.payload_bytes
+    with pytest.raises(ValueError, match="message_text: raw or stripped"):
+        resolve_method("nld", {"message_text": "trimmed"})

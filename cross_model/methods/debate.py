@@ -18,9 +18,13 @@ class DebateParams(MethodParams):
     rounds: int = field(default=1, metadata={"help": "refinement rounds (Du et al.); the last one is B's answer"})
     sender_aware: bool = field(default=False, metadata={"help": "A is told to summarise for another agent"})
     nld_max_tokens: int = field(default=256, metadata={"help": "length of the first messages and of A's revisions"})
+    message_text: str = field(default="raw", metadata={"help": "messages quoted in a refinement prompt: raw (decoded "
+                                                                "as they are, as the public code) or stripped"})
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
+        if self.message_text not in ("raw", "stripped"):
+            raise ValueError(f"{prefix}.message_text: raw or stripped, got {self.message_text!r}")
         if self.rounds < 1 or self.nld_max_tokens < 1:
             raise ValueError(f"{prefix}.rounds and {prefix}.nld_max_tokens must be >= 1")
 

@@ -33,6 +33,7 @@ from cross_model.surgery import (
 )
 
 SELECTIONS = ("calibrate", "layers", "range", "random", "all")
+RECEIVER_MASKS = ("causal", "public")
 
 
 @dataclass
@@ -47,6 +48,10 @@ class KVCommParams(MethodParams):
     sigma: float = field(default=10.0, metadata={"help": "prior width in layers"})
     always_send_layer0: bool = field(default=True, metadata={"help": "send layer 0 in full (as the public code)"})
     seed: int = field(default=0, metadata={"help": "seed for random selection"})
+    receiver_mask: str = field(
+        default="causal", metadata={"help": "causal (ours), or public: the public code's first pass, where B's prompt "
+                                            "tokens see later ones in sink-only layers (docs/METHODS.md)"}
+    )
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
@@ -58,6 +63,8 @@ class KVCommParams(MethodParams):
             raise ValueError(f"{prefix}.layer_from/layer_to: required with layer_from <= layer_to when selection is 'range'")
         if not 0.0 <= self.top_layers <= 1.0:
             raise ValueError(f"{prefix}.top_layers: a fraction in [0, 1], got {self.top_layers}")
+        if self.receiver_mask not in RECEIVER_MASKS:
+            raise ValueError(f"{prefix}.receiver_mask: one of {', '.join(RECEIVER_MASKS)}, got {self.receiver_mask!r}")
         if not 0.0 <= self.alpha <= 1.0 or self.sigma <= 0:
             raise ValueError(f"{prefix}.alpha must be in [0, 1] and {prefix}.sigma > 0")
 
@@ -176,7 +183,7 @@ class KVComm(Method):
         if as_sent:
             a_cache, sink_kv, sizes, extras = self.transmit(a_pre, a_cache, sink_kv, selected)
         a_mask = a_pre.full_mask
-        cache, layout = assemble_receiver_cache(a_cache, a_mask, self.layer_map, selected, sink_kv)
+        cache, layout = assemble_receiver_cache(a_cache, a_mask, self.layer_map, selected, sink_kv, self.params.receiver_mask)
         layout.record_attention = record
         b = self.pair.receiver
         b_batch = tokenize_prompts(b, [receiver_text(e) for e in examples], self.params.max_prompt_tokens)

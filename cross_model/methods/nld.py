@@ -19,7 +19,11 @@ class NaturalLanguageDebate(Method):
         for i, (n_in, n_out) in enumerate(zip(lengths, gen.n_generated)):
             tokens[i][f"{who}_prefill_tokens"] += n_in
             tokens[i][f"{who}_generated_tokens"] += n_out
-        return gen.texts
+        return gen
+
+    def _message(self, gen) -> list[str]:
+        """A generation as it is quoted to the other model (`message_text`)."""
+        return gen.raw_texts if self.params.message_text == "raw" else gen.texts
 
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         p = self.params
@@ -29,8 +33,8 @@ class NaturalLanguageDebate(Method):
         a_prompts = [first_sender_text(e, p) for e in examples]
         b_prompts = [receiver_prompt(e) for e in examples]
         # The first messages read the prompts other methods read too: their prefills are shared.
-        a_msgs = self._generate(a, a_prompts, examples, p.nld_max_tokens, tokens, "sender", reuse=True)
-        b_ans = self._generate(b, b_prompts, examples, p.nld_max_tokens, tokens, "receiver", reuse=True)
+        a_msgs = self._message(self._generate(a, a_prompts, examples, p.nld_max_tokens, tokens, "sender", reuse=True))
+        b_ans = self._message(self._generate(b, b_prompts, examples, p.nld_max_tokens, tokens, "receiver", reuse=True))
         sent = [len(m.encode("utf-8")) for m in a_msgs]
         for r in range(1, p.rounds + 1):
             last = r == p.rounds
@@ -39,13 +43,15 @@ class NaturalLanguageDebate(Method):
                 None if last else p.nld_max_tokens, tokens, "receiver",
             )
             if not last:
-                a_msgs = self._generate(
+                a_msgs = self._message(self._generate(
                     a, [refinement_text(ap, am, ba) for ap, am, ba in zip(a_prompts, a_msgs, b_ans)], examples,
                     p.nld_max_tokens, tokens, "sender",
-                )
+                ))
                 sent = [s + len(m.encode("utf-8")) for s, m in zip(sent, a_msgs)]
-            b_ans = new_b
+                b_ans = self._message(new_b)
+            else:
+                answers = new_b.texts  # the answer that is scored, stripped
         return [
             Prediction(e.example_id, ans, n, **tok, extra={"sender_message": msg})
-            for e, ans, n, tok, msg in zip(examples, b_ans, sent, tokens, a_msgs)
+            for e, ans, n, tok, msg in zip(examples, answers, sent, tokens, a_msgs)
         ]

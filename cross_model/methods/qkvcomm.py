@@ -167,7 +167,8 @@ class QKVComm(KVComm):
         pre, cache, sink_kv = self.sender_cache(examples, selected)
         if bits is not None:
             cache, sink_kv, _, _ = self.send_quantized(pre, cache, sink_kv, selected, bits)
-        b_cache, layout = assemble_receiver_cache(cache, pre.full_mask, self.layer_map, selected, sink_kv)
+        b_cache, layout = assemble_receiver_cache(cache, pre.full_mask, self.layer_map, selected, sink_kv,
+                                                  self.params.receiver_mask)
         b = self.pair.receiver
         batch = tokenize_prompts(b, [receiver_text(e) for e in examples], self.params.max_prompt_tokens)
         pos = positions_from_mask(batch.attention_mask, pre.full_mask.sum(-1).to(b.device))
