@@ -218,15 +218,42 @@ def cache_root() -> Path:
     return Path(os.environ.get("CROSS_MODEL_CACHE", Path.home() / ".cache" / "cross_model")).expanduser()
 
 
+CACHE_FORMAT = 2  # 2: weights saved as save_pretrained saves them (tied embedding under its input name, format tag)
+
+
 def _save_dequantised(model: Any, directory: Path) -> None:
-    """HF refuses to save a GGUF-loaded model; its de-quantised weights are plain tensors, so save those."""
-    from safetensors.torch import save_model
+    """HF refuses to save a GGUF-loaded model; its de-quantised weights are plain tensors, so save them
+    the way `save_pretrained` would: a tied output embedding is stored once, under the *input*
+    embedding's name, and the file carries safetensors' {"format": "pt"} tag. Older transformers
+    (the public code pins 4.53) then load it with plain `from_pretrained`; without either, 4.53 leaves
+    the input embeddings random."""
+    from safetensors.torch import save_file
 
     directory.mkdir(parents=True)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    save_model(model, str(directory / "model.safetensors"))  # drops tied duplicates; HF re-ties on load
+    input_weight = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    names = dict(model.named_parameters(remove_duplicate=False))
+    input_name = next(n for n, p in names.items() if p is input_weight)
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if output is not None and tensor.data_ptr() == output.weight.data_ptr() and name != input_name \
+                and output.weight is input_weight:
+            continue  # the tied copy: HF re-ties it on load
+        tensors[name] = tensor.detach().contiguous()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _cache_is_current(cached: Path) -> bool:
+    marker = cached / "COMPLETE"
+    if not marker.exists():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("format") == CACHE_FORMAT
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def _load_packaged(name: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
@@ -234,7 +261,7 @@ def _load_packaged(name: str, dtype: torch.dtype, device: torch.device) -> tuple
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cached = cache_root() / "models" / name
-    if not (cached / "COMPLETE").exists():
+    if not _cache_is_current(cached):
         directory, filename = PACKAGED_MODELS[name]()
         log.info("de-quantising %s from %s (first load only; cached in %s)", name, filename, cached)
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
@@ -243,8 +270,12 @@ def _load_packaged(name: str, dtype: torch.dtype, device: torch.device) -> tuple
         shutil.rmtree(tmp, ignore_errors=True)
         _save_dequantised(model, tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "COMPLETE").write_text(json.dumps({"source": filename}))
+        (tmp / "COMPLETE").write_text(json.dumps({"source": filename, "format": CACHE_FORMAT}))
         cached.parent.mkdir(parents=True, exist_ok=True)
+        if cached.exists() and not _cache_is_current(cached):  # an older format: set aside, then removed
+            old = cached.with_name(f"{cached.name}.old-{os.getpid()}")
+            os.replace(cached, old)
+            shutil.rmtree(old, ignore_errors=True)
         try:
             os.replace(tmp, cached)
         except OSError:

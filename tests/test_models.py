@@ -60,3 +60,25 @@ def test_gemma3_loads_offline_and_answers():
     assert (info.hidden_size, info.num_layers, info.num_kv_heads, info.head_dim, info.vocab_size) == (640, 18, 1, 256, 262144)
     assert not info.has_chat_template  # a base model: plain-text prompts
     assert "Paris" in _answer(lm, "Question: What is the capital of France?\nAnswer:", 6)
+
+
+@pytest.mark.slow
+def test_packaged_model_directory_is_what_save_pretrained_writes(smollm2):
+    """The de-quantised SmolLM2 is stored as save_pretrained stores it: the tied embedding once, under
+    the input embedding's name, and the safetensors format tag (without them transformers 4.53, which
+    the public code pins, leaves the input embeddings random). Plain from_pretrained round-trips it."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from cross_model.models import cache_root
+
+    directory = cache_root() / "models" / "smollm2-135m-instruct"
+    assert smollm2.model.config.tie_word_embeddings
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert "model.embed_tokens.weight" in set(f.keys()) and "lm_head.weight" not in set(f.keys())
+        torch.testing.assert_close(f.get_tensor("model.embed_tokens.weight"), smollm2.model.get_input_embeddings().weight)
+    plain = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    ids = torch.tensor([smollm2.tokenizer("The capital of France is")["input_ids"]])
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(input_ids=ids).logits, smollm2.model(input_ids=ids).logits)
