@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from cross_model.paired import format_paired, paired_difference, verdict
+from cross_model.paired import format_paired, paired_rows
 from cross_model.progress import format_duration
 from cross_model.reporting import format_table
 
@@ -159,7 +159,7 @@ def publish(run_dir: Path, target: Path, reference: str | None = None) -> Path:
     data = _load(run_dir / "results.json")
     rows = data.pop("examples")
     if reference:
-        data["agreement"], data["paired_kv"] = [], []
+        data["agreement"] = []
         for task, methods in rows.items():
             ref = {r["example_id"]: r for r in methods.get(reference, [])}
             for method, method_rows in methods.items():
@@ -168,10 +168,8 @@ def publish(run_dir: Path, target: Path, reference: str | None = None) -> Path:
                 same = sum(got[i]["answer"] == ref[i]["answer"] for i in shared)
                 data["agreement"].append({"task": task, "method": method, "n": len(shared),
                                           "same_pct": 100 * same / len(shared) if shared else 0.0})
-                if method != reference and shared:
-                    res = paired_difference([float(ref[i]["first_named"]) for i in shared],
-                                            [float(got[i]["first_named"]) for i in shared])
-                    data["paired_kv"].append({"task": task, "method": method, **res, "verdict": verdict(res)})
+        data["paired_kv"] = [{"task": p["task"], "method": p["method"], **p["first_named"]}
+                             for p in paired_rows(rows, reference, ("first_named",)) if p["n"]]
         for s in data["summary"]:
             ratios = [r.get("compression_vs_bf16") for r in rows[s["task"]][s["method"]] if r.get("compression_vs_bf16")]
             if ratios:

@@ -32,10 +32,10 @@ from cross_model.progress import Progress
 from cross_model.prompt_prefill import PrefillMemo
 from cross_model.prompting import recording_prompts
 from cross_model.reporting import format_table, summarize
-from cross_model.training import final_projection_dir, projection_identity, resolved_train_config, training_recipe
 from cross_model.result_files import (
     append_rows, gather_results, read_results, repair_tail, result_dir, write_json_atomically,
 )
+from cross_model.training import final_projection_dir, projection_identity, resolved_train_config, training_recipe
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,8 @@ def trained_projection(ctx, name: str, method) -> str:
 
 @dataclass
 class TaskOutcome:
-    """What one rank did for one task: items run per method, and how the batches shared prefills."""
+    """What one rank did for one task: its batches, and how they shared prefills."""
 
-    items_run: dict[str, int]
     batches: int
     prefill_hits: int
     prefill_misses: int
@@ -162,7 +161,7 @@ def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) 
     guards = {name: FailureGuard(f"{task}/{name}", cfg.fail_fast_items, cfg.fail_fast_ratio) for name in methods}
     stop = ctx.state.get("stop")
     delay = float(os.environ.get("CROSS_MODEL_TEST_STEP_DELAY", "0"))  # lets tests kill a run mid-evaluation
-    outcome = TaskOutcome({name: 0 for name in methods}, 0, 0, 0)
+    outcome = TaskOutcome(0, 0, 0)
     todo_total = sum(e.example_id not in done[name] for e in pending for name in methods)
     bar = Progress(todo_total, f"evaluate {task}", unit="answers",
                    note=f"rank 0's share of {len(test)} items x {len(methods)} methods, {world} ranks")
@@ -180,7 +179,6 @@ def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) 
                         prompts = attributed_prompts(prompt_log, len(part)) if cfg.log_prompts else None
                         append_rows(files[name], scored_rows(part, preds, time.perf_counter() - start, index_of,
                                                              run_info, method, prompts))
-                        outcome.items_run[name] += len(part)
                         bar.update(len(part))
                         guards[name].record(preds)
                 outcome.prefill_hits += memo.hits
