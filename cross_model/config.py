@@ -101,6 +101,54 @@ class TrainConfig:
 
 
 @dataclass
+class InterlinguaConfig:
+    receivers: list[str] = _f([], "frozen receivers the encoder serves (empty: [models.receiver]); packaged names, tiny-*, HF ids")
+    m: int = _f(16, "latent vectors per context (paper: 32)")
+    d_z: int = _f(64, "width of each latent vector (paper: 256)")
+    layers: int = _f(2, "encoder transformer layers")
+    heads: int = _f(4, "encoder attention heads")
+    max_bytes: int = _f(512, "context bytes the encoder reads (the rest is cut)")
+    train_tasks: list[str] = _f([], "configured tasks whose rows past the test items train it (empty: every configured task)")
+    n_train: int = _f(512, "training rows per task, disjoint from its test and calibration items")
+    n_heldout: int = _f(64, "held-out rows per task (after the training rows) for the loss each epoch")
+    steps: int = _f(300, "optimizer steps")
+    batch_size: int = _f(16, "global batch in rows, split over ranks")
+    lr: float = _f(1e-3, "AdamW learning rate (encoder and adapters)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    first_weight: float = _f(1.0, "extra cross-entropy weight on the first answer token")
+    k_weight: float = _f(0.5, "extra weight on each of the first k_tokens answer tokens")
+    k_tokens: int = _f(4, "K of the first-K weighting")
+    kd_weight: float = _f(0.0, "weight of distillation from the same receiver reading the full text (0: off)")
+    tau: float = _f(1.0, "distillation temperature")
+    calibrate: bool = _f(True, "scale soft tokens to each receiver's embedding RMS, per example")
+    engine: str = _f("ddp", "ddp (torch DistributedDataParallel) or deepspeed (ZeRO, stage zero_stage)")
+    zero_stage: int = _f(2, "DeepSpeed ZeRO stage (engine: deepspeed)")
+    checkpoint_dir: str = _f("checkpoints", "where interlingua checkpoints live (relative: under output_dir)")
+    checkpoint_every: int = _f(50, "optimizer steps between checkpoints")
+    keep_last: int = _f(3, "complete checkpoints kept")
+    eval_every: int = _f(50, "steps between held-out losses (also at the end)")
+    seed: int | None = _f(None, "initialisation and data-order seed (None: the experiment seed)")
+
+    def validate(self, prefix: str) -> None:
+        for name in ("m", "d_z", "layers", "heads", "max_bytes", "n_train", "steps", "batch_size", "k_tokens",
+                     "checkpoint_every", "keep_last", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.d_z % self.heads:
+            raise ValueError(f"{prefix}.d_z ({self.d_z}) must be divisible by {prefix}.heads ({self.heads})")
+        if self.n_heldout < 0:
+            raise ValueError(f"{prefix}.n_heldout: must be >= 0, got {self.n_heldout}")
+        for name in ("lr", "tau"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{prefix}.{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "first_weight", "k_weight", "kd_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
+        _choice(f"{prefix}.engine", self.engine, ("ddp", "deepspeed"))
+        _choice(f"{prefix}.zero_stage", self.zero_stage, (0, 1, 2, 3))
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = _f(8, "examples per batch for every method (methods may override with their own batch_size)")
     limit: int | None = _f(None, "evaluate only the first N test items of each task (None: all)")
@@ -158,6 +206,7 @@ class ExperimentConfig:
         metadata={"help": "method instances: name -> parameters; `method:` names the registry entry (default: the name)"},
     )
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "projection training"})
+    interlingua: InterlinguaConfig = field(default_factory=InterlinguaConfig, metadata={"help": "LatentWire's encoder and its training"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation"})
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "logging and tracking"})
 
@@ -187,6 +236,7 @@ class ExperimentConfig:
             if not isinstance(params, dict):
                 raise ValueError(f"methods.{name}: must be a mapping of parameters, got {type(params).__name__}")
         self.train.validate("train")
+        self.interlingua.validate("interlingua")
         self.eval.validate("eval")
         self.logging.validate("logging")
         # Method parameters are checked by `context.load_experiment` against each method's own typed

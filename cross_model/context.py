@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from cross_model.config import ExperimentConfig, load_config
@@ -59,3 +60,8 @@ def model_pair(ctx: RunContext, params: Any) -> Any:
     sender = get(getattr(params, "sender", None) or m.sender, "sender")
     receiver = get(getattr(params, "receiver", None) or m.receiver, "receiver")
     return ModelPair(sender, receiver)
+
+
+def model_by_name(ctx: RunContext, spec: str) -> Any:
+    """One model of the run by its spec (loaded once per run, shared with every method)."""
+    return model_pair(ctx, SimpleNamespace(sender=spec, receiver=spec)).receiver

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from cross_model.checkpointing import verify
-from cross_model.context import method_instances, model_pair
+from cross_model.context import method_instances, model_by_name, model_pair
 from cross_model.data import load_task_examples
 from cross_model.data.base import Example
 from cross_model.distributed import (
     Preempted, all_reduce_max, barrier, broadcast_object, get_rank, get_world_size, is_main,
 )
 from cross_model.failures import FailureGuard
+from cross_model.interlingua.training import final_dir as interlingua_final_dir
 from cross_model.metrics import score_prediction
 from cross_model.progress import Progress
 from cross_model.prompt_prefill import PrefillMemo
@@ -65,8 +66,11 @@ def build_methods(ctx) -> dict[str, Any]:
         methods = {}
         for name, cls, params in method_instances(ctx.cfg):
             methods[name] = method = cls(params, model_pair(ctx, params), name, ctx.run_dir)
+            if hasattr(method, "load_model"):
+                method.load_model = lambda spec: model_by_name(ctx, spec)
             if cls.needs_training(params):
-                method.set_projection_from(trained_projection(ctx, name, method))
+                trained = trained_interlingua if getattr(cls, "trained_by", "") == "interlingua" else trained_projection
+                method.set_projection_from(trained(ctx, name, method))
         ctx.state["methods"] = methods
     return ctx.state["methods"]
 
@@ -84,6 +88,18 @@ def trained_projection(ctx, name: str, method) -> str:
         raise FileNotFoundError(
             f"methods.{name}: projection: train, but no finished projection at {path}; "
             f"run the train stage first (stages: [train, ...]) with the same train settings"
+        )
+    return str(path)
+
+
+def trained_interlingua(ctx, name: str, method) -> str:
+    """Where the train stage put the run's interlingua (this run or an earlier one with the same
+    interlingua settings); rank 0 checks it and tells the others."""
+    path = ctx.state.get("interlingua") or interlingua_final_dir(ctx.cfg)
+    if not broadcast_object(verify(path)[0] is not None if is_main() else None):
+        raise FileNotFoundError(
+            f"methods.{name}: needs the run's trained interlingua, but there is none at {path}; run the train "
+            f"stage first (stages: [train, ...]) with the same interlingua settings, or set checkpoint: to a finished one"
         )
     return str(path)
 

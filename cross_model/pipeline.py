@@ -16,7 +16,8 @@ from cross_model.reporting import format_table, summarize, write_reports
 from cross_model.result_files import gather_results, write_json_atomically
 from cross_model.runinfo import load_run_context
 from cross_model.tracking import Tracker
-from cross_model.training import train_projections_for
+from cross_model.interlingua.training import train_interlingua
+from cross_model.training import FINAL, train_projections_for
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def plan(cfg: ExperimentConfig) -> list[str]:
     for stage in cfg.stages:
         if stage == "train":
             needs = [name for name, cls, p in methods if cls.needs_training(p)]
-            lines.append(f"train: {'fit projections for ' + ', '.join(needs) if needs else 'nothing to train'}")
+            lines.append(f"train: {'fit projections / the interlingua for ' + ', '.join(needs) if needs else 'nothing to train'}")
         elif stage == "calibrate":
             needs = [name for name, cls, p in methods if cls.needs_calibration(p)]
             lines.append(f"calibrate: {'calibrate ' + ', '.join(needs) if needs else 'nothing to calibrate'}")
@@ -43,9 +44,13 @@ def plan(cfg: ExperimentConfig) -> list[str]:
 def _stage_train(ctx: RunContext) -> None:
     methods = [(n, c, p) for n, c, p in method_instances(ctx.cfg) if c.needs_training(p)]
     if not methods:
-        log.info("train: no method needs a learned projection; nothing to do")
+        log.info("train: no method needs a learned projection or an interlingua; nothing to do")
         return
-    train_projections_for(ctx, methods)
+    projections = [m for m in methods if getattr(m[1], "trained_by", "projection") == "projection"]
+    if projections:
+        train_projections_for(ctx, projections)
+    if len(projections) < len(methods):  # LatentWire's methods share the run's one interlingua
+        ctx.state["interlingua"] = train_interlingua(ctx).directory / FINAL
 
 
 def _stage_calibrate(ctx: RunContext) -> None:

@@ -38,7 +38,7 @@ class Task:
 
 
 _TASKS: dict[str, Task] = {}
-_MODULES = ("synthetic", "hub", "local")
+_MODULES = ("synthetic", "ladder", "hub", "local")
 
 
 def register_task(task: Task) -> Task:

@@ -1,0 +1,340 @@
+"""Training LatentWire's encoder and adapters: the train stage's job.
+
+The frozen receivers run in the platform dtype under no parameter gradients; only the encoder and the
+adapters train (DDP over ranks, or DeepSpeed with `interlingua.engine: deepspeed`). Each global batch
+is split over ranks and each rank's summed row losses are scaled so that the gradient average over
+ranks is the gradient of the global batch's mean loss. Resume, stop signals and the final artefact
+work as in projection training (`cross_model.training`): one directory per (receivers, shape, recipe,
+data), atomic step checkpoints, a checksummed `final/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from cross_model.checkpointing import CheckpointManager, rng_state, set_rng_state, verify, write_atomically
+from cross_model.config import InterlinguaConfig
+from cross_model.context import model_by_name
+from cross_model.data import load_task_examples
+from cross_model.data.base import Example
+from cross_model.data.hub import TASKS as HUB_TASKS
+from cross_model.data.ladder import LADDER_TASKS, training_rows
+from cross_model.distributed import (
+    Preempted, StopFlag, all_reduce_sum, barrier, broadcast_object, gather_object, get_rank, get_world_size,
+    is_initialized, is_main,
+)
+from cross_model.interlingua.encoder import EncoderShape
+from cross_model.interlingua.model import META_FILE, WEIGHTS_FILE, LatentWire, receiver_record
+from cross_model.interlingua.receiver_io import answer_text, question_text
+from cross_model.progress import Progress
+from cross_model.projection import check_identity
+from cross_model.training import FINAL, _epoch_order, _slug
+
+log = logging.getLogger(__name__)
+
+RECIPE_KEYS = ("n_train", "n_heldout", "steps", "batch_size", "lr", "weight_decay", "first_weight", "k_weight",
+               "k_tokens", "kd_weight", "tau", "calibrate", "engine", "zero_stage", "seed")
+
+
+# --- what is trained on --------------------------------------------------------------------------------
+
+
+def task_rows(name: str, n_test: int, n_calib: int, n_rows: int, seed: int, path: str | None) -> list[Example]:
+    """Rows of a configured task that are neither its test nor its calibration items: the ladder's
+    middle rows, or a hub split's rows after its test and calibration rows."""
+    if name in LADDER_TASKS:
+        return training_rows(name, n_test, n_calib, n_rows, seed)
+    if name in HUB_TASKS:
+        rows, _ = load_task_examples(name, n_test + n_calib + n_rows, 0, seed, path)
+        return rows[n_test + n_calib :]
+    raise ValueError(
+        f"interlingua: task {name!r} has no rows set aside for training; train on {', '.join(LADDER_TASKS)} "
+        f"or a hub task ({', '.join(sorted(HUB_TASKS))})"
+    )
+
+
+def training_data(cfg: Any) -> tuple[list[Example], list[Example]]:
+    """(training rows, held-out rows) over `interlingua.train_tasks`, disjoint from every test and
+    calibration item of the run (checked, not assumed)."""
+    ic = cfg.interlingua
+    names = ic.train_tasks or [t.name for t in cfg.tasks]
+    by_name = {t.name: t for t in cfg.tasks}
+    train, held, taken = [], [], set()
+    for name in names:
+        if name not in by_name:
+            raise ValueError(f"interlingua.train_tasks: {name!r} is not among the configured tasks "
+                             f"({', '.join(by_name)}); add it under tasks:")
+        t = by_name[name]
+        seed = t.seed if t.seed is not None else cfg.seed
+        test, calib = load_task_examples(name, t.n_test, t.n_calib, seed, t.path)
+        taken |= {e.example_id for e in test + calib}
+        rows = task_rows(name, len(test), len(calib), ic.n_train + ic.n_heldout, seed, t.path)
+        train += rows[: ic.n_train]
+        held += rows[ic.n_train :]
+    clash = taken & {e.example_id for e in train + held}
+    if clash:
+        raise ValueError(f"interlingua: training rows overlap test/calibration items: {sorted(clash)[:3]}")
+    return train, held
+
+
+# --- identity and where it lives ----------------------------------------------------------------------------
+
+
+def interlingua_seed(cfg: Any) -> int:
+    return cfg.interlingua.seed if cfg.interlingua.seed is not None else cfg.seed
+
+
+def receiver_names(cfg: Any) -> list[str]:
+    return list(cfg.interlingua.receivers) or [cfg.models.receiver]
+
+
+def shape_of(ic: InterlinguaConfig) -> EncoderShape:
+    return EncoderShape(m=ic.m, d_z=ic.d_z, layers=ic.layers, heads=ic.heads, max_bytes=ic.max_bytes)
+
+
+def identity_of(cfg: Any) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed or used: receivers, shape, recipe and data."""
+    ic = cfg.interlingua
+    recipe = {k: getattr(ic, k) for k in RECIPE_KEYS if k != "seed"}
+    data = [(t.name, t.n_test, t.n_calib, t.seed, t.path) for t in cfg.tasks if t.name in (ic.train_tasks or [x.name for x in cfg.tasks])]
+    return {"receivers": receiver_names(cfg), "shape": shape_of(ic).to_dict(), **recipe,
+            "seed": interlingua_seed(cfg), "data": json.loads(json.dumps(data))}
+
+
+def checkpoint_root(cfg: Any) -> Path:
+    path = Path(cfg.interlingua.checkpoint_dir).expanduser()
+    return path if path.is_absolute() else Path(cfg.output_dir) / path
+
+
+def interlingua_dir(cfg: Any) -> Path:
+    ident = identity_of(cfg)
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+    return checkpoint_root(cfg) / f"latentwire__{'+'.join(_slug(n)[-24:] for n in ident['receivers'])}__{digest}"
+
+
+def final_dir(cfg: Any) -> Path:
+    return interlingua_dir(cfg) / FINAL
+
+
+# --- held-out statistics ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def heldout_stats(net: LatentWire, rows: list[Example], batch_size: int) -> dict[str, float]:
+    """Mean held-out loss and gold NLL with the true latent and with the latent of another row
+    (rolled by one within each batch), sharded over ranks and summed."""
+    mine = rows[get_rank() :: get_world_size()]
+    sums = [0.0, 0.0, 0.0, 0.0]  # loss, nll true, nll shuffled, rows
+    for i in range(0, len(mine), batch_size):
+        chunk = mine[i : i + batch_size]
+        contexts, qs, ans = [e.prompt_A for e in chunk], [question_text(e) for e in chunk], [answer_text(e) for e in chunk]
+        z = net.latent(contexts)
+        for r in range(len(net.receivers)):
+            true = net.row_losses(z, r, qs, ans, contexts)
+            rolled = net.row_losses(z.roll(1, 0), r, qs, ans) if len(chunk) > 1 else true
+            sums[0] += float(true["loss"].sum()) / len(net.receivers)
+            sums[1] += float(true["nll"].sum()) / len(net.receivers)
+            sums[2] += float(rolled["nll"].sum()) / len(net.receivers)
+        sums[3] += len(chunk)
+    total = all_reduce_sum(sums) if is_initialized() else sums
+    n = max(total[3], 1.0)
+    return {"heldout_loss": total[0] / n, "heldout_nll": total[1] / n, "heldout_nll_shuffled": total[2] / n}
+
+
+# --- the loop ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainedInterlingua:
+    directory: Path
+    meta: dict[str, Any]
+    resumed_from: int | None = None
+    loaded_final: bool = False
+
+
+class _Engine:
+    """The optimizer step under DDP (or one process) or DeepSpeed, behind one interface."""
+
+    def __init__(self, net: LatentWire, ic: InterlinguaConfig, world: int, device: torch.device):
+        self.net, self.ds = net, None
+        params = [p for p in net.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=ic.lr, weight_decay=ic.weight_decay)
+        self.model: torch.nn.Module = net
+        if ic.engine == "deepspeed":
+            import deepspeed
+
+            micro = math.ceil(ic.batch_size / world)
+            config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
+                      "train_batch_size": micro * world, "zero_optimization": {"stage": ic.zero_stage},
+                      "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+            self.ds, self.opt, _, _ = deepspeed.initialize(model=net, optimizer=self.opt, config=config)
+            self.model = self.ds
+        elif is_initialized():
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def step(self, loss: torch.Tensor) -> None:
+        if self.ds is not None:
+            # DeepSpeed divides by the micro-batch count and averages over ranks like DDP; our loss
+            # is already scaled for the rank average, so nothing else changes.
+            self.ds.backward(loss)
+            self.ds.step()
+            return
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The full optimizer state on every rank (ZeRO partitions it: gathered for our checkpoint)."""
+        if self.ds is None or self.ds.zero_optimization_stage() == 0:
+            return self.opt.state_dict()
+        return _full_adam_state(self.net, self.opt)
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        if self.ds is None or self.ds.zero_optimization_stage() == 0:
+            self.opt.load_state_dict(state)
+        else:
+            _set_full_adam_state(self.net, self.opt, state)
+
+
+def _full_adam_state(net: LatentWire, opt: Any) -> dict[str, Any]:
+    raise NotImplementedError("ZeRO optimizer state in our checkpoint format")
+
+
+def _set_full_adam_state(net: LatentWire, opt: Any, state: dict[str, Any]) -> None:
+    raise NotImplementedError("ZeRO optimizer state in our checkpoint format")
+
+
+def fit_interlingua(
+    net: LatentWire, train: list[Example], held: list[Example], ic: InterlinguaConfig, identity: dict[str, Any],
+    directory: Path, device: torch.device, stop: StopFlag | None = None,
+    log_metrics: Callable[[dict[str, Any]], None] | None = None,
+    on_step: Callable[[int, LatentWire], None] | None = None,
+) -> TrainedInterlingua:
+    """Train `net` (receivers attached) on `train`, resuming from the newest checkpoint in `directory`.
+    Collective: every rank calls it with the same arguments."""
+    rank, world = get_rank(), get_world_size()
+    seed = identity["seed"]
+    net.loss_weights = {"first_weight": ic.first_weight, "k_weight": ic.k_weight, "k": ic.k_tokens,
+                        "kd_weight": ic.kd_weight, "tau": ic.tau}
+    net.to(device).train()
+    manager = CheckpointManager(directory, ic.keep_last)
+    engine = _Engine(net, ic, world, device)
+    steps_per_epoch = math.ceil(len(train) / ic.batch_size)
+    sidecar = {**identity, "receiver_records": net.records, "total_steps": ic.steps}
+    history: list[dict[str, Any]] = []
+
+    step, resumed = 0, None
+    latest = broadcast_object(manager.latest_step() if is_main() else None)
+    if latest is not None:
+        ckpt = manager.load(latest, rank, world)
+        check_identity(ckpt.meta, sidecar, f"checkpoint {ckpt.path}", keys=tuple(identity))
+        net.load_state_dict(ckpt.tensors)
+        engine.load_optimizer_state(ckpt.trainer["optimizer"])
+        step, resumed, history = ckpt.trainer["step"], ckpt.step, ckpt.meta.get("history", [])
+        if ckpt.rng is not None:
+            set_rng_state(ckpt.rng)
+        log.info("interlingua: resumed %s at step %d of %d", directory.name, step, ic.steps)
+
+    def save(at: int) -> None:
+        rngs = gather_object(rng_state())
+        opt_state = engine.optimizer_state()
+        if is_main():
+            trainer = {"optimizer": opt_state, "step": at}
+            manager.save(at, {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                         {**sidecar, "history": history}, trainer, rngs)
+        barrier()
+
+    def evaluate_heldout(at: int) -> None:
+        net.eval()
+        stats = {"step": at, "epoch": at / steps_per_epoch, **heldout_stats(net, held, ic.batch_size)}
+        net.train()
+        history.append(stats)
+        log.info("interlingua: step %d/%d held-out loss %.4f  gold NLL %.4f (another row's latent: %.4f)",
+                 at, ic.steps, stats["heldout_loss"], stats["heldout_nll"], stats["heldout_nll_shuffled"])
+        if log_metrics is not None and is_main():
+            log_metrics({f"interlingua/{k}": v for k, v in stats.items()})
+
+    delay = float(os.environ.get("CROSS_MODEL_TEST_STEP_DELAY", "0"))  # lets tests kill a run mid-training
+    bar = Progress(ic.steps, f"train interlingua -> {', '.join(identity['receivers'])}", unit="steps", initial=step)
+    if step == 0 and held:
+        evaluate_heldout(0)
+    last_saved = resumed
+    while step < ic.steps:
+        epoch, b = divmod(step, steps_per_epoch)
+        order = _epoch_order(len(train), seed, epoch)
+        batch = order[b * ic.batch_size : (b + 1) * ic.batch_size]
+        mine = [train[i] for i in batch[rank::world]]
+        rows = engine.model([e.prompt_A for e in mine], [question_text(e) for e in mine], [answer_text(e) for e in mine])
+        engine.step(rows.sum() / len(batch) * world)
+        step += 1
+        bar.update(1)
+        if on_step is not None:
+            on_step(step, net)
+        if delay:
+            time.sleep(delay)
+        if held and (step % ic.eval_every == 0 or step == ic.steps):
+            evaluate_heldout(step)
+        stopping = stop is not None and stop.should_stop()
+        if step == ic.steps or stopping or step % ic.checkpoint_every == 0:
+            save(step)
+            last_saved = step
+        if stopping:
+            bar.close()
+            log.warning("interlingua: stop signal; saved step %d of %d in %s, exiting to resume later", step, ic.steps, directory)
+            raise Preempted(f"interlingua training stopped at step {step} of {ic.steps}; checkpoint saved in {directory}")
+    bar.close()
+    if last_saved != step:
+        save(step)
+    meta = {**sidecar, "history": history, "final_step": step, "receivers": net.records,
+            "shape": net.shape.to_dict(), "calibrate": ic.calibrate, "identity": identity}
+    if is_main():
+        publish_final(net, directory / FINAL, meta)
+    barrier()
+    return TrainedInterlingua(directory, meta, resumed_from=resumed)
+
+
+def publish_final(net: LatentWire, target: Path, meta: dict[str, Any]) -> None:
+    if target.exists() and verify(target)[0] is not None:
+        return
+    if target.exists():
+        os.rename(target, target.with_name(f"{target.name}.damaged-{time.time_ns()}"))
+    files = {WEIGHTS_FILE: {k: v.detach().cpu() for k, v in net.state_dict().items()},
+             META_FILE: json.dumps(meta, indent=2, sort_keys=True)}
+    write_atomically(target, files, meta)
+
+
+def train_interlingua(ctx: Any) -> TrainedInterlingua:
+    """The train stage's LatentWire job: trains (or finds finished) the run's interlingua."""
+    cfg, ic = ctx.cfg, ctx.cfg.interlingua
+    directory = interlingua_dir(cfg)
+    final = directory / FINAL
+    if broadcast_object(verify(final)[0] is not None if is_main() else None):
+        meta = json.loads((final / META_FILE).read_text())
+        log.info("interlingua: %s is already trained; loaded, not retrained", final)
+        return TrainedInterlingua(directory, meta, loaded_final=True)
+    receivers = [model_by_name(ctx, n) for n in receiver_names(cfg)]
+    for lm in receivers:
+        lm.model.requires_grad_(False)
+    identity = identity_of(cfg)
+    train, held = training_data(cfg)
+    net = LatentWire(shape_of(ic), [receiver_record(lm) for lm in receivers], ic.calibrate, identity["seed"])
+    net.attach(receivers)
+    log.info("interlingua: M=%d d_z=%d, %d encoder layers, %d trainable parameters; %d training / %d held-out rows; "
+             "receivers %s; engine %s", ic.m, ic.d_z, ic.layers, sum(p.numel() for p in net.parameters()),
+             len(train), len(held), ", ".join(identity["receivers"]), ic.engine)
+    tracker = ctx.state.get("tracker")
+    return fit_interlingua(net, train, held, ic, identity, directory, receivers[0].device, stop=ctx.state.get("stop"),
+                           log_metrics=tracker.log if tracker else None)
+

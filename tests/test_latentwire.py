@@ -1,0 +1,212 @@
+"""LatentWire: the composer, losses, wire format and encoder checked against reference computations
+on tiny random receivers (a few marked tests use the two packaged models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cross_model.data import load_task_examples
+from cross_model.generation import greedy_generate
+from cross_model.interlingua import wire
+from cross_model.interlingua.encoder import EncoderShape, InterlinguaEncoder, encode_bytes
+from cross_model.interlingua.model import LatentWire, load_latentwire, receiver_record
+from cross_model.interlingua.receiver_io import (
+    Adapter, adds_bos, answer_logits, answer_text, compose, decode_answers, distillation, embed_ids, embedding_rms,
+    eos_id, gold_nll, question_text, text_prefixes, token_nll, weighted_ce,
+)
+from cross_model.kv_wire import PayloadError
+from cross_model.models import load_model
+from cross_model.prompting import pad_left
+
+SHAPE = EncoderShape(m=4, d_z=32, layers=1, heads=4, max_bytes=128)
+
+
+@pytest.fixture(scope="module")
+def gemma_tiny():
+    return load_model("tiny-gemma3-64")
+
+
+@pytest.fixture(scope="module")
+def rows():
+    test, _ = load_task_examples("fact_lookup", 6, 0, 0)
+    return test
+
+
+def _net(receivers, seed=0):
+    return LatentWire(SHAPE, [receiver_record(lm) for lm in receivers], seed=seed).attach(receivers)
+
+
+def _replay_check(lm):
+    ids = lm.tokenizer("The color of the box is red. What is the color?", add_special_tokens=True)["input_ids"]
+    t = torch.tensor([ids])
+    with torch.no_grad():
+        a = lm.model(input_ids=t).logits
+        b = lm.model(inputs_embeds=lm.model.get_input_embeddings()(t)).logits
+    assert torch.equal(a, b)
+
+
+def test_logits_from_ids_equal_logits_from_their_embeddings(tiny_llama, gemma_tiny):
+    for lm in (tiny_llama, gemma_tiny):
+        _replay_check(lm)
+
+
+@pytest.mark.slow
+def test_embedding_replay_and_bos_policy_on_the_packaged_receivers(smollm2):
+    gemma = load_model("gemma3-270m")
+    for lm in (smollm2, gemma):
+        _replay_check(lm)
+    assert not adds_bos(smollm2) and adds_bos(gemma)
+    # The target RMS is that of what get_input_embeddings() returns: Gemma scales by sqrt(640) inside it.
+    assert embedding_rms(gemma) > 10 * float(gemma.model.get_input_embeddings().weight.float().pow(2).mean().sqrt())
+    ex = load_task_examples("secret_word", 1, 0, 0)[0][0]
+    for lm in (smollm2, gemma):
+        c = compose(lm, text_prefixes(lm, [ex.prompt_A])[0], [question_text(ex)], [answer_text(ex)])
+        first = lm.tokenizer(answer_text(ex), add_special_tokens=False)["input_ids"][0]
+        assert c.answer_ids[0][0] == first and c.answer_ids[0][-1] == eos_id(lm)
+        assert first not in (lm.tokenizer.bos_token_id, lm.tokenizer.pad_token_id) or first == eos_id(lm) is False
+
+
+def test_oracle_encoder_gives_the_text_paths_answers(tiny_llama, gemma_tiny, rows):
+    """Soft tokens = the receiver's own embeddings of the context (identity adapter, no calibration)
+    decode exactly what the same prompt given as token ids decodes."""
+    for lm in (tiny_llama, gemma_tiny):
+        contexts, questions = [e.prompt_A for e in rows], [question_text(e) for e in rows]
+        with torch.inference_mode():
+            prefixes, _ = text_prefixes(lm, contexts)
+        soft, _ = decode_answers(lm, prefixes, questions, [6] * len(rows))
+        bos = [lm.tokenizer.bos_token_id] if adds_bos(lm) else []
+        ids = [bos + lm.tokenizer(c, add_special_tokens=False)["input_ids"] + lm.tokenizer(q, add_special_tokens=False)["input_ids"]
+               for c, q in zip(contexts, questions)]
+        batch = pad_left(ids, lm.tokenizer.pad_token_id, lm.device)
+        ref = greedy_generate(lm, batch.input_ids, batch.attention_mask, 6)
+        assert soft.token_ids == ref.token_ids
+
+
+def test_one_forward_equals_the_step_by_step_losses(tiny_llama, rows):
+    lm = tiny_llama
+    net = _net([lm])
+    with torch.no_grad():
+        z = net.latent([e.prompt_A for e in rows])
+        soft = net.soft_tokens(z, 0)
+        qs, ans = [question_text(e) for e in rows], [answer_text(e) for e in rows]
+        one = token_nll(answer_logits(lm, compose(lm, list(soft), qs, ans)))
+        for i in range(len(rows)):
+            # Reference: the prompt alone, then the answer fed one token at a time through a cache.
+            c = compose(lm, [soft[i]], [qs[i]])
+            out = lm.model(inputs_embeds=c.embeds_BTD, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1]
+            a_ids = lm.tokenizer(ans[i], add_special_tokens=False)["input_ids"] + [eos_id(lm)]
+            step_nll = []
+            for t, tok in enumerate(a_ids):
+                step_nll.append(-torch.log_softmax(logits.float(), -1)[0, tok])
+                out = lm.model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
+                cache, logits = out.past_key_values, out.logits[:, -1]
+            torch.testing.assert_close(one[i, : len(a_ids)], torch.stack(step_nll), rtol=1e-4, atol=1e-4)
+            assert torch.all(one[i, len(a_ids) :] == 0)
+
+
+def test_labels_start_at_the_first_content_token_and_end_with_eos(tiny_llama, gemma_tiny, rows):
+    for lm in (tiny_llama, gemma_tiny):
+        c = compose(lm, text_prefixes(lm, [e.prompt_A for e in rows])[0], [question_text(e) for e in rows],
+                    [answer_text(e) for e in rows])
+        a = answer_logits(lm, c)
+        for i, e in enumerate(rows):
+            want = lm.tokenizer(" " + e.answers[0], add_special_tokens=False)["input_ids"] + [eos_id(lm)]
+            n = int(a.lengths[i])
+            assert a.labels_BA[i, :n].tolist() == want
+            assert a.labels_BA[i, 0] not in (lm.tokenizer.bos_token_id, lm.tokenizer.pad_token_id)
+        # Labels come from lengths, never from `== pad_id`: with pad = EOS (SmolLM2) nothing changes.
+        assert int(a.valid_BA.sum()) == sum(len(x) for x in c.answer_ids)
+
+
+def test_a_rows_latent_and_loss_do_not_depend_on_padding_or_the_rest_of_the_batch(tiny_llama, rows):
+    net = _net([tiny_llama])
+    long = rows[0].prompt_A + " And also " * 8
+    with torch.no_grad():
+        alone = net.latent([rows[1].prompt_A])
+        batched = net.latent([long, rows[1].prompt_A, ""])
+        torch.testing.assert_close(batched[1:2], alone, rtol=1e-5, atol=1e-5)
+        ids, mask = encode_bytes([rows[1].prompt_A, long], 128)
+        assert int(mask[0].sum()) == len(rows[1].prompt_A.encode())
+        qs = [question_text(e) for e in rows[:2]]
+        ans = [answer_text(e) for e in rows[:2]]
+        together = net.row_losses(net.latent([rows[0].prompt_A, rows[1].prompt_A]), 0, qs, ans)["loss"]
+        single = net.row_losses(alone, 0, qs[1:], ans[1:])["loss"]
+        torch.testing.assert_close(together[1:], single, rtol=1e-5, atol=1e-5)
+
+
+def test_calibrated_soft_tokens_have_the_receivers_embedding_rms(tiny_llama, gemma_tiny):
+    for lm in (tiny_llama, gemma_tiny):
+        target = embedding_rms(lm)
+        emb = lm.model.get_input_embeddings()(torch.arange(lm.model.config.vocab_size))
+        assert abs(target - float(emb.double().pow(2).mean().sqrt())) < 1e-6
+        x = Adapter(32, lm.info.hidden_size, target)(torch.randn(3, 4, 32) * torch.tensor([0.1, 1.0, 50.0])[:, None, None])
+        rms = x.pow(2).mean(dim=(1, 2)).sqrt()
+        torch.testing.assert_close(rms, torch.full((3,), target), rtol=1e-5, atol=0)
+
+
+def test_distillation_is_zero_when_the_student_is_the_teacher_replayed(tiny_llama, rows):
+    lm = tiny_llama
+    qs, ans = [question_text(e) for e in rows], [answer_text(e) for e in rows]
+    with torch.no_grad():
+        c = compose(lm, text_prefixes(lm, [e.prompt_A for e in rows])[0], qs, ans)
+        student, teacher = answer_logits(lm, c), answer_logits(lm, c).logits_BAV
+        assert float(distillation(student, teacher, tau=2.0).abs().max()) < 1e-6
+        other = answer_logits(lm, compose(lm, [p[:2] for p in text_prefixes(lm, [e.prompt_A for e in rows])[0]], qs, ans))
+        assert float(distillation(other, teacher, tau=2.0).min()) > 0
+
+
+def test_first_token_weights_change_the_loss_as_specified(tiny_llama, rows):
+    lm = tiny_llama
+    with torch.no_grad():
+        a = answer_logits(lm, compose(lm, text_prefixes(lm, [e.prompt_A for e in rows])[0],
+                                      [question_text(e) for e in rows], [answer_text(e) for e in rows]))
+    nll = token_nll(a)
+    torch.testing.assert_close(weighted_ce(a), gold_nll(a))
+    w = torch.ones_like(nll) * a.valid_BA
+    w[:, 0] += 2.0
+    w[:, :3] += 0.5 * a.valid_BA[:, :3]
+    torch.testing.assert_close(weighted_ce(a, 2.0, 0.5, 3), (nll * w).sum(-1) / w.sum(-1))
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4, 3, 2])
+def test_wire_bytes_equal_the_formula_and_decode_equals_quantize_dequantize(bits):
+    z = torch.randn(5, 24) * torch.linspace(0.1, 3, 24)
+    blob = wire.encode(z, bits)
+    assert len(blob) == wire.payload_size(5, 24, bits)
+    body = 5 * 24 * 2 if bits == 16 else -(-5 * 24 * bits // 8) + 5 * 4
+    assert len(blob) == 10 + len(b'{"bits":%d,"d_z":24,"dtype":"float16","m":5}' % bits) + body + 4
+    assert torch.equal(wire.decode(blob), wire.quantize_dequantize(z, bits))
+    # Within one quantization step of each latent vector's own range (float16 rounding aside).
+    err = (wire.decode(blob) - z).abs().amax(1)
+    step = (z.amax(1) - z.amin(1)) / (2**bits - 1) if bits != 16 else torch.zeros(5)
+    assert torch.all(err <= step + 2e-3 * z.abs().amax(1))
+    with pytest.raises(PayloadError):
+        wire.decode(blob[:-5] + bytes(5))
+    with pytest.raises(ValueError):
+        wire.encode(z, 5)
+
+
+def test_the_same_seed_gives_the_same_latent_and_another_seed_another():
+    texts = ["The secret word is apple.", "x"]
+    a = InterlinguaEncoder(SHAPE, seed=3).encode(texts)
+    torch.manual_seed(999)  # the global RNG does not matter
+    b = InterlinguaEncoder(SHAPE, seed=3).encode(texts)
+    c = InterlinguaEncoder(SHAPE, seed=4).encode(texts)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_a_finished_interlingua_refuses_another_receiver(tmp_path, tiny_llama, tiny_llama_48, gemma_tiny):
+    from cross_model.interlingua.training import publish_final
+
+    net = _net([tiny_llama, gemma_tiny])
+    meta = {"receivers": net.records, "shape": SHAPE.to_dict(), "calibrate": True}
+    publish_final(net, tmp_path / "final", meta)
+    loaded, _ = load_latentwire(tmp_path / "final", [gemma_tiny])
+    z = torch.randn(2, SHAPE.m, SHAPE.d_z)
+    torch.testing.assert_close(loaded.soft_tokens(z, 1), net.soft_tokens(z, 1))
+    with pytest.raises(ValueError, match="no adapter for receiver 'tiny-llama-48'"):
+        load_latentwire(tmp_path / "final", [tiny_llama_48])
+    with pytest.raises(ValueError, match="not loaded"):
+        loaded.soft_tokens(z, 0)
