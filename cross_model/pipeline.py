@@ -50,7 +50,12 @@ def _stage_train(ctx: RunContext) -> None:
     if projections:
         train_projections_for(ctx, projections)
     if len(projections) < len(methods):  # LatentWire's methods share the run's one interlingua
-        ctx.state["interlingua"] = train_interlingua(ctx).directory / FINAL
+        trained = train_interlingua(ctx)
+        ctx.state["interlingua"] = trained.directory / FINAL
+        if is_main():  # what the report and `doc_tables --publish` quote about it
+            write_json_atomically(ctx.run_dir / "interlingua.json", {
+                "directory": str(trained.directory / FINAL), "history": trained.meta.get("history", []),
+                "identity": trained.meta.get("identity", {}), "loaded_final": trained.loaded_final})
 
 
 def _stage_calibrate(ctx: RunContext) -> None:

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from cross_model.interlingua.controls import control_rows, format_controls
 from cross_model.metrics import wilson_interval
 from cross_model.paired import format_paired, paired_rows
 
@@ -24,6 +25,12 @@ COLUMNS = (
     ("payload_bytes", "payload B"), ("sender_tokens", "A tokens"), ("receiver_tokens", "B tokens"),
     ("seconds_per_example", "s/example"), ("errors", "errors"),
 )
+
+
+CONTROLS_NOTE = ("Gold NLL: mean -log p per gold answer token (EOS included) over the same prefix the answer was "
+                 "decoded from. The control keeps the bytes and destroys the content (shuffled: another row's latent; "
+                 "zero: a zero latent); information crossed only where the control's NLL is higher with a paired "
+                 "95% interval excluding 0.")
 
 
 def summarize(task: str, method: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -44,6 +51,8 @@ def summarize(task: str, method: str, rows: list[dict[str, Any]]) -> dict[str, A
         "receiver_tokens": mean("receiver_prefill_tokens") + mean("receiver_generated_tokens"),
         "seconds_per_example": mean("seconds"), "seconds_total": sum(float(r.get("seconds") or 0) for r in rows),
         "errors": sum(1 for r in rows if r.get("error")),
+        **({"gold_nll": mean("gold_nll"), "first_token_acc": mean("first_token_correct")}
+           if rows and all(r.get("gold_nll") is not None for r in rows) else {}),
     }
 
 
@@ -193,13 +202,16 @@ def write_reports(run_dir: Path, summary: list[dict[str, Any]], rows: dict[str, 
     out = {"results.json": run_dir / "results.json", "results.md": run_dir / "results.md",
            "results.csv": run_dir / "results.csv", "accuracy.png": run_dir / "accuracy.png",
            "accuracy_vs_bytes.png": run_dir / "accuracy_vs_bytes.png"}
-    out["results.json"].write_text(json.dumps({**context, "summary": summary, "paired": paired, "examples": rows}, indent=2))
+    controls = control_rows(rows)
+    extra = {"latentwire_controls": controls} if controls else {}
+    out["results.json"].write_text(json.dumps({**context, "summary": summary, "paired": paired, **extra, "examples": rows}, indent=2))
     paired_md = (f"\n\n## Paired differences against {reference}\n\nOn the same items: the mean difference in points "
                  f"with a 95% bootstrap interval over items, McNemar's exact p on the items only one of the two got "
                  f"right, and the verdict (better / worse only when the interval excludes 0 and p < 0.05).\n\n{format_paired(paired)}"
                  if paired else "")
+    controls_md = (f"\n\n## LatentWire's controls\n\n{CONTROLS_NOTE}\n\n{format_controls(controls)}" if controls else "")
     out["results.md"].write_text(
-        f"# Results: {context.get('name', run_dir.name)}\n\n{table}{paired_md}\n\n"
+        f"# Results: {context.get('name', run_dir.name)}\n\n{table}{paired_md}{controls_md}\n\n"
         "accuracy: the task's metric (countries/tipsheets: the paper's f1_match); first-named: the gold answer is "
         "the first candidate named in the answer's first sentence; payload B: mean bytes crossing from A to B per "
         "example; A/B tokens: mean tokens each model processed (prompt + generated); s/example: wall time per "

@@ -171,7 +171,13 @@ class _Engine:
         self.opt = torch.optim.AdamW(params, lr=ic.lr, weight_decay=ic.weight_decay)
         self.model: torch.nn.Module = net
         if ic.engine == "deepspeed":
-            import deepspeed
+            if device.type == "cpu":
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed looks for CUDA
+            try:
+                import deepspeed
+            except ImportError as err:
+                raise ImportError("interlingua.engine: deepspeed needs DeepSpeed: `DS_BUILD_OPS=0 pip install "
+                                  "--no-build-isolation -r requirements-deepspeed.txt` (or engine: ddp)") from err
 
             micro = math.ceil(ic.batch_size / world)
             config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
@@ -186,8 +192,8 @@ class _Engine:
 
     def step(self, loss: torch.Tensor) -> None:
         if self.ds is not None:
-            # DeepSpeed divides by the micro-batch count and averages over ranks like DDP; our loss
-            # is already scaled for the rank average, so nothing else changes.
+            # DeepSpeed averages gradients over ranks like DDP (one micro-batch, no accumulation), and
+            # our loss is already scaled for that average.
             self.ds.backward(loss)
             self.ds.step()
             return
@@ -196,24 +202,24 @@ class _Engine:
         self.opt.step()
 
     def optimizer_state(self) -> dict[str, Any]:
-        """The full optimizer state on every rank (ZeRO partitions it: gathered for our checkpoint)."""
+        """Collective. ZeRO partitions the optimizer state over ranks: every rank's part is gathered, so
+        one checkpoint holds all of them (resumable at the same world size)."""
         if self.ds is None or self.ds.zero_optimization_stage() == 0:
-            return self.opt.state_dict()
-        return _full_adam_state(self.net, self.opt)
+            return {"torch": self.opt.state_dict()}
+        return {"zero_per_rank": gather_object(self.opt.state_dict()), "world_size": get_world_size()}
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        if self.ds is None or self.ds.zero_optimization_stage() == 0:
-            self.opt.load_state_dict(state)
-        else:
-            _set_full_adam_state(self.net, self.opt, state)
-
-
-def _full_adam_state(net: LatentWire, opt: Any) -> dict[str, Any]:
-    raise NotImplementedError("ZeRO optimizer state in our checkpoint format")
-
-
-def _set_full_adam_state(net: LatentWire, opt: Any, state: dict[str, Any]) -> None:
-    raise NotImplementedError("ZeRO optimizer state in our checkpoint format")
+        if ("zero_per_rank" in state) != (self.ds is not None and self.ds.zero_optimization_stage() > 0):
+            raise ValueError("interlingua: the checkpoint's optimizer state was saved under another engine or ZeRO "
+                             "stage; resume with the same interlingua.engine / zero_stage")
+        if "torch" in state:
+            self.opt.load_state_dict(state["torch"])
+            return
+        if state["world_size"] != get_world_size():
+            raise ValueError(f"interlingua: ZeRO optimizer state was partitioned over {state['world_size']} ranks, this "
+                             f"run has {get_world_size()}; resume with the same number of processes")
+        # Our weights are fp32, so the fp32 partitions the optimizer updates are restored from the state too.
+        self.opt.load_state_dict(state["zero_per_rank"], load_optimizer_states=True, load_from_fp32_weights=True)
 
 
 def fit_interlingua(

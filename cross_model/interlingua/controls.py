@@ -1,0 +1,69 @@
+"""Did information cross? LatentWire's destructive controls, item by item.
+
+For each task and each method that sent a true latent, against the same run's `shuffled` (another
+row's latent: same bytes, wrong content) and `zero` rows: the paired difference in held-out gold NLL
+(control - latent, nats per answer token, bootstrap interval over items) and in accuracy (points,
+with McNemar's p). Information crossed only where the control's NLL is higher with an interval that
+excludes 0; a falling training loss alone shows only the answer prior being learned.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cross_model.paired import paired_difference, verdict
+
+CONTROLS = ("shuffled", "zero")
+
+
+def _variant(rows: list[dict[str, Any]]) -> str | None:
+    kinds = {r.get("variant") for r in rows}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def control_rows(rows: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """One line per (task, latent method, control method) present in `rows` (task -> method -> rows)."""
+    out = []
+    for task, methods in rows.items():
+        variants = {m: _variant(r) for m, r in methods.items()}
+        latents = [m for m, v in variants.items() if v in ("latent", "joint")]
+        controls = [m for m, v in variants.items() if v in CONTROLS]
+        for m in latents:
+            mine = {r["example_id"]: r for r in methods[m] if r.get("gold_nll") is not None}
+            for c in controls:
+                theirs = {r["example_id"]: r for r in methods[c] if r.get("gold_nll") is not None}
+                shared = [i for i in mine if i in theirs]
+                if not shared:
+                    continue
+                nll = paired_difference([mine[i]["gold_nll"] for i in shared], [theirs[i]["gold_nll"] for i in shared])
+                acc = paired_difference([float(theirs[i]["score"]) for i in shared], [float(mine[i]["score"]) for i in shared])
+                lo = nll["ci95"][0]
+                out.append({
+                    "task": task, "method": m, "control": c, "control_variant": variants[c], "n": len(shared),
+                    "nll": sum(mine[i]["gold_nll"] for i in shared) / len(shared),
+                    "control_nll": sum(theirs[i]["gold_nll"] for i in shared) / len(shared),
+                    "nll_gap": {k: nll[k] for k in ("diff", "ci95")},
+                    "accuracy_gain": {**acc, "verdict": verdict(acc)},
+                    "first_token_acc": sum(mine[i].get("first_token_correct", 0) for i in shared) / len(shared),
+                    "control_first_token_acc": sum(theirs[i].get("first_token_correct", 0) for i in shared) / len(shared),
+                    "information_crossed": lo > 0,
+                })
+    return out
+
+
+def format_controls(lines: list[dict[str, Any]]) -> str:
+    if not lines:
+        return ""
+    table = ["| task | latent method | control | n | gold NLL latent / control | control - latent NLL [95% CI] "
+             "| first token % latent / control | accuracy latent - control (points) [95% CI], McNemar p | information crossed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for x in lines:
+        g, a = x["nll_gap"], x["accuracy_gain"]
+        table.append(
+            f"| {x['task']} | {x['method']} | {x['control']} | {x['n']} | {x['nll']:.3f} / {x['control_nll']:.3f} | "
+            f"{g['diff']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] | "
+            f"{100 * x['first_token_acc']:.0f} / {100 * x['control_first_token_acc']:.0f} | "
+            f"{100 * a['diff']:+.1f} [{100 * a['ci95'][0]:+.1f}, {100 * a['ci95'][1]:+.1f}], p={a['mcnemar_p']:.2g} | "
+            f"{'yes' if x['information_crossed'] else 'not shown'} |"
+        )
+    return "\n".join(table)

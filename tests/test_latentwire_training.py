@@ -1,0 +1,203 @@
+"""LatentWire's training job through the real entry point: kill -9 and resume equals an uninterrupted
+run; one process, two DDP ranks and two DeepSpeed ranks (ZeRO-2 over gloo, DS_ACCELERATOR=cpu) train
+the same interlingua; a checkpoint made for other receivers or sizes is refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cross_model.checkpointing import CheckpointManager
+from cross_model.config import InterlinguaConfig
+from cross_model.data import load_task_examples
+from cross_model.interlingua.encoder import EncoderShape
+from cross_model.interlingua.model import LatentWire, receiver_record
+from cross_model.interlingua.training import fit_interlingua
+
+ROOT = Path(__file__).resolve().parent.parent
+INTERLINGUA = {"receivers": ["tiny-llama-64", "tiny-gemma3-64"], "m": 4, "d_z": 32, "layers": 1, "n_train": 32,
+               "n_heldout": 8, "steps": 12, "batch_size": 8, "checkpoint_every": 3, "eval_every": 6, "kd_weight": 0.5}
+
+
+def _config(tmp_path: Path, name: str, **interlingua) -> Path:
+    cfg = {
+        "name": name, "output_dir": str(tmp_path / "runs"), "stages": ["train"],
+        "models": {"sender": "tiny-llama-64", "receiver": "tiny-llama-64"},
+        "tasks": [{"name": "secret_word", "n_test": 6, "n_calib": 2}],
+        "methods": {"lw": {"method": "latentwire"}},
+        "interlingua": {**INTERLINGUA, "checkpoint_dir": str(tmp_path / name / "ckpt"), **interlingua},
+    }
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _entry(config: Path, nproc: int = 1, delay: float = 0.0) -> subprocess.Popen:
+    env = {**os.environ, "CROSS_MODEL_TEST_STEP_DELAY": str(delay), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, str(ROOT / "run_experiments.py"), "--config", str(config)]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _run(config: Path, nproc: int = 1) -> str:
+    proc = _entry(config, nproc)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return out
+
+
+def _final(tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
+    (final,) = list((tmp_path / name / "ckpt").glob("*/final"))
+    return load_file(str(final / "interlingua.safetensors"))
+
+
+def test_kill_9_then_restart_gives_the_uninterrupted_interlingua(tmp_path):
+    _run(_config(tmp_path, "ref"))
+    config = _config(tmp_path, "killed")
+    proc = _entry(config, delay=0.3)
+    deadline = time.time() + 180
+    while not list((tmp_path / "killed" / "ckpt").glob("*/step_*/meta.json")):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not list((tmp_path / "killed" / "ckpt").glob("*/final")), "killed before the end"
+    out = _run(config)
+    assert "resumed" in out
+    ref, got = _final(tmp_path, "ref"), _final(tmp_path, "killed")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    (final,) = list((tmp_path / "killed" / "ckpt").glob("*/final"))
+    history = json.loads((final / "interlingua.json").read_text())["history"]
+    assert [h["step"] for h in history] == [0, 6, 12]  # held-out losses survive the kill
+    assert "loaded, not retrained" in _run(config)
+
+
+def _has_compiler() -> bool:
+    return any(shutil.which(c) for c in ("c++", "g++"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (make install adds it)")
+@pytest.mark.skipif(not _has_compiler(), reason="DeepSpeed's CPU backend JIT-compiles a C++ comm op; no compiler here")
+def test_one_process_two_ddp_ranks_and_two_deepspeed_ranks_train_the_same_interlingua(tmp_path):
+    short = {"steps": 1, "eval_every": 1}
+    _run(_config(tmp_path, "one", **short))
+    _run(_config(tmp_path, "ddp", **short), nproc=2)
+    out = _run(_config(tmp_path, "zero2", engine="deepspeed", zero_stage=2, **short), nproc=2)
+    assert "engine deepspeed" in out
+    one, ddp, ds = (_final(tmp_path, n) for n in ("one", "ddp", "zero2"))
+    lr = InterlinguaConfig().lr
+    for k in one:
+        assert float((ddp[k] - LatentWire_init(k)).abs().max()) > lr / 2, f"{k} did not train"
+    # One Adam step moves each weight by about lr x sign(gradient). Gradients summed in another order
+    # (gloo over ranks, DeepSpeed's own CPU all-reduce) differ in the last bits, visible after the step
+    # only where a gradient is near Adam's eps (1e-8); a rank that stepped on its own half of the batch
+    # would move a large share of the weights the other way.
+    for a, b in ((ddp, one), (ds, ddp)):
+        diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in b])
+        assert float((diffs > 1e-5).float().mean()) < 0.01 and float(diffs.max()) <= lr
+    losses = [_history(tmp_path, n)[-1]["heldout_loss"] for n in ("ddp", "zero2")]
+    assert abs(losses[0] - losses[1]) < 1e-3 * losses[0]
+
+
+def _history(tmp_path: Path, name: str) -> list[dict]:
+    (final,) = list((tmp_path / name / "ckpt").glob("*/final"))
+    return json.loads((final / "interlingua.json").read_text())["history"]
+
+
+_INIT: dict[str, torch.Tensor] = {}
+
+
+def LatentWire_init(key: str) -> torch.Tensor:  # noqa: N802 - the untrained weights, seed 0
+    if not _INIT:
+        recs = [{"name": n, "d_model": 64, "target_rms": 1.0} for n in INTERLINGUA["receivers"]]
+        _INIT.update(LatentWire(EncoderShape(m=4, d_z=32, layers=1, heads=4, max_bytes=512), recs, seed=0).state_dict())
+    return _INIT[key]
+
+
+def test_a_checkpoint_made_for_other_sizes_is_refused(tmp_path, tiny_llama):
+    rows = load_task_examples("secret_word", 8, 0, 0)[0]
+    ic = InterlinguaConfig(m=4, d_z=32, layers=1, steps=2, batch_size=4, checkpoint_every=1)
+    identity = {"receivers": ["tiny-llama-64"], "shape": {"m": 4, "d_z": 32}, "seed": 0}
+    net = LatentWire(EncoderShape(m=4, d_z=32, layers=1), [receiver_record(tiny_llama)]).attach([tiny_llama])
+    fit_interlingua(net, rows, [], ic, identity, tmp_path / "a", torch.device("cpu"))
+    assert CheckpointManager(tmp_path / "a").latest_step() == 2
+    other = {**identity, "shape": {"m": 8, "d_z": 32}}
+    net8 = LatentWire(EncoderShape(m=8, d_z=32, layers=1), [receiver_record(tiny_llama)]).attach([tiny_llama])
+    with pytest.raises(ValueError, match="shape"):
+        fit_interlingua(net8, rows, [], ic, other, tmp_path / "a", torch.device("cpu"))
+
+
+def test_train_evaluate_report_with_every_variant_and_the_controls(tmp_path):
+    from cross_model.interlingua import wire
+
+    cfg = json.loads(_config(tmp_path, "full").read_text())
+    cfg["stages"] = ["train", "evaluate", "report"]
+    cfg["interlingua"]["steps"] = 3
+    cfg["methods"] = {"lw": {"method": "latentwire"}, "lw_shuffled": {"method": "latentwire", "variant": "shuffled"},
+                      "lw_zero": {"method": "latentwire", "variant": "zero"},
+                      "lw_4bit": {"method": "latentwire", "bits": 4},
+                      "lw_text": {"method": "latentwire", "variant": "text"},
+                      "lw_budget": {"method": "latentwire", "variant": "token_budget"},
+                      "lw_joint": {"method": "latentwire", "variant": "joint"}}
+    cfg["eval"] = {"batch_size": 4}
+    path = tmp_path / "full.json"
+    path.write_text(json.dumps(cfg))
+    _run(path)
+    run = tmp_path / "runs" / "full"
+    results = json.loads((run / "results.json").read_text())
+    rows = results["examples"]["secret_word"]
+    test = {e.example_id: e for e in load_task_examples("secret_word", 6, 2, 0)[0]}
+    for name, method_rows in rows.items():
+        assert sorted(r["example_id"] for r in method_rows) == sorted(test) and not any(r["error"] for r in method_rows), name
+        for r in method_rows:
+            assert r["text_bytes"] == len(test[r["example_id"]].prompt_A.encode())
+            assert r["gold_nll"] > 0 and r["first_token_correct"] in (0.0, 1.0)
+    by = {name: {r["example_id"]: r for r in method_rows} for name, method_rows in rows.items()}
+    for i in test:
+        assert by["lw"][i]["payload_bytes"] == by["lw_shuffled"][i]["payload_bytes"] == by["lw_zero"][i]["payload_bytes"] \
+            == wire.payload_size(4, 32, 16)
+        assert by["lw_4bit"][i]["payload_bytes"] == wire.payload_size(4, 32, 4)
+        assert by["lw_text"][i]["payload_bytes"] == by["lw_text"][i]["text_bytes"]
+        assert by["lw_budget"][i]["payload_bytes"] <= by["lw_text"][i]["payload_bytes"]
+        j = by["lw_joint"][i]
+        assert j["joint_choice"] in INTERLINGUA["receivers"] and j["oracle_score"] >= j["score"]
+        # Joint keeps the first receiver's own answer when it chose it.
+        if j["joint_choice"] == "tiny-llama-64":
+            assert j["answer"] == by["lw"][i]["answer"]
+    controls = {(c["method"], c["control"]) for c in results["latentwire_controls"]}
+    assert {("lw", "lw_shuffled"), ("lw", "lw_zero"), ("lw_4bit", "lw_shuffled")} <= controls
+    assert "LatentWire's controls" in (run / "results.md").read_text()
+    history = json.loads((run / "interlingua.json").read_text())["history"]
+    assert [h["step"] for h in history] == [0, 3]
+
+
+@pytest.mark.parametrize("task", ["squad", "hotpotqa"])
+def test_hub_tasks_train_on_rows_past_their_test_and_calibration_items(task):
+    from cross_model.config import ExperimentConfig, TaskConfig
+    from cross_model.interlingua.training import training_data
+
+    fixture = str(ROOT / "tests" / "fixtures" / f"{task}.jsonl")
+    cfg = ExperimentConfig(tasks=[TaskConfig(name=task, n_test=1, n_calib=1, path=fixture)],
+                           interlingua=InterlinguaConfig(n_train=1, n_heldout=0))
+    train, held = training_data(cfg)
+    test, calib = load_task_examples(task, 1, 1, 0, fixture)
+    # The hub loader's order (shuffled with seed 42): test first, calibration next, then these.
+    rows, _ = load_task_examples(task, 3, 0, 0, fixture)
+    assert [e.example_id for e in rows[:2]] == [e.example_id for e in test + calib]
+    assert [e.example_id for e in train] == [rows[2].example_id] and held == []
+    cfg.interlingua.n_train = 2
+    with pytest.raises(ValueError, match="exceeds"):
+        training_data(cfg)
