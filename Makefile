@@ -7,7 +7,7 @@ NPROC ?= 2
 CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
 
-.PHONY: demo pareto qkvcomm-scheme docs-tables test test-fast bench bench-gpu install clean-venv
+.PHONY: demo pareto latentwire latentwire-two qkvcomm-scheme docs-tables test test-fast bench bench-gpu install clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt requirements-deepspeed.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,20 @@ pareto: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) run_experiments.py --config configs/qkvcomm_pareto.yaml
 	$(PY) -m cross_model.doc_tables --publish runs/qkvcomm_pareto docs/qkvcomm --reference kvcomm_30
 	$(PY) -m cross_model.agreement runs/qkvcomm_pareto kvcomm_30 > docs/qkvcomm/agreement_with_kvcomm_30.md
+	$(PY) -m cross_model.doc_tables --write
+
+# LatentWire's learning runs (train, evaluate, report with the controls), published to docs/. One
+# process by default: on the 2-core machine one process with 2 threads trained 0.77 steps/s, two
+# ranks with 1 thread each 0.5 (LW_NPROC=2 runs the same job under DDP).
+LW_NPROC ?= 1
+latentwire: $(STAMP)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(LW_NPROC) run_experiments.py --config configs/latentwire_ladder.yaml
+	$(PY) -m cross_model.doc_tables --publish runs/latentwire_ladder docs/latentwire
+	$(PY) -m cross_model.doc_tables --write
+
+latentwire-two: $(STAMP)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(LW_NPROC) run_experiments.py --config configs/latentwire_two_receivers.yaml
+	$(PY) -m cross_model.doc_tables --publish runs/latentwire_two_receivers docs/latentwire_two
 	$(PY) -m cross_model.doc_tables --write
 
 qkvcomm-scheme: $(STAMP)

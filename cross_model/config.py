@@ -113,7 +113,8 @@ class InterlinguaConfig:
     n_heldout: int = _f(64, "held-out rows per task (after the training rows) for the loss each epoch")
     steps: int = _f(300, "optimizer steps")
     batch_size: int = _f(16, "global batch in rows, split over ranks")
-    lr: float = _f(1e-3, "AdamW learning rate (encoder and adapters)")
+    lr: float = _f(1e-3, "AdamW learning rate of the adapters (and of the encoder unless encoder_lr)")
+    encoder_lr: float | None = _f(None, "the encoder's own learning rate (None: lr)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     first_weight: float = _f(1.0, "extra cross-entropy weight on the first answer token")
     k_weight: float = _f(0.5, "extra weight on each of the first k_tokens answer tokens")
@@ -121,6 +122,7 @@ class InterlinguaConfig:
     kd_weight: float = _f(0.0, "weight of distillation from the same receiver reading the full text (0: off)")
     tau: float = _f(1.0, "distillation temperature")
     calibrate: bool = _f(True, "scale soft tokens to each receiver's embedding RMS, per example")
+    bos: str = _f("auto", "BOS before the soft tokens: auto (as the tokenizer does), always (also where it does not), never")
     engine: str = _f("ddp", "ddp (torch DistributedDataParallel) or deepspeed (ZeRO, stage zero_stage)")
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage (engine: deepspeed)")
     checkpoint_dir: str = _f("checkpoints", "where interlingua checkpoints live (relative: under output_dir)")
@@ -138,6 +140,8 @@ class InterlinguaConfig:
             raise ValueError(f"{prefix}.d_z ({self.d_z}) must be divisible by {prefix}.heads ({self.heads})")
         if self.n_heldout < 0:
             raise ValueError(f"{prefix}.n_heldout: must be >= 0, got {self.n_heldout}")
+        if self.encoder_lr is not None and self.encoder_lr <= 0:
+            raise ValueError(f"{prefix}.encoder_lr: must be > 0 or null, got {self.encoder_lr}")
         for name in ("lr", "tau"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{prefix}.{name}: must be > 0, got {getattr(self, name)}")
@@ -145,6 +149,7 @@ class InterlinguaConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
         _choice(f"{prefix}.engine", self.engine, ("ddp", "deepspeed"))
+        _choice(f"{prefix}.bos", self.bos, ("auto", "always", "never"))
         _choice(f"{prefix}.zero_stage", self.zero_stage, (0, 1, 2, 3))
 
 

@@ -210,3 +210,25 @@ def test_a_finished_interlingua_refuses_another_receiver(tmp_path, tiny_llama, t
         load_latentwire(tmp_path / "final", [tiny_llama_48])
     with pytest.raises(ValueError, match="not loaded"):
         loaded.soft_tokens(z, 0)
+
+
+def test_controls_say_information_crossed_only_when_the_paired_nll_interval_excludes_zero():
+    from cross_model.interlingua.controls import control_rows, format_controls
+
+    def rows(variant, nlls, scores):
+        return [{"example_id": f"e{i}", "variant": variant, "gold_nll": n, "score": s, "payload_bytes": 100,
+                 "text_bytes": 40, "first_token_correct": s} for i, (n, s) in enumerate(zip(nlls, scores))]
+
+    base = [1.0 + 0.1 * (i % 5) for i in range(40)]
+    methods = {
+        "lw": rows("latent", base, [1.0] * 20 + [0.0] * 20),
+        "lw_shuffled": rows("shuffled", [n + 0.5 for n in base], [0.0] * 40),  # worse on every item
+        "lw_zero": rows("zero", [n + (0.3 if i % 2 else -0.3) for i, n in enumerate(base)], [1.0] * 20 + [0.0] * 20),
+        "text": rows("text", base, [1.0] * 40),  # not a latent, not a control: not compared
+    }
+    lines = {x["control"]: x for x in control_rows({"t": methods})}
+    assert set(lines) == {"lw_shuffled", "lw_zero"}
+    assert lines["lw_shuffled"]["information_crossed"] and abs(lines["lw_shuffled"]["nll_gap"]["diff"] - 0.5) < 1e-9
+    assert lines["lw_shuffled"]["accuracy_gain"]["verdict"] == "better"
+    assert not lines["lw_zero"]["information_crossed"]  # +-0.3 around the same items: mean 0
+    assert "| t | lw | lw_shuffled | 40 | 100 / 40 |" in format_controls(list(lines.values()))

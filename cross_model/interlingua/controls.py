@@ -46,6 +46,8 @@ def control_rows(rows: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[
                     "accuracy_gain": {**acc, "verdict": verdict(acc)},
                     "first_token_acc": sum(mine[i].get("first_token_correct", 0) for i in shared) / len(shared),
                     "control_first_token_acc": sum(theirs[i].get("first_token_correct", 0) for i in shared) / len(shared),
+                    "payload_bytes": sum(mine[i]["payload_bytes"] for i in shared) / len(shared),
+                    "text_bytes": sum(mine[i].get("text_bytes", 0) for i in shared) / len(shared),
                     "information_crossed": lo > 0,
                 })
     return out
@@ -54,13 +56,15 @@ def control_rows(rows: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[
 def format_controls(lines: list[dict[str, Any]]) -> str:
     if not lines:
         return ""
-    table = ["| task | latent method | control | n | gold NLL latent / control | control - latent NLL [95% CI] "
-             "| first token % latent / control | accuracy latent - control (points) [95% CI], McNemar p | information crossed |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    table = ["| task | latent method | control | n | bytes: latent / context as text | gold NLL latent / control "
+             "| control - latent NLL [95% CI] | first token % latent / control "
+             "| accuracy latent - control (points) [95% CI], McNemar p | information crossed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for x in lines:
         g, a = x["nll_gap"], x["accuracy_gain"]
         table.append(
-            f"| {x['task']} | {x['method']} | {x['control']} | {x['n']} | {x['nll']:.3f} / {x['control_nll']:.3f} | "
+            f"| {x['task']} | {x['method']} | {x['control']} | {x['n']} | {x['payload_bytes']:,.0f} / {x['text_bytes']:,.0f} "
+            f"| {x['nll']:.3f} / {x['control_nll']:.3f} | "
             f"{g['diff']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] | "
             f"{100 * x['first_token_acc']:.0f} / {100 * x['control_first_token_acc']:.0f} | "
             f"{100 * a['diff']:+.1f} [{100 * a['ci95'][0]:+.1f}, {100 * a['ci95'][1]:+.1f}], p={a['mcnemar_p']:.2g} | "

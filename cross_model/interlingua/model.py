@@ -13,7 +13,7 @@ from torch import nn
 from cross_model.checkpointing import META, verify
 from cross_model.interlingua.encoder import EncoderShape, InterlinguaEncoder, encode_bytes
 from cross_model.interlingua.receiver_io import (
-    Adapter, answer_logits, compose, distillation, embedding_rms, gold_nll, text_prefixes, weighted_ce,
+    Adapter, answer_logits, compose, distillation, embedding_rms, gold_nll, text_prefixes, use_bos, weighted_ce,
 )
 from cross_model.models import LoadedModel
 
@@ -30,9 +30,11 @@ class LatentWire(nn.Module):
     """Encoder + adapters. The frozen receivers are kept outside the module tree (a plain list), so
     that DDP / DeepSpeed see, broadcast and reduce only what trains."""
 
-    def __init__(self, shape: EncoderShape, receivers: list[dict[str, Any]], calibrate: bool = True, seed: int = 0):
+    def __init__(self, shape: EncoderShape, receivers: list[dict[str, Any]], calibrate: bool = True, seed: int = 0,
+                 bos_policy: str = "auto"):
         super().__init__()
         self.shape = shape
+        self.bos_policy = bos_policy
         self.records = receivers
         self.encoder = InterlinguaEncoder(shape, seed)
         with torch.random.fork_rng(devices=[]):
@@ -69,6 +71,9 @@ class LatentWire(nn.Module):
             raise ValueError(f"interlingua: receiver {self.records[r]['name']} is not loaded in this run")
         return lm
 
+    def bos(self, r: int) -> bool:
+        return use_bos(self.receiver(r), self.bos_policy)
+
     def soft_tokens(self, z_BMZ: torch.Tensor, r: int) -> torch.Tensor:
         lm = self.receiver(r)
         return self.adapters[r](z_BMZ.to(self.encoder.positions.device)).to(lm.device, lm.dtype)
@@ -79,12 +84,13 @@ class LatentWire(nn.Module):
         kd_weight > 0) distillation from the same receiver reading the context as text."""
         lm, w = self.receiver(r), self.loss_weights
         soft = self.soft_tokens(z_BMZ, r)
-        a = answer_logits(lm, compose(lm, list(soft), questions, answers))
+        a = answer_logits(lm, compose(lm, list(soft), questions, answers, self.bos(r)))
         out = {"ce": weighted_ce(a, w["first_weight"], w["k_weight"], int(w["k"])), "nll": gold_nll(a)}
         loss = out["ce"]
         if contexts is not None and w["kd_weight"] > 0:
             with torch.no_grad():
-                teacher = answer_logits(lm, compose(lm, text_prefixes(lm, contexts)[0], questions, answers)).logits_BAV
+                prefixes = text_prefixes(lm, contexts)[0]
+                teacher = answer_logits(lm, compose(lm, prefixes, questions, answers, self.bos(r))).logits_BAV
             out["kd"] = distillation(a, teacher, w["tau"])
             loss = loss + w["kd_weight"] * out["kd"]
         out["loss"] = loss
@@ -109,7 +115,8 @@ def load_latentwire(directory: str | Path, receivers: list[LoadedModel]) -> tupl
     if (directory / META).exists() and verify(directory)[0] is None:
         raise ValueError(f"interlingua {directory} is damaged: {verify(directory)[1]}; delete it and train again")
     meta = json.loads((directory / META_FILE).read_text())
-    net = LatentWire(EncoderShape(**meta["shape"]), meta["receivers"], meta.get("calibrate", True))
+    net = LatentWire(EncoderShape(**meta["shape"]), meta["receivers"], meta.get("calibrate", True),
+                     bos_policy=meta.get("bos_policy", "auto"))
     net.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
     net.attach(receivers)
     return net.eval().requires_grad_(False), meta

@@ -38,6 +38,24 @@ def adds_bos(lm: LoadedModel) -> bool:
     return lm.cached("interlingua_adds_bos", compute)
 
 
+BOS_POLICIES = ("auto", "always", "never")
+
+
+def use_bos(lm: LoadedModel, policy: str = "auto") -> bool:
+    """auto: BOS first when the tokenizer starts texts with it (Gemma); always: also where it does
+    not (SmolLM2's `<|im_start|>`, which begins every chat), so that no soft token sits at position 0,
+    where models park attention; never: no BOS."""
+    if policy == "auto":
+        return adds_bos(lm)
+    if policy == "always":
+        if lm.tokenizer.bos_token_id is None:
+            raise ValueError(f"interlingua.bos: always, but {lm.info.name} has no BOS token; use auto or never")
+        return True
+    if policy == "never":
+        return False
+    raise ValueError(f"interlingua.bos: {policy!r} is not one of {', '.join(BOS_POLICIES)}")
+
+
 def embedding_rms(lm: LoadedModel) -> float:
     """RMS of `get_input_embeddings()` over the whole vocabulary (what soft tokens are scaled to)."""
     def compute() -> float:
@@ -115,11 +133,12 @@ class Composed:
         return max(len(a) for a in self.answer_ids) + 1 if self.answer_ids else 1
 
 
-def compose(lm: LoadedModel, prefixes: list[torch.Tensor], questions: list[str], answers: list[str] | None = None) -> Composed:
+def compose(lm: LoadedModel, prefixes: list[torch.Tensor], questions: list[str], answers: list[str] | None = None,
+            bos: bool | None = None) -> Composed:
     """`[BOS?][prefix][question][answer + EOS]` per row, left-padded. `prefixes`: n_i x D each (soft
-    tokens or embedded ids; gradients flow through them)."""
+    tokens or embedded ids; gradients flow through them). `bos`: None follows the tokenizer."""
     tok = lm.tokenizer
-    bos = [tok.bos_token_id] if adds_bos(lm) else []
+    bos = [tok.bos_token_id] if (adds_bos(lm) if bos is None else bos) else []
     rows, answer_ids = [], [] if answers is not None else None
     for i, (prefix, q) in enumerate(zip(prefixes, questions)):
         q_ids = tok(q, add_special_tokens=False)["input_ids"]
@@ -227,15 +246,17 @@ def first_token_correct(a: AnswerLogits) -> torch.Tensor:
 # --- decoding -----------------------------------------------------------------------------------------
 
 
-def decode_answers(lm: LoadedModel, prefixes: list[torch.Tensor], questions: list[str], limits: list[int]) -> tuple[GenerationResult, list[int]]:
+def decode_answers(lm: LoadedModel, prefixes: list[torch.Tensor], questions: list[str], limits: list[int],
+                   bos: bool | None = None) -> tuple[GenerationResult, list[int]]:
     """Greedy answers after `[BOS?][prefix][question]`; also each row's prompt length in positions."""
-    c = compose(lm, [p.detach() for p in prefixes], questions)
+    c = compose(lm, [p.detach() for p in prefixes], questions, bos=bos)
     gen = greedy_generate(lm, None, c.mask_BT, max(limits), inputs_embeds_BTD=c.embeds_BTD, max_new_tokens_B=limits)
     return gen, c.prompt_lengths
 
 
 @torch.inference_mode()
-def answer_scores(lm: LoadedModel, prefixes: list[torch.Tensor], questions: list[str], answers: list[str]) -> torch.Tensor:
+def answer_scores(lm: LoadedModel, prefixes: list[torch.Tensor], questions: list[str], answers: list[str],
+                  bos: bool | None = None) -> torch.Tensor:
     """Length-normalised log-probability of each row's answer (EOS included): joint rescoring's score."""
-    a = answer_logits(lm, compose(lm, prefixes, questions, answers))
+    a = answer_logits(lm, compose(lm, prefixes, questions, answers, bos))
     return -gold_nll(a)

@@ -42,8 +42,8 @@ from cross_model.training import FINAL, _epoch_order, _slug
 
 log = logging.getLogger(__name__)
 
-RECIPE_KEYS = ("n_train", "n_heldout", "steps", "batch_size", "lr", "weight_decay", "first_weight", "k_weight",
-               "k_tokens", "kd_weight", "tau", "calibrate", "engine", "zero_stage", "seed")
+RECIPE_KEYS = ("n_train", "n_heldout", "steps", "batch_size", "lr", "encoder_lr", "weight_decay", "first_weight", "k_weight",
+               "k_tokens", "kd_weight", "tau", "calibrate", "bos", "engine", "zero_stage", "seed")
 
 
 # --- what is trained on --------------------------------------------------------------------------------
@@ -167,8 +167,11 @@ class _Engine:
 
     def __init__(self, net: LatentWire, ic: InterlinguaConfig, world: int, device: torch.device):
         self.net, self.ds = net, None
-        params = [p for p in net.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=ic.lr, weight_decay=ic.weight_decay)
+        encoder = [p for p in net.encoder.parameters() if p.requires_grad]
+        mine = {id(p) for p in encoder}
+        rest = [p for p in net.parameters() if p.requires_grad and id(p) not in mine]
+        groups = [{"params": encoder, "lr": ic.encoder_lr or ic.lr}, {"params": rest, "lr": ic.lr}]
+        self.opt = torch.optim.AdamW(groups, lr=ic.lr, weight_decay=ic.weight_decay)
         self.model: torch.nn.Module = net
         if ic.engine == "deepspeed":
             if device.type == "cpu":
@@ -304,7 +307,7 @@ def fit_interlingua(
     if last_saved != step:
         save(step)
     meta = {**sidecar, "history": history, "final_step": step, "receivers": net.records,
-            "shape": net.shape.to_dict(), "calibrate": ic.calibrate, "identity": identity}
+            "shape": net.shape.to_dict(), "calibrate": ic.calibrate, "bos_policy": net.bos_policy, "identity": identity}
     if is_main():
         publish_final(net, directory / FINAL, meta)
     barrier()
@@ -335,7 +338,7 @@ def train_interlingua(ctx: Any) -> TrainedInterlingua:
         lm.model.requires_grad_(False)
     identity = identity_of(cfg)
     train, held = training_data(cfg)
-    net = LatentWire(shape_of(ic), [receiver_record(lm) for lm in receivers], ic.calibrate, identity["seed"])
+    net = LatentWire(shape_of(ic), [receiver_record(lm) for lm in receivers], ic.calibrate, identity["seed"], ic.bos)
     net.attach(receivers)
     log.info("interlingua: M=%d d_z=%d, %d encoder layers, %d trainable parameters; %d training / %d held-out rows; "
              "receivers %s; engine %s", ic.m, ic.d_z, ic.layers, sum(p.numel() for p in net.parameters()),

@@ -26,7 +26,7 @@ from cross_model.interlingua import wire
 from cross_model.interlingua.model import LatentWire, load_latentwire
 from cross_model.interlingua.receiver_io import (
     answer_logits, answer_scores, answer_text, compose, decode_answers, first_token_correct, gold_nll, question_text,
-    text_prefixes,
+    text_prefixes, use_bos,
 )
 from cross_model.methods.base import Method, MethodParams, Prediction
 from cross_model.methods.registry import register
@@ -122,11 +122,16 @@ class LatentWireMethod(Method):
             soft = self.net.soft_tokens(z, self.net.index_of(lm.info.name))
         return list(soft), sent, z
 
+    def _bos(self, lm: LoadedModel) -> bool:
+        """The BOS policy the interlingua was trained with (the tokenizer's own for text without one)."""
+        return use_bos(lm, self.net.bos_policy if self.net is not None else "auto")
+
     def _gold(self, lm: LoadedModel, prefixes: list[torch.Tensor], examples: list[Example]) -> list[dict[str, float]]:
         if not self.params.score_gold:
             return [{} for _ in examples]
         with torch.inference_mode():
-            a = answer_logits(lm, compose(lm, prefixes, [question_text(e) for e in examples], [answer_text(e) for e in examples]))
+            a = answer_logits(lm, compose(lm, prefixes, [question_text(e) for e in examples],
+                                          [answer_text(e) for e in examples], self._bos(lm)))
             nll, first = gold_nll(a).tolist(), first_token_correct(a).tolist()
         return [{"gold_nll": n, "first_token_correct": f} for n, f in zip(nll, first)]
 
@@ -135,7 +140,7 @@ class LatentWireMethod(Method):
         questions = [question_text(e) for e in examples]
         limits = [self.max_new_tokens(e) for e in examples]
         prefixes, sent, z = self._prefixes(lm, examples)
-        gen, lengths = decode_answers(lm, prefixes, questions, limits)
+        gen, lengths = decode_answers(lm, prefixes, questions, limits, self._bos(lm))
         answers, n_out = gen.texts, gen.n_generated
         extras = self._gold(lm, prefixes, examples)
         if self.params.variant == "joint":
@@ -154,9 +159,10 @@ class LatentWireMethod(Method):
         for r, lm in enumerate(self.net.receivers):
             with torch.inference_mode():
                 soft = list(self.net.soft_tokens(z, r))
-            gen = own if lm is self.pair.receiver else decode_answers(lm, soft, questions, limits)[0]
+            bos = self._bos(lm)
+            gen = own if lm is self.pair.receiver else decode_answers(lm, soft, questions, limits, bos)[0]
             scored = [" " + t for t in gen.texts]
-            candidates.append((gen.texts, gen.n_generated, answer_scores(lm, soft, questions, scored).tolist()))
+            candidates.append((gen.texts, gen.n_generated, answer_scores(lm, soft, questions, scored, bos).tolist()))
         answers, n_out, extra = [], [], []
         for i, e in enumerate(examples):
             best = max(range(len(candidates)), key=lambda r: candidates[r][2][i])
