@@ -94,6 +94,15 @@ def write_atomically(target: Path, files: dict[str, Any], meta: dict[str, Any]) 
     return target
 
 
+def publish_once(target: Path, files: dict[str, Any], meta: dict[str, Any]) -> None:
+    """A finished artefact written atomically, once: a complete one is kept, a damaged one moved aside."""
+    if target.exists() and verify(target)[0] is not None:
+        return
+    if target.exists():
+        os.rename(target, target.with_name(f"{target.name}.damaged-{time.time_ns()}"))
+    write_atomically(target, files, meta)
+
+
 def verify(directory: Path) -> tuple[dict[str, Any] | None, str]:
     """(meta, "") if every file named in meta.json is present with its checksum, else (None, why)."""
     meta_path = directory / META

@@ -315,23 +315,13 @@ def encode(p: KVPayload) -> bytes:
                 body += [codes.cpu().numpy().tobytes(), _raw(scale, torch.float16), _raw(zero, torch.float16)]
             else:
                 body.append(_raw(x, sink_dtype))
-    head = _header_bytes(h)
-    blob = _PREAMBLE.pack(MAGIC, VERSION, len(head)) + head + b"".join(body)
-    return blob + _CRC.pack(zlib.crc32(blob))
+    return frame(MAGIC, VERSION, _header_bytes(h), b"".join(body))
 
 
 def read_header(blob: bytes, receiver: str, kv_heads: int, head_dim: int) -> tuple[dict, int]:
     """A checked payload's header and where its body starts. A corrupted payload, another format or
     version, or one meant for another receiver (whose KV shape is kv_heads x head_dim) is refused."""
-    if len(blob) < _PREAMBLE.size + _CRC.size:
-        raise PayloadError(f"KV payload: {len(blob)} bytes is too short to be one")
-    (crc,) = _CRC.unpack(blob[-_CRC.size :])
-    if zlib.crc32(blob[: -_CRC.size]) != crc:
-        raise PayloadError("KV payload: checksum mismatch, the bytes were changed in transit or truncated")
-    magic, version, n_head = _PREAMBLE.unpack(blob[: _PREAMBLE.size])
-    if magic != MAGIC or version != VERSION:
-        raise PayloadError(f"KV payload: format {magic!r} v{version}, this reader handles {MAGIC!r} v{VERSION}")
-    h = json.loads(blob[_PREAMBLE.size : _PREAMBLE.size + n_head])
+    h, start = read_frame(blob, MAGIC, VERSION, "KV payload")
     if h["receiver"] != receiver or (h["kv_heads"], h["head_dim"]) != (kv_heads, head_dim):
         raise PayloadError(
             f"KV payload: made for receiver {h['receiver']!r} ({h['kv_heads']} KV heads x {h['head_dim']}), "
@@ -339,7 +329,26 @@ def read_header(blob: bytes, receiver: str, kv_heads: int, head_dim: int) -> tup
         )
     if payload_size(h) != len(blob):
         raise PayloadError(f"KV payload: {len(blob)} bytes where its header describes {payload_size(h)}")
-    return h, _PREAMBLE.size + n_head
+    return h, start
+
+
+def read_frame(blob: bytes, magic: bytes, version: int, what: str) -> tuple[dict, int]:
+    """A frame's checked JSON header and where its body starts: magic | version (u16) | header length
+    (u32) | header | body | CRC-32 of all before. A changed byte, another format or version is refused."""
+    if len(blob) < _PREAMBLE.size + _CRC.size:
+        raise PayloadError(f"{what}: {len(blob)} bytes is too short to be one")
+    (crc,) = _CRC.unpack(blob[-_CRC.size :])
+    if zlib.crc32(blob[: -_CRC.size]) != crc:
+        raise PayloadError(f"{what}: checksum mismatch, the bytes were changed in transit or truncated")
+    got_magic, got_version, n_head = _PREAMBLE.unpack(blob[: _PREAMBLE.size])
+    if got_magic != magic or got_version != version:
+        raise PayloadError(f"{what}: format {got_magic!r} v{got_version}, this reader handles {magic!r} v{version}")
+    return json.loads(blob[_PREAMBLE.size : _PREAMBLE.size + n_head]), _PREAMBLE.size + n_head
+
+
+def frame(magic: bytes, version: int, header: bytes, body: bytes) -> bytes:
+    blob = _PREAMBLE.pack(magic, version, len(header)) + header + body
+    return blob + _CRC.pack(zlib.crc32(blob))
 
 
 def decode(blob: bytes, receiver: str, kv_heads: int, head_dim: int, device: torch.device | str = "cpu") -> KVPayload:

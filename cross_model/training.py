@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from cross_model.checkpointing import CheckpointManager, rng_state, set_rng_state, verify, write_atomically
+from cross_model.checkpointing import CheckpointManager, publish_once, rng_state, set_rng_state, verify, write_atomically
 from cross_model.config import TrainConfig
 from cross_model.distributed import (
     Preempted, StopFlag, barrier, broadcast_object, gather_object, get_rank, get_world_size, is_initialized, is_main,
@@ -265,13 +265,9 @@ def fit_projection(
 
 def publish_final(proj: LearnedProjection, target: Path, meta: dict[str, Any]) -> None:
     """The finished W in the format `load_projection` reads, written atomically (checksummed)."""
-    if target.exists() and verify(target)[0] is not None:
-        return
-    if target.exists():
-        os.rename(target, target.with_name(f"{target.name}.damaged-{time.time_ns()}"))
     files = {"projection.safetensors": {k: v.detach() for k, v in proj.state_dict().items()},
              "projection.json": json.dumps(meta, indent=2, sort_keys=True)}
-    write_atomically(target, files, meta)
+    publish_once(target, files, meta)
 
 
 # --- the model-driven entry points ---------------------------------------------------------------

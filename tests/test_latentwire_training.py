@@ -8,10 +8,8 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,8 @@ from cross_model.data import load_task_examples
 from cross_model.interlingua.encoder import EncoderShape
 from cross_model.interlingua.model import LatentWire, receiver_record
 from cross_model.interlingua.training import fit_interlingua
+
+from tests.helpers import kill_9_after_first_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 INTERLINGUA = {"receivers": ["tiny-llama-64", "tiny-gemma3-64"], "m": 4, "d_z": 32, "layers": 1, "n_train": 32,
@@ -67,14 +67,7 @@ def test_kill_9_then_restart_gives_the_uninterrupted_interlingua(tmp_path):
     _run(_config(tmp_path, "ref"))
     config = _config(tmp_path, "killed")
     proc = _entry(config, delay=0.3)
-    deadline = time.time() + 180
-    while not list((tmp_path / "killed" / "ckpt").glob("*/step_*/meta.json")):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert not list((tmp_path / "killed" / "ckpt").glob("*/final")), "killed before the end"
+    kill_9_after_first_checkpoint(proc, tmp_path / "killed" / "ckpt")
     out = _run(config)
     assert "resumed" in out
     ref, got = _final(tmp_path, "ref"), _final(tmp_path, "killed")

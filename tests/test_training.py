@@ -22,6 +22,7 @@ from cross_model.config import TrainConfig
 from cross_model.distributed import Preempted
 from cross_model.training import fit_projection, train_projection
 from tests.conftest import ROOT, free_port
+from tests.helpers import kill_9_after_first_checkpoint
 
 IDENTITY = {"sender": "synthetic-a", "receiver": "synthetic-b", "sender_revision": None, "receiver_revision": None,
             "k": 1, "j": 1, "d_in": 24, "d_out": 16}
@@ -198,14 +199,7 @@ def test_kill_9_then_restart_gives_the_uninterrupted_projection(tmp_path, cache)
 
     config = _train_config(tmp_path, "killed", cache)
     proc = _entry(config, delay=0.15)
-    deadline = time.time() + 120
-    while not list((tmp_path / "killed" / "ckpt").glob("*/step_*/meta.json")):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert not list((tmp_path / "killed" / "ckpt").glob("*/final")), "killed before the end"
+    kill_9_after_first_checkpoint(proc, tmp_path / "killed" / "ckpt")
 
     again = _entry(config)
     out, _ = again.communicate(timeout=300)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from cross_model.checkpointing import CheckpointManager, rng_state, set_rng_state, verify, write_atomically
+from cross_model.checkpointing import CheckpointManager, publish_once, rng_state, set_rng_state, verify
 from cross_model.config import InterlinguaConfig
 from cross_model.context import model_by_name
 from cross_model.data import load_task_examples
@@ -315,13 +315,9 @@ def fit_interlingua(
 
 
 def publish_final(net: LatentWire, target: Path, meta: dict[str, Any]) -> None:
-    if target.exists() and verify(target)[0] is not None:
-        return
-    if target.exists():
-        os.rename(target, target.with_name(f"{target.name}.damaged-{time.time_ns()}"))
     files = {WEIGHTS_FILE: {k: v.detach().cpu() for k, v in net.state_dict().items()},
              META_FILE: json.dumps(meta, indent=2, sort_keys=True)}
-    write_atomically(target, files, meta)
+    publish_once(target, files, meta)
 
 
 def train_interlingua(ctx: Any) -> TrainedInterlingua:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import math
 import struct
-import zlib
 
 import numpy as np
 import torch
 
 from cross_model.kv_wire import (
-    DTYPES, QUANT_BITS, SCALE_BYTES, PayloadError, dequantize, dtype_bits, pack_bits, quantize, unpack_bits,
+    DTYPES, QUANT_BITS, SCALE_BYTES, PayloadError, dequantize, dtype_bits, frame, pack_bits, quantize, read_frame,
+    unpack_bits,
 )
 
 MAGIC = b"CMLZ"
@@ -68,26 +68,16 @@ def encode(z_MD: torch.Tensor, bits: int, dtype: str = "float16") -> bytes:
         codes, scale, zero = quantize(z.float(), bits, (1,))
         body = (pack_bits(codes.numpy(), bits) + scale.contiguous().view(torch.uint8).numpy().tobytes()
                 + zero.contiguous().view(torch.uint8).numpy().tobytes())
-    head = _header(m, d_z, bits, dtype)
-    blob = _PREAMBLE.pack(MAGIC, VERSION, len(head)) + head + body
-    return blob + _CRC.pack(zlib.crc32(blob))
+    return frame(MAGIC, VERSION, _header(m, d_z, bits, dtype), body)
 
 
 def decode(blob: bytes) -> torch.Tensor:
     """The latent (float32, M x d_z); a corrupted or foreign payload is refused."""
-    if len(blob) < _PREAMBLE.size + _CRC.size:
-        raise PayloadError(f"latent payload: {len(blob)} bytes is too short to be one")
-    (crc,) = _CRC.unpack(blob[-_CRC.size :])
-    if zlib.crc32(blob[: -_CRC.size]) != crc:
-        raise PayloadError("latent payload: checksum mismatch, the bytes were changed in transit or truncated")
-    magic, version, n_head = _PREAMBLE.unpack(blob[: _PREAMBLE.size])
-    if magic != MAGIC or version != VERSION:
-        raise PayloadError(f"latent payload: format {magic!r} v{version}, this reader handles {MAGIC!r} v{VERSION}")
-    h = json.loads(blob[_PREAMBLE.size : _PREAMBLE.size + n_head])
+    h, start = read_frame(blob, MAGIC, VERSION, "latent payload")
     m, d_z, bits, dtype = h["m"], h["d_z"], h["bits"], h["dtype"]
     if payload_size(m, d_z, bits, dtype) != len(blob):
         raise PayloadError(f"latent payload: {len(blob)} bytes where its header describes {payload_size(m, d_z, bits, dtype)}")
-    body = blob[_PREAMBLE.size + n_head : -_CRC.size]
+    body = blob[start : -_CRC.size]
     if bits == dtype_bits(dtype):
         return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(DTYPES[dtype]).reshape(m, d_z).float()
     n_codes = math.ceil(m * d_z * bits / 8)
