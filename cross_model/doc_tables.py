@@ -60,7 +60,8 @@ def render_paired(data: dict, *args: str) -> str:
 def render_timings(data: dict, *args: str) -> str:
     t = data.get("timings") or {}
     stages = ", ".join(f"{name} {format_duration(s)}" for name, s in t.get("stages", {}).items())
-    return f"{format_duration(t.get('total_s', 0))} in all ({stages}), {t.get('world_size', '?')} processes."
+    n = t.get("world_size", "?")
+    return f"{format_duration(t.get('total_s', 0))} in all ({stages}), {n} process{'' if n == 1 else 'es'}."
 
 
 def render_bench(data: dict, model: str, *args: str) -> str:

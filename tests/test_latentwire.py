@@ -64,7 +64,7 @@ def test_embedding_replay_and_bos_policy_on_the_packaged_receivers(smollm2):
         c = compose(lm, text_prefixes(lm, [ex.prompt_A])[0], [question_text(ex)], [answer_text(ex)])
         first = lm.tokenizer(answer_text(ex), add_special_tokens=False)["input_ids"][0]
         assert c.answer_ids[0][0] == first and c.answer_ids[0][-1] == eos_id(lm)
-        assert first not in (lm.tokenizer.bos_token_id, lm.tokenizer.pad_token_id) or first == eos_id(lm) is False
+        assert first not in (lm.tokenizer.bos_token_id, lm.tokenizer.pad_token_id, eos_id(lm))
 
 
 def test_oracle_encoder_gives_the_text_paths_answers(tiny_llama, gemma_tiny, rows):

@@ -16,14 +16,16 @@ teacher-forced forward over the same prefix, and the context's UTF-8 bytes (`tex
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from cross_model.data.base import Example
 from cross_model.interlingua import wire
-from cross_model.interlingua.model import LatentWire, load_latentwire
+from cross_model.interlingua.model import META_FILE, LatentWire, load_latentwire
 from cross_model.interlingua.receiver_io import (
     answer_logits, answer_scores, answer_text, compose, decode_answers, first_token_correct, gold_nll, question_text,
     text_prefixes, use_bos,
@@ -73,16 +75,13 @@ class LatentWireMethod(Method):
 
     def set_projection_from(self, directory: str) -> None:
         """Load the finished interlingua; `joint` attaches every receiver it serves."""
-        import json
-        from pathlib import Path
-
-        names = [r["name"] for r in json.loads((Path(directory) / "interlingua.json").read_text())["receivers"]] \
-            if (Path(directory) / "interlingua.json").exists() else []
+        meta_file = Path(directory) / META_FILE
+        names = [r["name"] for r in json.loads(meta_file.read_text())["receivers"]] if meta_file.exists() else []
         receivers = [self.pair.receiver]
         if self.params.variant == "joint":
             if self.load_model is None and any(n != self.pair.receiver.info.name for n in names):
                 raise ValueError(f"methods.{self.name}: joint needs every receiver ({', '.join(names)}) loaded")
-            receivers = [lm for lm in (self.load_model(n) if self.load_model else self.pair.receiver for n in names)]
+            receivers = [self.load_model(n) if self.load_model else self.pair.receiver for n in names]
         self.net, self.meta = load_latentwire(directory, receivers)
         self.net.to(self.pair.receiver.device)
         self.net.index_of(self.pair.receiver.info.name)  # refuses a receiver without an adapter
