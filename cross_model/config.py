@@ -124,7 +124,7 @@ class InterlinguaConfig:
     calibrate: bool = _f(True, "scale soft tokens to each receiver's embedding RMS, per example")
     bos: str = _f("auto", "BOS before the soft tokens: auto (as the tokenizer does), always (also where it does not), never")
     engine: str = _f("ddp", "ddp (torch DistributedDataParallel) or deepspeed (ZeRO, stage zero_stage)")
-    zero_stage: int = _f(2, "DeepSpeed ZeRO stage (engine: deepspeed)")
+    zero_stage: int = _f(2, "DeepSpeed ZeRO stage 0, 1 or 2 (engine: deepspeed): shards the optimizer state (1) and gradients (2)")
     checkpoint_dir: str = _f("checkpoints", "where interlingua checkpoints live (relative: under output_dir)")
     checkpoint_every: int = _f(50, "optimizer steps between checkpoints")
     keep_last: int = _f(3, "complete checkpoints kept")
@@ -150,7 +150,11 @@ class InterlinguaConfig:
                 raise ValueError(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
         _choice(f"{prefix}.engine", self.engine, ("ddp", "deepspeed"))
         _choice(f"{prefix}.bos", self.bos, ("auto", "always", "never"))
-        _choice(f"{prefix}.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        if self.zero_stage == 3:
+            raise ValueError(f"{prefix}.zero_stage: 3 partitions the trainable parameters, which this job reads whole "
+                             f"for held-out statistics and checkpoints; use 0, 1 or 2 (the receivers are not sharded "
+                             f"by any stage here)")
+        _choice(f"{prefix}.zero_stage", self.zero_stage, (0, 1, 2))
 
 
 @dataclass

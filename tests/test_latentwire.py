@@ -232,3 +232,13 @@ def test_controls_say_information_crossed_only_when_the_paired_nll_interval_excl
     assert lines["lw_shuffled"]["accuracy_gain"]["verdict"] == "better"
     assert not lines["lw_zero"]["information_crossed"]  # +-0.3 around the same items: mean 0
     assert "| t | lw | lw_shuffled | 40 | 100 / 40 |" in format_controls(list(lines.values()))
+
+
+def test_interlingua_settings_are_checked_with_the_key_named():
+    from cross_model.config import InterlinguaConfig
+
+    for bad, match in (({"zero_stage": 3}, "zero_stage: 3 partitions"), ({"d_z": 30, "heads": 4}, "divisible"),
+                       ({"bos": "sometimes"}, "interlingua.bos"), ({"encoder_lr": 0.0}, "encoder_lr")):
+        with pytest.raises(ValueError, match=match):
+            InterlinguaConfig(**bad).validate("interlingua")
+    InterlinguaConfig().validate("interlingua")
