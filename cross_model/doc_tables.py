@@ -17,7 +17,7 @@ Renderers: `summary` (the report's table), `paired [REFERENCE]` (paired differen
 stages, one line), `bench MODEL` (a `make bench` JSON's table for one model), `qkvcomm REFERENCE` (the
 Q-KVComm rows of a Pareto run: first-named, same answers as REFERENCE, paired difference, bytes),
 `scheme` (`make qkvcomm-scheme`'s KL per Q-KVComm scheme), `controls` (LatentWire's destructive controls),
-`history` (the interlingua's held-out losses during training).
+`history` (the interlingua's held-out losses during training), `joint` (LatentWire's joint rescoring).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from cross_model.interlingua.controls import format_controls
+from cross_model.interlingua.controls import format_controls, format_joint
 from cross_model.paired import format_paired, paired_rows
 from cross_model.progress import format_duration
 from cross_model.reporting import format_table
@@ -122,6 +122,11 @@ def render_controls(data: dict, *args: str) -> str:
     return format_controls(data.get("latentwire_controls") or [])
 
 
+def render_joint(data: dict, *args: str) -> str:
+    """LatentWire's joint rescoring against each receiver alone and the oracle (`latentwire_joint`)."""
+    return format_joint(data.get("latentwire_joint") or [])
+
+
 def render_history(data: dict, *args: str) -> str:
     """The interlingua's held-out losses during training (`interlingua_history`)."""
     lines = ["| step | held-out loss | gold NLL, true latent | gold NLL, another row's latent |", "|---|---|---|---|"]
@@ -133,6 +138,7 @@ def render_history(data: dict, *args: str) -> str:
 RENDERERS: dict[str, Callable[..., str]] = {
     "summary": render_summary, "paired": render_paired, "timings": render_timings, "bench": render_bench,
     "qkvcomm": render_qkvcomm, "scheme": render_scheme, "controls": render_controls, "history": render_history,
+    "joint": render_joint,
 }
 
 

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cross_model.interlingua.controls import control_rows, format_controls
+from cross_model.interlingua.controls import control_rows, format_controls, format_joint, joint_rows
 from cross_model.metrics import wilson_interval
 from cross_model.paired import format_paired, paired_rows
 
@@ -202,14 +202,18 @@ def write_reports(run_dir: Path, summary: list[dict[str, Any]], rows: dict[str, 
     out = {"results.json": run_dir / "results.json", "results.md": run_dir / "results.md",
            "results.csv": run_dir / "results.csv", "accuracy.png": run_dir / "accuracy.png",
            "accuracy_vs_bytes.png": run_dir / "accuracy_vs_bytes.png"}
-    controls = control_rows(rows)
-    extra = {"latentwire_controls": controls} if controls else {}
+    controls, joint = control_rows(rows), joint_rows(rows)
+    extra = {**({"latentwire_controls": controls} if controls else {}), **({"latentwire_joint": joint} if joint else {})}
     out["results.json"].write_text(json.dumps({**context, "summary": summary, "paired": paired, **extra, "examples": rows}, indent=2))
     paired_md = (f"\n\n## Paired differences against {reference}\n\nOn the same items: the mean difference in points "
                  f"with a 95% bootstrap interval over items, McNemar's exact p on the items only one of the two got "
                  f"right, and the verdict (better / worse only when the interval excludes 0 and p < 0.05).\n\n{format_paired(paired)}"
                  if paired else "")
     controls_md = (f"\n\n## LatentWire's controls\n\n{CONTROLS_NOTE}\n\n{format_controls(controls)}" if controls else "")
+    if joint:
+        controls_md += ("\n\n## LatentWire's joint rescoring\n\nEvery receiver answers from the same latent and the "
+                        "answer with the higher length-normalised log-probability is kept; the oracle keeps the right "
+                        f"one whenever either is right (an upper bound).\n\n{format_joint(joint)}")
     out["results.md"].write_text(
         f"# Results: {context.get('name', run_dir.name)}\n\n{table}{paired_md}{controls_md}\n\n"
         "accuracy: the task's metric (countries/tipsheets: the paper's f1_match); first-named: the gold answer is "

@@ -215,9 +215,10 @@ def test_a_finished_interlingua_refuses_another_receiver(tmp_path, tiny_llama, t
 def test_controls_say_information_crossed_only_when_the_paired_nll_interval_excludes_zero():
     from cross_model.interlingua.controls import control_rows, format_controls
 
-    def rows(variant, nlls, scores):
+    def rows(variant, nlls, scores, receiver="a"):
         return [{"example_id": f"e{i}", "variant": variant, "gold_nll": n, "score": s, "payload_bytes": 100,
-                 "text_bytes": 40, "first_token_correct": s} for i, (n, s) in enumerate(zip(nlls, scores))]
+                 "text_bytes": 40, "first_token_correct": s, "receiver": receiver}
+                for i, (n, s) in enumerate(zip(nlls, scores))]
 
     base = [1.0 + 0.1 * (i % 5) for i in range(40)]
     methods = {
@@ -225,6 +226,8 @@ def test_controls_say_information_crossed_only_when_the_paired_nll_interval_excl
         "lw_shuffled": rows("shuffled", [n + 0.5 for n in base], [0.0] * 40),  # worse on every item
         "lw_zero": rows("zero", [n + (0.3 if i % 2 else -0.3) for i, n in enumerate(base)], [1.0] * 20 + [0.0] * 20),
         "text": rows("text", base, [1.0] * 40),  # not a latent, not a control: not compared
+        # Another receiver's NLLs are in other tokens: never paired with receiver a's latent.
+        "other_shuffled": rows("shuffled", [n + 9.0 for n in base], [0.0] * 40, receiver="b"),
     }
     lines = {x["control"]: x for x in control_rows({"t": methods})}
     assert set(lines) == {"lw_shuffled", "lw_zero"}
@@ -232,6 +235,20 @@ def test_controls_say_information_crossed_only_when_the_paired_nll_interval_excl
     assert lines["lw_shuffled"]["accuracy_gain"]["verdict"] == "better"
     assert not lines["lw_zero"]["information_crossed"]  # +-0.3 around the same items: mean 0
     assert "| t | lw | lw_shuffled | 40 | 100 / 40 |" in format_controls(list(lines.values()))
+
+
+def test_joint_lines_count_the_kept_answer_each_receiver_alone_and_the_oracle():
+    from cross_model.interlingua.controls import format_joint, joint_rows
+
+    # (score a, score b, kept): the kept answer's score is the kept receiver's.
+    items = [(1.0, 0.0, "a"), (0.0, 1.0, "a"), (0.0, 1.0, "b"), (0.0, 0.0, "b")]
+    rows = [{"example_id": f"e{i}", "variant": "joint", "score_a": sa, "score_b": sb, "joint_choice": k,
+             "score": sa if k == "a" else sb, "oracle_score": max(sa, sb), "error": None}
+            for i, (sa, sb, k) in enumerate(items)]
+    (line,) = joint_rows({"t": {"lw_joint": rows, "lw": [{"variant": "latent", "score": 1.0}]}})
+    assert line["accuracy"] == 0.5 and line["oracle"] == 0.75
+    assert line["receivers"] == {"a": {"accuracy": 0.25, "kept": 0.5}, "b": {"accuracy": 0.5, "kept": 0.5}}
+    assert "| t | lw_joint | 4 | 50.0 | a 25.0 (50); b 50.0 (50) | 75.0 |" in format_joint([line])
 
 
 def test_interlingua_settings_are_checked_with_the_key_named():

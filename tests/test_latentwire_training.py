@@ -172,6 +172,10 @@ def test_train_evaluate_report_with_every_variant_and_the_controls(tmp_path):
             assert j["answer"] == by["lw"][i]["answer"]
     controls = {(c["method"], c["control"]) for c in results["latentwire_controls"]}
     assert {("lw", "lw_shuffled"), ("lw", "lw_zero"), ("lw_4bit", "lw_shuffled")} <= controls
+    assert all(c["receiver"] == "tiny-llama-64" for c in results["latentwire_controls"])
+    (joint,) = results["latentwire_joint"]
+    assert joint["oracle"] >= max(v["accuracy"] for v in joint["receivers"].values())
+    assert sum(v["kept"] for v in joint["receivers"].values()) == pytest.approx(1.0)
     assert "LatentWire's controls" in (run / "results.md").read_text()
     history = json.loads((run / "interlingua.json").read_text())["history"]
     assert [h["step"] for h in history] == [0, 3]

@@ -5,6 +5,9 @@ row's latent: same bytes, wrong content) and `zero` rows: the paired difference 
 (control - latent, nats per answer token, bootstrap interval over items) and in accuracy (points,
 with McNemar's p). Information crossed only where the control's NLL is higher with an interval that
 excludes 0; a falling training loss alone shows only the answer prior being learned.
+
+And for the `joint` variant, what rescoring bought: its accuracy beside each receiver's alone (the same
+latent, the same items) and the oracle's (the better receiver per item, an upper bound).
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from cross_model.paired import paired_difference, verdict
 CONTROLS = ("shuffled", "zero")
 
 
-def _variant(rows: list[dict[str, Any]]) -> str | None:
-    kinds = {r.get("variant") for r in rows}
+def _only(rows: list[dict[str, Any]], key: str) -> str | None:
+    kinds = {r.get(key) for r in rows}
     return kinds.pop() if len(kinds) == 1 else None
 
 
@@ -25,12 +28,14 @@ def control_rows(rows: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[
     """One line per (task, latent method, control method) present in `rows` (task -> method -> rows)."""
     out = []
     for task, methods in rows.items():
-        variants = {m: _variant(r) for m, r in methods.items()}
+        variants = {m: _only(r, "variant") for m, r in methods.items()}
+        # Gold NLLs of different receivers are in different tokens: a control speaks to its own receiver.
+        receivers = {m: _only(r, "receiver") for m, r in methods.items()}
         latents = [m for m, v in variants.items() if v in ("latent", "joint")]
         controls = [m for m, v in variants.items() if v in CONTROLS]
         for m in latents:
             mine = {r["example_id"]: r for r in methods[m] if r.get("gold_nll") is not None}
-            for c in controls:
+            for c in (c for c in controls if receivers[c] == receivers[m]):
                 theirs = {r["example_id"]: r for r in methods[c] if r.get("gold_nll") is not None}
                 shared = [i for i in mine if i in theirs]
                 if not shared:
@@ -39,7 +44,7 @@ def control_rows(rows: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[
                 acc = paired_difference([float(theirs[i]["score"]) for i in shared], [float(mine[i]["score"]) for i in shared])
                 lo = nll["ci95"][0]
                 out.append({
-                    "task": task, "method": m, "control": c, "control_variant": variants[c], "n": len(shared),
+                    "task": task, "method": m, "control": c, "receiver": receivers[m], "control_variant": variants[c], "n": len(shared),
                     "nll": sum(mine[i]["gold_nll"] for i in shared) / len(shared),
                     "control_nll": sum(theirs[i]["gold_nll"] for i in shared) / len(shared),
                     "nll_gap": {k: nll[k] for k in ("diff", "ci95")},
@@ -70,4 +75,35 @@ def format_controls(lines: list[dict[str, Any]]) -> str:
             f"{100 * a['diff']:+.1f} [{100 * a['ci95'][0]:+.1f}, {100 * a['ci95'][1]:+.1f}], p={a['mcnemar_p']:.2g} | "
             f"{'yes' if x['information_crossed'] else 'not shown'} |"
         )
+    return "\n".join(table)
+
+
+def joint_rows(rows: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """One line per (task, joint method): accuracy of the kept answer, of each receiver alone, of the
+    oracle, and how often each receiver's answer was kept."""
+    out = []
+    for task, methods in rows.items():
+        for m, method_rows in methods.items():
+            done = [r for r in method_rows if r.get("variant") == "joint" and not r.get("error")]
+            if not done:
+                continue
+            names = [k.removeprefix("score_") for k in done[0] if k.startswith("score_")]
+            n = len(done)
+            out.append({
+                "task": task, "method": m, "n": n, "accuracy": sum(float(r["score"]) for r in done) / n,
+                "oracle": sum(float(r["oracle_score"]) for r in done) / n,
+                "receivers": {x: {"accuracy": sum(float(r[f"score_{x}"]) for r in done) / n,
+                                  "kept": sum(r["joint_choice"] == x for r in done) / n} for x in names},
+            })
+    return out
+
+
+def format_joint(lines: list[dict[str, Any]]) -> str:
+    if not lines:
+        return ""
+    table = ["| task | method | n | joint accuracy % | receiver alone: accuracy % (answer kept %) | oracle accuracy % |",
+             "|---|---|---|---|---|---|"]
+    for x in lines:
+        alone = "; ".join(f"{name} {100 * v['accuracy']:.1f} ({100 * v['kept']:.0f})" for name, v in x["receivers"].items())
+        table.append(f"| {x['task']} | {x['method']} | {x['n']} | {100 * x['accuracy']:.1f} | {alone} | {100 * x['oracle']:.1f} |")
     return "\n".join(table)

@@ -147,7 +147,8 @@ class LatentWireMethod(Method):
             extras = [{**x, **j} for x, j in zip(extras, joint)]
         return [
             Prediction(e.example_id, text, n_bytes, receiver_prefill_tokens=n_in, receiver_generated_tokens=n,
-                       extra={"variant": self.params.variant, "text_bytes": len(e.prompt_A.encode("utf-8")), **x})
+                       extra={"variant": self.params.variant, "receiver": lm.info.name,
+                              "text_bytes": len(e.prompt_A.encode("utf-8")), **x})
             for e, text, n_bytes, n_in, n, x in zip(examples, answers, sent, lengths, n_out, extras)
         ]
 
