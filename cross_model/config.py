@@ -121,6 +121,7 @@ class InterlinguaConfig:
     k_tokens: int = _f(4, "K of the first-K weighting")
     kd_weight: float = _f(0.0, "weight of distillation from the same receiver reading the full text (0: off)")
     tau: float = _f(1.0, "distillation temperature")
+    kd_cache_mb: int = _f(1024, "memory per rank for the teacher's answer logits, computed once per row (rows past it are recomputed)")
     calibrate: bool = _f(True, "scale soft tokens to each receiver's embedding RMS, per example")
     bos: str = _f("auto", "BOS before the soft tokens: auto (as the tokenizer does), always (also where it does not), never")
     engine: str = _f("ddp", "ddp (torch DistributedDataParallel) or deepspeed (ZeRO, stage zero_stage)")
@@ -145,7 +146,7 @@ class InterlinguaConfig:
         for name in ("lr", "tau"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{prefix}.{name}: must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "first_weight", "k_weight", "kd_weight"):
+        for name in ("weight_decay", "first_weight", "k_weight", "kd_weight", "kd_cache_mb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
         _choice(f"{prefix}.engine", self.engine, ("ddp", "deepspeed"))

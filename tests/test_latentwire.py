@@ -157,6 +157,37 @@ def test_distillation_is_zero_when_the_student_is_the_teacher_replayed(tiny_llam
         assert float(distillation(other, teacher, tau=2.0).min()) > 0
 
 
+def test_teacher_logits_are_computed_once_per_row_and_equal_the_batched_teacher(tiny_llama, rows):
+    from cross_model.interlingua.model import TeacherCache
+
+    lm, net = tiny_llama, _net([tiny_llama])
+    net.loss_weights = {**net.loss_weights, "kd_weight": 1.0}
+    ctx, qs, ans = [e.prompt_A for e in rows], [question_text(e) for e in rows], [answer_text(e) for e in rows]
+    calls = []
+    hook = lm.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            batched = answer_logits(lm, compose(lm, text_prefixes(lm, ctx)[0], qs, ans, net.bos(0)))
+            calls.clear()
+            net.teacher = TeacherCache(2**30)
+            z = net.latent(ctx)
+            first = net.row_losses(z, 0, qs, ans, ctx)["kd"]
+            assert len(calls) == 1 + len(rows)  # the student's one forward, the teacher once per row
+            calls.clear()
+            again = net.row_losses(z, 0, qs, ans, ctx)["kd"]
+            assert len(calls) == 1 and net.teacher.hits == len(rows)  # the student only
+            torch.testing.assert_close(first, again, rtol=0, atol=0)
+            cached = net.teacher.logits(lm, 0, ctx, qs, ans, batched.logits_BAV.shape[1], net.bos(0))
+            valid = batched.valid_BA[:, :, None]
+            torch.testing.assert_close(cached * valid, batched.logits_BAV * valid, rtol=1e-4, atol=1e-4)
+            # Past its budget nothing is kept and every lookup recomputes the same values.
+            net.teacher = TeacherCache(0)
+            torch.testing.assert_close(net.row_losses(z, 0, qs, ans, ctx)["kd"], first, rtol=0, atol=0)
+            assert net.teacher.rows == {} and net.teacher.misses == len(rows)
+    finally:
+        hook.remove()
+
+
 def test_first_token_weights_change_the_loss_as_specified(tiny_llama, rows):
     lm = tiny_llama
     with torch.no_grad():

@@ -26,6 +26,41 @@ def receiver_record(lm: LoadedModel) -> dict[str, Any]:
             "target_rms": embedding_rms(lm)}
 
 
+class TeacherCache:
+    """The frozen receiver reading the context as text, its logits at the answer positions, computed
+    once per (receiver, row) and kept until `budget_bytes` is spent (rows past it are recomputed each
+    time). Each row is computed alone, so a value never depends on the batch it first came in: a run
+    resumed with an empty cache sees the same teacher as one that never stopped."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.used = budget_bytes, 0
+        self.rows: dict[tuple, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def logits(self, lm: LoadedModel, r: int, contexts: list[str], questions: list[str], answers: list[str],
+               a_max: int, bos: bool) -> torch.Tensor:
+        """B x a_max x V, row i's first len(answer_i) positions filled."""
+        rows = []
+        for key in zip([r] * len(contexts), contexts, questions, answers):
+            t = self.rows.get(key)
+            if t is None:
+                self.misses += 1
+                with torch.no_grad():
+                    prefixes = text_prefixes(lm, [key[1]])[0]
+                    one = answer_logits(lm, compose(lm, prefixes, [key[2]], [key[3]], bos))
+                t = one.logits_BAV[0, : int(one.lengths[0])].detach()
+                size = t.numel() * t.element_size()
+                if self.used + size <= self.budget:
+                    self.rows[key], self.used = t, self.used + size
+            else:
+                self.hits += 1
+            rows.append(t)
+        out = rows[0].new_zeros(len(rows), a_max, rows[0].shape[-1])
+        for i, t in enumerate(rows):
+            out[i, : t.shape[0]] = t
+        return out
+
+
 class LatentWire(nn.Module):
     """Encoder + adapters. The frozen receivers are kept outside the module tree (a plain list), so
     that DDP / DeepSpeed see, broadcast and reduce only what trains."""
@@ -42,6 +77,7 @@ class LatentWire(nn.Module):
             self.adapters = nn.ModuleList(Adapter(shape.d_z, r["d_model"], r["target_rms"], calibrate) for r in receivers)
         self.receivers: list[LoadedModel] = []  # attached for training and evaluation
         self.loss_weights: dict[str, float] = {"first_weight": 0.0, "k_weight": 0.0, "k": 4, "kd_weight": 0.0, "tau": 1.0}
+        self.teacher = TeacherCache(0)  # training sets its budget (interlingua.kd_cache_mb)
 
     def attach(self, receivers: list[LoadedModel]) -> "LatentWire":
         """Attach the frozen receivers (all of them for training; for evaluation those the run has
@@ -88,9 +124,7 @@ class LatentWire(nn.Module):
         out = {"ce": weighted_ce(a, w["first_weight"], w["k_weight"], int(w["k"])), "nll": gold_nll(a)}
         loss = out["ce"]
         if contexts is not None and w["kd_weight"] > 0:
-            with torch.no_grad():
-                prefixes = text_prefixes(lm, contexts)[0]
-                teacher = answer_logits(lm, compose(lm, prefixes, questions, answers, self.bos(r))).logits_BAV
+            teacher = self.teacher.logits(lm, r, contexts, questions, answers, a.logits_BAV.shape[1], self.bos(r))
             out["kd"] = distillation(a, teacher, w["tau"])
             loss = loss + w["kd_weight"] * out["kd"]
         out["loss"] = loss

@@ -34,7 +34,7 @@ from cross_model.distributed import (
     is_initialized, is_main,
 )
 from cross_model.interlingua.encoder import EncoderShape
-from cross_model.interlingua.model import META_FILE, WEIGHTS_FILE, LatentWire, receiver_record
+from cross_model.interlingua.model import META_FILE, WEIGHTS_FILE, LatentWire, TeacherCache, receiver_record
 from cross_model.interlingua.receiver_io import answer_text, question_text
 from cross_model.progress import Progress
 from cross_model.projection import check_identity
@@ -237,6 +237,7 @@ def fit_interlingua(
     seed = identity["seed"]
     net.loss_weights = {"first_weight": ic.first_weight, "k_weight": ic.k_weight, "k": ic.k_tokens,
                         "kd_weight": ic.kd_weight, "tau": ic.tau}
+    net.teacher = TeacherCache(ic.kd_cache_mb * 2**20)
     net.to(device).train()
     manager = CheckpointManager(directory, ic.keep_last)
     engine = _Engine(net, ic, world, device)
@@ -272,6 +273,10 @@ def fit_interlingua(
         history.append(stats)
         log.info("interlingua: step %d/%d held-out loss %.4f  gold NLL %.4f (another row's latent: %.4f)",
                  at, ic.steps, stats["heldout_loss"], stats["heldout_nll"], stats["heldout_nll_shuffled"])
+        t = net.teacher
+        if ic.kd_weight > 0 and t.hits + t.misses:
+            log.info("interlingua: teacher logits: %d rows kept (%.0f MB), %.0f%% of lookups served from them",
+                     len(t.rows), t.used / 2**20, 100 * t.hits / (t.hits + t.misses))
         if log_metrics is not None and is_main():
             log_metrics({f"interlingua/{k}": v for k, v in stats.items()})
 
