@@ -8,6 +8,7 @@ Each field documents itself through `metadata["help"]`; `describe()` prints them
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -58,10 +59,18 @@ class TaskConfig:
     max_new_tokens: int | None = _f(None, "receiver's answer length (None: the task's default)")
     path: str | None = _f(None, "local file or directory for tasks read from disk (jsonl, tmath)")
     seed: int | None = _f(None, "generator seed for synthetic tasks (None: the experiment seed)")
+    label: str | None = _f(None, "what results directories and tables call it (None: its name); lets one run hold a task twice")
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
 
     def validate(self, prefix: str) -> None:
         if not self.name:
             raise ValueError(f"{prefix}.name: must name a task")
+        if self.label is not None and (not self.label or not re.fullmatch(r"[A-Za-z0-9_.+-]+", self.label)):
+            raise ValueError(f"{prefix}.label: {self.label!r} must be non-empty letters, digits or _.+- "
+                             f"(it names a results directory)")
         if self.n_test is not None and self.n_test < 1:
             raise ValueError(f"{prefix}.n_test: must be >= 1 or null, got {self.n_test}")
         if self.n_calib < 0:
@@ -80,12 +89,14 @@ class TrainConfig:
     heldout_fraction: float = _f(0.1, "fraction of sentences held out for MSE / R^2 / cosine")
     epochs: int = _f(10, "passes over the training sentences (paper: 10)")
     batch_size: int = _f(32, "global batch size in sentences, split over ranks (paper: 32)")
-    lr: float = _f(1e-3, "Adam learning rate (paper: 1e-3)")
+    lr: float = _f(1e-3, "Adam learning rate (paper: 1e-3; solver adam)")
+    solver: str = _f("lstsq", "lstsq: the exact minimiser of the MSE (ridge-regularised, float64 sums over every rank's pairs); adam: the paper's recipe (epochs, batch_size, lr)")
+    ridge: float = _f(1e-3, "lstsq's ridge, relative to the mean diagonal of A^T A (0: plain least squares; 1e-3 chosen by make projection-ridge)")
     max_length: int = _f(64, "tokens kept per sentence")
     checkpoint_dir: str = _f("checkpoints", "where projection checkpoints live, one sub-directory per pair, layers and recipe (relative: under output_dir)")
     checkpoint_every: int = _f(50, "optimizer steps between checkpoints")
     keep_last: int = _f(3, "complete checkpoints kept (older ones are pruned)")
-    cache_activations: bool = _f(True, "cache frozen-model activations on disk so later epochs skip the models")
+    cache_activations: bool = _f(True, "cache frozen-model activations (training and held-out) on disk, shared by every solver setting, so later epochs, restarts and refits skip the models")
 
     def validate(self, prefix: str) -> None:
         _choice(f"{prefix}.corpus", self.corpus, ("c4", "offline", "local"))
@@ -98,6 +109,9 @@ class TrainConfig:
             raise ValueError(f"{prefix}.heldout_fraction: must be in (0, 1), got {self.heldout_fraction}")
         if self.lr <= 0:
             raise ValueError(f"{prefix}.lr: must be > 0, got {self.lr}")
+        _choice(f"{prefix}.solver", self.solver, ("lstsq", "adam"))
+        if self.ridge < 0:
+            raise ValueError(f"{prefix}.ridge: must be >= 0, got {self.ridge}")
 
 
 @dataclass
@@ -108,7 +122,7 @@ class InterlinguaConfig:
     layers: int = _f(2, "encoder transformer layers")
     heads: int = _f(4, "encoder attention heads")
     max_bytes: int = _f(512, "context bytes the encoder reads (the rest is cut)")
-    train_tasks: list[str] = _f([], "configured tasks whose rows past the test items train it (empty: every configured task)")
+    train_tasks: list[str] = _f([], "configured tasks (by label) whose rows past the test items train it (empty: every configured task)")
     n_train: int = _f(512, "training rows per task, disjoint from its test and calibration items")
     n_heldout: int = _f(64, "held-out rows per task (after the training rows) for the loss each epoch")
     steps: int = _f(300, "optimizer steps")
@@ -237,9 +251,9 @@ class ExperimentConfig:
             raise ValueError("tasks: at least one task is needed")
         for i, task in enumerate(self.tasks):
             task.validate(f"tasks.{i}")
-        names = [t.name for t in self.tasks]
-        if len(set(names)) != len(names):
-            raise ValueError(f"tasks: each task at most once, got {names}")
+        keys = [t.key for t in self.tasks]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"tasks: each task at most once, got {keys}; give a repeated task a distinct label:")
         if not self.methods:
             raise ValueError("methods: at least one method is needed")
         for name, params in self.methods.items():

@@ -153,6 +153,15 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Element-wise sums over ranks of CPU tensors (through the gloo group; themselves without one)."""
+    if not is_initialized():
+        return tensors
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_OBJECT_GROUP)
+    return tensors
+
+
 def shard(items: list) -> list:
     """This rank's share of `items`: those at index i with i % world_size == rank."""
     return items[get_rank() :: get_world_size()]

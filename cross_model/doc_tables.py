@@ -17,7 +17,8 @@ Renderers: `summary` (the report's table), `paired [REFERENCE]` (paired differen
 stages, one line), `bench MODEL` (a `make bench` JSON's table for one model), `qkvcomm REFERENCE` (the
 Q-KVComm rows of a Pareto run: first-named, same answers as REFERENCE, paired difference, bytes),
 `scheme` (`make qkvcomm-scheme`'s KL per Q-KVComm scheme), `controls` (LatentWire's destructive controls),
-`history` (the interlingua's held-out losses during training), `joint` (LatentWire's joint rescoring).
+`history` (the interlingua's held-out losses during training), `joint` (LatentWire's joint rescoring),
+`ridge` (`make projection-ridge`'s held-out R^2 per ridge), `projections` (a run's trained W and its fit).
 """
 
 from __future__ import annotations
@@ -117,6 +118,31 @@ def render_scheme(data: dict, *args: str) -> str:
     return "\n".join(lines)
 
 
+def render_ridge(data: dict, *args: str) -> str:
+    """`make projection-ridge`'s table: held-out R^2 (cosine) of the least-squares W per ridge and size."""
+    sizes = [str(n) for n in data["sizes"]]
+    lines = ["| ridge | " + " | ".join(f"{n} sentences: R^2 (cosine)" for n in sizes) + " | mean R^2 |",
+             "|---|" + "---|" * (len(sizes) + 1)]
+    for r in data["rows"]:
+        name = f"**{r['ridge']:g}**" if r["ridge"] == data["best"] else f"{r['ridge']:g}"
+        cells = " | ".join(f"{r['fits'][n]['r2']:.3f} ({r['fits'][n]['cosine']:.4f})" for n in sizes)
+        lines.append(f"| {name} | {cells} | {r['mean_r2']:.3f} |")
+    return "\n".join(lines)
+
+
+def render_projections(data: dict, *args: str) -> str:
+    """The run's trained projections and their held-out fit (`projections`, from projections.json)."""
+    lines = ["| method | pair (k -> j) | widths | solver | sentences | held-out R^2 | held-out cosine |",
+             "|---|---|---|---|---|---|---|"]
+    for name, p in (data.get("projections") or {}).items():
+        solver = p.get("solver") or "adam"
+        how = f"lstsq, ridge {p['ridge']:g}" if solver == "lstsq" else f"adam, {p.get('epochs')} epochs"
+        lines.append(f"| {name} | {p['sender']} ({p['k']}) -> {p['receiver']} ({p['j']}) | {p['d_in']} -> {p['d_out']} "
+                     f"| {how} | {p.get('n_sentences')} {p.get('corpus')} | {p['fit'].get('r2', float('nan')):.3f} "
+                     f"| {p['fit'].get('cosine', float('nan')):.4f} |")
+    return "\n".join(lines)
+
+
 def render_controls(data: dict, *args: str) -> str:
     """LatentWire's destructive controls (the report's `latentwire_controls`)."""
     return format_controls(data.get("latentwire_controls") or [])
@@ -138,7 +164,8 @@ def render_history(data: dict, *args: str) -> str:
 RENDERERS: dict[str, Callable[..., str]] = {
     "summary": render_summary, "paired": render_paired, "timings": render_timings, "bench": render_bench,
     "qkvcomm": render_qkvcomm, "scheme": render_scheme, "controls": render_controls, "history": render_history,
-    "joint": render_joint,
+    "joint": render_joint, "ridge": render_ridge,
+    "projections": render_projections,
 }
 
 
@@ -199,6 +226,9 @@ def publish(run_dir: Path, target: Path, reference: str | None = None) -> Path:
     interlingua = run_dir / "interlingua.json"
     if interlingua.exists():
         data["interlingua_history"] = json.loads(interlingua.read_text()).get("history", [])
+    projections = run_dir / "projections.json"
+    if projections.exists():
+        data["projections"] = json.loads(projections.read_text())
     timings = run_dir / "timings.json"
     if timings.exists():
         data["timings"] = json.loads(timings.read_text())

@@ -45,12 +45,13 @@ log = logging.getLogger(__name__)
 
 
 def load_splits(cfg) -> dict[str, tuple[list[Example], list[Example]]]:
-    """task -> (test items, calibration items), the test list cut to `eval.limit`."""
+    """task label (its name unless labelled) -> (test items, calibration items), the test list cut to
+    `eval.limit`."""
     splits = {}
     for t in cfg.tasks:
         seed = t.seed if t.seed is not None else cfg.seed
         test, calib = load_task_examples(t.name, t.n_test, t.n_calib, seed, t.path, t.max_new_tokens)
-        splits[t.name] = (test[: cfg.eval.limit] if cfg.eval.limit else test, calib)
+        splits[t.key] = (test[: cfg.eval.limit] if cfg.eval.limit else test, calib)
     return splits
 
 

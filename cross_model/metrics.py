@@ -122,6 +122,41 @@ def rouge_l_recall(prediction: str, answers: Sequence[str]) -> float:
     return best
 
 
+def first_code_line(code: str) -> str:
+    """RepoBench's reading of a completion: its first line that is not blank, a comment, a docstring
+    line or a Markdown fence (the first line when every line is)."""
+    lines = code.lstrip("\n").split("\n")
+    in_docstring = False
+    for line in lines:
+        s = line.strip()
+        if not s:
+            continue
+        if not in_docstring and s.startswith(('"""', "'''")):
+            in_docstring = True
+            continue
+        if in_docstring:
+            if s.endswith(('"""', "'''")):
+                in_docstring = False
+            continue
+        if s.startswith("#") or s.startswith("```"):
+            continue
+        return line
+    return lines[0]
+
+
+def edit_similarity(prediction: str, answers: Sequence[str]) -> float:
+    """RepoBench's score: the first code line of the prediction against the gold line, 2 x LCS(chars) /
+    (len + len) (the Levenshtein ratio with substitutions costing two edits), rounded to whole percent
+    as the public code's `fuzz.ratio` is; max over gold answers."""
+    line = first_code_line(prediction)
+    best = 0.0
+    for answer in answers:
+        total = len(line) + len(answer)
+        if total:
+            best = max(best, round(100 * 2 * _lcs(list(line), list(answer)) / total) / 100)
+    return best
+
+
 _SENTENCE_END = re.compile(r"(?<=[.!?\n])\s")
 
 
@@ -158,6 +193,7 @@ METRICS = {
     "exact_match": exact_match,
     "numeric_match": numeric_match,
     "rouge_l_recall": rouge_l_recall,
+    "edit_similarity": edit_similarity,
 }
 
 

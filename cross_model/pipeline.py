@@ -34,7 +34,7 @@ def plan(cfg: ExperimentConfig) -> list[str]:
             needs = [name for name, cls, p in methods if cls.needs_calibration(p)]
             lines.append(f"calibrate: {'calibrate ' + ', '.join(needs) if needs else 'nothing to calibrate'}")
         elif stage == "evaluate":
-            tasks = ", ".join(t.name for t in cfg.tasks)
+            tasks = ", ".join(t.key for t in cfg.tasks)
             lines.append(f"evaluate: {', '.join(n for n, _, _ in methods)} on {tasks}")
         elif stage == "report":
             lines.append("report: results.json, results.md, results.csv and plots in the run directory")
@@ -48,7 +48,9 @@ def _stage_train(ctx: RunContext) -> None:
         return
     projections = [m for m in methods if getattr(m[1], "trained_by", "projection") == "projection"]
     if projections:
-        train_projections_for(ctx, projections)
+        fits = train_projections_for(ctx, projections)
+        if is_main():  # what `doc_tables --publish` quotes about each W
+            write_json_atomically(ctx.run_dir / "projections.json", fits)
     if len(projections) < len(methods):  # LatentWire's methods share the run's one interlingua
         trained = train_interlingua(ctx)
         ctx.state["interlingua"] = trained.directory / FINAL

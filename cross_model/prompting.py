@@ -9,18 +9,23 @@ from typing import Iterator
 
 import torch
 
-from cross_model.data.base import MATH, Example
+from cross_model.data.base import CODE, MATH, SUMMARY, Example
 from cross_model.models import LoadedModel
 
 QA_INSTRUCTION = "Directly answer the question based on the context passage, no explanation is needed."
 MATH_INSTRUCTION = "Answer the math problem step by step."
+# RepoBench and SAMSum split one input between the agents: A has the cross-file code (the first half of
+# the dialogue), B the in-file code (the second half).
+CODE_INSTRUCTION = "Complete the next line of code, using the code in the context; answer with that line only."
+SUMMARY_INSTRUCTION = "Summarize the whole dialogue, the part in the context and the part in the question, briefly."
+INSTRUCTIONS = {MATH: MATH_INSTRUCTION, CODE: CODE_INSTRUCTION, SUMMARY: SUMMARY_INSTRUCTION}
 SENDER_AWARE_INSTRUCTION = (
     "Summarize the context passage in a concise way, as it will be used by another agent to answer the question."
 )
 
 
 def instruction(example: Example) -> str:
-    return MATH_INSTRUCTION if example.kind == MATH else QA_INSTRUCTION
+    return INSTRUCTIONS.get(example.kind, QA_INSTRUCTION)
 
 
 def sender_text(example: Example, instr: str | None = None) -> str:

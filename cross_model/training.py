@@ -1,10 +1,13 @@
 """Fitting the learned projection W (A's layer-k residual -> B's layer-j residual), data-parallel.
 
-Recipe (METHODS.md, "Learned projection W"): the same sentence goes to both frozen models; the pair
-is (A's hidden_states[k], B's hidden_states[j]) at the last real token. Each frozen model runs only up
-to its layer, under inference_mode, in the platform dtype (bf16 on GPU). Only W is wrapped in DDP.
-Every global batch is split over ranks (no sentence twice per epoch) and each rank's loss is scaled
-so that DDP's gradient average equals the gradient of the global-batch mean squared error.
+Recipe (METHODS.md, "AC's learned projection"): the same sentence goes to both frozen models; the
+pair is (A's hidden_states[k], B's hidden_states[j]) at the last real token. Each frozen model runs
+only up to its layer, under inference_mode, in the platform dtype (bf16 on GPU). The objective is the
+mean squared error. `solver: lstsq` (default) minimises it exactly: every rank sums A^T A and A^T B
+over its share of the pairs in float64, the sums are all-reduced, and all solve the same ridge system.
+`solver: adam` is the paper's optimizer: only W is wrapped in DDP, every global batch is split over
+ranks (no sentence twice per epoch) and each rank's loss is scaled so that DDP's gradient average
+equals the gradient of the global-batch mean squared error.
 
 Resume: started again with the same arguments, training continues from the newest complete
 checkpoint; a finished projection (`final/`) is loaded, not retrained. SIGTERM/SIGUSR1 set a flag
@@ -29,7 +32,8 @@ import torch
 from cross_model.checkpointing import CheckpointManager, publish_once, rng_state, set_rng_state, verify, write_atomically
 from cross_model.config import TrainConfig
 from cross_model.distributed import (
-    Preempted, StopFlag, barrier, broadcast_object, gather_object, get_rank, get_world_size, is_initialized, is_main,
+    Preempted, StopFlag, all_reduce_tensors, barrier, broadcast_object, gather_object, get_rank, get_world_size,
+    is_initialized, is_main,
 )
 from cross_model.context import model_pair
 from cross_model.models import LoadedModel
@@ -43,7 +47,8 @@ log = logging.getLogger(__name__)
 
 FINAL = "final"
 ACTIVATIONS = "activations"
-RECIPE_KEYS = ("corpus", "corpus_path", "n_sentences", "heldout_fraction", "epochs", "batch_size", "lr", "max_length", "seed")
+RECIPE_KEYS = ("corpus", "corpus_path", "n_sentences", "heldout_fraction", "solver", "ridge", "epochs", "batch_size", "lr",
+               "max_length", "seed")
 
 
 # --- identity, recipe and where a projection lives ---------------------------------------------
@@ -69,6 +74,18 @@ def projection_dir(checkpoint_dir: str | Path, identity: dict[str, Any], recipe:
     digest = hashlib.sha256(json.dumps({**identity, **recipe}, sort_keys=True).encode()).hexdigest()[:10]
     name = f"{_slug(identity['sender'])}__{_slug(identity['receiver'])}__k{identity['k']}_j{identity['j']}__{digest}"
     return Path(checkpoint_dir).expanduser() / name
+
+
+DATA_KEYS = ("corpus", "corpus_path", "n_sentences", "heldout_fraction", "max_length", "seed")
+
+
+def activations_dir(checkpoint_dir: str | Path, identity: dict[str, Any], recipe: dict[str, Any]) -> Path:
+    """Where the frozen models' activations for (pair, layers, sentences) are cached: shared by every
+    solver and optimizer setting, which change W but not the pairs it is fitted on."""
+    key = {**identity, **{k: recipe[k] for k in DATA_KEYS}}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    name = f"{_slug(identity['sender'])}__{_slug(identity['receiver'])}__k{identity['k']}_j{identity['j']}__{digest}"
+    return Path(checkpoint_dir).expanduser() / ACTIVATIONS / name
 
 
 def resolved_train_config(cfg: Any) -> TrainConfig:
@@ -160,6 +177,35 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def least_squares(train_pairs: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]], n_train: int,
+                  d_in: int, d_out: int, ridge: float, chunk: int = 256) -> torch.Tensor:
+    """The W (d_out x d_in) minimising sum ||W a - b||^2 + lam ||W||^2 over every training pair, with
+    lam = ridge x mean diagonal of A^T A (scale-free). Each rank sums A^T A and A^T B over its pairs in
+    float64; the sums are all-reduced and every rank solves the same system."""
+    rank, world = get_rank(), get_world_size()
+    mine = list(range(rank, n_train, world))
+    gram = torch.zeros(d_in, d_in, dtype=torch.float64)
+    cross = torch.zeros(d_in, d_out, dtype=torch.float64)
+    for i in range(0, len(mine), chunk):
+        a, b = train_pairs(mine[i : i + chunk])
+        a, b = a.detach().double().cpu(), b.detach().double().cpu()
+        gram += a.T @ a
+        cross += a.T @ b
+    gram, cross = all_reduce_tensors([gram, cross])
+    lam = ridge * float(gram.diagonal().mean())
+    # lstsq (not solve): with ridge 0 and fewer pairs than d_in the system is singular; gelsy copes.
+    solution = torch.linalg.lstsq(gram + lam * torch.eye(d_in, dtype=torch.float64), cross, driver="gelsy").solution
+    return solution.T.float().contiguous()
+
+
+def _warn_if_unfitted(stats: dict[str, float], n_train: int, d_in: int, solver: str) -> None:
+    if stats.get("r2", 0.0) < 0:
+        fix = "a larger train.ridge" if solver == "lstsq" else "train.solver: lstsq (the exact minimiser)"
+        log.warning("train: held-out R^2 = %.3f < 0: W predicts B's residual worse than its mean does, so AC with it "
+                    "sends B an off-distribution vector. Fit with more sentences (%d training pairs for d_A = %d; the "
+                    "paper used 3072 for 3072) or %s.", stats["r2"], n_train, d_in, fix)
+
+
 def fit_projection(
     train_pairs: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
     n_train: int,
@@ -179,6 +225,8 @@ def fit_projection(
     seed = recipe["seed"]
     manager = CheckpointManager(directory, cfg.keep_last)
     proj = LearnedProjection(identity["d_in"], identity["d_out"], seed=seed).to(device)
+    if cfg.solver == "lstsq":
+        return _fit_exactly(proj, train_pairs, n_train, heldout, identity, recipe, directory, cfg)
     opt = torch.optim.Adam(proj.parameters(), lr=cfg.lr)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -257,6 +305,27 @@ def fit_projection(
     if last_saved != step:
         save(step)
     meta = {**sidecar, "history": history, "final_step": step, "fit": history[-1] if history else {}}
+    return _finish(proj, meta, directory, n_train, resumed)
+
+
+def _fit_exactly(proj: LearnedProjection, train_pairs: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
+                 n_train: int, heldout: tuple[torch.Tensor, torch.Tensor], identity: dict[str, Any],
+                 recipe: dict[str, Any], directory: Path, cfg: TrainConfig) -> FitResult:
+    """solver lstsq: one pass over the pairs, no step checkpoints (a restart recomputes the sums from
+    the activation cache in seconds)."""
+    weight = least_squares(train_pairs, n_train, identity["d_in"], identity["d_out"], cfg.ridge)
+    with torch.no_grad():
+        proj.linear.weight.copy_(weight.to(proj.linear.weight.device))
+    stats = {"epoch": 1, "step": 1, **fit_statistics(proj, *heldout)}
+    log.info("train: least squares (ridge %g) over %d pairs: held-out mse %.4g  R^2 %.4f  cosine %.4f",
+             cfg.ridge, n_train, stats["mse"], stats["r2"], stats["cosine"])
+    meta = {**identity, **recipe, "dtype": "float32", "bias": False, "total_steps": 1, "history": [stats],
+            "final_step": 1, "fit": stats}
+    return _finish(proj, meta, directory, n_train, None)
+
+
+def _finish(proj: LearnedProjection, meta: dict[str, Any], directory: Path, n_train: int, resumed: int | None) -> FitResult:
+    _warn_if_unfitted(meta["fit"], n_train, meta["d_in"], meta.get("solver", "adam"))
     if is_main():
         publish_final(proj, directory / FINAL, meta)
     barrier()
@@ -310,15 +379,19 @@ def train_projection(
     def compute(texts: list[str]) -> Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]:
         return lambda idx: frozen_activations(sender, receiver, k, j, [texts[i] for i in idx], cfg.max_length)
 
-    heldout = sharded_activations(compute(held_texts), len(held_texts))
     if cfg.cache_activations:
-        a_all, b_all = cached_activations(directory / ACTIVATIONS, {**identity, **recipe}, compute(train_texts), len(train_texts))
+        cache = activations_dir(cfg.checkpoint_dir, identity, recipe)
+        key = {**identity, **{k: recipe[k] for k in DATA_KEYS}}
+        heldout = cached_activations(cache / "heldout", key, compute(held_texts), len(held_texts))
+        a_all, b_all = cached_activations(cache / "train", key, compute(train_texts), len(train_texts))
         train_pairs = lambda idx: (a_all[idx], b_all[idx])  # noqa: E731
     else:
+        heldout = sharded_activations(compute(held_texts), len(held_texts))
         train_pairs = compute(train_texts)
-    log.info("train: %s k=%d -> %s j=%d (%d -> %d), %d train / %d held-out sentences, %d epochs",
+    how = f"{cfg.epochs} epochs of Adam" if cfg.solver == "adam" else f"least squares, ridge {cfg.ridge:g}"
+    log.info("train: %s k=%d -> %s j=%d (%d -> %d), %d train / %d held-out sentences, %s",
              identity["sender"], k, identity["receiver"], j, identity["d_in"], identity["d_out"],
-             len(train_texts), len(held_texts), cfg.epochs)
+             len(train_texts), len(held_texts), how)
     return fit_projection(train_pairs, len(train_texts), heldout, identity, recipe, directory, cfg,
                           device=receiver.device, stop=stop, on_step=on_step, log_metrics=log_metrics)
 
@@ -326,8 +399,8 @@ def train_projection(
 def cached_activations(
     directory: Path, key: dict[str, Any], compute: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]], n: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """All n training pairs, from the on-disk cache when it verifies and matches, else computed
-    (sharded over ranks) and written by rank 0."""
+    """All n pairs, from the on-disk cache when it verifies and matches, else computed (sharded over
+    ranks) and written by rank 0."""
     from safetensors.torch import load_file
 
     usable, why = None, ""
@@ -348,8 +421,10 @@ def cached_activations(
     return a, b
 
 
-def train_projections_for(ctx: Any, methods: list[tuple[str, type, Any]]) -> None:
-    """The pipeline's train stage: one projection per distinct (pair, k, j) among `methods`."""
+def train_projections_for(ctx: Any, methods: list[tuple[str, type, Any]]) -> dict[str, dict[str, Any]]:
+    """The pipeline's train stage: one projection per distinct (pair, k, j) among `methods`; returns,
+    per method, where its W is and how it fits the held-out pairs."""
+    fits: dict[str, dict[str, Any]] = {}
     done: dict[tuple, FitResult] = {}
     train_cfg = resolved_train_config(ctx.cfg)
     tracker = ctx.state.get("tracker")
@@ -364,3 +439,8 @@ def train_projections_for(ctx: Any, methods: list[tuple[str, type, Any]]) -> Non
         fit = result.meta.get("fit", {})
         log.info("train: %s uses %s (held-out R^2 %.4f, cosine %.4f)", name, result.directory / FINAL,
                  fit.get("r2", float("nan")), fit.get("cosine", float("nan")))
+        meta = result.meta
+        fits[name] = {"directory": str(result.directory / FINAL), "fit": fit, "loaded_final": result.loaded_final,
+                      **{k: meta.get(k) for k in ("sender", "receiver", "k", "j", "d_in", "d_out", "solver", "ridge",
+                                                  "corpus", "n_sentences", "epochs")}}
+    return fits

@@ -46,6 +46,8 @@ def test_list_index_and_method_overrides(tmp_path):
         ({"methods": {"baseline": {"max_new_tokens": -1}}}, [], "methods.baseline.max_new_tokens: must be >= 1"),
         ({"train": {"heldout_fraction": 1.5}}, [], r"train.heldout_fraction: must be in \(0, 1\)"),
         ({"logging": {"wandb": "yes"}}, [], "logging.wandb: expected true or false"),
+        ({"tasks": [{"name": "countries"}, {"name": "countries"}]}, [], "give a repeated task a distinct label"),
+        ({"tasks": [{"name": "countries", "label": "a/b"}]}, [], r"tasks.0.label: 'a/b' must be"),
     ],
 )
 def test_bad_input_names_the_key(tmp_path, data, overrides, match):

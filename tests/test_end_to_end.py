@@ -24,6 +24,9 @@ def test_tiny_config_runs_every_method_end_to_end(tmp_path):
     # The train stage fitted the 48 -> 64 projection that ac_48_to_64 then used (checkpoints under output_dir).
     (final,) = list((tmp_path / "checkpoints").glob("tiny-llama-48__tiny-llama-64__k2_j2__*/final"))
     assert json.loads((final / "projection.json").read_text())["d_in"] == 48
+    fits = json.loads((tmp_path / "tiny" / "projections.json").read_text())
+    assert fits["ac_48_to_64"]["directory"] == str(final) and fits["ac_48_to_64"]["solver"] == "lstsq"
+    assert fits["ac_48_to_64"]["fit"] == json.loads((final / "projection.json").read_text())["fit"]
     assert by[("countries", "ac_48_to_64")] == 48 * 4
     for name in ("results.json", "results.md", "results.csv", "accuracy.png", "accuracy_vs_bytes.png"):
         assert (tmp_path / "tiny" / name).stat().st_size > 0

@@ -182,3 +182,31 @@ def test_the_report_is_rebuilt_from_the_run_directory_alone(unsharded, tmp_path,
     assert "Paired differences against baseline" in (run / "results.md").read_text()
     assert report.main([str(tmp_path / "nowhere")]) == 2
     assert "has no config.yaml" in capsys.readouterr().err
+
+
+def test_one_task_twice_under_two_labels_gets_its_own_results_and_rows(tmp_path):
+    """Two entries of one task (here: the generator with two seeds) are told apart by their labels in
+    the result directories, the tables and results.json; an unlabelled entry keeps its name."""
+    cfg = {"name": "labels", "output_dir": str(tmp_path), "seed": 0, "stages": ["evaluate", "report"],
+           "models": {"sender": "tiny-llama-64", "receiver": "tiny-llama-64"},
+           "tasks": [{"name": "countries", "n_test": 3, "n_calib": 0, "max_new_tokens": 2, "label": "countries_s0"},
+                     {"name": "countries", "n_test": 3, "n_calib": 0, "max_new_tokens": 2, "seed": 5,
+                      "label": "countries_s5"},
+                     {"name": "tipsheets", "n_test": 2, "n_calib": 0, "max_new_tokens": 2}],
+           "methods": {"baseline": {}}}
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps(cfg))
+    proc = subprocess.run([sys.executable, "run_experiments.py", "--config", str(path)], cwd=ROOT, text=True,
+                          capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "labels"
+    assert sorted(p.name for p in (run / "results").iterdir()) == ["countries_s0", "countries_s5", "tipsheets"]
+    examples = _examples(run)
+    from cross_model.data import load_task_examples
+
+    for label, seed in (("countries_s0", 0), ("countries_s5", 5)):
+        expected = [e.example_id for e in load_task_examples("countries", 3, 0, seed)[0]]
+        assert sorted(r["example_id"] for r in examples[label]["baseline"]) == sorted(expected)
+    assert {r["example_id"] for r in examples["countries_s0"]["baseline"]} != \
+        {r["example_id"] for r in examples["countries_s5"]["baseline"]}
+    assert "| countries_s5 | baseline |" in (run / "results.md").read_text()

@@ -150,6 +150,35 @@ def test_ac_edits_the_receiver_vector_through_the_method(examples):
     torch.testing.assert_close(rec["after"][:, :16], rec["before"][:, :16])
 
 
+def test_ac_random_control_sends_a_vector_of_the_same_norm_fixed_per_example(examples):
+    """The control edits B with a random vector of A's norm, whatever the batch, and the same bytes."""
+    import cross_model.methods.ac as ac_mod
+
+    m = make("ac", "tiny-llama-48", "tiny-llama-64", k=3, j=1, mode="replace", control="random")
+    plain = make("ac", "tiny-llama-48", "tiny-llama-64", k=3, j=1, mode="replace")
+    a_vec = m.sender_vectors(examples[:3])
+    records, real = [], ac_mod.residual_edit
+
+    def spy(lm, j, edit):
+        return real(lm, j, lambda b: records.append(edit(b)) or records[-1])
+
+    ac_mod.residual_edit = spy
+    try:
+        preds = m.run_batch(examples[:3])
+        alone = m.run_batch(examples[1:2])
+    finally:
+        ac_mod.residual_edit = real
+    sent = records[0][:, 16:]
+    # Replace mode, 48 -> 64 wide: B's last 48 dims are the sent vector.
+    torch.testing.assert_close(sent.norm(dim=-1), a_vec.norm(dim=-1), rtol=1e-5, atol=0)
+    cos = torch.nn.functional.cosine_similarity(sent, a_vec, dim=-1)
+    assert cos.abs().max() < 0.9  # not A's direction
+    torch.testing.assert_close(records[1][:, 16:], sent[1:2])  # the same direction for the same example alone
+    assert [p.payload_bytes for p in preds] == [p.payload_bytes for p in plain.run_batch(examples[:3])]
+    with pytest.raises(ValueError, match="control: 'noise' is not one of"):
+        make("ac", control="noise")
+
+
 def embedded(lm, texts):
     """Left-padded prompts as input embeddings (what the public CIPHER feeds its model)."""
     batch = tokenize_prompts(lm, texts)

@@ -69,3 +69,16 @@ def test_wilson_interval():
     lo, hi = wilson_interval(0, 10)
     assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-3)
     assert wilson_interval(0, 0) == (0.0, 0.0)
+
+
+def test_edit_similarity_reads_the_first_code_line_as_repobench_does():
+    from cross_model.metrics import edit_similarity, first_code_line
+
+    completion = '\n# compute it\n"""\ndocstring\n"""\n```python\n    return helper(y)\nprint(1)'
+    assert first_code_line(completion) == "    return helper(y)"
+    assert first_code_line("# only\n# comments") == "# only"
+    assert edit_similarity(completion, ["    return helper(y)"]) == 1.0
+    # 2 x LCS / (len + len): "abcd" vs "abxd" share "abd" -> 6 / 8, rounded to whole percent.
+    assert edit_similarity("abcd", ["abxd"]) == 0.75
+    assert edit_similarity("kitten", ["sitting"]) == round(100 * 2 * 4 / 13) / 100
+    assert edit_similarity("", ["x"]) == 0.0

@@ -1,5 +1,7 @@
 """Task generators and loaders: determinism, disjoint splits, and parsing of the hubs' record formats."""
 
+import json
+
 import pytest
 
 from cross_model.data import available_tasks, load_task_examples
@@ -127,3 +129,97 @@ def test_corpus_offline_is_deterministic_and_c4_fails_clearly(tmp_path):
         ["One two three four.", "Five six seven eight.", "Nine ten eleven twelve."])
     with pytest.raises(FileNotFoundError, match="train.corpus"):
         load_corpus("c4", 10, 0)
+
+
+# --- the public KVComm code's data files (fixtures in its formats, written by us) ------------------
+
+PUBLIC = FIX / "public"
+
+
+def test_public_countries_file_is_read_as_the_public_loader_reads_it():
+    test, calib = load_task_examples("countries", 3, 2, path=str(PUBLIC / "countries.jsonl"))
+    lines = [json.loads(x) for x in (PUBLIC / "countries.jsonl").read_text().splitlines()]
+    assert [e.example_id for e in test] == [f"countries-{r['id']}" for r in lines[:3]]  # file order, no sampling
+    assert [e.example_id for e in calib] == [f"countries-{r['id']}" for r in lines[-2:]]
+    e, row = test[1], lines[1]
+    # The instruction is appended with no space, as the public loader does.
+    assert e.prompt_B == row["prompt_B"] + "You are required to extrapolate the country from the context."
+    assert e.prompt_A == row["prompt_A"] and e.answers == (row["country"],) and e.max_new_tokens == 5
+    assert set(e.meta["candidates"]) == {r["country"] for r in lines}
+    with pytest.raises(ValueError, match="exceeds the 6 records"):
+        load_task_examples("countries", 5, 2, path=str(PUBLIC / "countries.jsonl"))
+
+
+def test_public_tipsheets_file_gives_label_answers_and_option_candidates():
+    test, calib = load_task_examples("tipsheets", 3, 1, path=str(PUBLIC / "tipsheets.jsonl"))
+    lines = [json.loads(x) for x in (PUBLIC / "tipsheets.jsonl").read_text().splitlines()]
+    assert [e.answers for e in test + calib] == [(r["label"],) for r in lines]
+    assert [e.meta["candidates"] for e in test] == [r["options"] for r in lines[:3]]
+    assert test[0].prompt_B == lines[0]["prompt_B"] and test[0].max_new_tokens == 10
+
+
+def test_public_tmath_directory_is_sampled_as_shuffle_seed_42_select(tmp_path):
+    import numpy as np
+
+    test, calib = load_task_examples("tmath", 3, 1, path=str(PUBLIC / "TMATH"))
+    # The files in the public area order, then by number; datasets' shuffle(seed=42) is this permutation.
+    files = ["algebra-hint_1", "algebra-hint_2", "algebra-hint_10", "geometry-hint_3", "geometry-hint_7"]
+    order = [files[i] for i in np.random.default_rng(42).permutation(len(files))]
+    assert [e.example_id for e in test + calib] == [f"tmath-{f}" for f in order[:4]]
+    e = test[0]
+    area, n = order[0].split("-hint_")
+    assert e.prompt_B == f"{area} problem {n}" and e.answers == (f"The {area} answer {n}.",)
+    assert e.prompt_A == f"What is step one of {area} {n}?\nAnd then?" and e.metric == "rouge_l_recall"
+    with pytest.raises(ValueError, match="no hint_<area>"):
+        (tmp_path / "hint_algebra").mkdir()
+        load_task_examples("tmath", 1, 0, path=str(tmp_path))
+
+
+# --- the public code's other tasks and its mixed task ----------------------------------------------
+
+
+def test_repobench_splits_cross_file_and_in_file_code_and_filters_long_contexts():
+    import numpy as np
+
+    rows = [json.loads(x) for x in (FIX / "repobench.jsonl").read_text().splitlines()]
+    test, calib = load_task_examples("repobench", 3, 1, path=str(FIX / "repobench.jsonl"))
+    kept = [r for r in rows if r["repo_name"] != "org/huge"]  # its cross-file context is >= 5000 chars
+    order = [kept[i] for i in np.random.default_rng(42).permutation(len(kept))]  # filter, then shuffle(seed=42)
+    assert [e.answers for e in test + calib] == [(r["next_line"],) for r in order[:4]]
+    e, r = test[0], order[0]
+    assert e.prompt_A.startswith(f"# Repo Name: {r['repo_name']}\n# Path: {r['context'][0]['path']}\n")
+    assert "\n\n\n\n" not in e.prompt_A and "CONST_" in e.prompt_A
+    assert e.prompt_B == (f"# Path: {r['file_path']}\n{r['import_statement']}\n{r['cropped_code']}\n"
+                          "\nHere's the next line of code based on the context:")
+    assert e.metric == "edit_similarity" and e.kind == "code" and e.max_new_tokens == 100
+    full, _ = load_task_examples("repobench_full", None, 0, path=str(FIX / "repobench.jsonl"))
+    assert [x.answers for x in full] == [(r["next_line"],) for r in kept]  # every kept row, in order
+
+
+def test_samsum_splits_the_dialogue_in_halves():
+    test, _ = load_task_examples("samsum_full", None, 0, path=str(FIX / "samsum.jsonl"))
+    assert len(test) == 4 and [e.example_id for e in test] == ["samsum_full-13818513", "samsum_full-13728867",
+                                                               "samsum_full-13681000", "samsum_full-13730747"]
+    e = test[2]  # six lines: three to each agent
+    assert e.prompt_A == "Tim: Hi, what's up?\nKim: Bad mood tbh, I was going to do lots of stuff but ended up procrastinating\nTim: What did you plan on doing?"
+    assert e.prompt_B.startswith("Kim: Oh you know") and e.prompt_B.endswith("Tim: Good luck")
+    assert e.answers == ("Kim may try to do her chores tomorrow.",) and e.metric == "rouge_l_recall"
+    assert e.max_new_tokens == 300 and e.kind == "summary"
+    assert test[0].prompt_A == "Amanda: I baked cookies. Do you want some?"  # three lines: one to A, two to B
+    sampled, calib = load_task_examples("samsum", 2, 1, path=str(FIX / "samsum.jsonl"))
+    assert {x.answers for x in sampled + calib} <= {x.answers for x in test}
+
+
+def test_mixed_countries_tipsheets_concatenated_and_shuffled():
+    import numpy as np
+
+    cat, cat_calib = load_task_examples("countries_tipsheets", 3, 2, seed=4)
+    c, c_calib = load_task_examples("countries", 3, 2, seed=4)
+    t, t_calib = load_task_examples("tipsheets", 3, 2, seed=4)
+    assert cat == c + t and cat_calib == c_calib + t_calib
+    shuffled, _ = load_task_examples("countries_tipsheets_shuffled", 3, 2, seed=4)
+    assert shuffled == [cat[i] for i in np.random.default_rng(42).permutation(6)]
+    assert {e.task for e in shuffled} == {"countries", "tipsheets"}
+    public, _ = load_task_examples("countries_tipsheets", 2, 1, path=str(PUBLIC))
+    assert [e.example_id for e in public[:2]] == ["countries-p1", "countries-p2"]
+    assert public[2].example_id.startswith("tipsheets-line")

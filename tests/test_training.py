@@ -76,7 +76,7 @@ def test_checkpoints_are_atomic_pruned_and_damaged_ones_skipped(tmp_path, caplog
 
 def test_linear_map_is_recovered(tmp_path):
     a, b, m = synthetic_pairs(640)
-    cfg = TrainConfig(epochs=30, batch_size=32, lr=1e-2, checkpoint_dir=str(tmp_path), checkpoint_every=1000)
+    cfg = TrainConfig(solver="adam", epochs=30, batch_size=32, lr=1e-2, checkpoint_dir=str(tmp_path), checkpoint_every=1000)
     held = (a[576:], b[576:])
     result = fit_projection(lambda idx: (a[idx], b[idx]), 576, held, IDENTITY, recipe(cfg), tmp_path / "p", cfg)
     fit = result.meta["fit"]
@@ -87,15 +87,53 @@ def test_linear_map_is_recovered(tmp_path):
     assert final_meta["fit"]["r2"] == fit["r2"] and final_meta["d_in"] == 24 and final_meta["lr"] == 1e-2
 
 
+def test_least_squares_is_the_exact_minimiser_with_and_without_ridge(tmp_path, caplog):
+    import numpy as np
+
+    from cross_model.training import least_squares
+
+    a, b, m = synthetic_pairs(300, noise=0.3)
+    pairs = lambda idx: (a[idx], b[idx])  # noqa: E731
+    # Plain least squares over the first 270 pairs (read in chunks of 7), against numpy in float64.
+    x, y = a[:270].double().numpy(), b[:270].double().numpy()
+    plain = np.linalg.lstsq(x, y, rcond=None)[0].T
+    torch.testing.assert_close(least_squares(pairs, 270, 24, 16, 0.0, chunk=7).double(), torch.from_numpy(plain),
+                               rtol=1e-5, atol=1e-6)
+    # Ridge: (A^T A + lam I)^-1 A^T B with lam relative to the mean diagonal of A^T A.
+    gram = x.T @ x
+    lam = 0.1 * np.trace(gram) / 24
+    ridge_ref = np.linalg.solve(gram + lam * np.eye(24), x.T @ y).T
+    torch.testing.assert_close(least_squares(pairs, 270, 24, 16, 0.1).double(), torch.from_numpy(ridge_ref),
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(ridge_ref, plain, atol=1e-3)  # the ridge changed W
+
+    cfg = TrainConfig(ridge=0.0)
+    result = fit_projection(pairs, 270, (a[270:], b[270:]), IDENTITY, recipe(cfg), tmp_path / "p", cfg)
+    assert result.meta["solver"] == "lstsq" and result.meta["fit"]["r2"] > 0.9 and len(result.meta["history"]) == 1
+    assert (tmp_path / "p" / "final" / "projection.safetensors").exists()
+    # A held-out set the map does not describe: the fit is worse than the mean, and the log says so.
+    with caplog.at_level(logging.WARNING):
+        fit_projection(pairs, 270, (a[270:], -b[270:]), IDENTITY, recipe(cfg), tmp_path / "q", cfg)
+    assert "held-out R^2" in caplog.text and "< 0" in caplog.text
+
+
 # --- two ranks -------------------------------------------------------------------------------
 
 
-def _fit_worker(rank, world, port, directory, out, delay):
+def test_least_squares_over_two_ranks_equals_one_process(tmp_path):
+    (_, s0, _, w0), (_, s1, _, w1) = _run_ranks(tmp_path / "two", solver="lstsq")
+    (_, s, _, w) = _run_ranks(tmp_path / "one", world=1, solver="lstsq")[0]
+    assert s0 == s1 == s == "done" and torch.equal(w0, w1)
+    torch.testing.assert_close(w0, w, rtol=1e-6, atol=1e-7)
+
+
+
+def _fit_worker(rank, world, port, directory, out, delay, solver="adam"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), CROSS_MODEL_TEST_STEP_DELAY=str(delay))
     torch.set_num_threads(1)
     a, b, _ = synthetic_pairs(200, noise=0.1)
-    cfg = TrainConfig(epochs=4, batch_size=30, lr=1e-2, checkpoint_every=2, keep_last=10)
+    cfg = TrainConfig(solver=solver, epochs=4, batch_size=30, lr=1e-2, checkpoint_every=2, keep_last=10)
     record = []
 
     def on_step(step, proj):
@@ -112,11 +150,11 @@ def _fit_worker(rank, world, port, directory, out, delay):
             out.put((rank, "preempted", record, None))
 
 
-def _run_ranks(directory, delay=0.0, sigterm_rank=None, world=2):
+def _run_ranks(directory, delay=0.0, sigterm_rank=None, world=2, solver="adam"):
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_fit_worker, args=(r, world, port, str(directory), out, delay)) for r in range(world)]
+    procs = [ctx.Process(target=_fit_worker, args=(r, world, port, str(directory), out, delay, solver)) for r in range(world)]
     for p in procs:
         p.start()
     if sigterm_rank is not None:
@@ -173,7 +211,7 @@ def _train_config(tmp_path: Path, name: str, cache: bool) -> Path:
         "models": {"sender": "tiny-llama-48", "receiver": "tiny-llama-64"},
         "tasks": [{"name": "countries", "n_test": 2}],
         "methods": {"ac_w": {"method": "ac", "k": 2, "j": 2, "projection": "train"}},
-        "train": {"corpus": "offline", "n_sentences": 72, "epochs": 3, "batch_size": 8, "checkpoint_every": 3,
+        "train": {"solver": "adam", "corpus": "offline", "n_sentences": 72, "epochs": 3, "batch_size": 8, "checkpoint_every": 3,
                   "cache_activations": cache, "checkpoint_dir": str(tmp_path / name / "ckpt")},
     }
     path = tmp_path / f"{name}.json"
@@ -224,7 +262,7 @@ def test_sigterm_on_the_entry_point_leaves_a_checkpoint_and_exits_zero(tmp_path)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "preempted" in out
-    (pair_dir,) = list((tmp_path / "term" / "ckpt").glob("*"))
+    (pair_dir,) = [p for p in (tmp_path / "term" / "ckpt").glob("*") if p.name != "activations"]
     assert CheckpointManager(pair_dir).latest_step() is not None and not (pair_dir / "final").exists()
 
 
@@ -235,7 +273,7 @@ def test_checkpoints_and_projections_of_another_pair_are_refused(tmp_path, tiny_
     from cross_model.projection import load_projection
     from cross_model.training import projection_identity
 
-    cfg = TrainConfig(corpus="offline", n_sentences=24, epochs=1, batch_size=8, checkpoint_dir=str(tmp_path))
+    cfg = TrainConfig(solver="adam", corpus="offline", n_sentences=24, epochs=1, batch_size=8, checkpoint_dir=str(tmp_path))
     first = train_projection(tiny_llama_48, tiny_llama, 2, 2, cfg, seed=0)
     assert not first.loaded_final and first.meta["d_in"] == 48 and first.meta["d_out"] == 64
     assert train_projection(tiny_llama_48, tiny_llama, 2, 2, cfg, seed=0).loaded_final
@@ -256,3 +294,24 @@ def test_checkpoints_and_projections_of_another_pair_are_refused(tmp_path, tiny_
     w.write_bytes(w.read_bytes()[:-3])
     with pytest.raises(ValueError, match="damaged"):
         load_projection(first.directory / "final", projection_identity(tiny_llama_48, tiny_llama, 2, 2))
+
+
+def test_a_refit_with_another_solver_reads_the_cached_activations(tmp_path, tiny_llama, tiny_llama_48, caplog):
+    from dataclasses import replace
+
+    cfg = TrainConfig(corpus="offline", n_sentences=40, checkpoint_dir=str(tmp_path))
+    calls = []
+    hooks = [lm.model.get_input_embeddings().register_forward_hook(lambda *_: calls.append(1))
+             for lm in (tiny_llama_48, tiny_llama)]
+    try:
+        first = train_projection(tiny_llama_48, tiny_llama, 2, 2, cfg, seed=0)
+        assert calls  # the models ran for the first fit
+        calls.clear()
+        with caplog.at_level(logging.INFO):
+            second = train_projection(tiny_llama_48, tiny_llama, 2, 2, replace(cfg, ridge=0.5), seed=0)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not second.loaded_final and second.directory != first.directory  # another W, fitted anew
+    assert calls == [] and caplog.text.count("read from the cache") == 2  # held-out and training pairs
+    assert second.meta["fit"]["r2"] != first.meta["fit"]["r2"]

@@ -8,6 +8,8 @@ from typing import Any, Callable
 
 QA = "qa"
 MATH = "math"
+CODE = "code"
+SUMMARY = "summary"
 
 
 @dataclass(frozen=True)
@@ -18,8 +20,8 @@ class Example:
     answers: tuple[str, ...]
     task: str
     max_new_tokens: int
-    metric: str  # f1_match, exact_match, numeric_match, rouge_l_recall
-    kind: str = QA  # selects the instruction (QA or math)
+    metric: str  # f1_match, exact_match, numeric_match, rouge_l_recall, edit_similarity
+    kind: str = QA  # selects the instruction (QA, math, code or summary)
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
@@ -38,7 +40,7 @@ class Task:
 
 
 _TASKS: dict[str, Task] = {}
-_MODULES = ("synthetic", "ladder", "hub", "local")
+_MODULES = ("synthetic", "ladder", "hub", "local", "mixed")
 
 
 def register_task(task: Task) -> Task:

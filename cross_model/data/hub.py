@@ -1,18 +1,20 @@
 """Hugging Face tasks through their real loaders (`datasets.load_dataset`), as the papers use them.
 
 Each split is shuffled with seed 42; the first `n_test` rows are the test items (the papers take 500)
-and the next `n_calib` rows the calibration items, so the two never overlap. `tasks.N.path` points
+and the next `n_calib` rows the calibration items, so the two never overlap. The `_full` tasks keep
+the split's order and take every row (calibration rows come after the test rows there too). `tasks.N.path` points
 at a local copy (a JSON/JSONL file or a directory of them, in the hub's record format) for machines
 without the hub.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from cross_model.data.base import MATH, QA, Example, Task, register_task
+from cross_model.data.base import CODE, MATH, QA, SUMMARY, Example, Task, register_task
 
 SHUFFLE_SEED = 42
 
@@ -44,9 +46,18 @@ def load_rows(source: HubSource, local_path: str | None) -> Any:
         ) from err
 
 
-def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tuple[str, str, str, list[str]]]):
+def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tuple[str, str, str, list[str]]],
+                keep: Callable[[dict], bool] | None = None, sample: bool = True):
+    """`keep` filters rows before the shuffle (as the public code filters before it samples); without
+    `sample` the rows stay in the split's order and n_test defaults to all of them (the `_full` tasks)."""
     def build(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
-        rows = load_rows(source, path).shuffle(seed=SHUFFLE_SEED)
+        rows = load_rows(source, path)
+        if keep is not None:
+            rows = rows.filter(keep)
+        if sample:
+            rows = rows.shuffle(seed=SHUFFLE_SEED)
+        else:
+            n_test = min(n_test, len(rows) - n_calib)
         if n_test + n_calib > len(rows):
             raise ValueError(
                 f"tasks.{task_name}: n_test ({n_test}) + n_calib ({n_calib}) exceeds the {len(rows)} rows available"
@@ -114,13 +125,45 @@ def parse_gsm8k(row: dict) -> tuple[str, str, str, list[str]]:
     return rid, row["question"], row["question"], [row["answer"].split("####")[-1].strip()]
 
 
+def repobench_prompts(row: dict) -> tuple[str, str]:
+    """RepoBench's split of one completion problem: the cross-file snippets for A, the in-file code
+    for B (runs of 4+ newlines squeezed to 2, as the public code does)."""
+    cross = f"# Repo Name: {row['repo_name']}\n" + "".join(
+        f"# Path: {c['path']}\n{c['snippet']}\n\n" for c in row["context"])
+    in_file = f"# Path: {row['file_path']}\n{row['import_statement']}\n{row['cropped_code']}\n"
+    squeeze = lambda t: re.sub(r"\n{4,}", "\n\n", t)  # noqa: E731
+    return squeeze(cross), squeeze(in_file)
+
+
+def parse_repobench(row: dict) -> tuple[str, str, str, list[str]]:
+    """A: cross-file context; B: the in-file code and the public code's cue; gold: the next line."""
+    import hashlib
+
+    a, b = repobench_prompts(row)
+    rid = hashlib.sha1(f"{row['repo_name']}\x00{row['file_path']}\x00{b}".encode()).hexdigest()[:12]
+    return rid, a, b + "\nHere's the next line of code based on the context:", [row["next_line"]]
+
+
+def repobench_fits(row: dict) -> bool:
+    return len(repobench_prompts(row)[0]) < 5000  # the public code keeps cross-file contexts under 5000 chars
+
+
+def parse_samsum(row: dict) -> tuple[str, str, str, list[str]]:
+    """The dialogue split in halves by lines: A reads the first, B the second; gold: the summary."""
+    lines = row["dialogue"].strip().split("\n")
+    mid = len(lines) // 2
+    return str(row["id"]), "\n".join(lines[:mid]).strip(), "\n".join(lines[mid:]).strip(), [row["summary"]]
+
+
 TASKS: dict[str, Task] = {}
 
 
-def _register(name: str, source: HubSource, parse: Callable, metric: str, max_new_tokens: int, kind: str = QA) -> None:
+def _register(name: str, source: HubSource, parse: Callable, metric: str, max_new_tokens: int, kind: str = QA,
+              n_test: int = 500, keep: Callable[[dict], bool] | None = None, sample: bool = True) -> None:
     TASKS[name] = register_task(
-        Task(name, metric, max_new_tokens, 500, _hub_builder(name, source, parse), kind=kind,
-             description=f"{source.path} {source.name or ''} {source.split}".strip())
+        Task(name, metric, max_new_tokens, n_test if sample else 10**9,
+             _hub_builder(name, source, parse, keep, sample), kind=kind,
+             description=f"{source.path} {source.name or ''} {source.split}".strip() + ("" if sample else ", every row"))
     )
 
 
@@ -131,3 +174,10 @@ _register("multifieldqa_en", HubSource("THUDM/LongBench", "multifieldqa_en", "te
 _register("twowikimqa", HubSource("THUDM/LongBench", "2wikimqa", "test"), parse_longbench, "f1_match", 32)
 _register("squad", HubSource("rajpurkar/squad", None, "validation"), parse_squad, "exact_match", 32)
 _register("gsm8k", HubSource("openai/gsm8k", "main", "test"), parse_gsm8k, "numeric_match", 256, kind=MATH)
+_REPOBENCH = HubSource("tianyang/repobench_python_v1.1", None, "cross_file_first")
+_SAMSUM = HubSource("knkarthick/samsum", None, "test")
+_register("repobench", _REPOBENCH, parse_repobench, "edit_similarity", 100, kind=CODE, n_test=1000, keep=repobench_fits)
+_register("repobench_full", _REPOBENCH, parse_repobench, "edit_similarity", 100, kind=CODE, keep=repobench_fits,
+          sample=False)
+_register("samsum", _SAMSUM, parse_samsum, "rouge_l_recall", 300, kind=SUMMARY)
+_register("samsum_full", _SAMSUM, parse_samsum, "rouge_l_recall", 300, kind=SUMMARY, sample=False)

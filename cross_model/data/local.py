@@ -1,10 +1,12 @@
-"""Tasks read from local files: `jsonl` (bring your own data) and `tmath` (a local copy of TMATH)."""
+"""Tasks read from local files: `jsonl` (bring your own data) and `tmath` (a local copy of TMATH: the
+public KVComm directory or our JSONL)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from cross_model.data import public_files
 from cross_model.data.base import MATH, Example, Task, register_task
 from cross_model.metrics import METRICS
 
@@ -67,7 +69,11 @@ def build_jsonl(n_test: int, n_calib: int, seed: int, path: str | None = None) -
 
 
 def build_tmath(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
-    """TMATH records: `problem` (B), `hints` (A: Socratic questions, a list or a string), `answer` or `solution`."""
+    """TMATH as the public KVComm code ships it (a directory of hint_<area>/hint_<n>.json, sampled as it
+    samples), or our JSONL: `problem` (B), `hints` (A: Socratic questions, a list or a string), `answer`
+    or `solution`."""
+    if public_files.is_tmath_directory(path):
+        return public_files.read_tmath(path, n_test, n_calib, 256)
     rows = _read_jsonl(path, "tmath")
 
     def make(lineno: int, row: dict, split: str) -> Example:
@@ -88,4 +94,5 @@ def build_tmath(n_test: int, n_calib: int, seed: int, path: str | None = None) -
 
 
 register_task(Task("jsonl", "f1_match", 32, 10**9, build_jsonl, description="local JSONL: prompt_A, prompt_B, answers"))
-register_task(Task("tmath", "rouge_l_recall", 256, 500, build_tmath, kind=MATH, description="local TMATH copy"))
+register_task(Task("tmath", "rouge_l_recall", 256, 300, build_tmath, kind=MATH,
+                   description="local TMATH: the public hint_<area>/ directory (300 sampled) or JSONL"))

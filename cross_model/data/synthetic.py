@@ -3,13 +3,15 @@
 Countries: A reads "{person} is at the {landmark}.", B is asked which country the person is in.
 Tip sheets: A reads tip sheets on three companies (exactly one is a good investment), B must name it.
 Test items come from the front of a seeded permutation and calibration items from its back, so the
-two splits never overlap for any sizes that fit.
+two splits never overlap for any sizes that fit. With a task `path`, the public KVComm code's files
+are read instead (`public_files`).
 """
 
 from __future__ import annotations
 
 import random
 
+from cross_model.data import public_files
 from cross_model.data.base import Example, Task, register_task
 
 # Well-known landmarks, so that a small model can tell the country once it knows the landmark.
@@ -52,6 +54,9 @@ def _split(items: list, n_test: int, n_calib: int, task: str) -> tuple[list, lis
 
 
 def build_countries(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
+    """Our generator; with `path`, the public KVComm code's countries.jsonl instead."""
+    if path:
+        return public_files.read_countries(path, n_test, n_calib, COUNTRIES.max_new_tokens)
     rng = random.Random(f"countries-{seed}")
     pairs = [(p, lm) for p in PEOPLE for lm in sorted(LANDMARKS)]
     rng.shuffle(pairs)
@@ -104,6 +109,9 @@ def company_names() -> list[str]:
 
 
 def build_tipsheets(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
+    """Our generator; with `path`, the public KVComm code's tipsheets.jsonl instead."""
+    if path:
+        return public_files.read_tipsheets(path, n_test, n_calib, TIPSHEETS.max_new_tokens)
     rng = random.Random(f"tipsheets-{seed}")
     names = company_names()
     total = n_test + n_calib

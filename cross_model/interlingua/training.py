@@ -67,8 +67,8 @@ def training_data(cfg: Any) -> tuple[list[Example], list[Example]]:
     """(training rows, held-out rows) over `interlingua.train_tasks`, disjoint from every test and
     calibration item of the run (checked, not assumed)."""
     ic = cfg.interlingua
-    names = ic.train_tasks or [t.name for t in cfg.tasks]
-    by_name = {t.name: t for t in cfg.tasks}
+    names = ic.train_tasks or [t.key for t in cfg.tasks]
+    by_name = {t.key: t for t in cfg.tasks}
     train, held, taken = [], [], set()
     for name in names:
         if name not in by_name:
@@ -76,9 +76,9 @@ def training_data(cfg: Any) -> tuple[list[Example], list[Example]]:
                              f"({', '.join(by_name)}); add it under tasks:")
         t = by_name[name]
         seed = t.seed if t.seed is not None else cfg.seed
-        test, calib = load_task_examples(name, t.n_test, t.n_calib, seed, t.path)
+        test, calib = load_task_examples(t.name, t.n_test, t.n_calib, seed, t.path)
         taken |= {e.example_id for e in test + calib}
-        rows = task_rows(name, len(test), len(calib), ic.n_train + ic.n_heldout, seed, t.path)
+        rows = task_rows(t.name, len(test), len(calib), ic.n_train + ic.n_heldout, seed, t.path)
         train += rows[: ic.n_train]
         held += rows[ic.n_train :]
     clash = taken & {e.example_id for e in train + held}
@@ -106,7 +106,7 @@ def identity_of(cfg: Any) -> dict[str, Any]:
     """What a checkpoint must match to be resumed or used: receivers, shape, recipe and data."""
     ic = cfg.interlingua
     recipe = {k: getattr(ic, k) for k in RECIPE_KEYS if k != "seed"}
-    data = [(t.name, t.n_test, t.n_calib, t.seed, t.path) for t in cfg.tasks if t.name in (ic.train_tasks or [x.name for x in cfg.tasks])]
+    data = [(t.name, t.n_test, t.n_calib, t.seed, t.path) for t in cfg.tasks if t.key in (ic.train_tasks or [x.key for x in cfg.tasks])]
     return {"receivers": receiver_names(cfg), "shape": shape_of(ic).to_dict(), **recipe,
             "seed": interlingua_seed(cfg), "data": json.loads(json.dumps(data))}
 

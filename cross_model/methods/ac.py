@@ -5,10 +5,15 @@ While B prefills, the residual entering block j at B's last prompt token becomes
 replace, sum or mean. Widths differ and no projection: B keeps its first d_B - d dims and the rest
 combine with A's last d dims (d = min(d_A, d_B), the paper's footnote 1). With a learned projection
 W (d_B x d_A): f(W a, b). Payload: d_A x bytes per element, sent before projection.
+
+`control: random` is the destructive control: the same bytes, A's vector replaced by a random one of
+the same norm (a fixed direction per example id, so shards and batches agree). Where AC beats it on
+the same items, the vector carried something; where it does not, any change was the edit itself.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +27,7 @@ from cross_model.prompting import receiver_text, sender_text
 from cross_model.surgery import check_layer, residual_edit
 
 MODES = ("replace", "sum", "mean")
+CONTROLS = (None, "random")
 
 
 @dataclass
@@ -32,6 +38,9 @@ class ACParams(MethodParams):
     projection: str | None = field(
         default=None, metadata={"help": "null (slicing rule), 'train' (fitted by the train stage) or a checkpoint dir"}
     )
+    control: str | None = field(
+        default=None, metadata={"help": "null, or 'random': A's vector replaced by a random one of the same norm"}
+    )
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
@@ -39,6 +48,18 @@ class ACParams(MethodParams):
             raise ValueError(f"{prefix}.mode: {self.mode!r} is not one of {', '.join(MODES)}")
         if self.k < 0 or self.j < 0:
             raise ValueError(f"{prefix}.k/j: layers are >= 0, got k={self.k}, j={self.j}")
+        if self.control not in CONTROLS:
+            raise ValueError(f"{prefix}.control: {self.control!r} is not one of null, random")
+
+
+def random_like(a_BD: torch.Tensor, example_ids: list[str]) -> torch.Tensor:
+    """Per row, a Gaussian direction seeded by the example id, scaled to the row's norm."""
+    rows = []
+    for a_D, key in zip(a_BD.float(), example_ids):
+        seed = int.from_bytes(hashlib.sha256(f"ac-control:{key}".encode()).digest()[:8], "little")
+        r = torch.randn(a_D.shape[-1], generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        rows.append(r * (a_D.cpu().norm() / r.norm()))
+    return torch.stack(rows).to(a_BD.device, a_BD.dtype)
 
 
 def combine(mode: str, a_BD: torch.Tensor, b_BD: torch.Tensor) -> torch.Tensor:
@@ -90,6 +111,8 @@ class ActivationCommunication(Method):
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         pre = self.sender_prefill(examples)
         a_BD = pre.hidden_last[self.params.k]
+        if self.params.control == "random":
+            a_BD = random_like(a_BD, [e.example_id for e in examples])
         sent_bytes = a_BD.shape[-1] * a_BD.element_size()
         message = self.projection(a_BD).to(self.pair.receiver.dtype) if self.projection is not None else a_BD
         message = message.to(self.pair.receiver.device)
