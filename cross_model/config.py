@@ -8,6 +8,7 @@ Each field documents itself through `metadata["help"]`; `describe()` prints them
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import types
 import typing
@@ -404,6 +405,50 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+# --- sweeps: one method entry standing for many instances (cross_model.sweeps reads them back) ------
+
+_RANGE = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*(?:\.\.\s*(\d+)\s*)?$")
+
+
+def _values(entry: str, key: str, spec: Any) -> list[int]:
+    if isinstance(spec, list) and spec and all(isinstance(v, int) and not isinstance(v, bool) for v in spec):
+        return list(spec)
+    m = _RANGE.match(spec) if isinstance(spec, str) else None
+    if m:
+        lo, hi, step = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
+        if step >= 1 and lo <= hi:
+            return list(range(lo, hi + 1, step))
+    raise ValueError(f"methods.{entry}.sweep.{key}: {spec!r} is not a list of integers, 'a..b' or 'a..b..step' "
+                     f"(a <= b, step >= 1), nor the name of another swept key")
+
+
+def expand_sweeps(methods: dict[str, Any]) -> dict[str, Any]:
+    """Methods with every `sweep:` entry replaced by its instances, in place of the entry and in order."""
+    out: dict[str, Any] = {}
+    for name, params in methods.items():
+        if not isinstance(params, dict) or "sweep" not in params:
+            out[name] = params
+            continue
+        sweep = params["sweep"]
+        if not isinstance(sweep, dict) or not sweep:
+            raise ValueError(f"methods.{name}.sweep: a mapping of parameter -> values, e.g. {{k: '1..29', j: k}}")
+        free = {k: _values(name, k, v) for k, v in sweep.items() if not (isinstance(v, str) and v in sweep)}
+        tied = {k: v for k, v in sweep.items() if k not in free}
+        for key, target in tied.items():
+            if target not in free:
+                raise ValueError(f"methods.{name}.sweep.{key}: tied to {target!r}, which is not itself swept over values")
+        base = {k: v for k, v in params.items() if k != "sweep"}
+        base.setdefault("method", name)
+        for combo in itertools.product(*free.values()):
+            values = dict(zip(free, combo))
+            values.update({key: values[target] for key, target in tied.items()})
+            instance = name + "".join(f"_{k}{values[k]}" for k in sweep)
+            if instance in methods or instance in out:
+                raise ValueError(f"methods.{name}: its instance {instance!r} clashes with another method's name")
+            out[instance] = {**base, **values, "group": name}
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Defaults, then the YAML file, then CLI overrides; validated."""
     data = to_dict(ExperimentConfig())
@@ -418,6 +463,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _merge(data, loaded, "")
     for key, value in parse_overrides(overrides or []):
         apply_override(data, key, value)
+    if isinstance(data.get("methods"), dict):
+        data["methods"] = expand_sweeps(data["methods"])
     cfg = from_dict(ExperimentConfig, data)
     cfg.validate()
     return cfg

@@ -235,7 +235,7 @@ def publish(run_dir: Path, target: Path, reference: str | None = None) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     out = target / "results.json"
     out.write_text(json.dumps(data, indent=2) + "\n")
-    for name in ("results.md", "results.csv", "accuracy.png", "accuracy_vs_bytes.png"):
+    for name in ("results.md", "results.csv", "accuracy.png", "accuracy_vs_bytes.png", "layer_sweep.png"):
         if (run_dir / name).exists():
             shutil.copy(run_dir / name, target / name)
     return out

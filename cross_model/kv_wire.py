@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 MAGIC = b"CMKV"
-VERSION = 2
-QUANT_BITS = (2, 3, 4, 8)
+VERSION = 3  # 3: keys and values carry their own widths (`value_bits`)
+QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
 SCALE_BYTES = 2  # float16 scales and zero points
 _PREAMBLE = struct.Struct("<4sHI")  # magic, version, header length
 _CRC = struct.Struct("<I")
@@ -93,7 +93,7 @@ class KVPayload:
     sink_layers: list[int]  # receiver layers that get only the sink
     sink_sender_layers: list[int]
     dtype: str
-    bits: list[int]  # per sent layer; the dtype's width means raw
+    bits: list[int]  # per sent layer, the keys' width (and the values' without value_bits); the dtype's width means raw
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     sink_keys: list[torch.Tensor] = field(default_factory=list)
@@ -103,12 +103,14 @@ class KVPayload:
     tokens: int = 0
     sink_dtype: str | None = None  # how the sinks travel (None: `dtype`); B gets them back in `dtype`
     scheme: QuantScheme = field(default_factory=QuantScheme)
+    value_bits: list[int] | None = None  # per sent layer, the values' width (None: `bits`)
 
     def header(self) -> dict:
         return {
             "sender": self.sender, "receiver": self.receiver, "layers": self.layers,
             "sender_layers": self.sender_layers, "sink_layers": self.sink_layers,
             "sink_sender_layers": self.sink_sender_layers, "dtype": self.dtype, "bits": self.bits,
+            "value_bits": self.value_bits if self.value_bits is not None else self.bits,
             "kv_heads": self.kv_heads, "head_dim": self.head_dim, "tokens": self.tokens,
             "sink_dtype": self.sink_dtype or self.dtype, "scale_dtype": "float16",
             "scheme": {"key_group": self.scheme.key_group, "value_group": self.scheme.value_group,
@@ -195,6 +197,11 @@ def _scheme(h: dict) -> QuantScheme:
     return QuantScheme(**h["scheme"])
 
 
+def kv_bits(h: dict) -> list[tuple[int, int]]:
+    """Per sent layer, (the keys' width, the values' width)."""
+    return list(zip(h["bits"], h.get("value_bits") or h["bits"]))
+
+
 def _layer_sizes(h: dict, bits: int) -> tuple[int, int]:
     """Bytes of one sent layer's keys and values in the body."""
     H, n, D = h["kv_heads"], h["tokens"], h["head_dim"]
@@ -216,7 +223,7 @@ def _header_bytes(h: dict) -> bytes:
 
 def payload_size(header: dict) -> int:
     """len(encode(payload)) for a payload with this header."""
-    body = sum(sum(_layer_sizes(header, b)) for b in header["bits"])
+    body = sum(_layer_sizes(header, kb)[0] + _layer_sizes(header, vb)[1] for kb, vb in kv_bits(header))
     H, D = header["kv_heads"], header["head_dim"]
     per_sink = H * D + 2 * SCALE_BYTES * H if _scheme(header).sink_bits == 8 else H * D * dtype_bits(header["sink_dtype"]) // 8
     sink = 2 * len(header["sink_layers"]) * per_sink
@@ -292,22 +299,32 @@ def _dequantized_layer(take, h: dict, bits: int, is_key: bool) -> torch.Tensor:
     return torch.cat([first, rest.to(dtype)], 1)
 
 
+def check_widths(p: KVPayload) -> None:
+    """One key width and one value width per sent layer, each the dtype's (raw) or a quantized one."""
+    values = p.value_bits if p.value_bits is not None else p.bits
+    if len(p.bits) != len(p.layers) or len(values) != len(p.layers):
+        raise ValueError("KV payload: one bit width and one key/value pair per sent layer, one sink per sink layer")
+    raw = dtype_bits(p.dtype)
+    bad = [b for b in [*p.bits, *values] if b != raw and b not in QUANT_BITS]
+    if bad:
+        raise ValueError(f"KV payload: widths are {raw} ({p.dtype}, raw) or one of {QUANT_BITS}, got {bad[0]}")
+    if any(b != raw for b in [*p.bits, *values]):
+        p.scheme.check(p.head_dim)
+
+
 def encode(p: KVPayload) -> bytes:
     h = p.header()
     dtype = DTYPES[p.dtype]
-    if len(p.bits) != len(p.layers) or len(p.keys) != len(p.layers) or len(p.sink_keys) != len(p.sink_layers):
+    check_widths(p)
+    if len(p.keys) != len(p.layers) or len(p.sink_keys) != len(p.sink_layers):
         raise ValueError("KV payload: one bit width and one key/value pair per sent layer, one sink per sink layer")
     sink_dtype = DTYPES[h["sink_dtype"]]
-    if any(b != dtype_bits(p.dtype) for b in p.bits):
-        p.scheme.check(p.head_dim)
     body = []
-    for bits, k, v in zip(p.bits, p.keys, p.values):
+    for (kb, vb), k, v in zip(kv_bits(h), p.keys, p.values):
         if tuple(k.shape) != (p.kv_heads, p.tokens, p.head_dim) or k.shape != v.shape:
             raise ValueError(f"KV payload: layer tensors must be {p.kv_heads} x {p.tokens} x {p.head_dim}, got {tuple(k.shape)}")
-        if bits == dtype_bits(p.dtype):
-            body += [_raw(k, dtype), _raw(v, dtype)]
-        else:
-            body += _quantized_layer(k, bits, p.scheme, True, sink_dtype) + _quantized_layer(v, bits, p.scheme, False, sink_dtype)
+        for x, bits, is_key in ((k, kb, True), (v, vb, False)):
+            body += [_raw(x, dtype)] if bits == dtype_bits(p.dtype) else _quantized_layer(x, bits, p.scheme, is_key, sink_dtype)
     for k, v in zip(p.sink_keys, p.sink_values):
         for x in (k, v):
             if p.scheme.sink_bits == 8:  # one (scale, zero) per head
@@ -368,12 +385,10 @@ def decode(blob: bytes, receiver: str, kv_heads: int, head_dim: int, device: tor
                   sink_dtype=h["sink_dtype"], scheme=_scheme(h))
     sink_dtype, sink_elem = DTYPES[h["sink_dtype"]], dtype_bits(h["sink_dtype"]) // 8
     elem = torch.finfo(dtype).bits // 8
-    for bits in h["bits"]:
-        if bits == dtype_bits(h["dtype"]):
-            k = _from_raw(take(H * n * D * elem), dtype, (H, n, D))
-            v = _from_raw(take(H * n * D * elem), dtype, (H, n, D))
-        else:
-            k, v = _dequantized_layer(take, h, bits, True), _dequantized_layer(take, h, bits, False)
+    p.value_bits = h["value_bits"]
+    for kb, vb in kv_bits(h):
+        k, v = (_from_raw(take(H * n * D * elem), dtype, (H, n, D)) if bits == dtype_bits(h["dtype"])
+                else _dequantized_layer(take, h, bits, is_key) for bits, is_key in ((kb, True), (vb, False)))
         p.keys.append(k.to(device))
         p.values.append(v.to(device))
     for _ in h["sink_layers"]:

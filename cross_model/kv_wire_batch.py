@@ -21,7 +21,7 @@ import torch
 
 from cross_model.kv_wire import (
     _CRC, _PREAMBLE, DTYPES, MAGIC, SCALE_BYTES, VERSION, KVPayload, PayloadError, QuantScheme,
-    _header_bytes, _scheme, dequantize, dtype_bits, hadamard, quantize, read_header,
+    _header_bytes, _scheme, check_widths, dequantize, dtype_bits, hadamard, kv_bits, quantize, read_header,
 )
 
 
@@ -122,18 +122,17 @@ def encode_batch(template: KVPayload, keys: list[torch.Tensor], values: list[tor
     tensors as A's cache holds them, `sink_*[j]` sink layer j's B x H x 1 x D, `mask_BT` each row's real
     tokens. `template` gives everything in the header but the token count."""
     p = template
-    if len(p.bits) != len(p.layers) or len(keys) != len(p.layers) or len(sink_keys) != len(p.sink_layers):
+    check_widths(p)
+    if len(keys) != len(p.layers) or len(sink_keys) != len(p.sink_layers):
         raise ValueError("KV payload: one bit width and one key/value pair per sent layer, one sink per sink layer")
-    if any(b != dtype_bits(p.dtype) for b in p.bits):
-        p.scheme.check(p.head_dim)
     n = [int(x) for x in mask_BT.sum(1).tolist()]
     rows = len(n)
     dtype, raw_dtype = DTYPES[p.dtype], DTYPES[p.sink_dtype or p.dtype]
     body: list[list[bytes]] = [[] for _ in range(rows)]
-    for bits, k, v in zip(p.bits, keys, values):
+    for (kb, vb), k, v in zip(kv_bits(p.header()), keys, values):
         if k.shape[1:] != (p.kv_heads, mask_BT.shape[1], p.head_dim) or k.shape != v.shape:
             raise ValueError(f"KV payload: layer tensors must be B x {p.kv_heads} x T x {p.head_dim}, got {tuple(k.shape)}")
-        for x, is_key in ((compact(k, mask_BT), True), (compact(v, mask_BT), False)):
+        for x, bits, is_key in ((compact(k, mask_BT), kb, True), (compact(v, mask_BT), vb, False)):
             if bits == dtype_bits(p.dtype):
                 raw = _host(x, dtype)
                 parts = [[raw[i, :, : n[i]].tobytes()] for i in range(rows)]
@@ -216,8 +215,8 @@ def decode_batch(blobs: list[bytes], receiver: str, kv_heads: int, head_dim: int
     readers = [_Reader(blob, start) for blob, (_, start) in zip(blobs, headers)]
     raw_item = dtype_bits(h0["sink_dtype"]) // 8
     keys, values = [], []
-    for bits in h0["bits"]:
-        for out, is_key in ((keys, True), (values, False)):
+    for kb, vb in kv_bits(h0):
+        for out, bits, is_key in ((keys, kb, True), (values, vb, False)):
             if bits == dtype_bits(h0["dtype"]):
                 item = dtype_bits(h0["dtype"]) // 8
                 rows = [_raw_rows(rd.take(H * k * D * item), dtype, (H, k, D)) for rd, k in zip(readers, n)]

@@ -15,6 +15,7 @@ from cross_model.evaluation import evaluate, task_splits
 from cross_model.reporting import format_table, summarize, write_reports
 from cross_model.result_files import gather_results, write_json_atomically
 from cross_model.runinfo import load_run_context
+from cross_model.sweeps import plot_layer_sweep
 from cross_model.tracking import Tracker
 from cross_model.interlingua.training import train_interlingua
 from cross_model.training import FINAL, train_projections_for
@@ -84,7 +85,10 @@ def report_run(cfg: ExperimentConfig, run_dir: Path, splits: dict, tracker: Any 
             task_rows = gather_results(run_dir, task, name, test)
             summary.append(summarize(task, name, task_rows))
             rows.setdefault(task, {})[name] = task_rows
-    paths = write_reports(run_dir, summary, rows, load_run_context(run_dir))
+    context = load_run_context(run_dir)
+    paths = write_reports(run_dir, summary, rows, context)
+    if plot_layer_sweep(run_dir / "layer_sweep.png", summary, (context.get("config") or {}).get("methods") or {}):
+        paths.append(run_dir / "layer_sweep.png")
     if tracker is not None:
         tracker.log_summary(summary)
     print(format_table(summary), flush=True)

@@ -33,6 +33,9 @@ CONTROLS_NOTE = ("Gold NLL: mean -log p per gold answer token (EOS included) ove
                  "95% interval excluding 0.")
 
 
+RATIOS = ("compression_vs_bf16", "compression_vs_full_cache", "payload_vs_text")
+
+
 def summarize(task: str, method: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One task x method line from its per-example rows (failed examples included, scored 0)."""
     n = len(rows)
@@ -53,6 +56,9 @@ def summarize(task: str, method: str, rows: list[dict[str, Any]]) -> dict[str, A
         "errors": sum(1 for r in rows if r.get("error")),
         **({"gold_nll": mean("gold_nll"), "first_token_acc": mean("first_token_correct")}
            if rows and all(r.get("gold_nll") is not None for r in rows) else {}),
+        # Where the KV methods record them: how many times fewer bytes than bf16 and than A's whole
+        # cache, and how many times the context's own UTF-8 bytes the payload is.
+        **{key: mean(key) for key in RATIOS if rows and all(r.get(key) for r in rows)},
     }
 
 

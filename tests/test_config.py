@@ -88,3 +88,30 @@ def test_run_dir_refuses_a_different_config(tmp_path):
         prepare_run_dir(other, {})
     saved = yaml.safe_load((tmp_path / "tiny" / "config.yaml").read_text())
     assert saved["seed"] == 0  # never overwritten in place
+
+
+def test_a_sweep_entry_expands_into_named_instances_in_place(tmp_path):
+    p = tmp_path / "sweep.yaml"
+    p.write_text(yaml.safe_dump({"methods": {
+        "baseline": {}, "ac_layers": {"method": "ac", "mode": "sum", "sweep": {"k": "1..5..2", "j": "k"}},
+        "grid": {"method": "ac", "sweep": {"k": [1, 2], "j": "3..4"}}, "skyline": {}}}, sort_keys=False))
+    cfg = load_config(p)
+    assert list(cfg.methods) == ["baseline", "ac_layers_k1_j1", "ac_layers_k3_j3", "ac_layers_k5_j5",
+                                 "grid_k1_j3", "grid_k1_j4", "grid_k2_j3", "grid_k2_j4", "skyline"]
+    assert cfg.methods["ac_layers_k3_j3"] == {"method": "ac", "mode": "sum", "k": 3, "j": 3, "group": "ac_layers"}
+    from cross_model.sweeps import sweep_groups
+
+    groups = sweep_groups(cfg.methods)
+    assert groups["ac_layers"]["keys"] == ["k"] and groups["ac_layers"]["label"] == "k = j"
+    assert groups["grid"]["keys"] == ["k", "j"] and groups["grid"]["instances"]["grid_k2_j3"] == {"k": 2, "j": 3}
+
+
+@pytest.mark.parametrize("sweep, match", [
+    ({"k": "5..1"}, r"sweep.k: '5..1' is not a list of integers"),
+    ({"k": [1, "x"]}, "is not a list of integers"),
+    ({"j": "m"}, "is not a list of integers"),
+    ({}, "a mapping of parameter -> values"),
+])
+def test_bad_sweeps_name_the_key(tmp_path, sweep, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(write(tmp_path, {"methods": {"ac_s": {"method": "ac", "sweep": sweep}}}))

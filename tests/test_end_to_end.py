@@ -32,3 +32,25 @@ def test_tiny_config_runs_every_method_end_to_end(tmp_path):
         assert (tmp_path / "tiny" / name).stat().st_size > 0
     assert len((tmp_path / "tiny" / "results.csv").read_text().splitlines()) == 1 + len(summary)
     assert (tmp_path / "tiny" / "config.yaml").exists() and (tmp_path / "tiny" / "versions.json").exists()
+
+
+def test_a_layer_sweep_runs_every_instance_and_draws_its_plot(tmp_path):
+    from cross_model.doc_tables import publish
+
+    cfg = {"name": "sweep", "output_dir": str(tmp_path), "stages": ["evaluate", "report"],
+           "models": {"sender": "tiny-llama-64", "receiver": "tiny-llama-64"},
+           "tasks": [{"name": "countries", "n_test": 3, "n_calib": 0, "max_new_tokens": 2}],
+           "methods": {"baseline": {}, "ac_layers": {"method": "ac", "sweep": {"k": "1..3", "j": "k"}},
+                       "ac_grid": {"method": "ac", "sender": "tiny-llama-48", "sweep": {"k": [1, 2], "j": [1, 3]}}}}
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(cfg))
+    res = subprocess.run([sys.executable, "run_experiments.py", "--config", str(path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
+    assert [s["method"] for s in summary] == ["baseline", "ac_layers_k1_j1", "ac_layers_k2_j2", "ac_layers_k3_j3",
+                                              "ac_grid_k1_j1", "ac_grid_k1_j3", "ac_grid_k2_j1", "ac_grid_k2_j3"]
+    assert all(s["n"] == 3 and s["errors"] == 0 for s in summary)
+    assert (tmp_path / "sweep" / "layer_sweep.png").stat().st_size > 0 and "layer_sweep.png" in res.stdout
+    publish(tmp_path / "sweep", tmp_path / "docs")
+    assert (tmp_path / "docs" / "layer_sweep.png").exists()

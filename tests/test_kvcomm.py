@@ -238,3 +238,27 @@ def test_public_receiver_mask_batched_equals_one_at_a_time(examples):
         alone, _ = receiver_logits(m, [e], {0, 2})
         n = int(batch.attention_mask[i].sum())
         torch.testing.assert_close(batched[i, -n:], alone[0, -n:], atol=2e-4, rtol=1e-4)
+
+
+def test_online_selection_reranks_on_the_batchs_own_prompts_every_calib_interval_items(examples):
+    """selection: online re-selects when a batch reaches the next multiple of calib_interval items,
+    from B's attention on A's tokens over that batch's prompts (what offline calibration measures on
+    calibration items), and never reads a label."""
+    from dataclasses import replace
+
+    first, second = examples[:3], examples[3:]
+    online = make("tiny-llama-64", selection="online", calib_interval=4, top_layers=0.5)
+    offline = make("tiny-llama-64", selection="calibrate", top_layers=0.5)
+    a = online.run_batch(first)
+    assert all(p.extra["online_reselected"] for p in a)
+    assert online.ranking == offline.calibrate(first)["ranking"]
+    assert [p.extra["layers"] for p in a] == [sorted(offline.selected_layers())] * 3
+    b = online.run_batch(second)  # items 3..5 hold item 4: re-selected from this batch
+    assert all(p.extra["online_reselected"] for p in b) and online.ranking == offline.calibrate(second)["ranking"]
+    assert not online.run_batch(examples[:2])[0].extra["online_reselected"]  # items 6..7: no multiple of 4
+    # The answers are never read: blanked golds choose the same layers.
+    blank = make("tiny-llama-64", selection="online", calib_interval=4, top_layers=0.5)
+    blank.run_batch([replace(e, answers=("",)) for e in first])
+    assert blank.ranking == offline.calibrate(first)["ranking"]
+    with pytest.raises(ValueError, match="calib_interval: must be >= 1"):
+        make("tiny-llama-64", selection="online", calib_interval=0)

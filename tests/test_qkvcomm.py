@@ -30,7 +30,7 @@ def payload(bits, dtype="float32", tokens=7, heads=2, dim=16, seed=0, scheme=Non
     return p
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 def test_bit_packing_round_trips(bits):
     codes = np.random.default_rng(bits).integers(0, 2**bits, size=1001).astype(np.uint8)
     packed = kv_wire.pack_bits(codes, bits)
@@ -38,23 +38,28 @@ def test_bit_packing_round_trips(bits):
     np.testing.assert_array_equal(kv_wire.unpack_bits(packed, bits, 1001), codes)
 
 
-@pytest.mark.parametrize("bits", [[2, 2], [3, 4], [8, 8], [32, 4]])
-def test_round_trip_header_exact_values_within_bound(bits):
+@pytest.mark.parametrize("bits, value_bits", [([2, 2], None), ([3, 4], None), ([8, 8], None), ([32, 4], None),
+                                             ([5, 6], None), ([7, 2], None), ([4, 8], [2, 32]), ([32, 6], [3, 7])])
+def test_round_trip_header_exact_values_within_bound(bits, value_bits):
     p = payload(bits)
+    p.value_bits = value_bits
     blob = kv_wire.encode(p)
     assert len(blob) == kv_wire.payload_size(p.header())
     got = kv_wire.decode(blob, "model-b", 2, 16)
-    assert got.header() == p.header()
-    for b, k, v, k2, v2 in zip(bits, p.keys, p.values, got.keys, got.values):
-        if b == 32:
-            assert torch.equal(k, k2) and torch.equal(v, v2)
-            continue
-        # half a step per group (float16 scales are what both sides use), plus float16 rounding of the zero
-        k_step = (k.amax(1, keepdim=True) - k.amin(1, keepdim=True)) / (2**b - 1)
-        v_step = (v.amax((0, 2), keepdim=True) - v.amin((0, 2), keepdim=True)) / (2**b - 1)
-        assert ((k - k2).abs() <= k_step / 2 * 1.01 + 0.05).all()
-        assert ((v - v2).abs() <= v_step / 2 * 1.01 + 1e-2).all()
-        assert (k - k2).abs().max() > 0  # it was quantized
+    assert got.header() == p.header() and got.header()["value_bits"] == (value_bits or bits)
+    for kb, vb, k, v, k2, v2 in zip(bits, value_bits or bits, p.keys, p.values, got.keys, got.values):
+        # half a step per group (float16 scales are what both sides use), plus float16 rounding of the zero;
+        # each of keys and values at its own width, raw (equal) at the dtype's
+        if kb == 32:
+            assert torch.equal(k, k2)
+        else:
+            k_step = (k.amax(1, keepdim=True) - k.amin(1, keepdim=True)) / (2**kb - 1)
+            assert ((k - k2).abs() <= k_step / 2 * 1.01 + 0.05).all() and (k - k2).abs().max() > 0
+        if vb == 32:
+            assert torch.equal(v, v2)
+        else:
+            v_step = (v.amax((0, 2), keepdim=True) - v.amin((0, 2), keepdim=True)) / (2**vb - 1)
+            assert ((v - v2).abs() <= v_step / 2 * 1.01 + 1e-2).all()
     for a, b in zip(p.sink_keys + p.sink_values, got.sink_keys + got.sink_values):
         assert torch.equal(a, b)
 
@@ -219,6 +224,24 @@ def test_payload_size_is_the_encoded_length_and_beats_raw(examples):
     assert batched == [m.run_batch([e])[0].answer for e in test]
 
 
+def test_values_at_their_own_width_and_the_compression_ratios(examples):
+    test, _ = examples
+    m = make(selection="layers", layers_list=[1, 2], bits=4, value_bits=2)
+    lm = m.pair.sender.info
+    for p, e in zip(m.run_batch(test), test):
+        n = p.sender_prefill_tokens
+        wire = m.wire_payload({0, 1, 2}, n, [4, 4, 4])
+        wire.value_bits, wire.sink_dtype, wire.scheme = [2, 2, 2], "float16", m.params.scheme()
+        assert p.payload_bytes == kv_wire.payload_size(wire.header())
+        assert p.payload_bytes < make(selection="layers", layers_list=[1, 2], bits=4).run_batch([e])[0].payload_bytes
+        full = 2 * lm.num_layers * lm.num_kv_heads * n * lm.head_dim * 4  # A's whole float32 cache
+        assert p.extra["compression_vs_full_cache"] == round(full / p.payload_bytes, 3)
+        assert p.extra["payload_vs_text"] == round(p.payload_bytes / len(e.prompt_A.encode()), 3)
+        assert p.extra["mean_bits"] == 3.0  # (4 x 3 key widths + 2 x 3 value widths) / 6
+    with pytest.raises(ValueError, match="value_bits: one of"):
+        make(value_bits=1)
+
+
 def test_target_bits_are_allocated_on_the_calibration_split(examples):
     test, calib = examples
     m = make(selection="calibrate", top_layers=0.5, target_bits=3)
@@ -234,7 +257,7 @@ def test_target_bits_are_allocated_on_the_calibration_split(examples):
     with pytest.raises(ValueError, match="target_bits"):
         make(target_bits=1)
     with pytest.raises(ValueError, match="bits: one of"):
-        make(bits=5)
+        make(bits=9)
 
 
 @pytest.mark.slow
@@ -261,11 +284,11 @@ def test_default_scheme_keeps_smollm2_closer_to_kvcomm_than_min_max(smollm2):
     kv_wire.QuantScheme(key_group=4, value_group="token", raw_first=2),
     kv_wire.QuantScheme(clip=False, rotate=False, raw_first=0, key_group=3),
 ], ids=["default", "sink8", "plain", "groups", "noclip"])
-@pytest.mark.parametrize("dtype,bits,sink_dtype", [
-    (torch.float32, (2, 3), None), (torch.float32, (4, 8), "float16"), (torch.float32, (32, 4), None),
-    (torch.bfloat16, (4, 16), None),
+@pytest.mark.parametrize("dtype,bits,sink_dtype,value_bits", [
+    (torch.float32, (2, 3), None, None), (torch.float32, (4, 8), "float16", None), (torch.float32, (32, 4), None, None),
+    (torch.bfloat16, (4, 16), None, None), (torch.float32, (5, 7), None, (2, 32)), (torch.bfloat16, (16, 6), None, (3, 4)),
 ])
-def test_batched_wire_gives_every_row_the_bytes_and_tensors_of_its_own_frame(scheme, dtype, bits, sink_dtype):
+def test_batched_wire_gives_every_row_the_bytes_and_tensors_of_its_own_frame(scheme, dtype, bits, sink_dtype, value_bits):
     """The batch path (one device pass per layer) against `kv_wire.encode`/`decode` row by row: the same
     bytes, the same decoded tensors, for rows of different lengths, left padding and a shared-prefix hole."""
     from cross_model.kv_wire_batch import decode_batch, encode_batch
@@ -284,7 +307,8 @@ def test_batched_wire_gives_every_row_the_bytes_and_tensors_of_its_own_frame(sch
 
     def payload(tokens):
         return kv_wire.KVPayload("a", "b", [0, 1], [0, 1], [5, 6], [5, 6], kv_wire.dtype_name(dtype), list(bits),
-                                 kv_heads=H, head_dim=D, tokens=tokens, sink_dtype=sink_dtype, scheme=scheme)
+                                 kv_heads=H, head_dim=D, tokens=tokens, sink_dtype=sink_dtype, scheme=scheme,
+                                 value_bits=list(value_bits) if value_bits else None)
 
     blobs = encode_batch(payload(0), keys, values, sink_k, sink_v, mask)
     got_k, got_v, got_sk, got_sv, lengths, _ = decode_batch(blobs, "b", H, D)

@@ -28,6 +28,7 @@ class MethodParams:
     sender: str | None = field(default=None, metadata={"help": "this method's model A (None: models.sender)"})
     receiver: str | None = field(default=None, metadata={"help": "this method's model B (None: models.receiver)"})
     share_prefix: bool = field(default=True, metadata={"help": "prefill the prompt prefix all rows share once (same answers, less compute)"})
+    group: str | None = field(default=None, metadata={"help": "the sweep entry this instance came from (set by `sweep:`)"})
 
     def validate(self, prefix: str) -> None:
         for name in ("batch_size", "max_new_tokens", "max_prompt_tokens"):

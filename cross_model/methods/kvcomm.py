@@ -21,6 +21,7 @@ from transformers import DynamicCache
 
 from cross_model.data.base import Example
 from cross_model.distributed import all_reduce_sum, broadcast_object, gather_object, is_main, shard
+from cross_model.facts import check_facts_settings, facts_text, with_facts
 from cross_model.generation import greedy_generate
 from cross_model.methods.base import Method, MethodParams, Prediction
 from cross_model.methods.registry import register
@@ -32,13 +33,16 @@ from cross_model.surgery import (
     assemble_receiver_cache, layout_forward, partial_forward, use_cross_model_attention,
 )
 
-SELECTIONS = ("calibrate", "layers", "range", "random", "all")
+SELECTIONS = ("calibrate", "layers", "range", "random", "all", "online")
 RECEIVER_MASKS = ("causal", "public")
 
 
 @dataclass
 class KVCommParams(MethodParams):
-    selection: str = field(default="calibrate", metadata={"help": "calibrate, layers (layers_list), range, random, all"})
+    selection: str = field(default="calibrate", metadata={"help": "calibrate, layers (layers_list), range, random, all, or "
+                                                                   "online (re-selected on the test prompts, no labels)"})
+    calib_interval: int = field(default=1, metadata={"help": "online: items between re-selections, on this rank, "
+                                                             "in the order it answers them"})
     layers_list: list[int] | None = field(default=None, metadata={"help": "receiver layers to send (selection: layers)"})
     layer_from: int | None = field(default=None, metadata={"help": "first receiver layer sent (selection: range)"})
     layer_to: int | None = field(default=None, metadata={"help": "last receiver layer sent, inclusive (selection: range)"})
@@ -52,6 +56,10 @@ class KVCommParams(MethodParams):
         default="causal", metadata={"help": "causal (ours), or public: the public code's first pass, where B's prompt "
                                             "tokens see later ones in sink-only layers (docs/METHODS.md)"}
     )
+    facts: bool = field(default=False, metadata={"help": "also send facts from A's context as text before B's question "
+                                                         "(Q-KVComm's side channel; bytes counted)"})
+    facts_extractor: str = field(default="simple", metadata={"help": "simple (no dependency), yake or spacy"})
+    max_facts: int = field(default=8, metadata={"help": "facts sent per example (facts: true)"})
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
@@ -63,10 +71,13 @@ class KVCommParams(MethodParams):
             raise ValueError(f"{prefix}.layer_from/layer_to: required with layer_from <= layer_to when selection is 'range'")
         if not 0.0 <= self.top_layers <= 1.0:
             raise ValueError(f"{prefix}.top_layers: a fraction in [0, 1], got {self.top_layers}")
+        if self.calib_interval < 1:
+            raise ValueError(f"{prefix}.calib_interval: must be >= 1, got {self.calib_interval}")
         if self.receiver_mask not in RECEIVER_MASKS:
             raise ValueError(f"{prefix}.receiver_mask: one of {', '.join(RECEIVER_MASKS)}, got {self.receiver_mask!r}")
         if not 0.0 <= self.alpha <= 1.0 or self.sigma <= 0:
             raise ValueError(f"{prefix}.alpha must be in [0, 1] and {prefix}.sigma > 0")
+        check_facts_settings(prefix, self.facts_extractor, self.max_facts)
 
 
 def layer_map(l_a: int, l_b: int) -> list[int]:
@@ -109,6 +120,7 @@ class KVComm(Method):
                 raise ValueError(f"methods.{self.name}: layer {layer} is outside {b.name}'s 0..{n - 1}")
         self.ranking: list[int] | None = None
         self.calibration: dict[str, Any] = {}
+        self.online_seen = 0  # items answered with selection: online, on this rank
         use_cross_model_attention(self.pair.receiver)
 
     # --- which layers ---------------------------------------------------------------------------
@@ -174,9 +186,10 @@ class KVComm(Method):
 
     # --- receiver -------------------------------------------------------------------------------
     def _receive(self, examples: list[Example], selected: set[int], record: bool = False, max_new: list[int] | None = None,
-                 as_sent: bool = True):
+                 as_sent: bool = True, receiver_examples: list[Example] | None = None):
         """B's greedy answers reading A's cache, with each row's payload bytes and extra fields;
-        `as_sent=False` reads A's tensors as they are (calibration)."""
+        `as_sent=False` reads A's tensors as they are (calibration). `receiver_examples`: what B reads
+        when it is not the examples themselves (the facts before the question)."""
         a_pre, a_cache, sink_kv = self.sender_cache(examples, selected)
         sizes: list[int] = [0] * len(examples)
         extras: list[dict] = [{} for _ in examples]
@@ -186,7 +199,7 @@ class KVComm(Method):
         cache, layout = assemble_receiver_cache(a_cache, a_mask, self.layer_map, selected, sink_kv, self.params.receiver_mask)
         layout.record_attention = record
         b = self.pair.receiver
-        b_batch = tokenize_prompts(b, [receiver_text(e) for e in examples], self.params.max_prompt_tokens)
+        b_batch = tokenize_prompts(b, [receiver_text(e) for e in receiver_examples or examples], self.params.max_prompt_tokens)
         offset = a_mask.sum(-1).to(b.device)  # B's positions continue after A's context
         limits = max_new or [self.max_new_tokens(e) for e in examples]
         gen = greedy_generate(
@@ -195,9 +208,41 @@ class KVComm(Method):
         )
         return gen, a_pre.prompt_lengths, b_batch.lengths, layout, sizes, extras
 
+    def rank_layers(self, importance: list[float]) -> list[int]:
+        """Receiver layers by blended score (measured attention on A against the depth prior), best first."""
+        p = self.params
+        scores = blend_scores(importance, p.alpha, p.mu, p.sigma)
+        return sorted(range(len(scores)), key=lambda l: (-scores[l], l))
+
+    def select_online(self, examples: list[Example]) -> bool:
+        """selection: online, as the public com_online.py: when this batch reaches the next multiple of
+        calib_interval items, B reads all of A's layers for the batch's own prompts (no labels), and the
+        layers are re-ranked by its attention on A's tokens; the batch is answered with the new
+        ranking. Returns whether it re-selected."""
+        start, interval = self.online_seen, self.params.calib_interval
+        self.online_seen += len(examples)
+        if self.ranking is not None and start // interval == (self.online_seen - 1) // interval and start % interval:
+            return False
+        sums = self.importance_sums(examples, self.params.batch_size or len(examples))
+        self.ranking = self.rank_layers([t / len(examples) for t in sums])
+        return True
+
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
+        reselected = self.select_online(examples) if self.params.selection == "online" else None
         selected = self.selected_layers()
-        gen, a_len, b_len, _, sizes, extras = self._receive(examples, selected)
+        seen = None
+        if self.params.facts:
+            texts = [facts_text(e, self.params.facts_extractor, self.params.max_facts) for e in examples]
+            seen = [with_facts(e, t) for e, t in zip(examples, texts)]
+        gen, a_len, b_len, _, sizes, extras = self._receive(examples, selected, receiver_examples=seen)
+        if seen is not None:
+            sizes = [n + len(t.encode("utf-8")) for n, t in zip(sizes, texts)]
+            extras = [{**x, "facts": t, "facts_bytes": len(t.encode("utf-8"))} for x, t in zip(extras, texts)]
+        if reselected is not None:
+            extras = [{**x, "online_reselected": reselected} for x in extras]
+        context_bytes = [len(e.prompt_A.encode("utf-8")) for e in examples]
+        extras = [{**x, "text_bytes": t, "payload_vs_text": round(n / t, 3) if t else None}
+                  for x, t, n in zip(extras, context_bytes, sizes)]
         return [
             Prediction(
                 e.example_id, text, size, sender_prefill_tokens=n_a,
@@ -243,7 +288,7 @@ class KVComm(Method):
         if is_main():
             p = self.params
             scores = blend_scores(importance, p.alpha, p.mu, p.sigma)
-            self.ranking = sorted(range(len(scores)), key=lambda l: (-scores[l], l))
+            self.ranking = self.rank_layers(importance)
             decision = {
                 "importance": importance, "scores": scores, "ranking": self.ranking,
                 "selected": sorted(self.selected_layers()), "calibration_ids": [e.example_id for e in examples],

@@ -33,7 +33,10 @@ from cross_model.surgery import assemble_receiver_cache, layout_forward
 
 @dataclass
 class QKVCommParams(KVCommParams):
-    bits: int = field(default=4, metadata={"help": "bits of every sent layer (2, 3, 4 or 8) unless target_bits is set"})
+    bits: int = field(default=4, metadata={"help": "bits of every sent layer (2-8) unless target_bits is set"})
+    value_bits: int | None = field(
+        default=None, metadata={"help": "the values' own width, 2-8 (None: as the keys'); keys then take `bits`"}
+    )
     target_bits: float | None = field(
         default=None, metadata={"help": "average bits over the sent layers, allocated per layer by calibration"}
     )
@@ -52,6 +55,10 @@ class QKVCommParams(KVCommParams):
         super().validate(prefix)
         if self.bits not in QUANT_BITS:
             raise ValueError(f"{prefix}.bits: one of {QUANT_BITS}, got {self.bits}")
+        if self.value_bits is not None and self.value_bits not in QUANT_BITS:
+            raise ValueError(f"{prefix}.value_bits: one of {QUANT_BITS} or null, got {self.value_bits}")
+        if self.value_bits is not None and self.target_bits is not None:
+            raise ValueError(f"{prefix}.value_bits: set per layer by target_bits' calibration; use one or the other")
         if not self.bit_choices or any(b not in QUANT_BITS for b in self.bit_choices):
             raise ValueError(f"{prefix}.bit_choices: a non-empty list drawn from {QUANT_BITS}, got {self.bit_choices}")
         if self.sink_dtype not in ("float16", "bfloat16"):
@@ -126,10 +133,13 @@ class QKVComm(KVComm):
         whose sent layers hold the decoded tensors, and every sink as decoded. The arithmetic runs for
         the whole batch at once on the device (`kv_wire_batch`); each row still gets its own frame."""
         b = self.pair.receiver.info
+        b_heads, head_dim = self.pair.sender.info.num_kv_heads, self.pair.sender.info.head_dim
         mask = pre.full_mask.bool()
         rows = torch.arange(mask.shape[0], device=mask.device)
         first = mask.long().argmax(-1)  # each row's first real token (A's attention sink)
         p = self.wire_payload(selected, 0, bits)
+        if self.params.value_bits is not None and bits == self.bits_for(selected):
+            p.value_bits = [self.params.value_bits] * len(bits)  # calibration's probes keep one width per layer
         p.sink_dtype = self.params.sink_dtype if dtype_bits(p.dtype) > 16 else None
         p.scheme = self.params.scheme()
         keys = [cache.layers[la].keys for la in p.sender_layers]
@@ -156,9 +166,14 @@ class QKVComm(KVComm):
         sizes, extras = [], []
         for n, blob in zip(lengths, blobs):
             p.tokens = n
-            bf16 = payload_size({**p.header(), "dtype": "bfloat16", "sink_dtype": "bfloat16", "bits": [16] * len(p.bits)})
+            bf16 = payload_size({**p.header(), "dtype": "bfloat16", "sink_dtype": "bfloat16", "bits": [16] * len(p.bits),
+                                 "value_bits": [16] * len(p.bits)})
+            # A's whole cache as it holds it: every layer's keys and values, raw, no header.
+            full = 2 * self.pair.sender.info.num_layers * b_heads * n * head_dim * dtype_bits(p.dtype) // 8
             sizes.append(len(blob))
-            extras.append({"mean_bits": sum(bits) / max(len(bits), 1), "compression_vs_bf16": round(bf16 / len(blob), 3)})
+            widths = [*bits, *(p.value_bits or bits)]
+            extras.append({"mean_bits": sum(widths) / max(len(widths), 1), "compression_vs_bf16": round(bf16 / len(blob), 3),
+                           "compression_vs_full_cache": round(full / len(blob), 3)})
         return view, sink_view, sizes, extras
 
     # --- calibration: which layers (KVComm's), then how many bits each -------------------------------
