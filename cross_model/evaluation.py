@@ -165,6 +165,8 @@ def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) 
         done[name] = set(read_results(result_dir(ctx.run_dir, task, name)))
         if done[name] and is_main():
             log.info("evaluate %s/%s: %d of %d items already done; resuming", task, name, len(done[name]), len(test))
+    for method in methods.values():
+        method.set_task_items(test)
     index_of = {e.example_id: i for i, e in enumerate(test)}
     pending = [e for i, e in enumerate(test)
                if i % world == rank and any(e.example_id not in done[name] for name in methods)]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 MAGIC = b"CMKV"
-VERSION = 3  # 3: keys and values carry their own widths (`value_bits`)
+VERSION = 3  # 3: values may carry their own widths (`value_bits`, in the header only then)
 QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
 SCALE_BYTES = 2  # float16 scales and zero points
 _PREAMBLE = struct.Struct("<4sHI")  # magic, version, header length
@@ -106,11 +106,12 @@ class KVPayload:
     value_bits: list[int] | None = None  # per sent layer, the values' width (None: `bits`)
 
     def header(self) -> dict:
+        # `value_bits` only where the values' widths differ from the keys': the usual header is v2's.
+        own = {"value_bits": self.value_bits} if self.value_bits is not None and self.value_bits != self.bits else {}
         return {
             "sender": self.sender, "receiver": self.receiver, "layers": self.layers,
             "sender_layers": self.sender_layers, "sink_layers": self.sink_layers,
-            "sink_sender_layers": self.sink_sender_layers, "dtype": self.dtype, "bits": self.bits,
-            "value_bits": self.value_bits if self.value_bits is not None else self.bits,
+            "sink_sender_layers": self.sink_sender_layers, "dtype": self.dtype, "bits": self.bits, **own,
             "kv_heads": self.kv_heads, "head_dim": self.head_dim, "tokens": self.tokens,
             "sink_dtype": self.sink_dtype or self.dtype, "scale_dtype": "float16",
             "scheme": {"key_group": self.scheme.key_group, "value_group": self.scheme.value_group,
@@ -385,7 +386,7 @@ def decode(blob: bytes, receiver: str, kv_heads: int, head_dim: int, device: tor
                   sink_dtype=h["sink_dtype"], scheme=_scheme(h))
     sink_dtype, sink_elem = DTYPES[h["sink_dtype"]], dtype_bits(h["sink_dtype"]) // 8
     elem = torch.finfo(dtype).bits // 8
-    p.value_bits = h["value_bits"]
+    p.value_bits = h.get("value_bits")
     for kb, vb in kv_bits(h):
         k, v = (_from_raw(take(H * n * D * elem), dtype, (H, n, D)) if bits == dtype_bits(h["dtype"])
                 else _dequantized_layer(take, h, bits, is_key) for bits, is_key in ((kb, True), (vb, False)))

@@ -262,3 +262,24 @@ def test_online_selection_reranks_on_the_batchs_own_prompts_every_calib_interval
     assert blank.ranking == offline.calibrate(first)["ranking"]
     with pytest.raises(ValueError, match="calib_interval: must be >= 1"):
         make("tiny-llama-64", selection="online", calib_interval=0)
+
+
+def test_other_item_control_reads_the_next_items_cache_by_context_length(examples):
+    """control: other_item: B gets the cache A built from another test item's context (the next in
+    order of context length), with its own question; the same as KVComm on those swapped items."""
+    from dataclasses import replace
+
+    m = make("tiny-llama-64", selection="range", layer_from=1, layer_to=2, control="other_item")
+    assert all(p.error and "control other_item needs" in p.error for p in m.run_batch(examples[:2]))
+    m.set_task_items(examples)
+    order = sorted(examples, key=lambda e: (len(e.prompt_A), e.example_id))
+    donor = {e.example_id: order[(i + 1) % len(order)] for i, e in enumerate(order)}
+    assert all(donor[e.example_id].example_id != e.example_id for e in examples)
+    got = m.run_batch(examples)
+    ref = make("tiny-llama-64", selection="range", layer_from=1, layer_to=2).run_batch(
+        [replace(e, prompt_A=donor[e.example_id].prompt_A) for e in examples])
+    assert [p.answer for p in got] == [p.answer for p in ref]
+    assert [p.payload_bytes for p in got] == [p.payload_bytes for p in ref]
+    assert [p.answer for p in m.run_batch(examples[3:])] == [p.answer for p in got[3:]]  # batch-independent
+    with pytest.raises(ValueError, match="control: 'noise' is not one of"):
+        make("tiny-llama-64", control="noise")

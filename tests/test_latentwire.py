@@ -216,7 +216,7 @@ def test_wire_bytes_equal_the_formula_and_decode_equals_quantize_dequantize(bits
     with pytest.raises(PayloadError):
         wire.decode(blob[:-5] + bytes(5))
     with pytest.raises(ValueError):
-        wire.encode(z, 5)
+        wire.encode(z, 9)
 
 
 def test_the_same_seed_gives_the_same_latent_and_another_seed_another():

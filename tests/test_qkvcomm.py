@@ -46,7 +46,8 @@ def test_round_trip_header_exact_values_within_bound(bits, value_bits):
     blob = kv_wire.encode(p)
     assert len(blob) == kv_wire.payload_size(p.header())
     got = kv_wire.decode(blob, "model-b", 2, 16)
-    assert got.header() == p.header() and got.header()["value_bits"] == (value_bits or bits)
+    assert got.header() == p.header() and (got.value_bits or got.bits) == (value_bits or bits)
+    assert ("value_bits" in got.header()) == (value_bits is not None)  # the usual header stays v2's
     for kb, vb, k, v, k2, v2 in zip(bits, value_bits or bits, p.keys, p.values, got.keys, got.values):
         # half a step per group (float16 scales are what both sides use), plus float16 rounding of the zero;
         # each of keys and values at its own width, raw (equal) at the dtype's
@@ -323,3 +324,42 @@ def test_batched_wire_gives_every_row_the_bytes_and_tensors_of_its_own_frame(sch
             assert torch.equal(got_k[j][i, :, : len(idx)], ref.keys[j]) and torch.equal(got_v[j][i, :, : len(idx)], ref.values[j])
         for j in range(2):
             assert torch.equal(got_sk[j][i], ref.sink_keys[j]) and torch.equal(got_sv[j][i], ref.sink_values[j])
+
+
+def test_a_context_asked_again_is_encoded_once_and_gives_the_same_bytes(examples):
+    from dataclasses import replace
+
+    test, _ = examples
+    m = make(selection="layers", layers_list=[1, 2], bits=3)
+    off = make(selection="layers", layers_list=[1, 2], bits=3, payload_cache_mb=0)
+    again = [replace(test[0], example_id="again", prompt_B="Where is it?")]  # the same context, another question
+    first = m.run_batch(test + again)
+    assert [p.extra["payload_cache_hit"] for p in first] == [False] * len(test) + [True]
+    assert first[-1].payload_bytes == first[0].payload_bytes
+    second = m.run_batch(test)
+    assert all(p.extra["payload_cache_hit"] for p in second) and m.payload_cache.hits >= len(test)
+    reference = off.run_batch(test)
+    assert "payload_cache_hit" not in reference[0].extra
+    assert [(p.answer, p.payload_bytes) for p in second] == [(p.answer, p.payload_bytes) for p in reference]
+    from cross_model.methods.qkvcomm import PayloadCache
+
+    small = PayloadCache(10)
+    small.put(("a",), b"12345678")
+    small.put(("b",), b"1234")  # over 10 bytes: the least recently used goes
+    assert list(small.entries) == [("b",)] and small.get(("a",)) is None and small.misses == 1
+
+
+def test_a_byte_budget_picks_each_examples_widest_fitting_width(examples):
+    test, _ = examples
+    wide = make(selection="layers", layers_list=[1, 2], bits=8, payload_cache_mb=0).run_batch(test)
+    four = make(selection="layers", layers_list=[1, 2], bits=4, payload_cache_mb=0).run_batch(test)
+    budget = max(p.payload_bytes for p in four)  # every row fits 4 bits, none 8
+    assert budget < min(p.payload_bytes for p in wide)
+    m = make(selection="layers", layers_list=[1, 2], byte_budget=budget, bit_choices=[2, 3, 4, 8], payload_cache_mb=0)
+    got = m.run_batch(test)
+    assert [p.extra["bits"] for p in got] == [4] * len(test) and all(p.extra["within_budget"] for p in got)
+    assert [(p.answer, p.payload_bytes) for p in got] == [(p.answer, p.payload_bytes) for p in four]
+    tiny = make(selection="layers", layers_list=[1, 2], byte_budget=100, payload_cache_mb=0).run_batch(test[:1])
+    assert tiny[0].extra["bits"] == 2 and tiny[0].extra["within_budget"] is False and tiny[0].payload_bytes > 100
+    with pytest.raises(ValueError, match="byte_budget"):
+        make(byte_budget=1000, target_bits=3)

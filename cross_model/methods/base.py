@@ -96,6 +96,10 @@ class Method:
     def calibrate(self, examples: list[Example]) -> dict[str, Any]:
         return {}
 
+    def set_task_items(self, items: list[Example]) -> None:
+        """The evaluator hands every method the task's whole test list (the same on every rank) before
+        its batches; methods that pair an item with another (a control) read it here."""
+
     # --- running ----------------------------------------------------------------------------
     def max_new_tokens(self, example: Example) -> int:
         return self.params.max_new_tokens or example.max_new_tokens

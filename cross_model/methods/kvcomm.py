@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -56,6 +56,8 @@ class KVCommParams(MethodParams):
         default="causal", metadata={"help": "causal (ours), or public: the public code's first pass, where B's prompt "
                                             "tokens see later ones in sink-only layers (docs/METHODS.md)"}
     )
+    control: str | None = field(default=None, metadata={"help": "null, or other_item: B reads the cache A built from "
+                                                                 "another test item's context (the next by length)"})
     facts: bool = field(default=False, metadata={"help": "also send facts from A's context as text before B's question "
                                                          "(Q-KVComm's side channel; bytes counted)"})
     facts_extractor: str = field(default="simple", metadata={"help": "simple (no dependency), yake or spacy"})
@@ -78,6 +80,8 @@ class KVCommParams(MethodParams):
         if not 0.0 <= self.alpha <= 1.0 or self.sigma <= 0:
             raise ValueError(f"{prefix}.alpha must be in [0, 1] and {prefix}.sigma > 0")
         check_facts_settings(prefix, self.facts_extractor, self.max_facts)
+        if self.control not in (None, "other_item"):
+            raise ValueError(f"{prefix}.control: {self.control!r} is not one of null, other_item")
 
 
 def layer_map(l_a: int, l_b: int) -> list[int]:
@@ -121,6 +125,7 @@ class KVComm(Method):
         self.ranking: list[int] | None = None
         self.calibration: dict[str, Any] = {}
         self.online_seen = 0  # items answered with selection: online, on this rank
+        self.donors: dict[str, Example] = {}  # control: other_item
         use_cross_model_attention(self.pair.receiver)
 
     # --- which layers ---------------------------------------------------------------------------
@@ -179,7 +184,8 @@ class KVComm(Method):
         """The length of the encoded payload: sent layers and sinks raw, plus header and checksum."""
         return payload_size(self.wire_payload(selected, n_tokens).header())
 
-    def transmit(self, pre: Prefill, cache: Any, sink_kv: dict, selected: set[int]) -> tuple[Any, dict, list[int], list[dict]]:
+    def transmit(self, pre: Prefill, cache: Any, sink_kv: dict, selected: set[int],
+                 texts: list[str] | None = None) -> tuple[Any, dict, list[int], list[dict]]:
         """What crosses from A to B: B's view of A's cache and sinks, and each row's payload bytes.
         KVComm sends A's tensors as they are, so B's view is A's cache."""
         return cache, sink_kv, [self.payload_bytes(n, selected) for n in pre.prompt_lengths], [{} for _ in pre.prompt_lengths]
@@ -194,7 +200,8 @@ class KVComm(Method):
         sizes: list[int] = [0] * len(examples)
         extras: list[dict] = [{} for _ in examples]
         if as_sent:
-            a_cache, sink_kv, sizes, extras = self.transmit(a_pre, a_cache, sink_kv, selected)
+            a_cache, sink_kv, sizes, extras = self.transmit(a_pre, a_cache, sink_kv, selected,
+                                                             [sender_text(e) for e in examples])
         a_mask = a_pre.full_mask
         cache, layout = assemble_receiver_cache(a_cache, a_mask, self.layer_map, selected, sink_kv, self.params.receiver_mask)
         layout.record_attention = record
@@ -207,6 +214,23 @@ class KVComm(Method):
             position_offset_B=offset, forward=layout_forward(b, layout), max_new_tokens_B=limits,
         )
         return gen, a_pre.prompt_lengths, b_batch.lengths, layout, sizes, extras
+
+    def set_task_items(self, items: list[Example]) -> None:
+        """control: other_item pairs each item with the next one in order of context length (cyclic):
+        same task, nearly the same bytes, another context. The whole test list decides, so every
+        rank and batch size gives an item the same donor."""
+        order = sorted(items, key=lambda e: (len(e.prompt_A), e.example_id))
+        self.donors = {e.example_id: order[(i + 1) % len(order)] for i, e in enumerate(order)} if len(order) > 1 else {}
+
+    def sender_examples(self, examples: list[Example]) -> list[Example]:
+        """What A reads: the examples, or under control: other_item each one's donor's context."""
+        if self.params.control != "other_item":
+            return examples
+        missing = [e.example_id for e in examples if e.example_id not in self.donors]
+        if missing:
+            raise ValueError(f"methods.{self.name}: control other_item needs another item of the task for "
+                             f"{missing[0]} (the evaluator hands over the test list; a task of one item has none)")
+        return [replace(e, prompt_A=self.donors[e.example_id].prompt_A) for e in examples]
 
     def rank_layers(self, importance: list[float]) -> list[int]:
         """Receiver layers by blended score (measured attention on A against the depth prior), best first."""
@@ -230,12 +254,13 @@ class KVComm(Method):
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         reselected = self.select_online(examples) if self.params.selection == "online" else None
         selected = self.selected_layers()
-        seen = None
-        if self.params.facts:
-            texts = [facts_text(e, self.params.facts_extractor, self.params.max_facts) for e in examples]
+        sent = self.sender_examples(examples)
+        seen = examples if sent is not examples else None
+        if self.params.facts:  # drawn from what A read (under the control, the donor's context)
+            texts = [facts_text(e, self.params.facts_extractor, self.params.max_facts) for e in sent]
             seen = [with_facts(e, t) for e, t in zip(examples, texts)]
-        gen, a_len, b_len, _, sizes, extras = self._receive(examples, selected, receiver_examples=seen)
-        if seen is not None:
+        gen, a_len, b_len, _, sizes, extras = self._receive(sent, selected, receiver_examples=seen)
+        if self.params.facts:
             sizes = [n + len(t.encode("utf-8")) for n, t in zip(sizes, texts)]
             extras = [{**x, "facts": t, "facts_bytes": len(t.encode("utf-8"))} for x, t in zip(extras, texts)]
         if reselected is not None:

@@ -2,7 +2,7 @@
 cross the wire; the receiver's adapter turns them into M soft tokens before the question.
 
 Variants (one method, so every one lands in the same tables and plots):
-- `latent`: the encoded latent, sent through the wire format (`bits`: 16 raw float16, or 8/4/3/2);
+- `latent`: the encoded latent, sent through the wire format (`bits`: 16 raw float16, or 2 to 8);
 - `shuffled`: another row's latent (the batch rolled by one): same bytes, wrong content;
 - `zero`: a zero latent: nothing crosses but the adapters' bias;
 - `text`: the receiver reads the whole context as text in the same prompt (the text path);

@@ -14,6 +14,7 @@ only that layer is quantized; widths are lowered greedily where that costs the l
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from cross_model.data.base import Example
 from cross_model.distributed import all_reduce_sum, broadcast_object, gather_object, is_main, shard
 from cross_model.generation import positions_from_mask
-from cross_model.kv_wire import QUANT_BITS, QuantScheme, dtype_bits, payload_size
+from cross_model.kv_wire import QUANT_BITS, KVPayload, QuantScheme, dtype_bits, payload_size
 from cross_model.kv_wire_batch import decode_batch, encode_batch
 from cross_model.methods.kvcomm import KVComm, KVCommParams
 from cross_model.methods.registry import register
@@ -36,6 +37,12 @@ class QKVCommParams(KVCommParams):
     bits: int = field(default=4, metadata={"help": "bits of every sent layer (2-8) unless target_bits is set"})
     value_bits: int | None = field(
         default=None, metadata={"help": "the values' own width, 2-8 (None: as the keys'); keys then take `bits`"}
+    )
+    byte_budget: int | None = field(
+        default=None, metadata={"help": "per example: the widest of bit_choices whose payload fits these bytes"}
+    )
+    payload_cache_mb: float = field(
+        default=64.0, metadata={"help": "encoded payloads kept by (sender, context, layers, widths, scheme), LRU; 0: off"}
     )
     target_bits: float | None = field(
         default=None, metadata={"help": "average bits over the sent layers, allocated per layer by calibration"}
@@ -57,6 +64,11 @@ class QKVCommParams(KVCommParams):
             raise ValueError(f"{prefix}.bits: one of {QUANT_BITS}, got {self.bits}")
         if self.value_bits is not None and self.value_bits not in QUANT_BITS:
             raise ValueError(f"{prefix}.value_bits: one of {QUANT_BITS} or null, got {self.value_bits}")
+        if self.byte_budget is not None and (self.byte_budget < 1 or self.target_bits is not None or self.value_bits is not None):
+            raise ValueError(f"{prefix}.byte_budget: a positive number of bytes, without target_bits or value_bits "
+                             f"(the budget picks one width per example), got {self.byte_budget}")
+        if self.payload_cache_mb < 0:
+            raise ValueError(f"{prefix}.payload_cache_mb: must be >= 0, got {self.payload_cache_mb}")
         if self.value_bits is not None and self.target_bits is not None:
             raise ValueError(f"{prefix}.value_bits: set per layer by target_bits' calibration; use one or the other")
         if not self.bit_choices or any(b not in QUANT_BITS for b in self.bit_choices):
@@ -75,6 +87,34 @@ class QKVCommParams(KVCommParams):
 
     def scheme(self) -> QuantScheme:
         return QuantScheme(self.key_group, self.value_group, self.rotate, self.raw_first, self.clip, self.sink_bits)
+
+
+class PayloadCache:
+    """Encoded payloads, least recently used first out once their bytes pass `budget`; hits and
+    misses counted (the rows say which were hits: `payload_cache_hit`)."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+        self.entries: OrderedDict[tuple, bytes] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple) -> bytes | None:
+        blob = self.entries.get(key)
+        if blob is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.entries.move_to_end(key)
+        return blob
+
+    def put(self, key: tuple, blob: bytes) -> None:
+        if key in self.entries or len(blob) > self.budget:
+            return
+        self.entries[key] = blob
+        self.used += len(blob)
+        while self.used > self.budget:
+            _, old = self.entries.popitem(last=False)
+            self.used -= len(old)
 
 
 def allocate_bits(sensitivity: dict[int, dict[int, float]], target: float, choices: list[int]) -> dict[int, int]:
@@ -109,6 +149,8 @@ class QKVComm(KVComm):
     def check_pair(self) -> None:
         super().check_pair()
         self.layer_bits: dict[int, int] | None = None
+        mb = self.params.payload_cache_mb
+        self.payload_cache = PayloadCache(int(mb * 2**20)) if mb > 0 else None
         try:
             self.params.scheme().check(self.pair.sender.info.head_dim)
         except ValueError as e:
@@ -125,23 +167,49 @@ class QKVComm(KVComm):
             raise ValueError(f"methods.{self.name}: no calibrated width for layers {missing}; calibrate again")
         return [self.layer_bits[l] for l in layers]
 
-    def transmit(self, pre: Prefill, cache: Any, sink_kv: dict, selected: set[int]):
-        return self.send_quantized(pre, cache, sink_kv, selected, self.bits_for(selected))
+    def transmit(self, pre: Prefill, cache: Any, sink_kv: dict, selected: set[int], texts: list[str] | None = None):
+        return self.send_quantized(pre, cache, sink_kv, selected, self.bits_for(selected), texts, as_configured=True)
 
-    def send_quantized(self, pre: Prefill, cache: Any, sink_kv: dict, selected: set[int], bits: list[int]):
+    def _template(self, selected: set[int], bits: list[int], value_bits: list[int] | None) -> KVPayload:
+        p = self.wire_payload(selected, 0, bits)
+        p.value_bits = value_bits
+        p.sink_dtype = self.params.sink_dtype if dtype_bits(p.dtype) > 16 else None
+        p.scheme = self.params.scheme()
+        return p
+
+    def row_widths(self, selected: set[int], bits: list[int], lengths: list[int]) -> list[tuple[list[int], list[int] | None, bool]]:
+        """Per row, (key widths, value widths, within budget). Without `byte_budget` every row sends
+        `bits` (values at `value_bits`); with it, each row takes the widest of `bit_choices` whose payload
+        fits the budget at its own token count (the narrowest, marked over budget, when none does)."""
+        value_bits = [self.params.value_bits] * len(bits) if self.params.value_bits is not None else None
+        if self.params.byte_budget is None:
+            return [(bits, value_bits, True) for _ in lengths]
+        out = []
+        for n in lengths:
+            fits = [w for w in sorted(self.params.bit_choices, reverse=True)
+                    if payload_size({**self._template(selected, [w] * len(bits), None).header(), "tokens": n})
+                    <= self.params.byte_budget]
+            w = fits[0] if fits else min(self.params.bit_choices)
+            out.append(([w] * len(bits), None, bool(fits)))
+        return out
+
+    def send_quantized(self, pre: Prefill, cache: Any, sink_kv: dict, selected: set[int], bits: list[int],
+                       texts: list[str] | None = None, as_configured: bool = False):
         """Encode each row's payload, decode it as B would, and return B's view: a copy of A's cache
         whose sent layers hold the decoded tensors, and every sink as decoded. The arithmetic runs for
-        the whole batch at once on the device (`kv_wire_batch`); each row still gets its own frame."""
+        the rows sharing widths at once on the device (`kv_wire_batch`); each row still gets its own
+        frame. A row whose payload is in the payload cache (the same sender, text A read, layers, widths
+        and scheme: a context asked again) is not encoded again; `texts` are what A read (no cache without).
+        `as_configured`: the method's own `value_bits` and `byte_budget` apply (calibration's probes send
+        exactly `bits`)."""
         b = self.pair.receiver.info
         b_heads, head_dim = self.pair.sender.info.num_kv_heads, self.pair.sender.info.head_dim
         mask = pre.full_mask.bool()
         rows = torch.arange(mask.shape[0], device=mask.device)
         first = mask.long().argmax(-1)  # each row's first real token (A's attention sink)
-        p = self.wire_payload(selected, 0, bits)
-        if self.params.value_bits is not None and bits == self.bits_for(selected):
-            p.value_bits = [self.params.value_bits] * len(bits)  # calibration's probes keep one width per layer
-        p.sink_dtype = self.params.sink_dtype if dtype_bits(p.dtype) > 16 else None
-        p.scheme = self.params.scheme()
+        lengths = [int(x) for x in mask.sum(-1).tolist()]
+        widths = self.row_widths(selected, bits, lengths) if as_configured else [(bits, None, True)] * len(lengths)
+        p = self._template(selected, bits, None)
         keys = [cache.layers[la].keys for la in p.sender_layers]
         values = [cache.layers[la].values for la in p.sender_layers]
         sink_keys, sink_values = [], []
@@ -152,29 +220,72 @@ class QKVComm(KVComm):
                 k, v = (x[rows, :, first][:, :, None, :] for x in (cache.layers[la].keys, cache.layers[la].values))
             sink_keys.append(k)
             sink_values.append(v)
-        blobs = encode_batch(p, keys, values, sink_keys, sink_values, mask)
-        got_k, got_v, got_sk, got_sv, lengths, _ = decode_batch(blobs, b.name, b.num_kv_heads, b.head_dim, device=mask.device)
         # B's view: copies of the sent layers, overwritten with what arrived; A's cache stays as it was.
         sent = set(p.sender_layers)
         view = KVView([LayerKV(e.keys.clone(), e.values.clone()) if la in sent else e for la, e in enumerate(cache.layers)])
-        row_i, pos_i = mask.nonzero(as_tuple=True)  # real tokens, in each row's order
-        tok_i = (mask.long().cumsum(-1) - 1)[row_i, pos_i]  # their place among the row's real tokens
-        for la, k, v in zip(p.sender_layers, got_k, got_v):
-            view.layers[la].keys[row_i, :, pos_i] = k[row_i, :, tok_i]
-            view.layers[la].values[row_i, :, pos_i] = v[row_i, :, tok_i]
-        sink_view = {la: (k, v) for la, k, v in zip(p.sink_sender_layers, got_sk, got_sv)}
+        sink_view = {la: (k.clone(), v.clone()) for la, k, v in zip(p.sink_sender_layers, sink_keys, sink_values)}
+        blobs: list[bytes] = [b""] * len(lengths)
+        hits = [False] * len(lengths)
+        groups: dict[tuple, list[int]] = {}
+        for i, (kb, vb, _) in enumerate(widths):
+            groups.setdefault((tuple(kb), tuple(vb) if vb else None), []).append(i)
+        for (kb, vb), idx in groups.items():
+            t = self._template(selected, list(kb), list(vb) if vb else None)
+            ids = [self._cache_key(texts[i], t) for i in idx] if self.payload_cache is not None and texts else None
+            todo, first_of = [], {}  # rows to encode: one per distinct payload in the group
+            for j in range(len(idx)):
+                if ids is None:
+                    todo.append(j)
+                elif ids[j] not in first_of and self.payload_cache.get(ids[j]) is None:
+                    first_of[ids[j]] = j
+                    todo.append(j)
+            if todo:
+                sub = torch.tensor([idx[j] for j in todo], device=mask.device)
+                new = encode_batch(t, [x[sub] for x in keys], [x[sub] for x in values], [x[sub] for x in sink_keys],
+                                   [x[sub] for x in sink_values], mask[sub])
+                for j, blob in zip(todo, new):
+                    blobs[idx[j]] = blob
+                    if ids is not None:
+                        self.payload_cache.put(ids[j], blob)
+            for j, i in enumerate(idx):
+                if not blobs[i]:  # in the cache, or the same payload as an earlier row of this batch
+                    blobs[i], hits[i] = self.payload_cache.get(ids[j]) or blobs[idx[first_of[ids[j]]]], True
+            got_k, got_v, got_sk, got_sv, _, _ = decode_batch([blobs[i] for i in idx], b.name, b.num_kv_heads,
+                                                              b.head_dim, device=mask.device)
+            sub = torch.tensor(idx, device=mask.device)
+            sub_mask = mask[sub]
+            row_i, pos_i = sub_mask.nonzero(as_tuple=True)  # real tokens, in each row's order
+            tok_i = (sub_mask.long().cumsum(-1) - 1)[row_i, pos_i]  # their place among the row's real tokens
+            for la, k, v in zip(p.sender_layers, got_k, got_v):
+                view.layers[la].keys[sub[row_i], :, pos_i] = k[row_i, :, tok_i]
+                view.layers[la].values[sub[row_i], :, pos_i] = v[row_i, :, tok_i]
+            for la, k, v in zip(p.sink_sender_layers, got_sk, got_sv):
+                sink_view[la][0][sub], sink_view[la][1][sub] = k, v
         sizes, extras = [], []
-        for n, blob in zip(lengths, blobs):
-            p.tokens = n
-            bf16 = payload_size({**p.header(), "dtype": "bfloat16", "sink_dtype": "bfloat16", "bits": [16] * len(p.bits),
-                                 "value_bits": [16] * len(p.bits)})
+        for n, blob, (kb, vb, fits), hit in zip(lengths, blobs, widths, hits):
+            t = self._template(selected, kb, vb)
+            t.tokens = n
+            n_layers = len(kb)
+            same_layers = {k: v for k, v in t.header().items() if k != "value_bits"}
+            bf16 = payload_size({**same_layers, "dtype": "bfloat16", "sink_dtype": "bfloat16", "bits": [16] * n_layers})
             # A's whole cache as it holds it: every layer's keys and values, raw, no header.
-            full = 2 * self.pair.sender.info.num_layers * b_heads * n * head_dim * dtype_bits(p.dtype) // 8
+            full = 2 * self.pair.sender.info.num_layers * b_heads * n * head_dim * dtype_bits(t.dtype) // 8
             sizes.append(len(blob))
-            widths = [*bits, *(p.value_bits or bits)]
-            extras.append({"mean_bits": sum(widths) / max(len(widths), 1), "compression_vs_bf16": round(bf16 / len(blob), 3),
-                           "compression_vs_full_cache": round(full / len(blob), 3)})
+            all_widths = [*kb, *(vb or kb)]
+            extra = {"mean_bits": sum(all_widths) / max(len(all_widths), 1), "compression_vs_bf16": round(bf16 / len(blob), 3),
+                     "compression_vs_full_cache": round(full / len(blob), 3)}
+            if self.params.byte_budget is not None and as_configured:
+                extra.update(within_budget=fits, bits=kb[0] if kb else None)
+            if self.payload_cache is not None and texts:
+                extra["payload_cache_hit"] = hit
+            extras.append(extra)
         return view, sink_view, sizes, extras
+
+    @staticmethod
+    def _cache_key(text: str, t: KVPayload) -> tuple:
+        """What a payload depends on: the sender, the text it read, the layers, widths and scheme."""
+        return (t.sender, t.receiver, text, tuple(t.layers), tuple(t.bits), tuple(t.value_bits or ()), t.sink_dtype,
+                t.scheme)
 
     # --- calibration: which layers (KVComm's), then how many bits each -------------------------------
     def first_logits(self, examples: list[Example], selected: set[int], bits: list[int] | None) -> torch.Tensor:
