@@ -51,7 +51,7 @@ qkvcomm-scheme: $(STAMP)
 
 facts: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) run_experiments.py --config configs/qkvcomm_facts.yaml
-	$(PY) -m cross_model.doc_tables --publish runs/qkvcomm_facts docs/facts
+	$(PY) -m cross_model.doc_tables --publish runs/qkvcomm_facts docs/facts --reference kvcomm_30
 
 layer-sweep: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) run_experiments.py --config configs/ac_layer_sweep.yaml
