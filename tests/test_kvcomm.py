@@ -255,7 +255,8 @@ def test_online_selection_reranks_on_the_batchs_own_prompts_every_calib_interval
     assert [p.extra["layers"] for p in a] == [sorted(offline.selected_layers())] * 3
     b = online.run_batch(second)  # items 3..5 hold item 4: re-selected from this batch
     assert all(p.extra["online_reselected"] for p in b) and online.ranking == offline.calibrate(second)["ranking"]
-    assert not online.run_batch(examples[:2])[0].extra["online_reselected"]  # items 6..7: no multiple of 4
+    assert not online.run_batch(examples[:2])[0].extra["online_reselected"]  # seen before: not new items
+    assert online.online_seen == 6
     # The answers are never read: blanked golds choose the same layers.
     blank = make("tiny-llama-64", selection="online", calib_interval=4, top_layers=0.5)
     blank.run_batch([replace(e, answers=("",)) for e in first])

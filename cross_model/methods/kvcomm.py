@@ -125,6 +125,7 @@ class KVComm(Method):
         self.ranking: list[int] | None = None
         self.calibration: dict[str, Any] = {}
         self.online_seen = 0  # items answered with selection: online, on this rank
+        self.online_ids: set[str] = set()
         self.donors: dict[str, Example] = {}  # control: other_item
         use_cross_model_attention(self.pair.receiver)
 
@@ -243,9 +244,13 @@ class KVComm(Method):
         calib_interval items, B reads all of A's layers for the batch's own prompts (no labels), and the
         layers are re-ranked by its attention on A's tokens; the batch is answered with the new
         ranking. Returns whether it re-selected."""
+        # Items count once: a failed batch's examples rerun one at a time are not new items.
+        fresh = [e.example_id for e in examples if e.example_id not in self.online_ids]
+        self.online_ids.update(fresh)
         start, interval = self.online_seen, self.params.calib_interval
-        self.online_seen += len(examples)
-        if self.ranking is not None and start // interval == (self.online_seen - 1) // interval and start % interval:
+        self.online_seen += len(fresh)
+        if self.ranking is not None and (not fresh or (start // interval == (self.online_seen - 1) // interval
+                                                       and start % interval)):
             return False
         sums = self.importance_sums(examples, self.params.batch_size or len(examples))
         self.ranking = self.rank_layers([t / len(examples) for t in sums])
