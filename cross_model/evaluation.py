@@ -150,6 +150,16 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def check_senders(task: str, test: list[Example], methods: dict[str, Any]) -> None:
+    """A multi-sender task (items with several senders' contexts) only with methods that serve them."""
+    senders = max((len(e.contexts) for e in test), default=1)
+    for name, method in methods.items():
+        if senders > 1 and not method.multi_sender:
+            able = ", ".join(n for n, m in methods.items() if m.multi_sender) or "none of this run's"
+            raise ValueError(f"methods.{name}: task {task} gives each item {senders} senders' contexts, and "
+                             f"{type(method).__name__} reads one sender; this run's methods that serve several: {able}")
+
+
 def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) -> TaskOutcome:
     """This rank's share of `test` through every method, batch by batch; resumes where it stopped."""
     rank, world = get_rank(), get_world_size()
@@ -215,6 +225,8 @@ def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) 
 def evaluate(ctx) -> dict[str, TaskOutcome]:
     """The evaluate stage: every task, then (rank 0) the summary of every task x method."""
     methods = build_methods(ctx)
+    for task, (test, _) in task_splits(ctx).items():  # refused before any task runs
+        check_senders(task, test, methods)
     outcomes = {task: evaluate_task(ctx, task, test, methods) for task, (test, _) in task_splits(ctx).items()}
     barrier()
     if is_main():

@@ -210,3 +210,29 @@ def test_one_task_twice_under_two_labels_gets_its_own_results_and_rows(tmp_path)
     assert {r["example_id"] for r in examples["countries_s0"]["baseline"]} != \
         {r["example_id"] for r in examples["countries_s5"]["baseline"]}
     assert "| countries_s5 | baseline |" in (run / "results.md").read_text()
+
+
+def test_a_multi_sender_task_runs_the_methods_that_serve_it_and_refuses_the_others(tmp_path):
+    fixture = str(ROOT / "tests" / "fixtures" / "hotpotqa.jsonl")
+
+    def run(methods, name):
+        cfg = {"name": name, "output_dir": str(tmp_path), "stages": ["evaluate", "report"],
+               "models": {"sender": "tiny-llama-64", "receiver": "tiny-llama-64"},
+               "tasks": [{"name": "hotpotqa_ms", "path": fixture, "n_test": 3, "n_calib": 0, "max_new_tokens": 2}],
+               "methods": methods}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        return subprocess.run([sys.executable, "run_experiments.py", "--config", str(path)], cwd=ROOT, text=True,
+                              capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    ok = run({"baseline": {}, "skyline": {}}, "ms")
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    from cross_model.data import load_task_examples
+
+    test, _ = load_task_examples("hotpotqa_ms", 3, 0, path=fixture)
+    rows = {r["example_id"]: r for r in _examples(tmp_path / "ms")["hotpotqa_ms"]["skyline"]}
+    for e in test:  # B read both senders' contexts, and both count
+        assert rows[e.example_id]["payload_bytes"] == len(e.prompt_A.encode()) + len(e.more_senders[0].encode())
+    refused = run({"baseline": {}, "kvcomm": {"selection": "all"}}, "ms_kv")
+    assert refused.returncode != 0
+    assert "methods.kvcomm: task hotpotqa_ms gives each item 2 senders' contexts" in refused.stdout + refused.stderr

@@ -223,3 +223,24 @@ def test_mixed_countries_tipsheets_concatenated_and_shuffled():
     public, _ = load_task_examples("countries_tipsheets", 2, 1, path=str(PUBLIC))
     assert [e.example_id for e in public[:2]] == ["countries-p1", "countries-p2"]
     assert public[2].example_id.startswith("tipsheets-line")
+
+
+def test_multi_sender_tasks_split_the_supporting_facts_between_two_senders(tmp_path):
+    rows = [json.loads(x) for x in (FIX / "hotpotqa.jsonl").read_text().splitlines()]
+    test, _ = load_task_examples("hotpotqa_ms", 3, 0, path=str(FIX / "hotpotqa.jsonl"))
+    single, _ = load_task_examples("hotpotqa", 3, 0, path=str(FIX / "hotpotqa.jsonl"))
+    by_q = {r["question"]: r for r in rows}
+    for e, s in zip(test, single):  # the same items, the same order (both shuffled with seed 42)
+        assert e.prompt_B == s.prompt_B and len(e.contexts) == 2
+        assert " ".join(e.contexts) == s.prompt_A  # two supporting facts: one to each sender
+        assert e.prompt_A in s.prompt_A and e.more_senders[0] in s.prompt_A and by_q[e.prompt_B]["answer"] in e.answers
+    # Items with fewer than two supporting paragraphs are not multi-sender items.
+    musique = tmp_path / "musique.jsonl"
+    lines = (FIX / "musique.jsonl").read_text().splitlines()
+    two = json.loads(lines[0])
+    two["paragraphs"] = [{**p, "is_supporting": True} for p in two["paragraphs"]]
+    musique.write_text("\n".join([json.dumps(two), *lines[1:]]) + "\n")
+    (m,), _ = load_task_examples("musique_ms", 1, 0, path=str(musique))
+    assert m.prompt_A == "Noise: Unrelated text." and m.more_senders == ("Apple: Apple was founded by Steve Jobs.",)
+    with pytest.raises(ValueError, match="exceeds the 1 rows"):
+        load_task_examples("musique_ms", 2, 0, path=str(musique))

@@ -23,6 +23,13 @@ class Example:
     metric: str  # f1_match, exact_match, numeric_match, rouge_l_recall, edit_similarity
     kind: str = QA  # selects the instruction (QA, math, code or summary)
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # Multi-sender tasks: the contexts of senders 2, 3, ... (`prompt_A` is sender 1's). Methods that
+    # cannot serve several senders refuse such a task (`Method.multi_sender`).
+    more_senders: tuple[str, ...] = ()
+
+    @property
+    def contexts(self) -> tuple[str, ...]:
+        return (self.prompt_A, *self.more_senders)
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tupl
         task = TASKS[task_name]
 
         def make(row: dict, split: str) -> Example:
-            rid, prompt_a, prompt_b, answers = parse(row)
+            rid, prompt_a, prompt_b, answers, *more = parse(row)  # multi-sender parsers add the other contexts
             return Example(
                 example_id=f"{task_name}-{rid}",
                 prompt_A=prompt_a,
@@ -76,6 +76,7 @@ def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tupl
                 metric=task.metric,
                 kind=task.kind,
                 meta={"split": split},
+                more_senders=tuple(more[0]) if more else (),
             )
 
         test = [make(rows[i], "test") for i in range(n_test)]
@@ -90,22 +91,12 @@ def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tupl
 
 def parse_hotpotqa(row: dict) -> tuple[str, str, str, list[str]]:
     """A gets the gold supporting-fact sentences (title, sentence index) from the distractor context."""
-    titles = row["context"]["title"]
-    sentences = row["context"]["sentences"]
-    by_title = dict(zip(titles, sentences))
-    facts = []
-    for title, sent_id in zip(row["supporting_facts"]["title"], row["supporting_facts"]["sent_id"]):
-        sents = by_title.get(title, [])
-        if 0 <= sent_id < len(sents):
-            facts.append(sents[sent_id].strip())
-    return row["id"], " ".join(facts), row["question"], [row["answer"]]
+    return row["id"], " ".join(hotpotqa_facts(row)), row["question"], [row["answer"]]
 
 
 def parse_musique(row: dict) -> tuple[str, str, str, list[str]]:
     """A gets the supporting paragraphs."""
-    paras = [f"{p['title']}: {p['paragraph_text']}" for p in row["paragraphs"] if p.get("is_supporting")]
-    answers = [row["answer"], *(row.get("answer_aliases") or [])]
-    return row["id"], "\n".join(paras), row["question"], answers
+    return row["id"], "\n".join(musique_facts(row)), row["question"], musique_answers(row)
 
 
 def parse_longbench(row: dict) -> tuple[str, str, str, list[str]]:
@@ -155,6 +146,36 @@ def parse_samsum(row: dict) -> tuple[str, str, str, list[str]]:
     return str(row["id"]), "\n".join(lines[:mid]).strip(), "\n".join(lines[mid:]).strip(), [row["summary"]]
 
 
+def hotpotqa_facts(row: dict) -> list[str]:
+    """The gold supporting-fact sentences (title, sentence index) of a distractor-setting row."""
+    by_title = dict(zip(row["context"]["title"], row["context"]["sentences"]))
+    out = []
+    for title, sent_id in zip(row["supporting_facts"]["title"], row["supporting_facts"]["sent_id"]):
+        sents = by_title.get(title, [])
+        if 0 <= sent_id < len(sents):
+            out.append(sents[sent_id].strip())
+    return out
+
+
+def musique_facts(row: dict) -> list[str]:
+    return [f"{p['title']}: {p['paragraph_text']}" for p in row["paragraphs"] if p.get("is_supporting")]
+
+
+def musique_answers(row: dict) -> list[str]:
+    return [row["answer"], *(row.get("answer_aliases") or [])]
+
+
+def two_senders(facts_of: Callable[[dict], list[str]], answers_of: Callable[[dict], list[str]], sep: str):
+    """A multi-sender parser (the public com_ms.py's split): the first half of the supporting facts to
+    A1, the rest to A2; returns (id, A1's context, question, answers, [A2's context])."""
+    def parse(row: dict) -> tuple:
+        facts = facts_of(row)
+        mid = len(facts) // 2
+        return row["id"], sep.join(facts[:mid]), row["question"], answers_of(row), [sep.join(facts[mid:])]
+
+    return parse
+
+
 TASKS: dict[str, Task] = {}
 
 
@@ -180,4 +201,11 @@ _register("repobench", _REPOBENCH, parse_repobench, "edit_similarity", 100, kind
 _register("repobench_full", _REPOBENCH, parse_repobench, "edit_similarity", 100, kind=CODE, keep=repobench_fits,
           sample=False)
 _register("samsum", _SAMSUM, parse_samsum, "rouge_l_recall", 300, kind=SUMMARY)
+# Multi-sender (the public com_ms.py): items with at least two supporting facts, split between two senders.
+_register("hotpotqa_ms", HubSource("hotpotqa/hotpot_qa", "distractor", "validation"),
+          two_senders(hotpotqa_facts, lambda r: [r["answer"]], " "), "f1_match", 48,
+          keep=lambda r: len(hotpotqa_facts(r)) >= 2)
+_register("musique_ms", HubSource("dgslibisey/MuSiQue", None, "validation"),
+          two_senders(musique_facts, musique_answers, "\n"), "f1_match", 48,
+          keep=lambda r: len(musique_facts(r)) >= 2)
 _register("samsum_full", _SAMSUM, parse_samsum, "rouge_l_recall", 300, kind=SUMMARY, sample=False)

@@ -90,6 +90,8 @@ class Method:
     def needs_calibration(cls, params: MethodParams) -> bool:
         return False
 
+    multi_sender = False  # serves tasks whose items have several senders' contexts (Example.more_senders)
+
     def check_pair(self) -> None:
         """Refuse model pairs this method cannot serve, with a clear error."""
 

@@ -10,6 +10,8 @@ from cross_model.prompting import receiver_text
 
 @register("baseline")
 class Baseline(Method):
+    multi_sender = True  # no sender is read, so any number of them
+
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         gen, lengths = self.answer_with(self.pair.receiver, [receiver_text(e) for e in examples], examples, reuse=True)
         return [
