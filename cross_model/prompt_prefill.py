@@ -97,18 +97,22 @@ class Prefill:
 
 
 @torch.inference_mode()
-def run_prefill(lm: LoadedModel, batch: Batch | PrefixedBatch, ids_rows: list[list[int]], layers: int | None) -> Prefill:
-    """Prefill `batch` through `layers` blocks (None: all, with the last position's logits)."""
+def run_prefill(lm: LoadedModel, batch: Batch | PrefixedBatch, ids_rows: list[list[int]], layers: int | None,
+                position_offset_B: torch.Tensor | None = None) -> Prefill:
+    """Prefill `batch` through `layers` blocks (None: all, with the last position's logits).
+    `position_offset_B`: each row's first token takes this position instead of 0 (a left-padded batch)."""
     n_layers = lm.info.num_layers
     upto = n_layers if layers is None else layers
     if not 0 <= upto <= n_layers:
         raise ValueError(f"prefill: {lm.info.name} has {n_layers} layers, asked for {upto}")
     if isinstance(batch, PrefixedBatch):
+        if position_offset_B is not None:
+            raise ValueError("prefill: a position offset needs a left-padded batch, not a shared-prefix one")
         ids, suffix_mask, cache, prefix_len = batch.input_ids, batch.suffix_mask, batch.cache, batch.prefix_len
         full_mask, positions = batch.full_mask, batch.position_ids
     else:
         ids, suffix_mask, cache, prefix_len = batch.input_ids, batch.attention_mask, DynamicCache(), 0
-        full_mask, positions = batch.attention_mask, positions_from_mask(batch.attention_mask)
+        full_mask, positions = batch.attention_mask, positions_from_mask(batch.attention_mask, position_offset_B)
     dec = decoder(lm)
     hidden: list[torch.Tensor | None] = [None] * (upto + 1)
     handles = []

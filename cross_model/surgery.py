@@ -306,13 +306,17 @@ def assemble_receiver_cache(
     selected: set[int],
     sink_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     receiver_mask: str = "causal",
+    position_offset_B: torch.Tensor | None = None,
 ) -> tuple[DynamicCache, KVLayout]:
     """B's cache from A's: receiver layer l holds all of A's layer `layer_map[l]` when l is selected,
-    else only A's first real token (the attention sink). Positions are A's own (0..N-1).
+    else only A's first real token (the attention sink). Positions are A's own (0..N-1, or from
+    `position_offset_B` when A prefilled at an offset: a second sender after the first).
     `sink_kv[la]` gives the sink's keys/values (B x H x 1 x D) of A layers the full forward skipped."""
     bsz = sender_mask_BT.shape[0]
     device = sender_mask_BT.device
-    pos_a = positions_from_mask(sender_mask_BT)
+    start = (torch.zeros(bsz, dtype=torch.long, device=device) if position_offset_B is None
+             else position_offset_B.to(device=device, dtype=torch.long))
+    pos_a = positions_from_mask(sender_mask_BT, start)
     valid_a = sender_mask_BT.bool()
     first_real = sender_mask_BT.long().argmax(-1)  # the first real token (left padding or a shared prefix)
     rows = torch.arange(bsz, device=device)
@@ -320,8 +324,8 @@ def assemble_receiver_cache(
     key_pos, key_valid, key_src = [], [], []
     # One tensor of each kind per kind of layer (see `KVLayout.append`): sent layers hold A's tokens,
     # the others only the sink.
-    sent_src = torch.where(pos_a == 0, SRC_SINK, SRC_A)
-    sink_pos = torch.zeros((bsz, 1), dtype=torch.long, device=device)
+    sent_src = torch.where(pos_a == start[:, None], SRC_SINK, SRC_A)
+    sink_pos = start[:, None].clone()
     sink_valid = torch.ones((bsz, 1), dtype=torch.bool, device=device)
     sink_src = torch.full((bsz, 1), SRC_SINK, device=device)
     for l, la in enumerate(layer_map):
@@ -344,3 +348,29 @@ def assemble_receiver_cache(
         key_valid.append(kv)
         key_src.append(src)
     return cache, KVLayout(key_pos, key_valid, key_src, receiver_mask=receiver_mask)
+
+
+def join_receiver_caches(parts: list[tuple[DynamicCache, KVLayout]]) -> tuple[DynamicCache, KVLayout]:
+    """Several senders' receiver caches as one: per layer, the first sender's keys, then the second's
+    (each part's positions as assembled; padding stays masked wherever it sits). Layers that shared a
+    layout tensor in every part share the joined one too (see `KVLayout.append`)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0][1]
+    cache = DynamicCache()
+    joined: dict[tuple, torch.Tensor] = {}
+
+    def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+        key = tuple(id(t) for t in tensors)
+        if key not in joined:
+            joined[key] = torch.cat(tensors, dim=1)
+        return joined[key]
+
+    key_pos, key_valid, key_src = [], [], []
+    for l in range(len(first.key_pos)):
+        cache.update(torch.cat([c.layers[l].keys for c, _ in parts], dim=2),
+                     torch.cat([c.layers[l].values for c, _ in parts], dim=2), l)
+        key_pos.append(cat([lay.key_pos[l] for _, lay in parts]))
+        key_valid.append(cat([lay.key_valid[l] for _, lay in parts]))
+        key_src.append(cat([lay.key_src[l] for _, lay in parts]))
+    return cache, KVLayout(key_pos, key_valid, key_src, receiver_mask=first.receiver_mask)

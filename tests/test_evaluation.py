@@ -225,7 +225,8 @@ def test_a_multi_sender_task_runs_the_methods_that_serve_it_and_refuses_the_othe
         return subprocess.run([sys.executable, "run_experiments.py", "--config", str(path)], cwd=ROOT, text=True,
                               capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
-    ok = run({"baseline": {}, "skyline": {}}, "ms")
+    ok = run({"baseline": {}, "skyline": {}, "nld": {"nld_max_tokens": 3}, "cipher": {"nld_max_tokens": 3},
+              "kvcomm": {"selection": "all"}}, "ms")
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
     from cross_model.data import load_task_examples
 
@@ -233,6 +234,8 @@ def test_a_multi_sender_task_runs_the_methods_that_serve_it_and_refuses_the_othe
     rows = {r["example_id"]: r for r in _examples(tmp_path / "ms")["hotpotqa_ms"]["skyline"]}
     for e in test:  # B read both senders' contexts, and both count
         assert rows[e.example_id]["payload_bytes"] == len(e.prompt_A.encode()) + len(e.more_senders[0].encode())
-    refused = run({"baseline": {}, "kvcomm": {"selection": "all"}}, "ms_kv")
+    kv = {r["example_id"]: r for r in _examples(tmp_path / "ms")["hotpotqa_ms"]["kvcomm"]}
+    assert all(sum(kv[e.example_id]["bytes_per_sender"]) == kv[e.example_id]["payload_bytes"] for e in test)
+    refused = run({"baseline": {}, "kvcomm": {"selection": "all", "facts": True}}, "ms_kv")
     assert refused.returncode != 0
     assert "methods.kvcomm: task hotpotqa_ms gives each item 2 senders' contexts" in refused.stdout + refused.stderr

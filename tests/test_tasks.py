@@ -225,6 +225,17 @@ def test_mixed_countries_tipsheets_concatenated_and_shuffled():
     assert public[2].example_id.startswith("tipsheets-line")
 
 
+def test_twowikimqa_multi_sender_reads_the_supporting_sentences_by_title_and_index():
+    test, _ = load_task_examples("twowikimqa_ms", 3, 0, path=str(FIX / "twowikimqa.jsonl"))
+    by_id = {e.example_id: e for e in test}
+    # w4 has one supporting fact, so it is not a multi-sender item; w3's three facts split one / two.
+    assert set(by_id) == {"twowikimqa_ms-w1", "twowikimqa_ms-w2", "twowikimqa_ms-w3"}
+    assert by_id["twowikimqa_ms-w1"].contexts == ("It was directed by Ana Reyes.", "Her father is Tom Reyes.")
+    assert by_id["twowikimqa_ms-w3"].contexts == ("Lia Moss is the daughter of Carl Moss.",
+                                                  "Carl Moss is the son of Edna Moss. He lived in Leeds.")
+    assert by_id["twowikimqa_ms-w1"].answers == ("Tom Reyes",)
+
+
 def test_multi_sender_tasks_split_the_supporting_facts_between_two_senders(tmp_path):
     rows = [json.loads(x) for x in (FIX / "hotpotqa.jsonl").read_text().splitlines()]
     test, _ = load_task_examples("hotpotqa_ms", 3, 0, path=str(FIX / "hotpotqa.jsonl"))

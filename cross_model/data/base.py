@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 QA = "qa"
@@ -30,6 +30,23 @@ class Example:
     @property
     def contexts(self) -> tuple[str, ...]:
         return (self.prompt_A, *self.more_senders)
+
+    def as_sender(self, j: int) -> Example:
+        """The item as sender j sees it: its own context as `prompt_A`, no other sender's."""
+        if not self.more_senders:
+            if j:
+                raise IndexError(f"{self.example_id} has one sender, not {j + 1}")
+            return self
+        return replace(self, prompt_A=self.contexts[j], more_senders=())
+
+
+def sender_count(examples: list[Example]) -> int:
+    """How many senders a batch's items have: one number for the batch, or a clear error."""
+    counts = {len(e.contexts) for e in examples}
+    if len(counts) > 1:
+        raise ValueError(f"a batch mixes items with {sorted(counts)} senders; a multi-sender task gives every item "
+                         "the same number (this batch: " + ", ".join(e.example_id for e in examples[:4]) + ")")
+    return counts.pop() if counts else 1
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,18 @@ def musique_facts(row: dict) -> list[str]:
     return [f"{p['title']}: {p['paragraph_text']}" for p in row["paragraphs"] if p.get("is_supporting")]
 
 
+def twowiki_facts(row: dict) -> list[str]:
+    """2WikiMultihopQA's gold supporting sentences: `supporting_facts` (title, sent_id) into `context`
+    (title, content: its sentences), as in the dataset's parquet conversion."""
+    by_title = dict(zip(row["context"]["title"], row["context"]["content"]))
+    out = []
+    for title, sent_id in zip(row["supporting_facts"]["title"], row["supporting_facts"]["sent_id"]):
+        sents = by_title.get(title, [])
+        if 0 <= sent_id < len(sents):
+            out.append(sents[sent_id].strip())
+    return out
+
+
 def musique_answers(row: dict) -> list[str]:
     return [row["answer"], *(row.get("answer_aliases") or [])]
 
@@ -171,7 +183,8 @@ def two_senders(facts_of: Callable[[dict], list[str]], answers_of: Callable[[dic
     def parse(row: dict) -> tuple:
         facts = facts_of(row)
         mid = len(facts) // 2
-        return row["id"], sep.join(facts[:mid]), row["question"], answers_of(row), [sep.join(facts[mid:])]
+        rid = row["id"] if "id" in row else row["_id"]  # 2WikiMultihopQA names it _id
+        return rid, sep.join(facts[:mid]), row["question"], answers_of(row), [sep.join(facts[mid:])]
 
     return parse
 
@@ -208,4 +221,7 @@ _register("hotpotqa_ms", HubSource("hotpotqa/hotpot_qa", "distractor", "validati
 _register("musique_ms", HubSource("dgslibisey/MuSiQue", None, "validation"),
           two_senders(musique_facts, musique_answers, "\n"), "f1_match", 48,
           keep=lambda r: len(musique_facts(r)) >= 2)
+_register("twowikimqa_ms", HubSource("ohjoonhee/2WikiMultihopQA", None, "validation"),
+          two_senders(twowiki_facts, lambda r: [r["answer"]], " "), "f1_match", 32,
+          keep=lambda r: len(twowiki_facts(r)) >= 2)
 _register("samsum_full", _SAMSUM, parse_samsum, "rouge_l_recall", 300, kind=SUMMARY, sample=False)

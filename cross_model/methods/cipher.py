@@ -6,6 +6,10 @@ embedding scale) as `inputs_embeds`, with a KV cache (the public code recomputes
 ends when the nearest vocabulary embedding (cosine) of e is EOS, or at `nld_max_tokens`. B's
 refinement prompt embeds its text with B's table and splices in B's own and A's vectors; B's final
 answer is decoded greedily as tokens. Payload: n_vectors x d x bytes per element.
+
+Several senders (a multi-sender task): each reads its own context and sends its own vectors; B's
+refinement prompt splices all senders' vectors, in sender order, where one sender's would go; in later
+rounds each sender reads B's vectors and then the other senders'. The payload counts every sender's.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 
 import torch
 
-from cross_model.data.base import Example
+from cross_model.data.base import Example, sender_count
 from cross_model.generation import default_forward, eos_token_ids, greedy_generate, positions_from_mask
 from cross_model.methods.base import Method, Prediction
 from cross_model.methods.debate import DebateParams, first_sender_text, receiver_prompt, refinement_parts
@@ -130,6 +134,7 @@ def pad_embeddings_left(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.T
 @register("cipher")
 class Cipher(Method):
     Params = CipherParams
+    multi_sender = True
 
     def check_pair(self) -> None:
         a, b = self.pair.sender, self.pair.receiver
@@ -181,8 +186,15 @@ class Cipher(Method):
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         p = self.params
         a, b = self.pair.sender, self.pair.receiver
-        a_prompts = [first_sender_text(e, p) for e in examples]
+        n, senders = len(examples), sender_count(examples)
+        # One row per (sender, item), sender-major: row j*n + i is sender j of item i.
+        views = [e.as_sender(j) for j in range(senders) for e in examples]
+        a_prompts = [first_sender_text(v, p) for v in views]
         b_prompts = [receiver_prompt(e) for e in examples]
+
+        def heard(vecs: list[torch.Tensor], i: int, skip: int | None = None) -> list[torch.Tensor]:
+            return [vecs[j * n + i] for j in range(senders) if j != skip]
+
         # The first messages continue prefills other methods share (the same prompts' token ids).
         a_pre = self.prefill(a, a_prompts)
         a_vecs, a_steps = vector_generate(a, None, None, p.nld_max_tokens, p.temperature, start=a_pre)
@@ -193,10 +205,12 @@ class Cipher(Method):
         a_gen, b_gen = list(a_steps), list(b_steps)
         a_in, b_in = list(a_len), list(b_len)
         for r in range(1, p.rounds):
-            a_rows = [self._refinement_embeds(a, ap, av, bv) for ap, av, bv in zip(a_prompts, a_vecs, b_vecs)]
+            a_rows = [self._refinement_embeds(a, ap, av, torch.cat([b_vecs[k % n], *heard(a_vecs, k % n, k // n)]))
+                      for k, (ap, av) in enumerate(zip(a_prompts, a_vecs))]
             emb, mask = pad_embeddings_left(a_rows)
             new_a, steps = vector_generate(a, emb, mask, p.nld_max_tokens, p.temperature)
-            b_rows = [self._refinement_embeds(b, bp, bv, av) for bp, bv, av in zip(b_prompts, b_vecs, a_vecs)]
+            b_rows = [self._refinement_embeds(b, bp, bv, torch.cat(heard(a_vecs, i)))
+                      for i, (bp, bv) in enumerate(zip(b_prompts, b_vecs))]
             emb, mask = pad_embeddings_left(b_rows)
             b_vecs, b_steps2 = vector_generate(b, emb, mask, p.nld_max_tokens, p.temperature)
             a_in = [x + len(rw) for x, rw in zip(a_in, a_rows)]
@@ -204,19 +218,26 @@ class Cipher(Method):
             a_gen = [x + s for x, s in zip(a_gen, steps)]
             b_gen = [x + s for x, s in zip(b_gen, b_steps2)]
             a_vecs = new_a
-            n_sent = [n + v.shape[0] for n, v in zip(n_sent, a_vecs)]
-        parts = [self._refinement_parts(b, bp, bv, av) for bp, bv, av in zip(b_prompts, b_vecs, a_vecs)]
+            n_sent = [c + v.shape[0] for c, v in zip(n_sent, a_vecs)]
+        parts = [self._refinement_parts(b, bp, bv, torch.cat(heard(a_vecs, i)))
+                 for i, (bp, bv) in enumerate(zip(b_prompts, b_vecs))]
         gen = self._final_answer(b, parts, [self.max_new_tokens(e) for e in examples])
         rows = [len(head) + len(rest) for head, rest in parts]
         elem = a_vecs[0].element_size() if a_vecs else 4
         d = a.info.hidden_size
+
+        def per_item(values: list[int]) -> list[int]:
+            return [sum(values[j * n + i] for j in range(senders)) for i in range(n)]
+
+        vectors, a_in, a_gen = per_item(n_sent), per_item(a_in), per_item(a_gen)
         return [
             Prediction(
-                e.example_id, text, n * d * elem, sender_prefill_tokens=ai, sender_generated_tokens=ag,
+                e.example_id, text, count * d * elem, sender_prefill_tokens=ai, sender_generated_tokens=ag,
                 receiver_prefill_tokens=bi + row, receiver_generated_tokens=bg + out,
-                extra={"sender_vectors": n},
+                extra={"sender_vectors": count, **({"vectors_per_sender": [n_sent[j * n + i] for j in range(senders)]}
+                                                   if senders > 1 else {})},
             )
-            for e, text, n, ai, ag, bi, bg, row, out in zip(
-                examples, gen.texts, n_sent, a_in, a_gen, b_in, b_gen, rows, gen.n_generated
-            )
+            for i, (e, text, count, ai, ag, bi, bg, row, out) in enumerate(zip(
+                examples, gen.texts, vectors, a_in, a_gen, b_in, b_gen, rows, gen.n_generated
+            ))
         ]

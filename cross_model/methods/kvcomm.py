@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from cross_model.data.base import Example
+from cross_model.data.base import Example, sender_count
 from cross_model.distributed import all_reduce_sum, broadcast_object, gather_object, is_main, shard
 from cross_model.facts import check_facts_settings, facts_text, with_facts
 from cross_model.generation import greedy_generate
@@ -27,10 +27,10 @@ from cross_model.methods.base import Method, MethodParams, Prediction
 from cross_model.methods.registry import register
 from cross_model.kv_wire import KVPayload, dtype_bits, dtype_name, payload_size
 from cross_model.progress import Progress
-from cross_model.prompt_prefill import Prefill
-from cross_model.prompting import receiver_text, sender_text, tokenize_prompts
+from cross_model.prompt_prefill import Prefill, run_prefill
+from cross_model.prompting import pad_left, receiver_text, sender_text, tokenize_prompts
 from cross_model.surgery import (
-    assemble_receiver_cache, layout_forward, partial_forward, use_cross_model_attention,
+    assemble_receiver_cache, join_receiver_caches, layout_forward, partial_forward, use_cross_model_attention,
 )
 
 SELECTIONS = ("calibrate", "layers", "range", "random", "all", "online")
@@ -108,6 +108,11 @@ class KVComm(Method):
     def needs_calibration(cls, params: KVCommParams) -> bool:
         return params.selection == "calibrate"
 
+    @property
+    def multi_sender(self) -> bool:
+        """Several senders, each its own cache; the fact side channel and the other-item control read one."""
+        return not self.params.facts and self.params.control is None
+
     def check_pair(self) -> None:
         a, b = self.pair.sender.info, self.pair.receiver.info
         if (a.num_kv_heads, a.head_dim) != (b.num_kv_heads, b.head_dim):
@@ -152,19 +157,27 @@ class KVComm(Method):
         return chosen
 
     # --- sender ---------------------------------------------------------------------------------
-    def sender_cache(self, examples: list[Example], selected: set[int]) -> tuple[Prefill, Any, dict]:
+    def sender_cache(self, examples: list[Example], selected: set[int],
+                     offset_B: torch.Tensor | None = None) -> tuple[Prefill, Any, dict]:
         """A's prefill, stopping after the highest sent layer (or shared with a method that ran more);
         the sinks of higher layers come from a one-token forward (A's first token attends only to
-        itself, so its keys/values are the same)."""
+        itself, so its keys/values are the same). `offset_B`: A's context starts at this position in
+        each row (a later sender of a multi-sender item; its prefill is its own, never shared)."""
         a = self.pair.sender
         top = max((self.layer_map[l] for l in selected), default=-1) + 1
-        pre = self.prefill(a, [sender_text(e) for e in examples], layers=top)
+        texts = [sender_text(e) for e in examples]
+        if offset_B is None:
+            pre = self.prefill(a, texts, layers=top)
+        else:
+            ids = self.prompt_ids(a, texts)
+            pre = run_prefill(a, pad_left(ids, a.tokenizer.pad_token_id, a.device), ids, top, offset_B.to(a.device))
         sink_kv = {}
         sink_layers = {self.layer_map[l] for l in range(len(self.layer_map)) if l not in selected}
         if any(la >= pre.layers for la in sink_layers):
             ids = torch.tensor(pre.first_ids, dtype=torch.long, device=a.device)[:, None]
             sink_cache = DynamicCache()
-            partial_forward(a, ids, torch.ones_like(ids), max(sink_layers) + 1, cache=sink_cache)
+            pos = None if offset_B is None else offset_B.to(a.device)[:, None]
+            partial_forward(a, ids, torch.ones_like(ids), max(sink_layers) + 1, cache=sink_cache, position_ids_BT=pos)
             sink_kv = {la: (sink_cache.layers[la].keys, sink_cache.layers[la].values)
                        for la in sink_layers if la >= pre.layers}
         return pre, pre.kv_view(), sink_kv
@@ -191,30 +204,58 @@ class KVComm(Method):
         KVComm sends A's tensors as they are, so B's view is A's cache."""
         return cache, sink_kv, [self.payload_bytes(n, selected) for n in pre.prompt_lengths], [{} for _ in pre.prompt_lengths]
 
+    def merge_extras(self, earlier: dict, later: dict) -> dict:
+        """One row's extra fields from two senders' payloads (KVComm's transmit adds none)."""
+        return {**earlier, **later}
+
     # --- receiver -------------------------------------------------------------------------------
+    def receiver_cache(self, examples: list[Example], selected: set[int], as_sent: bool = True):
+        """B's cache and layout from every sender's A-side work, with B's position offset, each row's
+        sender prompt tokens, payload bytes and extra fields.
+
+        Several senders: sender j prefills its own context at the positions after senders 0..j-1's
+        (the receiver tells it where to start), sends its own payload, and B's cache holds, per layer,
+        sender 0's part and then sender 1's: what one forward over [A1 | A2 | B] would hold in which
+        A2 does not see A1. B's positions continue after all of them; bytes add up."""
+        senders = sender_count(examples)
+        parts, sizes, extras, a_len = [], [0] * len(examples), [{} for _ in examples], [0] * len(examples)
+        per_sender: list[list[int]] = []
+        offset = None
+        for j in range(senders):
+            views = [e.as_sender(j) for e in examples]
+            a_pre, a_cache, sink_kv = self.sender_cache(views, selected, offset)
+            if as_sent:
+                a_cache, sink_kv, got, more = self.transmit(a_pre, a_cache, sink_kv, selected,
+                                                            [sender_text(e) for e in views])
+                sizes = [x + y for x, y in zip(sizes, got)]
+                extras = more if j == 0 else [self.merge_extras(x, y) for x, y in zip(extras, more)]
+                per_sender.append(got)
+            a_mask = a_pre.full_mask
+            parts.append(assemble_receiver_cache(a_cache, a_mask, self.layer_map, selected, sink_kv,
+                                                 self.params.receiver_mask, offset))
+            a_len = [x + y for x, y in zip(a_len, a_pre.prompt_lengths)]
+            real = a_mask.sum(-1)
+            offset = real if offset is None else offset.to(real.device) + real
+        cache, layout = join_receiver_caches(parts)
+        if senders > 1 and as_sent:
+            extras = [{**x, "bytes_per_sender": [s[i] for s in per_sender]} for i, x in enumerate(extras)]
+        return cache, layout, offset.to(self.pair.receiver.device), a_len, sizes, extras
+
     def _receive(self, examples: list[Example], selected: set[int], record: bool = False, max_new: list[int] | None = None,
                  as_sent: bool = True, receiver_examples: list[Example] | None = None):
         """B's greedy answers reading A's cache, with each row's payload bytes and extra fields;
         `as_sent=False` reads A's tensors as they are (calibration). `receiver_examples`: what B reads
         when it is not the examples themselves (the facts before the question)."""
-        a_pre, a_cache, sink_kv = self.sender_cache(examples, selected)
-        sizes: list[int] = [0] * len(examples)
-        extras: list[dict] = [{} for _ in examples]
-        if as_sent:
-            a_cache, sink_kv, sizes, extras = self.transmit(a_pre, a_cache, sink_kv, selected,
-                                                             [sender_text(e) for e in examples])
-        a_mask = a_pre.full_mask
-        cache, layout = assemble_receiver_cache(a_cache, a_mask, self.layer_map, selected, sink_kv, self.params.receiver_mask)
+        cache, layout, offset, a_len, sizes, extras = self.receiver_cache(examples, selected, as_sent)
         layout.record_attention = record
         b = self.pair.receiver
         b_batch = tokenize_prompts(b, [receiver_text(e) for e in receiver_examples or examples], self.params.max_prompt_tokens)
-        offset = a_mask.sum(-1).to(b.device)  # B's positions continue after A's context
         limits = max_new or [self.max_new_tokens(e) for e in examples]
-        gen = greedy_generate(
+        gen = greedy_generate(  # B's positions continue after every sender's context
             b, b_batch.input_ids, b_batch.attention_mask, max(limits), cache=cache,
             position_offset_B=offset, forward=layout_forward(b, layout), max_new_tokens_B=limits,
         )
-        return gen, a_pre.prompt_lengths, b_batch.lengths, layout, sizes, extras
+        return gen, a_len, b_batch.lengths, layout, sizes, extras
 
     def set_task_items(self, items: list[Example]) -> None:
         """control: other_item pairs each item with the next one in order of context length (cyclic):
@@ -270,7 +311,7 @@ class KVComm(Method):
             extras = [{**x, "facts": t, "facts_bytes": len(t.encode("utf-8"))} for x, t in zip(extras, texts)]
         if reselected is not None:
             extras = [{**x, "online_reselected": reselected} for x in extras]
-        context_bytes = [len(e.prompt_A.encode("utf-8")) for e in examples]
+        context_bytes = [sum(len(c.encode("utf-8")) for c in e.contexts) for e in examples]
         extras = [{**x, "text_bytes": t, "payload_vs_text": round(n / t, 3) if t else None}
                   for x, t, n in zip(extras, context_bytes, sizes)]
         return [

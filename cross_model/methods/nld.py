@@ -1,9 +1,13 @@
 """Natural-language debate: A sends text messages; B revises its answer in their light.
-Payload: the UTF-8 bytes of every message A sent."""
+Payload: the UTF-8 bytes of every message A sent.
+
+Several senders (a multi-sender task): each reads its own context and sends its own messages; B reads
+all of them, in sender order, one per line; in later rounds each sender reads B's answer and the other
+senders' messages (every agent sees every other, as in Du et al.). The payload is every sender's bytes."""
 
 from __future__ import annotations
 
-from cross_model.data.base import Example
+from cross_model.data.base import Example, sender_count
 from cross_model.methods.base import Method, Prediction
 from cross_model.methods.debate import DebateParams, first_sender_text, receiver_prompt, refinement_text
 from cross_model.methods.registry import register
@@ -12,13 +16,15 @@ from cross_model.methods.registry import register
 @register("nld")
 class NaturalLanguageDebate(Method):
     Params = DebateParams
+    multi_sender = True
 
-    def _generate(self, lm, texts: list[str], examples: list[Example], limit: int | None, tokens: dict, who: str,
+    def _generate(self, lm, texts: list[str], examples: list[Example], limit: int | None, tokens: list[dict], who: str,
                   reuse: bool = False):
+        """Generate for `examples` (one row per example and sender); each row's tokens count for its item."""
         gen, lengths = self.answer_with(lm, texts, examples, limit=limit, reuse=reuse)  # None: the task's length
-        for i, (n_in, n_out) in enumerate(zip(lengths, gen.n_generated)):
-            tokens[i][f"{who}_prefill_tokens"] += n_in
-            tokens[i][f"{who}_generated_tokens"] += n_out
+        for k, (n_in, n_out) in enumerate(zip(lengths, gen.n_generated)):
+            tokens[k % len(tokens)][f"{who}_prefill_tokens"] += n_in
+            tokens[k % len(tokens)][f"{who}_generated_tokens"] += n_out
         return gen
 
     def _message(self, gen) -> list[str]:
@@ -28,30 +34,41 @@ class NaturalLanguageDebate(Method):
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         p = self.params
         a, b = self.pair.sender, self.pair.receiver
+        n, senders = len(examples), sender_count(examples)
         keys = ("sender_prefill_tokens", "sender_generated_tokens", "receiver_prefill_tokens", "receiver_generated_tokens")
         tokens = [dict.fromkeys(keys, 0) for _ in examples]
-        a_prompts = [first_sender_text(e, p) for e in examples]
+        # One row per (sender, item), sender-major: row j*n + i is sender j of item i.
+        views = [e.as_sender(j) for j in range(senders) for e in examples]
+        a_prompts = [first_sender_text(v, p) for v in views]
         b_prompts = [receiver_prompt(e) for e in examples]
+
+        def heard(msgs: list[str], i: int, skip: int | None = None) -> str:
+            """What item i's reader hears from the senders (all but `skip`), one message per line."""
+            return "\n".join(msgs[j * n + i] for j in range(senders) if j != skip)
+
         # The first messages read the prompts other methods read too: their prefills are shared.
-        a_msgs = self._message(self._generate(a, a_prompts, examples, p.nld_max_tokens, tokens, "sender", reuse=True))
+        a_msgs = self._message(self._generate(a, a_prompts, views, p.nld_max_tokens, tokens, "sender", reuse=True))
         b_ans = self._message(self._generate(b, b_prompts, examples, p.nld_max_tokens, tokens, "receiver", reuse=True))
         sent = [len(m.encode("utf-8")) for m in a_msgs]
         for r in range(1, p.rounds + 1):
             last = r == p.rounds
             new_b = self._generate(
-                b, [refinement_text(bp, ba, am) for bp, ba, am in zip(b_prompts, b_ans, a_msgs)], examples,
-                None if last else p.nld_max_tokens, tokens, "receiver",
+                b, [refinement_text(bp, ba, heard(a_msgs, i)) for i, (bp, ba) in enumerate(zip(b_prompts, b_ans))],
+                examples, None if last else p.nld_max_tokens, tokens, "receiver",
             )
             if not last:
+                others = ["\n".join([b_ans[k % n], *([heard(a_msgs, k % n, k // n)] if senders > 1 else [])])
+                          for k in range(len(views))]
                 a_msgs = self._message(self._generate(
-                    a, [refinement_text(ap, am, ba) for ap, am, ba in zip(a_prompts, a_msgs, b_ans)], examples,
+                    a, [refinement_text(ap, am, o) for ap, am, o in zip(a_prompts, a_msgs, others)], views,
                     p.nld_max_tokens, tokens, "sender",
                 ))
                 sent = [s + len(m.encode("utf-8")) for s, m in zip(sent, a_msgs)]
                 b_ans = self._message(new_b)
             else:
                 answers = new_b.texts  # the answer that is scored, stripped
+        per_item = [sum(sent[j * n + i] for j in range(senders)) for i in range(n)]
         return [
-            Prediction(e.example_id, ans, n, **tok, extra={"sender_message": msg})
-            for e, ans, n, tok, msg in zip(examples, answers, sent, tokens, a_msgs)
+            Prediction(e.example_id, ans, size, **tok, extra={"sender_message": heard(a_msgs, i)})
+            for i, (e, ans, size, tok) in enumerate(zip(examples, answers, per_item, tokens))
         ]

@@ -146,6 +146,12 @@ class QKVComm(KVComm):
     def needs_calibration(cls, params: QKVCommParams) -> bool:
         return params.selection == "calibrate" or params.target_bits is not None
 
+    @property
+    def multi_sender(self) -> bool:
+        """As KVComm (each sender quantizes its own payload), except with calibrated widths, whose
+        sensitivity probe reads one sender."""
+        return super().multi_sender and self.params.target_bits is None
+
     def check_pair(self) -> None:
         super().check_pair()
         self.layer_bits: dict[int, int] | None = None
@@ -273,13 +279,32 @@ class QKVComm(KVComm):
             sizes.append(len(blob))
             all_widths = [*kb, *(vb or kb)]
             extra = {"mean_bits": sum(all_widths) / max(len(all_widths), 1), "compression_vs_bf16": round(bf16 / len(blob), 3),
-                     "compression_vs_full_cache": round(full / len(blob), 3)}
+                     "compression_vs_full_cache": round(full / len(blob), 3), "bf16_bytes": bf16, "full_cache_bytes": full,
+                     "wire_bytes": len(blob)}
             if self.params.byte_budget is not None and as_configured:
                 extra.update(within_budget=fits, bits=kb[0] if kb else None)
             if self.payload_cache is not None and texts:
                 extra["payload_cache_hit"] = hit
             extras.append(extra)
         return view, sink_view, sizes, extras
+
+    def merge_extras(self, earlier: dict, later: dict) -> dict:
+        """Two senders' payload fields as one row's: bytes add, ratios are of the sums, widths are the
+        mean over senders, and a row is within budget (or a cache hit) only when every payload is."""
+        out = {**earlier, **later}
+        for key in ("bf16_bytes", "full_cache_bytes", "wire_bytes"):
+            out[key] = earlier[key] + later[key]
+        out["compression_vs_bf16"] = round(out["bf16_bytes"] / out["wire_bytes"], 3)
+        out["compression_vs_full_cache"] = round(out["full_cache_bytes"] / out["wire_bytes"], 3)
+        n = earlier.get("payloads", 1)
+        out["payloads"] = n + 1
+        out["mean_bits"] = (earlier["mean_bits"] * n + later["mean_bits"]) / (n + 1)
+        for key in ("within_budget", "payload_cache_hit"):
+            if key in earlier:
+                out[key] = earlier[key] and later[key]
+        if "bits" in earlier:  # the narrowest width any sender had to take
+            out["bits"] = min((b for b in (earlier["bits"], later["bits"]) if b is not None), default=None)
+        return out
 
     @staticmethod
     def _cache_key(text: str, t: KVPayload) -> tuple:

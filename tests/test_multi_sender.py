@@ -1,0 +1,189 @@
+"""Several senders (the public com_ms.py): each reads half of the supporting facts and B reads both.
+
+KVComm's receiver cache is checked against a plain transformers forward built independently: A1's
+context at positions 0.., A2's at the positions after it (not seeing A1), B after both. NLD and CIPHER
+are checked on what B reads and on the bytes, and every method batched against one item at a time."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from cross_model.data import load_task_examples
+from cross_model.data.base import sender_count
+from cross_model.generation import greedy_generate
+from cross_model.methods.base import ModelPair
+from cross_model.methods.cipher import vector_generate
+from cross_model.methods.debate import OTHERS, REVISE, first_sender_text
+from cross_model.methods.registry import resolve_method
+from cross_model.models import load_model
+from cross_model.prompting import chat_wrap, encode_texts, receiver_text, recording_prompts, sender_text, tokenize_prompts
+from cross_model.surgery import layout_forward
+
+FIX = Path(__file__).parent / "fixtures"
+ARCHS = ["tiny-llama-64", "tiny-qwen2-64", "tiny-gemma3-64"]
+
+
+@pytest.fixture(scope="module")
+def items():
+    test, _ = load_task_examples("hotpotqa_ms", 3, 0, path=str(FIX / "hotpotqa.jsonl"))
+    assert sender_count(test) == 2
+    return test
+
+
+def make(name, arch="tiny-llama-64", **params):
+    lm = load_model(arch)
+    cls, p = resolve_method(name, params)
+    return cls(p, ModelPair(lm, lm))
+
+
+def reference_cache(lm, example):
+    """[A1 | A2] by plain forwards: A2 at the positions after A1 and without A1 in its cache."""
+    ids = [encode_texts(lm, [chat_wrap(lm, sender_text(example.as_sender(j)))])[0] for j in range(2)]
+    parts, start = [], 0
+    with torch.inference_mode():
+        for row in ids:
+            c = DynamicCache()
+            lm.model(input_ids=torch.tensor([row]), position_ids=torch.arange(start, start + len(row))[None],
+                     past_key_values=c, use_cache=True)
+            parts.append(c)
+            start += len(row)
+    joined = DynamicCache()
+    for l in range(lm.info.num_layers):
+        joined.update(torch.cat([c.layers[l].keys for c in parts], 2), torch.cat([c.layers[l].values for c in parts], 2), l)
+    return joined, start
+
+
+@pytest.mark.parametrize("share_prefix", [True, False], ids=["shared-prefix", "left-padded"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kvcomm_all_layers_from_two_senders_equals_one_forward_over_both_contexts(arch, share_prefix, items):
+    m = make("kvcomm", arch, selection="all", share_prefix=share_prefix)
+    lm = m.pair.receiver
+    cache, layout, offset, _, _, _ = m.receiver_cache(items, set(range(lm.info.num_layers)))
+    batch = tokenize_prompts(lm, [receiver_text(e) for e in items])
+    pos = offset[:, None] + (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        got = layout_forward(lm, layout, all_logits=True)(cache=cache, full_mask_BT=batch.attention_mask,
+                                                          position_ids_BT=pos, input_ids_BT=batch.input_ids)
+    for i, e in enumerate(items):
+        ref_cache, n_a = reference_cache(lm, e)
+        assert int(offset[i]) == n_a  # B's positions continue after both contexts
+        b_ids = encode_texts(lm, [chat_wrap(lm, receiver_text(e))])[0]
+        with torch.inference_mode():
+            ref = lm.model(input_ids=torch.tensor([b_ids]), position_ids=torch.arange(n_a, n_a + len(b_ids))[None],
+                           past_key_values=ref_cache, attention_mask=torch.ones((1, n_a + len(b_ids)), dtype=torch.long),
+                           use_cache=True).logits[0]
+        torch.testing.assert_close(got[i, -len(b_ids):], ref, atol=2e-4, rtol=1e-4)
+
+
+def test_kvcomm_two_senders_answers_as_greedy_decoding_from_the_reference_cache(items):
+    m = make("kvcomm", selection="all", max_new_tokens=6)
+    preds = m.run_batch(items)
+    lm = m.pair.receiver
+    for p, e in zip(preds, items):
+        cache, n_a = reference_cache(lm, e)
+        b_ids = torch.tensor([encode_texts(lm, [chat_wrap(lm, receiver_text(e))])[0]])
+        ref = greedy_generate(lm, b_ids, torch.ones_like(b_ids), 6, cache=cache,
+                              past_mask_BP=torch.ones((1, n_a), dtype=torch.long),
+                              position_offset_B=torch.tensor([n_a]))
+        assert p.error is None and p.answer == ref.texts[0]
+
+
+@pytest.mark.parametrize("selected", [set(), {1, 3}])
+def test_kvcomm_two_senders_stay_causal_and_count_both_payloads(selected, items):
+    m = make("kvcomm", selection="layers", layers_list=[3], always_send_layer0=False, max_new_tokens=4)
+    lm = m.pair.receiver
+    batch = tokenize_prompts(lm, [receiver_text(e) for e in items])
+    changed = batch.input_ids.clone()
+    changed[:, -1] = (changed[:, -1] + 7) % lm.info.vocab_size
+    out = []
+    for ids in (batch.input_ids, changed):
+        cache, layout, offset, _, _, _ = m.receiver_cache(items, selected)
+        pos = offset[:, None] + (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            out.append(layout_forward(lm, layout, all_logits=True)(cache=cache, full_mask_BT=batch.attention_mask,
+                                                                   position_ids_BT=pos, input_ids_BT=ids))
+    torch.testing.assert_close(out[1][:, :-1], out[0][:, :-1], atol=1e-5, rtol=0)
+    # Both senders' sinks sit in every unsent layer: two keys per row, at positions 0 and n1.
+    if not selected:
+        assert layout.key_pos[0].shape[1] == 2 + batch.input_ids.shape[1]
+    preds = m.run_batch(items)
+    for p, e in zip(preds, items):
+        n = [len(encode_texts(lm, [chat_wrap(lm, sender_text(e.as_sender(j)))])[0]) for j in range(2)]
+        assert p.extra["bytes_per_sender"] == [m.payload_bytes(k, {3}) for k in n]
+        assert p.payload_bytes == sum(p.extra["bytes_per_sender"]) and p.sender_prefill_tokens == sum(n)
+        assert p.extra["text_bytes"] == sum(len(c.encode()) for c in e.contexts)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("kvcomm", {"selection": "layers", "layers_list": [2]}),
+    ("qkvcomm", {"selection": "all", "bits": 4}),
+    ("nld", {"rounds": 2, "nld_max_tokens": 4}),
+    ("cipher", {"rounds": 2, "nld_max_tokens": 4}),
+])
+def test_two_senders_batched_equals_one_item_at_a_time(name, params, items):
+    m = make(name, max_new_tokens=4, **params)
+    batched = m.run_batch(items)
+    single = [m.run_batch([e])[0] for e in items]
+    for b, s in zip(batched, single):
+        assert b.error is None and (b.answer, b.payload_bytes) == (s.answer, s.payload_bytes)
+        assert b.sender_prefill_tokens == s.sender_prefill_tokens
+
+
+def test_qkvcomm_two_senders_bytes_add_and_ratios_are_of_the_sums(items):
+    m = make("qkvcomm", selection="all", bits=4, max_new_tokens=2)
+    two = m.run_batch(items)
+    for p, e in zip(two, items):
+        alone = [m.run_batch([e.as_sender(j)])[0] for j in range(2)]  # each sender's payload on its own
+        assert p.extra["bytes_per_sender"] == [a.payload_bytes for a in alone]
+        assert p.payload_bytes == sum(a.payload_bytes for a in alone)
+        bf16 = sum(a.extra["bf16_bytes"] for a in alone)
+        assert p.extra["compression_vs_bf16"] == round(bf16 / p.payload_bytes, 3)
+
+
+def test_nld_receiver_hears_both_senders_and_each_sender_reads_only_its_half(items):
+    m = make("nld", rounds=2, nld_max_tokens=4, max_new_tokens=3)
+    e = items[0]
+    with recording_prompts() as log:
+        (p,) = m.run_batch([e])
+    texts = [r["text"] for r in log]
+    # In order: the two senders' first prompts, B's first, B's refinement, the senders' refinements, B's last.
+    assert len(texts) == 7
+    for j, other in ((0, 1), (1, 0)):
+        assert e.contexts[j] in texts[j] and e.contexts[other] not in texts[j]
+        assert e.contexts[j] in texts[4 + j] and e.contexts[other] not in texts[4 + j]
+    assert not any(c in t for c in e.contexts for t in (texts[2], texts[3], texts[6]))
+
+    def heard(text):
+        return text.split(OTHERS, 1)[1].split(REVISE, 1)[0]
+
+    # B hears both senders (one message per line, sender 1 first); the bytes are all four messages'.
+    first, last = heard(texts[3]), heard(texts[6])
+    assert last == p.extra["sender_message"]
+    assert p.payload_bytes == len(first.encode()) - 1 + len(last.encode()) - 1
+    # A sender's refinement quotes B's answer, then the other sender's first message.
+    splits = [(first[:k], first[k + 1:]) for k, ch in enumerate(first) if ch == "\n"]
+    assert any(heard(texts[4]).endswith("\n" + m1) and heard(texts[5]).endswith("\n" + m0) for m0, m1 in splits)
+
+
+def test_cipher_two_senders_send_each_senders_own_vectors(items):
+    m = make("cipher", nld_max_tokens=5, max_new_tokens=2)
+    preds = m.run_batch(items)
+    a = m.pair.sender
+    for p, e in zip(preds, items):
+        counts = []
+        for j in range(2):
+            pre = m.prefill(a, [first_sender_text(e.as_sender(j), m.params)])
+            vecs, _ = vector_generate(a, None, None, 5, 1.0, start=pre)
+            counts.append(vecs[0].shape[0])
+        assert p.extra["vectors_per_sender"] == counts
+        assert p.payload_bytes == sum(counts) * a.info.hidden_size * 4  # fp32 vectors
+
+
+def test_the_fact_side_channel_and_the_other_item_control_refuse_two_senders():
+    assert make("kvcomm", selection="all").multi_sender
+    assert not make("kvcomm", selection="all", facts=True).multi_sender
+    assert not make("kvcomm", selection="all", control="other_item").multi_sender
+    assert not make("qkvcomm", selection="all", target_bits=4.0).multi_sender
+    assert not make("ac", k=1, j=1).multi_sender
