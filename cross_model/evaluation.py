@@ -70,7 +70,8 @@ def build_methods(ctx) -> dict[str, Any]:
             if hasattr(method, "load_model"):
                 method.load_model = lambda spec: model_by_name(ctx, spec)
             if cls.needs_training(params):
-                trained = trained_interlingua if getattr(cls, "trained_by", "") == "interlingua" else trained_projection
+                trained = {"interlingua": trained_interlingua, "c2c": trained_c2c}.get(getattr(cls, "trained_by", ""),
+                                                                                       trained_projection)
                 method.set_projection_from(trained(ctx, name, method))
         ctx.state["methods"] = methods
     return ctx.state["methods"]
@@ -89,6 +90,20 @@ def trained_projection(ctx, name: str, method) -> str:
         raise FileNotFoundError(
             f"methods.{name}: projection: train, but no finished projection at {path}; "
             f"run the train stage first (stages: [train, ...]) with the same train settings"
+        )
+    return str(path)
+
+
+def trained_c2c(ctx, name: str, method) -> str:
+    """Where the train stage put this c2c method's projector (this run or an earlier one with the same
+    pair and recipe); rank 0 checks it and tells the others."""
+    from cross_model.c2c.training import final_projector_dir
+
+    path = final_projector_dir(ctx.cfg, method.params, method.pair.sender, method.pair.receiver)
+    if not broadcast_object(verify(path)[0] is not None if is_main() else None):
+        raise FileNotFoundError(
+            f"methods.{name}: projector: train, but no finished projector at {path}; run the train stage first "
+            f"(stages: [train, ...]) with the same c2c settings, or set projector: to a finished directory"
         )
     return str(path)
 

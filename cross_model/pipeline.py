@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from cross_model.c2c.training import train_c2c
 from cross_model.calibration import calibrate_methods
 from cross_model.config import ExperimentConfig, to_dict
 from cross_model.context import RunContext, method_instances, model_pair  # noqa: F401 - the stages' shared names
@@ -48,11 +49,20 @@ def _stage_train(ctx: RunContext) -> None:
         log.info("train: no method needs a learned projection or an interlingua; nothing to do")
         return
     projections = [m for m in methods if getattr(m[1], "trained_by", "projection") == "projection"]
+    c2c = [m for m in methods if getattr(m[1], "trained_by", "") == "c2c"]
+    fits: dict[str, Any] = {}
+    for name, cls, params in c2c:  # each c2c method its own projector (pair and recipe decide where)
+        trained = train_c2c(ctx, name, cls, params)
+        if is_main():
+            fits[name] = {"directory": str(trained.directory / FINAL), "history": trained.meta.get("history", []),
+                          "open_layers": trained.meta.get("open_layers"), "loaded_final": trained.loaded_final}
+    if c2c and is_main():
+        write_json_atomically(ctx.run_dir / "c2c.json", fits)
     if projections:
         fits = train_projections_for(ctx, projections)
         if is_main():  # what `doc_tables --publish` quotes about each W
             write_json_atomically(ctx.run_dir / "projections.json", fits)
-    if len(projections) < len(methods):  # LatentWire's methods share the run's one interlingua
+    if len(projections) + len(c2c) < len(methods):  # LatentWire's methods share the run's one interlingua
         trained = train_interlingua(ctx)
         ctx.state["interlingua"] = trained.directory / FINAL
         if is_main():  # what the report and `doc_tables --publish` quote about it

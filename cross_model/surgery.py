@@ -168,6 +168,8 @@ class KVLayout:
     # sink-only layer B's prompt tokens then see later prompt tokens during the prefill.
     receiver_mask: str = "causal"
     attention_on_A: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> per-call B x H
+    # Per layer, None or B x T_l added to the attention logits of those keys (C2C's soft gates: log g).
+    key_bias: list[torch.Tensor | None] | None = None
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)  # this step's masks
 
     def append(self, pos_BT: torch.Tensor, valid_BT: torch.Tensor) -> None:
@@ -184,6 +186,13 @@ class KVLayout:
             if key not in grown:
                 grown[key] = (torch.cat([p, pos_BT], dim=1), torch.cat([v, valid], dim=1), torch.cat([s, src], dim=1))
             self.key_pos[l], self.key_valid[l], self.key_src[l] = grown[key]
+        if self.key_bias is not None:  # B's own tokens are never gated
+            zeros: dict[int, torch.Tensor] = {}
+            for l, bias in enumerate(self.key_bias):
+                if bias is not None:
+                    if id(bias) not in zeros:
+                        zeros[id(bias)] = torch.cat([bias, bias.new_zeros(pos_BT.shape)], dim=1)
+                    self.key_bias[l] = zeros[id(bias)]
         self._query_valid = valid
         self._masks = {}
 
@@ -191,8 +200,9 @@ class KVLayout:
         """B x 1 x q x T_l boolean: key real, not after the query, inside the sliding window. Built once
         per step for each distinct (keys, window) and shared by the layers that have them."""
         kpos, kvalid = self.key_pos[layer], self.key_valid[layer]
+        bias = self.key_bias[layer] if self.key_bias is not None else None
         masks = self._masks
-        key = (id(kpos), id(kvalid), q_len, sliding_window)
+        key = (id(kpos), id(kvalid), q_len, sliding_window, id(bias))
         if key in masks:
             return masks[key]
         qpos = self.query_pos[:, -q_len:]
@@ -203,7 +213,10 @@ class KVLayout:
             m = m & (qpos[:, :, None] - kpos[:, None, :] < sliding_window)
         # Padding queries see nothing; give them everything so softmax stays finite (their outputs are unused).
         empty = ~m.any(-1, keepdim=True)
-        masks[key] = (m | empty)[:, None, :, :]
+        m = m | empty
+        if bias is not None:  # an additive float mask: the bias where allowed, -inf elsewhere
+            m = torch.where(m, bias[:, None, :].to(torch.float32), torch.tensor(float("-inf"), device=m.device))
+        masks[key] = m[:, None, :, :]
         return masks[key]
 
     def folded_mask(self, mask_B1QT: torch.Tensor, groups: int) -> torch.Tensor:
@@ -244,6 +257,8 @@ def cross_model_attention(
     q_len = query.shape[2]
     assert key.shape[2] == layout.key_pos[layer].shape[1], "cache and layout disagree on the key count"
     mask_B1QT = layout.mask(layer, q_len, getattr(module, "sliding_window", None))
+    if mask_B1QT.dtype != torch.bool and mask_B1QT.dtype != query.dtype:  # a gated layer's float mask
+        mask_B1QT = mask_B1QT.to(query.dtype)
     groups = query.shape[1] // key.shape[1]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if layout.record_attention and q_len > 1:  # calibration only: the probabilities themselves are needed

@@ -1,0 +1,327 @@
+"""Training the C2C projector: the train stage's job for each `c2c` method with `projector: train`.
+
+Both models are frozen (inference mode for A, no parameter gradients for B); only the projector trains,
+under DDP across ranks (one process: plain). Each row is (context, question): A reads the context as in
+evaluation, B reads the question, and the target is B's own greedy continuation of context + question
+(`target_tokens` tokens, computed once by B reading both, sharded over ranks, and stored beside the
+checkpoints). The loss is B's next-token cross-entropy on the target while reading the projected cache,
+the gates Gumbel-sigmoid and annealed. Checkpoints, resume after kill -9 or SIGTERM, refusal of a
+checkpoint made for another pair or recipe, and the final artefact work as in projection training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cross_model.c2c.projector import CacheProjector, tau_at
+from cross_model.c2c.transfer import receiver_cache, sender_side
+from cross_model.checkpointing import META, CheckpointManager, publish_once, set_rng_state, rng_state, verify
+from cross_model.data.base import QA, Example
+from cross_model.data.corpus import load_corpus
+from cross_model.distributed import (
+    Preempted, StopFlag, all_reduce_sum, barrier, broadcast_object, gather_object, get_rank, get_world_size,
+    is_initialized, is_main,
+)
+from cross_model.generation import greedy_generate
+from cross_model.models import LoadedModel
+from cross_model.progress import Progress
+from cross_model.projection import check_identity
+from cross_model.prompt_prefill import run_prefill
+from cross_model.prompting import chat_wrap, encode_texts, pad_left, receiver_text, sender_text, skyline_text, tokenize_prompts
+from cross_model.result_files import write_json_atomically
+from cross_model.surgery import layout_forward, use_cross_model_attention
+from cross_model.training import FINAL, _epoch_order, _slug
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "projector.safetensors"
+RECIPE_KEYS = ("pairing", "hidden", "gate_init", "steps", "batch_size_train", "lr", "n_train", "n_heldout", "data",
+               "question", "target_tokens", "tau_start", "tau_end", "seed", "gates")
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+
+def corpus_rows(params: Any) -> tuple[list[Example], list[Example]]:
+    """(training, held-out) rows: corpus sentences as contexts with `params.question`, or a JSONL file's
+    `context` and `question` fields."""
+    n = params.n_train + params.n_heldout
+    if params.data.endswith(".jsonl"):
+        lines = [json.loads(x) for x in Path(params.data).read_text().splitlines() if x.strip()]
+        bad = [i for i, r in enumerate(lines) if not {"context", "question"} <= set(r)]
+        if bad:
+            raise ValueError(f"c2c data {params.data}: line {bad[0] + 1} lacks a context or question field")
+        if len(lines) < n:
+            raise ValueError(f"c2c data {params.data}: {len(lines)} rows, n_train + n_heldout needs {n}")
+        pairs = [(r["context"], r["question"]) for r in lines[:n]]
+    else:
+        pairs = [(s, params.question) for s in load_corpus(params.data, n, params.seed)]
+    rows = [Example(f"c2c-{i}", c, q, ("",), "c2c_corpus", params.target_tokens, "f1_match", QA)
+            for i, (c, q) in enumerate(pairs)]
+    return rows[: params.n_train], rows[params.n_train :]
+
+
+@torch.inference_mode()
+def receiver_targets(b: LoadedModel, rows: list[Example], tokens: int, batch_size: int = 8) -> list[list[int]]:
+    """B's own greedy continuation of each row's context + question, sharded over ranks and gathered."""
+    rank, world = get_rank(), get_world_size()
+    mine = list(range(rank, len(rows), world))
+    out: dict[int, list[int]] = {}
+    with Progress(len(mine), "c2c: the receiver's targets", unit="rows") as bar:
+        for s in range(0, len(mine), batch_size):
+            idx = mine[s : s + batch_size]
+            batch = tokenize_prompts(b, [skyline_text(rows[i]) for i in idx])
+            gen = greedy_generate(b, batch.input_ids, batch.attention_mask, tokens)
+            for i, ids in zip(idx, gen.token_ids):
+                out[i] = ids or [b.tokenizer.eos_token_id]
+            bar.update(len(idx))
+    merged: dict[int, list[int]] = {}
+    for part in gather_object(out) if is_initialized() else [out]:
+        merged.update(part)
+    return [merged[i] for i in range(len(rows))]
+
+
+# --- the loss ------------------------------------------------------------------------------------------------
+
+
+class C2CLoss(nn.Module):
+    """The projector and the loss of a batch of rows; the frozen models are held outside the module
+    tree, so DDP sees (and synchronises) the projector's parameters only."""
+
+    def __init__(self, projector: CacheProjector, a: LoadedModel, b: LoadedModel):
+        super().__init__()
+        self.projector = projector
+        self._models = (a, b)
+
+    def forward(self, rows: list[Example], targets: list[list[int]], gates: torch.Tensor | None,
+                layers: list[int] | None = None) -> torch.Tensor:
+        """Per row, the mean target cross-entropy of B reading the projected cache (`gates`: soft gates,
+        or None with `layers` open and the rest closed)."""
+        a, b = self._models
+        texts = [sender_text(e) for e in rows]
+        wrapped = [chat_wrap(a, t) for t in texts]
+        ids = encode_texts(a, wrapped)
+        chosen = self.projector.layers if layers is None else layers
+        top = max((self.projector.partners[l] for l in chosen), default=-1) + 1
+        with torch.inference_mode():
+            pre = run_prefill(a, pad_left(ids, a.tokenizer.pad_token_id, a.device), ids, top)
+        pre.kv = [(k.clone(), v.clone()) for k, v in pre.kv]  # out of inference mode, for autograd
+        side = sender_side(a, b, wrapped, ids, pre)
+        cache, layout, offset = receiver_cache(self.projector, b, side, chosen, gates)
+        prompts = encode_texts(b, [chat_wrap(b, receiver_text(e)) for e in rows])
+        full = [p + t for p, t in zip(prompts, targets)]
+        batch = pad_left(full, b.tokenizer.pad_token_id, b.device)
+        pos = offset.to(b.device)[:, None] + (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = layout_forward(b, layout, all_logits=True)(cache=cache, full_mask_BT=batch.attention_mask,
+                                                            position_ids_BT=pos, input_ids_BT=batch.input_ids)
+        losses = []
+        width = batch.input_ids.shape[1]
+        for i, t in enumerate(targets):  # position p predicts token p + 1; the targets are each row's last tokens
+            pred = logits[i, width - len(t) - 1 : width - 1].float()
+            gold = torch.tensor(t, device=pred.device)
+            losses.append(F.cross_entropy(pred, gold))
+        return torch.stack(losses)
+
+
+# --- identity and where it lives ----------------------------------------------------------------------------
+
+
+def identity_of(params: Any, a: LoadedModel, b: LoadedModel) -> dict[str, Any]:
+    from cross_model.methods.c2c import model_record
+
+    p = asdict(params)
+    return {"sender": model_record(a), "receiver": model_record(b), **{k: p[k] for k in RECIPE_KEYS}}
+
+
+def c2c_dir(root: str | Path, identity: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(root) / f"c2c__{_slug(identity['sender']['name'])[-24:]}__{_slug(identity['receiver']['name'])[-24:]}__{digest}"
+
+
+@torch.no_grad()
+def heldout_losses(loss: C2CLoss, rows: list[Example], targets: list[list[int]], batch_size: int) -> dict[str, float]:
+    """Mean held-out target cross-entropy with the hard gates (what evaluation sends) and with every gate
+    closed (B without A: the baseline's loss on the same targets), sharded over ranks and summed."""
+    proj = loss.projector
+    idx = list(range(get_rank(), len(rows), get_world_size()))
+    sums = [0.0, 0.0, 0.0]
+    for s in range(0, len(idx), batch_size):
+        part = idx[s : s + batch_size]
+        r, t = [rows[i] for i in part], [targets[i] for i in part]
+        sums[0] += float(loss(r, t, None, proj.open_layers()).sum())
+        sums[1] += float(loss(r, t, None, []).sum())
+        sums[2] += len(part)
+    total = all_reduce_sum(sums) if is_initialized() else sums
+    n = max(total[2], 1.0)
+    return {"heldout_loss": total[0] / n, "heldout_loss_closed": total[1] / n, "open_layers": len(proj.open_layers())}
+
+
+@dataclass
+class TrainedProjector:
+    directory: Path
+    meta: dict[str, Any]
+    resumed_from: int | None = None
+    loaded_final: bool = False
+
+
+def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, params: Any, identity: dict[str, Any],
+                  directory: Path, keep_last: int = 3, stop: StopFlag | None = None,
+                  log_metrics: Any = None) -> TrainedProjector:
+    """Train `projector` for the pair, resuming from the newest checkpoint in `directory`. Collective."""
+    rank, world = get_rank(), get_world_size()
+    train, held = corpus_rows(params)
+    targets_file = directory / "targets.json"
+    if broadcast_object(targets_file.exists() if is_main() else None):
+        targets = json.loads(targets_file.read_text())
+    else:
+        targets = receiver_targets(b, train + held, params.target_tokens)
+        if is_main():
+            directory.mkdir(parents=True, exist_ok=True)
+            write_json_atomically(targets_file, targets)
+    train_t, held_t = targets[: len(train)], targets[len(train) :]
+    projector.to(b.device).train()
+    net = C2CLoss(projector, a, b)
+    model: nn.Module = net
+    if is_initialized():
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(net, device_ids=[b.device.index] if b.device.type == "cuda" else None)
+    opt = torch.optim.AdamW([p for p in projector.parameters() if p.requires_grad], lr=params.lr, weight_decay=0.0)
+    manager = CheckpointManager(directory, keep_last)
+    steps_per_epoch = math.ceil(len(train) / params.batch_size_train)
+    history: list[dict[str, Any]] = []
+    step, resumed = 0, None
+    latest = broadcast_object(manager.latest_step() if is_main() else None)
+    if latest is not None:
+        ckpt = manager.load(latest, rank, world)
+        check_identity(ckpt.meta, identity, f"checkpoint {ckpt.path}", keys=tuple(identity))
+        projector.load_state_dict(ckpt.tensors)
+        opt.load_state_dict(ckpt.trainer["optimizer"])
+        step, resumed, history = ckpt.trainer["step"], ckpt.step, ckpt.meta.get("history", [])
+        if ckpt.rng is not None:
+            set_rng_state(ckpt.rng)
+        log.info("c2c: resumed %s at step %d of %d", directory.name, step, params.steps)
+
+    def save(at: int) -> None:
+        rngs = gather_object(rng_state())
+        if is_main():
+            manager.save(at, {k: v.detach().cpu() for k, v in projector.state_dict().items()},
+                         {**identity, "history": history}, {"optimizer": opt.state_dict(), "step": at}, rngs)
+        barrier()
+
+    def evaluate(at: int) -> None:
+        projector.eval()
+        stats = {"step": at, "epoch": at / steps_per_epoch,
+                 **heldout_losses(net, held, held_t, params.batch_size_train)}
+        projector.train()
+        history.append(stats)
+        log.info("c2c: step %d/%d held-out loss %.4f (every gate closed: %.4f), %d layers open",
+                 at, params.steps, stats["heldout_loss"], stats["heldout_loss_closed"], stats["open_layers"])
+        if log_metrics is not None and is_main():
+            log_metrics({f"c2c/{k}": v for k, v in stats.items()})
+
+    delay = float(os.environ.get("CROSS_MODEL_TEST_STEP_DELAY", "0"))  # lets tests kill a run mid-training
+    bar = Progress(params.steps, f"train c2c {identity['sender']['name']} -> {identity['receiver']['name']}",
+                   unit="steps", initial=step)
+    if step == 0 and held:
+        evaluate(0)
+    last_saved = resumed
+    while step < params.steps:
+        epoch, k = divmod(step, steps_per_epoch)
+        order = _epoch_order(len(train), params.seed, epoch)
+        batch = order[k * params.batch_size_train : (k + 1) * params.batch_size_train]
+        mine = batch[rank::world]
+        tau = tau_at(step, params.steps, params.tau_start, params.tau_end)
+        # The gate noise depends on the seed and the step only: every rank draws the same, and a resumed
+        # run the same as an uninterrupted one.
+        g = torch.Generator().manual_seed(params.seed * 1_000_003 + step)
+        gates = projector.soft_gates(tau, g) if params.gates == "learned" else None
+        rows = model([train[i] for i in mine], [train_t[i] for i in mine], gates,
+                     None if gates is not None else (projector.layers if params.gates == "open" else []))
+        # Each rank's share of the global batch's mean; DDP averages over ranks, hence the factor `world`.
+        loss = rows.sum() / len(batch) * world + 0.0 * projector.gate_logits.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        if delay:
+            time.sleep(delay)
+        if held and (step % steps_per_epoch == 0 or step == params.steps):
+            evaluate(step)
+        stopping = stop is not None and stop.should_stop()
+        if step == params.steps or stopping or step % params.checkpoint_every == 0:
+            save(step)
+            last_saved = step
+        if stopping:
+            bar.close()
+            log.warning("c2c: stop signal; saved step %d of %d in %s, exiting to resume later", step, params.steps, directory)
+            raise Preempted(f"c2c training stopped at step {step} of {params.steps}; checkpoint saved in {directory}")
+    bar.close()
+    if last_saved != step:
+        save(step)
+    meta = {**identity, "history": history, "final_step": step, "open_layers": projector.open_layers(),
+            "partners": projector.partners, "identity": identity}
+    if is_main():
+        publish_once(directory / FINAL, {WEIGHTS_FILE: {k: v.detach().cpu() for k, v in projector.state_dict().items()}}, meta)
+    barrier()
+    return TrainedProjector(directory, meta, resumed_from=resumed)
+
+
+def train_c2c(ctx: Any, name: str, cls: type, params: Any) -> TrainedProjector:
+    """The train stage's job for one c2c method: trains (or finds finished) its projector."""
+    from cross_model.context import model_by_name
+    from cross_model.methods.c2c import new_projector
+    from cross_model.training import resolved_train_config
+
+    cfg = ctx.cfg
+    a = model_by_name(ctx, params.sender or cfg.models.sender)
+    b = model_by_name(ctx, params.receiver or cfg.models.receiver)
+    for lm in (a, b):
+        lm.model.requires_grad_(False)
+    use_cross_model_attention(b)
+    identity = identity_of(params, a, b)
+    train_cfg = resolved_train_config(cfg)
+    directory = c2c_dir(train_cfg.checkpoint_dir, identity)
+    final = directory / FINAL
+    if broadcast_object(verify(final)[0] is not None if is_main() else None):
+        log.info("c2c: %s is already trained; loaded, not retrained", final)
+        return TrainedProjector(directory, verify(final)[0] or {}, loaded_final=True)
+    projector = new_projector(params, a, b)
+    log.info("methods.%s: c2c projector %s -> %s (%s pairing, %d receiver layers paired), %d trainable parameters",
+             name, a.info.name, b.info.name, params.pairing, len(projector.layers), sum(p.numel() for p in projector.parameters()))
+    tracker = ctx.state.get("tracker")
+    return fit_projector(projector, a, b, params, identity, directory, train_cfg.keep_last, ctx.state.get("stop"),
+                         tracker.log if tracker else None)
+
+
+def projector_root(cfg: Any) -> Path:
+    from cross_model.training import resolved_train_config
+
+    return Path(resolved_train_config(cfg).checkpoint_dir)
+
+
+def final_projector_dir(cfg: Any, params: Any, a: LoadedModel, b: LoadedModel) -> Path:
+    return c2c_dir(projector_root(cfg), identity_of(params, a, b)) / FINAL
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    meta, why = verify(Path(directory))
+    if meta is None:
+        raise ValueError(f"c2c: {directory} is not a finished projector: {why}")
+    return meta
+
+
+__all__ = ["C2CLoss", "fit_projector", "train_c2c", "final_projector_dir", "read_meta", "WEIGHTS_FILE", "META"]

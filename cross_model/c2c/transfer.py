@@ -1,0 +1,95 @@
+"""What C2C's evaluation and training share: A's side (prefill and token alignment) and B's cache
+built from it through the projector, with hard gates (evaluation) or soft ones (training)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from cross_model.c2c.align import AlignmentStats, align_spans, alignment_matrix, token_spans
+from cross_model.c2c.projector import CacheProjector
+from cross_model.generation import positions_from_mask
+from cross_model.models import LoadedModel
+from cross_model.prompt_prefill import Prefill
+from cross_model.surgery import SRC_A, KVLayout
+
+
+@dataclass
+class SenderSide:
+    """A's prefill of its prompts and, per row, B's tokens of the same text aligned to A's."""
+
+    pre: Prefill
+    weights_BNT: torch.Tensor  # B x N_B x T_A: each B context token's mean over its A tokens
+    context_mask_BN: torch.Tensor  # B x N_B, left-padded: B's tokens of A's prompt text
+    stats: AlignmentStats
+
+
+def align_prompts(a: LoadedModel, b: LoadedModel, wrapped: list[str], a_ids: list[list[int]]) -> tuple[list, list[int], AlignmentStats]:
+    """Per row, B's tokens of A's chat-wrapped prompt aligned to A's tokens, and their counts."""
+    stats, alignments, counts = AlignmentStats(), [], []
+    for text, ids in zip(wrapped, a_ids):
+        got, a_spans = token_spans(a, text)
+        if got != ids:
+            raise ValueError("c2c: A's prompt was truncated (max_prompt_tokens) or tokenised differently, so its "
+                             "characters cannot be aligned; raise max_prompt_tokens or leave it unset")
+        _, b_spans = token_spans(b, text)
+        rows = align_spans(a_spans, b_spans)
+        stats.add(a_spans, b_spans, rows)
+        alignments.append(rows)
+        counts.append(len(rows))
+    return alignments, counts, stats
+
+
+def sender_side(a: LoadedModel, b: LoadedModel, wrapped: list[str], a_ids: list[list[int]], pre: Prefill) -> SenderSide:
+    alignments, counts, stats = align_prompts(a, b, wrapped, a_ids)
+    width = max(counts)
+    mask = torch.zeros((len(counts), width), dtype=torch.long, device=pre.full_mask.device)
+    for i, n in enumerate(counts):
+        mask[i, width - n :] = 1
+    return SenderSide(pre, alignment_matrix(alignments, pre.full_mask, width), mask, stats)
+
+
+def receiver_cache(projector: CacheProjector, b: LoadedModel, side: SenderSide, layers: list[int],
+                   gates: torch.Tensor | None = None, sent: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   ) -> tuple[DynamicCache, KVLayout, torch.Tensor]:
+    """B's cache: receiver layers in `layers` hold the projected context (B's positions 0..N_B-1), every
+    other layer nothing; `gates` (one soft gate per receiver layer) adds log(g) to the context keys'
+    logits. `sent[la]`: A's keys/values as B received them (quantized), else A's prefill. Returns the
+    cache, its layout and B's position offset (N_B per row)."""
+    mask = side.context_mask_BN
+    bsz = mask.shape[0]
+    device = mask.device
+    pos, valid = positions_from_mask(mask), mask.bool()
+    src = torch.full_like(pos, SRC_A)
+    none_l = torch.zeros((bsz, 0), dtype=torch.long, device=device)
+    none_b = torch.zeros((bsz, 0), dtype=torch.bool, device=device)
+    heads, dim = b.info.num_kv_heads, b.info.head_dim
+    dtype = b.model.dtype
+    cache = DynamicCache()
+    key_pos, key_valid, key_src, bias = [], [], [], []
+    weights = side.weights_BNT
+    chosen = set(layers)
+    for l in range(b.info.num_layers):
+        la = projector.partners[l]
+        if l in chosen and la is not None:
+            k_a, v_a = sent[la] if sent and la in sent else side.pre.kv[la]
+            # Each B token's mean over the A tokens covering its characters, heads flattened.
+            ak = torch.einsum("bnt,bhtd->bnhd", weights, k_a.float()).flatten(2)
+            av = torch.einsum("bnt,bhtd->bnhd", weights, v_a.float()).flatten(2)
+            k, v = projector.project(l, ak, av)
+            cache.update(k.to(dtype), v.to(dtype), l)
+            key_pos.append(pos)
+            key_valid.append(valid)
+            key_src.append(src)
+            bias.append(None if gates is None else torch.log(gates[l].clamp(min=1e-9)).expand(bsz, mask.shape[1]))
+        else:
+            empty = torch.zeros((bsz, heads, 0, dim), dtype=dtype, device=device)
+            cache.update(empty, empty, l)
+            key_pos.append(none_l)
+            key_valid.append(none_b)
+            key_src.append(none_l)
+            bias.append(None)
+    layout = KVLayout(key_pos, key_valid, key_src, key_bias=bias if gates is not None else None)
+    return cache, layout, mask.sum(-1)

@@ -1,0 +1,189 @@
+"""C2C-style KV communication between models of different shapes (Fu et al., ICLR 2026; docs/METHODS.md).
+
+A prefills its prompt up to the highest layer a receiver layer reads, and sends those layers of its
+cache (kv_wire, raw or quantized like Q-KVComm); the trained projector runs on B's side and fills, per
+open receiver layer, B's cache with B's tokens of A's prompt text (aligned by characters). B's prompt
+takes positions after them and decodes normally. The open gates are the layer selection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cross_model.c2c.projector import PAIRINGS, CacheProjector
+from cross_model.c2c.transfer import receiver_cache, sender_side
+from cross_model.data.base import Example
+from cross_model.generation import greedy_generate
+from cross_model.kv_wire import KVPayload, QuantScheme, decode, dtype_bits, dtype_name, encode, payload_size
+from cross_model.methods.base import Method, MethodParams, Prediction
+from cross_model.methods.registry import register
+from cross_model.prompting import chat_wrap, receiver_text, sender_text, tokenize_prompts
+from cross_model.surgery import layout_forward, use_cross_model_attention
+
+@dataclass
+class C2CParams(MethodParams):
+    projector: str = field(default="train", metadata={"help": "train (the train stage fits it), identity (untrained, "
+                                                               "A and B of one KV shape: KVComm-all), or a finished directory"})
+    pairing: str = field(default="last_aligned", metadata={"help": "receiver layer -> sender layer: last_aligned or nearest"})
+    gates: str = field(default="learned", metadata={"help": "learned (hard at evaluation), open (every paired layer) or closed (none)"})
+    hidden: int = field(default=256, metadata={"help": "width of each map's residual MLP"})
+    gate_init: float = field(default=1.0, metadata={"help": "initial gate logit (> 0: open)"})
+    bits: int | None = field(default=None, metadata={"help": "null (A's dtype, raw) or 2..8: A's layers quantized as Q-KVComm's"})
+    steps: int = field(default=200, metadata={"help": "training: optimizer steps"})
+    batch_size_train: int = field(default=8, metadata={"help": "training: global batch in rows, split over ranks"})
+    lr: float = field(default=1e-3, metadata={"help": "training: AdamW learning rate"})
+    n_train: int = field(default=256, metadata={"help": "training rows"})
+    n_heldout: int = field(default=32, metadata={"help": "held-out rows (loss each eval_every steps)"})
+    data: str = field(default="offline", metadata={"help": "offline (generated sentences), c4, or a JSONL path with "
+                                                            "context and question fields"})
+    question: str = field(default="Repeat the context word for word.", metadata={"help": "B's question for corpus rows"})
+    target_tokens: int = field(default=24, metadata={"help": "training target: B's own greedy continuation of context + "
+                                                             "question, this many tokens"})
+    tau_start: float = field(default=1.0, metadata={"help": "Gumbel-sigmoid temperature at the first step"})
+    tau_end: float = field(default=0.1, metadata={"help": "... and at the last"})
+    eval_every: int = field(default=50, metadata={"help": "training: steps between held-out losses"})
+    checkpoint_every: int = field(default=50, metadata={"help": "training: steps between checkpoints"})
+    seed: int = field(default=0, metadata={"help": "training seed (data order, init, gate noise)"})
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if self.pairing not in PAIRINGS:
+            raise ValueError(f"{prefix}.pairing: one of {', '.join(PAIRINGS)}, got {self.pairing!r}")
+        if self.gates not in ("learned", "open", "closed"):
+            raise ValueError(f"{prefix}.gates: learned, open or closed, got {self.gates!r}")
+        if self.bits is not None and not 2 <= self.bits <= 8:
+            raise ValueError(f"{prefix}.bits: null or 2..8, got {self.bits}")
+        for name in ("hidden", "steps", "batch_size_train", "n_train", "target_tokens", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.tau_end <= self.tau_start or self.lr <= 0:
+            raise ValueError(f"{prefix}: needs 0 < tau_end <= tau_start and lr > 0")
+
+
+def model_record(lm) -> dict[str, Any]:
+    i = lm.info
+    return {"name": i.name, "num_layers": i.num_layers, "num_kv_heads": i.num_kv_heads, "head_dim": i.head_dim,
+            "vocab_size": i.vocab_size}
+
+
+def new_projector(params: C2CParams, a, b) -> CacheProjector:
+    torch.manual_seed(params.seed)
+    return CacheProjector(model_record(a), model_record(b), params.pairing, params.hidden, params.gate_init)
+
+
+@register("c2c")
+class C2C(Method):
+    Params = C2CParams
+    trained_by = "c2c"
+
+    @classmethod
+    def needs_training(cls, params: C2CParams) -> bool:
+        return params.projector == "train"
+
+    def check_pair(self) -> None:
+        a, b = self.pair.sender, self.pair.receiver
+        for lm in (a, b):
+            if not getattr(lm.tokenizer, "is_fast", True):
+                raise ValueError(f"methods.{self.name}: c2c aligns tokens by characters and needs a fast tokenizer; "
+                                 f"{lm.info.name}'s is not")
+        self.projector = new_projector(self.params, a, b).to(b.device)
+        self.projector.requires_grad_(False)
+        if self.params.projector == "identity":
+            self.projector.identity_init()
+        elif self.params.projector != "train":
+            self.set_projection_from(self.params.projector)
+        use_cross_model_attention(b)
+
+    def set_projection_from(self, directory: str) -> None:
+        """Load a finished projector, refusing one made for another pair, pairing or width."""
+        from safetensors.torch import load_file
+
+        from cross_model.c2c.training import WEIGHTS_FILE, read_meta
+
+        path = Path(directory)
+        meta = read_meta(path)
+        want = {"sender": model_record(self.pair.sender), "receiver": model_record(self.pair.receiver),
+                "pairing": self.params.pairing, "hidden": self.params.hidden}
+        diff = [k for k in want if meta.get(k) != want[k]]
+        if diff:
+            raise ValueError(f"methods.{self.name}: the projector in {path} was trained for another setting "
+                             f"({', '.join(diff)}: {[meta.get(k) for k in diff]} there, {[want[k] for k in diff]} here)")
+        self.projector.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+        self.projector.to(self.pair.receiver.device)
+        self.trained_meta = meta
+
+    def active_layers(self) -> list[int]:
+        g = self.params.gates
+        if g == "open" or (g == "learned" and self.params.projector == "identity"):
+            return self.projector.layers
+        return [] if g == "closed" else self.projector.open_layers()
+
+    def sender_layers(self, layers: list[int]) -> list[int]:
+        """A's layers that cross: the partners of the open receiver layers, each once."""
+        return sorted({self.projector.partners[l] for l in layers})
+
+    def wire(self, sender_layers: list[int], tokens: int) -> KVPayload:
+        a = self.pair.sender
+        dt = dtype_name(a.model.dtype)
+        bits = [self.params.bits or dtype_bits(dt)] * len(sender_layers)
+        return KVPayload(a.info.name, self.pair.receiver.info.name, sender_layers, sender_layers, [], [], dt, bits,
+                         kv_heads=a.info.num_kv_heads, head_dim=a.info.head_dim, tokens=tokens, scheme=QuantScheme())
+
+    def transmit(self, side, sender_layers: list[int]) -> tuple[dict | None, list[int]]:
+        """Each row's payload bytes and, when quantized, A's layers as B decodes them."""
+        lengths = [int(n) for n in side.pre.full_mask.sum(-1).tolist()]
+        if self.params.bits is None or not sender_layers:
+            return None, [payload_size(self.wire(sender_layers, n).header()) if sender_layers else 0 for n in lengths]
+        mask = side.pre.full_mask.bool()
+        sent = {la: (side.pre.kv[la][0].clone(), side.pre.kv[la][1].clone()) for la in sender_layers}
+        sizes = []
+        a = self.pair.sender
+        for i in range(mask.shape[0]):
+            cols = mask[i].nonzero().flatten()
+            p = self.wire(sender_layers, len(cols))
+            p.keys = [side.pre.kv[la][0][i][:, cols] for la in sender_layers]
+            p.values = [side.pre.kv[la][1][i][:, cols] for la in sender_layers]
+            blob = encode(p)
+            sizes.append(len(blob))
+            got = decode(blob, p.receiver, a.info.num_kv_heads, a.info.head_dim, device=mask.device)
+            for la, k, v in zip(sender_layers, got.keys, got.values):
+                sent[la][0][i][:, cols] = k.to(sent[la][0].dtype)
+                sent[la][1][i][:, cols] = v.to(sent[la][1].dtype)
+        return sent, sizes
+
+    def sender(self, examples: list[Example], layers: list[int]):
+        a, b = self.pair.sender, self.pair.receiver
+        top = max((self.projector.partners[l] for l in layers), default=-1) + 1
+        texts = [sender_text(e) for e in examples]
+        pre = self.prefill(a, texts, layers=top)
+        wrapped = [chat_wrap(a, t) for t in texts]
+        return sender_side(a, b, wrapped, self.prompt_ids(a, texts), pre)
+
+    @torch.inference_mode()
+    def _run_batch(self, examples: list[Example]) -> list[Prediction]:
+        b = self.pair.receiver
+        layers = self.active_layers()
+        side = self.sender(examples, layers)
+        a_layers = self.sender_layers(layers)
+        sent, sizes = self.transmit(side, a_layers)
+        cache, layout, offset = receiver_cache(self.projector, b, side, layers, sent=sent)
+        batch = tokenize_prompts(b, [receiver_text(e) for e in examples], self.params.max_prompt_tokens)
+        limits = [self.max_new_tokens(e) for e in examples]
+        gen = greedy_generate(b, batch.input_ids, batch.attention_mask, max(limits), cache=cache,
+                              position_offset_B=offset.to(b.device), forward=layout_forward(b, layout),
+                              max_new_tokens_B=limits)
+        stats = side.stats.to_dict()
+        return [
+            Prediction(
+                e.example_id, text, size, sender_prefill_tokens=n_a, receiver_prefill_tokens=n_b,
+                receiver_generated_tokens=n_out,
+                extra={"layers": layers, "sender_layers": a_layers, "context_tokens_B": int(n_ctx),
+                       "alignment_mismatch": stats["mismatch_fraction"]},
+            )
+            for e, text, size, n_a, n_b, n_out, n_ctx in zip(
+                examples, gen.texts, sizes, side.pre.prompt_lengths, batch.lengths, gen.n_generated, offset.tolist())
+        ]
