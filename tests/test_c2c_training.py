@@ -1,0 +1,103 @@
+"""C2C's training job through the real entry point: the held-out loss falls below B's loss without A;
+kill -9 and resume equals an uninterrupted run; two gloo ranks train the projector one process
+trains; a checkpoint made for another pair is refused; the evaluate stage loads the trained projector."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cross_model.c2c.training import WEIGHTS_FILE, fit_projector, identity_of
+from cross_model.checkpointing import CheckpointManager
+from cross_model.methods.c2c import new_projector
+from cross_model.methods.registry import resolve_method
+from cross_model.models import load_model
+
+from tests.helpers import kill_9_after_first_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+C2C = {"method": "c2c", "steps": 12, "n_train": 32, "n_heldout": 8, "batch_size_train": 8, "target_tokens": 6,
+       "hidden": 32, "lr": 3e-3, "checkpoint_every": 3, "max_new_tokens": 4}
+
+
+def _config(tmp_path: Path, name: str, stages=("train",)) -> Path:
+    cfg = {
+        "name": name, "output_dir": str(tmp_path / "runs"), "stages": list(stages),
+        "models": {"sender": "tiny-gemma3-64", "receiver": "tiny-llama-48"},
+        "tasks": [{"name": "countries", "n_test": 4, "n_calib": 0}],
+        "methods": {"baseline": {}, "c2c": C2C},
+        "train": {"checkpoint_dir": str(tmp_path / name / "ckpt")},
+    }
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _entry(config: Path, nproc: int = 1, delay: float = 0.0) -> subprocess.Popen:
+    env = {**os.environ, "CROSS_MODEL_TEST_STEP_DELAY": str(delay), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "run_experiments.py"), "--config", str(config)]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _run(config: Path, nproc: int = 1) -> str:
+    proc = _entry(config, nproc)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _final(tmp_path: Path, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    (final,) = list((tmp_path / name / "ckpt").glob("c2c__*/final"))
+    return load_file(str(final / WEIGHTS_FILE)), json.loads((final / "meta.json").read_text())
+
+
+def test_training_lowers_the_heldout_loss_and_the_evaluate_stage_reads_the_projector(tmp_path):
+    _run(_config(tmp_path, "ref", ("train", "evaluate", "report")))
+    _, meta = _final(tmp_path, "ref")
+    first, last = meta["history"][0], meta["history"][-1]
+    assert [h["step"] for h in meta["history"]] == [0, 4, 8, 12]  # each epoch (32 rows / 8)
+    assert last["heldout_loss"] < first["heldout_loss"] and last["heldout_loss"] < last["heldout_loss_closed"]
+    results = json.loads((tmp_path / "runs" / "ref" / "results.json").read_text())
+    rows = results["examples"]["countries"]["c2c"]
+    assert len(rows) == 4 and all(r["error"] is None for r in rows)
+    assert all(r["layers"] == meta["open_layers"] for r in rows)  # the open gates are the selection
+    run_meta = json.loads((tmp_path / "runs" / "ref" / "c2c.json").read_text())
+    assert run_meta["c2c"]["open_layers"] == meta["open_layers"]
+
+
+def test_kill_9_then_restart_gives_the_uninterrupted_projector_and_two_ranks_the_same(tmp_path):
+    _run(_config(tmp_path, "one"))
+    config = _config(tmp_path, "killed")
+    proc = _entry(config, delay=0.3)
+    kill_9_after_first_checkpoint(proc, tmp_path / "killed" / "ckpt")
+    out = _run(config)
+    assert "resumed" in out
+    ref, ref_meta = _final(tmp_path, "one")
+    got, got_meta = _final(tmp_path, "killed")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert [h["step"] for h in got_meta["history"]] == [0, 4, 8, 12]  # held-out losses survive the kill
+    assert "loaded, not retrained" in _run(config)
+    _run(_config(tmp_path, "two"), nproc=2)
+    two, _ = _final(tmp_path, "two")
+    for k in ref:
+        torch.testing.assert_close(two[k], ref[k], atol=2e-5, rtol=1e-4)
+
+
+def test_a_checkpoint_made_for_another_pair_is_refused(tmp_path):
+    a, b, c = load_model("tiny-gemma3-64"), load_model("tiny-llama-48"), load_model("tiny-llama-64")
+    _, params = resolve_method("c2c", {**{k: v for k, v in C2C.items() if k != "method"}, "steps": 1})
+    ident = identity_of(params, c, b)  # a checkpoint of another sender in this directory
+    proj = new_projector(params, a, b)
+    CheckpointManager(tmp_path).save(1, {k: v for k, v in proj.state_dict().items()}, ident,
+                                      {"optimizer": {}, "step": 1}, None)
+    with pytest.raises(ValueError, match="does not fit this run: sender"):
+        fit_projector(proj, a, b, params, identity_of(params, a, b), tmp_path)
