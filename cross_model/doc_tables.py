@@ -161,9 +161,20 @@ def render_history(data: dict, *args: str) -> str:
     return "\n".join(lines)
 
 
+def render_c2c(data: dict, *args: str) -> str:
+    """Each c2c projector's held-out losses during training and its open layers (`c2c`, from c2c.json)."""
+    lines = ["| method | step | held-out loss | every gate closed (B without A) | open layers |", "|---|---|---|---|---|"]
+    for name, fit in (data.get("c2c") or {}).items():
+        for h in fit.get("history", []):
+            lines.append(f"| {name} | {h['step']} | {h['heldout_loss']:.3f} | {h['heldout_loss_closed']:.3f} "
+                         f"| {h['open_layers']} |")
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[..., str]] = {
     "summary": render_summary, "paired": render_paired, "timings": render_timings, "bench": render_bench,
     "qkvcomm": render_qkvcomm, "scheme": render_scheme, "controls": render_controls, "history": render_history,
+    "c2c": render_c2c,
     "joint": render_joint, "ridge": render_ridge,
     "projections": render_projections,
 }
@@ -226,9 +237,10 @@ def publish(run_dir: Path, target: Path, reference: str | None = None) -> Path:
     interlingua = run_dir / "interlingua.json"
     if interlingua.exists():
         data["interlingua_history"] = json.loads(interlingua.read_text()).get("history", [])
-    projections = run_dir / "projections.json"
-    if projections.exists():
-        data["projections"] = json.loads(projections.read_text())
+    for key in ("projections", "c2c"):  # what the train stage wrote about its learned maps
+        path = run_dir / f"{key}.json"
+        if path.exists():
+            data[key] = json.loads(path.read_text())
     timings = run_dir / "timings.json"
     if timings.exists():
         data["timings"] = json.loads(timings.read_text())

@@ -173,3 +173,27 @@ def test_a_projector_for_another_pair_is_refused(tmp_path, examples):
     with pytest.raises(ValueError, match="trained for another setting.*sender"):
         make("c2c", "tiny-gemma3-64", "tiny-llama-48", projector=str(tmp_path / "p"))
     assert json.loads((tmp_path / "p" / "meta.json").read_text())["pairing"] == "last_aligned"
+
+
+def test_training_rows_from_a_chat_dataset_a_jsonl_file_and_the_tasks(tmp_path):
+    from cross_model.c2c.training import conversation_pair, training_rows
+    from cross_model.config import load_config
+
+    hermes = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Name a fjord."},
+                                {"from": "gpt", "value": "Geiranger."}]}
+    assert conversation_pair(hermes, "Answer it.") == ("Name a fjord.", "Answer it.")
+    assert conversation_pair({"context": "c", "question": "q"}, "x") == ("c", "q")
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"context": f"c{i}", "question": f"q{i}"}) + "\n" for i in range(5)))
+    _, p = resolve_method("c2c", {"data": str(path), "n_train": 3, "n_heldout": 2})
+    train, held = training_rows(p)
+    assert [e.prompt_A for e in train] == ["c0", "c1", "c2"] and [e.prompt_B for e in held] == ["q3", "q4"]
+    with pytest.raises(ValueError, match="needs 9"):
+        training_rows(resolve_method("c2c", {"data": str(path), "n_train": 7, "n_heldout": 2})[1])
+    cfg = load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path)])
+    _, p = resolve_method("c2c", {"data": "tasks", "n_train": 6, "n_heldout": 2})
+    train, held = training_rows(p, cfg)
+    test = {e.prompt_A for t in cfg.tasks for e in load_task_examples(t.name, t.n_test, t.n_calib, cfg.seed, t.path)[0]}
+    assert len(train) == 6 and len(held) == 2 and not test & {e.prompt_A for e in train + held}
+    with pytest.raises(ValueError, match="data"):
+        resolve_method("c2c", {"data": "wikipedia"})

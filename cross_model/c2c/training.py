@@ -54,11 +54,78 @@ RECIPE_KEYS = ("pairing", "hidden", "gate_init", "steps", "batch_size_train", "l
 # --- data ---------------------------------------------------------------------------------------------------
 
 
-def corpus_rows(params: Any) -> tuple[list[Example], list[Example]]:
-    """(training, held-out) rows: corpus sentences as contexts with `params.question`, or a JSONL file's
-    `context` and `question` fields."""
+def _examples(pairs: list[tuple[str, str]], params: Any) -> list[Example]:
+    return [Example(f"c2c-{i}", c, q, ("",), "c2c_corpus", params.target_tokens, "f1_match", QA)
+            for i, (c, q) in enumerate(pairs)]
+
+
+def conversation_pair(row: dict, question: str) -> tuple[str, str]:
+    """A hub row as (context, question): `context`/`question` fields, or a chat dataset's first user turn
+    as the context (OpenHermes-2.5's `conversations`, C2C's training data) with `question`."""
+    if "context" in row:
+        return row["context"], row.get("question") or question
+    turns = row.get("conversations") or row.get("messages") or []
+    for t in turns:
+        if (t.get("from") or t.get("role")) in ("human", "user"):
+            return t.get("value") or t.get("content") or "", question
+    raise ValueError(f"c2c data: a hub row with neither context nor a user turn (fields: {sorted(row)})")
+
+
+def hub_pairs(name: str, n: int, question: str) -> list[tuple[str, str]]:
+    """The first `n` rows of a hub dataset's train split (streamed), as (context, question)."""
+    from datasets import load_dataset
+
+    out = []
+    for row in load_dataset(name, split="train", streaming=True):
+        context, q = conversation_pair(row, question)
+        if context.strip():
+            out.append((context, q))
+        if len(out) == n:
+            return out
+    raise ValueError(f"c2c data hub:{name}: {len(out)} usable rows, n_train + n_heldout needs {n}")
+
+
+def task_pairs(cfg: Any, n: int) -> list[tuple[str, str]]:
+    """Rows of the configured tasks that are neither test nor calibration items (checked), as many from
+    each task, interleaved: A reads each row's context, B its question."""
+    from cross_model.data import load_task_examples
+    from cross_model.interlingua.training import task_rows
+
+    from cross_model.data.hub import TASKS as HUB_TASKS
+    from cross_model.data.ladder import LADDER_TASKS
+
+    per = -(-n // len(cfg.tasks))
+    taken, parts = set(), []
+    for t in cfg.tasks:
+        seed = t.seed if t.seed is not None else cfg.seed
+        test, calib = load_task_examples(t.name, t.n_test, t.n_calib, seed, t.path)
+        taken |= {(e.prompt_A, e.prompt_B) for e in test + calib}
+        if t.name in LADDER_TASKS or t.name in HUB_TASKS:
+            parts.append(task_rows(t.name, len(test), len(calib), per, seed, t.path))
+        else:  # our generators: another seed's items, any that equals a test or calibration item dropped
+            pool, _ = load_task_examples(t.name, 2 * per, 0, seed + 1_000_003, t.path)
+            parts.append([e for e in pool if (e.prompt_A, e.prompt_B) not in taken][:per])
+    rows = [r for group in zip(*parts) for r in group][:n]
+    clash = taken & {(e.prompt_A, e.prompt_B) for e in rows}
+    if clash:
+        raise ValueError(f"c2c: training rows overlap test/calibration items: {sorted(clash)[:3]}")
+    if len(rows) < n:
+        raise ValueError(f"c2c data tasks: {len(rows)} rows set aside, n_train + n_heldout needs {n}")
+    return [(e.prompt_A, e.prompt_B) for e in rows]
+
+
+def training_rows(params: Any, cfg: Any = None) -> tuple[list[Example], list[Example]]:
+    """(training, held-out) rows from `params.data`: offline or c4 sentences as contexts with
+    `params.question`; a JSONL file's context and question fields; `hub:<dataset>`; or `tasks` (the
+    configured tasks' rows outside their test and calibration items)."""
     n = params.n_train + params.n_heldout
-    if params.data.endswith(".jsonl"):
+    if params.data == "tasks":
+        if cfg is None:
+            raise ValueError("c2c data: tasks needs the experiment's tasks")
+        pairs = task_pairs(cfg, n)
+    elif params.data.startswith("hub:"):
+        pairs = hub_pairs(params.data[4:], n, params.question)
+    elif params.data.endswith(".jsonl"):
         lines = [json.loads(x) for x in Path(params.data).read_text().splitlines() if x.strip()]
         bad = [i for i, r in enumerate(lines) if not {"context", "question"} <= set(r)]
         if bad:
@@ -68,8 +135,7 @@ def corpus_rows(params: Any) -> tuple[list[Example], list[Example]]:
         pairs = [(r["context"], r["question"]) for r in lines[:n]]
     else:
         pairs = [(s, params.question) for s in load_corpus(params.data, n, params.seed)]
-    rows = [Example(f"c2c-{i}", c, q, ("",), "c2c_corpus", params.target_tokens, "f1_match", QA)
-            for i, (c, q) in enumerate(pairs)]
+    rows = _examples(pairs, params)
     return rows[: params.n_train], rows[params.n_train :]
 
 
@@ -138,11 +204,15 @@ class C2CLoss(nn.Module):
 # --- identity and where it lives ----------------------------------------------------------------------------
 
 
-def identity_of(params: Any, a: LoadedModel, b: LoadedModel) -> dict[str, Any]:
+def identity_of(params: Any, a: LoadedModel, b: LoadedModel, cfg: Any = None) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed or used: the pair, the recipe and (data: tasks) the tasks."""
     from cross_model.methods.c2c import model_record
 
     p = asdict(params)
-    return {"sender": model_record(a), "receiver": model_record(b), **{k: p[k] for k in RECIPE_KEYS}}
+    out = {"sender": model_record(a), "receiver": model_record(b), **{k: p[k] for k in RECIPE_KEYS}}
+    if params.data == "tasks" and cfg is not None:
+        out["tasks"] = [[t.name, t.n_test, t.n_calib, t.seed if t.seed is not None else cfg.seed, t.path] for t in cfg.tasks]
+    return out
 
 
 def c2c_dir(root: str | Path, identity: dict[str, Any]) -> Path:
@@ -177,11 +247,17 @@ class TrainedProjector:
 
 
 def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, params: Any, identity: dict[str, Any],
-                  directory: Path, keep_last: int = 3, stop: StopFlag | None = None,
-                  log_metrics: Any = None) -> TrainedProjector:
-    """Train `projector` for the pair, resuming from the newest checkpoint in `directory`. Collective."""
+                  directory: Path, rows: tuple[list[Example], list[Example]] | None = None, keep_last: int = 3,
+                  stop: StopFlag | None = None, log_metrics: Any = None) -> TrainedProjector:
+    """Train `projector` for the pair on `rows` (training, held-out; default `training_rows(params)`),
+    resuming from the newest checkpoint in `directory`. Collective."""
     rank, world = get_rank(), get_world_size()
-    train, held = corpus_rows(params)
+    manager = CheckpointManager(directory, keep_last)
+    latest = broadcast_object(manager.latest_step() if is_main() else None)
+    ckpt = manager.load(latest, rank, world) if latest is not None else None
+    if ckpt is not None:  # refused before anything is computed
+        check_identity(ckpt.meta, identity, f"checkpoint {ckpt.path}", keys=tuple(identity))
+    train, held = rows if rows is not None else training_rows(params)
     targets_file = directory / "targets.json"
     if broadcast_object(targets_file.exists() if is_main() else None):
         targets = json.loads(targets_file.read_text())
@@ -199,14 +275,10 @@ def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, par
 
         model = DDP(net, device_ids=[b.device.index] if b.device.type == "cuda" else None)
     opt = torch.optim.AdamW([p for p in projector.parameters() if p.requires_grad], lr=params.lr, weight_decay=0.0)
-    manager = CheckpointManager(directory, keep_last)
     steps_per_epoch = math.ceil(len(train) / params.batch_size_train)
     history: list[dict[str, Any]] = []
     step, resumed = 0, None
-    latest = broadcast_object(manager.latest_step() if is_main() else None)
-    if latest is not None:
-        ckpt = manager.load(latest, rank, world)
-        check_identity(ckpt.meta, identity, f"checkpoint {ckpt.path}", keys=tuple(identity))
+    if ckpt is not None:
         projector.load_state_dict(ckpt.tensors)
         opt.load_state_dict(ckpt.trainer["optimizer"])
         step, resumed, history = ckpt.trainer["step"], ckpt.step, ckpt.meta.get("history", [])
@@ -292,7 +364,7 @@ def train_c2c(ctx: Any, name: str, cls: type, params: Any) -> TrainedProjector:
     for lm in (a, b):
         lm.model.requires_grad_(False)
     use_cross_model_attention(b)
-    identity = identity_of(params, a, b)
+    identity = identity_of(params, a, b, cfg)
     train_cfg = resolved_train_config(cfg)
     directory = c2c_dir(train_cfg.checkpoint_dir, identity)
     final = directory / FINAL
@@ -303,8 +375,8 @@ def train_c2c(ctx: Any, name: str, cls: type, params: Any) -> TrainedProjector:
     log.info("methods.%s: c2c projector %s -> %s (%s pairing, %d receiver layers paired), %d trainable parameters",
              name, a.info.name, b.info.name, params.pairing, len(projector.layers), sum(p.numel() for p in projector.parameters()))
     tracker = ctx.state.get("tracker")
-    return fit_projector(projector, a, b, params, identity, directory, train_cfg.keep_last, ctx.state.get("stop"),
-                         tracker.log if tracker else None)
+    return fit_projector(projector, a, b, params, identity, directory, training_rows(params, cfg), train_cfg.keep_last,
+                         ctx.state.get("stop"), tracker.log if tracker else None)
 
 
 def projector_root(cfg: Any) -> Path:
@@ -314,7 +386,7 @@ def projector_root(cfg: Any) -> Path:
 
 
 def final_projector_dir(cfg: Any, params: Any, a: LoadedModel, b: LoadedModel) -> Path:
-    return c2c_dir(projector_root(cfg), identity_of(params, a, b)) / FINAL
+    return c2c_dir(projector_root(cfg), identity_of(params, a, b, cfg)) / FINAL
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:

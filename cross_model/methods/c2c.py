@@ -38,7 +38,9 @@ class C2CParams(MethodParams):
     lr: float = field(default=1e-3, metadata={"help": "training: AdamW learning rate"})
     n_train: int = field(default=256, metadata={"help": "training rows"})
     n_heldout: int = field(default=32, metadata={"help": "held-out rows (loss each eval_every steps)"})
-    data: str = field(default="offline", metadata={"help": "offline (generated sentences), c4, or a JSONL path with "
+    data: str = field(default="offline", metadata={"help": "offline (generated sentences), c4, tasks (the configured "
+                                                            "tasks' rows outside test/calibration), hub:<dataset> "
+                                                            "(e.g. hub:teknium/OpenHermes-2.5), or a JSONL path with "
                                                             "context and question fields"})
     question: str = field(default="Repeat the context word for word.", metadata={"help": "B's question for corpus rows"})
     target_tokens: int = field(default=24, metadata={"help": "training target: B's own greedy continuation of context + "
@@ -60,6 +62,8 @@ class C2CParams(MethodParams):
         for name in ("hidden", "steps", "batch_size_train", "n_train", "target_tokens", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.data not in ("offline", "c4", "tasks") and not self.data.startswith("hub:") and not self.data.endswith(".jsonl"):
+            raise ValueError(f"{prefix}.data: offline, c4, tasks, hub:<dataset> or a .jsonl path, got {self.data!r}")
         if not 0 < self.tau_end <= self.tau_start or self.lr <= 0:
             raise ValueError(f"{prefix}: needs 0 < tau_end <= tau_start and lr > 0")
 
