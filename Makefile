@@ -7,7 +7,7 @@ NPROC ?= 2
 CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
 
-.PHONY: demo pareto latentwire latentwire-two qkvcomm-scheme projection-ridge facts layer-sweep docs-tables test test-fast bench bench-gpu install clean-venv
+.PHONY: demo pareto latentwire latentwire-two qkvcomm-scheme projection-ridge c2c facts layer-sweep docs-tables test test-fast bench bench-gpu install clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt requirements-deepspeed.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,11 @@ facts: $(STAMP)
 layer-sweep: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) run_experiments.py --config configs/ac_layer_sweep.yaml
 	$(PY) -m cross_model.doc_tables --publish runs/ac_layer_sweep docs/layer_sweep
+
+c2c: $(STAMP)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) run_experiments.py --config configs/c2c_quickstart.yaml
+	$(PY) -m cross_model.doc_tables --publish runs/c2c_quickstart docs/c2c
+	$(PY) -m cross_model.doc_tables --write
 
 projection-ridge: $(STAMP)
 	$(PY) -m bench.choose_projection_ridge --json docs/projection/ridge_choice.json

@@ -253,3 +253,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_after_step(step: int, total: int, every: int, save: Any, stop: Any, what: str, directory: Path,
+                          bar: Any = None) -> bool:
+    """A training loop's bookkeeping after optimizer step `step` of `total`: save every `every` steps, at
+    the end and on a stop signal (SIGTERM, preemption), then leave on the signal with `Preempted` so the
+    next run resumes. Returns whether it saved."""
+    from cross_model.distributed import Preempted
+
+    stopping = stop is not None and stop.should_stop()
+    saved = step == total or stopping or step % every == 0
+    if saved:
+        save(step)
+    if stopping:
+        if bar is not None:
+            bar.close()
+        log.warning("%s: stop signal; saved step %d of %d in %s, exiting to resume later", what, step, total, directory)
+        raise Preempted(f"{what} training stopped at step {step} of {total}; checkpoint saved in {directory}")
+    return saved
+
+
+def restore(ckpt: Checkpoint, load_weights: Any, load_optimizer: Any, what: str, total: int) -> tuple[int, int, list]:
+    """Resume a training loop from `ckpt`: weights, optimizer state and this rank's RNG states; returns
+    (the step to continue from, the checkpoint's step, the held-out history so far)."""
+    load_weights(ckpt.tensors)
+    load_optimizer(ckpt.trainer["optimizer"])
+    if ckpt.rng is not None:
+        set_rng_state(ckpt.rng)
+    step = ckpt.trainer["step"]
+    log.info("%s: resumed %s at step %d of %d", what, ckpt.path.parent.name, step, total)
+    return step, ckpt.step, ckpt.meta.get("history", [])

@@ -31,7 +31,7 @@ def plan(cfg: ExperimentConfig) -> list[str]:
     for stage in cfg.stages:
         if stage == "train":
             needs = [name for name, cls, p in methods if cls.needs_training(p)]
-            lines.append(f"train: {'fit projections / the interlingua for ' + ', '.join(needs) if needs else 'nothing to train'}")
+            lines.append(f"train: {'fit the learned maps (projection, interlingua or c2c projector) of ' + ', '.join(needs) if needs else 'nothing to train'}")
         elif stage == "calibrate":
             needs = [name for name, cls, p in methods if cls.needs_calibration(p)]
             lines.append(f"calibrate: {'calibrate ' + ', '.join(needs) if needs else 'nothing to calibrate'}")

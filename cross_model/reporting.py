@@ -59,6 +59,8 @@ def summarize(task: str, method: str, rows: list[dict[str, Any]]) -> dict[str, A
         # Where the KV methods record them: how many times fewer bytes than bf16 and than A's whole
         # cache, and how many times the context's own UTF-8 bytes the payload is.
         **{key: mean(key) for key in RATIOS if rows and all(r.get(key) for r in rows)},
+        # c2c: the share of B's context tokens without exactly one A token of the same characters.
+        **({"alignment_mismatch": mean("alignment_mismatch")} if rows and all("alignment_mismatch" in r for r in rows) else {}),
     }
 
 

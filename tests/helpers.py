@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def entry(config: Path, nproc: int = 1, delay: float = 0.0, **env: str) -> subprocess.Popen:
+    """`run_experiments.py --config config` in a new process (`nproc` > 1: under torchrun on gloo);
+    `delay` seconds after each training step let a test kill it mid-training."""
+    env = {**os.environ, "CROSS_MODEL_TEST_STEP_DELAY": str(delay), "OMP_NUM_THREADS": "1", **env}
+    cmd = [sys.executable, str(ROOT / "run_experiments.py"), "--config", str(config)]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_entry(config: Path, nproc: int = 1, **env: str) -> str:
+    """The same, to the end; fails the test with the output's tail if it does not succeed."""
+    proc = entry(config, nproc, **env)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return out
 
 
 def kill_9_after_first_checkpoint(proc: subprocess.Popen, checkpoints: Path, timeout: float = 180) -> None:
@@ -19,3 +41,12 @@ def kill_9_after_first_checkpoint(proc: subprocess.Popen, checkpoints: Path, tim
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not list(checkpoints.glob("*/final")), "killed before the end"
+
+
+def kill_9_and_resume(config: Path, checkpoints: Path, **env: str) -> str:
+    """Start a training run, SIGKILL it after its first checkpoint, run it again to the end and check
+    that it resumed; returns the second run's output."""
+    kill_9_after_first_checkpoint(entry(config, delay=0.3, **env), checkpoints)
+    out = run_entry(config, **env)
+    assert "resumed" in out
+    return out

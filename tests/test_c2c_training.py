@@ -5,9 +5,6 @@ trains; a checkpoint made for another pair is refused; the evaluate stage loads 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from cross_model.methods.c2c import new_projector
 from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
 
-from tests.helpers import kill_9_after_first_checkpoint
+from tests.helpers import kill_9_and_resume, run_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 C2C = {"method": "c2c", "steps": 12, "n_train": 32, "n_heldout": 8, "batch_size_train": 8, "target_tokens": 6,
@@ -40,19 +37,8 @@ def _config(tmp_path: Path, name: str, stages=("train",)) -> Path:
     return path
 
 
-def _entry(config: Path, nproc: int = 1, delay: float = 0.0) -> subprocess.Popen:
-    env = {**os.environ, "CROSS_MODEL_TEST_STEP_DELAY": str(delay), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "run_experiments.py"), "--config", str(config)]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def _run(config: Path, nproc: int = 1) -> str:
-    proc = _entry(config, nproc)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-4000:]
-    return out
+    return run_entry(config, nproc)
 
 
 def _final(tmp_path: Path, name: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -77,10 +63,7 @@ def test_training_lowers_the_heldout_loss_and_the_evaluate_stage_reads_the_proje
 def test_kill_9_then_restart_gives_the_uninterrupted_projector_and_two_ranks_the_same(tmp_path):
     _run(_config(tmp_path, "one"))
     config = _config(tmp_path, "killed")
-    proc = _entry(config, delay=0.3)
-    kill_9_after_first_checkpoint(proc, tmp_path / "killed" / "ckpt")
-    out = _run(config)
-    assert "resumed" in out
+    kill_9_and_resume(config, tmp_path / "killed" / "ckpt")
     ref, ref_meta = _final(tmp_path, "one")
     got, got_meta = _final(tmp_path, "killed")
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from cross_model.interlingua.encoder import EncoderShape
 from cross_model.interlingua.model import LatentWire, receiver_record
 from cross_model.interlingua.training import fit_interlingua
 
-from tests.helpers import kill_9_after_first_checkpoint
+from tests.helpers import entry, kill_9_and_resume, run_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 INTERLINGUA = {"receivers": ["tiny-llama-64", "tiny-gemma3-64"], "m": 4, "d_z": 32, "layers": 1, "n_train": 32,
@@ -44,18 +42,11 @@ def _config(tmp_path: Path, name: str, **interlingua) -> Path:
 
 
 def _entry(config: Path, nproc: int = 1, delay: float = 0.0) -> subprocess.Popen:
-    env = {**os.environ, "CROSS_MODEL_TEST_STEP_DELAY": str(delay), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, str(ROOT / "run_experiments.py"), "--config", str(config)]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return entry(config, nproc, delay, DS_ACCELERATOR="cpu")
 
 
 def _run(config: Path, nproc: int = 1) -> str:
-    proc = _entry(config, nproc)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
-    return out
+    return run_entry(config, nproc, DS_ACCELERATOR="cpu")
 
 
 def _final(tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
@@ -66,10 +57,7 @@ def _final(tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
 def test_kill_9_then_restart_gives_the_uninterrupted_interlingua(tmp_path):
     _run(_config(tmp_path, "ref"))
     config = _config(tmp_path, "killed")
-    proc = _entry(config, delay=0.3)
-    kill_9_after_first_checkpoint(proc, tmp_path / "killed" / "ckpt")
-    out = _run(config)
-    assert "resumed" in out
+    kill_9_and_resume(config, tmp_path / "killed" / "ckpt", DS_ACCELERATOR="cpu")
     ref, got = _final(tmp_path, "ref"), _final(tmp_path, "killed")
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     (final,) = list((tmp_path / "killed" / "ckpt").glob("*/final"))

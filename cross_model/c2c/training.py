@@ -27,11 +27,11 @@ from torch import nn
 
 from cross_model.c2c.projector import CacheProjector, tau_at
 from cross_model.c2c.transfer import receiver_cache, sender_side
-from cross_model.checkpointing import META, CheckpointManager, publish_once, set_rng_state, rng_state, verify
+from cross_model.checkpointing import META, CheckpointManager, checkpoint_after_step, publish_once, restore, rng_state, verify
 from cross_model.data.base import QA, Example
 from cross_model.data.corpus import load_corpus
 from cross_model.distributed import (
-    Preempted, StopFlag, all_reduce_sum, barrier, broadcast_object, gather_object, get_rank, get_world_size,
+    StopFlag, all_reduce_sum, barrier, broadcast_object, gather_object, get_rank, get_world_size,
     is_initialized, is_main,
 )
 from cross_model.generation import greedy_generate
@@ -279,12 +279,7 @@ def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, par
     history: list[dict[str, Any]] = []
     step, resumed = 0, None
     if ckpt is not None:
-        projector.load_state_dict(ckpt.tensors)
-        opt.load_state_dict(ckpt.trainer["optimizer"])
-        step, resumed, history = ckpt.trainer["step"], ckpt.step, ckpt.meta.get("history", [])
-        if ckpt.rng is not None:
-            set_rng_state(ckpt.rng)
-        log.info("c2c: resumed %s at step %d of %d", directory.name, step, params.steps)
+        step, resumed, history = restore(ckpt, projector.load_state_dict, opt.load_state_dict, "c2c", params.steps)
 
     def save(at: int) -> None:
         rngs = gather_object(rng_state())
@@ -333,14 +328,8 @@ def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, par
             time.sleep(delay)
         if held and (step % steps_per_epoch == 0 or step == params.steps):
             evaluate(step)
-        stopping = stop is not None and stop.should_stop()
-        if step == params.steps or stopping or step % params.checkpoint_every == 0:
-            save(step)
+        if checkpoint_after_step(step, params.steps, params.checkpoint_every, save, stop, "c2c", directory, bar):
             last_saved = step
-        if stopping:
-            bar.close()
-            log.warning("c2c: stop signal; saved step %d of %d in %s, exiting to resume later", step, params.steps, directory)
-            raise Preempted(f"c2c training stopped at step {step} of {params.steps}; checkpoint saved in {directory}")
     bar.close()
     if last_saved != step:
         save(step)

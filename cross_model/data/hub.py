@@ -146,15 +146,20 @@ def parse_samsum(row: dict) -> tuple[str, str, str, list[str]]:
     return str(row["id"]), "\n".join(lines[:mid]).strip(), "\n".join(lines[mid:]).strip(), [row["summary"]]
 
 
-def hotpotqa_facts(row: dict) -> list[str]:
-    """The gold supporting-fact sentences (title, sentence index) of a distractor-setting row."""
-    by_title = dict(zip(row["context"]["title"], row["context"]["sentences"]))
+def supporting_sentences(row: dict, sentences_key: str = "sentences") -> list[str]:
+    """The gold supporting-fact sentences, (title, sentence index) pairs into the row's context of
+    (title, sentences) (HotpotQA's distractor setting; 2WikiMultihopQA names the sentences `content`)."""
+    by_title = dict(zip(row["context"]["title"], row["context"][sentences_key]))
     out = []
     for title, sent_id in zip(row["supporting_facts"]["title"], row["supporting_facts"]["sent_id"]):
         sents = by_title.get(title, [])
         if 0 <= sent_id < len(sents):
             out.append(sents[sent_id].strip())
     return out
+
+
+def hotpotqa_facts(row: dict) -> list[str]:
+    return supporting_sentences(row)
 
 
 def musique_facts(row: dict) -> list[str]:
@@ -162,15 +167,7 @@ def musique_facts(row: dict) -> list[str]:
 
 
 def twowiki_facts(row: dict) -> list[str]:
-    """2WikiMultihopQA's gold supporting sentences: `supporting_facts` (title, sent_id) into `context`
-    (title, content: its sentences), as in the dataset's parquet conversion."""
-    by_title = dict(zip(row["context"]["title"], row["context"]["content"]))
-    out = []
-    for title, sent_id in zip(row["supporting_facts"]["title"], row["supporting_facts"]["sent_id"]):
-        sents = by_title.get(title, [])
-        if 0 <= sent_id < len(sents):
-            out.append(sents[sent_id].strip())
-    return out
+    return supporting_sentences(row, "content")
 
 
 def musique_answers(row: dict) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from cross_model.checkpointing import CheckpointManager, publish_once, rng_state, set_rng_state, verify
+from cross_model.checkpointing import CheckpointManager, checkpoint_after_step, publish_once, restore, rng_state, verify
 from cross_model.config import InterlinguaConfig
 from cross_model.context import model_by_name
 from cross_model.data import load_task_examples
@@ -30,7 +30,7 @@ from cross_model.data.base import Example
 from cross_model.data.hub import TASKS as HUB_TASKS
 from cross_model.data.ladder import LADDER_TASKS, training_rows
 from cross_model.distributed import (
-    Preempted, StopFlag, all_reduce_sum, barrier, broadcast_object, gather_object, get_rank, get_world_size,
+    StopFlag, all_reduce_sum, barrier, broadcast_object, gather_object, get_rank, get_world_size,
     is_initialized, is_main,
 )
 from cross_model.interlingua.encoder import EncoderShape
@@ -250,12 +250,7 @@ def fit_interlingua(
     if latest is not None:
         ckpt = manager.load(latest, rank, world)
         check_identity(ckpt.meta, sidecar, f"checkpoint {ckpt.path}", keys=tuple(identity))
-        net.load_state_dict(ckpt.tensors)
-        engine.load_optimizer_state(ckpt.trainer["optimizer"])
-        step, resumed, history = ckpt.trainer["step"], ckpt.step, ckpt.meta.get("history", [])
-        if ckpt.rng is not None:
-            set_rng_state(ckpt.rng)
-        log.info("interlingua: resumed %s at step %d of %d", directory.name, step, ic.steps)
+        step, resumed, history = restore(ckpt, net.load_state_dict, engine.load_optimizer_state, "interlingua", ic.steps)
 
     def save(at: int) -> None:
         rngs = gather_object(rng_state())
@@ -300,14 +295,8 @@ def fit_interlingua(
             time.sleep(delay)
         if held and (step % ic.eval_every == 0 or step == ic.steps):
             evaluate_heldout(step)
-        stopping = stop is not None and stop.should_stop()
-        if step == ic.steps or stopping or step % ic.checkpoint_every == 0:
-            save(step)
+        if checkpoint_after_step(step, ic.steps, ic.checkpoint_every, save, stop, "interlingua", directory, bar):
             last_saved = step
-        if stopping:
-            bar.close()
-            log.warning("interlingua: stop signal; saved step %d of %d in %s, exiting to resume later", step, ic.steps, directory)
-            raise Preempted(f"interlingua training stopped at step {step} of {ic.steps}; checkpoint saved in {directory}")
     bar.close()
     if last_saved != step:
         save(step)

@@ -31,7 +31,7 @@ class C2CParams(MethodParams):
     pairing: str = field(default="last_aligned", metadata={"help": "receiver layer -> sender layer: last_aligned or nearest"})
     gates: str = field(default="learned", metadata={"help": "learned (hard at evaluation), open (every paired layer) or closed (none)"})
     hidden: int = field(default=256, metadata={"help": "width of each map's residual MLP"})
-    gate_init: float = field(default=1.0, metadata={"help": "initial gate logit (> 0: open)"})
+    gate_init: float = field(default=0.0, metadata={"help": "initial gate logit (> 0: open; 0, the default, starts every layer half open in training and closed at step 0)"})
     bits: int | None = field(default=None, metadata={"help": "null (A's dtype, raw) or 2..8: A's layers quantized as Q-KVComm's"})
     steps: int = field(default=200, metadata={"help": "training: optimizer steps"})
     batch_size_train: int = field(default=8, metadata={"help": "training: global batch in rows, split over ranks"})
