@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from cross_model.distributed import Preempted
+
 log = logging.getLogger(__name__)
 
 META = "meta.json"
@@ -260,8 +262,6 @@ def checkpoint_after_step(step: int, total: int, every: int, save: Any, stop: An
     """A training loop's bookkeeping after optimizer step `step` of `total`: save every `every` steps, at
     the end and on a stop signal (SIGTERM, preemption), then leave on the signal with `Preempted` so the
     next run resumes. Returns whether it saved."""
-    from cross_model.distributed import Preempted
-
     stopping = stop is not None and stop.should_stop()
     saved = step == total or stopping or step % every == 0
     if saved:

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from cross_model.c2c.training import final_projector_dir
 from cross_model.checkpointing import verify
 from cross_model.context import method_instances, model_by_name, model_pair
 from cross_model.data import load_task_examples
@@ -97,8 +98,6 @@ def trained_projection(ctx, name: str, method) -> str:
 def trained_c2c(ctx, name: str, method) -> str:
     """Where the train stage put this c2c method's projector (this run or an earlier one with the same
     pair and recipe); rank 0 checks it and tells the others."""
-    from cross_model.c2c.training import final_projector_dir
-
     path = final_projector_dir(ctx.cfg, method.params, method.pair.sender, method.pair.receiver)
     if not broadcast_object(verify(path)[0] is not None if is_main() else None):
         raise FileNotFoundError(

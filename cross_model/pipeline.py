@@ -10,7 +10,7 @@ from typing import Any, Callable
 from cross_model.c2c.training import train_c2c
 from cross_model.calibration import calibrate_methods
 from cross_model.config import ExperimentConfig, to_dict
-from cross_model.context import RunContext, method_instances, model_pair  # noqa: F401 - the stages' shared names
+from cross_model.context import RunContext, method_instances, model_by_name, model_pair  # noqa: F401 - the stages' shared names
 from cross_model.distributed import barrier, get_world_size, is_main
 from cross_model.evaluation import evaluate, task_splits
 from cross_model.reporting import format_table, summarize, write_reports
@@ -52,7 +52,9 @@ def _stage_train(ctx: RunContext) -> None:
     c2c = [m for m in methods if getattr(m[1], "trained_by", "") == "c2c"]
     fits: dict[str, Any] = {}
     for name, cls, params in c2c:  # each c2c method its own projector (pair and recipe decide where)
-        trained = train_c2c(ctx, name, cls, params)
+        a = model_by_name(ctx, params.sender or ctx.cfg.models.sender)
+        b = model_by_name(ctx, params.receiver or ctx.cfg.models.receiver)
+        trained = train_c2c(ctx, name, params, a, b)
         if is_main():
             fits[name] = {"directory": str(trained.directory / FINAL), "history": trained.meta.get("history", []),
                           "open_layers": trained.meta.get("open_layers"), "loaded_final": trained.loaded_final}

@@ -13,15 +13,15 @@ from safetensors.torch import load_file
 
 from cross_model.c2c.training import WEIGHTS_FILE, fit_projector, identity_of
 from cross_model.checkpointing import CheckpointManager
-from cross_model.methods.c2c import new_projector
+from cross_model.c2c.projector import new_projector
 from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
 
 from tests.helpers import kill_9_and_resume, run_entry
 
 ROOT = Path(__file__).resolve().parent.parent
-C2C = {"method": "c2c", "steps": 12, "n_train": 32, "n_heldout": 8, "batch_size_train": 8, "target_tokens": 6,
-       "hidden": 32, "lr": 3e-3, "checkpoint_every": 3, "max_new_tokens": 4}
+C2C = {"method": "c2c", "gate_init": 1.0, "steps": 12, "n_train": 32, "n_heldout": 8, "batch_size_train": 8, "target_tokens": 6,
+       "hidden": 32, "lr": 1e-2, "checkpoint_every": 3, "max_new_tokens": 4}
 
 
 def _config(tmp_path: Path, name: str, stages=("train",)) -> Path:

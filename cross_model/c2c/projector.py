@@ -17,11 +17,37 @@ log(g) added to the attention logits of the context keys (g -> 0 is exactly "abs
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from cross_model.checkpointing import verify
+
 PAIRINGS = ("last_aligned", "nearest")
+WEIGHTS_FILE = "projector.safetensors"  # beside meta.json in a finished projector's directory
+
+
+def model_record(lm: Any) -> dict[str, Any]:
+    """What a projector is made for, of each model: name, depth, KV layout and vocabulary."""
+    i = lm.info
+    return {"name": i.name, "num_layers": i.num_layers, "num_kv_heads": i.num_kv_heads, "head_dim": i.head_dim,
+            "vocab_size": i.vocab_size}
+
+
+def new_projector(params: Any, a: Any, b: Any) -> "CacheProjector":
+    """A fresh projector for the pair (a c2c method's parameters), initialised from `params.seed`."""
+    torch.manual_seed(params.seed)
+    return CacheProjector(model_record(a), model_record(b), params.pairing, params.hidden, params.gate_init)
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """A finished projector's metadata, its files' checksums verified."""
+    meta, why = verify(Path(directory))
+    if meta is None:
+        raise ValueError(f"c2c: {directory} is not a finished projector: {why}")
+    return meta
 
 
 def pair_layers(l_a: int, l_b: int, rule: str) -> list[int | None]:

@@ -25,11 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cross_model.c2c.projector import CacheProjector, tau_at
+from cross_model.c2c.projector import WEIGHTS_FILE, CacheProjector, model_record, new_projector, tau_at
 from cross_model.c2c.transfer import receiver_cache, sender_side
-from cross_model.checkpointing import META, CheckpointManager, checkpoint_after_step, publish_once, restore, rng_state, verify
+from cross_model.checkpointing import CheckpointManager, checkpoint_after_step, publish_once, restore, rng_state, verify
+from cross_model.data import load_task_examples
 from cross_model.data.base import QA, Example
 from cross_model.data.corpus import load_corpus
+from cross_model.data.hub import TASKS as HUB_TASKS
+from cross_model.data.ladder import LADDER_TASKS
+from cross_model.data.training_rows import task_rows
 from cross_model.distributed import (
     StopFlag, all_reduce_sum, barrier, broadcast_object, gather_object, get_rank, get_world_size,
     is_initialized, is_main,
@@ -42,11 +46,10 @@ from cross_model.prompt_prefill import run_prefill
 from cross_model.prompting import chat_wrap, encode_texts, pad_left, receiver_text, sender_text, skyline_text, tokenize_prompts
 from cross_model.result_files import write_json_atomically
 from cross_model.surgery import layout_forward, use_cross_model_attention
-from cross_model.training import FINAL, _epoch_order, _slug
+from cross_model.training import FINAL, _epoch_order, _slug, resolved_train_config
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "projector.safetensors"
 RECIPE_KEYS = ("pairing", "hidden", "gate_init", "steps", "batch_size_train", "lr", "n_train", "n_heldout", "data",
                "question", "target_tokens", "tau_start", "tau_end", "seed", "gates")
 
@@ -88,12 +91,6 @@ def hub_pairs(name: str, n: int, question: str) -> list[tuple[str, str]]:
 def task_pairs(cfg: Any, n: int) -> list[tuple[str, str]]:
     """Rows of the configured tasks that are neither test nor calibration items (checked), as many from
     each task, interleaved: A reads each row's context, B its question."""
-    from cross_model.data import load_task_examples
-    from cross_model.interlingua.training import task_rows
-
-    from cross_model.data.hub import TASKS as HUB_TASKS
-    from cross_model.data.ladder import LADDER_TASKS
-
     per = -(-n // len(cfg.tasks))
     taken, parts = set(), []
     for t in cfg.tasks:
@@ -206,8 +203,6 @@ class C2CLoss(nn.Module):
 
 def identity_of(params: Any, a: LoadedModel, b: LoadedModel, cfg: Any = None) -> dict[str, Any]:
     """What a checkpoint must match to be resumed or used: the pair, the recipe and (data: tasks) the tasks."""
-    from cross_model.methods.c2c import model_record
-
     p = asdict(params)
     out = {"sender": model_record(a), "receiver": model_record(b), **{k: p[k] for k in RECIPE_KEYS}}
     if params.data == "tasks" and cfg is not None:
@@ -341,15 +336,10 @@ def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, par
     return TrainedProjector(directory, meta, resumed_from=resumed)
 
 
-def train_c2c(ctx: Any, name: str, cls: type, params: Any) -> TrainedProjector:
-    """The train stage's job for one c2c method: trains (or finds finished) its projector."""
-    from cross_model.context import model_by_name
-    from cross_model.methods.c2c import new_projector
-    from cross_model.training import resolved_train_config
-
+def train_c2c(ctx: Any, name: str, params: Any, a: LoadedModel, b: LoadedModel) -> TrainedProjector:
+    """The train stage's job for one c2c method (its sender `a`, receiver `b`): trains (or finds
+    finished) its projector."""
     cfg = ctx.cfg
-    a = model_by_name(ctx, params.sender or cfg.models.sender)
-    b = model_by_name(ctx, params.receiver or cfg.models.receiver)
     for lm in (a, b):
         lm.model.requires_grad_(False)
     use_cross_model_attention(b)
@@ -369,8 +359,6 @@ def train_c2c(ctx: Any, name: str, cls: type, params: Any) -> TrainedProjector:
 
 
 def projector_root(cfg: Any) -> Path:
-    from cross_model.training import resolved_train_config
-
     return Path(resolved_train_config(cfg).checkpoint_dir)
 
 
@@ -378,11 +366,3 @@ def final_projector_dir(cfg: Any, params: Any, a: LoadedModel, b: LoadedModel) -
     return c2c_dir(projector_root(cfg), identity_of(params, a, b, cfg)) / FINAL
 
 
-def read_meta(directory: str | Path) -> dict[str, Any]:
-    meta, why = verify(Path(directory))
-    if meta is None:
-        raise ValueError(f"c2c: {directory} is not a finished projector: {why}")
-    return meta
-
-
-__all__ = ["C2CLoss", "fit_projector", "train_c2c", "final_projector_dir", "read_meta", "WEIGHTS_FILE", "META"]

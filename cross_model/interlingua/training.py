@@ -27,8 +27,7 @@ from cross_model.config import InterlinguaConfig
 from cross_model.context import model_by_name
 from cross_model.data import load_task_examples
 from cross_model.data.base import Example
-from cross_model.data.hub import TASKS as HUB_TASKS
-from cross_model.data.ladder import LADDER_TASKS, training_rows
+from cross_model.data.training_rows import task_rows
 from cross_model.distributed import (
     StopFlag, all_reduce_sum, barrier, broadcast_object, gather_object, get_rank, get_world_size,
     is_initialized, is_main,
@@ -47,20 +46,6 @@ RECIPE_KEYS = ("n_train", "n_heldout", "steps", "batch_size", "lr", "encoder_lr"
 
 
 # --- what is trained on --------------------------------------------------------------------------------
-
-
-def task_rows(name: str, n_test: int, n_calib: int, n_rows: int, seed: int, path: str | None) -> list[Example]:
-    """Rows of a configured task that are neither its test nor its calibration items: the ladder's
-    middle rows, or a hub split's rows after its test and calibration rows."""
-    if name in LADDER_TASKS:
-        return training_rows(name, n_test, n_calib, n_rows, seed)
-    if name in HUB_TASKS:
-        rows, _ = load_task_examples(name, n_test + n_calib + n_rows, 0, seed, path)
-        return rows[n_test + n_calib :]
-    raise ValueError(
-        f"interlingua: task {name!r} has no rows set aside for training; train on {', '.join(LADDER_TASKS)} "
-        f"or a hub task ({', '.join(sorted(HUB_TASKS))})"
-    )
 
 
 def training_data(cfg: Any) -> tuple[list[Example], list[Example]]:

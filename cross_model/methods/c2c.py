@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
-from cross_model.c2c.projector import PAIRINGS, CacheProjector
+from cross_model.c2c.projector import PAIRINGS, WEIGHTS_FILE, model_record, new_projector, read_meta
 from cross_model.c2c.transfer import receiver_cache, sender_side
 from cross_model.data.base import Example
 from cross_model.generation import greedy_generate
@@ -68,17 +68,6 @@ class C2CParams(MethodParams):
             raise ValueError(f"{prefix}: needs 0 < tau_end <= tau_start and lr > 0")
 
 
-def model_record(lm) -> dict[str, Any]:
-    i = lm.info
-    return {"name": i.name, "num_layers": i.num_layers, "num_kv_heads": i.num_kv_heads, "head_dim": i.head_dim,
-            "vocab_size": i.vocab_size}
-
-
-def new_projector(params: C2CParams, a, b) -> CacheProjector:
-    torch.manual_seed(params.seed)
-    return CacheProjector(model_record(a), model_record(b), params.pairing, params.hidden, params.gate_init)
-
-
 @register("c2c")
 class C2C(Method):
     Params = C2CParams
@@ -104,10 +93,6 @@ class C2C(Method):
 
     def set_projection_from(self, directory: str) -> None:
         """Load a finished projector, refusing one made for another pair, pairing or width."""
-        from safetensors.torch import load_file
-
-        from cross_model.c2c.training import WEIGHTS_FILE, read_meta
-
         path = Path(directory)
         meta = read_meta(path)
         want = {"sender": model_record(self.pair.sender), "receiver": model_record(self.pair.receiver),
