@@ -57,9 +57,10 @@ def model_pair(ctx: RunContext, params: Any) -> Any:
                 loaded[key] = load_model(spec, p.dtype, p.device, revision)
         return loaded[key]
 
-    sender = get(getattr(params, "sender", None) or m.sender, "sender")
+    senders = getattr(params, "senders", None) or []
+    sender = get(senders[0] if senders else getattr(params, "sender", None) or m.sender, "sender")
     receiver = get(getattr(params, "receiver", None) or m.receiver, "receiver")
-    return ModelPair(sender, receiver)
+    return ModelPair(sender, receiver, [get(spec, "sender") for spec in senders[1:]])
 
 
 def model_by_name(ctx: RunContext, spec: str) -> Any:

@@ -172,6 +172,10 @@ def check_senders(task: str, test: list[Example], methods: dict[str, Any]) -> No
             able = ", ".join(n for n, m in methods.items() if m.multi_sender) or "none of this run's"
             raise ValueError(f"methods.{name}: task {task} gives each item {senders} senders' contexts, and "
                              f"{type(method).__name__} reads one sender; this run's methods that serve several: {able}")
+        named = getattr(method.params, "senders", None)
+        if named and len(named) != senders:
+            raise ValueError(f"methods.{name}.senders: {len(named)} models for task {task}, whose items have {senders} "
+                             f"senders; name one model per sender (or none: `sender` for all)")
 
 
 def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) -> TaskOutcome:

@@ -226,7 +226,9 @@ def test_a_multi_sender_task_runs_the_methods_that_serve_it_and_refuses_the_othe
                               capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     ok = run({"baseline": {}, "skyline": {}, "nld": {"nld_max_tokens": 3}, "cipher": {"nld_max_tokens": 3},
-              "kvcomm": {"selection": "all"}}, "ms")
+              "kvcomm": {"selection": "all"},
+              "kvcomm_two_models": {"method": "kvcomm", "selection": "all", "senders": ["tiny-llama-64", "tiny-qwen2-64"]}},
+             "ms")
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
     from cross_model.data import load_task_examples
 
@@ -236,6 +238,11 @@ def test_a_multi_sender_task_runs_the_methods_that_serve_it_and_refuses_the_othe
         assert rows[e.example_id]["payload_bytes"] == len(e.prompt_A.encode()) + len(e.more_senders[0].encode())
     kv = {r["example_id"]: r for r in _examples(tmp_path / "ms")["hotpotqa_ms"]["kvcomm"]}
     assert all(sum(kv[e.example_id]["bytes_per_sender"]) == kv[e.example_id]["payload_bytes"] for e in test)
+    two = {r["example_id"]: r for r in _examples(tmp_path / "ms")["hotpotqa_ms"]["kvcomm_two_models"]}
+    assert all(two[i]["bytes_per_sender"] == kv[i]["bytes_per_sender"] for i in kv)  # same shapes, same bytes
+    assert any(two[i]["answer"] != kv[i]["answer"] for i in kv)  # A2 is another model
     refused = run({"baseline": {}, "kvcomm": {"selection": "all", "facts": True}}, "ms_kv")
     assert refused.returncode != 0
     assert "methods.kvcomm: task hotpotqa_ms gives each item 2 senders' contexts" in refused.stdout + refused.stderr
+    three = run({"kvcomm": {"selection": "all", "senders": ["tiny-llama-64"] * 3}}, "ms_three")
+    assert three.returncode != 0 and "methods.kvcomm.senders: 3 models" in three.stdout + three.stderr

@@ -187,3 +187,36 @@ def test_the_fact_side_channel_and_the_other_item_control_refuse_two_senders():
     assert not make("kvcomm", selection="all", control="other_item").multi_sender
     assert not make("qkvcomm", selection="all", target_bits=4.0).multi_sender
     assert not make("ac", k=1, j=1).multi_sender
+
+
+def test_senders_of_different_models_each_run_their_own(items):
+    """`senders: [A1, A2]` with two models: each sender's part is what that model alone sends, and B's
+    cache holds A1's part then A2's (KVComm equals the reference built from the two models)."""
+    a2 = load_model("tiny-qwen2-64")  # tiny-llama-64's KV shape (2 x 16), other weights
+    m = make("kvcomm", selection="all")
+    a1 = m.pair.sender
+    m.pair.more_senders = [a2]
+    m.check_pair()
+    cache, layout, offset, _, sizes, extras = m.receiver_cache(items, set(range(4)))
+    assert m.pair.sender is a1  # restored after the senders' turns
+    for i, e in enumerate(items):
+        n1 = len(encode_texts(a1, [chat_wrap(a1, sender_text(e.as_sender(0)))])[0])
+        ids2 = encode_texts(a2, [chat_wrap(a2, sender_text(e.as_sender(1)))])[0]
+        with torch.inference_mode():
+            c2 = DynamicCache()
+            a2.model(input_ids=torch.tensor([ids2]), position_ids=torch.arange(n1, n1 + len(ids2))[None],
+                     past_key_values=c2, use_cache=True)
+        got = cache.layers[2].keys[i][:, -len(ids2):]  # A2's part of layer 2, right after A1's
+        torch.testing.assert_close(got, c2.layers[2].keys[0], atol=1e-5, rtol=1e-5)
+        assert extras[i]["bytes_per_sender"] == [m.payload_bytes(n1, set(range(4))), m.payload_bytes(len(ids2), set(range(4)))]
+    nld = make("nld", nld_max_tokens=4, max_new_tokens=3)
+    nld.pair.more_senders = [a2]
+    with recording_prompts() as log:
+        nld.run_batch(items[:1])
+    # each sender prompts its own model
+    assert [r["model"] for r in log[:2]] == [nld.pair.sender.info.name, a2.info.name] and a1.info.name != a2.info.name
+    cipher = make("cipher", nld_max_tokens=4, max_new_tokens=2)
+    cipher.pair.more_senders = [a2]
+    (p,) = cipher.run_batch(items[:1])
+    pre = cipher.prefill(a2, [first_sender_text(items[0].as_sender(1), cipher.params)])
+    assert p.extra["vectors_per_sender"][1] == vector_generate(a2, None, None, 4, 1.0, start=pre)[0][0].shape[0]

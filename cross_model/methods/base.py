@@ -26,11 +26,16 @@ class MethodParams:
     max_new_tokens: int | None = field(default=None, metadata={"help": "answer length (None: the task's)"})
     max_prompt_tokens: int | None = field(default=None, metadata={"help": "longer prompts keep first and last halves"})
     sender: str | None = field(default=None, metadata={"help": "this method's model A (None: models.sender)"})
+    senders: list[str] | None = field(default=None, metadata={"help": "multi-sender tasks: each sender's model, in "
+                                                                       "order (None: `sender` for every one)"})
     receiver: str | None = field(default=None, metadata={"help": "this method's model B (None: models.receiver)"})
     share_prefix: bool = field(default=True, metadata={"help": "prefill the prompt prefix all rows share once (same answers, less compute)"})
     group: str | None = field(default=None, metadata={"help": "the sweep entry this instance came from (set by `sweep:`)"})
 
     def validate(self, prefix: str) -> None:
+        if self.senders is not None and (not self.senders or (self.sender and self.sender != self.senders[0])):
+            raise ValueError(f"{prefix}.senders: a non-empty list whose first model is `sender` when both are set "
+                             f"(got sender {self.sender!r}, senders {self.senders!r})")
         for name in ("batch_size", "max_new_tokens", "max_prompt_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -60,10 +65,19 @@ class Prediction:
 class ModelPair:
     sender: LoadedModel
     receiver: LoadedModel
+    more_senders: list[LoadedModel] = field(default_factory=list)  # senders 2, 3, ... when they differ (`senders`)
 
     @property
     def same_model(self) -> bool:
         return self.sender is self.receiver
+
+    def sender_for(self, j: int) -> LoadedModel:
+        """Sender j's model (0: `sender`); senders without a model of their own run `sender`."""
+        return self.more_senders[j - 1] if 0 < j <= len(self.more_senders) else self.sender
+
+    @property
+    def senders(self) -> list[LoadedModel]:
+        return [self.sender, *self.more_senders]
 
 
 class Method:

@@ -10,6 +10,7 @@ answer is decoded greedily as tokens. Payload: n_vectors x d x bytes per element
 Several senders (a multi-sender task): each reads its own context and sends its own vectors; B's
 refinement prompt splices all senders' vectors, in sender order, where one sender's would go; in later
 rounds each sender reads B's vectors and then the other senders'. The payload counts every sender's.
+With `senders`, each sender runs its own model (all with B's vocabulary and width).
 """
 
 from __future__ import annotations
@@ -137,13 +138,21 @@ class Cipher(Method):
     multi_sender = True
 
     def check_pair(self) -> None:
-        a, b = self.pair.sender, self.pair.receiver
-        if a.info.hidden_size != b.info.hidden_size or a.tokenizer.get_vocab() != b.tokenizer.get_vocab():
-            raise ValueError(
-                f"methods.{self.name}: CIPHER needs one vocabulary and one embedding width for both models; "
-                f"{a.info.name} has vocab {a.info.vocab_size} x {a.info.hidden_size}, {b.info.name} has "
-                f"vocab {b.info.vocab_size} x {b.info.hidden_size}. Use ac or kvcomm for such pairs."
-            )
+        b = self.pair.receiver
+        for a in self.pair.senders:
+            if a.info.hidden_size != b.info.hidden_size or a.tokenizer.get_vocab() != b.tokenizer.get_vocab():
+                raise ValueError(
+                    f"methods.{self.name}: CIPHER needs one vocabulary and one embedding width for both models; "
+                    f"{a.info.name} has vocab {a.info.vocab_size} x {a.info.hidden_size}, {b.info.name} has "
+                    f"vocab {b.info.vocab_size} x {b.info.hidden_size}. Use ac or kvcomm for such pairs."
+                )
+
+    def _sender_groups(self, rows: int, n: int) -> list[tuple[LoadedModel, slice]]:
+        """Sender-major rows by the model that runs them: one group when every sender runs one model."""
+        models = [self.pair.sender_for(j) for j in range(rows // n)]
+        if all(m is models[0] for m in models):
+            return [(models[0], slice(0, rows))]
+        return [(lm, slice(j * n, (j + 1) * n)) for j, lm in enumerate(models)]
 
     def _refinement_embeds(self, lm: LoadedModel, prompt: str, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """Chat-wrapped refinement prompt with the two vector messages spliced into its text."""
@@ -185,7 +194,7 @@ class Cipher(Method):
 
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         p = self.params
-        a, b = self.pair.sender, self.pair.receiver
+        a, b = self.pair.sender, self.pair.receiver  # every sender has B's width and vocabulary (check_pair)
         n, senders = len(examples), sender_count(examples)
         # One row per (sender, item), sender-major: row j*n + i is sender j of item i.
         views = [e.as_sender(j) for j in range(senders) for e in examples]
@@ -195,20 +204,28 @@ class Cipher(Method):
         def heard(vecs: list[torch.Tensor], i: int, skip: int | None = None) -> list[torch.Tensor]:
             return [vecs[j * n + i] for j in range(senders) if j != skip]
 
+        groups = self._sender_groups(len(views), n)
         # The first messages continue prefills other methods share (the same prompts' token ids).
-        a_pre = self.prefill(a, a_prompts)
-        a_vecs, a_steps = vector_generate(a, None, None, p.nld_max_tokens, p.temperature, start=a_pre)
+        a_vecs, a_steps, a_len = [], [], []
+        for lm, part in groups:
+            a_pre = self.prefill(lm, a_prompts[part])
+            vecs, steps = vector_generate(lm, None, None, p.nld_max_tokens, p.temperature, start=a_pre)
+            a_vecs, a_steps, a_len = a_vecs + vecs, a_steps + steps, a_len + a_pre.prompt_lengths
         b_pre = self.prefill(b, b_prompts)
         b_vecs, b_steps = vector_generate(b, None, None, p.nld_max_tokens, p.temperature, start=b_pre)
-        a_len, b_len = a_pre.prompt_lengths, b_pre.prompt_lengths
+        b_len = b_pre.prompt_lengths
         n_sent = [v.shape[0] for v in a_vecs]
         a_gen, b_gen = list(a_steps), list(b_steps)
         a_in, b_in = list(a_len), list(b_len)
         for r in range(1, p.rounds):
-            a_rows = [self._refinement_embeds(a, ap, av, torch.cat([b_vecs[k % n], *heard(a_vecs, k % n, k // n)]))
+            a_rows = [self._refinement_embeds(self.pair.sender_for(k // n), ap, av,
+                                              torch.cat([b_vecs[k % n], *heard(a_vecs, k % n, k // n)]))
                       for k, (ap, av) in enumerate(zip(a_prompts, a_vecs))]
-            emb, mask = pad_embeddings_left(a_rows)
-            new_a, steps = vector_generate(a, emb, mask, p.nld_max_tokens, p.temperature)
+            new_a, steps = [], []
+            for lm, part in groups:
+                emb, mask = pad_embeddings_left(a_rows[part])
+                vecs, took = vector_generate(lm, emb, mask, p.nld_max_tokens, p.temperature)
+                new_a, steps = new_a + vecs, steps + took
             b_rows = [self._refinement_embeds(b, bp, bv, torch.cat(heard(a_vecs, i)))
                       for i, (bp, bv) in enumerate(zip(b_prompts, b_vecs))]
             emb, mask = pad_embeddings_left(b_rows)

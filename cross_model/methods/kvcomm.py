@@ -11,10 +11,11 @@ normalised and blended with a Gaussian prior over depth.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers import DynamicCache
@@ -114,14 +115,17 @@ class KVComm(Method):
         return not self.params.facts and self.params.control is None
 
     def check_pair(self) -> None:
-        a, b = self.pair.sender.info, self.pair.receiver.info
-        if (a.num_kv_heads, a.head_dim) != (b.num_kv_heads, b.head_dim):
-            raise ValueError(
-                f"methods.{self.name}: KVComm needs the same KV shape in both models; {a.name} has "
-                f"{a.num_kv_heads} KV heads x {a.head_dim} dims, {b.name} has {b.num_kv_heads} x {b.head_dim}. "
-                "Caches of different shapes cannot be shared without a learned KV projector."
-            )
-        self.layer_map = layer_map(a.num_layers, b.num_layers)
+        b = self.pair.receiver.info
+        for a in (s.info for s in self.pair.senders):
+            if (a.num_kv_heads, a.head_dim) != (b.num_kv_heads, b.head_dim):
+                raise ValueError(
+                    f"methods.{self.name}: KVComm needs the same KV shape in both models; {a.name} has "
+                    f"{a.num_kv_heads} KV heads x {a.head_dim} dims, {b.name} has {b.num_kv_heads} x {b.head_dim}. "
+                    "Caches of different shapes cannot be shared without a learned KV projector (method c2c)."
+                )
+        # Per sender model (`senders`), the sender layer each receiver layer reads.
+        self.layer_maps = [layer_map(s.info.num_layers, b.num_layers) for s in self.pair.senders]
+        self.layer_map = self.layer_maps[0]
         n = b.num_layers
         p = self.params
         for layer in (p.layers_list or []) + [x for x in (p.layer_from, p.layer_to) if x is not None]:
@@ -209,6 +213,18 @@ class KVComm(Method):
         return {**earlier, **later}
 
     # --- receiver -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def acting_as(self, j: int) -> Iterator[None]:
+        """Within the block, `pair.sender` and `layer_map` are sender j's (its own model under `senders`),
+        so the sender side (prefill, payload, quantization) serves it unchanged."""
+        saved = self.pair.sender, self.layer_map
+        own = j if 0 < j < len(self.layer_maps) else 0  # senders without a model of their own run sender 0's
+        self.pair.sender, self.layer_map = self.pair.sender_for(j), self.layer_maps[own]
+        try:
+            yield
+        finally:
+            self.pair.sender, self.layer_map = saved
+
     def receiver_cache(self, examples: list[Example], selected: set[int], as_sent: bool = True):
         """B's cache and layout from every sender's A-side work, with B's position offset, each row's
         sender prompt tokens, payload bytes and extra fields.
@@ -223,16 +239,17 @@ class KVComm(Method):
         offset = None
         for j in range(senders):
             views = [e.as_sender(j) for e in examples]
-            a_pre, a_cache, sink_kv = self.sender_cache(views, selected, offset)
-            if as_sent:
-                a_cache, sink_kv, got, more = self.transmit(a_pre, a_cache, sink_kv, selected,
-                                                            [sender_text(e) for e in views])
-                sizes = [x + y for x, y in zip(sizes, got)]
-                extras = more if j == 0 else [self.merge_extras(x, y) for x, y in zip(extras, more)]
-                per_sender.append(got)
-            a_mask = a_pre.full_mask
-            parts.append(assemble_receiver_cache(a_cache, a_mask, self.layer_map, selected, sink_kv,
-                                                 self.params.receiver_mask, offset))
+            with self.acting_as(j):
+                a_pre, a_cache, sink_kv = self.sender_cache(views, selected, offset)
+                if as_sent:
+                    a_cache, sink_kv, got, more = self.transmit(a_pre, a_cache, sink_kv, selected,
+                                                                [sender_text(e) for e in views])
+                    sizes = [x + y for x, y in zip(sizes, got)]
+                    extras = more if j == 0 else [self.merge_extras(x, y) for x, y in zip(extras, more)]
+                    per_sender.append(got)
+                a_mask = a_pre.full_mask
+                parts.append(assemble_receiver_cache(a_cache, a_mask, self.layer_map, selected, sink_kv,
+                                                     self.params.receiver_mask, offset))
             a_len = [x + y for x, y in zip(a_len, a_pre.prompt_lengths)]
             real = a_mask.sum(-1)
             offset = real if offset is None else offset.to(real.device) + real

@@ -3,7 +3,8 @@ Payload: the UTF-8 bytes of every message A sent.
 
 Several senders (a multi-sender task): each reads its own context and sends its own messages; B reads
 all of them, in sender order, one per line; in later rounds each sender reads B's answer and the other
-senders' messages (every agent sees every other, as in Du et al.). The payload is every sender's bytes."""
+senders' messages (every agent sees every other, as in Du et al.). The payload is every sender's bytes.
+With `senders`, each sender runs its own model."""
 
 from __future__ import annotations
 
@@ -31,9 +32,22 @@ class NaturalLanguageDebate(Method):
         """A generation as it is quoted to the other model (`message_text`)."""
         return gen.raw_texts if self.params.message_text == "raw" else gen.texts
 
+    def _senders_say(self, texts: list[str], views: list[Example], n: int, tokens: list[dict], reuse: bool = False) -> list[str]:
+        """The senders' messages for sender-major rows (row j*n + i: sender j of item i), one batch per
+        sender model (one batch in all when every sender runs the same model)."""
+        models = [self.pair.sender_for(j) for j in range(len(views) // n)]
+        if all(m is models[0] for m in models):
+            return self._message(self._generate(models[0], texts, views, self.params.nld_max_tokens, tokens, "sender", reuse))
+        out: list[str] = []
+        for j, lm in enumerate(models):
+            part = slice(j * n, (j + 1) * n)
+            out += self._message(self._generate(lm, texts[part], views[part], self.params.nld_max_tokens, tokens, "sender",
+                                                reuse and j == 0))
+        return out
+
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         p = self.params
-        a, b = self.pair.sender, self.pair.receiver
+        b = self.pair.receiver
         n, senders = len(examples), sender_count(examples)
         keys = ("sender_prefill_tokens", "sender_generated_tokens", "receiver_prefill_tokens", "receiver_generated_tokens")
         tokens = [dict.fromkeys(keys, 0) for _ in examples]
@@ -47,7 +61,7 @@ class NaturalLanguageDebate(Method):
             return "\n".join(msgs[j * n + i] for j in range(senders) if j != skip)
 
         # The first messages read the prompts other methods read too: their prefills are shared.
-        a_msgs = self._message(self._generate(a, a_prompts, views, p.nld_max_tokens, tokens, "sender", reuse=True))
+        a_msgs = self._senders_say(a_prompts, views, n, tokens, reuse=True)
         b_ans = self._message(self._generate(b, b_prompts, examples, p.nld_max_tokens, tokens, "receiver", reuse=True))
         sent = [len(m.encode("utf-8")) for m in a_msgs]
         for r in range(1, p.rounds + 1):
@@ -59,10 +73,8 @@ class NaturalLanguageDebate(Method):
             if not last:
                 others = ["\n".join([b_ans[k % n], *([heard(a_msgs, k % n, k // n)] if senders > 1 else [])])
                           for k in range(len(views))]
-                a_msgs = self._message(self._generate(
-                    a, [refinement_text(ap, am, o) for ap, am, o in zip(a_prompts, a_msgs, others)], views,
-                    p.nld_max_tokens, tokens, "sender",
-                ))
+                a_msgs = self._senders_say(
+                    [refinement_text(ap, am, o) for ap, am, o in zip(a_prompts, a_msgs, others)], views, n, tokens)
                 sent = [s + len(m.encode("utf-8")) for s, m in zip(sent, a_msgs)]
                 b_ans = self._message(new_b)
             else:
