@@ -284,3 +284,14 @@ def restore(ckpt: Checkpoint, load_weights: Any, load_optimizer: Any, what: str,
     step = ckpt.trainer["step"]
     log.info("%s: resumed %s at step %d of %d", what, ckpt.path.parent.name, step, total)
     return step, ckpt.step, ckpt.meta.get("history", [])
+
+
+@dataclass
+class Trained:
+    """A training job's outcome: its directory (with `final/`), the final metadata, the step it resumed
+    from (None: a fresh run) and whether a finished artefact was found instead of training."""
+
+    directory: Path
+    meta: dict[str, Any]
+    resumed_from: int | None = None
+    loaded_final: bool = False

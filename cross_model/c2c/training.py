@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from torch import nn
 
 from cross_model.c2c.projector import WEIGHTS_FILE, CacheProjector, model_record, new_projector, tau_at
 from cross_model.c2c.transfer import receiver_cache, sender_side
-from cross_model.checkpointing import CheckpointManager, checkpoint_after_step, publish_once, restore, rng_state, verify
+from cross_model.checkpointing import CheckpointManager, Trained, checkpoint_after_step, publish_once, restore, rng_state, verify
 from cross_model.data import load_task_examples
 from cross_model.data.base import QA, Example
 from cross_model.data.corpus import load_corpus
@@ -233,12 +233,7 @@ def heldout_losses(loss: C2CLoss, rows: list[Example], targets: list[list[int]],
     return {"heldout_loss": total[0] / n, "heldout_loss_closed": total[1] / n, "open_layers": len(proj.open_layers())}
 
 
-@dataclass
-class TrainedProjector:
-    directory: Path
-    meta: dict[str, Any]
-    resumed_from: int | None = None
-    loaded_final: bool = False
+TrainedProjector = Trained  # what the train stage gets back
 
 
 def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, params: Any, identity: dict[str, Any],

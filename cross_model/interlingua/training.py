@@ -16,13 +16,12 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from cross_model.checkpointing import CheckpointManager, checkpoint_after_step, publish_once, restore, rng_state, verify
+from cross_model.checkpointing import CheckpointManager, Trained, checkpoint_after_step, publish_once, restore, rng_state, verify
 from cross_model.config import InterlinguaConfig
 from cross_model.context import model_by_name
 from cross_model.data import load_task_examples
@@ -139,12 +138,7 @@ def heldout_stats(net: LatentWire, rows: list[Example], batch_size: int) -> dict
 # --- the loop ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainedInterlingua:
-    directory: Path
-    meta: dict[str, Any]
-    resumed_from: int | None = None
-    loaded_final: bool = False
+TrainedInterlingua = Trained  # what the train stage gets back
 
 
 class _Engine:
