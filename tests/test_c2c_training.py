@@ -5,6 +5,8 @@ trains; a checkpoint made for another pair is refused; the evaluate stage loads 
 from __future__ import annotations
 
 import json
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from cross_model.c2c.projector import new_projector
 from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
 
-from tests.helpers import kill_9_and_resume, run_entry
+from tests.helpers import entry, kill_9_and_resume, run_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 C2C = {"method": "c2c", "gate_init": 1.0, "steps": 12, "n_train": 32, "n_heldout": 8, "batch_size_train": 8, "target_tokens": 6,
@@ -88,3 +90,19 @@ def test_a_checkpoint_made_for_another_pair_is_refused(tmp_path):
                                       {"optimizer": {}, "step": 1}, None)
     with pytest.raises(ValueError, match="does not fit this run: sender"):
         fit_projector(proj, a, b, params, identity_of(params, a, b), tmp_path)
+
+
+def test_sigterm_saves_a_checkpoint_exits_zero_and_the_next_run_resumes(tmp_path):
+    config = _config(tmp_path, "term")
+    proc = entry(config, delay=0.3)
+    ckpt = tmp_path / "term" / "ckpt"
+    deadline = time.time() + 180
+    while not list(ckpt.glob("c2c__*/step_*/meta.json")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "preempted" in out, out[-3000:]
+    (pair_dir,) = list(ckpt.glob("c2c__*"))
+    assert CheckpointManager(pair_dir).latest_step() is not None and not (pair_dir / "final").exists()
+    assert "resumed" in _run(config) and (pair_dir / "final").exists()
