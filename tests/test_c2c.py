@@ -96,10 +96,13 @@ def test_layer_pairing_rules():
         pair_layers(4, 4, "middle")
 
 
+@pytest.mark.parametrize("rope", ["as_cached", "reapply"])
 @pytest.mark.parametrize("share_prefix", [True, False], ids=["shared-prefix", "left-padded"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_identity_projector_with_every_gate_open_is_kvcomm_with_every_layer_sent(arch, share_prefix, examples):
-    m = make("c2c", arch, projector="identity", gates="open", share_prefix=share_prefix)
+def test_identity_projector_with_every_gate_open_is_kvcomm_with_every_layer_sent(arch, share_prefix, rope, examples):
+    # rope: reapply takes A's rotary embedding off and puts B's back at the same positions (A = B): the
+    # same keys up to rounding, which checks the inverse rotation and each layer's rotary (Gemma-3's two).
+    m = make("c2c", arch, projector="identity", gates="open", share_prefix=share_prefix, rope=rope)
     kv = make("kvcomm", arch, selection="all", share_prefix=share_prefix)
     got = c2c_logits(m, examples)
     layers = set(range(kv.pair.receiver.info.num_layers))
@@ -111,10 +114,32 @@ def test_identity_projector_with_every_gate_open_is_kvcomm_with_every_layer_sent
         ref = layout_forward(b, layout, all_logits=True)(
             cache=b_cache, full_mask_BT=batch.attention_mask,
             position_ids_BT=positions_from_mask(batch.attention_mask, pre.full_mask.sum(-1)), input_ids_BT=batch.input_ids)
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, ref, atol=1e-5 if rope == "as_cached" else 1e-4, rtol=1e-5)
     ours, theirs = m.run_batch(examples), kv.run_batch(examples)
     assert [p.answer for p in ours] == [p.answer for p in theirs]
     assert all(p.extra["alignment_mismatch"] == 0.0 for p in ours)
+
+
+def test_reapplied_rope_puts_the_receivers_rotation_on_projected_keys(examples):
+    """With rope: reapply, A's keys lose A's rotation at A's positions, and B's layer gets B's rotation at
+    B's own context positions: undoing B's rotation recovers the projection of un-rotated keys."""
+    from cross_model.c2c.transfer import Rotary, receiver_cache
+
+    m = make("c2c", "tiny-gemma3-64", "tiny-llama-48", projector="train", gates="open", rope="reapply")
+    layers = m.active_layers()
+    side = m.sender(examples[:2], layers)
+    cache, _, _ = receiver_cache(m.projector, m.pair.receiver, side, layers, a=m.pair.sender, rope="reapply")
+    plain, _, _ = receiver_cache(m.projector, m.pair.receiver, side, layers)
+    b_rope = Rotary(m.pair.receiver, positions_from_mask(side.context_mask_BN))
+    a_rope = Rotary(m.pair.sender, positions_from_mask(side.pre.full_mask))
+    l, la = 1, m.projector.partners[1]
+    k_a = a_rope.remove(la, side.pre.kv[la][0].float())
+    ak = torch.einsum("bnt,bhtd->bnhd", side.weights_BNT, k_a).flatten(2)
+    want = m.projector.keys[str(l)](ak)
+    with torch.no_grad():
+        torch.testing.assert_close(b_rope.remove(l, cache.layers[l].keys), want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(cache.layers[l].keys, plain.layers[l].keys, atol=1e-3)
+    torch.testing.assert_close(cache.layers[l].values, plain.layers[l].values)  # values carry no rotation
 
 
 def test_every_gate_closed_is_the_baseline(examples):

@@ -50,7 +50,7 @@ from cross_model.training import FINAL, _epoch_order, _slug, resolved_train_conf
 
 log = logging.getLogger(__name__)
 
-RECIPE_KEYS = ("pairing", "hidden", "gate_init", "steps", "batch_size_train", "lr", "n_train", "n_heldout", "data",
+RECIPE_KEYS = ("pairing", "hidden", "rope", "gate_init", "steps", "batch_size_train", "lr", "n_train", "n_heldout", "data",
                "question", "target_tokens", "tau_start", "tau_end", "seed", "gates")
 
 
@@ -163,10 +163,11 @@ class C2CLoss(nn.Module):
     """The projector and the loss of a batch of rows; the frozen models are held outside the module
     tree, so DDP sees (and synchronises) the projector's parameters only."""
 
-    def __init__(self, projector: CacheProjector, a: LoadedModel, b: LoadedModel):
+    def __init__(self, projector: CacheProjector, a: LoadedModel, b: LoadedModel, rope: str = "as_cached"):
         super().__init__()
         self.projector = projector
         self._models = (a, b)
+        self.rope = rope
 
     def forward(self, rows: list[Example], targets: list[list[int]], gates: torch.Tensor | None,
                 layers: list[int] | None = None) -> torch.Tensor:
@@ -182,7 +183,7 @@ class C2CLoss(nn.Module):
             pre = run_prefill(a, pad_left(ids, a.tokenizer.pad_token_id, a.device), ids, top)
         pre.kv = [(k.clone(), v.clone()) for k, v in pre.kv]  # out of inference mode, for autograd
         side = sender_side(a, b, wrapped, ids, pre)
-        cache, layout, offset = receiver_cache(self.projector, b, side, chosen, gates)
+        cache, layout, offset = receiver_cache(self.projector, b, side, chosen, gates, a=a, rope=self.rope)
         prompts = encode_texts(b, [chat_wrap(b, receiver_text(e)) for e in rows])
         full = [p + t for p, t in zip(prompts, targets)]
         batch = pad_left(full, b.tokenizer.pad_token_id, b.device)
@@ -258,7 +259,7 @@ def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, par
             write_json_atomically(targets_file, targets)
     train_t, held_t = targets[: len(train)], targets[len(train) :]
     projector.to(b.device).train()
-    net = C2CLoss(projector, a, b)
+    net = C2CLoss(projector, a, b, params.rope)
     model: nn.Module = net
     if is_initialized():
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -3,7 +3,9 @@ built from it through the projector, with hard gates (evaluation) or soft ones (
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -13,7 +15,7 @@ from cross_model.c2c.projector import CacheProjector
 from cross_model.generation import positions_from_mask
 from cross_model.models import LoadedModel
 from cross_model.prompt_prefill import Prefill
-from cross_model.surgery import SRC_A, KVLayout
+from cross_model.surgery import SRC_A, KVLayout, decoder
 
 
 @dataclass
@@ -51,13 +53,52 @@ def sender_side(a: LoadedModel, b: LoadedModel, wrapped: list[str], a_ids: list[
     return SenderSide(pre, alignment_matrix(alignments, pre.full_mask, width), mask, stats)
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class Rotary:
+    """A model's rotary embedding at given positions, per layer (Gemma-3's local and global layers have
+    their own), to take it off A's cached keys and put B's on the projected ones."""
+
+    def __init__(self, lm: LoadedModel, pos_BT: torch.Tensor):
+        self.lm, self.pos = lm, pos_BT
+        self.emb = decoder(lm).rotary_emb
+        self.types = getattr(lm.model.config, "layer_types", None)
+        self.by_type = "layer_type" in inspect.signature(self.emb.forward).parameters
+        self._memo: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cos_sin(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kind = self.types[layer] if self.by_type and self.types else None
+        if kind not in self._memo:
+            like = torch.zeros((), dtype=torch.float32, device=self.pos.device)
+            cos, sin = self.emb(like, self.pos, kind) if kind is not None else self.emb(like, self.pos)
+            if cos.shape[-1] != self.lm.info.head_dim:
+                raise ValueError(f"c2c rope: reapply needs rotary embedding over the whole head ({self.lm.info.name} "
+                                 f"rotates {cos.shape[-1]} of {self.lm.info.head_dim} dims); use rope: as_cached")
+            self._memo[kind] = (cos[:, None].float(), sin[:, None].float())
+        return self._memo[kind]
+
+    def apply(self, layer: int, k_BHTD: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.cos_sin(layer)
+        return k_BHTD * cos + _rotate_half(k_BHTD) * sin
+
+    def remove(self, layer: int, k_BHTD: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.cos_sin(layer)
+        return k_BHTD * cos - _rotate_half(k_BHTD) * sin
+
+
 def receiver_cache(projector: CacheProjector, b: LoadedModel, side: SenderSide, layers: list[int],
                    gates: torch.Tensor | None = None, sent: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   a: LoadedModel | None = None, rope: str = "as_cached",
                    ) -> tuple[DynamicCache, KVLayout, torch.Tensor]:
     """B's cache: receiver layers in `layers` hold the projected context (B's positions 0..N_B-1), every
     other layer nothing; `gates` (one soft gate per receiver layer) adds log(g) to the context keys'
     logits. `sent[la]`: A's keys/values as B received them (quantized), else A's prefill. Returns the
-    cache, its layout and B's position offset (N_B per row)."""
+    cache, its layout and B's position offset (N_B per row). `rope: reapply` takes A's rotary embedding
+    off its cached keys (at A's positions) before the projector and puts B's on the projected keys (at
+    B's context positions); `as_cached` projects the keys as A cached them (as C2C)."""
     mask = side.context_mask_BN
     bsz = mask.shape[0]
     device = mask.device
@@ -71,14 +112,22 @@ def receiver_cache(projector: CacheProjector, b: LoadedModel, side: SenderSide, 
     key_pos, key_valid, key_src, bias = [], [], [], []
     weights = side.weights_BNT
     chosen = set(layers)
+    if rope == "reapply":
+        if a is None:
+            raise ValueError("c2c rope: reapply needs the sender model")
+        a_rope = Rotary(a, positions_from_mask(side.pre.full_mask))
+        b_rope = Rotary(b, pos)
     for l in range(b.info.num_layers):
         la = projector.partners[l]
         if l in chosen and la is not None:
             k_a, v_a = sent[la] if sent and la in sent else side.pre.kv[la]
+            k_a = k_a.float() if rope != "reapply" else a_rope.remove(la, k_a.float())
             # Each B token's mean over the A tokens covering its characters, heads flattened.
-            ak = torch.einsum("bnt,bhtd->bnhd", weights, k_a.float()).flatten(2)
+            ak = torch.einsum("bnt,bhtd->bnhd", weights, k_a).flatten(2)
             av = torch.einsum("bnt,bhtd->bnhd", weights, v_a.float()).flatten(2)
             k, v = projector.project(l, ak, av)
+            if rope == "reapply":
+                k = b_rope.apply(l, k)
             cache.update(k.to(dtype), v.to(dtype), l)
             key_pos.append(pos)
             key_valid.append(valid)

@@ -32,6 +32,8 @@ class C2CParams(MethodParams):
     gates: str = field(default="learned", metadata={"help": "learned (hard at evaluation), open (every paired layer) or closed (none)"})
     hidden: int = field(default=256, metadata={"help": "width of each map's residual MLP"})
     gate_init: float = field(default=0.0, metadata={"help": "initial gate logit (> 0: open; 0, the default, starts every layer half open in training and closed at step 0)"})
+    rope: str = field(default="as_cached", metadata={"help": "as_cached (A's keys projected as A cached them, as C2C) "
+                                                              "or reapply (A's rotary embedding taken off, B's put on)"})
     bits: int | None = field(default=None, metadata={"help": "null (A's dtype, raw) or 2..8: A's layers quantized as Q-KVComm's"})
     steps: int = field(default=200, metadata={"help": "training: optimizer steps"})
     batch_size_train: int = field(default=8, metadata={"help": "training: global batch in rows, split over ranks"})
@@ -57,6 +59,8 @@ class C2CParams(MethodParams):
             raise ValueError(f"{prefix}.pairing: one of {', '.join(PAIRINGS)}, got {self.pairing!r}")
         if self.gates not in ("learned", "open", "closed"):
             raise ValueError(f"{prefix}.gates: learned, open or closed, got {self.gates!r}")
+        if self.rope not in ("as_cached", "reapply"):
+            raise ValueError(f"{prefix}.rope: as_cached or reapply, got {self.rope!r}")
         if self.bits is not None and not 2 <= self.bits <= 8:
             raise ValueError(f"{prefix}.bits: null or 2..8, got {self.bits}")
         for name in ("hidden", "steps", "batch_size_train", "n_train", "target_tokens", "eval_every", "checkpoint_every"):
@@ -96,7 +100,7 @@ class C2C(Method):
         path = Path(directory)
         meta = read_meta(path)
         want = {"sender": model_record(self.pair.sender), "receiver": model_record(self.pair.receiver),
-                "pairing": self.params.pairing, "hidden": self.params.hidden}
+                "pairing": self.params.pairing, "hidden": self.params.hidden, "rope": self.params.rope}
         diff = [k for k in want if meta.get(k) != want[k]]
         if diff:
             raise ValueError(f"methods.{self.name}: the projector in {path} was trained for another setting "
@@ -159,7 +163,8 @@ class C2C(Method):
         side = self.sender(examples, layers)
         a_layers = self.sender_layers(layers)
         sent, sizes = self.transmit(side, a_layers)
-        cache, layout, offset = receiver_cache(self.projector, b, side, layers, sent=sent)
+        cache, layout, offset = receiver_cache(self.projector, b, side, layers, sent=sent, a=self.pair.sender,
+                                               rope=self.params.rope)
         batch = tokenize_prompts(b, [receiver_text(e) for e in examples], self.params.max_prompt_tokens)
         limits = [self.max_new_tokens(e) for e in examples]
         gen = greedy_generate(b, batch.input_ids, batch.attention_mask, max(limits), cache=cache,
