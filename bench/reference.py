@@ -177,17 +177,32 @@ def sends_every_layer_to_itself(m: Any) -> bool:
 
 def kvcomm(m: Any, e: Example) -> str:
     """Every layer sent: B reads A's prompt as its own prefix; one generation over both prompts."""
-    a, b = m.pair.sender, m.pair.receiver
     if not sends_every_layer_to_itself(m):
         raise ValueError("the KVComm reference is one concatenated forward: it needs every layer sent, A = B")
+    return concatenated(m, e)
+
+
+def concatenated(m: Any, e: Example) -> str:
+    """B generating after A's prompt and its own, as one sequence (no cache surgery)."""
+    a, b = m.pair.sender, m.pair.receiver
     return hf_generate(b, ids_of(a, sender_text(e)) + ids_of(b, receiver_text(e)), m.max_new_tokens(e))
+
+
+def c2c(m: Any, e: Example) -> str:
+    """The identity projector with every gate open, A = B: KVComm with every layer sent, so the same
+    concatenated forward."""
+    if not applies("c2c", m):
+        raise ValueError("the C2C reference is one concatenated forward: it needs A = B, the identity and open gates")
+    return concatenated(m, e)
 
 
 def applies(name: str, m: Any) -> bool:
     """Whether `REFERENCES[name]` can check this configuration of the method."""
+    if name == "c2c":
+        return m.pair.sender is m.pair.receiver and m.params.projector == "identity" and m.params.gates == "open"
     return name in REFERENCES and (name != "kvcomm" or sends_every_layer_to_itself(m))
 
 
 REFERENCES: dict[str, Callable[[Any, Example], str]] = {
-    "baseline": baseline, "skyline": skyline, "nld": nld, "cipher": cipher, "ac": ac, "kvcomm": kvcomm,
+    "baseline": baseline, "skyline": skyline, "nld": nld, "cipher": cipher, "ac": ac, "kvcomm": kvcomm, "c2c": c2c,
 }
