@@ -57,12 +57,18 @@ def recording_prompts() -> Iterator[list[dict[str, str]]]:
         _PROMPT_LOG.reset(token)
 
 
-def chat_wrap(lm: LoadedModel, text: str) -> str:
+def chat_text(lm: LoadedModel, text: str) -> str:
     """One user turn with the model's chat template and the generation prompt; plain text without one."""
     if lm.info.has_chat_template:
         text = lm.tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )
+    return text
+
+
+def chat_wrap(lm: LoadedModel, text: str) -> str:
+    """`chat_text`, recorded while `recording_prompts` is active: the prompts a model is given."""
+    text = chat_text(lm, text)
     log = _PROMPT_LOG.get()
     if log is not None:
         log.append({"model": lm.info.name, "text": text.replace(VECTOR_MARK, "[vectors]")})

@@ -185,6 +185,15 @@ def test_quantized_c2c_sends_kv_wire_frames_and_reads_them_back(examples):
     sent, sizes = q2.transmit(side, q2.sender_layers(q2.active_layers()))
     k_raw = side.pre.kv[1][0]
     assert sizes == [a2[0].payload_bytes] and not torch.equal(sent[1][0], k_raw)  # B reads the decoded tensors
+    # The batched frame is kv_wire's own: one row encoded alone has the same bytes, and decodes the same.
+    cols = side.pre.full_mask[0].bool()
+    one = q2.wire(q2.sender_layers(q2.active_layers()), int(cols.sum()))
+    one.keys = [side.pre.kv[la][0][0][:, cols] for la in one.sender_layers]
+    one.values = [side.pre.kv[la][1][0][:, cols] for la in one.sender_layers]
+    blob = kv_wire.encode(one)
+    assert len(blob) == sizes[0]
+    back = kv_wire.decode(blob, one.receiver, one.kv_heads, one.head_dim)
+    torch.testing.assert_close(sent[1][0][0][:, cols], back.keys[one.sender_layers.index(1)])
     assert (sent[1][0] - k_raw).abs().max() < k_raw.abs().max()
 
 
@@ -222,3 +231,13 @@ def test_training_rows_from_a_chat_dataset_a_jsonl_file_and_the_tasks(tmp_path):
     assert len(train) == 6 and len(held) == 2 and not test & {e.prompt_A for e in train + held}
     with pytest.raises(ValueError, match="data"):
         resolve_method("c2c", {"data": "wikipedia"})
+
+
+def test_each_prompt_is_recorded_once(examples):
+    from cross_model.prompting import recording_prompts, sender_text
+
+    m = make("c2c", "tiny-gemma3-64", "tiny-llama-48", projector="train", gates="open", max_new_tokens=2)
+    with recording_prompts() as log:
+        m.run_batch(examples[:1])
+    assert [r["model"] for r in log] == ["tiny-gemma3-64", "tiny-llama-48"]
+    assert sender_text(examples[0]) in log[0]["text"] and receiver_text(examples[0]) in log[1]["text"]

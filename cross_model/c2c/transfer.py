@@ -112,6 +112,7 @@ def receiver_cache(projector: CacheProjector, b: LoadedModel, side: SenderSide, 
     key_pos, key_valid, key_src, bias = [], [], [], []
     weights = side.weights_BNT
     chosen = set(layers)
+    pooled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     if rope == "reapply":
         if a is None:
             raise ValueError("c2c rope: reapply needs the sender model")
@@ -120,12 +121,13 @@ def receiver_cache(projector: CacheProjector, b: LoadedModel, side: SenderSide, 
     for l in range(b.info.num_layers):
         la = projector.partners[l]
         if l in chosen and la is not None:
-            k_a, v_a = sent[la] if sent and la in sent else side.pre.kv[la]
-            k_a = k_a.float() if rope != "reapply" else a_rope.remove(la, k_a.float())
-            # Each B token's mean over the A tokens covering its characters, heads flattened.
-            ak = torch.einsum("bnt,bhtd->bnhd", weights, k_a).flatten(2)
-            av = torch.einsum("bnt,bhtd->bnhd", weights, v_a.float()).flatten(2)
-            k, v = projector.project(l, ak, av)
+            if la not in pooled:  # several receiver layers may read one sender layer (nearest pairing)
+                k_a, v_a = sent[la] if sent and la in sent else side.pre.kv[la]
+                k_a = k_a.float() if rope != "reapply" else a_rope.remove(la, k_a.float())
+                # Each B token's mean over the A tokens covering its characters, heads flattened.
+                pooled[la] = (torch.einsum("bnt,bhtd->bnhd", weights, k_a).flatten(2),
+                              torch.einsum("bnt,bhtd->bnhd", weights, v_a.float()).flatten(2))
+            k, v = projector.project(l, *pooled[la])
             if rope == "reapply":
                 k = b_rope.apply(l, k)
             cache.update(k.to(dtype), v.to(dtype), l)

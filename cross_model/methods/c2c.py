@@ -18,10 +18,11 @@ from cross_model.c2c.projector import PAIRINGS, WEIGHTS_FILE, model_record, new_
 from cross_model.c2c.transfer import receiver_cache, sender_side
 from cross_model.data.base import Example
 from cross_model.generation import greedy_generate
-from cross_model.kv_wire import KVPayload, QuantScheme, decode, dtype_bits, dtype_name, encode, payload_size
+from cross_model.kv_wire import KVPayload, QuantScheme, dtype_bits, dtype_name, payload_size
+from cross_model.kv_wire_batch import decode_batch, encode_batch
 from cross_model.methods.base import Method, MethodParams, Prediction
 from cross_model.methods.registry import register
-from cross_model.prompting import chat_wrap, receiver_text, sender_text, tokenize_prompts
+from cross_model.prompting import chat_text, encode_texts, receiver_text, sender_text, tokenize_prompts
 from cross_model.surgery import layout_forward, use_cross_model_attention
 
 @dataclass
@@ -127,34 +128,34 @@ class C2C(Method):
                          kv_heads=a.info.num_kv_heads, head_dim=a.info.head_dim, tokens=tokens, scheme=QuantScheme())
 
     def transmit(self, side, sender_layers: list[int]) -> tuple[dict | None, list[int]]:
-        """Each row's payload bytes and, when quantized, A's layers as B decodes them."""
+        """Each row's payload bytes and, when quantized, A's layers as B decodes them (Q-KVComm's
+        batched wire path: one frame per row, encoded and decoded for the whole batch)."""
         lengths = [int(n) for n in side.pre.full_mask.sum(-1).tolist()]
         if self.params.bits is None or not sender_layers:
             return None, [payload_size(self.wire(sender_layers, n).header()) if sender_layers else 0 for n in lengths]
         mask = side.pre.full_mask.bool()
-        sent = {la: (side.pre.kv[la][0].clone(), side.pre.kv[la][1].clone()) for la in sender_layers}
-        sizes = []
         a = self.pair.sender
-        for i in range(mask.shape[0]):
-            cols = mask[i].nonzero().flatten()
-            p = self.wire(sender_layers, len(cols))
-            p.keys = [side.pre.kv[la][0][i][:, cols] for la in sender_layers]
-            p.values = [side.pre.kv[la][1][i][:, cols] for la in sender_layers]
-            blob = encode(p)
-            sizes.append(len(blob))
-            got = decode(blob, p.receiver, a.info.num_kv_heads, a.info.head_dim, device=mask.device)
-            for la, k, v in zip(sender_layers, got.keys, got.values):
-                sent[la][0][i][:, cols] = k.to(sent[la][0].dtype)
-                sent[la][1][i][:, cols] = v.to(sent[la][1].dtype)
-        return sent, sizes
+        blobs = encode_batch(self.wire(sender_layers, 0), [side.pre.kv[la][0] for la in sender_layers],
+                             [side.pre.kv[la][1] for la in sender_layers], [], [], mask)
+        got_k, got_v, _, _, _, _ = decode_batch(blobs, self.pair.receiver.info.name, a.info.num_kv_heads,
+                                                a.info.head_dim, device=mask.device)
+        row_i, pos_i = mask.nonzero(as_tuple=True)  # real tokens, in each row's order
+        tok_i = (mask.long().cumsum(-1) - 1)[row_i, pos_i]  # their place among the row's real tokens
+        sent = {}
+        for la, k, v in zip(sender_layers, got_k, got_v):
+            keys, values = side.pre.kv[la][0].clone(), side.pre.kv[la][1].clone()
+            keys[row_i, :, pos_i] = k[row_i, :, tok_i].to(keys.dtype)
+            values[row_i, :, pos_i] = v[row_i, :, tok_i].to(values.dtype)
+            sent[la] = (keys, values)
+        return sent, [len(b) for b in blobs]
 
     def sender(self, examples: list[Example], layers: list[int]):
         a, b = self.pair.sender, self.pair.receiver
         top = max((self.projector.partners[l] for l in layers), default=-1) + 1
         texts = [sender_text(e) for e in examples]
         pre = self.prefill(a, texts, layers=top)
-        wrapped = [chat_wrap(a, t) for t in texts]
-        return sender_side(a, b, wrapped, self.prompt_ids(a, texts), pre)
+        wrapped = [chat_text(a, t) for t in texts]  # what the prefill read (it logged it already)
+        return sender_side(a, b, wrapped, encode_texts(a, wrapped, self.params.max_prompt_tokens), pre)
 
     @torch.inference_mode()
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
