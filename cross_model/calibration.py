@@ -32,7 +32,8 @@ def calibrate_methods(ctx, instances: list) -> dict[str, dict]:
             log.info("calibrate: %s loaded its saved calibration from %s", name, path)
             out[name] = saved
             continue
-        result = methods[name].calibrate(calib)
+        # At the evaluation's batch size unless the method sets its own (halved on out-of-memory).
+        result = methods[name].calibrate(calib, batch_size=methods[name].params.batch_size or ctx.cfg.eval.batch_size)
         if is_main():
             write_json_atomically(path, result)
         if "selected" in result:

@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -160,6 +160,25 @@ def all_reduce_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     for t in tensors:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_OBJECT_GROUP)
     return tensors
+
+
+class PeerFailed(RuntimeError):
+    """Another rank failed; this one stops with it instead of waiting in a collective until the timeout."""
+
+
+def agreed(fn: Callable[[], Any], what: str) -> Any:
+    """`fn()` on every rank, then one collective that tells every rank whether any rank failed: the
+    failing rank raises its own error and the others `PeerFailed`, so none is left in the next
+    collective for the process group's timeout (30 minutes) while the failed one is gone."""
+    try:
+        result, failure = fn(), None
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the others are told
+        result, failure = None, exc
+    if all_reduce_max(1.0 if failure is not None else 0.0) > 0:
+        if failure is not None:
+            raise failure
+        raise PeerFailed(f"{what}: another rank failed (its log has the error); this rank stops too")
+    return result
 
 
 def shard(items: list) -> list:

@@ -6,7 +6,8 @@ batch starts: the methods that read the same prompts share one prefill of them (
 for the batch and dropped after it), so a full-depth KV cache lives for one batch, never longer. Each
 method's rows are appended to `results/<task>/<method>/rank<r>.jsonl` (flushed and fsynced after each
 batch). Started again, every rank skips what any rank (of this or an earlier world size) wrote, so a
-killed or preempted evaluation loses at most one batch. A stop signal is agreed on between batches.
+killed or preempted evaluation loses at most one batch; rows that ended in an error run again. Every
+rank agrees after each method of a batch whether to stop (a signal) or whether any rank failed.
 After a barrier, rank 0 reads every rank's file and checks that each test id appears exactly once.
 """
 
@@ -25,7 +26,7 @@ from cross_model.context import method_instances, model_by_name, model_pair
 from cross_model.data import load_task_examples
 from cross_model.data.base import Example
 from cross_model.distributed import (
-    Preempted, all_reduce_max, barrier, broadcast_object, get_rank, get_world_size, is_main,
+    Preempted, agreed, all_reduce_max, barrier, broadcast_object, get_rank, get_world_size, is_main,
 )
 from cross_model.failures import FailureGuard
 from cross_model.interlingua.training import final_dir as interlingua_final_dir
@@ -178,6 +179,13 @@ def check_senders(task: str, test: list[Example], methods: dict[str, Any]) -> No
                              f"senders; name one model per sender (or none: `sender` for all)")
 
 
+def release(memo: PrefillMemo, methods: dict[str, Any]) -> None:
+    """Drop what a batch prefilled: the shared memo and every method's prompt-prefix cache."""
+    memo.clear()
+    for method in methods.values():
+        method.release_memory()
+
+
 def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) -> TaskOutcome:
     """This rank's share of `test` through every method, batch by batch; resumes where it stopped."""
     rank, world = get_rank(), get_world_size()
@@ -190,9 +198,12 @@ def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) 
         repair_tail(files[name])
     barrier()  # every rank's files are repaired before anyone reads them
     for name in methods:
-        done[name] = set(read_results(result_dir(ctx.run_dir, task, name)))
-        if done[name] and is_main():
-            log.info("evaluate %s/%s: %d of %d items already done; resuming", task, name, len(done[name]), len(test))
+        rows = read_results(result_dir(ctx.run_dir, task, name))
+        done[name] = {rid for rid, row in rows.items() if not row.get("error")}  # failed rows run again
+        if rows and is_main():
+            failed = len(rows) - len(done[name])
+            log.info("evaluate %s/%s: %d of %d items already done; resuming%s", task, name, len(done[name]), len(test),
+                     f" and running again the {failed} that ended in an error" if failed else "")
     for method in methods.values():
         method.set_task_items(test)
     index_of = {e.example_id: i for i, e in enumerate(test)}
@@ -215,10 +226,11 @@ def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) 
     with bar:
         for b in range(rounds):
             batch = batches[b] if b < len(batches) else []
-            if batch:
-                memo = PrefillMemo(cfg.reuse_prefills)
-                for name, method in methods.items():
-                    todo = [e for e in batch if e.example_id not in done[name]]
+            memo = PrefillMemo(cfg.reuse_prefills)
+            for name, method in methods.items():
+                todo = [e for e in batch if e.example_id not in done[name]]
+
+                def run_method() -> None:
                     for part in chunks(todo, method.params.batch_size or cfg.batch_size):
                         start = time.perf_counter()
                         with recording_prompts() if cfg.log_prompts else contextlib.nullcontext() as prompt_log:
@@ -228,13 +240,24 @@ def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) 
                                                              run_info, method, prompts))
                         bar.update(len(part))
                         guards[name].record(preds)
-                outcome.prefill_hits += memo.hits
-                outcome.prefill_misses += memo.misses
-                memo.clear()  # nothing a batch prefilled outlives it
+
+                # Every rank agrees after every method, not only after the batch round: a stop signal
+                # is honoured within one method's share of a batch (a 30-second grace period is enough
+                # at 4 x 8k tokens), and a rank that failed stops the others now, not at the timeout.
+                try:
+                    agreed(run_method, f"evaluate {task}/{name}")
+                except BaseException:
+                    release(memo, methods)
+                    raise
+                if stop is not None and stop.should_stop():
+                    release(memo, methods)
+                    raise Preempted(f"evaluation stopped in {task}; finished examples are in {ctx.run_dir / 'results'}")
+            outcome.prefill_hits += memo.hits
+            outcome.prefill_misses += memo.misses
+            release(memo, methods)  # nothing a batch prefilled outlives it
+            if batch:
                 outcome.batches += 1
                 time.sleep(delay)
-            if stop is not None and stop.should_stop():
-                raise Preempted(f"evaluation stopped in {task}; finished examples are in {ctx.run_dir / 'results'}")
     log.debug("evaluate %s: %d batches, %d prefills reused, %d run", task, outcome.batches,
               outcome.prefill_hits, outcome.prefill_misses)
     return outcome

@@ -11,9 +11,10 @@ of scoring zeros for hours.
 from __future__ import annotations
 
 import gc
+import logging
 import re
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -24,13 +25,20 @@ _POISONING = re.compile(
     re.IGNORECASE,
 )
 TRACEBACK_FRAMES = 8
+log = logging.getLogger(__name__)
+
+
+# An allocation that failed: the device is fine, a smaller batch may fit. CUDA reports it as
+# `torch.OutOfMemoryError`, as "CUDA error: out of memory" (a kernel's own allocation), or as
+# CUBLAS_STATUS_ALLOC_FAILED (cuBLAS's workspace); MPS and some allocators as a plain RuntimeError.
+_OUT_OF_MEMORY = re.compile(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDA_ERROR_OUT_OF_MEMORY|"
+                            r"cudaErrorMemoryAllocation", re.IGNORECASE)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
-    # MPS and some allocators raise a plain RuntimeError.
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc) and not _POISONING.search(str(exc))
+    return isinstance(exc, RuntimeError) and bool(_OUT_OF_MEMORY.search(str(exc)))
 
 
 def poisons_process(exc: BaseException) -> bool:
@@ -87,3 +95,34 @@ class FailureGuard:
                 f"scoring zeros (eval.fail_fast_items / eval.fail_fast_ratio set this). Finished items are saved; "
                 f"fix the cause and start the same command again. The first failure:\n{self.first}"
             )
+
+
+def measure_in_batches(items: list, size: int, measure: Callable[[list], Any], label: str,
+                       progress: Any = None) -> list[tuple[list, Any]]:
+    """[(batch, measure(batch))] over `items` in batches of `size` (calibration's forwards). A batch
+    that runs out of memory is freed (outside the handler, so the failed attempt's tensors are gone)
+    and run again at half its size, and the batches after it start at the size that fitted. `measure`
+    returns its batch's contribution instead of adding it somewhere, so a failed attempt adds nothing."""
+    out: list[tuple[list, Any]] = []
+    i = 0
+    while i < len(items):
+        part = items[i : i + size]
+        try:
+            result = measure(part)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled; the rest is re-raised
+            if len(part) < 2 or not is_out_of_memory(exc):
+                raise
+            result = _OOM
+        if result is _OOM:
+            free_device_memory()
+            size = (len(part) + 1) // 2
+            log.warning("%s: out of memory on a batch of %d; memory freed, continuing at %d", label, len(part), size)
+            continue
+        out.append((part, result))
+        i += len(part)
+        if progress is not None:
+            progress.update(len(part))
+    return out
+
+
+_OOM = object()

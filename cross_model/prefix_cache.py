@@ -62,6 +62,10 @@ class PrefixedBatch:
         return positions_from_mask(self.suffix_mask, self.position_offset)
 
 
+def _kv_bytes(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return sum(k.untyped_storage().nbytes() + v.untyped_storage().nbytes() for k, v in kv)
+
+
 def sliding_window(lm: LoadedModel) -> int | None:
     """The model's sliding window, if any layer has one. Transformers applies it to cache indices,
     not positions, so padding in the middle of a row would shift it: with one, the prefix layout is
@@ -73,12 +77,24 @@ def sliding_window(lm: LoadedModel) -> int | None:
 
 
 class PrefixCache:
-    """Per-model memo of prefix keys/values (batch of one), expanded to each batch on demand."""
+    """Per-model memo of prefix keys/values (batch of one), expanded to each batch on demand.
 
-    def __init__(self, max_entries: int = 8, reserve: int = 256):
+    Bounded in bytes, not entries: a prefix is a chat template (kilobytes) or, for A's query-blind
+    prompts on one long document, the whole document's cache (hundreds of megabytes at 8B). The
+    evaluator clears it with the batch memo after every batch and on out-of-memory, so nothing a
+    batch prefilled outlives the batch."""
+
+    def __init__(self, max_bytes: int = 256 * 2**20, reserve: int = 256):
         self._entries: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
-        self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self.reserve = reserve  # tokens a row may still generate (see `sliding_window`)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_kv_bytes(kv) for kv in self._entries.values())
+
+    def clear(self) -> None:
+        self._entries.clear()
 
     @torch.inference_mode()
     def _prefix_kv(self, lm: LoadedModel, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -90,9 +106,10 @@ class PrefixCache:
         cache = DynamicCache()
         lm.model.get_decoder()(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True)
         kv = [(layer.keys, layer.values) for layer in cache.layers]
-        self._entries[key] = kv
-        if len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        if _kv_bytes(kv) <= self.max_bytes:  # a prefix over the bound is used once, never kept
+            self._entries[key] = kv
+            while self.nbytes > self.max_bytes:
+                self._entries.popitem(last=False)
         return kv
 
     def split(self, lm: LoadedModel, ids: list[list[int]]) -> PrefixedBatch | None:

@@ -120,7 +120,9 @@ def run_prefill(lm: LoadedModel, batch: Batch | PrefixedBatch, ids_rows: list[li
     def capture(index: int, stop: bool):
         def hook(module: Any, args: Any, output: Any) -> None:
             h = output[0] if isinstance(output, tuple) else output
-            hidden[index] = h[:, -1, :]
+            # A copy: a view of the last column would keep the whole B x T x D layer output alive
+            # for as long as the memo keeps this prefill (every layer's, twice the KV cache).
+            hidden[index] = h[:, -1, :].clone(memory_format=torch.contiguous_format)
             if stop:
                 raise _StopForward
         return hook

@@ -54,6 +54,8 @@ def summarize(task: str, method: str, rows: list[dict[str, Any]]) -> dict[str, A
         "receiver_tokens": mean("receiver_prefill_tokens") + mean("receiver_generated_tokens"),
         "seconds_per_example": mean("seconds"), "seconds_total": sum(float(r.get("seconds") or 0) for r in rows),
         "errors": sum(1 for r in rows if r.get("error")),
+        # Items that failed in an earlier start and were answered again when the run resumed.
+        **({"rerun": rerun} if (rerun := sum(1 for r in rows if r.get("failed_attempts"))) else {}),
         **({"gold_nll": mean("gold_nll"), "first_token_acc": mean("first_token_correct")}
            if rows and all(r.get("gold_nll") is not None for r in rows) else {}),
         # Where the KV methods record them: how many times fewer bytes than bf16 and than A's whole
@@ -217,6 +219,10 @@ def write_reports(run_dir: Path, summary: list[dict[str, Any]], rows: dict[str, 
                  f"with a 95% bootstrap interval over items, McNemar's exact p on the items only one of the two got "
                  f"right, and the verdict (better / worse only when the interval excludes 0 and p < 0.05).\n\n{format_paired(paired)}"
                  if paired else "")
+    reruns = [f"{s['task']}/{s['method']}: {s['rerun']}" for s in summary if s.get("rerun")]
+    if reruns:  # the items that failed in an earlier start and were answered when the run resumed
+        paired_md = (f"\n\nRe-run after failing in an earlier start (their first attempts' errors are in the rank "
+                     f"files): {', '.join(reruns)}.") + paired_md
     controls_md = (f"\n\n## LatentWire's controls\n\n{CONTROLS_NOTE}\n\n{format_controls(controls)}" if controls else "")
     if joint:
         controls_md += ("\n\n## LatentWire's joint rescoring\n\nEvery receiver answers from the same latent and the "

@@ -2,7 +2,8 @@
 
 `results/<task>/<method>/rank<r>.jsonl` holds one line per finished example. A kill can leave at most
 a partial last line, cut before appending again; readers take every rank's file (of any world size),
-the first row of each example id winning.
+the first row of each example id winning, except that an error row gives way to a later answer
+(resume re-runs the items that failed).
 """
 
 from __future__ import annotations
@@ -43,20 +44,36 @@ def repair_tail(path: Path) -> None:
 
 
 def read_results(directory: Path) -> dict[str, dict[str, Any]]:
-    """example id -> its row, from every rank file in `directory` (first occurrence wins; a partial
-    last line of a file another rank is writing is ignored)."""
+    """example id -> its row, from every rank file in `directory` (a partial last line of a file
+    another rank is writing is ignored). A row that ended in an error is not final: a resumed run
+    answers the item again and appends a new row, so a row without an error wins over error rows
+    (the first such row, should two exist), and an item that failed every time keeps its last error.
+    A winning row that followed failed attempts says how many in `failed_attempts`."""
     rows: dict[str, dict[str, Any]] = {}
+    failures: dict[str, int] = {}
     for path in sorted(directory.glob("rank*.jsonl")):
         for line in path.read_text().splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if row["example_id"] in rows:
-                log.warning("%s: duplicate result for %s ignored", path, row["example_id"])
+            rid = row["example_id"]
+            kept = rows.get(rid)
+            if kept is not None and not kept.get("error"):
+                if not row.get("error"):
+                    log.warning("%s: duplicate result for %s ignored", path, rid)
                 continue
-            rows[row["example_id"]] = row
+            if kept is not None:
+                failures[rid] = failures.get(rid, 0) + 1
+            rows[rid] = row
+    for rid, n in failures.items():
+        rows[rid]["failed_attempts"] = n
     return rows
+
+
+def finished_ids(directory: Path) -> set[str]:
+    """The items with a row that did not end in an error: what a resumed evaluation skips."""
+    return {rid for rid, row in read_results(directory).items() if not row.get("error")}
 
 
 def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -49,6 +49,11 @@ def sender_count(examples: list[Example]) -> int:
     return counts.pop() if counts else 1
 
 
+def by_length(examples: list[Example]) -> list[Example]:
+    """Items ordered by their prompts' lengths, so that a batch of neighbours pads little."""
+    return sorted(examples, key=lambda e: (len(e.prompt_A), len(e.prompt_B)))
+
+
 @dataclass(frozen=True)
 class Task:
     """A registered task: how to build its test and calibration splits."""

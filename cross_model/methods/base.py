@@ -93,6 +93,7 @@ class Method:
         self.run_dir = run_dir
         self.prefix_cache = PrefixCache()
         self._memo: PrefillMemo | None = None  # set for the duration of one `run_batch`
+        self.fitted_batch_size: int | None = None  # after an out-of-memory: the batch size that fitted
         self.check_pair()
 
     # --- what the pipeline asks before running -------------------------------------------------
@@ -109,7 +110,7 @@ class Method:
     def check_pair(self) -> None:
         """Refuse model pairs this method cannot serve, with a clear error."""
 
-    def calibrate(self, examples: list[Example]) -> dict[str, Any]:
+    def calibrate(self, examples: list[Example], batch_size: int | None = None) -> dict[str, Any]:
         return {}
 
     def set_task_items(self, items: list[Example]) -> None:
@@ -124,10 +125,17 @@ class Method:
         """Run a batch, its prefills shared through `memo` (the evaluator's, for this batch of items;
         else one of its own, freed on return). A failing batch runs its examples one by one, so only
         the failing ones are recorded as errors (scored 0), never dropped; out of memory frees the
-        cache and halves the batch; errors that poison the device or the process group are raised
-        (see `cross_model.failures`)."""
+        caches and halves the batch, and later batches of this method start at the size that fitted;
+        errors that poison the device or the process group are raised (see `cross_model.failures`)."""
         with self.using_memo(memo if memo is not None else PrefillMemo()):
-            return self._run_guarded(examples)
+            size = self.fitted_batch_size or len(examples)
+            return [p for i in range(0, len(examples), size) for p in self._run_guarded(examples[i : i + size])]
+
+    def release_memory(self) -> None:
+        """Drop every cache this method holds between batches (the batch memo, the prompt prefixes)."""
+        if self._memo is not None:
+            self._memo.clear()
+        self.prefix_cache.clear()
 
     def _run_guarded(self, examples: list[Example]) -> list[Prediction]:
         try:
@@ -137,22 +145,27 @@ class Method:
         except Exception as exc:  # noqa: BLE001 - a method failure is data, recorded per example
             if poisons_process(exc):
                 raise
-            if is_out_of_memory(exc):
-                if self._memo is not None:
-                    self._memo.clear()
-                free_device_memory()
-                if len(examples) > 1:
-                    half = (len(examples) + 1) // 2
-                    log.warning("%s: out of memory on a batch of %d; cache freed, running it as %d + %d "
-                                "(a smaller batch_size avoids this)", self.name, len(examples), half, len(examples) - half)
-                    return self._run_guarded(examples[:half]) + self._run_guarded(examples[half:])
-            err = innermost_traceback(exc)
-            last = err.strip().splitlines()[-1]
-            if len(examples) == 1:
-                log.warning("%s failed on %s: %s", self.name, examples[0].example_id, last)
-                return [Prediction(examples[0].example_id, "", 0, error=err, error_traceback=full_traceback(exc))]
-            log.warning("%s: a batch of %d failed (%s); running its examples one at a time", self.name, len(examples), last)
-            return [p for e in examples for p in self._run_guarded([e])]
+            out_of_memory = is_out_of_memory(exc)
+            failure = (innermost_traceback(exc), full_traceback(exc))
+        # Retried here, outside the handler: inside it, the exception's traceback keeps every frame of
+        # the failed attempt alive, and with them its caches and activations, so nothing could be freed.
+        err, full = failure
+        last = err.strip().splitlines()[-1]
+        if out_of_memory:
+            self.release_memory()
+            free_device_memory()
+            if len(examples) > 1:
+                half = (len(examples) + 1) // 2
+                self.fitted_batch_size = min(half, self.fitted_batch_size or half)
+                log.warning("%s: out of memory on a batch of %d; caches freed, running it as %d + %d and later "
+                            "batches at %d (a smaller batch_size avoids this)", self.name, len(examples), half,
+                            len(examples) - half, self.fitted_batch_size)
+                return self._run_guarded(examples[:half]) + self._run_guarded(examples[half:])
+        if len(examples) == 1:
+            log.warning("%s failed on %s: %s", self.name, examples[0].example_id, last)
+            return [Prediction(examples[0].example_id, "", 0, error=err, error_traceback=full)]
+        log.warning("%s: a batch of %d failed (%s); running its examples one at a time", self.name, len(examples), last)
+        return [p for e in examples for p in self._run_guarded([e])]
 
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         raise NotImplementedError

@@ -20,8 +20,9 @@ from typing import Any, Iterator
 import torch
 from transformers import DynamicCache
 
-from cross_model.data.base import Example, sender_count
-from cross_model.distributed import all_reduce_sum, broadcast_object, gather_object, is_main, shard
+from cross_model.data.base import Example, by_length, sender_count
+from cross_model.distributed import agreed, all_reduce_sum, broadcast_object, gather_object, is_main, shard
+from cross_model.failures import measure_in_batches
 from cross_model.facts import check_facts_settings, facts_text, with_facts
 from cross_model.generation import greedy_generate
 from cross_model.methods.base import Method, MethodParams, Prediction
@@ -345,32 +346,35 @@ class KVComm(Method):
     # --- calibration ------------------------------------------------------------------------------
     def importance_sums(self, examples: list[Example], batch_size: int = 8, bar: Progress | None = None) -> list[float]:
         """Per receiver layer, the attention mass of B's prompt tokens on A's tokens (sink excluded),
-        summed over `examples` (each example: its mean over B's prompt tokens and heads)."""
+        summed over `examples` (each example: its mean over B's prompt tokens and heads), in batches
+        of `batch_size` that halve on out-of-memory."""
         n = self.pair.receiver.info.num_layers
-        totals = [0.0] * n
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
+
+        def measure(chunk: list[Example]) -> list[float]:
             layout = self._receive(chunk, set(range(n)), record=True, max_new=[1] * len(chunk), as_sent=False)[3]
-            for l in range(n):
-                totals[l] += float(torch.cat(layout.attention_on_A[l]).double().sum())
-            if bar is not None:
-                bar.update(len(chunk))
+            return [float(torch.cat(layout.attention_on_A[l]).double().sum()) for l in range(n)]
+
+        totals = [0.0] * n
+        for _, sums in measure_in_batches(examples, batch_size, measure, f"calibrate {self.name}", bar):
+            totals = [t + s for t, s in zip(totals, sums)]
         return totals
 
     def layer_importance(self, examples: list[Example], batch_size: int = 8) -> list[float]:
         """Mean attention mass on A's tokens per receiver layer over `examples`, each rank measuring
-        its share and the sums added over ranks."""
-        mine = shard(examples)
+        its share (sorted by length, so batches pad little) and the sums added over ranks. A rank
+        that fails makes every rank stop here, instead of leaving the others in the sum."""
+        mine = by_length(shard(examples))
         with Progress(len(mine), f"calibrate {self.name}: attention on A", unit="items") as bar:
-            sums = self.importance_sums(mine, batch_size, bar)
+            sums = agreed(lambda: self.importance_sums(mine, batch_size, bar), f"calibrate {self.name}")
         *totals, count = all_reduce_sum(sums + [len(mine)])
         return [t / max(count, 1) for t in totals]
 
-    def calibrate(self, examples: list[Example]) -> dict[str, Any]:
-        """Measure on every rank's share, decide on rank 0, and give every rank that decision."""
+    def calibrate(self, examples: list[Example], batch_size: int | None = None) -> dict[str, Any]:
+        """Measure on every rank's share, decide on rank 0, and give every rank that decision.
+        `batch_size`: items per forward (None: the method's batch_size, else 8)."""
         if not examples:
             raise ValueError(f"methods.{self.name}: calibration needs calibration items (tasks.N.n_calib > 0)")
-        importance = self.layer_importance(examples, self.params.batch_size or 8)
+        importance = self.layer_importance(examples, batch_size or self.params.batch_size or 8)
         items_per_rank = gather_object(len(shard(examples)))
         decision = None
         if is_main():

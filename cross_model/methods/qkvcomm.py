@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from cross_model.data.base import Example
-from cross_model.distributed import all_reduce_sum, broadcast_object, gather_object, is_main, shard
+from cross_model.data.base import Example, by_length
+from cross_model.distributed import agreed, all_reduce_sum, broadcast_object, gather_object, is_main, shard
+from cross_model.failures import measure_in_batches
 from cross_model.generation import positions_from_mask
 from cross_model.kv_wire import QUANT_BITS, KVPayload, QuantScheme, dtype_bits, payload_size
 from cross_model.kv_wire_batch import decode_batch, encode_batch
@@ -328,37 +329,44 @@ class QKVComm(KVComm):
                 cache=b_cache, full_mask_BT=batch.attention_mask, position_ids_BT=pos, input_ids_BT=batch.input_ids
             )
 
-    def sensitivity(self, examples: list[Example], selected: set[int]) -> dict[int, dict[int, float]]:
+    def sensitivity(self, examples: list[Example], selected: set[int],
+                    batch_size: int | None = None) -> dict[int, dict[int, float]]:
         """Per sent layer and width: mean KL(B's next-token distribution unquantized || with only that
-        layer quantized), over `examples` (each rank measures its share; the sums are added)."""
+        layer quantized), over `examples` (each rank measures its share, sorted by length, in batches
+        that halve on out-of-memory; the sums are added, and one rank's failure stops every rank)."""
         layers = sorted(selected)
         raw = dtype_bits(self.wire_payload(selected, 0).dtype)
-        size = self.params.batch_size or 8
         choices = self.params.bit_choices
-        totals = {l: {c: 0.0 for c in choices} for l in layers}
-        mine = shard(examples)
+
+        def measure(chunk: list[Example]) -> list[float]:
+            ref = self.first_logits(chunk, selected, None).float().log_softmax(-1)
+            out = []
+            for i in range(len(layers)):
+                for c in choices:
+                    bits = [raw] * len(layers)
+                    bits[i] = c
+                    got = self.first_logits(chunk, selected, bits).float().log_softmax(-1)
+                    out.append(float((ref.exp() * (ref - got)).sum(-1).clamp(min=0).double().sum()))
+            return out
+
+        mine = by_length(shard(examples))
+        flat = [0.0] * (len(layers) * len(choices))
         with Progress(len(mine), f"calibrate {self.name}: bit sensitivity", unit="items") as bar:
-            for start in range(0, len(mine), size):
-                chunk = mine[start : start + size]
-                ref = self.first_logits(chunk, selected, None).float().log_softmax(-1)
-                for i, layer in enumerate(layers):
-                    for c in choices:
-                        bits = [raw] * len(layers)
-                        bits[i] = c
-                        got = self.first_logits(chunk, selected, bits).float().log_softmax(-1)
-                        totals[layer][c] += float((ref.exp() * (ref - got)).sum(-1).clamp(min=0).double().sum())
-                bar.update(len(chunk))
-        flat = all_reduce_sum([totals[l][c] for l in layers for c in choices])
+            parts = agreed(lambda: measure_in_batches(mine, batch_size or self.params.batch_size or 8, measure,
+                                                      f"calibrate {self.name}", bar), f"calibrate {self.name}")
+        for _, sums in parts:
+            flat = [t + s for t, s in zip(flat, sums)]
+        flat = all_reduce_sum(flat)
         return {l: {c: flat[i * len(choices) + j] / len(examples) for j, c in enumerate(choices)}
                 for i, l in enumerate(layers)}
 
-    def calibrate(self, examples: list[Example]) -> dict[str, Any]:
+    def calibrate(self, examples: list[Example], batch_size: int | None = None) -> dict[str, Any]:
         if not examples:
             raise ValueError(f"methods.{self.name}: calibration needs calibration items (tasks.N.n_calib > 0)")
-        calibration = super().calibrate(examples) if self.params.selection == "calibrate" else {}
+        calibration = super().calibrate(examples, batch_size) if self.params.selection == "calibrate" else {}
         if self.params.target_bits is not None:
             selected = self.selected_layers()
-            profile = self.sensitivity(examples, selected)
+            profile = self.sensitivity(examples, selected, batch_size)
             items_per_rank = gather_object(len(shard(examples)))
             decision = None
             if is_main():

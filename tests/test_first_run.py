@@ -1,0 +1,292 @@
+"""What a first 8B run on GPUs would meet, checked on CPU by the property itself: the bytes each cache
+keeps after a batch, the references an out-of-memory retry drops, rows re-run after failing, a stop or
+a failing rank honoured between methods."""
+
+import gc
+import json
+import os
+import signal
+import weakref
+
+import pytest
+import torch
+
+from cross_model.data import load_task_examples
+from cross_model.failures import is_out_of_memory, measure_in_batches, poisons_process
+from cross_model.memory import held_bytes
+from cross_model.methods.base import Method, ModelPair, Prediction
+from cross_model.methods.registry import _METHODS, register, resolve_method
+from cross_model.models import load_model
+from cross_model.prefix_cache import PrefixCache
+from cross_model.prompt_prefill import PrefillMemo, run_prefill
+from cross_model.prompting import chat_wrap, encode_texts, pad_left
+from cross_model.result_files import finished_ids, read_results
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model("tiny-llama-64")
+
+
+@pytest.fixture(scope="module")
+def items():
+    return load_task_examples("countries", 4, 0, seed=5, max_new_tokens=3)[0]
+
+
+def _ids(lm, texts):
+    return encode_texts(lm, [chat_wrap(lm, t) for t in texts], None)
+
+
+# --- memory: hold only what is used ----------------------------------------------------------------
+
+
+def test_a_prefill_keeps_its_kv_and_one_row_per_layer_not_the_layer_outputs(lm, items):
+    ids = _ids(lm, [e.prompt_A + " " * 40 + e.prompt_B for e in items])  # long rows: T >> 1
+    batch = pad_left(ids, lm.tokenizer.pad_token_id, lm.device)
+    B, T = batch.input_ids.shape
+    for layers in (None, 2):
+        pre = run_prefill(lm, batch, ids, layers)
+        D, n = lm.info.hidden_size, pre.layers
+        elem = torch.finfo(lm.model.dtype).bits // 8
+        for h in pre.hidden_last:  # each a copy of B x D, not a view of B x T x D
+            assert h.untyped_storage().nbytes() == B * D * elem
+        kv = sum(k.untyped_storage().nbytes() + v.untyped_storage().nbytes() for k, v in pre.kv)
+        assert kv == 2 * n * B * lm.info.num_kv_heads * T * lm.info.head_dim * elem
+        logits = B * lm.model.config.vocab_size * elem if layers is None else 0
+        hidden = (n + 1) * B * D * elem
+        memo = PrefillMemo()
+        memo._entries["k"] = (weakref.ref(lm.model), pre)
+        ids_and_mask = held_bytes(pre.input_ids, pre.suffix_mask)
+        assert ids_and_mask == 2 * B * T * 8
+        # What the memo keeps is the cache plus B x D per layer (and the last logits and the ids), nothing more.
+        assert held_bytes(memo) == kv + hidden + logits + ids_and_mask
+
+
+def test_the_prefix_cache_is_bounded_in_bytes_and_emptied_by_release(lm, items):
+    ids = _ids(lm, ["A long shared document. " * 30 + e.prompt_B for e in items])
+    big = PrefixCache()
+    split = big.split(lm, ids)
+    assert split is not None and split.prefix_len > 100
+    one_prefix = big.nbytes
+    assert one_prefix == held_bytes(big) > 0
+    bounded = PrefixCache(max_bytes=one_prefix - 1)  # a prefix over the bound is used, never kept
+    again = bounded.split(lm, ids)
+    assert torch.equal(again.cache.layers[0].keys, split.cache.layers[0].keys) and bounded.nbytes == 0
+    two = PrefixCache(max_bytes=one_prefix + 1)
+    two.split(lm, ids)
+    two.split(lm, _ids(lm, ["Another shared document. " * 30 + e.prompt_B for e in items]))
+    assert two.nbytes <= one_prefix + 1 and len(two._entries) == 1  # the older prefix went
+    cls, p = resolve_method("baseline", {})
+    m = cls(p, ModelPair(lm, lm))
+    m.prefix_cache = big
+    m.release_memory()
+    assert big.nbytes == 0 and held_bytes(m.prefix_cache) == 0
+
+
+def test_the_evaluator_frees_every_cache_after_each_batch(tmp_path):
+    """Each batch starts with no prefix a method cached in an earlier batch, and no memo entry."""
+    from cross_model.methods.baseline import Baseline
+    import run_experiments
+
+    seen = []
+
+    @register("records_held")
+    class RecordsHeld(Baseline):
+        def _run_batch(self, examples):
+            seen.append((self.prefix_cache.nbytes, self._memo.hits + self._memo.misses if self._memo else 0))
+            out = super()._run_batch(examples)
+            assert self.prefix_cache.nbytes > 0  # it did cache the chat template's prefix
+            return out
+
+    try:
+        rc = run_experiments.main([
+            "--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--stages", "[evaluate]",
+            "--methods", '{"held": {"method": "records_held"}}', "--eval.batch_size", "2"])
+    finally:
+        _METHODS.pop("records_held")
+    assert rc == 0
+    assert len(seen) == 5  # 3 batches of countries, 2 of tipsheets
+    assert all(prefix == 0 and memo == 0 for prefix, memo in seen), seen
+
+
+# --- out of memory: retried outside the handler, at the size that fitted ----------------------------
+
+
+def test_out_of_memory_is_told_from_poison():
+    for text in ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)",
+                 "MPS backend out of memory"):
+        assert is_out_of_memory(RuntimeError(text)) and not poisons_process(RuntimeError(text))
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    for text in ("CUDA error: device-side assert triggered", "CUBLAS_STATUS_EXECUTION_FAILED", "NCCL error"):
+        assert poisons_process(RuntimeError(text)) and not is_out_of_memory(RuntimeError(text))
+
+
+class _Hungry(Method):
+    """Allocates a large tensor per attempt and runs out of memory on batches larger than `fits`."""
+
+    def __init__(self, fits: int):
+        self.fits, self.sizes, self.allocations, self.alive_at_retry = fits, [], [], []
+        cls, p = resolve_method("baseline", {})
+        self.params, self.name, self._memo, self.fitted_batch_size = p, "hungry", None, None
+        self.prefix_cache = PrefixCache()
+
+    def _run_batch(self, examples):
+        self.alive_at_retry.append(sum(r() is not None for r in self.allocations))
+        self.sizes.append(len(examples))
+        activations = torch.ones(len(examples), 1 << 20)  # 4 MiB per row, held by this frame
+        self.allocations.append(weakref.ref(activations))
+        if len(examples) > self.fits:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {activations.numel() * 8} bytes")
+        return [Prediction(e.example_id, "x", 0) for e in examples]
+
+
+def test_out_of_memory_frees_the_failed_attempt_before_retrying_and_remembers_the_size(items):
+    m = _Hungry(fits=1)
+    preds = m.run_batch(items)
+    assert [p.example_id for p in preds] == [e.example_id for e in items] and not any(p.error for p in preds)
+    assert m.sizes == [4, 2, 1, 1, 2, 1, 1]
+    # Every attempt started with every earlier attempt's activations freed: the retry did not run
+    # inside the handler, where the traceback would have kept the failed frames (and tensors) alive.
+    assert m.alive_at_retry == [0] * len(m.sizes)
+    assert m.fitted_batch_size == 1
+    m.sizes.clear()
+    m.run_batch(items)
+    assert m.sizes == [1, 1, 1, 1]  # later batches start at the size that fitted
+
+
+def test_calibration_batches_halve_on_out_of_memory_with_the_failed_batch_freed():
+    allocations, alive = [], []
+
+    def measure(part):
+        alive.append(sum(r() is not None for r in allocations))
+        held = torch.ones(len(part), 1 << 18)
+        allocations.append(weakref.ref(held))
+        if len(part) > 2:
+            raise RuntimeError("CUDA error: out of memory")
+        return sum(part)
+
+    out = measure_in_batches(list(range(10)), 8, measure, "test")
+    assert [len(p) for p, _ in out] == [2, 2, 2, 2, 2]  # 8 -> 4 -> 2, then 2 for the rest
+    assert sum(r for _, r in out) == sum(range(10)) and alive == [0] * len(alive)
+    with pytest.raises(ValueError):
+        measure_in_batches([1, 2], 2, lambda p: (_ for _ in ()).throw(ValueError("a bug")), "test")
+
+
+def test_kvcomm_calibration_at_any_batch_size_measures_the_same(lm):
+    from tests.test_methods import make
+
+    _, calib = load_task_examples("countries", 1, 6, seed=2)
+    m = make("kvcomm", selection="calibrate", top_layers=0.5)
+    one = m.calibrate(calib, batch_size=1)["importance"]
+    six = m.calibrate(calib, batch_size=6)["importance"]
+    assert one == pytest.approx(six, rel=1e-4, abs=1e-6)
+
+
+# --- a run that failed can be finished ---------------------------------------------------------------
+
+
+def test_an_error_row_gives_way_to_a_later_answer(tmp_path):
+    rows = [{"example_id": "a", "error": "boom"}, {"example_id": "b", "error": None, "answer": "1"},
+            {"example_id": "a", "error": None, "answer": "2"}, {"example_id": "c", "error": "x"},
+            {"example_id": "c", "error": "y"}, {"example_id": "b", "error": None, "answer": "dup"}]
+    (tmp_path / "rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    (tmp_path / "rank1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[3:]))
+    got = read_results(tmp_path)
+    assert got["a"]["answer"] == "2" and got["a"]["failed_attempts"] == 1
+    assert got["b"]["answer"] == "1" and "failed_attempts" not in got["b"]
+    assert got["c"]["error"] == "y"
+    assert finished_ids(tmp_path) == {"a", "b"}
+
+
+def test_resume_runs_failed_rows_again_and_the_report_counts_them(tmp_path):
+    from cross_model.methods.baseline import Baseline
+    import run_experiments
+
+    broken = {"on": True}
+
+    @register("flaky_once")
+    class FlakyOnce(Baseline):
+        def _run_batch(self, examples):
+            if broken["on"] and any(int(e.example_id.rsplit("-", 1)[-1]) % 2 for e in examples):
+                raise RuntimeError("transient failure")
+            return super()._run_batch(examples)
+
+    args = ["--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--stages", "[evaluate,report]",
+            "--methods", '{"baseline": {}, "flaky": {"method": "flaky_once"}}', "--eval.batch_size", "3",
+            "--eval.fail_fast_items", "0"]
+    try:
+        assert run_experiments.main(args) == 0
+        first = json.loads((tmp_path / "tiny" / "results.json").read_text())
+        failed = {t: sum(1 for r in first["examples"][t]["flaky"] if r["error"]) for t in ("countries", "tipsheets")}
+        assert all(failed.values())
+        broken["on"] = False
+        assert run_experiments.main(args) == 0
+    finally:
+        _METHODS.pop("flaky_once")
+    data = json.loads((tmp_path / "tiny" / "results.json").read_text())
+    for task in ("countries", "tipsheets"):
+        rows, base = data["examples"][task]["flaky"], data["examples"][task]["baseline"]
+        assert not any(r["error"] for r in rows)
+        assert [r["answer"] for r in rows] == [r["answer"] for r in base]
+        line = next(s for s in data["summary"] if s["task"] == task and s["method"] == "flaky")
+        assert line["errors"] == 0 and line["rerun"] == failed[task]
+    assert "Re-run after failing in an earlier start" in (tmp_path / "tiny" / "results.md").read_text()
+
+
+def test_a_stop_signal_is_honoured_between_methods_within_a_batch(tmp_path):
+    """SIGTERM during the first method of the first batch: the second method does not start."""
+    from cross_model.methods.baseline import Baseline
+    import run_experiments
+
+    @register("signals_stop")
+    class SignalsStop(Baseline):
+        def _run_batch(self, examples):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return super()._run_batch(examples)
+
+    try:
+        rc = run_experiments.main([
+            "--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--stages", "[evaluate]",
+            "--methods", '{"first": {"method": "signals_stop"}, "second": {"method": "baseline"}}',
+            "--eval.batch_size", "6"])
+    finally:
+        _METHODS.pop("signals_stop")
+    assert rc == 0
+    results = tmp_path / "tiny" / "results" / "countries"
+    assert len(read_results(results / "first")) == 6
+    assert not read_results(results / "second")
+
+
+def _failing_rank(rank: int, port: int, out) -> None:
+    from cross_model import distributed as d
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    with d.distributed_session("gloo"):
+        def work():
+            if rank == 1:
+                raise ValueError("rank 1's own error")
+            return 1.0
+
+        try:
+            d.agreed(work, "measure")
+            d.all_reduce_sum([1.0])  # where the healthy rank would wait for the failed one, for 30 minutes
+            out.put((rank, "went on"))
+        except Exception as exc:  # noqa: BLE001
+            out.put((rank, f"{type(exc).__name__}: {exc}"))
+
+
+def test_one_ranks_failure_stops_every_rank_at_once():
+    import torch.multiprocessing as mp
+    from tests.conftest import free_port
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_failing_rank, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert got[1] == "ValueError: rank 1's own error"
+    assert got[0].startswith("PeerFailed: measure: another rank failed")
