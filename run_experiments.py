@@ -16,7 +16,7 @@ from cross_model.context import load_experiment
 from cross_model.data.base import available_tasks, get_task
 from cross_model.methods.registry import available_methods, get_method_class
 from cross_model.distributed import (
-    Preempted, StopFlag, broadcast_object, distributed_session, is_main, read_env, setup_logging,
+    Preempted, StopFlag, broadcast_object, distributed_session, init_distributed, is_main, read_env, setup_logging,
 )
 from cross_model.pipeline import RunContext, plan, run_stages
 from cross_model.platform import detect_platform
@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"platform error (rank {env.rank}): {err}", file=sys.stderr)
         return 2
 
+    try:  # ranks that share one GPU are refused here, before nccl starts
+        init_distributed(platform.dist_backend, device=platform.device)
+    except ValueError as err:
+        print(f"platform error (rank {env.rank}): {err}", file=sys.stderr)
+        return 2
     with distributed_session(platform.dist_backend, platform.device) as env:
         log.info("platform: %s; world size %d", platform.description, env.world_size)
         if args.dry_run:

@@ -38,7 +38,9 @@ class DistEnv:
 
 
 def read_env() -> DistEnv:
-    """RANK/LOCAL_RANK/WORLD_SIZE as set by torchrun or srun; a world of one without them."""
+    """RANK/LOCAL_RANK/WORLD_SIZE as torchrun sets them, else as plain `srun` sets SLURM's (see
+    `adopt_slurm_env`); a world of one without either."""
+    adopt_slurm_env()
     try:
         return DistEnv(
             rank=int(os.environ.get("RANK", 0)),
@@ -47,6 +49,63 @@ def read_env() -> DistEnv:
         )
     except ValueError as err:
         raise ValueError(f"RANK/LOCAL_RANK/WORLD_SIZE must be integers: {err}") from err
+
+
+def rendezvous_port(job_id: str | int) -> int:
+    """A port derived from the job id, so that jobs sharing a node do not collide."""
+    digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
+    return 20000 + int(digits) % 20000
+
+
+def tasks_per_node(spec: str) -> list[int]:
+    """SLURM's compressed per-node task counts ("4(x2),3" -> [4, 4, 3])."""
+    out: list[int] = []
+    for part in spec.split(","):
+        count, _, times = part.partition("(x")
+        out += [int(count)] * (int(times.rstrip(")")) if times else 1)
+    return out
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ("gpu[03-05,07],cpu1" -> "gpu03"), as `scontrol show
+    hostnames` gives it when scontrol is there."""
+    try:
+        import subprocess
+
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
+    if "[" not in head:
+        return head
+    prefix, ranges = head[:-1].split("[", 1)
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def adopt_slurm_env(environ: dict[str, str] | None = None) -> bool:
+    """Plain `srun` (one task per GPU, as the error messages advise) sets SLURM_PROCID, SLURM_LOCALID
+    and SLURM_STEP_NUM_TASKS, not torchrun's RANK/LOCAL_RANK/WORLD_SIZE: without this each task would
+    run alone as rank 0 and all would append to one rank0.jsonl. Sets torchrun's variables (and the
+    rendezvous: the step's first host, a port from the job id) from SLURM's when srun started several
+    tasks and nothing set RANK; returns whether it did. A batch script's own shell (no step) and
+    torchrun under srun (RANK set) are left alone."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env or int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) <= 1:
+        return False
+    missing = [k for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NODELIST", "SLURM_JOB_ID") if k not in env]
+    if missing:
+        raise ValueError(f"srun started {env['SLURM_STEP_NUM_TASKS']} tasks but {', '.join(missing)} is not set; "
+                         f"start the ranks with torchrun (slurm/*.sbatch do) or set RANK/LOCAL_RANK/WORLD_SIZE")
+    env["RANK"], env["LOCAL_RANK"] = env["SLURM_PROCID"], env["SLURM_LOCALID"]
+    env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
+    if "SLURM_STEP_TASKS_PER_NODE" in env:
+        per_node = tasks_per_node(env["SLURM_STEP_TASKS_PER_NODE"])
+        env["LOCAL_WORLD_SIZE"] = str(per_node[min(int(env.get("SLURM_NODEID", 0)), len(per_node) - 1)])
+    env.setdefault("MASTER_ADDR", first_host(env["SLURM_STEP_NODELIST"]))
+    env.setdefault("MASTER_PORT", str(rendezvous_port(env["SLURM_JOB_ID"])))
+    return True
 
 
 def is_initialized() -> bool:
@@ -70,17 +129,23 @@ def init_distributed(backend: str, env: DistEnv | None = None, timeout_s: float 
     cuda = device is not None and device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
+    # No `device_id`: it would create nccl's communicators now, and ranks that share one GPU must be
+    # refused (below, over gloo) before nccl starts, not hang or fail inside it. nccl then starts on
+    # its first collective, on the device set above.
     dist.init_process_group(
         backend=backend,
         rank=env.rank,
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
-        **({"device_id": device} if cuda and backend == "nccl" else {}),
     )
     _OBJECT_GROUP = dist.new_group(backend="gloo") if backend == "nccl" else None
     if cuda:
         uuid = str(torch.cuda.get_device_properties(device).uuid)
-        check_distinct_devices(gather_object((socket.gethostname(), uuid)))
+        try:
+            check_distinct_devices(gather_object((socket.gethostname(), uuid)))
+        except ValueError:
+            destroy_distributed()
+            raise
     return env
 
 

@@ -53,6 +53,13 @@ def cuda_index_for_rank(local_rank: int, visible: int, local_world_size: int | N
         )
     if local_rank < visible:
         return local_rank
+    if visible == 1 and os.environ.get("CUDA_VISIBLE_DEVICES") is None and (local_world_size or 1) > 1:
+        # Every rank of this node sees the same single GPU (nothing gave each its own).
+        raise ValueError(
+            f"platform.device: {local_world_size} ranks on this node (LOCAL_WORLD_SIZE) all see the one GPU "
+            f"({_visible_devices_text(visible)}); start one rank per GPU (torchrun --nproc_per_node=1 here), or give "
+            f"each rank its own GPU (srun --gpus-per-task=1, or CUDA_VISIBLE_DEVICES per rank)"
+        )
     if visible == 1:
         return 0
     raise ValueError(

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cross_model.distributed import rendezvous_port  # one rule for the port, shared with plain srun
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -53,10 +55,6 @@ class Experiment:
         return submitit.helpers.DelayedSubmission(Experiment(self.argv))
 
 
-def rendezvous_port(job_id: str | int) -> int:
-    """A port derived from the job id, so that jobs sharing a node do not collide."""
-    digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
-    return 20000 + int(digits) % 20000
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

@@ -55,6 +55,25 @@ def test_rendezvous_port_is_derived_from_the_job_id():
     assert 20000 <= rendezvous_port("987654_3") < 40000
 
 
+def test_plain_srun_tasks_become_ranks_and_torchrun_or_a_batch_shell_is_left_alone():
+    from cross_model.distributed import adopt_slurm_env, first_host, tasks_per_node
+
+    srun = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NODEID": "1",
+            "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"}
+    env = dict(srun)
+    assert adopt_slurm_env(env)
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == ("5", "1", "8", "4")
+    assert env["MASTER_ADDR"] == "gpu07" and env["MASTER_PORT"] == "24242"
+    torchrun = {**srun, "RANK": "0"}  # torchrun under srun (our sbatch scripts): its variables win
+    assert not adopt_slurm_env(torchrun) and torchrun["RANK"] == "0" and "WORLD_SIZE" not in torchrun
+    batch_shell = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "1"}
+    assert not adopt_slurm_env(batch_shell) and "RANK" not in batch_shell  # the batch script itself: one process
+    with pytest.raises(ValueError, match="SLURM_STEP_NODELIST"):
+        adopt_slurm_env({k: v for k, v in srun.items() if k != "SLURM_STEP_NODELIST"})
+    assert tasks_per_node("4(x2),3") == [4, 4, 3]
+    assert first_host("node1,node2") == "node1"
+
+
 @pytest.mark.parametrize("script", sorted((ROOT / "slurm").glob("*.s*")), ids=lambda p: p.name)
 def test_slurm_scripts_parse(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
@@ -117,6 +136,19 @@ def test_sbatch_runs_the_pipeline(slurm_env, tmp_path):
     assert (tmp_path / "sb" / "results.json").exists(), log[-3000:]
     data = _check_results(tmp_path / "sb")
     assert data["starts"][-1]["world_size"] == 2 and data["starts"][-1]["slurm_job_id"] == job
+
+
+@pytest.mark.slurm
+def test_plain_srun_runs_one_rank_per_task(slurm_env, tmp_path):
+    """`srun --ntasks=2 python run_experiments.py` (no torchrun): two ranks of one run, not two rank 0s."""
+    res = subprocess.run(["srun", "--ntasks=2", "--cpus-per-task=1", sys.executable, "run_experiments.py", "--config",
+                          "configs/tiny.yaml", *_tiny_args(tmp_path, "srun").split()],
+                         cwd=ROOT, env={**slurm_env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    data = _check_results(tmp_path / "srun")
+    assert data["starts"][-1]["world_size"] == 2
+    files = sorted(p.name for p in (tmp_path / "srun" / "results" / "countries" / "baseline").glob("rank*.jsonl"))
+    assert files == ["rank0.jsonl", "rank1.jsonl"]
 
 
 @pytest.mark.slurm

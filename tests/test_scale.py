@@ -98,6 +98,10 @@ def test_each_rank_gets_its_own_gpu_or_a_clear_error(monkeypatch):
     from cross_model.platform import check_distinct_devices, cuda_index_for_rank
 
     assert cuda_index_for_rank(3, 4) == 3
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(ValueError, match="4 ranks on this node .*all see the one GPU.*--gpus-per-task=1"):
+        cuda_index_for_rank(3, 1, local_world_size=4)  # nothing gave each rank its own GPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
     assert cuda_index_for_rank(3, 1, local_world_size=4) == 0  # srun --gpus-per-task=1: one GPU visible per rank
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     with pytest.raises(ValueError, match=r"LOCAL_RANK=3.*2 visible CUDA device\(s\), CUDA_VISIBLE_DEVICES=0,1"):
