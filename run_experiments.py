@@ -18,7 +18,7 @@ from cross_model.methods.registry import available_methods, get_method_class
 from cross_model.distributed import (
     Preempted, StopFlag, broadcast_object, distributed_session, init_distributed, is_main, read_env, setup_logging,
 )
-from cross_model.pipeline import RunContext, plan, run_stages
+from cross_model.pipeline import RunContext, RunRefused, plan, run_stages
 from cross_model.platform import detect_platform
 from cross_model.progress import set_progress_interval
 from cross_model.runinfo import check_shared_run_dir, prepare_run_dir, run_identity, run_metadata
@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             run_stages(RunContext(cfg=cfg, platform=platform, env=env, run_dir=run_dir, state={"stop": stop, "row_info": row_info}))
         except Preempted as why:
             log.warning("preempted: %s. Start the same command again to resume.", why)
+        except RunRefused as why:
+            if is_main():
+                print(f"run error: {why}", file=sys.stderr)
+            return 2
         finally:
             stop.uninstall()
     return 0

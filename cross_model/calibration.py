@@ -25,7 +25,7 @@ def calibrate_methods(ctx, instances: list) -> dict[str, dict]:
     calib = [e for _, (_, c) in task_splits(ctx).items() for e in c]
     out = {}
     for name, _, _ in instances:
-        path = ctx.run_dir / f"calibration-{name}.json"
+        path = ctx.run_dir / f"calibration-{name}.json"  # pipeline.calibration_path
         saved = broadcast_object(json.loads(path.read_text()) if is_main() and path.exists() else None)
         if saved is not None:
             methods[name].load_calibration(saved)

@@ -11,7 +11,7 @@ from cross_model.c2c.training import train_c2c
 from cross_model.calibration import calibrate_methods
 from cross_model.config import ExperimentConfig, to_dict
 from cross_model.context import RunContext, method_instances, model_by_name, model_pair  # noqa: F401 - the stages' shared names
-from cross_model.distributed import barrier, get_world_size, is_main
+from cross_model.distributed import barrier, broadcast_object, get_world_size, is_main
 from cross_model.evaluation import evaluate, task_splits
 from cross_model.reporting import format_table, summarize, write_reports
 from cross_model.result_files import gather_results, write_json_atomically
@@ -81,7 +81,35 @@ def _stage_calibrate(ctx: RunContext) -> None:
     calibrate_methods(ctx, methods)
 
 
+class RunRefused(ValueError):
+    """The run cannot do what its stages ask; refused before any work, with what to do instead."""
+
+
+def calibration_path(ctx: RunContext, name: str) -> Path:
+    return ctx.run_dir / f"calibration-{name}.json"
+
+
+def check_saved_calibrations(ctx: RunContext) -> list:
+    """An evaluation without the calibrate stage (`--stages [evaluate, report]`) reads each method's
+    saved calibration; a method without one refuses the run now, not row by row later. Returns the
+    methods whose saved calibration the evaluate stage loads."""
+    if "evaluate" not in ctx.cfg.stages or "calibrate" in ctx.cfg.stages:
+        return []
+    needs = [(n, c, p) for n, c, p in method_instances(ctx.cfg) if c.needs_calibration(p)]
+    missing = broadcast_object([n for n, _, _ in needs if not calibration_path(ctx, n).exists()] if is_main() else None)
+    if missing:
+        raise RunRefused(
+            f"methods {', '.join(missing)} choose their layers or bits by calibration, and {ctx.run_dir} holds no saved "
+            f"calibration for them (calibration-<method>.json); add the calibrate stage (stages: [calibrate, evaluate, "
+            f"report]) or run it once in this run directory first"
+        )
+    return needs
+
+
 def _stage_evaluate(ctx: RunContext) -> None:
+    saved = check_saved_calibrations(ctx)
+    if saved:  # the calibrate stage is not in this run's stages: load what an earlier start saved
+        calibrate_methods(ctx, saved)
     outcomes = evaluate(ctx)
     for task, o in outcomes.items():
         log.info("evaluate %s: %d batches on this rank, %d prefills shared between methods, %d run",
@@ -129,6 +157,7 @@ def run_stages(ctx: RunContext) -> dict[str, float]:
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     try:
+        check_saved_calibrations(ctx)  # before any stage's work
         for stage in ctx.cfg.stages:
             if stage == "report" and is_main():
                 write_json_atomically(ctx.run_dir / "timings.json", {

@@ -30,13 +30,17 @@ TRACKED_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "gguf"
 RESUMABLE_KEYS = {"stages", "logging", "eval.batch_size", "eval.reuse_prefills", "eval.fail_fast_items", "eval.fail_fast_ratio", "eval.log_prompts"}
 
 
-CODE_PATHS = ("cross_model", "run_experiments.py", "launch", "slurm", "configs", "requirements.txt")
+# The code a run executes. Not configs/: the run's own config is compared, resolved, by
+# `config_differences`, and another config edited while this run waits in the queue is not its code.
+CODE_PATHS = ("cross_model", "run_experiments.py", "launch", "slurm", "requirements.txt")
 
 
 def git_commit(repo: Path | None = None) -> dict[str, Any]:
-    """The commit, whether the tree is dirty, and a hash of the uncommitted changes to the code that runs
-    (`CODE_PATHS`: diffs and untracked files), so that a resume can tell the same dirty tree from a
-    changed one."""
+    """The commit, whether the tree is dirty, and a hash of the uncommitted changes to the tracked code
+    that runs (`CODE_PATHS`), so that a resume can tell the same dirty tree from a changed one.
+    Untracked files are not code identity: a config file written into configs/ while a job waits
+    in the queue must not make its requeue refuse itself (the run's own config is compared on its
+    own, resolved, by `config_differences`)."""
     repo = repo or Path(__file__).resolve().parent.parent
     try:
         def git(*args: str) -> str:
@@ -45,12 +49,9 @@ def git_commit(repo: Path | None = None) -> dict[str, Any]:
         commit = git("rev-parse", "HEAD").strip()
         dirty = bool(git("status", "--porcelain").strip())
         # Only what runs counts as a code change: editing docs or tests while a run waits is not one.
-        status = git("status", "--porcelain", "--untracked-files=all", "--", *CODE_PATHS)
-        untracked = [line[3:] for line in status.splitlines() if line.startswith("??")]
-        digest = hashlib.sha256((status + git("diff", "HEAD", "--binary", "--", *CODE_PATHS)).encode())
-        for name in untracked:
-            digest.update((repo / name).read_bytes())
-        return {"commit": commit, "dirty": dirty, "changes": digest.hexdigest()[:16] if status.strip() else None}
+        diff = git("diff", "HEAD", "--binary", "--", *CODE_PATHS)
+        return {"commit": commit, "dirty": dirty,
+                "changes": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff.strip() else None}
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None, "changes": None}
 
@@ -93,11 +94,17 @@ def config_differences(old: dict, new: dict) -> list[str]:
     return [k for k in keys if a.get(k) != b.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)]
 
 
+IDENTITY_PACKAGES = ("torch", "transformers")  # their kernels and defaults change answers like our code does
+
+
 def run_identity(meta: dict[str, Any], device: str, dtype: str) -> dict[str, Any]:
     """What a resumed run must share with its first start for its rows to be one experiment: the
-    resolved device kind and dtype (`auto` resolves differently on a GPU and a CPU), and the code."""
+    resolved device kind and dtype (`auto` resolves differently on a GPU and a CPU), the code, and
+    the torch and transformers versions."""
     git = meta.get("git") or {}
-    return {"device": device, "dtype": dtype, "commit": git.get("commit"), "changes": git.get("changes")}
+    found = meta.get("versions") or {}
+    return {"device": device, "dtype": dtype, "commit": git.get("commit"), "changes": git.get("changes"),
+            **{name: found.get(name) for name in IDENTITY_PACKAGES}}
 
 
 def check_identity(run_dir: Path, first: dict[str, Any], now: dict[str, Any], allow_code_change: bool) -> None:
@@ -107,15 +114,21 @@ def check_identity(run_dir: Path, first: dict[str, Any], now: dict[str, Any], al
             f"{now['device']} in {now['dtype']}: resuming would mix results of two set-ups. Resume it on the same hardware "
             f"(or set platform.device / platform.dtype to {first.get('device')} / {first.get('dtype')}), or pick another --name"
         )
-    code = ("commit", "changes")
-    if any(first.get(k) != now.get(k) for k in code):
-        what = (f"commit {first.get('commit')} -> {now.get('commit')}" if first.get("commit") != now.get("commit")
-                else f"uncommitted changes {first.get('changes') or 'none'} -> {now.get('changes') or 'none'}")
+    changed = []
+    if first.get("commit") != now.get("commit"):
+        changed.append(f"commit {first.get('commit')} -> {now.get('commit')}")
+    elif first.get("changes") != now.get("changes"):
+        changed.append(f"uncommitted changes {first.get('changes') or 'none'} -> {now.get('changes') or 'none'}")
+    # Runs started before the versions were part of the identity have none to compare.
+    changed += [f"{name} {first[name]} -> {now.get(name)}" for name in IDENTITY_PACKAGES
+                if name in first and first[name] != now.get(name)]
+    if changed:
+        what = "; ".join(changed)
         if not allow_code_change:
             raise ValueError(
                 f"run directory {run_dir} was started with other code ({what}); its finished rows came from that code. "
-                f"Check out the code it started with, pick another --name, or pass --allow-code-change to resume anyway "
-                f"(each row records the start it came from)"
+                f"Check out the code (and install the versions) it started with, pick another --name, or pass "
+                f"--allow-code-change to resume anyway (each row records the start it came from)"
             )
         log.warning("resuming %s with changed code (%s), as --allow-code-change asks", run_dir, what)
 

@@ -290,3 +290,66 @@ def test_one_ranks_failure_stops_every_rank_at_once():
         p.join(timeout=60)
     assert got[1] == "ValueError: rank 1's own error"
     assert got[0].startswith("PeerFailed: measure: another rank failed")
+
+
+# --- identity: the tracked code, this run's config, torch and transformers ----------------------------
+
+
+def test_code_identity_ignores_new_untracked_and_config_files_but_not_tracked_code(tmp_path):
+    import shutil
+    import subprocess
+
+    from cross_model.runinfo import git_commit
+
+    repo = tmp_path / "repo"
+    (repo / "cross_model").mkdir(parents=True)
+    (repo / "configs").mkdir()
+    (repo / "cross_model" / "a.py").write_text("x = 1\n")
+    (repo / "configs" / "run.yaml").write_text("name: a\n")
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "x")
+    first = git_commit(repo)
+    (repo / "configs" / "queued_later.yaml").write_text("name: b\n")  # written while the job waits
+    (repo / "configs" / "run.yaml").write_text("name: edited\n")  # another run's config, edited
+    (repo / "cross_model" / "scratch.py").write_text("y = 2\n")  # untracked: never imported by the run
+    assert git_commit(repo)["changes"] == first["changes"] is None
+    (repo / "cross_model" / "a.py").write_text("x = 2\n")
+    assert git_commit(repo)["changes"] is not None
+    shutil.rmtree(repo)
+
+
+def test_a_resume_with_other_torch_or_transformers_is_refused_unless_allowed(tmp_path):
+    from cross_model.config import load_config
+    from cross_model.runinfo import prepare_run_dir, run_identity
+
+    cfg = load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path)])
+    meta = {"git": {"commit": "abc"}, "versions": {"torch": "2.13.0", "transformers": "5.23.0"}}
+    first = run_identity(meta, "cpu", "float32")
+    assert first["torch"] == "2.13.0" and first["transformers"] == "5.23.0"
+    prepare_run_dir(cfg, {}, first)
+    later = run_identity({**meta, "versions": {"torch": "2.13.0", "transformers": "5.17.0"}}, "cpu", "float32")
+    with pytest.raises(ValueError, match="transformers 5.23.0 -> 5.17.0.*--allow-code-change"):
+        prepare_run_dir(cfg, {}, later)
+    assert prepare_run_dir(cfg, {}, later, allow_code_change=True) == 1
+    old_run = {k: v for k, v in first.items() if k not in ("torch", "transformers")}  # identity.json of an older run
+    (tmp_path / "tiny" / "identity.json").write_text(json.dumps(old_run))
+    assert prepare_run_dir(cfg, {}, later) == 2
+
+
+def test_evaluate_without_the_calibrate_stage_loads_the_saved_calibration_or_refuses_before_any_work(tmp_path, capsys):
+    import run_experiments
+
+    common = ["--config", "configs/tiny.yaml", "--output_dir", str(tmp_path),
+              "--methods", '{"baseline": {}, "kvcomm": {"selection": "calibrate", "top_layers": 0.5}}']
+    assert run_experiments.main([*common, "--stages", "[evaluate, report]"]) == 2
+    assert "no saved calibration" in capsys.readouterr().err
+    assert not (tmp_path / "tiny" / "results").exists()  # refused before any row
+    assert run_experiments.main([*common, "--stages", "[calibrate]"]) == 0
+    saved = json.loads((tmp_path / "tiny" / "calibration-kvcomm.json").read_text())
+    assert run_experiments.main([*common, "--stages", "[evaluate, report]"]) == 0
+    data = json.loads((tmp_path / "tiny" / "results.json").read_text())
+    rows = data["examples"]["countries"]["kvcomm"]
+    assert not any(r["error"] for r in rows)
+    assert all(r["layers"] == saved["selected"] for r in rows)
