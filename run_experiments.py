@@ -14,11 +14,13 @@ import sys
 from cross_model.config import describe, dump_yaml
 from cross_model.context import load_experiment
 from cross_model.data.base import available_tasks, get_task
+from cross_model.data.check import check_counts
 from cross_model.methods.registry import available_methods, get_method_class
 from cross_model.distributed import (
     Preempted, StopFlag, broadcast_object, distributed_session, init_distributed, is_main, read_env, setup_logging,
 )
-from cross_model.pipeline import RunContext, RunRefused, plan, run_stages
+from cross_model.failures import RunRefused
+from cross_model.pipeline import RunContext, plan, run_stages
 from cross_model.platform import detect_platform
 from cross_model.progress import set_progress_interval
 from cross_model.runinfo import check_shared_run_dir, prepare_run_dir, run_identity, run_metadata
@@ -95,12 +97,20 @@ def main(argv: list[str] | None = None) -> int:
     with distributed_session(platform.dist_backend, platform.device) as env:
         log.info("platform: %s; world size %d", platform.description, env.world_size)
         if args.dry_run:
+            failed = False
             if is_main():
                 print(dump_yaml(cfg), end="")
                 print("# planned stages:")
                 for line in plan(cfg):
                     print(f"#   {line}")
-            return 0
+                print("# data (loaded here, before any model):")
+                checks = check_counts(cfg)
+                for check in checks:
+                    print(f"#   {check.line}")
+                failed = not all(c.ok for c in checks)
+                if failed:
+                    print("data error: " + "; ".join(c.line for c in checks if not c.ok), file=sys.stderr)
+            return 2 if broadcast_object(failed) else 0
         run_dir = cfg.run_dir
         start = None
         if is_main():

@@ -14,6 +14,8 @@ After a barrier, rank 0 reads every rank's file and checks that each test id app
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import time
@@ -26,9 +28,9 @@ from cross_model.context import method_instances, model_by_name, model_pair
 from cross_model.data import load_task_examples
 from cross_model.data.base import Example
 from cross_model.distributed import (
-    Preempted, agreed, all_reduce_max, barrier, broadcast_object, get_rank, get_world_size, is_main,
+    PeerFailed, Preempted, agreed, all_reduce_max, barrier, broadcast_object, gather_object, get_rank, get_world_size, is_main,
 )
-from cross_model.failures import FailureGuard
+from cross_model.failures import FailureGuard, RunRefused
 from cross_model.interlingua.training import final_dir as interlingua_final_dir
 from cross_model.metrics import score_prediction
 from cross_model.progress import Progress
@@ -62,6 +64,27 @@ def task_splits(ctx) -> dict[str, tuple[list[Example], list[Example]]]:
     if "tasks" not in ctx.state:
         ctx.state["tasks"] = load_splits(ctx.cfg)
     return ctx.state["tasks"]
+
+
+def prepare_data(ctx) -> dict[str, tuple[list[Example], list[Example]]]:
+    """The data stage, before any model loads: rank 0 loads every task first (a hub download lands in
+    the shared cache once), then the others read it; every rank must then hold the same test and
+    calibration ids, or the run is refused (a rank with another cache or code would score other items)."""
+    try:
+        agreed(lambda: task_splits(ctx) if is_main() else None, "load the tasks (rank 0)")
+        splits = agreed(lambda: task_splits(ctx), "load the tasks")
+    except (FileNotFoundError, ValueError, PeerFailed) as err:
+        raise RunRefused(f"data: {err}") from err
+    ids = {key: [[e.example_id for e in test], [e.example_id for e in calib]] for key, (test, calib) in splits.items()}
+    digests = gather_object(hashlib.sha256(json.dumps(ids).encode()).hexdigest())
+    if len(set(digests)) > 1:
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise RunRefused(f"ranks {differ} hold other test or calibration items than rank 0 (the same config gave "
+                         f"different rows: a different dataset cache, local copy or code on their nodes); give every "
+                         f"node the same data (one shared HF_HOME, or tasks.N.path on a shared filesystem)")
+    for key, (test, calib) in splits.items():
+        log.info("data: %s: %d test + %d calibration items", key, len(test), len(calib))
+    return splits
 
 
 def build_methods(ctx) -> dict[str, Any]:

@@ -68,6 +68,10 @@ def free_device_memory() -> None:
         mps.empty_cache()
 
 
+class RunRefused(ValueError):
+    """The run cannot do what its config and stages ask; refused before any work, with what to do instead."""
+
+
 class MethodFailing(RuntimeError):
     """A method failed on nearly every item it was given first: a bug or a broken setup, not data."""
 

@@ -12,7 +12,8 @@ from cross_model.calibration import calibrate_methods
 from cross_model.config import ExperimentConfig, to_dict
 from cross_model.context import RunContext, method_instances, model_by_name, model_pair  # noqa: F401 - the stages' shared names
 from cross_model.distributed import barrier, broadcast_object, get_world_size, is_main
-from cross_model.evaluation import evaluate, task_splits
+from cross_model.evaluation import evaluate, prepare_data, task_splits
+from cross_model.failures import RunRefused
 from cross_model.reporting import format_table, summarize, write_reports
 from cross_model.result_files import gather_results, write_json_atomically
 from cross_model.runinfo import load_run_context
@@ -79,10 +80,6 @@ def _stage_calibrate(ctx: RunContext) -> None:
         log.info("calibrate: no method needs calibration; nothing to do")
         return
     calibrate_methods(ctx, methods)
-
-
-class RunRefused(ValueError):
-    """The run cannot do what its stages ask; refused before any work, with what to do instead."""
 
 
 def calibration_path(ctx: RunContext, name: str) -> Path:
@@ -157,6 +154,7 @@ def run_stages(ctx: RunContext) -> dict[str, float]:
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     try:
+        prepare_data(ctx)  # before any model loads
         check_saved_calibrations(ctx)  # before any stage's work
         for stage in ctx.cfg.stages:
             if stage == "report" and is_main():

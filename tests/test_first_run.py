@@ -353,3 +353,125 @@ def test_evaluate_without_the_calibrate_stage_loads_the_saved_calibration_or_ref
     rows = data["examples"]["countries"]["kvcomm"]
     assert not any(r["error"] for r in rows)
     assert all(r["layers"] == saved["selected"] for r in rows)
+
+
+# --- data: loads under datasets >= 4, before any model, the same on every rank ------------------------
+
+
+def _longbench_parquet(path, n: int, schema: str = "harness"):
+    """A parquet file in a LongBench copy's format (written by us): the script's fields, or the
+    harness copy's renamed ones (`question` for `input`), without `_id`."""
+    import datasets
+
+    rows = []
+    for i in range(n):
+        row = {"context": f"Paper {i} evaluates on dataset D{i}.", "answers": [f"D{i}"], "length": 7,
+               "dataset": "qasper", "language": "en", "all_classes": None}
+        row.update({"input": f"Which dataset does paper {i} use?", "_id": f"lb{i}"} if schema == "script"
+                   else {"question": f"Which dataset does paper {i} use?"})
+        rows.append(row)
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    return rows
+
+
+@pytest.mark.parametrize("schema", ["script", "harness"])
+def test_longbench_loads_from_a_parquet_copy_in_either_format(tmp_path, schema):
+    rows = _longbench_parquet(tmp_path / "qasper.parquet", 12, schema)
+    test, calib = load_task_examples("qasper", 5, 3, path=str(tmp_path / "qasper.parquet"))
+    by_context = {r["context"]: r for r in rows}
+    for e in test + calib:
+        r = by_context[e.prompt_A]
+        assert e.prompt_B == r.get("input", r.get("question")) and list(e.answers) == r["answers"]
+    assert len({e.example_id for e in test + calib}) == 8
+    again, _ = load_task_examples("qasper", 5, 3, path=str(tmp_path))  # the directory holding the copy
+    assert [e.example_id for e in again] == [e.example_id for e in test]
+
+
+def test_every_hub_source_of_a_longbench_task_is_the_pinned_parquet_copy():
+    from cross_model.data.base import get_task
+    from cross_model.data.hub import REVISIONS
+
+    for name, rows in (("qasper", 200), ("multifieldqa_en", 150), ("twowikimqa", 200)):
+        task = get_task(name)
+        assert task.source.path == "Xnhyacinth/LongBench" and task.rows_available == rows
+        assert task.source.revision == REVISIONS["Xnhyacinth/LongBench"] and len(task.source.revision) == 40
+
+
+def test_dry_run_fails_in_seconds_when_a_config_asks_more_rows_than_the_source_has(tmp_path, capsys):
+    import run_experiments
+
+    assert run_experiments.main(["--config", "configs/kvcomm_llama8b.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "tasks.qasper:" in out and "192 test + 8 calibration" in out
+    assert run_experiments.main(["--config", "configs/kvcomm_llama8b.yaml", "--dry-run", "--tasks",
+                                 "[{name: qasper, n_test: 200, n_calib: 8}]"]) == 2
+    assert "208 exceeds the 200 rows" in capsys.readouterr().err
+    # A local copy is loaded and counted for real.
+    _longbench_parquet(tmp_path / "q.parquet", 10)
+    args = ["--config", "configs/tiny.yaml", "--dry-run", "--tasks"]
+    assert run_experiments.main([*args, f"[{{name: qasper, n_test: 6, n_calib: 4, path: {tmp_path / 'q.parquet'}}}]"]) == 0
+    assert "6 test + 4 calibration items" in capsys.readouterr().out
+    assert run_experiments.main([*args, f"[{{name: qasper, n_test: 8, n_calib: 4, path: {tmp_path / 'q.parquet'}}}]"]) == 2
+    assert "exceeds the 10 rows available" in capsys.readouterr().err
+
+
+def test_data_check_loads_one_row_of_every_task_and_fails_on_a_broken_one(tmp_path, capsys):
+    from cross_model.data.check import main
+
+    _longbench_parquet(tmp_path / "q.parquet", 3)
+    assert main(["check", "configs/tiny.yaml", "--tasks",
+                 f"[{{name: countries}}, {{name: qasper, path: {tmp_path / 'q.parquet'}}}]"]) == 0
+    out = capsys.readouterr().out
+    assert "tasks.countries: ok" in out and "tasks.qasper: ok" in out and "2 of 2 tasks loaded" in out
+    (tmp_path / "bad.jsonl").write_text('{"prompt_A": "x"}\n')
+    assert main(["check", "configs/tiny.yaml", "--tasks", f"[{{name: jsonl, path: {tmp_path / 'bad.jsonl'}}}]"]) == 1
+    assert "tasks.jsonl: FAILED" in capsys.readouterr().out
+
+
+def test_a_task_that_cannot_load_stops_the_run_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    import run_experiments
+    from cross_model import context
+
+    loaded = []
+    monkeypatch.setattr(context, "load_model", lambda *a, **k: loaded.append(a) or pytest.fail("a model loaded"))
+    _longbench_parquet(tmp_path / "q.parquet", 3)
+    rc = run_experiments.main(["--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--tasks",
+                               f"[{{name: countries}}, {{name: qasper, n_test: 10, path: {tmp_path / 'q.parquet'}}}]"])
+    assert rc == 2 and not loaded
+    assert "run error: data: tasks.qasper: n_test (10) + n_calib (8) exceeds the 3 rows" in capsys.readouterr().err
+
+
+def _other_items_on_rank_1(rank: int, port: int, out) -> None:
+    from cross_model import distributed as d
+    from cross_model import evaluation
+    from cross_model.config import load_config
+    from cross_model.context import RunContext
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    cfg = load_config("configs/tiny.yaml", ["--tasks", "[{name: countries, n_test: 4}]"])
+    if rank == 1:  # as if this node's cache held another copy of the data
+        real = evaluation.load_task_examples
+        evaluation.load_task_examples = lambda *a, **k: (lambda t, c: (t[1:] + t[:1], c))(*real(*a, **k))
+    with d.distributed_session("gloo"):
+        try:
+            evaluation.prepare_data(RunContext(cfg=cfg, platform=None, env=None, run_dir=None, state={}))
+            out.put((rank, "ok"))
+        except Exception as exc:  # noqa: BLE001
+            out.put((rank, f"{type(exc).__name__}: {exc}"))
+
+
+def test_ranks_holding_other_test_items_are_refused():
+    import torch.multiprocessing as mp
+    from tests.conftest import free_port
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_other_items_on_rank_1, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    for rank in (0, 1):
+        assert got[rank].startswith("RunRefused: ranks [1] hold other test or calibration items"), got

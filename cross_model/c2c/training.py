@@ -31,7 +31,7 @@ from cross_model.checkpointing import CheckpointManager, Trained, checkpoint_aft
 from cross_model.data import load_task_examples
 from cross_model.data.base import QA, Example
 from cross_model.data.corpus import load_corpus
-from cross_model.data.hub import TASKS as HUB_TASKS
+from cross_model.data.hub import REVISIONS, TASKS as HUB_TASKS
 from cross_model.data.ladder import LADDER_TASKS
 from cross_model.data.training_rows import task_rows
 from cross_model.distributed import (
@@ -79,7 +79,7 @@ def hub_pairs(name: str, n: int, question: str) -> list[tuple[str, str]]:
     from datasets import load_dataset
 
     out = []
-    for row in load_dataset(name, split="train", streaming=True):
+    for row in load_dataset(name, split="train", streaming=True, revision=REVISIONS.get(name)):
         context, q = conversation_pair(row, question)
         if context.strip():
             out.append((context, q))

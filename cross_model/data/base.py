@@ -66,6 +66,8 @@ class Task:
     build: Callable[..., tuple[list[Example], list[Example]]]
     kind: str = QA
     description: str = ""
+    rows_available: int | None = None  # rows the source has in all, where fixed and known (checked by --dry-run)
+    source: Any = None  # where the rows come from (a hub source, for `python -m cross_model.data check`)
 
 
 _TASKS: dict[str, Task] = {}

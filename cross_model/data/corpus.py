@@ -7,6 +7,8 @@ import random
 import re
 from pathlib import Path
 
+from cross_model.data.hub import REVISIONS
+
 _SENT = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -15,7 +17,7 @@ def c4_sentences(n: int, seed: int, min_words: int = 5, max_words: int = 60) -> 
     import datasets
 
     try:
-        stream = datasets.load_dataset("allenai/c4", "en", split="train", streaming=True)
+        stream = datasets.load_dataset("allenai/c4", "en", split="train", streaming=True, revision=REVISIONS["allenai/c4"])
         stream = stream.shuffle(seed=seed, buffer_size=10_000)
         rng = random.Random(seed)
         out: list[str] = []

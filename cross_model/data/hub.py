@@ -18,12 +18,55 @@ from cross_model.data.base import CODE, MATH, QA, SUMMARY, Example, Task, regist
 
 SHUFFLE_SEED = 42
 
+# Every hub source at a fixed commit, so that a task's rows cannot change under a run. Commits were
+# taken from public projects that pin the same datasets (we cannot read the hub from these
+# machines); sources without one load their current main branch, and `python -m cross_model.data
+# check CONFIG` prints the commit a machine with a hub resolves, to be pinned here.
+REVISIONS: dict[str, str | None] = {
+    # LongBench as parquet (the script dataset THUDM/LongBench is refused by datasets >= 4): the copy
+    # lm-evaluation-harness reads, same rows and order as the script's test split.
+    "Xnhyacinth/LongBench": "2e9ade51ebf45d98942056c0716234f9d5d257d5",
+    "hotpotqa/hotpot_qa": "1908d6afbbead072334abe2965f91bd2709910ab",
+    "rajpurkar/squad": "7b6d24c440a36b6815f21b70d25016731768db1f",
+    "openai/gsm8k": "740312add88f781978c0658806c59bc2815b9866",
+    "allenai/c4": "1588ec454efa1a09f29cd18ddd04fe05fc8653a2",
+    "dgslibisey/MuSiQue": None,
+    "ohjoonhee/2WikiMultihopQA": None,
+    "tianyang/repobench_python_v1.1": None,
+    "knkarthick/samsum": None,
+    "teknium/OpenHermes-2.5": None,
+}
+
 
 @dataclass(frozen=True)
 class HubSource:
     path: str
     name: str | None
     split: str
+    rows: int | None = None  # the split's size where it is fixed and known (LongBench), checked by --dry-run
+
+    @property
+    def revision(self) -> str | None:
+        return REVISIONS.get(self.path)
+
+    def describe(self) -> str:
+        pin = f"@{self.revision[:8]}" if self.revision else " (unpinned)"
+        return f"{self.path}{pin} {self.name or ''} {self.split}".replace("  ", " ")
+
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def local_files(local_path: str) -> tuple[str, list[str]]:
+    """(datasets' builder name, files) of a local copy: a JSON/JSONL or parquet file, or a directory of them."""
+    p = Path(local_path).expanduser()
+    files = sorted(str(f) for f in p.iterdir() if f.suffix in LOCAL_SUFFIXES) if p.is_dir() else [str(p)]
+    if not files or not p.exists():
+        raise FileNotFoundError(f"no .json/.jsonl/.parquet files at {p}")
+    kinds = {Path(f).suffix for f in files}
+    if len(kinds) > 1:
+        raise ValueError(f"{p} mixes {', '.join(sorted(kinds))} files; keep one format per copy")
+    return ("parquet" if kinds == {".parquet"} else "json"), files
 
 
 def load_rows(source: HubSource, local_path: str | None) -> Any:
@@ -31,18 +74,16 @@ def load_rows(source: HubSource, local_path: str | None) -> Any:
     import datasets
 
     if local_path:
-        p = Path(local_path).expanduser()
-        files = sorted(str(f) for f in p.glob("*.json*")) if p.is_dir() else [str(p)]
-        if not files:
-            raise FileNotFoundError(f"no .json/.jsonl files in {p}")
-        return datasets.load_dataset("json", data_files=files, split="train")
+        builder, files = local_files(local_path)
+        return datasets.load_dataset(builder, data_files=files, split="train")
     try:
-        return datasets.load_dataset(source.path, source.name, split=source.split)
+        return datasets.load_dataset(source.path, source.name, split=source.split, revision=source.revision)
     except Exception as err:  # the hub raises many types (ConnectionError, OSError, DatasetNotFoundError)
         raise FileNotFoundError(
-            f"could not load {source.path} ({source.name or 'default'}, {source.split}) from the Hugging Face hub: "
-            f"{type(err).__name__}: {err}\nWithout network access, save the split as JSONL elsewhere "
-            f"(`datasets.load_dataset(...).to_json('x.jsonl')`) and set the task's `path` to that file."
+            f"could not load {source.path} ({source.name or 'default'}, {source.split}, revision "
+            f"{source.revision or 'main'}) from the Hugging Face hub: {type(err).__name__}: {err}\nWithout network "
+            f"access, save the split elsewhere (`datasets.load_dataset(...).to_parquet('x.parquet')`, or "
+            f"`.to_json('x.jsonl')`) and set the task's `path` to that file."
         ) from err
 
 
@@ -100,8 +141,15 @@ def parse_musique(row: dict) -> tuple[str, str, str, list[str]]:
 
 
 def parse_longbench(row: dict) -> tuple[str, str, str, list[str]]:
-    """LongBench rows: `context` for A, `input` (the question) for B, `answers` a list."""
-    return row["_id"], row["context"], row["input"], list(row["answers"])
+    """LongBench rows: `context` for A, `input` (the question) for B, `answers` a list. Parquet copies
+    rename fields (`question` for `input`, `answer` for `answers`) or drop `_id`; an id is then the
+    hash of the row's context and question, the same on every machine."""
+    import hashlib
+
+    question = row["input"] if "input" in row else row["question"]
+    answers = row["answers"] if "answers" in row else row["answer"]
+    rid = row.get("_id") or hashlib.sha1(f"{row['context']}\x00{question}".encode()).hexdigest()[:16]
+    return rid, row["context"], question, [answers] if isinstance(answers, str) else list(answers)
 
 
 def parse_squad(row: dict) -> tuple[str, str, str, list[str]]:
@@ -194,15 +242,17 @@ def _register(name: str, source: HubSource, parse: Callable, metric: str, max_ne
     TASKS[name] = register_task(
         Task(name, metric, max_new_tokens, n_test if sample else 10**9,
              _hub_builder(name, source, parse, keep, sample), kind=kind,
-             description=f"{source.path} {source.name or ''} {source.split}".strip() + ("" if sample else ", every row"))
+             description=source.describe() + ("" if sample else ", every row"),
+             rows_available=source.rows if keep is None else None, source=source)
     )
 
 
 _register("hotpotqa", HubSource("hotpotqa/hotpot_qa", "distractor", "validation"), parse_hotpotqa, "f1_match", 48)
 _register("musique", HubSource("dgslibisey/MuSiQue", None, "validation"), parse_musique, "f1_match", 48)
-_register("qasper", HubSource("THUDM/LongBench", "qasper", "test"), parse_longbench, "f1_match", 128)
-_register("multifieldqa_en", HubSource("THUDM/LongBench", "multifieldqa_en", "test"), parse_longbench, "f1_match", 64)
-_register("twowikimqa", HubSource("THUDM/LongBench", "2wikimqa", "test"), parse_longbench, "f1_match", 32)
+_LONGBENCH = "Xnhyacinth/LongBench"
+_register("qasper", HubSource(_LONGBENCH, "qasper", "test", rows=200), parse_longbench, "f1_match", 128)
+_register("multifieldqa_en", HubSource(_LONGBENCH, "multifieldqa_en", "test", rows=150), parse_longbench, "f1_match", 64)
+_register("twowikimqa", HubSource(_LONGBENCH, "2wikimqa", "test", rows=200), parse_longbench, "f1_match", 32)
 _register("squad", HubSource("rajpurkar/squad", None, "validation"), parse_squad, "exact_match", 32)
 _register("gsm8k", HubSource("openai/gsm8k", "main", "test"), parse_gsm8k, "numeric_match", 256, kind=MATH)
 _REPOBENCH = HubSource("tianyang/repobench_python_v1.1", None, "cross_file_first")

@@ -1,0 +1,110 @@
+"""Data checks that need no model: a config's tasks against the rows their sources have (the dry
+run), and one row of every task with where it came from (`python -m cross_model.data check CONFIG`).
+
+A config that asks more rows than a source has must fail in seconds, before an 8B model loads."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from cross_model.config import load_config
+from cross_model.data.base import get_task, load_task_examples
+
+
+@dataclass(frozen=True)
+class TaskCheck:
+    key: str
+    ok: bool
+    line: str
+
+
+def _asked(t: Any) -> tuple[Any, int]:
+    task = get_task(t.name)
+    return task, t.n_test or task.default_n_test
+
+
+def check_counts(cfg: Any, load: bool = True) -> list[TaskCheck]:
+    """Every task of `cfg`: its n_test + n_calib against the rows its source has (known sizes without
+    loading; with `load`, by loading it). A source that cannot be reached here (no hub) is reported,
+    not failed: the known sizes were checked, and the run itself will say what is missing."""
+    out = []
+    for t in cfg.tasks:
+        task, n_test = _asked(t)
+        where = t.path or task.description or t.name
+        sampled = task.default_n_test < 10**9  # the `_full` tasks take what is there
+        if task.rows_available and not t.path and sampled and n_test + t.n_calib > task.rows_available:
+            out.append(TaskCheck(t.key, False, (
+                f"tasks.{t.key}: n_test ({n_test}) + n_calib ({t.n_calib}) = {n_test + t.n_calib} exceeds the "
+                f"{task.rows_available} rows of {where}; lower n_test (e.g. {task.rows_available - t.n_calib})")))
+            continue
+        if not load:
+            out.append(TaskCheck(t.key, True, f"tasks.{t.key}: {n_test} test + {t.n_calib} calibration items asked of {where}"))
+            continue
+        seed = t.seed if t.seed is not None else cfg.seed
+        try:
+            test, calib = load_task_examples(t.name, t.n_test, t.n_calib, seed, t.path, t.max_new_tokens)
+        except FileNotFoundError as err:
+            first = str(err).splitlines()[0]
+            out.append(TaskCheck(t.key, True, f"tasks.{t.key}: not loaded here ({first}); "
+                                               f"{n_test} test + {t.n_calib} calibration items asked of {where}"))
+            continue
+        except ValueError as err:
+            out.append(TaskCheck(t.key, False, f"tasks.{t.key}: {err}"))
+            continue
+        out.append(TaskCheck(t.key, True, f"tasks.{t.key}: {len(test)} test + {len(calib)} calibration items from {where}"))
+    return out
+
+
+def resolved_commit(source: Any) -> str:
+    """The commit the hub resolves the source's revision to, or why it cannot be read here."""
+    try:
+        from huggingface_hub import HfApi
+
+        sha = HfApi().dataset_info(source.path, revision=source.revision or "main").sha
+        return f"commit {sha}" + ("" if source.revision else " (unpinned: add it to data.hub.REVISIONS)")
+    except Exception as err:  # noqa: BLE001 - offline, gated or missing: all mean "not read here"
+        return f"commit not read ({type(err).__name__})"
+
+
+def check_rows(cfg: Any) -> list[TaskCheck]:
+    """One row of every task of `cfg`, loaded through its real loader, and where it came from."""
+    out = []
+    for t in cfg.tasks:
+        task = get_task(t.name)
+        seed = t.seed if t.seed is not None else cfg.seed
+        origin = t.path or task.description or t.name
+        if task.source is not None and not t.path:
+            origin += f", {resolved_commit(task.source)}"
+        try:
+            test, _ = load_task_examples(t.name, 1, 0, seed, t.path, t.max_new_tokens)
+        except (FileNotFoundError, ValueError) as err:
+            out.append(TaskCheck(t.key, False, f"tasks.{t.key}: FAILED from {origin}: {str(err).splitlines()[0]}"))
+            continue
+        e = test[0]
+        answer = e.answers[0] if e.answers else ""
+        out.append(TaskCheck(t.key, True, (
+            f"tasks.{t.key}: ok from {origin}: {e.example_id}, A reads {len(e.prompt_A)} chars "
+            f"({len(e.contexts)} sender{'s' if len(e.contexts) > 1 else ''}), B {len(e.prompt_B)} chars, "
+            f"gold {answer[:40]!r}")))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cross_model.data check CONFIG [--section.key value ...]`: one row of every task."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 2 or argv[0] != "check":
+        print("usage: python -m cross_model.data check CONFIG [--section.key value ...]", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(argv[1], argv[2:])
+    except (ValueError, FileNotFoundError) as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    checks = check_rows(cfg)
+    for c in checks:
+        print(c.line, flush=True)
+    failed = [c.key for c in checks if not c.ok]
+    print(f"{len(checks) - len(failed)} of {len(checks)} tasks loaded" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
