@@ -7,7 +7,7 @@ NPROC ?= 2
 CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
 
-.PHONY: demo pareto latentwire latentwire-two qkvcomm-scheme projection-ridge c2c facts layer-sweep docs-tables test test-fast bench bench-gpu install clean-venv
+.PHONY: demo pareto latentwire latentwire-two qkvcomm-scheme projection-ridge c2c facts layer-sweep docs-tables test test-fast test-gpu bench bench-gpu install clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt requirements-deepspeed.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -78,8 +78,14 @@ bench: $(STAMP)
 	$(PY) -m bench.run --json docs/bench_cpu.json
 	$(PY) -m cross_model.doc_tables --write
 
-bench-gpu: $(STAMP)
-	$(PY) -m bench.gpu --json docs/bench_gpu.json
+# The GPU machines are bare (no package index): these two use the machine's own python, torch and
+# transformers and install nothing (GPU_PY=.venv/bin/python where the venv is the one with CUDA).
+GPU_PY ?= python3
+test-gpu:
+	PYTHONPATH=. $(GPU_PY) -m bench.gpu_tests --json docs/test_gpu.json
+
+bench-gpu:
+	PYTHONPATH=. $(GPU_PY) -m bench.gpu --json docs/bench_gpu.json
 
 clean-venv:
 	rm -rf $(VENV)

@@ -77,3 +77,23 @@ def test_a_batch_that_runs_out_of_memory_does_not_fit():
     assert not gpu.fits(oom, torch.device("cpu"))
     with pytest.raises(ValueError):  # anything else is a bug and surfaces
         gpu.fits(lambda: int("x"), torch.device("cpu"))
+
+
+def test_make_test_gpu_records_device_versions_and_every_outcome(tmp_path):
+    """Here (no GPU) every GPU test skips with its reason; the record says so, per test."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    record = tmp_path / "test_gpu.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_tests", "--json", str(record)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(record.read_text())
+    assert data["versions"]["torch"] == torch.__version__ and data["git"]["commit"]
+    names = {k.split("::")[-1] for k in data["tests"]}
+    assert "test_two_rank_nccl_calibrate_and_evaluate" in names and len(data["tests"]) >= 8
+    if not torch.cuda.is_available():
+        assert data["device"]["cuda"] is False and data["skipped"] == len(data["tests"])
+        assert all("GPU" in t["reason"] for t in data["tests"].values())

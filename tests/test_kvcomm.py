@@ -38,7 +38,7 @@ def concatenated_logits(lm, example):
     ids = encode_texts(lm, [chat_wrap(lm, sender_text(example)), chat_wrap(lm, receiver_text(example))])
     n_b = len(ids[1])
     with torch.inference_mode():
-        out = lm.model(input_ids=torch.tensor([ids[0] + ids[1]])).logits[0]
+        out = lm.model(input_ids=torch.tensor([ids[0] + ids[1]], device=lm.device)).logits[0]
     return out[-n_b:]
 
 
