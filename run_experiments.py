@@ -20,7 +20,7 @@ from cross_model.distributed import (
     Preempted, StopFlag, broadcast_object, distributed_session, init_distributed, is_main, read_env, setup_logging,
 )
 from cross_model.failures import RunRefused
-from cross_model.pipeline import RunContext, plan, run_stages
+from cross_model.pipeline import RunContext, memory_plan, plan, run_stages
 from cross_model.platform import detect_platform
 from cross_model.progress import set_progress_interval
 from cross_model.runinfo import check_shared_run_dir, prepare_run_dir, run_identity, run_metadata
@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                 checks = check_counts(cfg)
                 for check in checks:
                     print(f"#   {check.line}")
+                for line in memory_plan(cfg, platform.device, platform.dtype, max((c.longest_chars for c in checks), default=0)):
+                    print(f"# {line}")
                 failed = not all(c.ok for c in checks)
                 if failed:
                     print("data error: " + "; ".join(c.line for c in checks if not c.ok), file=sys.stderr)

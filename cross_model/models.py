@@ -307,6 +307,41 @@ def _load_hf(spec: str, dtype: torch.dtype, device: torch.device, revision: str 
     return model, tokenizer
 
 
+# The papers' models, for a dry run on a machine without the hub (their config.json files' shapes).
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "meta-llama/Llama-3.1-8B-Instruct": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
+    "meta-llama/Llama-3.2-3B-Instruct": dict(
+        model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True),
+}
+KNOWN_CONFIGS["meta-llama/Llama-3.1-8B"] = KNOWN_CONFIGS["meta-llama/Llama-3.1-8B-Instruct"]
+KNOWN_CONFIGS["meta-llama/Llama-3.2-3B"] = KNOWN_CONFIGS["meta-llama/Llama-3.2-3B-Instruct"]
+
+
+def model_config(spec: str, revision: str | None = None) -> tuple[Any, str]:
+    """A model's config without its weights, and where it came from: a tiny model's factory, a packaged
+    model's cached (or GGUF) config, the hub or a local directory, else the shapes of a known model."""
+    from transformers import AutoConfig
+
+    if spec in TINY_MODELS:
+        return TINY_MODELS[spec][0](), "built in"
+    if spec in PACKAGED_MODELS:
+        cached = cache_root() / "models" / spec
+        if _cache_is_current(cached):
+            return AutoConfig.from_pretrained(cached), "cached"
+        directory, filename = PACKAGED_MODELS[spec]()
+        return AutoConfig.from_pretrained(directory, gguf_file=filename), "gguf"
+    try:
+        return AutoConfig.from_pretrained(spec, revision=revision), "hub or local"
+    except OSError as err:
+        if spec in KNOWN_CONFIGS:
+            known = dict(KNOWN_CONFIGS[spec])
+            return AutoConfig.for_model(known.pop("model_type"), **known), "known shapes (hub not reached)"
+        raise FileNotFoundError(f"no config for model {spec!r} here ({err})") from err
+
+
 def available_model_names() -> list[str]:
     return [*PACKAGED_MODELS, *TINY_MODELS]
 

@@ -7,13 +7,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from cross_model.c2c.training import train_c2c
 from cross_model.calibration import calibrate_methods
 from cross_model.config import ExperimentConfig, to_dict
 from cross_model.context import RunContext, method_instances, model_by_name, model_pair  # noqa: F401 - the stages' shared names
 from cross_model.distributed import barrier, broadcast_object, get_world_size, is_main
+from cross_model.data.base import get_task
 from cross_model.evaluation import evaluate, prepare_data, task_splits
 from cross_model.failures import RunRefused
+from cross_model.memory import device_memory, estimate, shape_of, size
 from cross_model.reporting import format_table, summarize, write_reports
 from cross_model.result_files import gather_results, write_json_atomically
 from cross_model.runinfo import load_run_context
@@ -41,6 +45,44 @@ def plan(cfg: ExperimentConfig) -> list[str]:
             lines.append(f"evaluate: {', '.join(n for n, _, _ in methods)} on {tasks}")
         elif stage == "report":
             lines.append("report: results.json, results.md, results.csv and plots in the run directory")
+    return lines
+
+
+CHARS_PER_TOKEN = 3  # English BPE averages about 4; 3 errs towards more tokens, so more memory
+
+
+def memory_plan(cfg: ExperimentConfig, device, dtype, longest_chars: int) -> list[str]:
+    """What one rank will hold at the run's largest batch and context, from the models' configs
+    (no weights loaded), and a warning above the device's memory. The context is the longest loaded
+    item (characters / 3) cut to the methods' max_prompt_tokens where every method sets one."""
+    methods = method_instances(cfg)
+    specs = {cfg.models.sender, cfg.models.receiver}
+    for _, _, p in methods:
+        specs |= {m for m in (p.sender, p.receiver, *(p.senders or [])) if m}
+    try:
+        shapes = [shape_of(spec) for spec in sorted(specs)]
+    except (FileNotFoundError, ValueError) as err:
+        return [f"memory: not estimated ({err})"]
+    caps = [p.max_prompt_tokens for _, _, p in methods]
+    tokens = longest_chars // CHARS_PER_TOKEN if longest_chars else 0
+    if caps and all(caps):
+        tokens = min(tokens, max(caps)) if tokens else max(caps)
+    elif not tokens and any(caps):  # no data here: the methods that read contexts say how long they may be
+        tokens = max(c for c in caps if c)
+    if not tokens:
+        return ["memory: not estimated (no task loaded here and no max_prompt_tokens on every method)"]
+    new = max(t.max_new_tokens or get_task(t.name).max_new_tokens for t in cfg.tasks)
+    batch = max([cfg.eval.batch_size] + [p.batch_size for _, _, p in methods if p.batch_size])
+    element = torch.tensor([], dtype=dtype).element_size()
+    est = estimate(shapes, element, batch, tokens, new, cfg.eval.reuse_prefills)
+    lines = [f"memory: {line}" for line in est.lines()]
+    lines += [f"memory: {s.name}: {s.parameters / 1e6:,.1f} M parameters, {s.num_layers} layers, KV "
+              f"{s.kv_bytes_per_token(element) / 2**10:.0f} KiB per token (config: {s.source})" for s in shapes]
+    budget = device_memory(device)
+    if budget is not None and est.total > budget:
+        lines.append(f"memory: WARNING: {size(est.total)} is more than this device's {size(budget)}; "
+                     f"lower eval.batch_size or the methods' max_prompt_tokens (an out-of-memory batch is halved, "
+                     f"at the cost of time)")
     return lines
 
 

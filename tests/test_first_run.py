@@ -475,3 +475,44 @@ def test_ranks_holding_other_test_items_are_refused():
         p.join(timeout=60)
     for rank in (0, 1):
         assert got[rank].startswith("RunRefused: ranks [1] hold other test or calibration items"), got
+
+
+# --- the dry run's memory estimate against what the tiny models really allocate ----------------------
+
+
+def test_the_memory_estimate_counts_what_a_tiny_model_really_holds(lm, items):
+    from cross_model.memory import estimate, shape_of
+
+    shape = shape_of("tiny-llama-64")
+    weights = sum(p.untyped_storage().nbytes() for p in lm.model.parameters())
+    assert shape.parameters * 4 == weights  # fp32, counted on the meta device without weights
+    ids = _ids(lm, [e.prompt_A + e.prompt_B for e in items])
+    batch = pad_left(ids, lm.tokenizer.pad_token_id, lm.device)
+    B, T = batch.input_ids.shape
+    seen = []  # every module output inside the first decoder layer during the prefill
+    hooks = [m.register_forward_hook(lambda mod, a, out: seen.append(
+        (out[0] if isinstance(out, tuple) else out).untyped_storage().nbytes()))
+        for m in lm.model.model.layers[0].modules()]
+    try:
+        pre = run_prefill(lm, batch, ids, None)
+    finally:
+        for h in hooks:
+            h.remove()
+    est = estimate([shape], 4, B, T, 0, memo_entries=1)
+    assert est.weights == weights
+    assert est.kv == 3 * held_bytes(pre.kv)  # the memo's prefill, the decoding cache, B's assembled cache
+    assert est.hidden_rows == held_bytes(pre.hidden_last)
+    assert est.decode == B * lm.info.vocab_size * 4
+    assert sum(seen) == est.prefill  # every module output of one layer, as if all were alive at once: a bound
+
+
+def test_dry_run_prints_the_memory_per_rank_without_loading_weights(capsys, monkeypatch):
+    import run_experiments
+    from cross_model import context, models
+
+    monkeypatch.setattr(context, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    assert run_experiments.main(["--config", "configs/kvcomm_llama8b.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "per rank at batch 4 x 8320 tokens" in out  # 8,192 prompt tokens + qasper's 128 new ones
+    assert "meta-llama/Llama-3.1-8B-Instruct: 8,030.3 M parameters, 32 layers, KV" in out

@@ -18,6 +18,7 @@ class TaskCheck:
     key: str
     ok: bool
     line: str
+    longest_chars: int = 0  # the longest item's prompts (all senders' and B's), when loaded
 
 
 def _asked(t: Any) -> tuple[Any, int]:
@@ -53,7 +54,9 @@ def check_counts(cfg: Any, load: bool = True) -> list[TaskCheck]:
         except ValueError as err:
             out.append(TaskCheck(t.key, False, f"tasks.{t.key}: {err}"))
             continue
-        out.append(TaskCheck(t.key, True, f"tasks.{t.key}: {len(test)} test + {len(calib)} calibration items from {where}"))
+        longest = max((sum(map(len, e.contexts)) + len(e.prompt_B) for e in test + calib), default=0)
+        out.append(TaskCheck(t.key, True, f"tasks.{t.key}: {len(test)} test + {len(calib)} calibration items from {where}",
+                             longest))
     return out
 
 
