@@ -56,7 +56,9 @@ def test_gpu_bench_fills_every_table_on_toy_shapes(tmp_path, capsys):
     assert [r["method"] for r in result["rows"]] == ["baseline", "kvcomm", "ac_projected"]
     for r in result["rows"]:
         assert set(r["ms_per_example"]) == {"1", "2"} and all(v > 0 for v in r["ms_per_example"].values())
-        assert r["vs_public"] > 0
+        # like with like: the public code's one-at-a-time figure over our batch 1, never our best batch
+        assert r["vs_public"] == pytest.approx(gpu.PUBLIC_MS["short"][r["method"]] / r["ms_per_example"]["1"])
+        assert (r["hf_generate_ms"] > 0) if r["method"] == "baseline" else r["hf_generate_ms"] is None
         if r["method"] == "kvcomm":  # 30% of layers, as the public numbers: no independent reference exists
             assert r["reference_ms"] is None and r["same_answers"] is None
             continue
@@ -67,6 +69,17 @@ def test_gpu_bench_fills_every_table_on_toy_shapes(tmp_path, capsys):
     assert (t["d_in"], t["d_out"]) == (48, 64) and 0 < t["forward_share"] < 1
     text = capsys.readouterr().out
     assert "| ac_projected |" in text and "projection training 48 -> 64" in text
+    assert "measured on an H100, this run on" in text  # a CPU here: the public figures are marked as another card's
+
+
+def test_without_the_public_codes_tokenizer_no_ratio_against_it_is_printed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(gpu, "bench_tokenizer", lambda directory=None: (gpu.tiny_tokenizer(True), "byte-level"))
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--shapes", "small", "--device", "cpu", "--workloads", "short", "--methods", "baseline",
+                     "--batches", "1", "--n", "2", "--ref-n", "short:0", "--skip", "prefill,decode,training",
+                     "--json", str(out)]) == 0
+    assert all(r["vs_public"] is None for r in json.loads(out.read_text())["rows"])
+    assert "No ratio against the public code" in capsys.readouterr().out
 
 
 def test_a_batch_that_runs_out_of_memory_does_not_fit():
