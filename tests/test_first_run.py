@@ -516,3 +516,18 @@ def test_dry_run_prints_the_memory_per_rank_without_loading_weights(capsys, monk
     out = capsys.readouterr().out
     assert "per rank at batch 4 x 8320 tokens" in out  # 8,192 prompt tokens + qasper's 128 new ones
     assert "meta-llama/Llama-3.1-8B-Instruct: 8,030.3 M parameters, 32 layers, KV" in out
+
+
+def test_calibration_keeps_no_tensor_after_it_decides(lm):
+    """What a calibrated method holds afterwards: its decision (numbers), no cache, no activation."""
+    from tests.test_methods import make
+
+    _, calib = load_task_examples("countries", 1, 6, seed=2)
+    for name, params in (("kvcomm", {"selection": "calibrate", "top_layers": 0.5}),
+                         ("qkvcomm", {"selection": "calibrate", "top_layers": 0.5, "target_bits": 4.0})):
+        m = make(name, **params)
+        m.calibrate(calib, batch_size=4)
+        held = held_bytes({k: v for k, v in vars(m).items() if k != "pair"})
+        assert held == m.prefix_cache.nbytes, (name, held)  # only the chat template's prefix, freed below
+        m.release_memory()
+        assert held_bytes({k: v for k, v in vars(m).items() if k != "pair"}) == 0
