@@ -405,14 +405,15 @@ def test_dry_run_fails_in_seconds_when_a_config_asks_more_rows_than_the_source_h
     assert "tasks.qasper:" in out and "192 test + 8 calibration" in out
     assert run_experiments.main(["--config", "configs/kvcomm_llama8b.yaml", "--dry-run", "--tasks",
                                  "[{name: qasper, n_test: 200, n_calib: 8}]"]) == 2
-    assert "208 exceeds the 200 rows" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "do not fit the 200 rows" in err and "at most 192 test rows" in err
     # A local copy is loaded and counted for real.
-    _longbench_parquet(tmp_path / "q.parquet", 10)
+    _longbench_parquet(tmp_path / "q.parquet", 60)
     args = ["--config", "configs/tiny.yaml", "--dry-run", "--tasks"]
-    assert run_experiments.main([*args, f"[{{name: qasper, n_test: 6, n_calib: 4, path: {tmp_path / 'q.parquet'}}}]"]) == 0
-    assert "6 test + 4 calibration items" in capsys.readouterr().out
-    assert run_experiments.main([*args, f"[{{name: qasper, n_test: 8, n_calib: 4, path: {tmp_path / 'q.parquet'}}}]"]) == 2
-    assert "exceeds the 10 rows available" in capsys.readouterr().err
+    assert run_experiments.main([*args, f"[{{name: qasper, n_test: 52, n_calib: 4, path: {tmp_path / 'q.parquet'}}}]"]) == 0
+    assert "52 test + 4 calibration items" in capsys.readouterr().out
+    assert run_experiments.main([*args, f"[{{name: qasper, n_test: 53, n_calib: 4, path: {tmp_path / 'q.parquet'}}}]"]) == 2
+    assert "data error: tasks.qasper: n_test (53) exceeds the 52 test rows of its 60 (the last 8 are kept" in capsys.readouterr().err
 
 
 def test_data_check_loads_one_row_of_every_task_and_fails_on_a_broken_one(tmp_path, capsys):
@@ -438,7 +439,7 @@ def test_a_task_that_cannot_load_stops_the_run_before_any_model_loads(tmp_path, 
     rc = run_experiments.main(["--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--tasks",
                                f"[{{name: countries}}, {{name: qasper, n_test: 10, path: {tmp_path / 'q.parquet'}}}]"])
     assert rc == 2 and not loaded
-    assert "run error: data: tasks.qasper: n_test (10) + n_calib (8) exceeds the 3 rows" in capsys.readouterr().err
+    assert "run error: data: tasks.qasper: n_test (10) + n_calib (8) exceeds the 3 rows available" in capsys.readouterr().err
 
 
 def _other_items_on_rank_1(rank: int, port: int, out) -> None:

@@ -49,6 +49,35 @@ def sender_count(examples: list[Example]) -> int:
     return counts.pop() if counts else 1
 
 
+SMALL_SOURCE = 50  # below this many rows (test fixtures, a hand-made file) no reserve is set aside
+
+
+def calibration_reserve(n: int) -> int:
+    """How many of a fixed-size source's rows, at the back of its fixed order, are kept for calibration:
+    4% of them, at least 8 and at most 64; none for a source of fewer than `SMALL_SOURCE` rows."""
+    return 0 if n < SMALL_SOURCE else min(64, max(8, n // 25))
+
+
+def front_and_back(items: list, n_test: int, n_calib: int, task: str, what: str = "items") -> tuple[list, list]:
+    """Test items from the front of a source's fixed order, calibration items from a reserve of fixed
+    size at its back (`calibration_reserve`): an item's split is a property of the item, the same for
+    every n_test and n_calib, so no run's calibration item is another run's test item. A small source
+    has no reserve: calibration takes its last n_calib rows, and only within one run are the two
+    splits disjoint."""
+    reserve = calibration_reserve(len(items))
+    if not reserve:
+        if n_test + n_calib > len(items):
+            raise ValueError(f"tasks.{task}: n_test ({n_test}) + n_calib ({n_calib}) exceeds the {len(items)} {what} "
+                             f"available; lower them")
+    elif n_test > len(items) - reserve:
+        raise ValueError(f"tasks.{task}: n_test ({n_test}) exceeds the {len(items) - reserve} test {what} of its "
+                         f"{len(items)} (the last {reserve} are kept for calibration); lower n_test")
+    elif n_calib > reserve:
+        raise ValueError(f"tasks.{task}: n_calib ({n_calib}) exceeds the {reserve} {what} kept for calibration "
+                         f"(the last {reserve} of {len(items)}); lower n_calib")
+    return items[:n_test], items[len(items) - n_calib :] if n_calib else []
+
+
 def by_length(examples: list[Example]) -> list[Example]:
     """Items ordered by their prompts' lengths, so that a batch of neighbours pads little."""
     return sorted(examples, key=lambda e: (len(e.prompt_A), len(e.prompt_B)))

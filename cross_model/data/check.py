@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cross_model.config import load_config
-from cross_model.data.base import get_task, load_task_examples
+from cross_model.data.base import calibration_reserve, get_task, load_task_examples
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,14 @@ def check_counts(cfg: Any, load: bool = True) -> list[TaskCheck]:
         task, n_test = _asked(t)
         where = t.path or task.description or t.name
         sampled = task.default_n_test < 10**9  # the `_full` tasks take what is there
-        if task.rows_available and not t.path and sampled and n_test + t.n_calib > task.rows_available:
-            out.append(TaskCheck(t.key, False, (
-                f"tasks.{t.key}: n_test ({n_test}) + n_calib ({t.n_calib}) = {n_test + t.n_calib} exceeds the "
-                f"{task.rows_available} rows of {where}; lower n_test (e.g. {task.rows_available - t.n_calib})")))
-            continue
+        if task.rows_available and not t.path and sampled:
+            reserve = calibration_reserve(task.rows_available) or t.n_calib
+            if n_test > task.rows_available - reserve or t.n_calib > reserve:
+                out.append(TaskCheck(t.key, False, (
+                    f"tasks.{t.key}: n_test ({n_test}) and n_calib ({t.n_calib}) do not fit the {task.rows_available} "
+                    f"rows of {where}: at most {task.rows_available - reserve} test rows, and the last {reserve} "
+                    f"are kept for calibration")))
+                continue
         if not load:
             out.append(TaskCheck(t.key, True, f"tasks.{t.key}: {n_test} test + {t.n_calib} calibration items asked of {where}"))
             continue
@@ -52,7 +55,8 @@ def check_counts(cfg: Any, load: bool = True) -> list[TaskCheck]:
                                                f"{n_test} test + {t.n_calib} calibration items asked of {where}"))
             continue
         except ValueError as err:
-            out.append(TaskCheck(t.key, False, f"tasks.{t.key}: {err}"))
+            text = str(err)
+            out.append(TaskCheck(t.key, False, text if text.startswith(f"tasks.{t.name}") else f"tasks.{t.key}: {text}"))
             continue
         longest = max((sum(map(len, e.contexts)) + len(e.prompt_B) for e in test + calib), default=0)
         out.append(TaskCheck(t.key, True, f"tasks.{t.key}: {len(test)} test + {len(calib)} calibration items from {where}",

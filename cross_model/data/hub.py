@@ -1,8 +1,9 @@
 """Hugging Face tasks through their real loaders (`datasets.load_dataset`), as the papers use them.
 
 Each split is shuffled with seed 42; the first `n_test` rows are the test items (the papers take 500)
-and the next `n_calib` rows the calibration items, so the two never overlap. The `_full` tasks keep
-the split's order and take every row (calibration rows come after the test rows there too). `tasks.N.path` points
+and calibration items come from a reserve of fixed size at the back (`base.front_and_back`), so an
+item's split never depends on how many items a run asks for. The `_full` tasks keep the split's order
+and take every row but that reserve. `tasks.N.path` points
 at a local copy (a JSON/JSONL file or a directory of them, in the hub's record format) for machines
 without the hub.
 """
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from cross_model.data.base import CODE, MATH, QA, SUMMARY, Example, Task, register_task
+from cross_model.data.base import CODE, MATH, QA, SUMMARY, Example, Task, calibration_reserve, front_and_back, register_task
 
 SHUFFLE_SEED = 42
 
@@ -97,12 +98,9 @@ def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tupl
             rows = rows.filter(keep)
         if sample:
             rows = rows.shuffle(seed=SHUFFLE_SEED)
-        else:
-            n_test = min(n_test, len(rows) - n_calib)
-        if n_test + n_calib > len(rows):
-            raise ValueError(
-                f"tasks.{task_name}: n_test ({n_test}) + n_calib ({n_calib}) exceeds the {len(rows)} rows available"
-            )
+        else:  # every row that is not kept for calibration
+            n_test = min(n_test, len(rows) - (calibration_reserve(len(rows)) or n_calib))
+        test_rows, calib_rows = front_and_back(list(range(len(rows))), n_test, n_calib, task_name, "rows")
         task = TASKS[task_name]
 
         def make(row: dict, split: str) -> Example:
@@ -120,9 +118,7 @@ def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tupl
                 more_senders=tuple(more[0]) if more else (),
             )
 
-        test = [make(rows[i], "test") for i in range(n_test)]
-        calib = [make(rows[i], "calib") for i in range(n_test, n_test + n_calib)]
-        return test, calib
+        return [make(rows[i], "test") for i in test_rows], [make(rows[i], "calib") for i in calib_rows]
 
     return build
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-from cross_model.data.base import Example, Task, register_task
+from cross_model.data.base import Example, Task, front_and_back, register_task
 
 WORDS = (
     "apple", "river", "candle", "violin", "tiger", "pencil", "garden", "rocket", "mirror", "castle", "anchor",
@@ -47,13 +47,6 @@ VALUES = {
     "drink on the table": ("tea", "coffee", "milk", "juice", "water", "cocoa", "soda", "cider"),
 }
 LOOKUP_POOL = 6000
-
-
-def _split_pool(items: list, n_test: int, n_calib: int, task: str) -> tuple[list, list]:
-    if n_test + n_calib > len(items):
-        raise ValueError(f"tasks.{task}: n_test ({n_test}) + n_calib ({n_calib}) exceeds the {len(items)} items "
-                         f"this generator makes; lower them")
-    return items[:n_test], items[len(items) - n_calib :] if n_calib else []
 
 
 def _secret_pool(seed: int) -> list[tuple[int, str]]:
@@ -101,7 +94,7 @@ def _builder(name: str):
     pool_of, make = _POOLS[name]
 
     def build(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
-        test, calib = _split_pool(pool_of(seed), n_test, n_calib, name)
+        test, calib = front_and_back(pool_of(seed), n_test, n_calib, name)
         return [make(seed, "test", i, x) for i, x in enumerate(test)], [make(seed, "calib", i, x) for i, x in enumerate(calib)]
 
     return build

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from cross_model.data import public_files
-from cross_model.data.base import MATH, Example, Task, register_task
+from cross_model.data.base import MATH, Example, Task, calibration_reserve, front_and_back, register_task
 from cross_model.metrics import METRICS
 
 
@@ -34,20 +34,22 @@ def _read_jsonl(path: str | None, task: str) -> list[tuple[int, dict]]:
 
 
 def _split_rows(rows: list, n_test: int, n_calib: int, task: str) -> tuple[list, list]:
-    """Rows with `"split": "calib"` are calibration items; otherwise the rows after the test block are."""
+    """Rows with `"split": "calib"` are calibration items; without that field, a reserve of fixed size
+    at the file's back is (`base.front_and_back`): a row's split never depends on the sizes asked."""
     if any(r.get("split") == "calib" for _, r in rows):
         test = [x for x in rows if x[1].get("split") != "calib"][:n_test]
         calib = [x for x in rows if x[1].get("split") == "calib"][:n_calib]
-    else:
-        test, calib = rows[:n_test], rows[n_test : n_test + n_calib]
-    if len(test) < n_test:
-        raise ValueError(f"tasks.{task}: asked for n_test={n_test} but the file has {len(test)} test records")
-    return test, calib
+        if len(test) < n_test:
+            raise ValueError(f"tasks.{task}: asked for n_test={n_test} but the file has {len(test)} test records")
+        return test, calib
+    return front_and_back(rows, n_test, n_calib, task, "records")
 
 
 def build_jsonl(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
     rows = _read_jsonl(path, "jsonl")
-    n_test = min(n_test, sum(1 for _, r in rows if r.get("split") != "calib"))
+    marked = any(r.get("split") == "calib" for _, r in rows)
+    n_test = min(n_test, sum(1 for _, r in rows if r.get("split") != "calib") if marked
+                 else len(rows) - (calibration_reserve(len(rows)) or n_calib))
 
     def make(lineno: int, row: dict, split: str) -> Example:
         missing = [k for k in ("prompt_A", "prompt_B", "answers") if k not in row]

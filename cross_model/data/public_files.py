@@ -12,7 +12,8 @@
   `glob` takes the directory's order, which no two filesystems need share.
 
 Countries and tip sheets are read in file order, as the public loaders do (they do not sample); our
-test items are the first `n_test` rows and the calibration items the last `n_calib`, never the same.
+test items are the first `n_test` rows and the calibration items come from a reserve of fixed size at the
+back (`base.front_and_back`), never the same whatever the sizes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 import re
 from pathlib import Path
 
-from cross_model.data.base import MATH, Example
+from cross_model.data.base import MATH, Example, front_and_back
 
 COUNTRIES_INSTRUCTION = "You are required to extrapolate the country from the context."
 TMATH_AREAS = ("algebra", "geometry", "number_theory", "intermediate_algebra", "prealgebra", "precalculus",
@@ -52,13 +53,6 @@ def _records(path: str, task: str, fields: tuple[str, ...]) -> list[tuple[int, d
     return rows
 
 
-def _front_and_back(rows: list, n_test: int, n_calib: int, task: str) -> tuple[list, list]:
-    if n_test + n_calib > len(rows):
-        raise ValueError(f"tasks.{task}: n_test ({n_test}) + n_calib ({n_calib}) exceeds the {len(rows)} records "
-                         f"in its file; lower them")
-    return rows[:n_test], rows[len(rows) - n_calib :] if n_calib else []
-
-
 def read_countries(path: str, n_test: int, n_calib: int, max_new_tokens: int) -> tuple[list[Example], list[Example]]:
     rows = _records(path, "countries", ("id", "person", "landmark", "country", "prompt_A", "prompt_B"))
     candidates = sorted({str(r["country"]) for _, r in rows})
@@ -71,7 +65,7 @@ def read_countries(path: str, n_test: int, n_calib: int, max_new_tokens: int) ->
             meta={"candidates": candidates, "person": row["person"], "landmark": row["landmark"]},
         )
 
-    test, calib = _front_and_back(rows, n_test, n_calib, "countries")
+    test, calib = front_and_back(rows, n_test, n_calib, "countries", "records")
     return [make(r) for _, r in test], [make(r) for _, r in calib]
 
 
@@ -85,7 +79,7 @@ def read_tipsheets(path: str, n_test: int, n_calib: int, max_new_tokens: int) ->
             meta={"candidates": [str(o) for o in row["options"]], "attitudes": row.get("attitudes")},
         )
 
-    test, calib = _front_and_back(rows, n_test, n_calib, "tipsheets")
+    test, calib = front_and_back(rows, n_test, n_calib, "tipsheets", "records")
     return [make(*r) for r in test], [make(*r) for r in calib]
 
 
@@ -123,8 +117,7 @@ def read_tmath(path: str, n_test: int, n_calib: int, max_new_tokens: int) -> tup
     # The row index into the unshuffled table names the file it came from.
     table = table.add_column("_file", [f"{f.parent.name.removeprefix('hint_')}-{f.stem}" for f in files])
     table = table.shuffle(seed=SAMPLE_SEED)
-    if n_test + n_calib > len(table):
-        raise ValueError(f"tasks.tmath: n_test ({n_test}) + n_calib ({n_calib}) exceeds the {len(table)} TMATH files")
+    test_rows, calib_rows = front_and_back(list(range(len(table))), n_test, n_calib, "tmath", "TMATH files")
 
     def make(row: dict) -> Example:
         hints = row["socratic_questions"]
@@ -135,4 +128,4 @@ def read_tmath(path: str, n_test: int, n_calib: int, max_new_tokens: int) -> tup
             meta={"level": row.get("level"), "type": row.get("type")},
         )
 
-    return ([make(table[i]) for i in range(n_test)], [make(table[i]) for i in range(n_test, n_test + n_calib)])
+    return [make(table[i]) for i in test_rows], [make(table[i]) for i in calib_rows]

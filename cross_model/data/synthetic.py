@@ -2,8 +2,10 @@
 
 Countries: A reads "{person} is at the {landmark}.", B is asked which country the person is in.
 Tip sheets: A reads tip sheets on three companies (exactly one is a good investment), B must name it.
-Test items come from the front of a seeded permutation and calibration items from its back, so the
-two splits never overlap for any sizes that fit. With a task `path`, the public KVComm code's files
+Countries: test items come from the front of a seeded permutation and calibration items from a
+reserve of fixed size at its back. Tip sheets: test and calibration items come from two streams, and
+calibration sheets name companies from a pool of their own, so the two never share an item whatever
+the sizes asked. With a task `path`, the public KVComm code's files
 are read instead (`public_files`).
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 import random
 
 from cross_model.data import public_files
-from cross_model.data.base import Example, Task, register_task
+from cross_model.data.base import Example, Task, front_and_back, register_task
 
 # Well-known landmarks, so that a small model can tell the country once it knows the landmark.
 LANDMARKS: dict[str, str] = {
@@ -44,15 +46,6 @@ PEOPLE = (
 )
 
 
-def _split(items: list, n_test: int, n_calib: int, task: str) -> tuple[list, list]:
-    if n_test + n_calib > len(items):
-        raise ValueError(
-            f"tasks.{task}: n_test ({n_test}) + n_calib ({n_calib}) exceeds the {len(items)} distinct items "
-            f"this generator makes; lower them"
-        )
-    return items[:n_test], items[len(items) - n_calib :] if n_calib else []
-
-
 def build_countries(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
     """Our generator; with `path`, the public KVComm code's countries.jsonl instead."""
     if path:
@@ -60,7 +53,7 @@ def build_countries(n_test: int, n_calib: int, seed: int, path: str | None = Non
     rng = random.Random(f"countries-{seed}")
     pairs = [(p, lm) for p in PEOPLE for lm in sorted(LANDMARKS)]
     rng.shuffle(pairs)
-    test, calib = _split(pairs, n_test, n_calib, "countries")
+    test, calib = front_and_back(pairs, n_test, n_calib, "countries")
     countries = sorted(set(LANDMARKS.values()))
 
     def make(split: str, i: int, person: str, landmark: str) -> Example:
@@ -104,21 +97,17 @@ BAD_TIPS = (
 )
 
 
-def company_names() -> list[str]:
-    return [f"{p}{s}" for p in _PREFIXES for s in _SUFFIXES]
+_CALIB_SUFFIXES = ("tron", "form", "link", "base", "core", "flow", "hub", "line", "mark", "point")
 
 
-def build_tipsheets(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
-    """Our generator; with `path`, the public KVComm code's tipsheets.jsonl instead."""
-    if path:
-        return public_files.read_tipsheets(path, n_test, n_calib, TIPSHEETS.max_new_tokens)
-    rng = random.Random(f"tipsheets-{seed}")
-    names = company_names()
-    total = n_test + n_calib
-    if total > 10_000:
-        raise ValueError(f"tasks.tipsheets: at most 10000 items (n_test + n_calib), got {total}")
+def company_names(suffixes: tuple[str, ...] = _SUFFIXES) -> list[str]:
+    return [f"{p}{s}" for p in _PREFIXES for s in suffixes]
+
+
+def _tip_sheets(rng: random.Random, names: list[str], n: int) -> list[tuple]:
+    """`n` items (three companies, the good one, their sheets, the order B lists them in) from `rng`."""
     items = []
-    for _ in range(total):
+    for _ in range(n):
         trio = rng.sample(names, 3)
         good = rng.randrange(3)
         sheets = []
@@ -128,7 +117,18 @@ def build_tipsheets(n_test: int, n_calib: int, seed: int, path: str | None = Non
         listed = trio[:]
         rng.shuffle(listed)
         items.append((trio, good, sheets, listed))
-    test, calib = items[:n_test], items[n_test:]
+    return items
+
+
+def build_tipsheets(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
+    """Our generator; with `path`, the public KVComm code's tipsheets.jsonl instead."""
+    if path:
+        return public_files.read_tipsheets(path, n_test, n_calib, TIPSHEETS.max_new_tokens)
+    if max(n_test, n_calib) > 10_000:
+        raise ValueError(f"tasks.tipsheets: at most 10000 items per split, got n_test {n_test}, n_calib {n_calib}")
+    test = _tip_sheets(random.Random(f"tipsheets-{seed}"), company_names(), n_test)
+    # A stream of its own and companies of its own: the split is the item's, whatever n_test is.
+    calib = _tip_sheets(random.Random(f"tipsheets-{seed}-calib"), company_names(_CALIB_SUFFIXES), n_calib)
 
     def make(split: str, i: int, trio: list[str], good: int, sheets: list[str], listed: list[str]) -> Example:
         return Example(

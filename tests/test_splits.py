@@ -1,0 +1,109 @@
+"""An item's split is a property of the item: over every registered task and several (n_test, n_calib)
+pairs, no calibration or training row of any call is, by content (A's text plus B's question), a test
+row of any call. Hub and file tasks read sources of 60+ rows made here from the fixtures' formats
+(a source of fewer than 50 rows keeps no reserve, and is disjoint only within one call)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cross_model.data import load_task_examples
+from cross_model.data.base import SMALL_SOURCE, available_tasks, calibration_reserve, front_and_back
+
+FIX = Path(__file__).resolve().parent / "fixtures"
+SIZES = [(1, 0), (5, 2), (20, 8), (40, 1), (3, 8)]
+# task -> fixture file in its source's format (hub copies as JSONL; `path` reads them like the hub's rows)
+SOURCES = {
+    "hotpotqa": "hotpotqa", "hotpotqa_ms": "hotpotqa", "musique": "musique", "musique_ms": "musique",
+    "qasper": "qasper", "multifieldqa_en": "qasper", "twowikimqa": "qasper", "twowikimqa_ms": "twowikimqa",
+    "squad": "squad", "gsm8k": "gsm8k", "repobench": "repobench", "repobench_full": "repobench",
+    "samsum": "samsum", "samsum_full": "samsum", "jsonl": "custom", "tmath": "tmath",
+}
+MUTABLE = ("id", "_id", "question", "input", "problem", "dialogue", "cropped_code", "prompt_B")
+
+
+def _copies(rows: list[dict], n: int) -> list[dict]:
+    """`n` distinct rows from a fixture's: the identifying and question fields changed per copy, so that
+    every copy is a different item by id and by content."""
+    out = []
+    for k in range(n):
+        row = json.loads(json.dumps(rows[k % len(rows)]))
+        for key in MUTABLE:
+            if isinstance(row.get(key), str):
+                row[key] = f"{row[key]}\\n# {k}" if key in ("dialogue", "cropped_code") else f"{row[key]} v{k}"
+        out.append(row)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, str]:
+    out = {}
+    tmp = tmp_path_factory.mktemp("sources")
+    for name, file in SOURCES.items():
+        if file == "tmath":
+            continue  # a directory format; its reader goes through the same `front_and_back`
+        rows = [json.loads(line) for line in (FIX / f"{file}.jsonl").read_text().splitlines() if line.strip()]
+        if name == "musique_ms":  # the fixture's rows have one supporting paragraph; the task keeps two or more
+            file = "musique_ms"
+            for row in rows:
+                for paragraph in row["paragraphs"]:
+                    paragraph["is_supporting"] = True
+        path = tmp / f"{file}.jsonl"
+        if not path.exists():
+            path.write_text("".join(json.dumps(r) + "\n" for r in _copies(rows, 90)))
+        out[name] = str(path)
+    return out
+
+
+def _content(e) -> tuple:
+    return (e.contexts, e.prompt_B)
+
+
+@pytest.mark.parametrize("task", [t for t in available_tasks() if t != "tmath"])
+def test_no_calibration_row_of_any_call_is_a_test_row_of_any_call(task, sources):
+    tests, calibs = set(), set()
+    for n_test, n_calib in SIZES:
+        try:
+            test, calib = load_task_examples(task, n_test, n_calib, seed=0, path=sources.get(task))
+        except ValueError as err:  # a size the source cannot give is refused, never served otherwise
+            assert "exceeds" in str(err), err
+            continue
+        per = 2 if task.startswith("countries_tipsheets") else 1  # the mixed tasks: n_test of each source
+        assert len(test) == per * n_test or task.endswith("_full")
+        assert len(calib) == per * n_calib
+        tests |= {_content(e) for e in test}
+        calibs |= {_content(e) for e in calib}
+    assert tests and (calibs or all(c == 0 for _, c in SIZES))
+    assert not tests & calibs, f"{task}: {len(tests & calibs)} items are test items in one call and calibration in another"
+
+
+def test_the_reserve_is_fixed_by_the_source_not_the_request():
+    items = list(range(200))
+    assert calibration_reserve(200) == 8 and calibration_reserve(SMALL_SOURCE - 1) == 0
+    backs = {tuple(front_and_back(items, t, c, "x")[1]) for t in (1, 100, 192) for c in (1, 8)}
+    assert set().union(*backs) <= set(items[192:])
+    with pytest.raises(ValueError, match="exceeds the 192 test items of its 200 .*the last 8 are kept"):
+        front_and_back(items, 193, 0, "x")
+    with pytest.raises(ValueError, match="n_calib .9. exceeds the 8 items kept for calibration"):
+        front_and_back(items, 1, 9, "x")
+
+
+def test_training_rows_are_never_test_or_calibration_rows_of_the_same_run():
+    """LatentWire's and C2C's training rows (`task_rows`): after the run's test rows, before its
+    calibration reserve, checked by content for the ladder tasks at the published configs' sizes."""
+    from cross_model.data.training_rows import task_rows
+
+    for task in ("secret_word", "fact_lookup"):
+        test, calib = load_task_examples(task, 100, 8, seed=0)
+        rows = task_rows(task, 100, 8, 576 if task == "secret_word" else 1000, 0, None)
+        taken = {_content(e) for e in test + calib}
+        assert not taken & {_content(e) for e in rows}
+
+
+def test_tip_sheets_calibration_items_do_not_move_with_n_test():
+    """The defect this fixes: calibration items were items[n_test:], test items of a larger run."""
+    _, calib_small = load_task_examples("tipsheets", 1, 40, seed=0)
+    test_big, calib_big = load_task_examples("tipsheets", 500, 40, seed=0)
+    assert [e.prompt_A for e in calib_small] == [e.prompt_A for e in calib_big]
+    assert not {e.prompt_A for e in calib_small} & {e.prompt_A for e in test_big}
