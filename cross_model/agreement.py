@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cross_model.metrics import wilson_interval
-from cross_model.paired import paired_difference, verdict
+from cross_model.paired import compare, holm_by_line
 from cross_model.result_files import RESULTS, read_results, result_dir
 
 PAIRED_METRICS = ("score", "first_named")
@@ -34,15 +34,14 @@ def agreement(run_dir: Path, reference: str) -> list[dict[str, Any]]:
             continue
         for method_dir in sorted(p for p in task_dir.iterdir() if p.is_dir()):
             got = read_results(method_dir)
-            shared = [i for i in ref if i in got]
+            shared = sorted(ref.keys() & got.keys())
             same = sum(got[i]["answer"] == ref[i]["answer"] for i in shared)
             lo, hi = wilson_interval(same, len(shared)) if shared else (0.0, 0.0)
             row = {"task": task_dir.name, "method": method_dir.name, "n": len(shared), "same": same,
                    "same_pct": 100 * same / len(shared) if shared else 0.0, "ci": (100 * lo, 100 * hi)}
             for metric in PAIRED_METRICS:  # accuracy difference on the same items, when the rows are scored
                 if shared and all(metric in got[i] and metric in ref[i] for i in shared):
-                    res = paired_difference([float(ref[i][metric]) for i in shared], [float(got[i][metric]) for i in shared])
-                    row[metric] = {**res, "verdict": verdict(res)}
+                    row[metric] = compare(ref, got, metric).to_dict()
             rows.append(row)
     if not rows:
         raise ValueError(f"{run_dir}: no task has results for {reference!r}; methods there: "
@@ -50,19 +49,22 @@ def agreement(run_dir: Path, reference: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _paired_cell(r: dict[str, Any] | None) -> str:
+def _paired_cell(r: dict[str, Any] | None, adjusted: float | None) -> str:
     if r is None:
         return "-"
     lo, hi = r["ci95"]
-    return f"{100 * r['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] {r['verdict']}"
+    return f"{100 * r['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}], p={r['mcnemar_p']:.2g} ({adjusted:.2g}) {r['verdict']}"
 
 
 def format_agreement(rows: list[dict[str, Any]], reference: str) -> str:
-    lines = [f"| task | method | same answer as {reference} % [95% CI] | items | accuracy - {reference} (points) [95% CI] "
-             f"| first-named - {reference} (points) [95% CI] |", "|---|---|---|---|---|---|"]
+    compared = [r for r in rows if r["method"] != reference]  # Holm over the table's real comparisons
+    adjusted = {m: dict(zip(map(id, compared), holm_by_line(compared, m))) for m in PAIRED_METRICS}
+    lines = [f"| task | method | same answer as {reference} % [95% CI] | items | accuracy - {reference} (points) [95% CI], "
+             f"McNemar p (Holm) | first-named - {reference} (points) [95% CI], McNemar p (Holm) |", "|---|---|---|---|---|---|"]
     for r in rows:
+        cells = [_paired_cell(r.get(m), adjusted[m].get(id(r)) if r["method"] != reference else 1.0) for m in PAIRED_METRICS]
         lines.append(f"| {r['task']} | {r['method']} | {r['same_pct']:.0f} [{r['ci'][0]:.0f}, {r['ci'][1]:.0f}] | {r['n']} "
-                     f"| {_paired_cell(r.get('score'))} | {_paired_cell(r.get('first_named'))} |")
+                     f"| {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cross_model.interlingua.controls import format_controls, format_joint
-from cross_model.paired import format_paired, paired_rows
+from cross_model.paired import format_paired, holm, paired_rows
 from cross_model.progress import format_duration
 from cross_model.reporting import format_table
 
@@ -86,9 +86,11 @@ def render_qkvcomm(data: dict, reference: str, *args: str) -> str:
     in first-named to it, mean bytes and the compression against bfloat16."""
     summary = {(s["task"], s["method"]): s for s in data["summary"]}
     agreement = {(a["task"], a["method"]): a for a in data.get("agreement", [])}
-    paired = {(p["task"], p["method"]): p for p in data.get("paired_kv", [])}
+    kv = [p for p in data.get("paired_kv", []) if p["method"].startswith(("kvcomm", "qkvcomm"))]
+    paired = {(p["task"], p["method"]): p for p in kv}
+    adjusted = dict(zip(((p["task"], p["method"]) for p in kv), holm([p["mcnemar_p"] for p in kv])))
     lines = ["| task | method | first-named % [95% CI] | same answer as " + reference + " % | first-named - " + reference
-             + " (points) [95% CI], McNemar p | payload B | x fewer bytes than bf16 |", "|---|---|---|---|---|---|---|"]
+             + " (points) [95% CI], McNemar p (Holm) | payload B | x fewer bytes than bf16 |", "|---|---|---|---|---|---|---|"]
     for (task, method), s in summary.items():
         if not (method.startswith("kvcomm") or method.startswith("qkvcomm")):
             continue
@@ -96,7 +98,8 @@ def render_qkvcomm(data: dict, reference: str, *args: str) -> str:
         same = f"{a['same_pct']:.0f}" if a else "-"
         if p:
             lo, hi = p["ci95"]
-            diff = f"{100 * p['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}], p={p['mcnemar_p']:.2g}: {p['verdict']}"
+            diff = (f"{100 * p['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}], p={p['mcnemar_p']:.2g} "
+                    f"({adjusted[(task, method)]:.2g}): {p['verdict']}")
         else:
             diff = "(reference)" if method == reference else "-"
         ratio = s.get("compression_vs_bf16")

@@ -53,3 +53,40 @@ def test_a_verdict_needs_the_interval_and_mcnemar_to_agree():
     res = paired_difference(a, b)
     assert res["ci95"][0] > 0 and res["mcnemar_p"] == pytest.approx(0.125)
     assert verdict(res) == "no difference shown"
+
+
+def test_one_comparison_whatever_order_the_rows_arrive_in():
+    """Rank-file order, test order or any other: the same items give the same interval (pairing is by
+    id, in sorted order, before the seeded bootstrap)."""
+    import random
+
+    from cross_model.paired import PairedResult, compare
+
+    rng = random.Random(3)
+    ref = [{"example_id": f"t-{i:03d}", "score": float(rng.random() < 0.5)} for i in range(60)]
+    got = [{"example_id": f"t-{i:03d}", "score": float(rng.random() < 0.6)} for i in range(60)]
+    first = compare(ref, got)
+    assert isinstance(first, PairedResult) and first.ids == tuple(sorted(r["example_id"] for r in ref))
+    for _ in range(5):
+        a, b = ref[:], got[:]
+        rng.shuffle(a)
+        rng.shuffle(b)
+        again = compare(a, b)
+        assert again == first and again.ci95 == first.ci95
+    with pytest.raises(Exception):
+        first.diff = 0.0  # immutable
+    # Order used to matter: the same scores in two orders gave two intervals.
+    x, y = [r["score"] for r in ref], [r["score"] for r in got]
+    intervals = set()
+    for _ in range(10):
+        perm = list(range(60))
+        rng.shuffle(perm)
+        intervals.add(paired_difference([x[i] for i in perm], [y[i] for i in perm])["ci95"])
+    assert len(intervals) > 1
+
+
+def test_holm_adjusts_a_tables_p_values_step_down():
+    from cross_model.paired import holm
+
+    assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert holm([]) == [] and holm([0.9, 0.9]) == [1.0, 1.0]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cross_model.paired import paired_difference, verdict
+from cross_model.paired import compare, holm_by_line
 
 CONTROLS = ("shuffled", "zero")
 
@@ -37,18 +37,18 @@ def control_rows(rows: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[
             mine = {r["example_id"]: r for r in methods[m] if r.get("gold_nll") is not None}
             for c in (c for c in controls if receivers[c] == receivers[m]):
                 theirs = {r["example_id"]: r for r in methods[c] if r.get("gold_nll") is not None}
-                shared = [i for i in mine if i in theirs]
+                shared = sorted(mine.keys() & theirs.keys())
                 if not shared:
                     continue
-                nll = paired_difference([mine[i]["gold_nll"] for i in shared], [theirs[i]["gold_nll"] for i in shared])
-                acc = paired_difference([float(theirs[i]["score"]) for i in shared], [float(mine[i]["score"]) for i in shared])
+                nll = compare(mine, theirs, "gold_nll").to_dict()  # control - latent
+                acc = compare(theirs, mine, "score").to_dict()  # latent - control
                 lo = nll["ci95"][0]
                 out.append({
                     "task": task, "method": m, "control": c, "receiver": receivers[m], "control_variant": variants[c], "n": len(shared),
                     "nll": sum(mine[i]["gold_nll"] for i in shared) / len(shared),
                     "control_nll": sum(theirs[i]["gold_nll"] for i in shared) / len(shared),
                     "nll_gap": {k: nll[k] for k in ("diff", "ci95")},
-                    "accuracy_gain": {**acc, "verdict": verdict(acc)},
+                    "accuracy_gain": acc,
                     "first_token_acc": sum(mine[i].get("first_token_correct", 0) for i in shared) / len(shared),
                     "control_first_token_acc": sum(theirs[i].get("first_token_correct", 0) for i in shared) / len(shared),
                     "payload_bytes": sum(mine[i]["payload_bytes"] for i in shared) / len(shared),
@@ -63,16 +63,18 @@ def format_controls(lines: list[dict[str, Any]]) -> str:
         return ""
     table = ["| task | latent method | control | n | bytes: latent / context as text | gold NLL latent / control "
              "| control - latent NLL [95% CI] | first token % latent / control "
-             "| accuracy latent - control (points) [95% CI], McNemar p | information crossed |",
+             "| accuracy latent - control (points) [95% CI], McNemar p (Holm) | information crossed |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for x in lines:
+    adjusted = holm_by_line(lines, "accuracy_gain")  # several controls in one table
+    for x, p_holm in zip(lines, adjusted):
         g, a = x["nll_gap"], x["accuracy_gain"]
         table.append(
             f"| {x['task']} | {x['method']} | {x['control']} | {x['n']} | {x['payload_bytes']:,.0f} / {x['text_bytes']:,.0f} "
             f"| {x['nll']:.3f} / {x['control_nll']:.3f} | "
             f"{g['diff']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] | "
             f"{100 * x['first_token_acc']:.0f} / {100 * x['control_first_token_acc']:.0f} | "
-            f"{100 * a['diff']:+.1f} [{100 * a['ci95'][0]:+.1f}, {100 * a['ci95'][1]:+.1f}], p={a['mcnemar_p']:.2g} | "
+            f"{100 * a['diff']:+.1f} [{100 * a['ci95'][0]:+.1f}, {100 * a['ci95'][1]:+.1f}], p={a['mcnemar_p']:.2g} "
+            f"({p_holm:.2g}) | "
             f"{'yes' if x['information_crossed'] else 'not shown'} |"
         )
     return "\n".join(table)
