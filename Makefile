@@ -52,10 +52,12 @@ qkvcomm-scheme: $(STAMP)
 facts: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) run_experiments.py --config configs/qkvcomm_facts.yaml
 	$(PY) -m cross_model.doc_tables --publish runs/qkvcomm_facts docs/facts --reference kvcomm_30
+	$(PY) -m cross_model.doc_tables --write
 
 layer-sweep: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) run_experiments.py --config configs/ac_layer_sweep.yaml
 	$(PY) -m cross_model.doc_tables --publish runs/ac_layer_sweep docs/layer_sweep
+	$(PY) -m cross_model.doc_tables --write
 
 c2c: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) run_experiments.py --config configs/c2c_quickstart.yaml

@@ -52,17 +52,17 @@ def render_summary(data: dict, *args: str) -> str:
 
 
 def render_paired(data: dict, *args: str) -> str:
-    lines = data.get("paired") or []
+    lines = data["paired"]
     if args:
         lines = [p for p in lines if p["reference"] == args[0]]
     return format_paired(lines)
 
 
 def render_timings(data: dict, *args: str) -> str:
-    t = data.get("timings") or {}
-    stages = ", ".join(f"{name} {format_duration(s)}" for name, s in t.get("stages", {}).items())
-    n = t.get("world_size", "?")
-    return f"{format_duration(t.get('total_s', 0))} in all ({stages}), {n} process{'' if n == 1 else 'es'}."
+    t = data["timings"]
+    stages = ", ".join(f"{name} {format_duration(s)}" for name, s in t["stages"].items())
+    n = t["world_size"]
+    return f"{format_duration(t['total_s'])} in all ({stages}), {n} process{'' if n == 1 else 'es'}."
 
 
 def render_bench(data: dict, model: str, *args: str) -> str:
@@ -85,8 +85,8 @@ def render_qkvcomm(data: dict, reference: str, *args: str) -> str:
     """Per task and KV method: first-named [Wilson], same answers as `reference`, the paired difference
     in first-named to it, mean bytes and the compression against bfloat16."""
     summary = {(s["task"], s["method"]): s for s in data["summary"]}
-    agreement = {(a["task"], a["method"]): a for a in data.get("agreement", [])}
-    kv = [p for p in data.get("paired_kv", []) if p["method"].startswith(("kvcomm", "qkvcomm"))]
+    agreement = {(a["task"], a["method"]): a for a in data["agreement"]}
+    kv = [p for p in data["paired_kv"] if p["method"].startswith(("kvcomm", "qkvcomm"))]
     paired = {(p["task"], p["method"]): p for p in kv}
     adjusted = dict(zip(((p["task"], p["method"]) for p in kv), holm([p["mcnemar_p"] for p in kv])))
     lines = ["| task | method | first-named % [95% CI] | same answer as " + reference + " % | first-named - " + reference
@@ -137,7 +137,7 @@ def render_projections(data: dict, *args: str) -> str:
     """The run's trained projections and their held-out fit (`projections`, from projections.json)."""
     lines = ["| method | pair (k -> j) | widths | solver | sentences | held-out R^2 | held-out cosine |",
              "|---|---|---|---|---|---|---|"]
-    for name, p in (data.get("projections") or {}).items():
+    for name, p in data["projections"].items():
         solver = p.get("solver") or "adam"
         how = f"lstsq, ridge {p['ridge']:g}" if solver == "lstsq" else f"adam, {p.get('epochs')} epochs"
         lines.append(f"| {name} | {p['sender']} ({p['k']}) -> {p['receiver']} ({p['j']}) | {p['d_in']} -> {p['d_out']} "
@@ -148,18 +148,18 @@ def render_projections(data: dict, *args: str) -> str:
 
 def render_controls(data: dict, *args: str) -> str:
     """LatentWire's destructive controls (the report's `latentwire_controls`)."""
-    return format_controls(data.get("latentwire_controls") or [])
+    return format_controls(data["latentwire_controls"])
 
 
 def render_joint(data: dict, *args: str) -> str:
     """LatentWire's joint rescoring against each receiver alone and the oracle (`latentwire_joint`)."""
-    return format_joint(data.get("latentwire_joint") or [])
+    return format_joint(data["latentwire_joint"])
 
 
 def render_history(data: dict, *args: str) -> str:
     """The interlingua's held-out losses during training (`interlingua_history`)."""
     lines = ["| step | held-out loss | gold NLL, true latent | gold NLL, another row's latent |", "|---|---|---|---|"]
-    for h in data.get("interlingua_history") or []:
+    for h in data["interlingua_history"]:
         lines.append(f"| {h['step']} | {h['heldout_loss']:.3f} | {h['heldout_nll']:.3f} | {h['heldout_nll_shuffled']:.3f} |")
     return "\n".join(lines)
 
@@ -167,8 +167,8 @@ def render_history(data: dict, *args: str) -> str:
 def render_c2c(data: dict, *args: str) -> str:
     """Each c2c projector's held-out losses during training and its open layers (`c2c`, from c2c.json)."""
     lines = ["| method | step | held-out loss | every gate closed (B without A) | open layers |", "|---|---|---|---|---|"]
-    for name, fit in (data.get("c2c") or {}).items():
-        for h in fit.get("history", []):
+    for name, fit in data["c2c"].items():
+        for h in fit["history"]:
             lines.append(f"| {name} | {h['step']} | {h['heldout_loss']:.3f} | {h['heldout_loss_closed']:.3f} "
                          f"| {h['open_layers']} |")
     return "\n".join(lines)
@@ -183,11 +183,21 @@ RENDERERS: dict[str, Callable[..., str]] = {
 }
 
 
+class MissingResults(FileNotFoundError):
+    """A results file lacks what a table renders: the table is stale, never rendered empty."""
+
+
 def render(spec: str) -> str:
     kind, path, *args = spec.split()
     if kind not in RENDERERS:
         raise ValueError(f"table '{spec}': no renderer {kind!r}; known: {', '.join(RENDERERS)}")
-    return RENDERERS[kind](_load(ROOT / path), *args)
+    try:
+        text = RENDERERS[kind](_load(ROOT / path), *args)
+    except KeyError as err:
+        raise MissingResults(f"{path} has no {err} for table '{spec}'; rerun the command named beside it") from err
+    if not text.strip() or len(text.strip().splitlines()) < 3 and text.lstrip().startswith("|"):
+        raise MissingResults(f"table '{spec}' renders no row from {path}; rerun the command named beside it")
+    return text
 
 
 def documents() -> list[Path]:
@@ -220,6 +230,12 @@ def publish(run_dir: Path, target: Path, reference: str | None = None) -> Path:
     """A run's report without its per-item rows (plus, with `reference`, each method's agreement with
     it and the paired difference of KV methods to it), and its plots, into `target`."""
     data = _load(run_dir / "results.json")
+    dirty = [(i, (st.get("git") or {}).get("commit")) for i, st in enumerate(data.get("starts") or [])
+             if (st.get("git") or {}).get("dirty") is not False]
+    if dirty:
+        raise ValueError(f"{run_dir}: start(s) {', '.join(str(i) for i, _ in dirty)} ran from a tree with uncommitted "
+                         f"changes (or no commit recorded); a published result must come from committed code. Commit, "
+                         f"run its command again from the clean tree, then publish")
     rows = data.pop("examples")
     if reference:
         data["agreement"] = []
@@ -264,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", help="with --publish: the method others are compared with item by item")
     args = ap.parse_args(argv)
     if args.publish:
-        print(publish(Path(args.publish[0]), Path(args.publish[1]), args.reference))
+        try:
+            print(publish(Path(args.publish[0]), Path(args.publish[1]), args.reference))
+        except (ValueError, FileNotFoundError) as err:
+            print(f"publish refused: {err}", file=sys.stderr)
+            return 2
     if args.write or args.check:
         stale = stale_blocks(write=args.write)
         if stale and args.check:
@@ -272,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                   + "\n  ".join(stale), file=sys.stderr)
             return 1
         if args.write:
-            missing = [x for x in stale if "does not exist" in x]
+            missing = [x for x in stale if "does not exist" in x or "rerun the command" in x]
             print(f"{len(stale) - len(missing)} table(s) rewritten" if stale else "every table is up to date")
             for line in missing:
                 print(f"not rendered: {line}", file=sys.stderr)

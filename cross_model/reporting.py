@@ -49,7 +49,10 @@ def summarize(task: str, method: str, rows: list[dict[str, Any]]) -> dict[str, A
     return {
         "task": task, "method": method, "n": n, "accuracy": correct / n if n else 0.0, "ci95_low": lo, "ci95_high": hi,
         "first_named": mean("first_named"), "first_named_ci95_low": named_lo, "first_named_ci95_high": named_hi,
-        "token_f1": mean("token_f1"), "payload_bytes": mean("payload_bytes"),
+        "token_f1": mean("token_f1"),
+        # A failed row sent nothing it finished: bytes are a mean over the rows that did (counted beside).
+        "payload_bytes": (sum(float(r.get("payload_bytes") or 0) for r in ok) / len(ok)) if (ok := [
+            r for r in rows if not r.get("error")]) else 0.0, "payload_rows": len(ok),
         "sender_tokens": mean("sender_prefill_tokens") + mean("sender_generated_tokens"),
         "receiver_tokens": mean("receiver_prefill_tokens") + mean("receiver_generated_tokens"),
         "seconds_per_example": mean("seconds"), "seconds_total": sum(float(r.get("seconds") or 0) for r in rows),

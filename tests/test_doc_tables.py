@@ -34,3 +34,30 @@ def test_a_changed_number_is_caught_and_rewritten(tmp_path, monkeypatch):
     assert "| t | m | 2 | 50.0 [10.0, 90.0]" in doc.read_text() and doc.read_text().endswith("more\n")
     with pytest.raises(ValueError, match="no renderer 'nope'"):
         doc_tables.render("nope r.json")
+
+
+def test_a_table_whose_results_lack_its_key_is_stale_not_empty(tmp_path, monkeypatch):
+    from cross_model import doc_tables
+
+    monkeypatch.setattr(doc_tables, "ROOT", tmp_path)
+    (tmp_path / "r.json").write_text(json.dumps({"summary": [], "paired": []}))
+    for spec in ("controls r.json", "timings r.json", "paired r.json", "c2c r.json"):
+        with pytest.raises(doc_tables.MissingResults):
+            doc_tables.render(spec)
+
+
+def test_publishing_a_run_from_a_dirty_tree_is_refused(tmp_path, capsys):
+    from cross_model import doc_tables
+
+    run = tmp_path / "run"
+    run.mkdir()
+    data = {"summary": [], "examples": {}, "starts": [{"git": {"commit": "abc", "dirty": False}},
+                                                      {"git": {"commit": "abc", "dirty": True}}]}
+    (run / "results.json").write_text(json.dumps(data))
+    assert doc_tables.main(["--publish", str(run), str(tmp_path / "docs")]) == 2
+    assert "start(s) 1 ran from a tree with uncommitted changes" in capsys.readouterr().err
+    assert not (tmp_path / "docs").exists()
+    data["starts"][1]["git"]["dirty"] = False
+    (run / "results.json").write_text(json.dumps(data))
+    assert doc_tables.main(["--publish", str(run), str(tmp_path / "docs")]) == 0
+    assert json.loads((tmp_path / "docs" / "results.json").read_text())["starts"][0]["git"]["commit"] == "abc"

@@ -532,3 +532,42 @@ def test_calibration_keeps_no_tensor_after_it_decides(lm):
         assert held == m.prefix_cache.nbytes, (name, held)  # only the chat template's prefix, freed below
         m.release_memory()
         assert held_bytes({k: v for k, v in vars(m).items() if k != "pair"}) == 0
+
+
+def test_a_bug_while_streaming_c4_is_not_reported_as_a_network_failure(monkeypatch):
+    """corpus.py names the hub's errors: a network failure becomes the offline advice, a bug stays a bug."""
+    import datasets
+
+    from cross_model.data import corpus
+
+    def broken(*a, **k):
+        raise KeyError("text")  # as if the row format changed: our bug, not the network
+
+    monkeypatch.setattr(datasets, "load_dataset", broken)
+    with pytest.raises(KeyError):
+        corpus.c4_sentences(2, 0)
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'allenai/c4' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(FileNotFoundError, match="train.corpus to 'offline'"):
+        corpus.c4_sentences(2, 0)
+
+
+def test_failed_rows_stay_in_every_denominator_and_payload_means_skip_them():
+    from cross_model.interlingua.controls import joint_rows
+    from cross_model.reporting import summarize
+
+    ok = {"score": 1.0, "first_named": 1.0, "token_f1": 1.0, "payload_bytes": 100, "error": None}
+    rows = [{**ok, "example_id": "a"}, {**ok, "example_id": "b"},
+            {"example_id": "c", "score": 0.0, "first_named": 0.0, "token_f1": 0.0, "payload_bytes": 0, "error": "boom"}]
+    s = summarize("t", "m", rows)
+    assert s["n"] == 3 and s["accuracy"] == pytest.approx(2 / 3) and s["errors"] == 1
+    assert s["payload_bytes"] == 100 and s["payload_rows"] == 2  # over the rows that sent something
+    joint = [{"example_id": "a", "variant": "joint", "score": 1.0, "oracle_score": 1.0, "score_x": 1.0,
+              "score_y": 0.0, "joint_choice": "x", "error": None},
+             {"example_id": "b", "variant": "joint", "score": 0.0, "error": "boom"}]
+    (line,) = joint_rows({"t": {"lw_joint": joint}})
+    assert line["n"] == 2 and line["errors"] == 1 and line["accuracy"] == 0.5 and line["oracle"] == 0.5
+    assert line["receivers"]["x"]["accuracy"] == 0.5

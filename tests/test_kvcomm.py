@@ -191,6 +191,16 @@ def _public_receiver_logits(lm, a_ids: list[int], b_ids: list[int], selected: se
     AttentionInterface.register("public_kvcomm_test", cut_mask_sdpa)
     ALL_MASK_ATTENTION_FUNCTIONS.register(
         "public_kvcomm_test", lambda *a, **kw: sdpa_mask(*a, **{**kw, "allow_is_causal_skip": False}))
+    try:
+        return _public_forward(a_ids, b_ids, selected)
+    finally:  # global registries: a later test must not find this attention registered
+        AttentionInterface._global_mapping.pop("public_kvcomm_test", None)
+        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop("public_kvcomm_test", None)
+
+
+def _public_forward(a_ids: list[int], b_ids: list[int], selected: set[int]) -> torch.Tensor:
+    from transformers import DynamicCache
+
     model = load_model("tiny-llama-64").model  # a fresh instance: the shared one keeps its attention
     model.set_attn_implementation("public_kvcomm_test")
     a = torch.tensor([a_ids])

@@ -147,12 +147,18 @@ def test_calibrated_soft_tokens_have_the_receivers_embedding_rms(tiny_llama, gem
 
 
 def test_distillation_is_zero_when_the_student_is_the_teacher_replayed(tiny_llama, rows):
+    """The student is recomputed from the same prefixes, one row at a time: not the teacher's tensor
+    itself, so a distillation that compared an input with itself could not pass for this."""
     lm = tiny_llama
     qs, ans = [question_text(e) for e in rows], [answer_text(e) for e in rows]
     with torch.no_grad():
-        c = compose(lm, text_prefixes(lm, [e.prompt_A for e in rows])[0], qs, ans)
-        student, teacher = answer_logits(lm, c), answer_logits(lm, c).logits_BAV
+        prefixes = text_prefixes(lm, [e.prompt_A for e in rows])[0]
+        teacher = answer_logits(lm, compose(lm, prefixes, qs, ans)).logits_BAV
+        student = answer_logits(lm, compose(lm, prefixes, qs, ans))
+        assert student.logits_BAV.data_ptr() != teacher.data_ptr()
         assert float(distillation(student, teacher, tau=2.0).abs().max()) < 1e-6
+        # a real difference: the teacher rolled by one row is another row's distribution
+        assert float(distillation(student, teacher.roll(1, dims=0), tau=2.0).min()) > 0
         other = answer_logits(lm, compose(lm, [p[:2] for p in text_prefixes(lm, [e.prompt_A for e in rows])[0]], qs, ans))
         assert float(distillation(other, teacher, tau=2.0).min()) > 0
 

@@ -100,10 +100,10 @@ def test_every_scheme_round_trips_within_its_bound(scheme, dtype):
             assert torch.equal(y[:, :r], x[:, :r].to(raw_dtype).to(x.dtype))
         if r == 9:
             continue
-        # In the rotated domain each group is within half a step of its own min-max range. A clipped
-        # range is that range shrunk about its centre by at most 1 - min(CLIP_RATIOS): values it cuts
-        # off are clamped to it, so they may be that much further away (and its step is no wider).
-        shrink = (1 - min(kv_wire.CLIP_RATIOS)) / 2 if scheme.clip else 0.0
+        if scheme.clip:
+            continue  # checked against min-max below: a per-value bound for a clipped range says little
+        # In the rotated domain each group is within half a step of its own min-max range.
+        shrink = 0.0
         kr, vr = k[:, r:].float() @ rot, v[:, r:].float() @ rot
         ke, ve = (k2[:, r:].float() - k[:, r:].float()) @ rot, (v2[:, r:].float() - v[:, r:].float()) @ rot
         g = scheme.key_group or kr.shape[1]
@@ -114,6 +114,29 @@ def test_every_scheme_round_trips_within_its_bound(scheme, dtype):
         dims = (2,) if scheme.value_group == "head" else (0, 2)
         span = vr.amax(dims, keepdim=True) - vr.amin(dims, keepdim=True)
         assert (ve.abs() <= span / (2**bits - 1) / 2 * 1.01 + shrink * span + 0.03).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_clipped_scheme_never_loses_to_min_max_on_the_wire(dtype):
+    """Clipping picks, per group, the range with the least squared error, min-max among them: through
+    encode and decode its error can only be lower (up to the rounding of B's values to the dtype)."""
+    from dataclasses import replace
+
+    clipped = kv_wire.QuantScheme()
+    assert clipped.clip
+    for bits in (2, 3, 4):
+        errors = {}
+        for name, scheme in (("clip", clipped), ("minmax", replace(clipped, clip=False))):
+            p = payload([bits, bits], dtype=dtype, tokens=9, scheme=scheme, seed=bits)
+            got = kv_wire.decode(kv_wire.encode(p), "model-b", 2, 16)
+            r = min(scheme.raw_first, 9)
+            errors[name] = [float((y[:, r:].float() - x[:, r:].float()).pow(2).sum())
+                            for x, y in zip(p.keys + p.values, got.keys + got.values)]
+        for c, m in zip(errors["clip"], errors["minmax"]):
+            assert c <= m * (1.02 if dtype == "bfloat16" else 1.0001) + 1e-6, (bits, c, m)
+        # and at 2 bits, with the keys' outlier channel, clipping wins outright somewhere
+        if bits == 2:
+            assert sum(errors["clip"]) < 0.95 * sum(errors["minmax"])
 
 
 def test_hadamard_is_its_own_inverse():

@@ -82,6 +82,10 @@ def test_two_ranks_calibrate_their_shares_and_choose_what_one_rank_chooses(tmp_p
         one = json.loads((tmp_path / "one" / f"calibration-{name}.json").read_text())
         two = json.loads((tmp_path / "two" / f"calibration-{name}.json").read_text())
         assert one["items_per_rank"] == [4] and two["items_per_rank"] == [2, 2]
+        if name == "kvcomm":  # each rank measured its own share, not every item
+            r0, r1 = two["measured_per_rank"]
+            assert len(r0) == len(r1) == 2 and not set(r0) & set(r1)
+            assert sorted(r0 + r1) == sorted(two["calibration_ids"]) == sorted(one["measured_per_rank"][0])
         assert two["selected"] == one["selected"] and two["ranking"] == one["ranking"]
         assert two["importance"] == pytest.approx(one["importance"], rel=1e-4, abs=1e-7)
     q1 = json.loads((tmp_path / "one" / "calibration-q.json").read_text())

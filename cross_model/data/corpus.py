@@ -7,7 +7,7 @@ import random
 import re
 from pathlib import Path
 
-from cross_model.data.hub import REVISIONS
+from cross_model.data.hub import REVISIONS, hub_errors
 
 _SENT = re.compile(r"(?<=[.!?])\s+")
 
@@ -27,7 +27,7 @@ def c4_sentences(n: int, seed: int, min_words: int = 5, max_words: int = 60) -> 
                 out.append(rng.choice(sentences))
             if len(out) >= n:
                 return out
-    except Exception as err:  # network errors come in many types
+    except hub_errors() as err:
         raise FileNotFoundError(
             f"could not stream allenai/c4 from the hub ({type(err).__name__}: {err}). Without network access set "
             f"train.corpus to 'offline' (generated text) or 'local' with train.corpus_path."

@@ -55,6 +55,21 @@ class HubSource:
         return f"{self.path}{pin} {self.name or ''} {self.split}".replace("  ", " ")
 
 
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """What reaching the hub raises when it cannot: OS and connection errors (the hub's HTTP errors and
+    `datasets`' not-found errors are OSErrors), `datasets`' own errors, and the HTTP client's transport
+    errors, which are not OSErrors. A bug in our code (a KeyError, a TypeError) is none of these."""
+    import datasets.exceptions
+
+    errors: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError, datasets.exceptions.DatasetsError]
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(__import__(module).HTTPError)
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
@@ -79,7 +94,7 @@ def load_rows(source: HubSource, local_path: str | None) -> Any:
         return datasets.load_dataset(builder, data_files=files, split="train")
     try:
         return datasets.load_dataset(source.path, source.name, split=source.split, revision=source.revision)
-    except Exception as err:  # the hub raises many types (ConnectionError, OSError, DatasetNotFoundError)
+    except hub_errors() as err:
         raise FileNotFoundError(
             f"could not load {source.path} ({source.name or 'default'}, {source.split}, revision "
             f"{source.revision or 'main'}) from the Hugging Face hub: {type(err).__name__}: {err}\nWithout network "

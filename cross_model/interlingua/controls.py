@@ -86,16 +86,20 @@ def joint_rows(rows: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[st
     out = []
     for task, methods in rows.items():
         for m, method_rows in methods.items():
-            done = [r for r in method_rows if r.get("variant") == "joint" and not r.get("error")]
-            if not done:
+            # Every row counts: one that ended in an error scored 0 for the joint answer, each receiver
+            # and the oracle alike (it stays in the denominator, as in every other table).
+            joint = [r for r in method_rows if r.get("variant") == "joint"]
+            answered = [r for r in joint if not r.get("error")]
+            if not answered:
                 continue
-            names = [k.removeprefix("score_") for k in done[0] if k.startswith("score_")]
-            n = len(done)
+            names = [k.removeprefix("score_") for k in answered[0] if k.startswith("score_")]
+            n = len(joint)
             out.append({
-                "task": task, "method": m, "n": n, "accuracy": sum(float(r["score"]) for r in done) / n,
-                "oracle": sum(float(r["oracle_score"]) for r in done) / n,
-                "receivers": {x: {"accuracy": sum(float(r[f"score_{x}"]) for r in done) / n,
-                                  "kept": sum(r["joint_choice"] == x for r in done) / n} for x in names},
+                "task": task, "method": m, "n": n, "errors": n - len(answered),
+                "accuracy": sum(float(r["score"]) for r in answered) / n,
+                "oracle": sum(float(r["oracle_score"]) for r in answered) / n,
+                "receivers": {x: {"accuracy": sum(float(r[f"score_{x}"]) for r in answered) / n,
+                                  "kept": sum(r["joint_choice"] == x for r in answered) / n} for x in names},
             })
     return out
 

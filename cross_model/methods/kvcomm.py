@@ -134,6 +134,7 @@ class KVComm(Method):
                 raise ValueError(f"methods.{self.name}: layer {layer} is outside {b.name}'s 0..{n - 1}")
         self.ranking: list[int] | None = None
         self.calibration: dict[str, Any] = {}
+        self.measured_ids: list[str] = []  # the calibration items this rank measured (in its last calibration)
         self.online_seen = 0  # items answered with selection: online, on this rank
         self.online_ids: set[str] = set()
         self.donors: dict[str, Example] = {}  # control: other_item
@@ -355,8 +356,9 @@ class KVComm(Method):
             return [float(torch.cat(layout.attention_on_A[l]).double().sum()) for l in range(n)]
 
         totals = [0.0] * n
-        for _, sums in measure_in_batches(examples, batch_size, measure, f"calibrate {self.name}", bar):
+        for part, sums in measure_in_batches(examples, batch_size, measure, f"calibrate {self.name}", bar):
             totals = [t + s for t, s in zip(totals, sums)]
+            self.measured_ids += [e.example_id for e in part]
         return totals
 
     def layer_importance(self, examples: list[Example], batch_size: int = 8) -> list[float]:
@@ -374,8 +376,10 @@ class KVComm(Method):
         `batch_size`: items per forward (None: the method's batch_size, else 8)."""
         if not examples:
             raise ValueError(f"methods.{self.name}: calibration needs calibration items (tasks.N.n_calib > 0)")
+        self.measured_ids = []
         importance = self.layer_importance(examples, batch_size or self.params.batch_size or 8)
         items_per_rank = gather_object(len(shard(examples)))
+        measured = gather_object(self.measured_ids)  # what each rank really measured, not what it was given
         decision = None
         if is_main():
             p = self.params
@@ -384,7 +388,7 @@ class KVComm(Method):
             decision = {
                 "importance": importance, "scores": scores, "ranking": self.ranking,
                 "selected": sorted(self.selected_layers()), "calibration_ids": [e.example_id for e in examples],
-                "items_per_rank": items_per_rank,
+                "items_per_rank": items_per_rank, "measured_per_rank": measured,
             }
         self.load_calibration(broadcast_object(decision))
         return self.calibration
