@@ -174,12 +174,36 @@ def render_c2c(data: dict, *args: str) -> str:
     return "\n".join(lines)
 
 
+def render_sweep(data: dict, *args: str) -> str:
+    """A sweep in sentences, from its report: per task, the reference's first-named match and every
+    instance whose paired difference to it is shown (with its interval, McNemar p and Holm-adjusted p
+    over the task's comparisons); the rest are named by count."""
+    summary = {(s["task"], s["method"]): s for s in data["summary"]}
+    out = []
+    for task in dict.fromkeys(p["task"] for p in data["paired"]):
+        lines = [p for p in data["paired"] if p["task"] == task and p.get("first_named")]
+        ref = lines[0]["reference"]
+        adjusted = holm([p["first_named"]["mcnemar_p"] for p in lines])
+        shown = []
+        for p, h in zip(lines, adjusted):
+            r = p["first_named"]
+            if r["verdict"] != "no difference shown":
+                lo, hi = r["ci95"]
+                held = "" if h < 0.05 else ", not after Holm's adjustment"
+                shown.append(f"{p['method']} {r['verdict']} ({100 * r['diff']:+.0f} points [{100 * lo:+.0f}, "
+                             f"{100 * hi:+.0f}], p = {r['mcnemar_p']:.2g}, Holm {h:.2g}{held})")
+        head = (f"- {task}: {ref} {100 * summary[(task, ref)]['first_named']:.0f}% first-named; "
+                f"{len(lines) - len(shown)} of {len(lines)} instances show no difference from it")
+        out.append(head + (": " + "; ".join(shown) + "." if shown else "."))
+    return "\n".join(out)
+
+
 RENDERERS: dict[str, Callable[..., str]] = {
     "summary": render_summary, "paired": render_paired, "timings": render_timings, "bench": render_bench,
     "qkvcomm": render_qkvcomm, "scheme": render_scheme, "controls": render_controls, "history": render_history,
     "c2c": render_c2c,
     "joint": render_joint, "ridge": render_ridge,
-    "projections": render_projections,
+    "projections": render_projections, "sweep": render_sweep,
 }
 
 
