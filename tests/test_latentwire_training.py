@@ -181,10 +181,10 @@ def test_hub_tasks_train_on_rows_past_their_test_and_calibration_items(task):
                            interlingua=InterlinguaConfig(n_train=1, n_heldout=0))
     train, held = training_data(cfg)
     test, calib = load_task_examples(task, 1, 1, 0, fixture)
-    # The hub loader's order (shuffled with seed 42): test first, calibration next, then these.
+    # The hub loader's order (shuffled with seed 42): test first, training next; calibration at the back.
     rows, _ = load_task_examples(task, 3, 0, 0, fixture)
-    assert [e.example_id for e in rows[:2]] == [e.example_id for e in test + calib]
-    assert [e.example_id for e in train] == [rows[2].example_id] and held == []
+    assert [e.example_id for e in test + calib] == [rows[0].example_id, rows[-1].example_id]
+    assert [e.example_id for e in train] == [rows[1].example_id] and held == []
     cfg.interlingua.n_train = 2
     with pytest.raises(ValueError, match="exceeds"):
         training_data(cfg)
