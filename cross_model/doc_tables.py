@@ -254,12 +254,14 @@ def publish(run_dir: Path, target: Path, reference: str | None = None) -> Path:
     """A run's report without its per-item rows (plus, with `reference`, each method's agreement with
     it and the paired difference of KV methods to it), and its plots, into `target`."""
     data = _load(run_dir / "results.json")
-    dirty = [(i, (st.get("git") or {}).get("commit")) for i, st in enumerate(data.get("starts") or [])
-             if (st.get("git") or {}).get("dirty") is not False]
-    if dirty:
-        raise ValueError(f"{run_dir}: start(s) {', '.join(str(i) for i, _ in dirty)} ran from a tree with uncommitted "
-                         f"changes (or no commit recorded); a published result must come from committed code. Commit, "
-                         f"run its command again from the clean tree, then publish")
+    # Clean means no uncommitted change to the code that runs (`runinfo.CODE_PATHS`: its hash is
+    # `changes`); a docs file another make target rewrote in the same tree is not code.
+    dirty = [i for i, st in enumerate(data.get("starts") or [])
+             if not (st.get("git") or {}).get("commit") or (st.get("git") or {}).get("changes") is not None]
+    if dirty or not data.get("starts"):
+        raise ValueError(f"{run_dir}: start(s) {', '.join(map(str, dirty)) or '(none recorded)'} ran with uncommitted "
+                         f"changes to the code (or no commit recorded); a published result must come from committed "
+                         f"code. Commit, run its command again from the clean tree, then publish")
     rows = data.pop("examples")
     if reference:
         data["agreement"] = []

@@ -51,13 +51,13 @@ def test_publishing_a_run_from_a_dirty_tree_is_refused(tmp_path, capsys):
 
     run = tmp_path / "run"
     run.mkdir()
-    data = {"summary": [], "examples": {}, "starts": [{"git": {"commit": "abc", "dirty": False}},
-                                                      {"git": {"commit": "abc", "dirty": True}}]}
+    clean = {"commit": "abc", "dirty": True, "changes": None}  # dirty docs (another target's output), clean code
+    data = {"summary": [], "examples": {}, "starts": [{"git": clean}, {"git": {**clean, "changes": "f00d"}}]}
     (run / "results.json").write_text(json.dumps(data))
     assert doc_tables.main(["--publish", str(run), str(tmp_path / "docs")]) == 2
-    assert "start(s) 1 ran from a tree with uncommitted changes" in capsys.readouterr().err
+    assert "start(s) 1 ran with uncommitted changes to the code" in capsys.readouterr().err
     assert not (tmp_path / "docs").exists()
-    data["starts"][1]["git"]["dirty"] = False
+    data["starts"][1]["git"]["changes"] = None
     (run / "results.json").write_text(json.dumps(data))
     assert doc_tables.main(["--publish", str(run), str(tmp_path / "docs")]) == 0
     assert json.loads((tmp_path / "docs" / "results.json").read_text())["starts"][0]["git"]["commit"] == "abc"
