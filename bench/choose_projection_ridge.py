@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cross_model.config import TrainConfig
 from cross_model.models import load_model
+from cross_model.runinfo import git_commit
 from cross_model.training import train_projection
 
 RIDGES = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ridge {ridge:g}: " + ", ".join(f"n={n} R^2 {f['r2']:.4f}" for n, f in fits.items()), flush=True)
     best = max(rows, key=lambda r: r["mean_r2"])["ridge"]
     out = {"pair": {"sender": PAIR[0], "k": PAIR[1], "receiver": PAIR[2], "j": PAIR[3]}, "corpus": "offline",
-           "seed": args.seed, "sizes": sizes, "rows": rows, "best": best, "seconds": time.perf_counter() - start}
+           "seed": args.seed, "sizes": sizes, "rows": rows, "best": best, "seconds": time.perf_counter() - start,
+           "git": git_commit()}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     print(f"best ridge: {best:g} (TrainConfig.ridge's default should be this); wrote {args.json}")

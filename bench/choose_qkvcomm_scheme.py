@@ -27,6 +27,7 @@ from cross_model.methods.base import ModelPair
 from cross_model.methods.qkvcomm import QKVCommParams
 from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
+from cross_model.runinfo import git_commit
 
 TASKS = ("countries", "tipsheets")
 SAME_BYTES = 0.10  # schemes within 10% of the leanest payload at every width compete on KL
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model, "tasks": list(TASKS), "n_calib_per_task": args.n_calib, "seed": args.seed,
             "calibration_ids": [e.example_id for e in calib], "selected_layers": sorted(selected), "bits": bits,
             "same_bytes_tolerance": SAME_BYTES, "rows": rows, "best": best["scheme"],
-            "default_is_best": best["params"] == scheme_params(BASE),
+            "default_is_best": best["params"] == scheme_params(BASE), "git": git_commit(),
         }, indent=2))
     return 0
 
