@@ -50,3 +50,22 @@ def kill_9_and_resume(config: Path, checkpoints: Path, **env: str) -> str:
     out = run_entry(config, **env)
     assert "resumed" in out
     return out
+
+
+def two_gloo_ranks(target, *args) -> dict:
+    """`target(rank, port, *args, queue)` in two spawned processes that form one gloo group (each sets
+    its own RANK/WORLD_SIZE from `rank` and `port`); returns rank -> what it put on the queue."""
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, port, *args, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    return got

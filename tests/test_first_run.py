@@ -275,19 +275,14 @@ def _failing_rank(rank: int, port: int, out) -> None:
             out.put((rank, f"{type(exc).__name__}: {exc}"))
 
 
-def test_one_ranks_failure_stops_every_rank_at_once():
-    import torch.multiprocessing as mp
-    from tests.conftest import free_port
+def _two_ranks(target) -> dict[int, str]:
+    from tests.helpers import two_gloo_ranks
 
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_failing_rank, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    return two_gloo_ranks(target)
+
+
+def test_one_ranks_failure_stops_every_rank_at_once():
+    got = _two_ranks(_failing_rank)
     assert got[1] == "ValueError: rank 1's own error"
     assert got[0].startswith("PeerFailed: measure: another rank failed")
 
@@ -462,18 +457,7 @@ def _other_items_on_rank_1(rank: int, port: int, out) -> None:
 
 
 def test_ranks_holding_other_test_items_are_refused():
-    import torch.multiprocessing as mp
-    from tests.conftest import free_port
-
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_other_items_on_rank_1, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    got = _two_ranks(_other_items_on_rank_1)
     for rank in (0, 1):
         assert got[rank].startswith("RunRefused: ranks [1] hold other test or calibration items"), got
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.conftest import ROOT, free_port
+
+from tests.conftest import ROOT
 
 TINY = ["--config", "configs/tiny.yaml", "--eval.batch_size", "2"]
 SHARING = '{"baseline": {}, "nld": {"nld_max_tokens": 4}, "ac": {"k": 2, "j": 2}, "kvcomm_all": {"method": "kvcomm", "selection": "all"}}'
@@ -263,16 +263,9 @@ def _shared_dir_worker(rank: int, port: int, dirs: list, out) -> None:
 
 
 def _two_ranks(dirs: list) -> dict:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_shared_dir_worker, args=(r, port, dirs, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    return got
+    from tests.helpers import two_gloo_ranks
+
+    return two_gloo_ranks(_shared_dir_worker, dirs)
 
 
 def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path):
