@@ -250,34 +250,31 @@ def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) 
         for b in range(rounds):
             batch = batches[b] if b < len(batches) else []
             memo = PrefillMemo(cfg.reuse_prefills)
-            for name, method in methods.items():
-                todo = [e for e in batch if e.example_id not in done[name]]
+            try:  # nothing a batch prefilled outlives it, however the round ends
+                for name, method in methods.items():
+                    todo = [e for e in batch if e.example_id not in done[name]]
 
-                def run_method() -> None:
-                    for part in chunks(todo, method.params.batch_size or cfg.batch_size):
-                        start = time.perf_counter()
-                        with recording_prompts() if cfg.log_prompts else contextlib.nullcontext() as prompt_log:
-                            preds = method.run_batch(part, memo=memo)
-                        prompts = attributed_prompts(prompt_log, len(part)) if cfg.log_prompts else None
-                        append_rows(files[name], scored_rows(part, preds, time.perf_counter() - start, index_of,
-                                                             run_info, method, prompts))
-                        bar.update(len(part))
-                        guards[name].record(preds)
+                    def run_method() -> None:
+                        for part in chunks(todo, method.params.batch_size or cfg.batch_size):
+                            start = time.perf_counter()
+                            with recording_prompts() if cfg.log_prompts else contextlib.nullcontext() as prompt_log:
+                                preds = method.run_batch(part, memo=memo)
+                            prompts = attributed_prompts(prompt_log, len(part)) if cfg.log_prompts else None
+                            append_rows(files[name], scored_rows(part, preds, time.perf_counter() - start, index_of,
+                                                                 run_info, method, prompts))
+                            bar.update(len(part))
+                            guards[name].record(preds)
 
-                # Every rank agrees after every method, not only after the batch round: a stop signal
-                # is honoured within one method's share of a batch (a 30-second grace period is enough
-                # at 4 x 8k tokens), and a rank that failed stops the others now, not at the timeout.
-                try:
+                    # Every rank agrees after every method, not only after the batch round: a stop signal
+                    # is honoured within one method's share of a batch (a 30-second grace period is enough
+                    # at 4 x 8k tokens), and a rank that failed stops the others now, not at the timeout.
                     agreed(run_method, f"evaluate {task}/{name}")
-                except BaseException:
-                    release(memo, methods)
-                    raise
-                if stop is not None and stop.should_stop():
-                    release(memo, methods)
-                    raise Preempted(f"evaluation stopped in {task}; finished examples are in {ctx.run_dir / 'results'}")
+                    if stop is not None and stop.should_stop():
+                        raise Preempted(f"evaluation stopped in {task}; finished examples are in {ctx.run_dir / 'results'}")
+            finally:
+                release(memo, methods)
             outcome.prefill_hits += memo.hits
             outcome.prefill_misses += memo.misses
-            release(memo, methods)  # nothing a batch prefilled outlives it
             if batch:
                 outcome.batches += 1
                 time.sleep(delay)
