@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 NPROC ?= 2
 CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
+# Test files are spread over this many processes (pytest-xdist; a file's tests stay in one process).
+TEST_WORKERS ?= 2
 
 .PHONY: demo pareto latentwire latentwire-two qkvcomm-scheme projection-ridge c2c facts layer-sweep docs-tables test test-fast test-gpu bench bench-gpu install clean-venv
 
@@ -71,10 +73,10 @@ docs-tables: $(STAMP)
 	$(PY) -m cross_model.doc_tables --write
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench.run --json docs/bench_cpu.json

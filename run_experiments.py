@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("plan: %s", line)
         stop = StopFlag().install()  # SIGTERM / SIGUSR1: save, leave together, exit 0, resume later
         try:
-            run_stages(RunContext(cfg=cfg, platform=platform, env=env, run_dir=run_dir, state={"stop": stop, "row_info": row_info}))
+            run_stages(RunContext(cfg=cfg, platform=platform, env=env, run_dir=run_dir, stop=stop, row_info=row_info))
         except Preempted as why:
             log.warning("preempted: %s. Start the same command again to resume.", why)
         except RunRefused as why:

@@ -21,7 +21,7 @@ from pathlib import Path
 from cross_model.config import TrainConfig
 from cross_model.models import load_model
 from cross_model.runinfo import git_commit
-from cross_model.training import train_projection
+from cross_model.training.ac_projection import train_projection
 
 RIDGES = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 PAIR = ("gemma3-270m", 12, "smollm2-135m-instruct", 20)

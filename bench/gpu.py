@@ -42,7 +42,7 @@ from cross_model.models import LoadedModel, describe_model, freeze, load_model, 
 from cross_model.prompting import pad_left, receiver_text, skyline_text
 from cross_model.projection import LearnedProjection
 from cross_model.surgery import partial_forward
-from cross_model.training import frozen_activations
+from cross_model.training.ac_projection import frozen_activations
 
 VOCAB = 49_152
 SHAPES = {

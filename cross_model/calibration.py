@@ -11,21 +11,27 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
+from typing import Any
 
 from cross_model.distributed import barrier, broadcast_object, is_main
-from cross_model.evaluation import build_methods, task_splits
+from cross_model.data.base import Example
 from cross_model.result_files import write_json_atomically
 
 log = logging.getLogger(__name__)
 
 
-def calibrate_methods(ctx, instances: list) -> dict[str, dict]:
-    """Calibrate (or reload) each method in `instances`; returns name -> its calibration."""
-    methods = build_methods(ctx)
-    calib = [e for _, (_, c) in task_splits(ctx).items() for e in c]
+def calibration_path(run_dir: Path, name: str) -> Path:
+    return run_dir / f"calibration-{name}.json"
+
+
+def calibrate_methods(run_dir: Path, methods: dict[str, Any], names: list[str], calib: list[Example],
+                      batch_size: int) -> dict[str, dict]:
+    """Calibrate (or reload) each method of `names` on the calibration items `calib` (every task's);
+    returns name -> its calibration."""
     out = {}
-    for name, _, _ in instances:
-        path = ctx.run_dir / f"calibration-{name}.json"  # pipeline.calibration_path
+    for name in names:
+        path = calibration_path(run_dir, name)
         saved = broadcast_object(json.loads(path.read_text()) if is_main() and path.exists() else None)
         if saved is not None:
             methods[name].load_calibration(saved)
@@ -33,7 +39,7 @@ def calibrate_methods(ctx, instances: list) -> dict[str, dict]:
             out[name] = saved
             continue
         # At the evaluation's batch size unless the method sets its own (halved on out-of-memory).
-        result = methods[name].calibrate(calib, batch_size=methods[name].params.batch_size or ctx.cfg.eval.batch_size)
+        result = methods[name].calibrate(calib, batch_size=methods[name].params.batch_size or batch_size)
         if is_main():
             write_json_atomically(path, result)
         if "selected" in result:

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from cross_model.distributed import Preempted
 
 log = logging.getLogger(__name__)
 
+FINAL = "final"  # a training job's finished artefact, beside its step checkpoints
 META = "meta.json"
 WEIGHTS = "weights.safetensors"
 TRAINER = "trainer.pt"
@@ -257,35 +257,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_after_step(step: int, total: int, every: int, save: Any, stop: Any, what: str, directory: Path,
-                          bar: Any = None) -> bool:
-    """A training loop's bookkeeping after optimizer step `step` of `total`: save every `every` steps, at
-    the end and on a stop signal (SIGTERM, preemption), then leave on the signal with `Preempted` so the
-    next run resumes. Returns whether it saved."""
-    stopping = stop is not None and stop.should_stop()
-    saved = step == total or stopping or step % every == 0
-    if saved:
-        save(step)
-    if stopping:
-        if bar is not None:
-            bar.close()
-        log.warning("%s: stop signal; saved step %d of %d in %s, exiting to resume later", what, step, total, directory)
-        raise Preempted(f"{what} training stopped at step {step} of {total}; checkpoint saved in {directory}")
-    return saved
-
-
-def restore(ckpt: Checkpoint, load_weights: Any, load_optimizer: Any, what: str, total: int) -> tuple[int, int, list]:
-    """Resume a training loop from `ckpt`: weights, optimizer state and this rank's RNG states; returns
-    (the step to continue from, the checkpoint's step, the held-out history so far)."""
-    load_weights(ckpt.tensors)
-    load_optimizer(ckpt.trainer["optimizer"])
-    if ckpt.rng is not None:
-        set_rng_state(ckpt.rng)
-    step = ckpt.trainer["step"]
-    log.info("%s: resumed %s at step %d of %d", what, ckpt.path.parent.name, step, total)
-    return step, ckpt.step, ckpt.meta.get("history", [])
-
-
 @dataclass
 class Trained:
     """A training job's outcome: its directory (with `final/`), the final metadata, the step it resumed
@@ -295,3 +266,20 @@ class Trained:
     meta: dict[str, Any]
     resumed_from: int | None = None
     loaded_final: bool = False
+
+
+def check_identity(meta: dict[str, Any], expected: dict[str, Any], where: str, keys: tuple[str, ...]) -> None:
+    """Refuse a checkpoint (or a finished artefact) whose recorded `keys` differ from what this run
+    needs: another pair, other layers or widths, another recipe; every mismatch is named."""
+    mismatches = [
+        f"{key}: checkpoint has {meta.get(key)!r}, this run needs {expected[key]!r}"
+        for key in keys
+        if key in expected and meta.get(key) != expected[key]
+    ]
+    if mismatches:
+        raise ValueError(f"{where} does not fit this run: " + "; ".join(mismatches))
+
+
+def directory_slug(name: str) -> str:
+    """A model or task name as part of a directory name (its last 48 safe characters)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[-48:]

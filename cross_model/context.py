@@ -4,24 +4,71 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from cross_model.config import ExperimentConfig, load_config
-from cross_model.distributed import DistEnv, barrier, is_main
+from cross_model.distributed import DistEnv, StopFlag, barrier, is_main
 from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method, validate_methods
 from cross_model.models import load_model
 from cross_model.platform import Platform
 
 
+class ModelStore:
+    """The run's models: each loaded once (rank 0 first, so a packaged model is de-quantised and
+    cached once) and shared by every method and trainer that names it."""
+
+    def __init__(self, cfg: ExperimentConfig, platform: Platform):
+        self.cfg, self.platform = cfg, platform
+        self.loaded: dict[tuple[str, str | None], Any] = {}
+
+    def _load(self, spec: str, role: str) -> Any:
+        m, p = self.cfg.models, self.platform
+        # A configured revision belongs to its model name (the role's own first).
+        own, other = (m.sender, m.sender_revision), (m.receiver, m.receiver_revision)
+        if role == "receiver":
+            own, other = other, own
+        revision = own[1] if spec == own[0] else other[1] if spec == other[0] else None
+        key = (spec, revision)
+        if key not in self.loaded:
+            if is_main():
+                self.loaded[key] = load_model(spec, p.dtype, p.device, revision)
+            barrier()
+            if not is_main():
+                self.loaded[key] = load_model(spec, p.dtype, p.device, revision)
+        return self.loaded[key]
+
+    def pair(self, params: Any) -> ModelPair:
+        """The (sender, receiver) pair of a method: the experiment's models unless the method names its
+        own (`sender:` / `receiver:` / `senders:`)."""
+        m = self.cfg.models
+        senders = getattr(params, "senders", None) or []
+        sender = self._load(senders[0] if senders else getattr(params, "sender", None) or m.sender, "sender")
+        receiver = self._load(getattr(params, "receiver", None) or m.receiver, "receiver")
+        return ModelPair(sender, receiver, [self._load(spec, "sender") for spec in senders[1:]])
+
+    def get(self, spec: str) -> Any:
+        """One model of the run by its spec."""
+        return self._load(spec, "receiver")
+
+
 @dataclass
 class RunContext:
+    """One run: its config, platform, process group and directory, what every row records about the
+    start (`row_info`), the stop flag, the tracker and the models. Stage results are not kept here:
+    each stage returns them and the pipeline passes them on."""
+
     cfg: ExperimentConfig
     platform: Platform
     env: DistEnv
     run_dir: Path
-    state: dict[str, Any] = field(default_factory=dict)  # what one stage hands to the next
+    stop: StopFlag | None = None
+    row_info: dict[str, Any] = field(default_factory=dict)
+    tracker: Any = None
+    models: ModelStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.models = ModelStore(self.cfg, self.platform)
 
 
 def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -33,36 +80,3 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
 
 def method_instances(cfg: ExperimentConfig) -> list[tuple[str, type, Any]]:
     return [(name, *resolve_method(name, params)) for name, params in cfg.methods.items()]
-
-
-def model_pair(ctx: RunContext, params: Any) -> Any:
-    """The (sender, receiver) pair of a method: the experiment's models unless the method names its
-    own (`sender:` / `receiver:`); each model is loaded once per run and shared."""
-    m, p = ctx.cfg.models, ctx.platform
-    loaded = ctx.state.setdefault("models", {})
-
-    def get(spec: str, role: str) -> Any:
-        # A configured revision belongs to its model name (the role's own first).
-        own, other = (m.sender, m.sender_revision), (m.receiver, m.receiver_revision)
-        if role == "receiver":
-            own, other = other, own
-        revision = own[1] if spec == own[0] else other[1] if spec == other[0] else None
-        key = (spec, revision)
-        if key not in loaded:
-            # Rank 0 first: a packaged model is de-quantised and cached once, then the others read the cache.
-            if is_main():
-                loaded[key] = load_model(spec, p.dtype, p.device, revision)
-            barrier()
-            if not is_main():
-                loaded[key] = load_model(spec, p.dtype, p.device, revision)
-        return loaded[key]
-
-    senders = getattr(params, "senders", None) or []
-    sender = get(senders[0] if senders else getattr(params, "sender", None) or m.sender, "sender")
-    receiver = get(getattr(params, "receiver", None) or m.receiver, "receiver")
-    return ModelPair(sender, receiver, [get(spec, "sender") for spec in senders[1:]])
-
-
-def model_by_name(ctx: RunContext, spec: str) -> Any:
-    """One model of the run by its spec (loaded once per run, shared with every method)."""
-    return model_pair(ctx, SimpleNamespace(sender=spec, receiver=spec)).receiver

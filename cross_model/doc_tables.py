@@ -34,7 +34,7 @@ from typing import Any, Callable
 from cross_model.interlingua.controls import format_controls, format_joint
 from cross_model.paired import format_paired, holm, paired_rows
 from cross_model.progress import format_duration
-from cross_model.reporting import format_table
+from cross_model.report_files import format_table
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = ("README.md", "docs/*.md")

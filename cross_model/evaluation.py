@@ -17,30 +17,24 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from cross_model.c2c.training import final_projector_dir
-from cross_model.checkpointing import verify
-from cross_model.context import method_instances, model_by_name, model_pair
 from cross_model.data import load_task_examples
 from cross_model.data.base import Example
 from cross_model.distributed import (
-    PeerFailed, Preempted, agreed, all_reduce_max, barrier, broadcast_object, gather_object, get_rank, get_world_size, is_main,
+    PeerFailed, Preempted, agreed, all_reduce_max, barrier, gather_object, get_rank, get_world_size, is_main,
 )
 from cross_model.failures import FailureGuard, RunRefused
-from cross_model.interlingua.training import final_dir as interlingua_final_dir
 from cross_model.metrics import score_prediction
-from cross_model.progress import Progress
-from cross_model.prompt_prefill import PrefillMemo
+from cross_model.progress import Progress, test_step_delay
+from cross_model.prefill_memo import PrefillMemo
 from cross_model.prompting import recording_prompts
-from cross_model.reporting import format_table, summarize
+from cross_model.report_files import format_table, summarize
 from cross_model.result_files import (
     append_rows, gather_results, read_results, repair_tail, result_dir, write_json_atomically,
 )
-from cross_model.training import final_projection_dir, projection_identity, resolved_train_config, training_recipe
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +53,14 @@ def load_splits(cfg) -> dict[str, tuple[list[Example], list[Example]]]:
     return splits
 
 
-def task_splits(ctx) -> dict[str, tuple[list[Example], list[Example]]]:
-    """The run's splits, loaded once per run."""
-    if "tasks" not in ctx.state:
-        ctx.state["tasks"] = load_splits(ctx.cfg)
-    return ctx.state["tasks"]
-
-
-def prepare_data(ctx) -> dict[str, tuple[list[Example], list[Example]]]:
+def prepare_data(cfg) -> dict[str, tuple[list[Example], list[Example]]]:
     """The data stage, before any model loads: rank 0 loads every task first (a hub download lands in
     the shared cache once), then the others read it; every rank must then hold the same test and
-    calibration ids, or the run is refused (a rank with another cache or code would score other items)."""
+    calibration ids, or the run is refused (a rank with another cache or code would score other items).
+    Returns the splits, which the pipeline hands to the stages that read them."""
     try:
-        agreed(lambda: task_splits(ctx) if is_main() else None, "load the tasks (rank 0)")
-        splits = agreed(lambda: task_splits(ctx), "load the tasks")
+        first = agreed(lambda: load_splits(cfg) if is_main() else None, "load the tasks (rank 0)")
+        splits = agreed(lambda: first if first is not None else load_splits(cfg), "load the tasks")
     except (FileNotFoundError, ValueError, PeerFailed) as err:
         raise RunRefused(f"data: {err}") from err
     ids = {key: [[e.example_id for e in test], [e.example_id for e in calib]] for key, (test, calib) in splits.items()}
@@ -85,62 +73,6 @@ def prepare_data(ctx) -> dict[str, tuple[list[Example], list[Example]]]:
     for key, (test, calib) in splits.items():
         log.info("data: %s: %d test + %d calibration items", key, len(test), len(calib))
     return splits
-
-
-def build_methods(ctx) -> dict[str, Any]:
-    if "methods" not in ctx.state:
-        methods = {}
-        for name, cls, params in method_instances(ctx.cfg):
-            methods[name] = method = cls(params, model_pair(ctx, params), name, ctx.run_dir)
-            if hasattr(method, "load_model"):
-                method.load_model = lambda spec: model_by_name(ctx, spec)
-            if cls.needs_training(params):
-                trained = {"interlingua": trained_interlingua, "c2c": trained_c2c}.get(getattr(cls, "trained_by", ""),
-                                                                                       trained_projection)
-                method.set_projection_from(trained(ctx, name, method))
-        ctx.state["methods"] = methods
-    return ctx.state["methods"]
-
-
-def trained_projection(ctx, name: str, method) -> str:
-    """Where the train stage put this method's projection (this run or an earlier one). Rank 0 checks
-    it and tells the others, so every rank makes the same decision."""
-    path = ctx.state.get("projections", {}).get(name)
-    if path is None:
-        identity = projection_identity(method.pair.sender, method.pair.receiver, method.params.k, method.params.j)
-        train = resolved_train_config(ctx.cfg)
-        path = final_projection_dir(train.checkpoint_dir, identity, training_recipe(train, ctx.cfg.seed))
-    ok = broadcast_object(verify(path)[0] is not None if is_main() else None)
-    if not ok:
-        raise FileNotFoundError(
-            f"methods.{name}: projection: train, but no finished projection at {path}; "
-            f"run the train stage first (stages: [train, ...]) with the same train settings"
-        )
-    return str(path)
-
-
-def trained_c2c(ctx, name: str, method) -> str:
-    """Where the train stage put this c2c method's projector (this run or an earlier one with the same
-    pair and recipe); rank 0 checks it and tells the others."""
-    path = final_projector_dir(ctx.cfg, method.params, method.pair.sender, method.pair.receiver)
-    if not broadcast_object(verify(path)[0] is not None if is_main() else None):
-        raise FileNotFoundError(
-            f"methods.{name}: projector: train, but no finished projector at {path}; run the train stage first "
-            f"(stages: [train, ...]) with the same c2c settings, or set projector: to a finished directory"
-        )
-    return str(path)
-
-
-def trained_interlingua(ctx, name: str, method) -> str:
-    """Where the train stage put the run's interlingua (this run or an earlier one with the same
-    interlingua settings); rank 0 checks it and tells the others."""
-    path = ctx.state.get("interlingua") or interlingua_final_dir(ctx.cfg)
-    if not broadcast_object(verify(path)[0] is not None if is_main() else None):
-        raise FileNotFoundError(
-            f"methods.{name}: needs the run's trained interlingua, but there is none at {path}; run the train "
-            f"stage first (stages: [train, ...]) with the same interlingua settings, or set checkpoint: to a finished one"
-        )
-    return str(path)
 
 
 # --- one task, batch-major ------------------------------------------------------------------------
@@ -238,10 +170,10 @@ def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) 
     batches = chunks(pending, cfg.batch_size)
     # Ranks may have different amounts left; the stop flag is a collective, so all run max(n) rounds.
     rounds = int(all_reduce_max(len(batches)))
-    run_info = ctx.state.get("row_info", {})
+    run_info = ctx.row_info
     guards = {name: FailureGuard(f"{task}/{name}", cfg.fail_fast_items, cfg.fail_fast_ratio) for name in methods}
-    stop = ctx.state.get("stop")
-    delay = float(os.environ.get("CROSS_MODEL_TEST_STEP_DELAY", "0"))  # lets tests kill a run mid-evaluation
+    stop = ctx.stop
+    delay = test_step_delay()
     outcome = TaskOutcome(0, 0, 0)
     todo_total = sum(e.example_id not in done[name] for e in pending for name in methods)
     bar = Progress(todo_total, f"evaluate {task}", unit="answers",
@@ -283,16 +215,15 @@ def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) 
     return outcome
 
 
-def evaluate(ctx) -> dict[str, TaskOutcome]:
-    """The evaluate stage: every task, then (rank 0) the summary of every task x method."""
-    methods = build_methods(ctx)
-    for task, (test, _) in task_splits(ctx).items():  # refused before any task runs
+def evaluate(ctx, methods: dict[str, Any], splits: dict[str, tuple[list[Example], list[Example]]]) -> dict[str, TaskOutcome]:
+    """The evaluate stage: every task through `methods`, then (rank 0) the summary of every task x method."""
+    for task, (test, _) in splits.items():  # refused before any task runs
         check_senders(task, test, methods)
-    outcomes = {task: evaluate_task(ctx, task, test, methods) for task, (test, _) in task_splits(ctx).items()}
+    outcomes = {task: evaluate_task(ctx, task, test, methods) for task, (test, _) in splits.items()}
     barrier()
     if is_main():
         summary = [summarize(task, name, gather_results(ctx.run_dir, task, name, test))
-                   for task, (test, _) in task_splits(ctx).items() for name in methods]
+                   for task, (test, _) in splits.items() for name in methods]
         write_json_atomically(ctx.run_dir / "summary.json", summary)
         if "report" not in ctx.cfg.stages:  # the report stage prints it otherwise
             print(format_table(summary), flush=True)

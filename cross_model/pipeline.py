@@ -5,26 +5,26 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from cross_model.c2c.training import train_c2c
-from cross_model.calibration import calibrate_methods
+from cross_model.calibration import calibrate_methods, calibration_path
+from cross_model.checkpointing import verify
 from cross_model.config import ExperimentConfig, to_dict
-from cross_model.context import RunContext, method_instances, model_by_name, model_pair  # noqa: F401 - the stages' shared names
+from cross_model.context import RunContext, method_instances  # noqa: F401 - run_experiments builds the context
 from cross_model.distributed import barrier, broadcast_object, get_world_size, is_main
 from cross_model.data.base import get_task
-from cross_model.evaluation import evaluate, prepare_data, task_splits
+from cross_model.evaluation import evaluate, prepare_data
 from cross_model.failures import RunRefused
 from cross_model.memory import device_memory, estimate, shape_of, size
-from cross_model.reporting import format_table, summarize, write_reports
+from cross_model.report_files import format_table, summarize, write_reports
 from cross_model.result_files import gather_results, write_json_atomically
 from cross_model.runinfo import load_run_context
 from cross_model.sweeps import plot_layer_sweep
 from cross_model.tracking import Tracker
-from cross_model.interlingua.training import train_interlingua
-from cross_model.training import FINAL, train_projections_for
+from cross_model.trainers import registered_trainables  # every trainable registered
+from cross_model.training.trainables import TrainRequest, get_trainable
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ def plan(cfg: ExperimentConfig) -> list[str]:
     lines = []
     for stage in cfg.stages:
         if stage == "train":
-            needs = [name for name, cls, p in methods if cls.needs_training(p)]
-            lines.append(f"train: {'fit the learned maps (projection, interlingua or c2c projector) of ' + ', '.join(needs) if needs else 'nothing to train'}")
+            needs = [f"{name} ({cls.trained_by})" for name, cls, p in methods if cls.needs_training(p)]
+            lines.append(f"train: {'fit the learned parts of ' + ', '.join(needs) if needs else 'nothing to train'}")
         elif stage == "calibrate":
             needs = [name for name, cls, p in methods if cls.needs_calibration(p)]
             lines.append(f"calibrate: {'calibrate ' + ', '.join(needs) if needs else 'nothing to calibrate'}")
@@ -86,56 +86,84 @@ def memory_plan(cfg: ExperimentConfig, device, dtype, longest_chars: int) -> lis
     return lines
 
 
-def _stage_train(ctx: RunContext) -> None:
-    methods = [(n, c, p) for n, c, p in method_instances(ctx.cfg) if c.needs_training(p)]
+def train_request(ctx: RunContext) -> TrainRequest:
+    return TrainRequest(ctx.cfg, ctx.models.pair, ctx.models.get, ctx.stop,
+                        ctx.tracker.log if ctx.tracker is not None else None)
+
+
+def methods_to_train(cfg: ExperimentConfig) -> list[tuple[str, type, Any]]:
+    """The method instances whose learned part the train stage makes; each names a registered trainable."""
+    methods = [(n, c, p) for n, c, p in method_instances(cfg) if c.needs_training(p)]
+    for name, cls, _ in methods:
+        try:
+            get_trainable(cls.trained_by)
+        except ValueError as err:
+            raise RunRefused(f"methods.{name}: {err}") from err
+    return methods
+
+
+def train_stage(ctx: RunContext) -> dict[str, Path]:
+    """Each registered trainable trains (or finds finished) what this run's methods need; rank 0
+    records each one's outcome in the run directory. Returns method instance -> artefact directory."""
+    methods = methods_to_train(ctx.cfg)
     if not methods:
-        log.info("train: no method needs a learned projection or an interlingua; nothing to do")
-        return
-    projections = [m for m in methods if getattr(m[1], "trained_by", "projection") == "projection"]
-    c2c = [m for m in methods if getattr(m[1], "trained_by", "") == "c2c"]
-    fits: dict[str, Any] = {}
-    for name, cls, params in c2c:  # each c2c method its own projector (pair and recipe decide where)
-        a = model_by_name(ctx, params.sender or ctx.cfg.models.sender)
-        b = model_by_name(ctx, params.receiver or ctx.cfg.models.receiver)
-        trained = train_c2c(ctx, name, params, a, b)
-        if is_main():
-            fits[name] = {"directory": str(trained.directory / FINAL), "history": trained.meta.get("history", []),
-                          "open_layers": trained.meta.get("open_layers"), "loaded_final": trained.loaded_final}
-    if c2c and is_main():
-        write_json_atomically(ctx.run_dir / "c2c.json", fits)
-    if projections:
-        fits = train_projections_for(ctx, projections)
-        if is_main():  # what `doc_tables --publish` quotes about each W
-            write_json_atomically(ctx.run_dir / "projections.json", fits)
-    if len(projections) + len(c2c) < len(methods):  # LatentWire's methods share the run's one interlingua
-        trained = train_interlingua(ctx)
-        ctx.state["interlingua"] = trained.directory / FINAL
+        log.info("train: no method has a learned part; nothing to do")
+        return {}
+    request, artefacts = train_request(ctx), {}
+    for trainable in registered_trainables():
+        mine = [(n, p) for n, c, p in methods if c.trained_by == trainable.name]
+        if not mine:
+            continue
+        outcome = trainable.train(request, mine)
         if is_main():  # what the report and `doc_tables --publish` quote about it
-            write_json_atomically(ctx.run_dir / "interlingua.json", {
-                "directory": str(trained.directory / FINAL), "history": trained.meta.get("history", []),
-                "identity": trained.meta.get("identity", {}), "loaded_final": trained.loaded_final})
+            write_json_atomically(ctx.run_dir / trainable.record_file, outcome.record)
+        artefacts.update(outcome.artefacts)
+    return artefacts
 
 
-def _stage_calibrate(ctx: RunContext) -> None:
-    methods = [(n, c, p) for n, c, p in method_instances(ctx.cfg) if c.needs_calibration(p)]
-    if not methods:
+def trained_artefacts(ctx: RunContext, trained: dict[str, Path]) -> dict[str, str]:
+    """Where each method's learned part is: what this run's train stage returned, else where an
+    earlier run with the same settings left it. Rank 0 checks each and tells the others, so every
+    rank makes the same decision; a missing one refuses the run before any item is answered."""
+    request, out = train_request(ctx), {}
+    for name, cls, params in methods_to_train(ctx.cfg):
+        trainable = get_trainable(cls.trained_by)
+        path = trained.get(name) or trainable.locate(request, name, params)
+        if not broadcast_object(verify(path)[0] is not None if is_main() else None):
+            raise RunRefused(
+                f"methods.{name}: needs a trained {trainable.what}, and there is no finished one at {path}; run the "
+                f"train stage first (stages: [train, ...]) with the same {trainable.config_section} settings, or point "
+                f"the method at a finished directory"
+            )
+        out[name] = str(path)
+    return out
+
+
+def build_methods(ctx: RunContext, trained: dict[str, Path]) -> dict[str, Any]:
+    """Every configured method instance, built with its models and (when it has one) its learned part."""
+    paths = trained_artefacts(ctx, trained)
+    return {name: cls(params, ctx.models.pair(params), name, ctx.run_dir, trained=paths.get(name),
+                      load_model=ctx.models.get)
+            for name, cls, params in method_instances(ctx.cfg)}
+
+
+def calibrate_stage(ctx: RunContext, methods: dict[str, Any], splits: dict) -> None:
+    names = [n for n, c, p in method_instances(ctx.cfg) if c.needs_calibration(p)]
+    if not names:
         log.info("calibrate: no method needs calibration; nothing to do")
         return
-    calibrate_methods(ctx, methods)
+    calib = [e for _, (_, c) in splits.items() for e in c]
+    calibrate_methods(ctx.run_dir, methods, names, calib, ctx.cfg.eval.batch_size)
 
 
-def calibration_path(ctx: RunContext, name: str) -> Path:
-    return ctx.run_dir / f"calibration-{name}.json"
-
-
-def check_saved_calibrations(ctx: RunContext) -> list:
+def check_saved_calibrations(ctx: RunContext) -> list[str]:
     """An evaluation without the calibrate stage (`--stages [evaluate, report]`) reads each method's
     saved calibration; a method without one refuses the run now, not row by row later. Returns the
     methods whose saved calibration the evaluate stage loads."""
     if "evaluate" not in ctx.cfg.stages or "calibrate" in ctx.cfg.stages:
         return []
-    needs = [(n, c, p) for n, c, p in method_instances(ctx.cfg) if c.needs_calibration(p)]
-    missing = broadcast_object([n for n, _, _ in needs if not calibration_path(ctx, n).exists()] if is_main() else None)
+    needs = [n for n, c, p in method_instances(ctx.cfg) if c.needs_calibration(p)]
+    missing = broadcast_object([n for n in needs if not calibration_path(ctx.run_dir, n).exists()] if is_main() else None)
     if missing:
         raise RunRefused(
             f"methods {', '.join(missing)} choose their layers or bits by calibration, and {ctx.run_dir} holds no saved "
@@ -145,11 +173,11 @@ def check_saved_calibrations(ctx: RunContext) -> list:
     return needs
 
 
-def _stage_evaluate(ctx: RunContext) -> None:
+def evaluate_stage(ctx: RunContext, methods: dict[str, Any], splits: dict) -> None:
     saved = check_saved_calibrations(ctx)
     if saved:  # the calibrate stage is not in this run's stages: load what an earlier start saved
-        calibrate_methods(ctx, saved)
-    outcomes = evaluate(ctx)
+        calibrate_methods(ctx.run_dir, methods, saved, [], ctx.cfg.eval.batch_size)
+    outcomes = evaluate(ctx, methods, splits)
     for task, o in outcomes.items():
         log.info("evaluate %s: %d batches on this rank, %d prefills shared between methods, %d run",
                  task, o.batches, o.prefill_hits, o.prefill_misses)
@@ -175,29 +203,20 @@ def report_run(cfg: ExperimentConfig, run_dir: Path, splits: dict, tracker: Any 
     return paths
 
 
-def _stage_report(ctx: RunContext) -> None:
-    if is_main():
-        report_run(ctx.cfg, ctx.run_dir, task_splits(ctx), ctx.state.get("tracker"))
-    barrier()
-
-
-STAGE_FUNCTIONS: dict[str, Callable[[RunContext], None]] = {
-    "train": _stage_train,
-    "calibrate": _stage_calibrate,
-    "evaluate": _stage_evaluate,
-    "report": _stage_report,
-}
-
-
 def run_stages(ctx: RunContext) -> dict[str, float]:
     """Run the configured stages; returns (and rank 0 writes to timings.json) each one's wall time.
-    The report stage runs after the timings are written, so its tables can quote them."""
-    tracker = ctx.state.setdefault("tracker", Tracker.start(ctx.cfg.logging, ctx.run_dir, to_dict(ctx.cfg), ctx.cfg.name))
+    Each stage's result is passed on explicitly: the data stage's splits to every stage that reads
+    items, the train stage's artefacts to the methods built for calibration and evaluation. The
+    report stage runs after the timings are written, so its tables can quote them."""
+    if ctx.tracker is None:
+        ctx.tracker = Tracker.start(ctx.cfg.logging, ctx.run_dir, to_dict(ctx.cfg), ctx.cfg.name)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     try:
-        prepare_data(ctx)  # before any model loads
+        splits = prepare_data(ctx.cfg)  # before any model loads
         check_saved_calibrations(ctx)  # before any stage's work
+        trained: dict[str, Path] = {}
+        methods: dict[str, Any] | None = None
         for stage in ctx.cfg.stages:
             if stage == "report" and is_main():
                 write_json_atomically(ctx.run_dir / "timings.json", {
@@ -205,8 +224,16 @@ def run_stages(ctx: RunContext) -> dict[str, float]:
                     "platform": ctx.platform.description if ctx.platform else None})
             log.info("== stage %s ==", stage)
             t0 = time.perf_counter()
-            STAGE_FUNCTIONS[stage](ctx)
+            if stage == "train":
+                trained = train_stage(ctx)
+            elif stage in ("calibrate", "evaluate"):
+                methods = methods if methods is not None else build_methods(ctx, trained)
+                (calibrate_stage if stage == "calibrate" else evaluate_stage)(ctx, methods, splits)
+            elif stage == "report":
+                if is_main():
+                    report_run(ctx.cfg, ctx.run_dir, splits, ctx.tracker)
+                barrier()
             seconds[stage] = time.perf_counter() - t0
     finally:
-        tracker.finish()
+        ctx.tracker.finish()
     return seconds

@@ -89,3 +89,9 @@ class Progress:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def test_step_delay() -> float:
+    """Seconds to sleep after each training step or evaluation batch: tests set
+    CROSS_MODEL_TEST_STEP_DELAY to kill or signal a run mid-way; 0 otherwise."""
+    return float(os.environ.get("CROSS_MODEL_TEST_STEP_DELAY", "0"))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cross_model.checkpointing import META, verify
+from cross_model.checkpointing import META, check_identity, verify
 
 
 class LearnedProjection(nn.Module):
@@ -47,18 +47,6 @@ def save_projection(proj: LearnedProjection, directory: Path, meta: dict[str, An
     (directory / "projection.json").write_text(json.dumps(meta, indent=2))
 
 
-def check_identity(meta: dict[str, Any], expected: dict[str, Any], where: str, keys: tuple[str, ...] = IDENTITY_KEYS) -> None:
-    """Refuse a checkpoint made for another pair, other layers, other widths (or another recipe),
-    naming every mismatch."""
-    mismatches = [
-        f"{key}: checkpoint has {meta.get(key)!r}, this run needs {expected[key]!r}"
-        for key in keys
-        if key in expected and meta.get(key) != expected[key]
-    ]
-    if mismatches:
-        raise ValueError(f"{where} does not fit this run: " + "; ".join(mismatches))
-
-
 def load_projection(directory: str | Path, expected: dict[str, Any]) -> tuple[LearnedProjection, dict[str, Any]]:
     """Load W and refuse it when it was fitted for another pair, other layers or other widths, or when
     its files do not match their checksums (when it was written by the trainer)."""
@@ -73,7 +61,7 @@ def load_projection(directory: str | Path, expected: dict[str, Any]) -> tuple[Le
         if ok is None:
             raise ValueError(f"projection {directory} is damaged: {why}; delete it and train again")
     meta = json.loads(meta_path.read_text())
-    check_identity(meta, expected, f"projection {directory}")
+    check_identity(meta, expected, f"projection {directory}", IDENTITY_KEYS)
     state = load_file(str(weights_path))
     proj = LearnedProjection(meta["d_in"], meta["d_out"], bias="linear.bias" in state)
     proj.load_state_dict(state)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cross_model.reporting import METRICS, _subplots, plotted_metrics
+from cross_model.report_files import METRICS, _subplots, plotted_metrics
 
 
 def sweep_groups(methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -16,7 +16,7 @@ from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
 from cross_model.prompting import receiver_text, tokenize_prompts
-from cross_model.surgery import assemble_receiver_cache, layout_forward
+from cross_model.kv_layout import assemble_receiver_cache, layout_forward
 
 ARCHS = ["tiny-llama-64", "tiny-qwen2-64", "tiny-gemma3-64"]
 
@@ -199,7 +199,7 @@ def test_quantized_c2c_sends_kv_wire_frames_and_reads_them_back(examples):
 
 def test_a_projector_for_another_pair_is_refused(tmp_path, examples):
     from cross_model.checkpointing import publish_once
-    from cross_model.c2c.training import WEIGHTS_FILE
+    from cross_model.c2c.train_projector import WEIGHTS_FILE
 
     other = make("c2c", "tiny-gemma3-64", "tiny-llama-48", projector="train")
     meta = {"sender": {"name": "someone-else"}, "receiver": {}, "pairing": "last_aligned", "hidden": 256}
@@ -210,7 +210,7 @@ def test_a_projector_for_another_pair_is_refused(tmp_path, examples):
 
 
 def test_training_rows_from_a_chat_dataset_a_jsonl_file_and_the_tasks(tmp_path):
-    from cross_model.c2c.training import conversation_pair, training_rows
+    from cross_model.c2c.train_projector import conversation_pair, training_rows
     from cross_model.config import load_config
 
     hermes = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Name a fjord."},

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cross_model.c2c.training import WEIGHTS_FILE, fit_projector, identity_of
+from cross_model.c2c.train_projector import WEIGHTS_FILE, fit_projector, identity_of
 from cross_model.checkpointing import CheckpointManager
 from cross_model.c2c.projector import new_projector
 from cross_model.methods.registry import resolve_method

@@ -136,7 +136,7 @@ def test_failed_examples_are_scored_wrong_not_dropped(tmp_path):
 
 
 def test_pareto_front_keeps_only_undominated_points(tmp_path):
-    from cross_model.reporting import pareto_front, plot_accuracy_vs_bytes
+    from cross_model.report_files import pareto_front, plot_accuracy_vs_bytes
 
     points = [(1, 10.0, "baseline"), (30, 40.0, "skyline"), (900_000, 35.0, "kvcomm"), (200_000, 45.0, "qkvcomm-4"),
               (50_000, 40.0, "qkvcomm-2"), (30, 20.0, "nld")]

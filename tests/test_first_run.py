@@ -17,8 +17,8 @@ from cross_model.memory import held_bytes
 from cross_model.methods.base import Method, ModelPair, Prediction
 from cross_model.methods.registry import _METHODS, register, resolve_method
 from cross_model.models import load_model
-from cross_model.prefix_cache import PrefixCache
-from cross_model.prompt_prefill import PrefillMemo, run_prefill
+from cross_model.prompt_prefix_cache import PrefixCache
+from cross_model.prefill_memo import PrefillMemo, run_prefill
 from cross_model.prompting import chat_wrap, encode_texts, pad_left
 from cross_model.result_files import finished_ids, read_results
 
@@ -441,7 +441,6 @@ def _other_items_on_rank_1(rank: int, port: int, out) -> None:
     from cross_model import distributed as d
     from cross_model import evaluation
     from cross_model.config import load_config
-    from cross_model.context import RunContext
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     cfg = load_config("configs/tiny.yaml", ["--tasks", "[{name: countries, n_test: 4}]"])
@@ -450,7 +449,7 @@ def _other_items_on_rank_1(rank: int, port: int, out) -> None:
         evaluation.load_task_examples = lambda *a, **k: (lambda t, c: (t[1:] + t[:1], c))(*real(*a, **k))
     with d.distributed_session("gloo"):
         try:
-            evaluation.prepare_data(RunContext(cfg=cfg, platform=None, env=None, run_dir=None, state={}))
+            evaluation.prepare_data(cfg)
             out.put((rank, "ok"))
         except Exception as exc:  # noqa: BLE001
             out.put((rank, f"{type(exc).__name__}: {exc}"))
@@ -541,7 +540,7 @@ def test_a_bug_while_streaming_c4_is_not_reported_as_a_network_failure(monkeypat
 
 def test_failed_rows_stay_in_every_denominator_and_payload_means_skip_them():
     from cross_model.interlingua.controls import joint_rows
-    from cross_model.reporting import summarize
+    from cross_model.report_files import summarize
 
     ok = {"score": 1.0, "first_named": 1.0, "token_f1": 1.0, "payload_bytes": 100, "error": None}
     rows = [{**ok, "example_id": "a"}, {**ok, "example_id": "b"},

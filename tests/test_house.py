@@ -79,4 +79,39 @@ def test_the_import_graph_has_no_cycle():
 
 def test_config_is_a_leaf():
     graph, _ = _graph()
-    assert graph["cross_model.config"] == set()
+    assert graph["cross_model.config.schema"] == set()
+    assert graph["cross_model.config.loading"] == {"cross_model.config.schema"}
+
+
+def _layers() -> dict[str, int]:
+    """docs/ARCHITECTURE.md's layer table: module name (or `pkg.*`) -> layer number."""
+    import re
+
+    out = {}
+    for line in (ROOT / "docs" / "ARCHITECTURE.md").read_text().splitlines():
+        m = re.match(r"^\| (\d+) [^|]*\|[^|]*\|(.*)\|\s*$", line)
+        if m:
+            for name in re.findall(r"`([^`]+)`", m.group(2)):
+                out[name] = int(m.group(1))
+    return out
+
+
+def _layer_of(module: str, layers: dict[str, int]) -> int | None:
+    short = module.removeprefix("cross_model.") if module != "cross_model" else "cross_model"
+    if short in layers:
+        return layers[short]
+    for name, layer in layers.items():
+        if name.endswith(".*") and (short == name[:-2] or short.startswith(name[:-1])):
+            return layer
+    return None
+
+
+def test_every_module_has_a_layer_and_imports_nothing_above_it():
+    graph, _ = _graph()
+    layers = _layers()
+    assert len(set(layers.values())) >= 5, "docs/ARCHITECTURE.md's layer table was not found"
+    unplaced = [m for m in graph if _layer_of(m, layers) is None]
+    assert not unplaced, f"modules without a layer in docs/ARCHITECTURE.md: {unplaced}"
+    upward = [f"{m} (layer {_layer_of(m, layers)}) imports {t} (layer {_layer_of(t, layers)})"
+              for m, targets in graph.items() for t in targets if _layer_of(t, layers) > _layer_of(m, layers)]
+    assert not upward, "\n".join(upward)

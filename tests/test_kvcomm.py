@@ -10,7 +10,7 @@ from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
 from cross_model.prompting import chat_wrap, encode_texts, receiver_text, sender_text, tokenize_prompts
-from cross_model.surgery import assemble_receiver_cache, layout_forward
+from cross_model.kv_layout import assemble_receiver_cache, layout_forward
 
 ARCHS = ["tiny-llama-64", "tiny-qwen2-64", "tiny-gemma3-64"]
 
@@ -139,7 +139,7 @@ def test_layer_map_across_depths():
 def test_calibration_ranks_layers_where_b_can_see_a(examples, monkeypatch):
     """Synthetic: B's tokens can see A's tokens only in layers 1 and 3; those must rank first."""
     import cross_model.methods.kvcomm as kv
-    from cross_model.surgery import SRC_A
+    from cross_model.kv_layout import SRC_A
 
     real = kv.assemble_receiver_cache
 

@@ -235,7 +235,7 @@ def test_the_same_seed_gives_the_same_latent_and_another_seed_another():
 
 
 def test_a_finished_interlingua_refuses_another_receiver(tmp_path, tiny_llama, tiny_llama_48, gemma_tiny):
-    from cross_model.interlingua.training import publish_final
+    from cross_model.interlingua.train_interlingua import publish_final
 
     net = _net([tiny_llama, gemma_tiny])
     meta = {"receivers": net.records, "shape": SHAPE.to_dict(), "calibrate": True}

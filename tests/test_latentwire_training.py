@@ -19,7 +19,7 @@ from cross_model.config import InterlinguaConfig
 from cross_model.data import load_task_examples
 from cross_model.interlingua.encoder import EncoderShape
 from cross_model.interlingua.model import LatentWire, receiver_record
-from cross_model.interlingua.training import fit_interlingua
+from cross_model.interlingua.train_interlingua import fit_interlingua
 
 from tests.helpers import entry, kill_9_and_resume, run_entry
 
@@ -174,7 +174,7 @@ def test_train_evaluate_report_with_every_variant_and_the_controls(tmp_path):
 @pytest.mark.parametrize("task", ["squad", "hotpotqa"])
 def test_hub_tasks_train_on_rows_past_their_test_and_calibration_items(task):
     from cross_model.config import ExperimentConfig, TaskConfig
-    from cross_model.interlingua.training import training_data
+    from cross_model.interlingua.train_interlingua import training_data
 
     fixture = str(ROOT / "tests" / "fixtures" / f"{task}.jsonl")
     cfg = ExperimentConfig(tasks=[TaskConfig(name=task, n_test=1, n_calib=1, path=fixture)],

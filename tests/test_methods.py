@@ -287,7 +287,7 @@ def test_ac_with_a_projection_checkpoint_and_its_refusals(tmp_path, examples):
 def test_shared_prefix_reuse_changes_no_answer(method, examples):
     """Prefilling the common prompt prefix once (cached, expanded over the batch) gives the answers of
     a full prefill, in float64 so that only a real difference in what each row sees could show."""
-    from cross_model.prefix_cache import shared_prefix_length
+    from cross_model.prompt_prefix_cache import shared_prefix_length
 
     shared = make(method, dtype=torch.float64, share_prefix=True)
     full = make(method, dtype=torch.float64, share_prefix=False)
@@ -303,7 +303,7 @@ def test_methods_sharing_prefills_answer_as_they_do_alone(examples):
     """Baseline, NLD, CIPHER, AC and KVComm read the same prompts: with the prefill memo, the later
     ones reuse the earlier ones' prefills (AC's layer-k residual and KVComm's caches then come from a
     full forward), and every answer, payload and token count equals the method's own with the memo off."""
-    from cross_model.prompt_prefill import PrefillMemo
+    from cross_model.prefill_memo import PrefillMemo
 
     lm = load_model("tiny-llama-64", dtype=torch.float64)  # one model, as the pipeline shares them
     methods = {}
@@ -323,7 +323,7 @@ def test_methods_sharing_prefills_answer_as_they_do_alone(examples):
 def test_ac_sender_vector_is_hidden_state_k_of_a_plain_forward(examples, k):
     """A's vector is Hugging Face's hidden_states[k] at the last prompt token, whether A's prefill ran
     only to layer k or a full prefill of the same prompts was taken from the memo."""
-    from cross_model.prompt_prefill import PrefillMemo
+    from cross_model.prefill_memo import PrefillMemo
 
     lm = load_model("tiny-llama-64", dtype=torch.float64)
     cls, p = resolve_method("ac", {"k": k, "j": 2})

@@ -19,7 +19,7 @@ from cross_model.methods.debate import OTHERS, REVISE, first_sender_text
 from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
 from cross_model.prompting import chat_wrap, encode_texts, receiver_text, recording_prompts, sender_text, tokenize_prompts
-from cross_model.surgery import layout_forward
+from cross_model.kv_layout import layout_forward
 
 FIX = Path(__file__).parent / "fixtures"
 ARCHS = ["tiny-llama-64", "tiny-qwen2-64", "tiny-gemma3-64"]

@@ -36,7 +36,7 @@ def _answers(run_dir: Path) -> dict:
 
 def test_every_batch_shares_its_prefills_between_methods_and_keeps_nothing_after(tmp_path, monkeypatch):
     from cross_model import evaluation
-    from cross_model.prompt_prefill import PrefillMemo
+    from cross_model.prefill_memo import PrefillMemo
 
     memos = []
 
@@ -362,7 +362,7 @@ def test_kvcomm_builds_one_mask_per_kind_of_layer_per_step():
     from cross_model.methods.base import ModelPair
     from cross_model.methods.registry import resolve_method
     from cross_model.models import load_model
-    from cross_model.surgery import assemble_receiver_cache, layout_forward
+    from cross_model.kv_layout import assemble_receiver_cache, layout_forward
 
     lm = load_model("tiny-llama-64")
     cls, p = resolve_method("kvcomm", {"selection": "layers", "layers_list": [1, 2], "always_send_layer0": False})

@@ -20,7 +20,7 @@ from cross_model import distributed as d
 from cross_model.checkpointing import CheckpointManager, verify
 from cross_model.config import TrainConfig
 from cross_model.distributed import Preempted
-from cross_model.training import fit_projection, train_projection
+from cross_model.training.ac_projection import fit_projection, train_projection
 from tests.conftest import ROOT, free_port
 from tests.helpers import kill_9_after_first_checkpoint
 
@@ -37,7 +37,7 @@ def synthetic_pairs(n: int, seed: int = 0, noise: float = 0.0):
 
 
 def recipe(cfg: TrainConfig, seed: int = 0) -> dict:
-    from cross_model.training import training_recipe
+    from cross_model.training.ac_projection import training_recipe
 
     return training_recipe(cfg, seed)
 
@@ -90,7 +90,7 @@ def test_linear_map_is_recovered(tmp_path):
 def test_least_squares_is_the_exact_minimiser_with_and_without_ridge(tmp_path, caplog):
     import numpy as np
 
-    from cross_model.training import least_squares
+    from cross_model.training.ac_projection import least_squares
 
     a, b, m = synthetic_pairs(300, noise=0.3)
     pairs = lambda idx: (a[idx], b[idx])  # noqa: E731
@@ -271,7 +271,7 @@ def test_sigterm_on_the_entry_point_leaves_a_checkpoint_and_exits_zero(tmp_path)
 
 def test_checkpoints_and_projections_of_another_pair_are_refused(tmp_path, tiny_llama, tiny_llama_48):
     from cross_model.projection import load_projection
-    from cross_model.training import projection_identity
+    from cross_model.training.ac_projection import projection_identity
 
     cfg = TrainConfig(solver="adam", corpus="offline", n_sentences=24, epochs=1, batch_size=8, checkpoint_dir=str(tmp_path))
     first = train_projection(tiny_llama_48, tiny_llama, 2, 2, cfg, seed=0)

@@ -14,8 +14,9 @@ from cross_model.c2c.align import AlignmentStats, align_spans, alignment_matrix,
 from cross_model.c2c.projector import CacheProjector
 from cross_model.generation import positions_from_mask
 from cross_model.models import LoadedModel
-from cross_model.prompt_prefill import Prefill
-from cross_model.surgery import SRC_A, KVLayout, decoder
+from cross_model.prefill_memo import Prefill
+from cross_model.surgery import decoder
+from cross_model.kv_layout import SRC_A, KVLayout
 
 
 @dataclass

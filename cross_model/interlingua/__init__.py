@@ -4,5 +4,5 @@ A small byte-level encoder reads A's context and pools it into M latent vectors 
 crosses the wire); each frozen receiver has an adapter (d_z -> its embedding width) and an RMS
 calibration, and reads the M vectors as soft tokens before the question. Modules: `encoder` (bytes ->
 Z), `receiver_io` (adapters, the one prompt composer, losses, decoding, scoring), `wire` (Z as bytes),
-`training` (the train stage's job, DDP or DeepSpeed).
+`train_interlingua` (the train stage's job, DDP or DeepSpeed).
 """

@@ -22,7 +22,7 @@ from cross_model.data.base import Example
 from cross_model.methods.base import Method, MethodParams, Prediction
 from cross_model.methods.registry import register
 from cross_model.projection import load_projection
-from cross_model.prompt_prefill import Prefill
+from cross_model.prefill_memo import Prefill
 from cross_model.prompting import receiver_text, sender_text
 from cross_model.surgery import check_layer, residual_edit
 
@@ -82,6 +82,7 @@ def combine(mode: str, a_BD: torch.Tensor, b_BD: torch.Tensor) -> torch.Tensor:
 @register("ac")
 class ActivationCommunication(Method):
     Params = ACParams
+    trained_by = "projection"
 
     @classmethod
     def needs_training(cls, params: ACParams) -> bool:
@@ -91,8 +92,9 @@ class ActivationCommunication(Method):
         check_layer(self.pair.sender, self.params.k, f"methods.{self.name}.k")
         check_layer(self.pair.receiver, self.params.j, f"methods.{self.name}.j", allow_last=False)
         self.projection = None
-        if self.params.projection not in (None, "train"):
-            self.set_projection_from(self.params.projection)
+        source = self.trained or (self.params.projection if self.params.projection != "train" else None)
+        if source is not None:
+            self.set_projection_from(source)
 
     def set_projection_from(self, directory: str) -> None:
         s, r = self.pair.sender.info, self.pair.receiver.info

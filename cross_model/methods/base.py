@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from cross_model.data.base import Example
 from cross_model.failures import free_device_memory, full_traceback, innermost_traceback, is_out_of_memory, poisons_process
 from cross_model.generation import GenerationResult, greedy_generate
 from cross_model.models import LoadedModel
-from cross_model.prefix_cache import PrefixCache, PrefixedBatch
-from cross_model.prompt_prefill import Prefill, PrefillMemo, run_prefill
+from cross_model.prompt_prefix_cache import PrefixCache, PrefixedBatch
+from cross_model.prefill_memo import Prefill, PrefillMemo, run_prefill
 from cross_model.prompting import Batch, chat_wrap, encode_texts, pad_left
 
 log = logging.getLogger(__name__)
@@ -86,11 +85,18 @@ class Method:
     Params = MethodParams
     registry_name = ""
 
-    def __init__(self, params: MethodParams, pair: ModelPair, name: str | None = None, run_dir: Path | None = None):
+    trained_by: str | None = None  # the registered trainable that makes this method's learned part, if any
+
+    def __init__(self, params: MethodParams, pair: ModelPair, name: str | None = None, run_dir: Path | None = None, *,
+                 trained: str | None = None, load_model: Callable[[str], LoadedModel] | None = None):
+        """`trained`: the directory of this method's finished learned part (the train stage's, or an
+        earlier run's); `load_model`: the run's loader, for methods that read more models than the pair."""
         self.params = params
         self.pair = pair
         self.name = name or self.registry_name
         self.run_dir = run_dir
+        self.trained = trained
+        self.load_model = load_model
         self.prefix_cache = PrefixCache()
         self._memo: PrefillMemo | None = None  # set for the duration of one `run_batch`
         self.fitted_batch_size: int | None = None  # after an out-of-memory: the batch size that fitted

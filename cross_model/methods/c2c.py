@@ -23,7 +23,7 @@ from cross_model.kv_wire_batch import decode_batch, encode_batch
 from cross_model.methods.base import Method, MethodParams, Prediction
 from cross_model.methods.registry import register
 from cross_model.prompting import chat_text, encode_texts, receiver_text, sender_text, tokenize_prompts
-from cross_model.surgery import layout_forward, use_cross_model_attention
+from cross_model.kv_layout import layout_forward, use_cross_model_attention
 
 @dataclass
 class C2CParams(MethodParams):
@@ -92,8 +92,8 @@ class C2C(Method):
         self.projector.requires_grad_(False)
         if self.params.projector == "identity":
             self.projector.identity_init()
-        elif self.params.projector != "train":
-            self.set_projection_from(self.params.projector)
+        elif self.params.projector != "train" or self.trained:
+            self.set_projection_from(self.trained or self.params.projector)
         use_cross_model_attention(b)
 
     def set_projection_from(self, directory: str) -> None:

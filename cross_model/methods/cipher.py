@@ -26,8 +26,8 @@ from cross_model.methods.base import Method, Prediction
 from cross_model.methods.debate import DebateParams, first_sender_text, receiver_prompt, refinement_parts
 from cross_model.methods.registry import register
 from cross_model.models import LoadedModel
-from cross_model.prefix_cache import MIN_SHARED, shared_prefix_length
-from cross_model.prompt_prefill import Prefill
+from cross_model.prompt_prefix_cache import MIN_SHARED, shared_prefix_length
+from cross_model.prefill_memo import Prefill
 from cross_model.prompting import VECTOR_MARK, chat_wrap, encode_texts
 from cross_model.surgery import embed_ids, input_embeddings
 from transformers import DynamicCache

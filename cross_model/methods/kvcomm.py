@@ -3,7 +3,7 @@
 A prefills its prompt once, up to the highest layer that is sent (no LM head). B's cache holds, per
 receiver layer, all of A's keys/values for selected layers and only A's first token (the attention
 sink) elsewhere. B's tokens take positions after A's context and attend causally, layer by layer, to
-exactly what that layer holds (see `surgery.KVLayout`): causal for every layer selection, unlike the
+exactly what that layer holds (see `kv_layout.KVLayout`): causal for every layer selection, unlike the
 public code. Layers are chosen by hand, at random, or by calibration on a split disjoint from the test
 items: attention mass of B's prompt on A's tokens (sink excluded, causal mask applied), min-max
 normalised and blended with a Gaussian prior over depth.
@@ -11,11 +11,10 @@ normalised and blended with a Gaussian prior over depth.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -27,13 +26,13 @@ from cross_model.facts import check_facts_settings, facts_text, with_facts
 from cross_model.generation import greedy_generate
 from cross_model.methods.base import Method, MethodParams, Prediction
 from cross_model.methods.registry import register
+from cross_model.models import LoadedModel
 from cross_model.kv_wire import KVPayload, dtype_bits, dtype_name, payload_size
 from cross_model.progress import Progress
-from cross_model.prompt_prefill import Prefill, run_prefill
+from cross_model.prefill_memo import Prefill, run_prefill
 from cross_model.prompting import pad_left, receiver_text, sender_text, tokenize_prompts
-from cross_model.surgery import (
-    assemble_receiver_cache, join_receiver_caches, layout_forward, partial_forward, use_cross_model_attention,
-)
+from cross_model.surgery import partial_forward
+from cross_model.kv_layout import assemble_receiver_cache, join_receiver_caches, layout_forward, use_cross_model_attention
 
 SELECTIONS = ("calibrate", "layers", "range", "random", "all", "online")
 RECEIVER_MASKS = ("causal", "public")
@@ -86,6 +85,14 @@ class KVCommParams(MethodParams):
             raise ValueError(f"{prefix}.control: {self.control!r} is not one of null, other_item")
 
 
+@dataclass(frozen=True)
+class SenderSide:
+    """One sender of an item: its model and, per receiver layer, the sender layer that layer reads."""
+
+    model: LoadedModel
+    layer_map: list[int]
+
+
 def layer_map(l_a: int, l_b: int) -> list[int]:
     """For each receiver layer, the sender layer it reads (A layer l maps to B layer
     round((l + 0.5) L_B / L_A - 0.5); this is that rule read from B's side)."""
@@ -126,7 +133,6 @@ class KVComm(Method):
                 )
         # Per sender model (`senders`), the sender layer each receiver layer reads.
         self.layer_maps = [layer_map(s.info.num_layers, b.num_layers) for s in self.pair.senders]
-        self.layer_map = self.layer_maps[0]
         n = b.num_layers
         p = self.params
         for layer in (p.layers_list or []) + [x for x in (p.layer_from, p.layer_to) if x is not None]:
@@ -163,14 +169,27 @@ class KVComm(Method):
         return chosen
 
     # --- sender ---------------------------------------------------------------------------------
-    def sender_cache(self, examples: list[Example], selected: set[int],
-                     offset_B: torch.Tensor | None = None) -> tuple[Prefill, Any, dict]:
+    def sender_side(self, j: int = 0) -> SenderSide:
+        """Sender j's model and layer map (its own model under `senders`; senders without one run
+        sender 0's)."""
+        own = j if 0 < j < len(self.layer_maps) else 0
+        return SenderSide(self.pair.sender_for(j), self.layer_maps[own])
+
+    @property
+    def layer_map(self) -> list[int]:
+        """Sender 0's: the sender layer each receiver layer reads."""
+        return self.layer_maps[0]
+
+    def sender_cache(self, examples: list[Example], selected: set[int], offset_B: torch.Tensor | None = None,
+                     side: SenderSide | None = None) -> tuple[Prefill, Any, dict]:
         """A's prefill, stopping after the highest sent layer (or shared with a method that ran more);
         the sinks of higher layers come from a one-token forward (A's first token attends only to
         itself, so its keys/values are the same). `offset_B`: A's context starts at this position in
-        each row (a later sender of a multi-sender item; its prefill is its own, never shared)."""
-        a = self.pair.sender
-        top = max((self.layer_map[l] for l in selected), default=-1) + 1
+        each row (a later sender of a multi-sender item; its prefill is its own, never shared).
+        `side`: which sender (default sender 0)."""
+        side = side or self.sender_side()
+        a, lmap = side.model, side.layer_map
+        top = max((lmap[l] for l in selected), default=-1) + 1
         texts = [sender_text(e) for e in examples]
         if offset_B is None:
             pre = self.prefill(a, texts, layers=top)
@@ -178,7 +197,7 @@ class KVComm(Method):
             ids = self.prompt_ids(a, texts)
             pre = run_prefill(a, pad_left(ids, a.tokenizer.pad_token_id, a.device), ids, top, offset_B.to(a.device))
         sink_kv = {}
-        sink_layers = {self.layer_map[l] for l in range(len(self.layer_map)) if l not in selected}
+        sink_layers = {lmap[l] for l in range(len(lmap)) if l not in selected}
         if any(la >= pre.layers for la in sink_layers):
             ids = torch.tensor(pre.first_ids, dtype=torch.long, device=a.device)[:, None]
             sink_cache = DynamicCache()
@@ -188,45 +207,34 @@ class KVComm(Method):
                        for la in sink_layers if la >= pre.layers}
         return pre, pre.kv_view(), sink_kv
 
-    def wire_payload(self, selected: set[int], n_tokens: int, bits: list[int] | None = None) -> KVPayload:
+    def wire_payload(self, selected: set[int], n_tokens: int, bits: list[int] | None = None,
+                     side: SenderSide | None = None) -> KVPayload:
         """The payload's description (no tensors yet): what `kv_wire.encode` frames."""
-        a, b = self.pair.sender, self.pair.receiver
+        side = side or self.sender_side()
+        a, b, lmap = side.model, self.pair.receiver, side.layer_map
         layers = sorted(selected)
         sinks = [l for l in range(b.info.num_layers) if l not in selected]
         dt = dtype_name(a.model.dtype)
         return KVPayload(
-            a.info.name, b.info.name, layers, [self.layer_map[l] for l in layers], sinks,
-            [self.layer_map[l] for l in sinks], dt, bits or [dtype_bits(dt)] * len(layers),
+            a.info.name, b.info.name, layers, [lmap[l] for l in layers], sinks, [lmap[l] for l in sinks], dt, bits or [dtype_bits(dt)] * len(layers),
             kv_heads=a.info.num_kv_heads, head_dim=a.info.head_dim, tokens=n_tokens,
         )
 
-    def payload_bytes(self, n_tokens: int, selected: set[int]) -> int:
+    def payload_bytes(self, n_tokens: int, selected: set[int], side: SenderSide | None = None) -> int:
         """The length of the encoded payload: sent layers and sinks raw, plus header and checksum."""
-        return payload_size(self.wire_payload(selected, n_tokens).header())
+        return payload_size(self.wire_payload(selected, n_tokens, side=side).header())
 
-    def transmit(self, pre: Prefill, cache: Any, sink_kv: dict, selected: set[int],
-                 texts: list[str] | None = None) -> tuple[Any, dict, list[int], list[dict]]:
-        """What crosses from A to B: B's view of A's cache and sinks, and each row's payload bytes.
-        KVComm sends A's tensors as they are, so B's view is A's cache."""
-        return cache, sink_kv, [self.payload_bytes(n, selected) for n in pre.prompt_lengths], [{} for _ in pre.prompt_lengths]
+    def transmit(self, pre: Prefill, cache: Any, sink_kv: dict, selected: set[int], texts: list[str] | None = None,
+                 side: SenderSide | None = None) -> tuple[Any, dict, list[int], list[dict]]:
+        """What crosses from A to B (from sender `side`): B's view of A's cache and sinks, and each row's
+        payload bytes. KVComm sends A's tensors as they are, so B's view is A's cache."""
+        return cache, sink_kv, [self.payload_bytes(n, selected, side) for n in pre.prompt_lengths], [{} for _ in pre.prompt_lengths]
 
     def merge_extras(self, earlier: dict, later: dict) -> dict:
         """One row's extra fields from two senders' payloads (KVComm's transmit adds none)."""
         return {**earlier, **later}
 
     # --- receiver -------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def acting_as(self, j: int) -> Iterator[None]:
-        """Within the block, `pair.sender` and `layer_map` are sender j's (its own model under `senders`),
-        so the sender side (prefill, payload, quantization) serves it unchanged."""
-        saved = self.pair.sender, self.layer_map
-        own = j if 0 < j < len(self.layer_maps) else 0  # senders without a model of their own run sender 0's
-        self.pair.sender, self.layer_map = self.pair.sender_for(j), self.layer_maps[own]
-        try:
-            yield
-        finally:
-            self.pair.sender, self.layer_map = saved
-
     def receiver_cache(self, examples: list[Example], selected: set[int], as_sent: bool = True):
         """B's cache and layout from every sender's A-side work, with B's position offset, each row's
         sender prompt tokens, payload bytes and extra fields.
@@ -241,17 +249,17 @@ class KVComm(Method):
         offset = None
         for j in range(senders):
             views = [e.as_sender(j) for e in examples]
-            with self.acting_as(j):
-                a_pre, a_cache, sink_kv = self.sender_cache(views, selected, offset)
-                if as_sent:
-                    a_cache, sink_kv, got, more = self.transmit(a_pre, a_cache, sink_kv, selected,
-                                                                [sender_text(e) for e in views])
-                    sizes = [x + y for x, y in zip(sizes, got)]
-                    extras = more if j == 0 else [self.merge_extras(x, y) for x, y in zip(extras, more)]
-                    per_sender.append(got)
-                a_mask = a_pre.full_mask
-                parts.append(assemble_receiver_cache(a_cache, a_mask, self.layer_map, selected, sink_kv,
-                                                     self.params.receiver_mask, offset))
+            side = self.sender_side(j)
+            a_pre, a_cache, sink_kv = self.sender_cache(views, selected, offset, side)
+            if as_sent:
+                a_cache, sink_kv, got, more = self.transmit(a_pre, a_cache, sink_kv, selected,
+                                                            [sender_text(e) for e in views], side)
+                sizes = [x + y for x, y in zip(sizes, got)]
+                extras = more if j == 0 else [self.merge_extras(x, y) for x, y in zip(extras, more)]
+                per_sender.append(got)
+            a_mask = a_pre.full_mask
+            parts.append(assemble_receiver_cache(a_cache, a_mask, side.layer_map, selected, sink_kv,
+                                                 self.params.receiver_mask, offset))
             a_len = [x + y for x, y in zip(a_len, a_pre.prompt_lengths)]
             real = a_mask.sum(-1)
             offset = real if offset is None else offset.to(real.device) + real

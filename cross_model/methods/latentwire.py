@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -61,7 +61,6 @@ class LatentWireMethod(Method):
     def __init__(self, *args: Any, **kw: Any):
         self.net: LatentWire | None = None
         self.meta: dict[str, Any] = {}
-        self.load_model: Callable[[str], LoadedModel] | None = None  # the run's loader, for joint's receivers
         self._donor: list[str] = []  # the previous batch's contexts: a one-row batch's "another row"
         super().__init__(*args, **kw)
 
@@ -70,8 +69,9 @@ class LatentWireMethod(Method):
         return params.variant != "text" and params.checkpoint is None
 
     def check_pair(self) -> None:
-        if self.params.checkpoint is not None and self.params.variant != "text":
-            self.set_projection_from(self.params.checkpoint)
+        source = self.trained or self.params.checkpoint
+        if source is not None and self.params.variant != "text":
+            self.set_projection_from(source)
 
     def set_projection_from(self, directory: str) -> None:
         """Load the finished interlingua; `joint` attaches every receiver it serves."""

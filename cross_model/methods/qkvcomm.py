@@ -25,12 +25,12 @@ from cross_model.failures import measure_in_batches
 from cross_model.generation import positions_from_mask
 from cross_model.kv_wire import QUANT_BITS, KVPayload, QuantScheme, dtype_bits, payload_size
 from cross_model.kv_wire_batch import decode_batch, encode_batch
-from cross_model.methods.kvcomm import KVComm, KVCommParams
+from cross_model.methods.kvcomm import KVComm, KVCommParams, SenderSide
 from cross_model.methods.registry import register
 from cross_model.progress import Progress
-from cross_model.prompt_prefill import KVView, LayerKV, Prefill
+from cross_model.prefill_memo import KVView, LayerKV, Prefill
 from cross_model.prompting import receiver_text, tokenize_prompts
-from cross_model.surgery import assemble_receiver_cache, layout_forward
+from cross_model.kv_layout import assemble_receiver_cache, layout_forward
 
 
 @dataclass
@@ -174,17 +174,21 @@ class QKVComm(KVComm):
             raise ValueError(f"methods.{self.name}: no calibrated width for layers {missing}; calibrate again")
         return [self.layer_bits[l] for l in layers]
 
-    def transmit(self, pre: Prefill, cache: Any, sink_kv: dict, selected: set[int], texts: list[str] | None = None):
-        return self.send_quantized(pre, cache, sink_kv, selected, self.bits_for(selected), texts, as_configured=True)
+    def transmit(self, pre: Prefill, cache: Any, sink_kv: dict, selected: set[int], texts: list[str] | None = None,
+                 side: SenderSide | None = None):
+        return self.send_quantized(pre, cache, sink_kv, selected, self.bits_for(selected), texts, as_configured=True,
+                                   side=side)
 
-    def _template(self, selected: set[int], bits: list[int], value_bits: list[int] | None) -> KVPayload:
-        p = self.wire_payload(selected, 0, bits)
+    def _template(self, selected: set[int], bits: list[int], value_bits: list[int] | None,
+                  side: SenderSide | None = None) -> KVPayload:
+        p = self.wire_payload(selected, 0, bits, side)
         p.value_bits = value_bits
         p.sink_dtype = self.params.sink_dtype if dtype_bits(p.dtype) > 16 else None
         p.scheme = self.params.scheme()
         return p
 
-    def row_widths(self, selected: set[int], bits: list[int], lengths: list[int]) -> list[tuple[list[int], list[int] | None, bool]]:
+    def row_widths(self, selected: set[int], bits: list[int], lengths: list[int],
+                   side: SenderSide | None = None) -> list[tuple[list[int], list[int] | None, bool]]:
         """Per row, (key widths, value widths, within budget). Without `byte_budget` every row sends
         `bits` (values at `value_bits`); with it, each row takes the widest of `bit_choices` whose payload
         fits the budget at its own token count (the narrowest, marked over budget, when none does)."""
@@ -194,29 +198,31 @@ class QKVComm(KVComm):
         out = []
         for n in lengths:
             fits = [w for w in sorted(self.params.bit_choices, reverse=True)
-                    if payload_size({**self._template(selected, [w] * len(bits), None).header(), "tokens": n})
+                    if payload_size({**self._template(selected, [w] * len(bits), None, side).header(), "tokens": n})
                     <= self.params.byte_budget]
             w = fits[0] if fits else min(self.params.bit_choices)
             out.append(([w] * len(bits), None, bool(fits)))
         return out
 
     def send_quantized(self, pre: Prefill, cache: Any, sink_kv: dict, selected: set[int], bits: list[int],
-                       texts: list[str] | None = None, as_configured: bool = False):
+                       texts: list[str] | None = None, as_configured: bool = False, side: SenderSide | None = None):
         """Encode each row's payload, decode it as B would, and return B's view: a copy of A's cache
         whose sent layers hold the decoded tensors, and every sink as decoded. The arithmetic runs for
         the rows sharing widths at once on the device (`kv_wire_batch`); each row still gets its own
         frame. A row whose payload is in the payload cache (the same sender, text A read, layers, widths
         and scheme: a context asked again) is not encoded again; `texts` are what A read (no cache without).
         `as_configured`: the method's own `value_bits` and `byte_budget` apply (calibration's probes send
-        exactly `bits`)."""
+        exactly `bits`). `side`: which sender (default sender 0)."""
+        side = side or self.sender_side()
         b = self.pair.receiver.info
-        b_heads, head_dim = self.pair.sender.info.num_kv_heads, self.pair.sender.info.head_dim
+        a = side.model.info
+        b_heads, head_dim = a.num_kv_heads, a.head_dim
         mask = pre.full_mask.bool()
         rows = torch.arange(mask.shape[0], device=mask.device)
         first = mask.long().argmax(-1)  # each row's first real token (A's attention sink)
         lengths = [int(x) for x in mask.sum(-1).tolist()]
-        widths = self.row_widths(selected, bits, lengths) if as_configured else [(bits, None, True)] * len(lengths)
-        p = self._template(selected, bits, None)
+        widths = self.row_widths(selected, bits, lengths, side) if as_configured else [(bits, None, True)] * len(lengths)
+        p = self._template(selected, bits, None, side)
         keys = [cache.layers[la].keys for la in p.sender_layers]
         values = [cache.layers[la].values for la in p.sender_layers]
         sink_keys, sink_values = [], []
@@ -237,7 +243,7 @@ class QKVComm(KVComm):
         for i, (kb, vb, _) in enumerate(widths):
             groups.setdefault((tuple(kb), tuple(vb) if vb else None), []).append(i)
         for (kb, vb), idx in groups.items():
-            t = self._template(selected, list(kb), list(vb) if vb else None)
+            t = self._template(selected, list(kb), list(vb) if vb else None, side)
             ids = [self._cache_key(texts[i], t) for i in idx] if self.payload_cache is not None and texts else None
             todo, first_of = [], {}  # rows to encode: one per distinct payload in the group
             for j in range(len(idx)):
@@ -270,13 +276,13 @@ class QKVComm(KVComm):
                 sink_view[la][0][sub], sink_view[la][1][sub] = k, v
         sizes, extras = [], []
         for n, blob, (kb, vb, fits), hit in zip(lengths, blobs, widths, hits):
-            t = self._template(selected, kb, vb)
+            t = self._template(selected, kb, vb, side)
             t.tokens = n
             n_layers = len(kb)
             same_layers = {k: v for k, v in t.header().items() if k != "value_bits"}
             bf16 = payload_size({**same_layers, "dtype": "bfloat16", "sink_dtype": "bfloat16", "bits": [16] * n_layers})
             # A's whole cache as it holds it: every layer's keys and values, raw, no header.
-            full = 2 * self.pair.sender.info.num_layers * b_heads * n * head_dim * dtype_bits(t.dtype) // 8
+            full = 2 * a.num_layers * b_heads * n * head_dim * dtype_bits(t.dtype) // 8
             sizes.append(len(blob))
             all_widths = [*kb, *(vb or kb)]
             extra = {"mean_bits": sum(all_widths) / max(len(all_widths), 1), "compression_vs_bf16": round(bf16 / len(blob), 3),

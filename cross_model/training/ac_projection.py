@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,23 +28,24 @@ from typing import Any, Callable
 
 import torch
 
-from cross_model.checkpointing import CheckpointManager, publish_once, rng_state, set_rng_state, verify, write_atomically
-from cross_model.config import TrainConfig
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from cross_model.checkpointing import FINAL, directory_slug, publish_once, verify, write_atomically
+from cross_model.config import TrainConfig, resolved_train_config
 from cross_model.distributed import (
-    Preempted, StopFlag, all_reduce_tensors, barrier, broadcast_object, gather_object, get_rank, get_world_size,
-    is_initialized, is_main,
+    StopFlag, all_reduce_tensors, barrier, broadcast_object, gather_object, get_rank, get_world_size, is_initialized,
+    is_main,
 )
-from cross_model.context import model_pair
 from cross_model.models import LoadedModel
-from cross_model.progress import Progress
-from cross_model.projection import LearnedProjection, check_identity, load_projection
+from cross_model.projection import LearnedProjection, load_projection
 from cross_model.data.corpus import load_corpus
 from cross_model.prompting import pad_left
 from cross_model.surgery import check_layer, last_token, partial_forward
+from cross_model.training.loop import TrainJob, train_loop
+from cross_model.training.trainables import Trainable, TrainOutcome, TrainRequest
 
 log = logging.getLogger(__name__)
 
-FINAL = "final"
 ACTIVATIONS = "activations"
 RECIPE_KEYS = ("corpus", "corpus_path", "n_sentences", "heldout_fraction", "solver", "ridge", "epochs", "batch_size", "lr",
                "max_length", "seed")
@@ -65,14 +65,10 @@ def training_recipe(cfg: TrainConfig, seed: int) -> dict[str, Any]:
     return {**recipe, "seed": seed}
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[-48:]
-
-
 def projection_dir(checkpoint_dir: str | Path, identity: dict[str, Any], recipe: dict[str, Any]) -> Path:
     """One directory per (pair, layers, recipe): a changed recipe never resumes another's checkpoints."""
     digest = hashlib.sha256(json.dumps({**identity, **recipe}, sort_keys=True).encode()).hexdigest()[:10]
-    name = f"{_slug(identity['sender'])}__{_slug(identity['receiver'])}__k{identity['k']}_j{identity['j']}__{digest}"
+    name = f"{directory_slug(identity['sender'])}__{directory_slug(identity['receiver'])}__k{identity['k']}_j{identity['j']}__{digest}"
     return Path(checkpoint_dir).expanduser() / name
 
 
@@ -84,17 +80,8 @@ def activations_dir(checkpoint_dir: str | Path, identity: dict[str, Any], recipe
     solver and optimizer setting, which change W but not the pairs it is fitted on."""
     key = {**identity, **{k: recipe[k] for k in DATA_KEYS}}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    name = f"{_slug(identity['sender'])}__{_slug(identity['receiver'])}__k{identity['k']}_j{identity['j']}__{digest}"
+    name = f"{directory_slug(identity['sender'])}__{directory_slug(identity['receiver'])}__k{identity['k']}_j{identity['j']}__{digest}"
     return Path(checkpoint_dir).expanduser() / ACTIVATIONS / name
-
-
-def resolved_train_config(cfg: Any) -> TrainConfig:
-    """The experiment's train settings with `checkpoint_dir` made absolute: a relative one lives
-    under `output_dir`, so runs in one output directory share finished projections."""
-    from dataclasses import replace
-
-    path = Path(cfg.train.checkpoint_dir).expanduser()
-    return replace(cfg.train, checkpoint_dir=str(path if path.is_absolute() else Path(cfg.output_dir) / path))
 
 
 def final_projection_dir(checkpoint_dir: str | Path, identity: dict[str, Any], recipe: dict[str, Any]) -> Path:
@@ -172,11 +159,6 @@ class FitResult:
     loaded_final: bool = False
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
 def least_squares(train_pairs: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]], n_train: int,
                   d_in: int, d_out: int, ridge: float, chunk: int = 256) -> torch.Tensor:
     """The W (d_out x d_in) minimising sum ||W a - b||^2 + lam ||W||^2 over every training pair, with
@@ -221,91 +203,45 @@ def fit_projection(
 ) -> FitResult:
     """Fit W on `train_pairs(indices) -> (a, b)` for indices in range(n_train), resuming from the
     newest complete checkpoint in `directory`. Collective: every rank calls it with the same arguments."""
-    rank, world = get_rank(), get_world_size()
+    world = get_world_size()
     seed = recipe["seed"]
-    manager = CheckpointManager(directory, cfg.keep_last)
     proj = LearnedProjection(identity["d_in"], identity["d_out"], seed=seed).to(device)
     if cfg.solver == "lstsq":
         return _fit_exactly(proj, train_pairs, n_train, heldout, identity, recipe, directory, cfg)
     opt = torch.optim.Adam(proj.parameters(), lr=cfg.lr)
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    total = math.ceil(n_train / cfg.batch_size) * cfg.epochs
     sidecar = {**identity, **recipe, "dtype": "float32", "bias": False, "total_steps": total}
-    history: list[dict[str, Any]] = []
-
-    step, resumed = 0, None
-    # Rank 0 picks the checkpoint (it alone renames and prunes them); every rank loads that one.
-    latest = broadcast_object(manager.latest_step() if is_main() else None)
-    ckpt = None if latest is None else manager.load(latest, rank, world)
-    if ckpt is not None:
-        check_identity(ckpt.meta, sidecar, f"checkpoint {ckpt.path}", keys=tuple(identity) + RECIPE_KEYS)
-        proj.load_state_dict(ckpt.tensors)
-        opt.load_state_dict(ckpt.trainer["optimizer"])
-        step, resumed = ckpt.trainer["step"], ckpt.step
-        history = ckpt.meta.get("history", [])
-        if ckpt.rng is not None:
-            set_rng_state(ckpt.rng)
-        log.info("train: resumed %s at step %d of %d", directory.name, step, total)
-
     model: torch.nn.Module = proj
     if is_initialized():
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         model = DDP(proj, device_ids=[torch.device(device).index] if torch.device(device).type == "cuda" else None)
 
-    def save(at: int) -> None:
-        rngs = gather_object(rng_state())
-        if is_main():
-            trainer = {"optimizer": opt.state_dict(), "step": at, "epoch": at // steps_per_epoch,
-                       "batch_in_epoch": at % steps_per_epoch}
-            manager.save(at, {k: v.detach() for k, v in proj.state_dict().items()},
-                         {**sidecar, "history": history, "epoch": at // steps_per_epoch}, trainer, rngs)
-        barrier()
-
-    delay = float(os.environ.get("CROSS_MODEL_TEST_STEP_DELAY", "0"))  # lets tests kill a run mid-training
-    bar = Progress(total, f"train {identity['sender']}->{identity['receiver']}", unit="steps", initial=step)
-    last_saved = resumed
-    while step < total:
-        epoch, b = divmod(step, steps_per_epoch)
-        order = _epoch_order(n_train, seed, epoch)
-        batch = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-        mine = batch[rank::world]
-        a, target = train_pairs(mine)
-        a, target = a.to(device), target.to(device)
-        pred = model(a)
+    def loss(step: int, rows: list[int], batch_rows: int) -> torch.Tensor:
+        a, target = train_pairs(rows)
+        pred = model(a.to(device))
         # Sum over this rank's rows / (global rows x width) x world: DDP's mean over ranks then gives
         # exactly the gradient of the global batch's MSE, however the batch was split.
-        loss = ((pred - target.float()) ** 2).sum() / (len(batch) * identity["d_out"]) * world
+        return ((pred - target.to(device).float()) ** 2).sum() / (batch_rows * identity["d_out"]) * world
+
+    def step_optimizer(value: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
-        step += 1
-        bar.update(1)
-        if on_step is not None:
-            on_step(step, proj)
-        if delay:
-            time.sleep(delay)
-        end_of_epoch = step % steps_per_epoch == 0
-        if end_of_epoch:
-            stats = {"epoch": step // steps_per_epoch, "step": step, **fit_statistics(proj, *heldout)}
-            history.append(stats)
-            log.info("train: epoch %d/%d held-out mse %.4g  R^2 %.4f  cosine %.4f",
-                     stats["epoch"], cfg.epochs, stats["mse"], stats["r2"], stats["cosine"])
-            if log_metrics is not None and is_main():
-                log_metrics({f"train/{k}": v for k, v in stats.items()})
-        stopping = stop is not None and stop.should_stop()
-        if step == total or stopping or end_of_epoch or step % cfg.checkpoint_every == 0:
-            save(step)
-            last_saved = step
-        if stopping:
-            bar.close()
-            log.warning("train: stop signal; saved step %d of %d in %s, exiting to resume later", step, total, directory)
-            raise Preempted(f"training stopped at step {step} of {total}; checkpoint saved in {directory}")
-    bar.close()
-    if last_saved != step:
-        save(step)
-    meta = {**sidecar, "history": history, "final_step": step, "fit": history[-1] if history else {}}
-    return _finish(proj, meta, directory, n_train, resumed)
+
+    def heldout_fit(step: int) -> dict[str, Any]:
+        stats = {"epoch": step // job.steps_per_epoch, "step": step, **fit_statistics(proj, *heldout)}
+        log.info("train: epoch %d/%d held-out mse %.4g  R^2 %.4f  cosine %.4f",
+                 stats["epoch"], cfg.epochs, stats["mse"], stats["r2"], stats["cosine"])
+        return stats
+
+    job = TrainJob("train", f"train {identity['sender']}->{identity['receiver']}", directory, proj, loss, step_optimizer,
+                   opt.state_dict, opt.load_state_dict, n_train, cfg.batch_size, total, seed, cfg.checkpoint_every,
+                   cfg.keep_last, sidecar, tuple(identity) + RECIPE_KEYS, heldout=heldout_fit,
+                   heldout_every=math.ceil(n_train / cfg.batch_size), save_after_heldout=True, stop=stop,
+                   on_step=on_step, log_metrics=log_metrics)
+    done = train_loop(job)
+    history = done.history
+    meta = {**sidecar, "history": history, "final_step": done.step, "fit": history[-1] if history else {}}
+    return _finish(proj, meta, directory, n_train, done.resumed_from)
 
 
 def _fit_exactly(proj: LearnedProjection, train_pairs: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
@@ -421,21 +357,21 @@ def cached_activations(
     return a, b
 
 
-def train_projections_for(ctx: Any, methods: list[tuple[str, type, Any]]) -> dict[str, dict[str, Any]]:
-    """The pipeline's train stage: one projection per distinct (pair, k, j) among `methods`; returns,
-    per method, where its W is and how it fits the held-out pairs."""
+def train_projections_for(request: TrainRequest, methods: list[tuple[str, Any]]) -> TrainOutcome:
+    """The train stage's job for AC: one projection per distinct (pair, k, j) among `methods`; the
+    record says, per method, where its W is and how it fits the held-out pairs."""
     fits: dict[str, dict[str, Any]] = {}
+    artefacts: dict[str, Path] = {}
     done: dict[tuple, FitResult] = {}
-    train_cfg = resolved_train_config(ctx.cfg)
-    tracker = ctx.state.get("tracker")
-    for name, _, params in methods:
-        pair = model_pair(ctx, params)
+    train_cfg = resolved_train_config(request.cfg)
+    for name, params in methods:
+        pair = request.model_pair(params)
         key = (pair.sender.info.name, pair.receiver.info.name, params.k, params.j)
         if key not in done:
-            done[key] = train_projection(pair.sender, pair.receiver, params.k, params.j, train_cfg, ctx.cfg.seed,
-                                         stop=ctx.state.get("stop"), log_metrics=tracker.log if tracker else None)
+            done[key] = train_projection(pair.sender, pair.receiver, params.k, params.j, train_cfg, request.cfg.seed,
+                                         stop=request.stop, log_metrics=request.log_metrics)
         result = done[key]
-        ctx.state.setdefault("projections", {})[name] = result.directory / FINAL
+        artefacts[name] = result.directory / FINAL
         fit = result.meta.get("fit", {})
         log.info("train: %s uses %s (held-out R^2 %.4f, cosine %.4f)", name, result.directory / FINAL,
                  fit.get("r2", float("nan")), fit.get("cosine", float("nan")))
@@ -443,4 +379,15 @@ def train_projections_for(ctx: Any, methods: list[tuple[str, type, Any]]) -> dic
         fits[name] = {"directory": str(result.directory / FINAL), "fit": fit, "loaded_final": result.loaded_final,
                       **{k: meta.get(k) for k in ("sender", "receiver", "k", "j", "d_in", "d_out", "solver", "ridge",
                                                   "corpus", "n_sentences", "epochs")}}
-    return fits
+    return TrainOutcome(artefacts, fits)
+
+
+def locate_projection(request: TrainRequest, name: str, params: Any) -> Path:
+    """Where a finished W for this method's pair, layers and the run's train settings lies."""
+    pair = request.model_pair(params)
+    identity = projection_identity(pair.sender, pair.receiver, params.k, params.j)
+    train = resolved_train_config(request.cfg)
+    return final_projection_dir(train.checkpoint_dir, identity, training_recipe(train, request.cfg.seed))
+
+
+TRAINABLE = Trainable("projection", "train", "projection W", "projections.json", train_projections_for, locate_projection)

@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from cross_model.generation import positions_from_mask
 from cross_model.models import LoadedModel
-from cross_model.prefix_cache import PrefixedBatch
+from cross_model.prompt_prefix_cache import PrefixedBatch
 from cross_model.prompting import Batch
 from cross_model.surgery import _StopForward, decoder
 

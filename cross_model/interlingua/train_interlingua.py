@@ -4,7 +4,7 @@ The frozen receivers run in the platform dtype under no parameter gradients; onl
 adapters train (DDP over ranks, or DeepSpeed with `interlingua.engine: deepspeed`). Each global batch
 is split over ranks and each rank's summed row losses are scaled so that the gradient average over
 ranks is the gradient of the global batch's mean loss. Resume, stop signals and the final artefact
-work as in projection training (`cross_model.training`): one directory per (receivers, shape, recipe,
+work as in projection training (`cross_model.training.loop`): one directory per (receivers, shape, recipe,
 data), atomic step checkpoints, a checksummed `final/`.
 """
 
@@ -15,15 +15,13 @@ import json
 import logging
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from cross_model.checkpointing import CheckpointManager, Trained, checkpoint_after_step, publish_once, restore, rng_state, verify
+from cross_model.checkpointing import FINAL, Trained, directory_slug, publish_once, verify
 from cross_model.config import InterlinguaConfig
-from cross_model.context import model_by_name
 from cross_model.data import load_task_examples
 from cross_model.data.base import Example
 from cross_model.data.training_rows import task_rows
@@ -34,9 +32,8 @@ from cross_model.distributed import (
 from cross_model.interlingua.encoder import EncoderShape
 from cross_model.interlingua.model import META_FILE, WEIGHTS_FILE, LatentWire, TeacherCache, receiver_record
 from cross_model.interlingua.receiver_io import answer_text, question_text
-from cross_model.progress import Progress
-from cross_model.projection import check_identity
-from cross_model.training import FINAL, _epoch_order, _slug
+from cross_model.training.trainables import Trainable, TrainOutcome, TrainRequest
+from cross_model.training.loop import TrainJob, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +100,7 @@ def checkpoint_root(cfg: Any) -> Path:
 def interlingua_dir(cfg: Any) -> Path:
     ident = identity_of(cfg)
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
-    return checkpoint_root(cfg) / f"latentwire__{'+'.join(_slug(n)[-24:] for n in ident['receivers'])}__{digest}"
+    return checkpoint_root(cfg) / f"latentwire__{'+'.join(directory_slug(n)[-24:] for n in ident['receivers'])}__{digest}"
 
 
 def final_dir(cfg: Any) -> Path:
@@ -212,79 +209,44 @@ def fit_interlingua(
 ) -> TrainedInterlingua:
     """Train `net` (receivers attached) on `train`, resuming from the newest checkpoint in `directory`.
     Collective: every rank calls it with the same arguments."""
-    rank, world = get_rank(), get_world_size()
-    seed = identity["seed"]
+    world = get_world_size()
     net.loss_weights = {"first_weight": ic.first_weight, "k_weight": ic.k_weight, "k": ic.k_tokens,
                         "kd_weight": ic.kd_weight, "tau": ic.tau}
     net.teacher = TeacherCache(ic.kd_cache_mb * 2**20)
     net.to(device).train()
-    manager = CheckpointManager(directory, ic.keep_last)
     engine = _Engine(net, ic, world, device)
     steps_per_epoch = math.ceil(len(train) / ic.batch_size)
     sidecar = {**identity, "receiver_records": net.records, "total_steps": ic.steps}
-    history: list[dict[str, Any]] = []
 
-    step, resumed = 0, None
-    latest = broadcast_object(manager.latest_step() if is_main() else None)
-    if latest is not None:
-        ckpt = manager.load(latest, rank, world)
-        check_identity(ckpt.meta, sidecar, f"checkpoint {ckpt.path}", keys=tuple(identity))
-        step, resumed, history = restore(ckpt, net.load_state_dict, engine.load_optimizer_state, "interlingua", ic.steps)
+    def loss(step: int, rows: list[int], batch_rows: int) -> torch.Tensor:
+        mine = [train[i] for i in rows]
+        losses = engine.model([e.prompt_A for e in mine], [question_text(e) for e in mine], [answer_text(e) for e in mine])
+        return losses.sum() / batch_rows * world
 
-    def save(at: int) -> None:
-        rngs = gather_object(rng_state())
-        opt_state = engine.optimizer_state()
-        if is_main():
-            trainer = {"optimizer": opt_state, "step": at}
-            manager.save(at, {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                         {**sidecar, "history": history}, trainer, rngs)
-        barrier()
-
-    def evaluate_heldout(at: int) -> None:
+    def heldout(at: int) -> dict[str, Any]:
         net.eval()
         stats = {"step": at, "epoch": at / steps_per_epoch, **heldout_stats(net, held, ic.batch_size)}
         net.train()
-        history.append(stats)
         log.info("interlingua: step %d/%d held-out loss %.4f  gold NLL %.4f (another row's latent: %.4f)",
                  at, ic.steps, stats["heldout_loss"], stats["heldout_nll"], stats["heldout_nll_shuffled"])
         t = net.teacher
         if ic.kd_weight > 0 and t.hits + t.misses:
             log.info("interlingua: teacher logits: %d rows kept (%.0f MB), %.0f%% of lookups served from them",
                      len(t.rows), t.used / 2**20, 100 * t.hits / (t.hits + t.misses))
-        if log_metrics is not None and is_main():
-            log_metrics({f"interlingua/{k}": v for k, v in stats.items()})
+        return stats
 
-    delay = float(os.environ.get("CROSS_MODEL_TEST_STEP_DELAY", "0"))  # lets tests kill a run mid-training
-    bar = Progress(ic.steps, f"train interlingua -> {', '.join(identity['receivers'])}", unit="steps", initial=step)
-    if step == 0 and held:
-        evaluate_heldout(0)
-    last_saved = resumed
-    while step < ic.steps:
-        epoch, b = divmod(step, steps_per_epoch)
-        order = _epoch_order(len(train), seed, epoch)
-        batch = order[b * ic.batch_size : (b + 1) * ic.batch_size]
-        mine = [train[i] for i in batch[rank::world]]
-        rows = engine.model([e.prompt_A for e in mine], [question_text(e) for e in mine], [answer_text(e) for e in mine])
-        engine.step(rows.sum() / len(batch) * world)
-        step += 1
-        bar.update(1)
-        if on_step is not None:
-            on_step(step, net)
-        if delay:
-            time.sleep(delay)
-        if held and (step % ic.eval_every == 0 or step == ic.steps):
-            evaluate_heldout(step)
-        if checkpoint_after_step(step, ic.steps, ic.checkpoint_every, save, stop, "interlingua", directory, bar):
-            last_saved = step
-    bar.close()
-    if last_saved != step:
-        save(step)
-    meta = {**sidecar, "history": history, "final_step": step, "receivers": net.records,
+    job = TrainJob("interlingua", f"train interlingua -> {', '.join(identity['receivers'])}", directory, net, loss,
+                   engine.step, engine.optimizer_state, engine.load_optimizer_state, len(train), ic.batch_size, ic.steps,
+                   identity["seed"], ic.checkpoint_every, ic.keep_last, sidecar, tuple(identity),
+                   heldout=heldout if held else None, heldout_every=ic.eval_every, heldout_at_start=True, stop=stop,
+                   on_step=on_step, log_metrics=log_metrics)
+    done = train_loop(job)
+    meta = {**sidecar, "history": done.history, "final_step": done.step, "receivers": net.records,
             "shape": net.shape.to_dict(), "calibrate": ic.calibrate, "bos_policy": net.bos_policy, "identity": identity}
     if is_main():
         publish_final(net, directory / FINAL, meta)
     barrier()
-    return TrainedInterlingua(directory, meta, resumed_from=resumed)
+    return TrainedInterlingua(directory, meta, resumed_from=done.resumed_from)
 
 
 def publish_final(net: LatentWire, target: Path, meta: dict[str, Any]) -> None:
@@ -293,26 +255,33 @@ def publish_final(net: LatentWire, target: Path, meta: dict[str, Any]) -> None:
     publish_once(target, files, meta)
 
 
-def train_interlingua(ctx: Any) -> TrainedInterlingua:
-    """The train stage's LatentWire job: trains (or finds finished) the run's interlingua."""
-    cfg, ic = ctx.cfg, ctx.cfg.interlingua
+def train_interlingua(request: TrainRequest, methods: list[tuple[str, Any]]) -> TrainOutcome:
+    """The train stage's LatentWire job: trains (or finds finished) the run's one interlingua, which
+    every LatentWire method of the run reads."""
+    cfg, ic = request.cfg, request.cfg.interlingua
     directory = interlingua_dir(cfg)
     final = directory / FINAL
     if broadcast_object(verify(final)[0] is not None if is_main() else None):
         meta = json.loads((final / META_FILE).read_text())
         log.info("interlingua: %s is already trained; loaded, not retrained", final)
-        return TrainedInterlingua(directory, meta, loaded_final=True)
-    receivers = [model_by_name(ctx, n) for n in receiver_names(cfg)]
-    for lm in receivers:
-        lm.model.requires_grad_(False)
-    identity = identity_of(cfg)
-    train, held = training_data(cfg)
-    net = LatentWire(shape_of(ic), [receiver_record(lm) for lm in receivers], ic.calibrate, identity["seed"], ic.bos)
-    net.attach(receivers)
-    log.info("interlingua: M=%d d_z=%d, %d encoder layers, %d trainable parameters; %d training / %d held-out rows; "
-             "receivers %s; engine %s", ic.m, ic.d_z, ic.layers, sum(p.numel() for p in net.parameters()),
-             len(train), len(held), ", ".join(identity["receivers"]), ic.engine)
-    tracker = ctx.state.get("tracker")
-    return fit_interlingua(net, train, held, ic, identity, directory, receivers[0].device, stop=ctx.state.get("stop"),
-                           log_metrics=tracker.log if tracker else None)
+        trained = TrainedInterlingua(directory, meta, loaded_final=True)
+    else:
+        receivers = [request.load_model(n) for n in receiver_names(cfg)]
+        for lm in receivers:
+            lm.model.requires_grad_(False)
+        identity = identity_of(cfg)
+        train, held = training_data(cfg)
+        net = LatentWire(shape_of(ic), [receiver_record(lm) for lm in receivers], ic.calibrate, identity["seed"], ic.bos)
+        net.attach(receivers)
+        log.info("interlingua: M=%d d_z=%d, %d encoder layers, %d trainable parameters; %d training / %d held-out rows; "
+                 "receivers %s; engine %s", ic.m, ic.d_z, ic.layers, sum(p.numel() for p in net.parameters()),
+                 len(train), len(held), ", ".join(identity["receivers"]), ic.engine)
+        trained = fit_interlingua(net, train, held, ic, identity, directory, receivers[0].device, stop=request.stop,
+                                  log_metrics=request.log_metrics)
+    record = {"directory": str(trained.directory / FINAL), "history": trained.meta.get("history", []),
+              "identity": trained.meta.get("identity", {}), "loaded_final": trained.loaded_final}
+    return TrainOutcome({name: trained.directory / FINAL for name, _ in methods}, record)
 
+
+TRAINABLE = Trainable("interlingua", "interlingua", "interlingua", "interlingua.json", train_interlingua,
+                      lambda request, name, params: final_dir(request.cfg))

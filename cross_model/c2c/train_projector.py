@@ -15,8 +15,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,10 +22,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cross_model.c2c.projector import WEIGHTS_FILE, CacheProjector, model_record, new_projector, tau_at
 from cross_model.c2c.transfer import receiver_cache, sender_side
-from cross_model.checkpointing import CheckpointManager, Trained, checkpoint_after_step, publish_once, restore, rng_state, verify
+from cross_model.checkpointing import FINAL, Trained, directory_slug, publish_once, verify
+from cross_model.config import resolved_train_config
 from cross_model.data import load_task_examples
 from cross_model.data.base import QA, Example
 from cross_model.data.corpus import load_corpus
@@ -41,12 +41,12 @@ from cross_model.distributed import (
 from cross_model.generation import greedy_generate
 from cross_model.models import LoadedModel
 from cross_model.progress import Progress
-from cross_model.projection import check_identity
-from cross_model.prompt_prefill import run_prefill
+from cross_model.training.trainables import Trainable, TrainOutcome, TrainRequest
+from cross_model.prefill_memo import run_prefill
 from cross_model.prompting import chat_wrap, encode_texts, pad_left, receiver_text, sender_text, skyline_text, tokenize_prompts
 from cross_model.result_files import write_json_atomically
-from cross_model.surgery import layout_forward, use_cross_model_attention
-from cross_model.training import FINAL, _epoch_order, _slug, resolved_train_config
+from cross_model.kv_layout import layout_forward, use_cross_model_attention
+from cross_model.training.loop import TrainJob, latest_checkpoint, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def identity_of(params: Any, a: LoadedModel, b: LoadedModel, cfg: Any = None) ->
 
 def c2c_dir(root: str | Path, identity: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    return Path(root) / f"c2c__{_slug(identity['sender']['name'])[-24:]}__{_slug(identity['receiver']['name'])[-24:]}__{digest}"
+    return Path(root) / f"c2c__{directory_slug(identity['sender']['name'])[-24:]}__{directory_slug(identity['receiver']['name'])[-24:]}__{digest}"
 
 
 @torch.no_grad()
@@ -242,12 +242,8 @@ def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, par
                   stop: StopFlag | None = None, log_metrics: Any = None) -> TrainedProjector:
     """Train `projector` for the pair on `rows` (training, held-out; default `training_rows(params)`),
     resuming from the newest checkpoint in `directory`. Collective."""
-    rank, world = get_rank(), get_world_size()
-    manager = CheckpointManager(directory, keep_last)
-    latest = broadcast_object(manager.latest_step() if is_main() else None)
-    ckpt = manager.load(latest, rank, world) if latest is not None else None
-    if ckpt is not None:  # refused before anything is computed
-        check_identity(ckpt.meta, identity, f"checkpoint {ckpt.path}", keys=tuple(identity))
+    world = get_world_size()
+    ckpt = latest_checkpoint(directory, keep_last, identity, tuple(identity))  # refused before anything is computed
     train, held = rows if rows is not None else training_rows(params)
     targets_file = directory / "targets.json"
     if broadcast_object(targets_file.exists() if is_main() else None):
@@ -262,45 +258,11 @@ def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, par
     net = C2CLoss(projector, a, b, params.rope)
     model: nn.Module = net
     if is_initialized():
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         model = DDP(net, device_ids=[b.device.index] if b.device.type == "cuda" else None)
     opt = torch.optim.AdamW([p for p in projector.parameters() if p.requires_grad], lr=params.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train) / params.batch_size_train)
-    history: list[dict[str, Any]] = []
-    step, resumed = 0, None
-    if ckpt is not None:
-        step, resumed, history = restore(ckpt, projector.load_state_dict, opt.load_state_dict, "c2c", params.steps)
 
-    def save(at: int) -> None:
-        rngs = gather_object(rng_state())
-        if is_main():
-            manager.save(at, {k: v.detach().cpu() for k, v in projector.state_dict().items()},
-                         {**identity, "history": history}, {"optimizer": opt.state_dict(), "step": at}, rngs)
-        barrier()
-
-    def evaluate(at: int) -> None:
-        projector.eval()
-        stats = {"step": at, "epoch": at / steps_per_epoch,
-                 **heldout_losses(net, held, held_t, params.batch_size_train)}
-        projector.train()
-        history.append(stats)
-        log.info("c2c: step %d/%d held-out loss %.4f (every gate closed: %.4f), %d layers open",
-                 at, params.steps, stats["heldout_loss"], stats["heldout_loss_closed"], stats["open_layers"])
-        if log_metrics is not None and is_main():
-            log_metrics({f"c2c/{k}": v for k, v in stats.items()})
-
-    delay = float(os.environ.get("CROSS_MODEL_TEST_STEP_DELAY", "0"))  # lets tests kill a run mid-training
-    bar = Progress(params.steps, f"train c2c {identity['sender']['name']} -> {identity['receiver']['name']}",
-                   unit="steps", initial=step)
-    if step == 0 and held:
-        evaluate(0)
-    last_saved = resumed
-    while step < params.steps:
-        epoch, k = divmod(step, steps_per_epoch)
-        order = _epoch_order(len(train), params.seed, epoch)
-        batch = order[k * params.batch_size_train : (k + 1) * params.batch_size_train]
-        mine = batch[rank::world]
+    def loss(step: int, mine: list[int], batch_rows: int) -> torch.Tensor:
         tau = tau_at(step, params.steps, params.tau_start, params.tau_end)
         # The gate noise depends on the seed and the step only: every rank draws the same, and a resumed
         # run the same as an uninterrupted one.
@@ -309,33 +271,38 @@ def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, par
         rows = model([train[i] for i in mine], [train_t[i] for i in mine], gates,
                      None if gates is not None else (projector.layers if params.gates == "open" else []))
         # Each rank's share of the global batch's mean; DDP averages over ranks, hence the factor `world`.
-        loss = rows.sum() / len(batch) * world + 0.0 * projector.gate_logits.sum()
+        return rows.sum() / batch_rows * world + 0.0 * projector.gate_logits.sum()
+
+    def step_optimizer(value: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
-        step += 1
-        bar.update(1)
-        if delay:
-            time.sleep(delay)
-        if held and (step % steps_per_epoch == 0 or step == params.steps):
-            evaluate(step)
-        if checkpoint_after_step(step, params.steps, params.checkpoint_every, save, stop, "c2c", directory, bar):
-            last_saved = step
-    bar.close()
-    if last_saved != step:
-        save(step)
-    meta = {**identity, "history": history, "final_step": step, "open_layers": projector.open_layers(),
+
+    def heldout(at: int) -> dict[str, Any]:
+        projector.eval()
+        stats = {"step": at, "epoch": at / steps_per_epoch, **heldout_losses(net, held, held_t, params.batch_size_train)}
+        projector.train()
+        log.info("c2c: step %d/%d held-out loss %.4f (every gate closed: %.4f), %d layers open",
+                 at, params.steps, stats["heldout_loss"], stats["heldout_loss_closed"], stats["open_layers"])
+        return stats
+
+    job = TrainJob("c2c", f"train c2c {identity['sender']['name']} -> {identity['receiver']['name']}", directory,
+                   projector, loss, step_optimizer, opt.state_dict, opt.load_state_dict, len(train),
+                   params.batch_size_train, params.steps, params.seed, params.checkpoint_every, keep_last, identity,
+                   tuple(identity), heldout=heldout if held else None, heldout_every=steps_per_epoch,
+                   heldout_at_start=True, stop=stop, log_metrics=log_metrics)
+    done = train_loop(job, ckpt)
+    meta = {**identity, "history": done.history, "final_step": done.step, "open_layers": projector.open_layers(),
             "partners": projector.partners, "identity": identity}
     if is_main():
         publish_once(directory / FINAL, {WEIGHTS_FILE: {k: v.detach().cpu() for k, v in projector.state_dict().items()}}, meta)
     barrier()
-    return TrainedProjector(directory, meta, resumed_from=resumed)
+    return TrainedProjector(directory, meta, resumed_from=done.resumed_from)
 
 
-def train_c2c(ctx: Any, name: str, params: Any, a: LoadedModel, b: LoadedModel) -> TrainedProjector:
-    """The train stage's job for one c2c method (its sender `a`, receiver `b`): trains (or finds
-    finished) its projector."""
-    cfg = ctx.cfg
+def train_c2c(request: TrainRequest, name: str, params: Any, a: LoadedModel, b: LoadedModel) -> TrainedProjector:
+    """One c2c method's projector (its sender `a`, receiver `b`): trained, or found finished."""
+    cfg = request.cfg
     for lm in (a, b):
         lm.model.requires_grad_(False)
     use_cross_model_attention(b)
@@ -349,9 +316,25 @@ def train_c2c(ctx: Any, name: str, params: Any, a: LoadedModel, b: LoadedModel) 
     projector = new_projector(params, a, b)
     log.info("methods.%s: c2c projector %s -> %s (%s pairing, %d receiver layers paired), %d trainable parameters",
              name, a.info.name, b.info.name, params.pairing, len(projector.layers), sum(p.numel() for p in projector.parameters()))
-    tracker = ctx.state.get("tracker")
     return fit_projector(projector, a, b, params, identity, directory, training_rows(params, cfg), train_cfg.keep_last,
-                         ctx.state.get("stop"), tracker.log if tracker else None)
+                         request.stop, request.log_metrics)
+
+
+def train_c2c_methods(request: TrainRequest, methods: list[tuple[str, Any]]) -> TrainOutcome:
+    """The train stage's C2C job: each c2c method its own projector (its pair and recipe decide where)."""
+    artefacts, record = {}, {}
+    for name, params in methods:
+        pair = request.model_pair(params)
+        trained = train_c2c(request, name, params, pair.sender, pair.receiver)
+        artefacts[name] = trained.directory / FINAL
+        record[name] = {"directory": str(trained.directory / FINAL), "history": trained.meta.get("history", []),
+                        "open_layers": trained.meta.get("open_layers"), "loaded_final": trained.loaded_final}
+    return TrainOutcome(artefacts, record)
+
+
+def locate_projector(request: TrainRequest, name: str, params: Any) -> Path:
+    pair = request.model_pair(params)
+    return final_projector_dir(request.cfg, params, pair.sender, pair.receiver)
 
 
 def projector_root(cfg: Any) -> Path:
@@ -362,3 +345,7 @@ def final_projector_dir(cfg: Any, params: Any, a: LoadedModel, b: LoadedModel) -
     return c2c_dir(projector_root(cfg), identity_of(params, a, b, cfg)) / FINAL
 
 
+
+
+TRAINABLE = Trainable("c2c", "methods.<c2c instance> and train", "c2c projector", "c2c.json", train_c2c_methods,
+                      locate_projector)
