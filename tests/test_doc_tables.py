@@ -70,3 +70,15 @@ def test_publishing_a_run_from_a_dirty_tree_is_refused(tmp_path, capsys):
     (run / "results.json").write_text(json.dumps(data))
     assert doc_tables.main(["--publish", str(run), str(tmp_path / "docs")]) == 0
     assert json.loads((tmp_path / "docs" / "results.json").read_text())["starts"][0]["git"]["commit"] == "abc"
+
+
+def test_results_prose_states_no_number_that_a_table_should_render():
+    """Intervals, p-values and point differences appear only inside rendered blocks of the pages that
+    publish results: a number in prose is not checked against its results file."""
+    import re
+
+    typed = re.compile(r"\[[+-]?\d+(\.\d+)?, [+-]?\d|\bp ?= ?0\.\d|[+-]\d+(\.\d+)? points|\d+(\.\d+)?x fewer")
+    for name in ("README.md", "docs/RESULTS.md"):
+        text = doc_tables.BLOCK.sub("", (doc_tables.ROOT / name).read_text())
+        found = [line for line in text.splitlines() if typed.search(line)]
+        assert not found, f"{name}: numbers typed into prose: {found}"
