@@ -26,11 +26,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) run_experiments.py --config $(CONFIG)
 	@if [ "$(CONFIG)" = "configs/quickstart.yaml" ]; then \
-		$(PY) -m cross_model.doc_tables --publish runs/quickstart docs/quickstart && $(PY) -m cross_model.doc_tables --write; fi
+		$(PY) -m cross_model.doc_tables --publish runs/quickstart docs/quickstart --pair ac_gemma_trained:ac_gemma_sliced \
+		&& $(PY) -m cross_model.doc_tables --write; fi
 
 pareto: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) run_experiments.py --config configs/qkvcomm_pareto.yaml
-	$(PY) -m cross_model.doc_tables --publish runs/qkvcomm_pareto docs/qkvcomm --reference kvcomm_30
+	$(PY) -m cross_model.doc_tables --publish runs/qkvcomm_pareto docs/qkvcomm --reference kvcomm_30 \
+		--pair qkvcomm_3bit:qkvcomm_3bit_plain --pair qkvcomm_2bit:qkvcomm_3bit_plain
 	$(PY) -m cross_model.agreement runs/qkvcomm_pareto kvcomm_30 > docs/qkvcomm/agreement_with_kvcomm_30.md
 	$(PY) -m cross_model.doc_tables --write
 
@@ -58,7 +60,7 @@ facts: $(STAMP)
 
 layer-sweep: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) run_experiments.py --config configs/ac_layer_sweep.yaml
-	$(PY) -m cross_model.doc_tables --publish runs/ac_layer_sweep docs/layer_sweep
+	$(PY) -m cross_model.doc_tables --publish runs/ac_layer_sweep docs/layer_sweep --pair ac_layers_k20_j20:ac_random_k20
 	$(PY) -m cross_model.doc_tables --write
 
 c2c: $(STAMP)

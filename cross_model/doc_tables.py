@@ -52,9 +52,13 @@ def render_summary(data: dict, *args: str) -> str:
 
 
 def render_paired(data: dict, *args: str) -> str:
+    """The paired rows against one reference: `args[0]`, else the report's (the first row's); rows a
+    publish added for another reference (`--pair`) render in their own block."""
     lines = data["paired"]
-    if args:
-        lines = [p for p in lines if p["reference"] == args[0]]
+    reference = args[0] if args else (lines[0]["reference"] if lines else None)
+    lines = [p for p in lines if p["reference"] == reference]
+    if not lines:
+        raise MissingResults(f"no paired rows against {reference!r}; publish the run with --pair METHOD:{reference}")
     return format_paired(lines)
 
 
@@ -250,9 +254,11 @@ def stale_blocks(write: bool = False) -> list[str]:
     return stale
 
 
-def publish(run_dir: Path, target: Path, reference: str | None = None) -> Path:
+def publish(run_dir: Path, target: Path, reference: str | None = None, pairs: list[tuple[str, str]] = ()) -> Path:
     """A run's report without its per-item rows (plus, with `reference`, each method's agreement with
-    it and the paired difference of KV methods to it), and its plots, into `target`."""
+    it and the paired difference of KV methods to it; with `pairs`, the paired difference of each
+    (method, other reference) on the same items, for claims between two methods that are not the
+    report's reference), and its plots, into `target`."""
     data = _load(run_dir / "results.json")
     # Clean means no uncommitted change to the code that runs (`runinfo.CODE_PATHS`: its hash is
     # `changes`); a docs file another make target rewrote in the same tree is not code.
@@ -263,6 +269,13 @@ def publish(run_dir: Path, target: Path, reference: str | None = None) -> Path:
                          f"changes to the code (or no commit recorded); a published result must come from committed "
                          f"code. Commit, run its command again from the clean tree, then publish")
     rows = data.pop("examples")
+    for method, other in pairs:
+        missing = [m for m in (method, other) if not any(m in methods for methods in rows.values())]
+        if missing:
+            raise ValueError(f"--pair {method}:{other}: {run_dir} has no rows of {', '.join(missing)}")
+        chosen = {task: {m: methods[m] for m in (other, method)} for task, methods in rows.items()
+                  if method in methods and other in methods}
+        data["paired"] = data.get("paired", []) + paired_rows(chosen, other)
     if reference:
         data["agreement"] = []
         for task, methods in rows.items():
@@ -304,10 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="exit 1 if a table differs from its file")
     ap.add_argument("--publish", nargs=2, metavar=("RUN_DIR", "DOCS_DIR"), help="copy a run's report into docs")
     ap.add_argument("--reference", help="with --publish: the method others are compared with item by item")
+    ap.add_argument("--pair", action="append", default=[], metavar="METHOD:OTHER",
+                    help="with --publish: also the paired difference of METHOD against OTHER (repeatable)")
     args = ap.parse_args(argv)
     if args.publish:
         try:
-            print(publish(Path(args.publish[0]), Path(args.publish[1]), args.reference))
+            pairs = [tuple(p.split(":", 1)) for p in args.pair]
+            if any(len(p) != 2 or not all(p) for p in pairs):
+                raise ValueError(f"--pair takes METHOD:OTHER, got {args.pair}")
+            print(publish(Path(args.publish[0]), Path(args.publish[1]), args.reference, pairs))
         except (ValueError, FileNotFoundError) as err:
             print(f"publish refused: {err}", file=sys.stderr)
             return 2

@@ -82,3 +82,33 @@ def test_results_prose_states_no_number_that_a_table_should_render():
         text = doc_tables.BLOCK.sub("", (doc_tables.ROOT / name).read_text())
         found = [line for line in text.splitlines() if typed.search(line)]
         assert not found, f"{name}: numbers typed into prose: {found}"
+
+
+def test_a_pair_of_two_non_reference_methods_is_published_and_rendered_in_its_own_block(tmp_path, monkeypatch):
+    """`--pair A:B` adds A against B on the same items (B need not be the report's reference); the
+    report's own paired block still renders only its reference's rows."""
+    from cross_model import doc_tables
+    from cross_model.paired import compare
+
+    def rows(correct):
+        return [{"example_id": f"e{i}", "score": 0.0, "first_named": float(c)} for i, c in enumerate(correct)]
+
+    examples = {"t": {"base": rows([0] * 10), "a": rows([1] * 8 + [0] * 2), "b": rows([1] * 3 + [0] * 7)}}
+    run = tmp_path / "run"
+    run.mkdir()
+    data = {"summary": [], "examples": examples, "starts": [{"git": {"commit": "abc", "changes": None}}],
+            "paired": [{"task": "t", "method": m, "reference": "base", "n": 10,
+                        "first_named": compare({r["example_id"]: r for r in examples["t"]["base"]},
+                                               {r["example_id"]: r for r in examples["t"][m]}, "first_named").to_dict()}
+                       for m in ("a", "b")]}
+    (run / "results.json").write_text(json.dumps(data))
+    assert doc_tables.main(["--publish", str(run), str(tmp_path / "docs"), "--pair", "a:b"]) == 0
+    published = json.loads((tmp_path / "docs" / "results.json").read_text())
+    extra = [p for p in published["paired"] if p["reference"] == "b"]
+    assert [(p["method"], p["first_named"]["diff"]) for p in extra] == [("a", 0.5)]
+    assert extra[0]["first_named"]["b_only"] == 5 and extra[0]["first_named"]["a_only"] == 0
+    monkeypatch.setattr(doc_tables, "ROOT", tmp_path)
+    own = doc_tables.render("paired docs/results.json")
+    assert "base (points)" in own and "| a |" in own and "| b |" in own
+    assert "| a | 10 | " in doc_tables.render("paired docs/results.json b") and "b (points)" in doc_tables.render("paired docs/results.json b")
+    assert doc_tables.main(["--publish", str(run), str(tmp_path / "d2"), "--pair", "a:nope"]) == 2
