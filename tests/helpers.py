@@ -30,24 +30,47 @@ def run_entry(config: Path, nproc: int = 1, **env: str) -> str:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process started by `pid`, its children's children included (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def kill_9_after_first_checkpoint(proc: subprocess.Popen, checkpoints: Path, timeout: float = 180) -> None:
-    """SIGKILL `proc` as soon as a complete step checkpoint appears under `checkpoints`, and check that
-    it had not finished."""
+    """SIGKILL `proc` and every process it started (torchrun's workers) as soon as a complete step
+    checkpoint appears under `checkpoints`, and check that it had not finished."""
     deadline = time.time() + timeout
     while not list(checkpoints.glob("*/step_*/meta.json")):
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else "exited"
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    # torchrun starts each worker in a session of its own, so neither a kill of the launcher nor of its
+    # process group reaches them: every descendant is killed by pid.
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait(timeout=30)
     assert not list(checkpoints.glob("*/final")), "killed before the end"
 
 
-def kill_9_and_resume(config: Path, checkpoints: Path, **env: str) -> str:
-    """Start a training run, SIGKILL it after its first checkpoint, run it again to the end and check
-    that it resumed; returns the second run's output."""
-    kill_9_after_first_checkpoint(entry(config, delay=0.3, **env), checkpoints)
-    out = run_entry(config, **env)
+def kill_9_and_resume(config: Path, checkpoints: Path, nproc: int = 1, **env: str) -> str:
+    """Start a training run (`nproc` ranks), SIGKILL all its processes after its first checkpoint, run
+    it again to the end and check that it resumed; returns the second run's output."""
+    kill_9_after_first_checkpoint(entry(config, nproc, delay=0.3, **env), checkpoints)
+    out = run_entry(config, nproc, **env)
     assert "resumed" in out
     return out
 

@@ -188,3 +188,17 @@ def test_hub_tasks_train_on_rows_past_their_test_and_calibration_items(task):
     cfg.interlingua.n_train = 2
     with pytest.raises(ValueError, match="exceeds"):
         training_data(cfg)
+
+
+def test_deepspeed_zero2_killed_with_its_workers_resumes_to_the_uninterrupted_interlingua(tmp_path):
+    """Two ZeRO-2 ranks, the launcher and both workers killed with -9 after the first checkpoint, then
+    started again: they resume from the checkpoint (its optimizer state is plain data, which a
+    weights-only load accepts) and end where an uninterrupted two-rank run ends."""
+    assert _has_compiler(), "DeepSpeed's CPU backend JIT-compiles a C++ comm op: install g++"
+    ds = {"engine": "deepspeed", "zero_stage": 2, "steps": 6, "checkpoint_every": 2, "eval_every": 3}
+    _run(_config(tmp_path, "ref", **ds), nproc=2)
+    config = _config(tmp_path, "killed", **ds)
+    kill_9_and_resume(config, tmp_path / "killed" / "ckpt", nproc=2, DS_ACCELERATOR="cpu")
+    ref, got = _final(tmp_path, "ref"), _final(tmp_path, "killed")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert [h["step"] for h in _history(tmp_path, "killed")] == [h["step"] for h in _history(tmp_path, "ref")]

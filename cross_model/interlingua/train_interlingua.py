@@ -185,7 +185,7 @@ class _Engine:
         one checkpoint holds all of them (resumable at the same world size)."""
         if self.ds is None or self.ds.zero_optimization_stage() == 0:
             return {"torch": self.opt.state_dict()}
-        return {"zero_per_rank": gather_object(self.opt.state_dict()), "world_size": get_world_size()}
+        return {"zero_per_rank": gather_object(plain_zero_state(self.opt.state_dict())), "world_size": get_world_size()}
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         if ("zero_per_rank" in state) != (self.ds is not None and self.ds.zero_optimization_stage() > 0):
@@ -199,6 +199,40 @@ class _Engine:
                              f"run has {get_world_size()}; resume with the same number of processes")
         # Our weights are fp32, so the fp32 partitions the optimizer updates are restored from the state too.
         self.opt.load_state_dict(state["zero_per_rank"], load_optimizer_states=True, load_from_fp32_weights=True)
+
+
+# What a ZeRO-1/2 optimizer's state_dict holds besides plain data, and why it can be left out: our
+# checkpoints are read with torch.load(weights_only=True), which refuses DeepSpeed's objects.
+_ZERO_OBJECTS = {
+    "loss_scaler": "a static scaler without state in fp32 training (a dynamic one is refused below)",
+    "zero_stage": "an enum DeepSpeed writes and does not read back; the run's own config says the stage",
+    "param_slice_mappings": "fragment addresses for DeepSpeed's universal checkpoints, which we do not use",
+}
+
+
+def plain_zero_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A ZeRO-1/2 optimizer state of tensors and plain Python values only, which DeepSpeed's
+    `load_state_dict` restores (it keeps its own loss scaler when the state has none). Dynamic loss
+    scaling (fp16) carries state in its scaler object, so it is refused rather than lost."""
+    if state.get("dynamic_loss_scale"):
+        raise ValueError("interlingua: DeepSpeed's dynamic loss scaling (fp16) keeps its state in an object our "
+                         "checkpoints do not store; train in fp32 or bf16")
+    out = {k: v for k, v in state.items() if k not in _ZERO_OBJECTS}
+
+    def check(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                check(v, f"{where}.{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                check(v, f"{where}[{i}]")
+        elif not (value is None or isinstance(value, (torch.Tensor, bool, int, float, str))):
+            raise TypeError(f"interlingua: the ZeRO optimizer state holds a {type(value).__name__} at {where}, "
+                            f"which a weights-only checkpoint cannot store; add it to _ZERO_OBJECTS with the reason "
+                            f"it can be left out, or convert it")
+
+    check(out, "state")
+    return out
 
 
 def fit_interlingua(
