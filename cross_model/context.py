@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from cross_model.config import ExperimentConfig, load_config
+from cross_model.data.base import get_task
 from cross_model.distributed import DistEnv, StopFlag, barrier, is_main
 from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method, validate_methods
+from cross_model.metrics import PUBLIC_METRICS
 from cross_model.models import load_model
 from cross_model.platform import Platform
 
@@ -72,8 +74,27 @@ class RunContext:
 
 
 def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """`config.load_config`, then every method instance checked against its method's parameters."""
+    """`config.load_config`, the preset written into it, then every method instance checked against
+    its method's parameters."""
     cfg = load_config(path, overrides)
+    validate_methods(cfg.methods)
+    return apply_preset(cfg)
+
+
+def apply_preset(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Write what `preset` implies into the config itself, so the run's resolved config.yaml says it:
+    under kvcomm_public every method with a `receiver_mask` reads with the public code's receiver and
+    every task the public code scores differently gets its metric, wherever the config does not set
+    them itself (an explicit setting wins, and the run records both)."""
+    if cfg.preset != "kvcomm_public":
+        return cfg
+    for name, params in cfg.methods.items():
+        cls, _ = resolve_method(name, params)
+        if "receiver_mask" in {f.name for f in fields(cls.Params)} and "receiver_mask" not in params:
+            params["receiver_mask"] = "public"
+    for task in cfg.tasks:
+        if task.metric is None:
+            task.metric = PUBLIC_METRICS.get(get_task(task.name).metric)
     validate_methods(cfg.methods)
     return cfg
 

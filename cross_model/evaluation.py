@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cross_model.data import load_task_examples
@@ -27,7 +27,7 @@ from cross_model.distributed import (
     PeerFailed, Preempted, agreed, all_reduce_max, barrier, gather_object, get_rank, get_world_size, is_main,
 )
 from cross_model.failures import FailureGuard, RunRefused
-from cross_model.metrics import score_prediction
+from cross_model.metrics import METRICS, score_prediction
 from cross_model.progress import Progress, test_step_delay
 from cross_model.prefill_memo import PrefillMemo
 from cross_model.prompting import recording_prompts
@@ -46,9 +46,13 @@ def load_splits(cfg) -> dict[str, tuple[list[Example], list[Example]]]:
     """task label (its name unless labelled) -> (test items, calibration items), the test list cut to
     `eval.limit`."""
     splits = {}
-    for t in cfg.tasks:
+    for i, t in enumerate(cfg.tasks):
         seed = t.seed if t.seed is not None else cfg.seed
         test, calib = load_task_examples(t.name, t.n_test, t.n_calib, seed, t.path, t.max_new_tokens)
+        if t.metric is not None:  # the config's (or the preset's) metric instead of the task's own
+            if t.metric not in METRICS:
+                raise ValueError(f"tasks.{i}.metric: unknown metric {t.metric!r}; available: {', '.join(METRICS)}")
+            test, calib = ([replace(e, metric=t.metric) for e in part] for part in (test, calib))
         splits[t.key] = (test[: cfg.eval.limit] if cfg.eval.limit else test, calib)
     return splits
 

@@ -10,6 +10,10 @@ from collections import Counter
 from functools import lru_cache
 from typing import Iterable, Sequence
 
+from rapidfuzz import fuzz
+from rouge import Rouge
+
+_ROUGE = Rouge(metrics=["rouge-l"])
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCT = set(string.punctuation)
 
@@ -145,15 +149,24 @@ def first_code_line(code: str) -> str:
 
 
 def edit_similarity(prediction: str, answers: Sequence[str]) -> float:
-    """RepoBench's score: the first code line of the prediction against the gold line, 2 x LCS(chars) /
-    (len + len) (the Levenshtein ratio with substitutions costing two edits), rounded to whole percent
-    as the public code's `fuzz.ratio` is; max over gold answers."""
+    """RepoBench's score: the first code line of the prediction against the gold line, `fuzz.ratio` as
+    the public code computes it (2 x LCS(chars) / (len + len), the Levenshtein ratio with substitutions
+    costing two edits, rounded to whole percent; rapidfuzz's implementation); max over gold answers."""
     line = first_code_line(prediction)
+    return max((round(fuzz.ratio(line, answer)) / 100 for answer in answers if line or answer), default=0.0)
+
+
+def rouge_l_recall_public(prediction: str, answers: Sequence[str]) -> float:
+    """ROUGE-L recall as the public KVComm code scores it, with the `rouge` package: case-sensitive
+    whitespace tokens, both texts split into sentences at ".", the union LCS of each reference sentence
+    with the response's sentences, over the number of distinct reference words; an empty response
+    scores 0 (the package refuses it). Max over gold answers. `preset: kvcomm_public` uses it."""
+    if not prediction.strip():
+        return 0.0
     best = 0.0
     for answer in answers:
-        total = len(line) + len(answer)
-        if total:
-            best = max(best, round(100 * 2 * _lcs(list(line), list(answer)) / total) / 100)
+        if answer.strip():
+            best = max(best, _ROUGE.get_scores(prediction, answer)[0]["rouge-l"]["r"])
     return best
 
 
@@ -193,8 +206,11 @@ METRICS = {
     "exact_match": exact_match,
     "numeric_match": numeric_match,
     "rouge_l_recall": rouge_l_recall,
+    "rouge_l_recall_public": rouge_l_recall_public,
     "edit_similarity": edit_similarity,
 }
+# What `preset: kvcomm_public` scores a task with instead of its own metric.
+PUBLIC_METRICS = {"rouge_l_recall": "rouge_l_recall_public"}
 
 
 def score_prediction(metric: str, prediction: str, answers: Sequence[str], candidates: Iterable[str] = ()) -> dict[str, float]:

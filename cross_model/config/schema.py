@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("train", "calibrate", "evaluate", "report")
+PRESETS = ("kvcomm_public",)
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
@@ -55,6 +56,7 @@ class TaskConfig:
     path: str | None = _f(None, "local file or directory for tasks read from disk (jsonl, tmath)")
     seed: int | None = _f(None, "generator seed for synthetic tasks (None: the experiment seed)")
     label: str | None = _f(None, "what results directories and tables call it (None: its name); lets one run hold a task twice")
+    metric: str | None = _f(None, "score with this metric instead of the task's own (None: the task's; preset kvcomm_public sets the public code's)")
 
     @property
     def key(self) -> str:
@@ -216,6 +218,8 @@ class ExperimentConfig:
     name: str = _f("experiment", "run name; the run directory is <output_dir>/<name>")
     output_dir: str = _f("runs", "parent directory of run directories")
     seed: int = _f(0, "global seed (task generation, sampling, initialisation)")
+    preset: str | None = _f(None, f"{' or '.join(PRESETS)}: every behaviour of the public KVComm code this project reproduces, at once "
+                                  f"(docs/METHODS.md lists them and what still differs); None: the project's defaults")
     stages: list[str] = _f(list(STAGES), f"stages to run, in order, from {', '.join(STAGES)}")
     platform: PlatformConfig = field(default_factory=PlatformConfig, metadata={"help": "device and dtype"})
     models: ModelsConfig = field(default_factory=ModelsConfig, metadata={"help": "the sender/receiver pair"})
@@ -236,6 +240,8 @@ class ExperimentConfig:
     def validate(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"name: must be a non-empty directory name without '/', got {self.name!r}")
+        if self.preset is not None:
+            _choice("preset", self.preset, PRESETS)
         for stage in self.stages:
             _choice("stages", stage, STAGES)
         if len(set(self.stages)) != len(self.stages):

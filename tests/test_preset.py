@@ -1,0 +1,83 @@
+"""`preset: kvcomm_public`: the public KVComm code's receiver and metrics in one line, written into the
+resolved config; and the public metrics themselves, against hand-computed values."""
+
+import json
+import random
+
+import yaml
+
+from cross_model.config import dump_yaml
+from cross_model.context import load_experiment
+from cross_model.evaluation import load_splits
+from cross_model.metrics import edit_similarity, rouge_l_recall, rouge_l_recall_public
+
+
+def test_public_rouge_l_is_summary_level_case_sensitive_recall():
+    # Two reference sentences, each found whole in the response in another order: the union LCS per
+    # reference sentence counts both (4 of 4 distinct words); one LCS over the flat texts finds 2 of 4.
+    assert rouge_l_recall_public("Zed Wye Ex Why", ["Ex Why. Zed Wye."]) == 1.0
+    assert rouge_l_recall("Zed Wye Ex Why", ["Ex Why. Zed Wye."]) == 0.5
+    assert rouge_l_recall_public("paris", ["Paris"]) == 0.0 and rouge_l_recall("paris", ["Paris"]) == 1.0
+    assert rouge_l_recall_public("", ["Paris"]) == 0.0 and rouge_l_recall_public("  ", ["Paris"]) == 0.0
+    # One of three reference words: 1/3; the best of several answers.
+    assert abs(rouge_l_recall_public("Lyon", ["Lyon is big", "Nice"]) - 1 / 3) < 1e-9
+    assert rouge_l_recall_public("Lyon", ["Lyon is big", "Lyon"]) == 1.0
+
+
+def _lcs(a: str, b: str) -> int:
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev, row = row, [0]
+        for j, y in enumerate(b):
+            row.append(prev[j] + 1 if x == y else max(prev[j + 1], row[j]))
+    return row[-1]
+
+
+def test_edit_similarity_is_fuzz_ratio_the_rounded_lcs_ratio_of_the_first_code_line():
+    rng = random.Random(0)
+    for _ in range(200):
+        a = "".join(rng.choice("ab(x) =1") for _ in range(rng.randint(0, 12)))
+        b = "".join(rng.choice("ab(x) =1") for _ in range(rng.randint(1, 12)))
+        want = round(100 * 2 * _lcs(a.strip("\n"), b) / (len(a.strip("\n")) + len(b))) / 100
+        got = edit_similarity(a, [b])
+        if a.strip() and not a.strip().startswith(("#", "```", '"""', "'''")):
+            assert got == want, (a, b)
+    assert edit_similarity("# comment\nx = 1\n", ["x = 1"]) == 1.0
+
+
+def test_the_preset_writes_the_public_receiver_and_metrics_into_the_resolved_config():
+    cfg = load_experiment("configs/tiny.yaml", [
+        "--preset", "kvcomm_public",
+        "--tasks", "[{name: countries}, {name: samsum}, {name: repobench}]",
+        "--methods", json.dumps({"baseline": {}, "kvcomm": {"selection": "all"},
+                                 "q": {"method": "qkvcomm", "selection": "all", "bits": 4},
+                                 "causal": {"method": "kvcomm", "selection": "all", "receiver_mask": "causal"}}),
+    ])
+    assert cfg.methods["kvcomm"]["receiver_mask"] == "public" and cfg.methods["q"]["receiver_mask"] == "public"
+    assert cfg.methods["causal"]["receiver_mask"] == "causal"  # an explicit setting wins
+    assert "receiver_mask" not in cfg.methods["baseline"]  # it has none
+    assert [t.metric for t in cfg.tasks] == [None, "rouge_l_recall_public", None]
+    public = load_experiment("configs/tiny.yaml", ["--preset", "kvcomm_public", "--tasks",
+                                                   "[{name: samsum_full, path: tests/fixtures/samsum.jsonl, n_test: 3, n_calib: 1}]"])
+    (test, calib), = load_splits(public).values()
+    assert {e.metric for e in test + calib} == {"rouge_l_recall_public"}
+    saved = yaml.safe_load(dump_yaml(cfg))  # what the run directory's config.yaml holds
+    assert saved["preset"] == "kvcomm_public" and saved["methods"]["kvcomm"]["receiver_mask"] == "public"
+    assert load_experiment("configs/tiny.yaml").methods["kvcomm"].get("receiver_mask") is None  # default unchanged
+
+
+def test_a_run_under_the_preset_scores_with_the_public_metric(tmp_path):
+    import run_experiments
+    from cross_model.metrics import score_prediction
+
+    assert run_experiments.main([
+        "--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--preset", "kvcomm_public",
+        "--tasks", "[{name: samsum_full, path: tests/fixtures/samsum.jsonl, n_test: 3, n_calib: 1, max_new_tokens: 6}]",
+        "--methods", '{"skyline": {}}', "--stages", "[evaluate, report]"]) == 0
+    rows = json.loads((tmp_path / "tiny" / "results.json").read_text())["examples"]["samsum_full"]["skyline"]
+    assert len(rows) == 3
+    for r in rows:
+        assert r["score"] == score_prediction("rouge_l_recall_public", r["answer"], r["gold"])["score"]
+        assert r["score"] == rouge_l_recall_public(r["answer"], r["gold"])
+    saved = yaml.safe_load((tmp_path / "tiny" / "config.yaml").read_text())
+    assert saved["preset"] == "kvcomm_public" and saved["tasks"][0]["metric"] == "rouge_l_recall_public"
