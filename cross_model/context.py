@@ -8,6 +8,7 @@ from typing import Any
 
 from cross_model.config import ExperimentConfig, load_config
 from cross_model.data.base import get_task
+from cross_model.data.hub import PUBLIC_TASKS
 from cross_model.distributed import DistEnv, StopFlag, barrier, is_main
 from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method, validate_methods
@@ -93,6 +94,8 @@ def apply_preset(cfg: ExperimentConfig) -> ExperimentConfig:
         if "receiver_mask" in {f.name for f in fields(cls.Params)} and "receiver_mask" not in params:
             params["receiver_mask"] = "public"
     for task in cfg.tasks:
+        if task.name in PUBLIC_TASKS:  # the public loader's reading of the same rows, under the task's label
+            task.label, task.name = task.key, PUBLIC_TASKS[task.name]
         if task.metric is None:
             task.metric = PUBLIC_METRICS.get(get_task(task.name).metric)
     validate_methods(cfg.methods)

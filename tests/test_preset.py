@@ -81,3 +81,30 @@ def test_a_run_under_the_preset_scores_with_the_public_metric(tmp_path):
         assert r["score"] == rouge_l_recall_public(r["answer"], r["gold"])
     saved = yaml.safe_load((tmp_path / "tiny" / "config.yaml").read_text())
     assert saved["preset"] == "kvcomm_public" and saved["tasks"][0]["metric"] == "rouge_l_recall_public"
+
+
+def test_the_preset_reads_hotpotqa_and_musique_as_the_public_loaders_build_a_context(tmp_path):
+    """HotpotQA: supporting sentences as stored (a leading space kept) joined by newlines; MuSiQue:
+    supporting paragraphs without their titles. Same rows and ids, under the task's own label."""
+    rows = [json.loads(line) for line in open("tests/fixtures/hotpotqa.jsonl")]
+    rows[0]["context"]["sentences"][1][0] = " " + rows[0]["context"]["sentences"][1][0]  # as HotpotQA stores them
+    hotpot = tmp_path / "hotpotqa.jsonl"
+    hotpot.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = f"[{{name: hotpotqa, path: {hotpot}, n_test: 3, n_calib: 0}}, {{name: musique, path: tests/fixtures/musique.jsonl, n_test: 2, n_calib: 0}}]"
+    ours = load_splits(load_experiment("configs/tiny.yaml", ["--tasks", tasks]))
+    cfg = load_experiment("configs/tiny.yaml", ["--preset", "kvcomm_public", "--tasks", tasks])
+    assert [(t.name, t.key) for t in cfg.tasks] == [("hotpotqa_public", "hotpotqa"), ("musique_public", "musique")]
+    public = load_splits(cfg)
+    assert list(public) == list(ours) == ["hotpotqa", "musique"]
+    by_id = {r["id"]: r for r in rows}
+    for e, o in zip(public["hotpotqa"][0], ours["hotpotqa"][0]):
+        r = by_id[e.example_id.split("-", 1)[1]]
+        sents = dict(zip(r["context"]["title"], r["context"]["sentences"]))
+        want = [sents[t][i] for t, i in zip(r["supporting_facts"]["title"], r["supporting_facts"]["sent_id"])]
+        assert e.example_id == o.example_id and e.prompt_A == "\n".join(want) and o.prompt_A == " ".join(s.strip() for s in want)
+    assert any(e.prompt_A.startswith(" ") for e in public["hotpotqa"][0])  # the leading space kept
+    musique = {json.loads(line)["id"]: json.loads(line) for line in open("tests/fixtures/musique.jsonl")}
+    for e in public["musique"][0]:
+        paragraphs = [p for p in musique[e.example_id.split("-", 1)[1]]["paragraphs"] if p["is_supporting"]]
+        assert e.prompt_A == "\n".join(p["paragraph_text"] for p in paragraphs)
+        assert not any(e.prompt_A.startswith(p["title"] + ":") for p in paragraphs)

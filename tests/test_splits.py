@@ -16,6 +16,7 @@ SIZES = [(1, 0), (5, 2), (20, 8), (40, 1), (3, 8)]
 # task -> fixture file in its source's format (hub copies as JSONL; `path` reads them like the hub's rows)
 SOURCES = {
     "hotpotqa": "hotpotqa", "hotpotqa_ms": "hotpotqa", "musique": "musique", "musique_ms": "musique",
+    "hotpotqa_public": "hotpotqa", "hotpotqa_ms_public": "hotpotqa", "musique_public": "musique",
     "qasper": "qasper", "multifieldqa_en": "qasper", "twowikimqa": "qasper", "twowikimqa_ms": "twowikimqa",
     "squad": "squad", "gsm8k": "gsm8k", "repobench": "repobench", "repobench_full": "repobench",
     "samsum": "samsum", "samsum_full": "samsum", "jsonl": "custom", "tmath": "tmath",

@@ -104,9 +104,10 @@ def load_rows(source: HubSource, local_path: str | None) -> Any:
 
 
 def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tuple[str, str, str, list[str]]],
-                keep: Callable[[dict], bool] | None = None, sample: bool = True):
+                keep: Callable[[dict], bool] | None = None, sample: bool = True, items_of: str | None = None):
     """`keep` filters rows before the shuffle (as the public code filters before it samples); without
-    `sample` the rows stay in the split's order and n_test defaults to all of them (the `_full` tasks)."""
+    `sample` the rows stay in the split's order and n_test defaults to all of them (the `_full` tasks).
+    `items_of`: another reading of that task's rows (the same ids, so the two pair item by item)."""
     def build(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
         rows = load_rows(source, path)
         if keep is not None:
@@ -121,7 +122,7 @@ def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tupl
         def make(row: dict, split: str) -> Example:
             rid, prompt_a, prompt_b, answers, *more = parse(row)  # multi-sender parsers add the other contexts
             return Example(
-                example_id=f"{task_name}-{rid}",
+                example_id=f"{items_of or task_name}-{rid}",
                 prompt_A=prompt_a,
                 prompt_B=prompt_b,
                 answers=tuple(answers),
@@ -205,15 +206,16 @@ def parse_samsum(row: dict) -> tuple[str, str, str, list[str]]:
     return str(row["id"]), "\n".join(lines[:mid]).strip(), "\n".join(lines[mid:]).strip(), [row["summary"]]
 
 
-def supporting_sentences(row: dict, sentences_key: str = "sentences") -> list[str]:
+def supporting_sentences(row: dict, sentences_key: str = "sentences", strip: bool = True) -> list[str]:
     """The gold supporting-fact sentences, (title, sentence index) pairs into the row's context of
-    (title, sentences) (HotpotQA's distractor setting; 2WikiMultihopQA names the sentences `content`)."""
+    (title, sentences) (HotpotQA's distractor setting; 2WikiMultihopQA names the sentences `content`).
+    `strip=False`: as the public loader keeps them (HotpotQA's sentences carry their leading space)."""
     by_title = dict(zip(row["context"]["title"], row["context"][sentences_key]))
     out = []
     for title, sent_id in zip(row["supporting_facts"]["title"], row["supporting_facts"]["sent_id"]):
         sents = by_title.get(title, [])
         if 0 <= sent_id < len(sents):
-            out.append(sents[sent_id].strip())
+            out.append(sents[sent_id].strip() if strip else sents[sent_id])
     return out
 
 
@@ -223,6 +225,19 @@ def hotpotqa_facts(row: dict) -> list[str]:
 
 def musique_facts(row: dict) -> list[str]:
     return [f"{p['title']}: {p['paragraph_text']}" for p in row["paragraphs"] if p.get("is_supporting")]
+
+
+def hotpotqa_public_facts(row: dict) -> list[str]:
+    return supporting_sentences(row, strip=False)
+
+
+def musique_public_facts(row: dict) -> list[str]:
+    return [p["paragraph_text"] for p in row["paragraphs"] if p.get("is_supporting")]
+
+
+def public_joined(facts_of: Callable[[dict], list[str]], answers_of: Callable[[dict], list[str]]):
+    """A one-sender parser as the public loaders build A's context: the facts joined by newlines."""
+    return lambda row: (row["id"], "\n".join(facts_of(row)), row["question"], answers_of(row))
 
 
 def twowiki_facts(row: dict) -> list[str]:
@@ -249,10 +264,11 @@ TASKS: dict[str, Task] = {}
 
 
 def _register(name: str, source: HubSource, parse: Callable, metric: str, max_new_tokens: int, kind: str = QA,
-              n_test: int = 500, keep: Callable[[dict], bool] | None = None, sample: bool = True) -> None:
+              n_test: int = 500, keep: Callable[[dict], bool] | None = None, sample: bool = True,
+              items_of: str | None = None) -> None:
     TASKS[name] = register_task(
         Task(name, metric, max_new_tokens, n_test if sample else 10**9,
-             _hub_builder(name, source, parse, keep, sample), kind=kind,
+             _hub_builder(name, source, parse, keep, sample, items_of), kind=kind,
              description=source.describe() + ("" if sample else ", every row"),
              rows_available=source.rows if keep is None else None, source=source)
     )
@@ -283,3 +299,14 @@ _register("twowikimqa_ms", HubSource("ohjoonhee/2WikiMultihopQA", None, "validat
           two_senders(twowiki_facts, lambda r: [r["answer"]], " "), "f1_match", 32,
           keep=lambda r: len(twowiki_facts(r)) >= 2)
 _register("samsum_full", _SAMSUM, parse_samsum, "rouge_l_recall", 300, kind=SUMMARY, sample=False)
+# As the public loaders build A's context (`preset: kvcomm_public` reads these): HotpotQA's supporting
+# sentences unstripped and joined by newlines, MuSiQue's supporting paragraphs without their titles.
+_register("hotpotqa_public", HubSource("hotpotqa/hotpot_qa", "distractor", "validation"),
+          public_joined(hotpotqa_public_facts, lambda r: [r["answer"]]), "f1_match", 48, items_of="hotpotqa")
+_register("musique_public", HubSource("dgslibisey/MuSiQue", None, "validation"),
+          public_joined(musique_public_facts, musique_answers), "f1_match", 48, items_of="musique")
+_register("hotpotqa_ms_public", HubSource("hotpotqa/hotpot_qa", "distractor", "validation"),
+          two_senders(hotpotqa_public_facts, lambda r: [r["answer"]], "\n"), "f1_match", 48,
+          keep=lambda r: len(hotpotqa_public_facts(r)) >= 2, items_of="hotpotqa_ms")
+# What `preset: kvcomm_public` reads instead of each task (results keep the task's own label).
+PUBLIC_TASKS = {"hotpotqa": "hotpotqa_public", "musique": "musique_public", "hotpotqa_ms": "hotpotqa_ms_public"}
