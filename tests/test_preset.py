@@ -108,3 +108,38 @@ def test_the_preset_reads_hotpotqa_and_musique_as_the_public_loaders_build_a_con
         paragraphs = [p for p in musique[e.example_id.split("-", 1)[1]]["paragraphs"] if p["is_supporting"]]
         assert e.prompt_A == "\n".join(p["paragraph_text"] for p in paragraphs)
         assert not any(e.prompt_A.startswith(p["title"] + ":") for p in paragraphs)
+
+
+def test_cipher_under_the_preset_ends_a_message_only_at_the_tokenizers_eos():
+    """The public CIPHER stops at the tokenizer's EOS; ours also at every id the generation config
+    names (Llama-3-Instruct's <|eot_id|>). A model whose generation config adds an id shows the two."""
+    import torch
+
+    from cross_model.methods.cipher import message_eos_ids, vector_generate
+    from cross_model.models import load_model
+
+    lm = load_model("tiny-llama-64", torch.float32, "cpu")
+    own = int(lm.tokenizer.eos_token_id)
+    assert message_eos_ids(lm, "tokenizer") == [own]
+    cfg = load_experiment("configs/tiny.yaml", ["--preset", "kvcomm_public"])
+    assert cfg.methods["cipher"]["eos"] == "tokenizer" and "eos" not in cfg.methods["nld"]
+    assert load_experiment("configs/tiny.yaml").methods["cipher"].get("eos") is None
+    # Make the greedy-nearest token of a prompt's next step an "extra" EOS id: under `all` the message
+    # ends at once (no vector), under `tokenizer` it goes on.
+    emb = lm.model.get_input_embeddings()(torch.tensor([[5, 6, 7]]))
+    first = lm.model(inputs_embeds=emb).logits[0, -1].argmax().item()
+    assert first != own
+    saved = lm.model.generation_config.eos_token_id
+    try:
+        lm.model.generation_config.eos_token_id = [own, first]
+        lm.derived.pop("eos_token_ids", None)
+        for key in [k for k in lm.derived if str(k).startswith("cipher_eos")]:
+            lm.derived.pop(key)
+        stopped, _ = vector_generate(lm, emb, torch.ones(1, 3, dtype=torch.long), 4, 1e-4, eos_rule="all")
+        went_on, _ = vector_generate(lm, emb, torch.ones(1, 3, dtype=torch.long), 4, 1e-4, eos_rule="tokenizer")
+        assert stopped[0].shape[0] == 0 and went_on[0].shape[0] > 0
+    finally:
+        lm.model.generation_config.eos_token_id = saved
+        lm.derived.pop("eos_token_ids", None)
+        for key in [k for k in lm.derived if str(k).startswith("cipher_eos")]:
+            lm.derived.pop(key)

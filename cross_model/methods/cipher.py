@@ -36,11 +36,16 @@ from transformers import DynamicCache
 @dataclass
 class CipherParams(DebateParams):
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the expected embedding"})
+    eos: str = field(default="all", metadata={"help": "which ids end a message: all (the tokenizer's and the generation "
+                                                      "config's) or tokenizer (its one id, as the public code; preset "
+                                                      "kvcomm_public)"})
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
         if self.temperature <= 0:
             raise ValueError(f"{prefix}.temperature: must be > 0, got {self.temperature}")
+        if self.eos not in EOS_RULES:
+            raise ValueError(f"{prefix}.eos: {self.eos!r} is not one of {', '.join(EOS_RULES)}")
 
 
 @dataclass
@@ -53,26 +58,42 @@ class VectorTables:
     eos: torch.Tensor
 
 
-def vector_tables(lm: LoadedModel) -> VectorTables:
+EOS_RULES = ("all", "tokenizer")
+
+
+def message_eos_ids(lm: LoadedModel, rule: str = "all") -> list[int]:
+    """The ids whose nearest embedding ends a message: every EOS id the model declares, or (`tokenizer`)
+    the tokenizer's one, as the public CIPHER code stops (Llama-3-Instruct's <|eot_id|> then does not end
+    a message: only <|end_of_text|> does)."""
+    if rule == "tokenizer":
+        if lm.tokenizer.eos_token_id is None:
+            raise ValueError(f"cipher eos: tokenizer: {lm.info.name}'s tokenizer has no eos_token_id; use eos: all")
+        return [int(lm.tokenizer.eos_token_id)]
+    return sorted(eos_token_ids(lm))
+
+
+def vector_tables(lm: LoadedModel, eos_rule: str = "all") -> VectorTables:
     def build() -> VectorTables:
         table = input_embeddings(lm)
         table = table.to(torch.promote_types(table.dtype, torch.float32))  # a copy only when narrower
         inv = 1.0 / table.norm(dim=-1).clamp(min=1e-12)
-        eos = torch.tensor(sorted(eos_token_ids(lm)), device=table.device)
-        return VectorTables(table, inv, eos)
+        return VectorTables(table, inv, torch.tensor([], dtype=torch.long, device=table.device))
 
-    return lm.cached("cipher_tables", build)
+    shared = lm.cached("cipher_tables", build)  # the large parts, once per model whatever the rule
+    eos = lm.cached(f"cipher_eos_{eos_rule}", lambda: torch.tensor(message_eos_ids(lm, eos_rule),
+                                                                   device=shared.table_VD.device))
+    return VectorTables(shared.table_VD, shared.inv_norm_V, eos)
 
 
 @torch.inference_mode()
 def vector_generate(
     lm: LoadedModel, prompts_BTD: torch.Tensor | None, mask_BT: torch.Tensor | None, max_steps: int,
-    temperature: float, recompute: bool = False, start: Prefill | None = None,
+    temperature: float, recompute: bool = False, start: Prefill | None = None, eos_rule: str = "all",
 ) -> tuple[list[torch.Tensor], list[int]]:
     """Expected-embedding messages from embedded, left-padded prompts. Returns per row its vectors
     (n_i x D, EOS excluded) and the steps it ran. With `start`, the prompts were prefilled already
     (from token ids, whose embeddings are the same vectors, shared prefix or not): pass None for both."""
-    tables = vector_tables(lm)
+    tables = vector_tables(lm, eos_rule)
     table_VD, work = tables.table_VD, tables.table_VD.dtype
     if start is not None and recompute:
         raise ValueError("vector_generate: recompute=True needs the whole prompt, not a prefilled one")
@@ -209,10 +230,10 @@ class Cipher(Method):
         a_vecs, a_steps, a_len = [], [], []
         for lm, part in groups:
             a_pre = self.prefill(lm, a_prompts[part])
-            vecs, steps = vector_generate(lm, None, None, p.nld_max_tokens, p.temperature, start=a_pre)
+            vecs, steps = vector_generate(lm, None, None, p.nld_max_tokens, p.temperature, start=a_pre, eos_rule=p.eos)
             a_vecs, a_steps, a_len = a_vecs + vecs, a_steps + steps, a_len + a_pre.prompt_lengths
         b_pre = self.prefill(b, b_prompts)
-        b_vecs, b_steps = vector_generate(b, None, None, p.nld_max_tokens, p.temperature, start=b_pre)
+        b_vecs, b_steps = vector_generate(b, None, None, p.nld_max_tokens, p.temperature, start=b_pre, eos_rule=p.eos)
         b_len = b_pre.prompt_lengths
         n_sent = [v.shape[0] for v in a_vecs]
         a_gen, b_gen = list(a_steps), list(b_steps)
@@ -224,12 +245,12 @@ class Cipher(Method):
             new_a, steps = [], []
             for lm, part in groups:
                 emb, mask = pad_embeddings_left(a_rows[part])
-                vecs, took = vector_generate(lm, emb, mask, p.nld_max_tokens, p.temperature)
+                vecs, took = vector_generate(lm, emb, mask, p.nld_max_tokens, p.temperature, eos_rule=p.eos)
                 new_a, steps = new_a + vecs, steps + took
             b_rows = [self._refinement_embeds(b, bp, bv, torch.cat(heard(a_vecs, i)))
                       for i, (bp, bv) in enumerate(zip(b_prompts, b_vecs))]
             emb, mask = pad_embeddings_left(b_rows)
-            b_vecs, b_steps2 = vector_generate(b, emb, mask, p.nld_max_tokens, p.temperature)
+            b_vecs, b_steps2 = vector_generate(b, emb, mask, p.nld_max_tokens, p.temperature, eos_rule=p.eos)
             a_in = [x + len(rw) for x, rw in zip(a_in, a_rows)]
             b_in = [x + len(rw) for x, rw in zip(b_in, b_rows)]
             a_gen = [x + s for x, s in zip(a_gen, steps)]
