@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,23 +82,18 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
     return apply_preset(cfg)
 
 
-# What `preset: kvcomm_public` sets on every method that has the parameter (and does not set it itself).
-PUBLIC_METHOD_SETTINGS = {"receiver_mask": "public", "eos": "tokenizer"}
-
-
 def apply_preset(cfg: ExperimentConfig) -> ExperimentConfig:
     """Write what `preset` implies into the config itself, so the run's resolved config.yaml says it:
-    under kvcomm_public every method with a `receiver_mask` reads with the public code's receiver,
-    CIPHER stops at the public code's one EOS id, every task the public code reads or scores otherwise
-    gets its reading and metric, wherever the config does not set them itself (an explicit setting
-    wins, and the run records both)."""
+    under kvcomm_public every method takes its `public_settings` (KVComm's receiver and calibration
+    blend, CIPHER's EOS) and every task the public code reads or scores otherwise gets its reading and
+    metric, wherever the config does not set them itself (an explicit setting wins, and the run records
+    both)."""
     if cfg.preset != "kvcomm_public":
         return cfg
     for name, params in cfg.methods.items():
         cls, _ = resolve_method(name, params)
-        for key, value in PUBLIC_METHOD_SETTINGS.items():
-            if key in {f.name for f in fields(cls.Params)} and key not in params:
-                params[key] = value
+        for key, value in cls.public_settings.items():  # each method says what the preset sets on it
+            params.setdefault(key, value)
     for task in cfg.tasks:
         if task.name in PUBLIC_TASKS:  # the public loader's reading of the same rows, under the task's label
             task.label, task.name = task.key, PUBLIC_TASKS[task.name]

@@ -55,6 +55,7 @@ def test_the_preset_writes_the_public_receiver_and_metrics_into_the_resolved_con
     ])
     assert cfg.methods["kvcomm"]["receiver_mask"] == "public" and cfg.methods["q"]["receiver_mask"] == "public"
     assert cfg.methods["causal"]["receiver_mask"] == "causal"  # an explicit setting wins
+    assert all(cfg.methods[m]["alpha"] == 1.0 and cfg.methods[m]["prior"] == "minmax" for m in ("kvcomm", "q", "causal"))
     assert "receiver_mask" not in cfg.methods["baseline"]  # it has none
     assert [t.metric for t in cfg.tasks] == [None, "rouge_l_recall_public", None]
     public = load_experiment("configs/tiny.yaml", ["--preset", "kvcomm_public", "--tasks",
@@ -143,3 +144,14 @@ def test_cipher_under_the_preset_ends_a_message_only_at_the_tokenizers_eos():
         lm.derived.pop("eos_token_ids", None)
         for key in [k for k in lm.derived if str(k).startswith("cipher_eos")]:
             lm.derived.pop(key)
+
+
+def test_the_public_blend_scales_the_depth_prior_to_zero_one():
+    import math
+
+    from cross_model.methods.kvcomm import blend_scores
+
+    edge = math.exp(-0.5 * (1 / 10) ** 2)  # three layers, centre 1, sigma 10: the prior at layers 0 and 2
+    assert blend_scores([0.0, 1.0, 2.0], 0.0, 0.5, 10.0) == [edge, 1.0, edge]
+    assert blend_scores([0.0, 1.0, 2.0], 0.0, 0.5, 10.0, "minmax") == [0.0, 1.0, 0.0]
+    assert blend_scores([0.0, 1.0, 2.0], 1.0, 0.5, 10.0, "minmax") == [0.0, 0.5, 1.0]  # alpha 1: the measurement alone

@@ -86,6 +86,9 @@ class Method:
     registry_name = ""
 
     trained_by: str | None = None  # the registered trainable that makes this method's learned part, if any
+    # What `preset: kvcomm_public` sets on this method's parameters (unless the config sets them): the
+    # public KVComm code's behaviour where ours differs (docs/METHODS.md).
+    public_settings: dict[str, Any] = {}
 
     def __init__(self, params: MethodParams, pair: ModelPair, name: str | None = None, run_dir: Path | None = None, *,
                  trained: str | None = None, load_model: Callable[[str], LoadedModel] | None = None):

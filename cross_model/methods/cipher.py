@@ -155,6 +155,7 @@ def pad_embeddings_left(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.T
 
 @register("cipher")
 class Cipher(Method):
+    public_settings = {"eos": "tokenizer"}
     Params = CipherParams
     multi_sender = True
 

@@ -51,6 +51,8 @@ class KVCommParams(MethodParams):
     alpha: float = field(default=0.5, metadata={"help": "weight of measured importance against the depth prior"})
     mu: float = field(default=0.5, metadata={"help": "prior centre as a fraction of depth"})
     sigma: float = field(default=10.0, metadata={"help": "prior width in layers"})
+    prior: str = field(default="max", metadata={"help": "how the depth prior is scaled before the blend: max (divided by "
+                                                        "its peak) or minmax (to [0, 1], as the public code)"})
     always_send_layer0: bool = field(default=True, metadata={"help": "send layer 0 in full (as the public code)"})
     seed: int = field(default=0, metadata={"help": "seed for random selection"})
     receiver_mask: str = field(
@@ -80,6 +82,8 @@ class KVCommParams(MethodParams):
             raise ValueError(f"{prefix}.receiver_mask: one of {', '.join(RECEIVER_MASKS)}, got {self.receiver_mask!r}")
         if not 0.0 <= self.alpha <= 1.0 or self.sigma <= 0:
             raise ValueError(f"{prefix}.alpha must be in [0, 1] and {prefix}.sigma > 0")
+        if self.prior not in ("max", "minmax"):
+            raise ValueError(f"{prefix}.prior: {self.prior!r} is not max or minmax")
         check_facts_settings(prefix, self.facts_extractor, self.max_facts)
         if self.control not in (None, "other_item"):
             raise ValueError(f"{prefix}.control: {self.control!r} is not one of null, other_item")
@@ -99,18 +103,24 @@ def layer_map(l_a: int, l_b: int) -> list[int]:
     return [min(l_a - 1, max(0, round((lb + 0.5) * l_a / l_b - 0.5))) for lb in range(l_b)]
 
 
-def blend_scores(importance: list[float], alpha: float, mu: float, sigma: float) -> list[float]:
+def _min_max(values: list[float]) -> list[float]:
+    lo, hi = min(values), max(values)
+    return [(x - lo) / (hi - lo) if hi > lo else 0.0 for x in values]
+
+
+def blend_scores(importance: list[float], alpha: float, mu: float, sigma: float, prior_scale: str = "max") -> list[float]:
+    """alpha x the measured importance (min-max scaled) + (1 - alpha) x a Gaussian prior over depth,
+    scaled by its peak (`max`) or to [0, 1] (`minmax`, the public code's)."""
     n = len(importance)
-    lo, hi = min(importance), max(importance)
-    imp = [(x - lo) / (hi - lo) if hi > lo else 0.0 for x in importance]
+    imp = _min_max(importance)
     prior = [math.exp(-0.5 * ((l - mu * (n - 1)) / sigma) ** 2) for l in range(n)]
-    top = max(prior)
-    prior = [p / top for p in prior]
+    prior = _min_max(prior) if prior_scale == "minmax" else [p / max(prior) for p in prior]
     return [alpha * i + (1 - alpha) * p for i, p in zip(imp, prior)]
 
 
 @register("kvcomm")
 class KVComm(Method):
+    public_settings = {"receiver_mask": "public", "alpha": 1.0, "prior": "minmax"}
     Params = KVCommParams
 
     @classmethod
@@ -304,7 +314,7 @@ class KVComm(Method):
     def rank_layers(self, importance: list[float]) -> list[int]:
         """Receiver layers by blended score (measured attention on A against the depth prior), best first."""
         p = self.params
-        scores = blend_scores(importance, p.alpha, p.mu, p.sigma)
+        scores = blend_scores(importance, p.alpha, p.mu, p.sigma, p.prior)
         return sorted(range(len(scores)), key=lambda l: (-scores[l], l))
 
     def select_online(self, examples: list[Example]) -> bool:
@@ -391,7 +401,7 @@ class KVComm(Method):
         decision = None
         if is_main():
             p = self.params
-            scores = blend_scores(importance, p.alpha, p.mu, p.sigma)
+            scores = blend_scores(importance, p.alpha, p.mu, p.sigma, p.prior)
             self.ranking = self.rank_layers(importance)
             decision = {
                 "importance": importance, "scores": scores, "ranking": self.ranking,
