@@ -241,3 +241,25 @@ def test_each_prompt_is_recorded_once(examples):
         m.run_batch(examples[:1])
     assert [r["model"] for r in log] == ["tiny-gemma3-64", "tiny-llama-48"]
     assert sender_text(examples[0]) in log[0]["text"] and receiver_text(examples[0]) in log[1]["text"]
+
+
+def test_the_other_item_control_reads_each_items_donor_context_and_b_its_own_question(examples):
+    """Under `control: other_item` C2C answers exactly as the plain method answers items whose context
+    is the donor's (the next test item by context length) and whose question is their own."""
+    from dataclasses import replace
+
+    from cross_model.methods.other_item import donor_map
+
+    items = examples[:5]
+    control = make("c2c", projector="identity", gates="open", control="other_item")
+    control.set_task_items(items)
+    plain = make("c2c", projector="identity", gates="open")
+    donors = donor_map(items)
+    swapped = [replace(e, prompt_A=donors[e.example_id].prompt_A) for e in items]
+    assert any(s.prompt_A != e.prompt_A for s, e in zip(swapped, items))
+    got, want = control.run_batch(items), plain.run_batch(swapped)
+    assert [(p.answer, p.payload_bytes) for p in got] == [(p.answer, p.payload_bytes) for p in want]
+    assert [p.example_id for p in got] == [e.example_id for e in items]
+    one = make("c2c", projector="identity", gates="open", control="other_item")
+    one.set_task_items(items[:1])
+    assert "needs another item" in (one.run_batch(items[:1])[0].error or "")

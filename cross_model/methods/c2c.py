@@ -21,6 +21,7 @@ from cross_model.generation import greedy_generate
 from cross_model.kv_wire import KVPayload, QuantScheme, dtype_bits, dtype_name, payload_size
 from cross_model.kv_wire_batch import decode_batch, encode_batch
 from cross_model.methods.base import Method, MethodParams, Prediction
+from cross_model.methods.other_item import donor_map, with_donor_contexts
 from cross_model.methods.registry import register
 from cross_model.prompting import chat_text, encode_texts, receiver_text, sender_text, tokenize_prompts
 from cross_model.kv_layout import layout_forward, use_cross_model_attention
@@ -36,6 +37,8 @@ class C2CParams(MethodParams):
     rope: str = field(default="as_cached", metadata={"help": "as_cached (A's keys projected as A cached them, as C2C) "
                                                               "or reapply (A's rotary embedding taken off, B's put on)"})
     bits: int | None = field(default=None, metadata={"help": "null (A's dtype, raw) or 2..8: A's layers quantized as Q-KVComm's"})
+    control: str | None = field(default=None, metadata={"help": "null, or other_item: A reads another test item's context "
+                                                                "(the content control at equal bytes, as KVComm's)"})
     steps: int = field(default=200, metadata={"help": "training: optimizer steps"})
     batch_size_train: int = field(default=8, metadata={"help": "training: global batch in rows, split over ranks"})
     lr: float = field(default=1e-3, metadata={"help": "training: AdamW learning rate"})
@@ -64,6 +67,8 @@ class C2CParams(MethodParams):
             raise ValueError(f"{prefix}.rope: as_cached or reapply, got {self.rope!r}")
         if self.bits is not None and not 2 <= self.bits <= 8:
             raise ValueError(f"{prefix}.bits: null or 2..8, got {self.bits}")
+        if self.control not in (None, "other_item"):
+            raise ValueError(f"{prefix}.control: {self.control!r} is not one of null, other_item")
         for name in ("hidden", "steps", "batch_size_train", "n_train", "target_tokens", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
@@ -83,6 +88,7 @@ class C2C(Method):
         return params.projector == "train"
 
     def check_pair(self) -> None:
+        self.donors: dict[str, Example] = {}  # control: other_item
         a, b = self.pair.sender, self.pair.receiver
         for lm in (a, b):
             if not getattr(lm.tokenizer, "is_fast", True):
@@ -149,6 +155,9 @@ class C2C(Method):
             sent[la] = (keys, values)
         return sent, [len(b) for b in blobs]
 
+    def set_task_items(self, items: list[Example]) -> None:
+        self.donors = donor_map(items)  # control: other_item
+
     def sender(self, examples: list[Example], layers: list[int]):
         a, b = self.pair.sender, self.pair.receiver
         top = max((self.projector.partners[l] for l in layers), default=-1) + 1
@@ -161,7 +170,8 @@ class C2C(Method):
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         b = self.pair.receiver
         layers = self.active_layers()
-        side = self.sender(examples, layers)
+        read = with_donor_contexts(examples, self.donors, self.name) if self.params.control == "other_item" else examples
+        side = self.sender(read, layers)
         a_layers = self.sender_layers(layers)
         sent, sizes = self.transmit(side, a_layers)
         cache, layout, offset = receiver_cache(self.projector, b, side, layers, sent=sent, a=self.pair.sender,

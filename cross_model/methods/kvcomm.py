@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from cross_model.failures import measure_in_batches
 from cross_model.facts import check_facts_settings, facts_text, with_facts
 from cross_model.generation import greedy_generate
 from cross_model.methods.base import Method, MethodParams, Prediction
+from cross_model.methods.other_item import donor_map, with_donor_contexts
 from cross_model.methods.registry import register
 from cross_model.models import LoadedModel
 from cross_model.kv_wire import KVPayload, dtype_bits, dtype_name, payload_size
@@ -295,21 +296,13 @@ class KVComm(Method):
         return gen, a_len, b_batch.lengths, layout, sizes, extras
 
     def set_task_items(self, items: list[Example]) -> None:
-        """control: other_item pairs each item with the next one in order of context length (cyclic):
-        same task, nearly the same bytes, another context. The whole test list decides, so every
-        rank and batch size gives an item the same donor."""
-        order = sorted(items, key=lambda e: (len(e.prompt_A), e.example_id))
-        self.donors = {e.example_id: order[(i + 1) % len(order)] for i, e in enumerate(order)} if len(order) > 1 else {}
+        self.donors = donor_map(items)  # control: other_item (cross_model.methods.other_item)
 
     def sender_examples(self, examples: list[Example]) -> list[Example]:
         """What A reads: the examples, or under control: other_item each one's donor's context."""
         if self.params.control != "other_item":
             return examples
-        missing = [e.example_id for e in examples if e.example_id not in self.donors]
-        if missing:
-            raise ValueError(f"methods.{self.name}: control other_item needs another item of the task for "
-                             f"{missing[0]} (the evaluator hands over the test list; a task of one item has none)")
-        return [replace(e, prompt_A=self.donors[e.example_id].prompt_A) for e in examples]
+        return with_donor_contexts(examples, self.donors, self.name)
 
     def rank_layers(self, importance: list[float]) -> list[int]:
         """Receiver layers by blended score (measured attention on A against the depth prior), best first."""
