@@ -134,7 +134,7 @@ def test_cipher_under_the_preset_ends_a_message_only_at_the_tokenizers_eos():
     try:
         lm.model.generation_config.eos_token_id = [own, first]
         lm.derived.pop("eos_token_ids", None)
-        for key in [k for k in lm.derived if str(k).startswith("cipher_eos")]:
+        for key in [k for k in lm.derived if str(k).startswith("cipher_tables_")]:
             lm.derived.pop(key)
         stopped, _ = vector_generate(lm, emb, torch.ones(1, 3, dtype=torch.long), 4, 1e-4, eos_rule="all")
         went_on, _ = vector_generate(lm, emb, torch.ones(1, 3, dtype=torch.long), 4, 1e-4, eos_rule="tokenizer")
@@ -142,7 +142,7 @@ def test_cipher_under_the_preset_ends_a_message_only_at_the_tokenizers_eos():
     finally:
         lm.model.generation_config.eos_token_id = saved
         lm.derived.pop("eos_token_ids", None)
-        for key in [k for k in lm.derived if str(k).startswith("cipher_eos")]:
+        for key in [k for k in lm.derived if str(k).startswith("cipher_tables_")]:
             lm.derived.pop(key)
 
 

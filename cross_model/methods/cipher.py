@@ -80,9 +80,8 @@ def vector_tables(lm: LoadedModel, eos_rule: str = "all") -> VectorTables:
         return VectorTables(table, inv, torch.tensor([], dtype=torch.long, device=table.device))
 
     shared = lm.cached("cipher_tables", build)  # the large parts, once per model whatever the rule
-    eos = lm.cached(f"cipher_eos_{eos_rule}", lambda: torch.tensor(message_eos_ids(lm, eos_rule),
-                                                                   device=shared.table_VD.device))
-    return VectorTables(shared.table_VD, shared.inv_norm_V, eos)
+    return lm.cached(f"cipher_tables_{eos_rule}", lambda: VectorTables(
+        shared.table_VD, shared.inv_norm_V, torch.tensor(message_eos_ids(lm, eos_rule), device=shared.table_VD.device)))
 
 
 @torch.inference_mode()
