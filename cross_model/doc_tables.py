@@ -183,9 +183,11 @@ def render_sweep(data: dict, *args: str) -> str:
     instance whose paired difference to it is shown (with its interval, McNemar p and Holm-adjusted p
     over the task's comparisons); the rest are named by count."""
     summary = {(s["task"], s["method"]): s for s in data["summary"]}
+    reference = data["paired"][0]["reference"]  # the report's; `--pair` rows render in their own block
+    paired = [p for p in data["paired"] if p["reference"] == reference]
     out = []
-    for task in dict.fromkeys(p["task"] for p in data["paired"]):
-        lines = [p for p in data["paired"] if p["task"] == task and p.get("first_named")]
+    for task in dict.fromkeys(p["task"] for p in paired):
+        lines = [p for p in paired if p["task"] == task and p.get("first_named")]
         ref = lines[0]["reference"]
         adjusted = holm([p["first_named"]["mcnemar_p"] for p in lines])
         shown = []

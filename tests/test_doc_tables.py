@@ -96,7 +96,8 @@ def test_a_pair_of_two_non_reference_methods_is_published_and_rendered_in_its_ow
     examples = {"t": {"base": rows([0] * 10), "a": rows([1] * 8 + [0] * 2), "b": rows([1] * 3 + [0] * 7)}}
     run = tmp_path / "run"
     run.mkdir()
-    data = {"summary": [], "examples": examples, "starts": [{"git": {"commit": "abc", "changes": None}}],
+    data = {"summary": [{"task": "t", "method": m, "first_named": 0.0} for m in examples["t"]], "examples": examples,
+            "starts": [{"git": {"commit": "abc", "changes": None}}],
             "paired": [{"task": "t", "method": m, "reference": "base", "n": 10,
                         "first_named": compare({r["example_id"]: r for r in examples["t"]["base"]},
                                                {r["example_id"]: r for r in examples["t"][m]}, "first_named").to_dict()}
@@ -112,3 +113,6 @@ def test_a_pair_of_two_non_reference_methods_is_published_and_rendered_in_its_ow
     assert "base (points)" in own and "| a |" in own and "| b |" in own
     assert "| a | 10 | " in doc_tables.render("paired docs/results.json b") and "b (points)" in doc_tables.render("paired docs/results.json b")
     assert doc_tables.main(["--publish", str(run), str(tmp_path / "d2"), "--pair", "a:nope"]) == 2
+    # The sweep's sentences are about the report's reference only, with or without the added pair.
+    assert doc_tables.render_sweep(published) == doc_tables.render_sweep({**published, "paired": data["paired"]})
+    assert "2 instances" in doc_tables.render_sweep(published)
