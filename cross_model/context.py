@@ -79,7 +79,28 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
     its method's parameters."""
     cfg = load_config(path, overrides)
     validate_methods(cfg.methods)
-    return apply_preset(cfg)
+    return apply_preset(add_controls(cfg))
+
+
+def add_controls(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Add every control a method declares (`Method.controls`) that the config lacks, by what it runs
+    (its method and typed parameters), not by its name: controls are not opt-in. Written into the
+    config, so the run's resolved config lists them. `controls: false` turns them off (tests)."""
+    if not cfg.controls:
+        return cfg
+    present = [resolve_method(name, params) for name, params in cfg.methods.items()]
+    for name, params in list(cfg.methods.items()):
+        cls, typed = resolve_method(name, params)
+        for control, entry in cls.controls(name, typed).items():
+            resolved = resolve_method(control, entry)
+            if resolved in present:
+                continue
+            if control in cfg.methods:
+                raise ValueError(f"methods.{control}: the name of {name}'s control ({entry}) is taken by another "
+                                 f"method; rename it")
+            cfg.methods[control] = entry
+            present.append(resolved)
+    return cfg
 
 
 def apply_preset(cfg: ExperimentConfig) -> ExperimentConfig:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import json
 import time
 from pathlib import Path
 
@@ -92,3 +93,25 @@ def two_gloo_ranks(target, *args) -> dict:
     for p in procs:
         p.join(timeout=60)
     return got
+
+
+MUTABLE = ("id", "_id", "question", "input", "problem", "dialogue", "cropped_code", "prompt_B")
+
+
+def distinct_copies(rows: list[dict], n: int) -> list[dict]:
+    """`n` distinct rows from a fixture's: the identifying and question fields changed per copy, so that
+    every copy is a different item by id and by content (a source large enough to keep reserves)."""
+    out = []
+    for k in range(n):
+        row = json.loads(json.dumps(rows[k % len(rows)]))
+        for key in MUTABLE:
+            if isinstance(row.get(key), str):
+                row[key] = f"{row[key]}\\n# {k}" if key in ("dialogue", "cropped_code") else f"{row[key]} v{k}"
+        out.append(row)
+    return out
+
+
+def write_copies(fixture: Path, out: Path, n: int) -> str:
+    rows = [json.loads(line) for line in fixture.read_text().splitlines() if line.strip()]
+    out.write_text("".join(json.dumps(r) + "\n" for r in distinct_copies(rows, n)))
+    return str(out)

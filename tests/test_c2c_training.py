@@ -26,9 +26,9 @@ C2C = {"method": "c2c", "gate_init": 1.0, "steps": 12, "n_train": 32, "n_heldout
        "hidden": 32, "lr": 1e-2, "checkpoint_every": 3, "max_new_tokens": 4}
 
 
-def _config(tmp_path: Path, name: str, stages=("train",)) -> Path:
+def _config(tmp_path: Path, name: str, stages=("train",), controls: bool = False) -> Path:
     cfg = {
-        "name": name, "output_dir": str(tmp_path / "runs"), "stages": list(stages),
+        "name": name, "output_dir": str(tmp_path / "runs"), "stages": list(stages), "controls": controls,
         "models": {"sender": "tiny-gemma3-64", "receiver": "tiny-llama-48"},
         "tasks": [{"name": "countries", "n_test": 4, "n_calib": 0}],
         "methods": {"baseline": {}, "c2c": C2C},
@@ -43,14 +43,24 @@ def _run(config: Path, nproc: int = 1) -> str:
     return run_entry(config, nproc)
 
 
-def _final(tmp_path: Path, name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    (final,) = list((tmp_path / name / "ckpt").glob("c2c__*/final"))
+def _final(tmp_path: Path, name: str, train_control: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    (final,) = [f for f in (tmp_path / name / "ckpt").glob("c2c__*/final")
+                if json.loads((f / "meta.json").read_text())["train_control"] == train_control]
     return load_file(str(final / WEIGHTS_FILE)), json.loads((final / "meta.json").read_text())
 
 
 def test_training_lowers_the_heldout_loss_and_the_evaluate_stage_reads_the_projector(tmp_path):
-    _run(_config(tmp_path, "ref", ("train", "evaluate", "report")))
+    """With the controls on (the default): the other-item control reads the same projector, the
+    shuffled-A control trains its own on the same rows with A reading other rows' contexts."""
+    _run(_config(tmp_path, "ref", ("train", "evaluate", "report"), controls=True))
     _, meta = _final(tmp_path, "ref")
+    _, shuffled = _final(tmp_path, "ref", "shuffled_a")
+    assert len(list((tmp_path / "ref" / "ckpt").glob("c2c__*/final"))) == 2
+    assert [h["step"] for h in shuffled["history"]] == [h["step"] for h in meta["history"]]
+    # every gate closed, B does not read A: the same targets (B's continuation of each row's own context)
+    assert [h["heldout_loss_closed"] for h in shuffled["history"]] == pytest.approx(
+        [h["heldout_loss_closed"] for h in meta["history"]])
+    assert shuffled["history"][-1]["heldout_loss"] != pytest.approx(meta["history"][-1]["heldout_loss"])
     first, last = meta["history"][0], meta["history"][-1]
     assert [h["step"] for h in meta["history"]] == [0, 4, 8, 12]  # each epoch (32 rows / 8)
     assert last["heldout_loss"] < first["heldout_loss"] and last["heldout_loss"] < last["heldout_loss_closed"]
@@ -58,6 +68,9 @@ def test_training_lowers_the_heldout_loss_and_the_evaluate_stage_reads_the_proje
     rows = results["examples"]["countries"]["c2c"]
     assert len(rows) == 4 and all(r["error"] is None for r in rows)
     assert all(r["layers"] == meta["open_layers"] for r in rows)  # the open gates are the selection
+    control = results["examples"]["countries"]["c2c_other_item"]
+    assert [r["example_id"] for r in control] == [r["example_id"] for r in rows]
+    assert all(r["error"] is None for r in control + results["examples"]["countries"]["c2c_shuffled_a"])
     run_meta = json.loads((tmp_path / "runs" / "ref" / "c2c.json").read_text())
     assert run_meta["c2c"]["open_layers"] == meta["open_layers"]
 

@@ -21,7 +21,7 @@ from cross_model.interlingua.encoder import EncoderShape
 from cross_model.interlingua.model import LatentWire, receiver_record
 from cross_model.interlingua.train_interlingua import fit_interlingua
 
-from tests.helpers import entry, kill_9_and_resume, run_entry
+from tests.helpers import entry, kill_9_and_resume, run_entry, write_copies
 
 ROOT = Path(__file__).resolve().parent.parent
 INTERLINGUA = {"receivers": ["tiny-llama-64", "tiny-gemma3-64"], "m": 4, "d_z": 32, "layers": 1, "n_train": 32,
@@ -172,21 +172,26 @@ def test_train_evaluate_report_with_every_variant_and_the_controls(tmp_path):
 
 
 @pytest.mark.parametrize("task", ["squad", "hotpotqa"])
-def test_hub_tasks_train_on_rows_past_their_test_and_calibration_items(task):
+def test_hub_tasks_train_on_rows_past_their_test_region(task, tmp_path):
+    """A hub split's training rows are the rows after its first 1000 (the test region) in the loader's
+    seed-42 order, whatever the run's n_test and n_calib; a source too small to keep them refuses."""
+    import datasets
+
     from cross_model.config import ExperimentConfig, TaskConfig
     from cross_model.interlingua.train_interlingua import training_data
 
-    fixture = str(ROOT / "tests" / "fixtures" / f"{task}.jsonl")
-    cfg = ExperimentConfig(tasks=[TaskConfig(name=task, n_test=1, n_calib=1, path=fixture)],
-                           interlingua=InterlinguaConfig(n_train=1, n_heldout=0))
-    train, held = training_data(cfg)
-    test, calib = load_task_examples(task, 1, 1, 0, fixture)
-    # The hub loader's order (shuffled with seed 42): test first, training next; calibration at the back.
-    rows, _ = load_task_examples(task, 3, 0, 0, fixture)
-    assert [e.example_id for e in test + calib] == [rows[0].example_id, rows[-1].example_id]
-    assert [e.example_id for e in train] == [rows[1].example_id] and held == []
-    cfg.interlingua.n_train = 2
-    with pytest.raises(ValueError, match="exceeds"):
+    fixture = ROOT / "tests" / "fixtures" / f"{task}.jsonl"
+    big = write_copies(fixture, tmp_path / f"{task}.jsonl", 1100)
+    trained = {}
+    for n_test, n_calib in ((1, 1), (1000, 8)):
+        cfg = ExperimentConfig(tasks=[TaskConfig(name=task, n_test=n_test, n_calib=n_calib, path=big)],
+                               interlingua=InterlinguaConfig(n_train=2, n_heldout=1))
+        train, held = training_data(cfg)
+        trained[n_test] = [e.example_id for e in train + held]
+    order = datasets.load_dataset("json", data_files=big, split="train").shuffle(seed=42)
+    assert trained[1] == trained[1000] == [f"{task}-{order[i]['id']}" for i in (1000, 1001, 1002)]
+    cfg.tasks[0] = TaskConfig(name=task, n_test=1, n_calib=1, path=str(fixture))  # 3 rows, none kept for training
+    with pytest.raises(ValueError, match="3 training rows asked, the source keeps 0"):
         training_data(cfg)
 
 

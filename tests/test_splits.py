@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from cross_model.data import load_task_examples
-from cross_model.data.base import SMALL_SOURCE, available_tasks, calibration_reserve, front_and_back
+from cross_model.data.base import SMALL_SOURCE, available_tasks, calibration_reserve, front_and_back, get_task, training_region
+from cross_model.data.training_rows import task_rows
+from tests.helpers import distinct_copies
 
 FIX = Path(__file__).resolve().parent / "fixtures"
 SIZES = [(1, 0), (5, 2), (20, 8), (40, 1), (3, 8)]
@@ -21,22 +23,6 @@ SOURCES = {
     "squad": "squad", "gsm8k": "gsm8k", "repobench": "repobench", "repobench_full": "repobench",
     "samsum": "samsum", "samsum_full": "samsum", "jsonl": "custom", "tmath": "tmath",
 }
-MUTABLE = ("id", "_id", "question", "input", "problem", "dialogue", "cropped_code", "prompt_B")
-
-
-def _copies(rows: list[dict], n: int) -> list[dict]:
-    """`n` distinct rows from a fixture's: the identifying and question fields changed per copy, so that
-    every copy is a different item by id and by content."""
-    out = []
-    for k in range(n):
-        row = json.loads(json.dumps(rows[k % len(rows)]))
-        for key in MUTABLE:
-            if isinstance(row.get(key), str):
-                row[key] = f"{row[key]}\\n# {k}" if key in ("dialogue", "cropped_code") else f"{row[key]} v{k}"
-        out.append(row)
-    return out
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, str]:
     out = {}
@@ -52,7 +38,7 @@ def sources(tmp_path_factory) -> dict[str, str]:
                     paragraph["is_supporting"] = True
         path = tmp / f"{file}.jsonl"
         if not path.exists():
-            path.write_text("".join(json.dumps(r) + "\n" for r in _copies(rows, 90)))
+            path.write_text("".join(json.dumps(r) + "\n" for r in distinct_copies(rows, 90)))
         out[name] = str(path)
     return out
 
@@ -90,16 +76,48 @@ def test_the_reserve_is_fixed_by_the_source_not_the_request():
         front_and_back(items, 1, 9, "x")
 
 
-def test_training_rows_are_never_test_or_calibration_rows_of_the_same_run():
-    """LatentWire's and C2C's training rows (`task_rows`): after the run's test rows, before its
-    calibration reserve, checked by content for the ladder tasks at the published configs' sizes."""
-    from cross_model.data.training_rows import task_rows
+TRAIN_SIZES = [(1, 0), (100, 8), (150, 30), (1000, 64)]
 
-    for task in ("secret_word", "fact_lookup"):
-        test, calib = load_task_examples(task, 100, 8, seed=0)
-        rows = task_rows(task, 100, 8, 576 if task == "secret_word" else 1000, 0, None)
-        taken = {_content(e) for e in test + calib}
-        assert not taken & {_content(e) for e in rows}
+
+@pytest.mark.parametrize("task", [t for t in available_tasks() if get_task(t).train is not None])
+def test_no_training_row_is_a_test_or_calibration_row_of_any_call(task, sources, tmp_path):
+    """LatentWire's and C2C's training rows (`task_rows`): a split of their own, so no run's test or
+    calibration item is a training row, whatever its sizes (they were the rows after the run's test
+    rows, and moved with n_test). Checked by content over several calls, and the rows handed out do
+    not change with the run's sizes."""
+    source = sources.get(task)
+    if source:  # a hub source with a training region: 2000 rows (fewer where the task filters), 1000 of them test rows
+        rows = [json.loads(line) for line in Path(source).read_text().splitlines()]
+        source = str(tmp_path / "big.jsonl")
+        Path(source).write_text("".join(json.dumps(r) + "\n" for r in distinct_copies(rows, 2000)))
+    train = task_rows(task, 200, 0, source)
+    assert len(train) == 200 and len({_content(e) for e in train}) == 200
+    seen = set()
+    for n_test, n_calib in TRAIN_SIZES:
+        try:
+            test, calib = load_task_examples(task, n_test, n_calib, seed=0, path=source)
+        except ValueError as err:
+            assert "exceeds" in str(err), err
+            continue
+        seen |= {_content(e) for e in test + calib}
+    assert seen, f"{task}: no size was served"
+    assert not seen & {_content(e) for e in train}, f"{task}: a training row is a test or calibration row"
+    assert [_content(e) for e in task_rows(task, 200, 0, source)] == [_content(e) for e in train]
+
+
+def test_test_items_stay_inside_the_test_region_and_training_rows_are_refused_where_none_are_kept():
+    items = list(range(1200))
+    with pytest.raises(ValueError, match="n_test .1001. exceeds the 1000 test items of its 1200 .the items after "
+                                         "them are kept for training, the last 48"):
+        front_and_back(items, 1001, 0, "x", test_region=1000)
+    assert training_region(items, 152, "x", 1000) == items[1000:1152]
+    with pytest.raises(ValueError, match="153 training items asked, the source keeps 152"):
+        training_region(items, 153, "x", 1000)
+    with pytest.raises(ValueError, match="task 'qasper' keeps no rows for training; train on one that does: "
+                                         "countries, fact_lookup"):
+        task_rows("qasper", 1, 0, None)
+    with pytest.raises(ValueError, match="training rows come from our generator, not from the public file"):
+        task_rows("countries", 1, 0, str(FIX / "public" / "countries.jsonl"))
 
 
 def test_tip_sheets_calibration_items_do_not_move_with_n_test():

@@ -31,9 +31,9 @@ from cross_model.config import resolved_train_config
 from cross_model.data import load_task_examples
 from cross_model.data.base import QA, Example
 from cross_model.data.corpus import load_corpus
-from cross_model.data.hub import REVISIONS, TASKS as HUB_TASKS
-from cross_model.data.ladder import LADDER_TASKS
-from cross_model.data.training_rows import task_rows
+from cross_model.data.hub import REVISIONS
+from cross_model.data.training_rows import check_disjoint, task_rows
+from cross_model.methods.other_item import donor_map, with_donor_contexts
 from cross_model.distributed import (
     StopFlag, all_reduce_sum, barrier, broadcast_object, gather_object, get_rank, get_world_size,
     is_initialized, is_main,
@@ -51,7 +51,7 @@ from cross_model.training.loop import TrainJob, latest_checkpoint, train_loop
 log = logging.getLogger(__name__)
 
 RECIPE_KEYS = ("pairing", "hidden", "rope", "gate_init", "steps", "batch_size_train", "lr", "n_train", "n_heldout", "data",
-               "question", "target_tokens", "tau_start", "tau_end", "seed", "gates")
+               "question", "target_tokens", "tau_start", "tau_end", "seed", "gates", "train_control")
 
 
 # --- data ---------------------------------------------------------------------------------------------------
@@ -89,23 +89,18 @@ def hub_pairs(name: str, n: int, question: str) -> list[tuple[str, str]]:
 
 
 def task_pairs(cfg: Any, n: int) -> list[tuple[str, str]]:
-    """Rows of the configured tasks that are neither test nor calibration items (checked), as many from
-    each task, interleaved: A reads each row's context, B its question."""
+    """Training rows of the configured tasks (`data.training_rows`: never a test or calibration item of
+    any run; checked against this run's), as many from each task, interleaved: A reads each row's
+    context, B its question."""
     per = -(-n // len(cfg.tasks))
-    taken, parts = set(), []
+    taken, parts = [], []
     for t in cfg.tasks:
         seed = t.seed if t.seed is not None else cfg.seed
         test, calib = load_task_examples(t.name, t.n_test, t.n_calib, seed, t.path)
-        taken |= {(e.prompt_A, e.prompt_B) for e in test + calib}
-        if t.name in LADDER_TASKS or t.name in HUB_TASKS:
-            parts.append(task_rows(t.name, len(test), len(calib), per, seed, t.path))
-        else:  # our generators: another seed's items, any that equals a test or calibration item dropped
-            pool, _ = load_task_examples(t.name, 2 * per, 0, seed + 1_000_003, t.path)
-            parts.append([e for e in pool if (e.prompt_A, e.prompt_B) not in taken][:per])
+        taken += test + calib
+        parts.append(task_rows(t.name, per, seed, t.path))
     rows = [r for group in zip(*parts) for r in group][:n]
-    clash = taken & {(e.prompt_A, e.prompt_B) for e in rows}
-    if clash:
-        raise ValueError(f"c2c: training rows overlap test/calibration items: {sorted(clash)[:3]}")
+    check_disjoint(rows, taken, "c2c")
     if len(rows) < n:
         raise ValueError(f"c2c data tasks: {len(rows)} rows set aside, n_train + n_heldout needs {n}")
     return [(e.prompt_A, e.prompt_B) for e in rows]
@@ -207,7 +202,8 @@ def identity_of(params: Any, a: LoadedModel, b: LoadedModel, cfg: Any = None) ->
     p = asdict(params)
     out = {"sender": model_record(a), "receiver": model_record(b), **{k: p[k] for k in RECIPE_KEYS}}
     if params.data == "tasks" and cfg is not None:
-        out["tasks"] = [[t.name, t.n_test, t.n_calib, t.seed if t.seed is not None else cfg.seed, t.path] for t in cfg.tasks]
+        # training rows are a split of their own: they depend on the task, its seed and source, not on sizes
+        out["tasks"] = [[t.name, t.seed if t.seed is not None else cfg.seed, t.path] for t in cfg.tasks]
     return out
 
 
@@ -254,6 +250,8 @@ def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, par
             directory.mkdir(parents=True, exist_ok=True)
             write_json_atomically(targets_file, targets)
     train_t, held_t = targets[: len(train)], targets[len(train) :]
+    if params.train_control == "shuffled_a":  # A reads another row's context; B's targets stay its row's
+        train, held = (with_donor_contexts(part, donor_map(part), "c2c") for part in (train, held))
     projector.to(b.device).train()
     net = C2CLoss(projector, a, b, params.rope)
     model: nn.Module = net

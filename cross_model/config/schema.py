@@ -221,6 +221,8 @@ class ExperimentConfig:
     preset: str | None = _f(None, f"{' or '.join(PRESETS)}: every behaviour of the public KVComm code this project reproduces, at once "
                                   f"(docs/METHODS.md lists them and what still differs); None: the project's defaults")
     stages: list[str] = _f(list(STAGES), f"stages to run, in order, from {', '.join(STAGES)}")
+    controls: bool = _f(True, "add every control a method declares (LatentWire's shuffled and zero latent per receiver, "
+                              "C2C's other item and shuffled-A training); false runs only the methods named (tests, quick checks)")
     platform: PlatformConfig = field(default_factory=PlatformConfig, metadata={"help": "device and dtype"})
     models: ModelsConfig = field(default_factory=ModelsConfig, metadata={"help": "the sender/receiver pair"})
     tasks: list[TaskConfig] = field(default_factory=lambda: [TaskConfig()], metadata={"help": "tasks to evaluate"})

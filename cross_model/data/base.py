@@ -50,6 +50,10 @@ def sender_count(examples: list[Example]) -> int:
 
 
 SMALL_SOURCE = 50  # below this many rows (test fixtures, a hand-made file) no reserve is set aside
+# A source that also gives training rows keeps its test items among the first TEST_REGION rows of its
+# fixed order; the rows after them, up to the calibration reserve, are its training rows. Fixed, so that
+# a row's split never depends on how many test items a run asks for.
+TEST_REGION = 1000
 
 
 def calibration_reserve(n: int) -> int:
@@ -58,12 +62,14 @@ def calibration_reserve(n: int) -> int:
     return 0 if n < SMALL_SOURCE else min(64, max(8, n // 25))
 
 
-def front_and_back(items: list, n_test: int, n_calib: int, task: str, what: str = "items") -> tuple[list, list]:
+def front_and_back(items: list, n_test: int, n_calib: int, task: str, what: str = "items",
+                   test_region: int | None = None) -> tuple[list, list]:
     """Test items from the front of a source's fixed order, calibration items from a reserve of fixed
     size at its back (`calibration_reserve`): an item's split is a property of the item, the same for
     every n_test and n_calib, so no run's calibration item is another run's test item. A small source
     has no reserve: calibration takes its last n_calib rows, and only within one run are the two
-    splits disjoint."""
+    splits disjoint. A source that also gives training rows (`training_region`) keeps its test items
+    among its first `test_region` items."""
     reserve = calibration_reserve(len(items))
     if not reserve:
         if n_test + n_calib > len(items):
@@ -75,7 +81,24 @@ def front_and_back(items: list, n_test: int, n_calib: int, task: str, what: str 
     elif n_calib > reserve:
         raise ValueError(f"tasks.{task}: n_calib ({n_calib}) exceeds the {reserve} {what} kept for calibration "
                          f"(the last {reserve} of {len(items)}); lower n_calib")
+    if test_region is not None and n_test > test_region and len(items) - reserve > test_region:
+        raise ValueError(f"tasks.{task}: n_test ({n_test}) exceeds the {test_region} test {what} of its "
+                         f"{len(items)} (the {what} after them are kept for training, the last {reserve} for "
+                         f"calibration); lower n_test")
     return items[:n_test], items[len(items) - n_calib :] if n_calib else []
+
+
+def training_region(items: list, n_rows: int, task: str, test_region: int, what: str = "items") -> list:
+    """The first `n_rows` of a source's training rows: those after its test region and before its
+    calibration reserve (`front_and_back`), so no training row is a test or calibration item of any
+    run. A small source (no reserve) keeps none."""
+    reserve = calibration_reserve(len(items))
+    free = items[test_region : len(items) - reserve] if reserve else []
+    if n_rows > len(free):
+        raise ValueError(f"tasks.{task}: {n_rows} training {what} asked, the source keeps {len(free)} (the "
+                         f"{what} after its first {test_region} test {what} and before its last {reserve} "
+                         f"calibration {what}, of {len(items)}); lower n_train/n_heldout")
+    return free[:n_rows]
 
 
 def by_length(examples: list[Example]) -> list[Example]:
@@ -97,6 +120,9 @@ class Task:
     description: str = ""
     rows_available: int | None = None  # rows the source has in all, where fixed and known (checked by --dry-run)
     source: Any = None  # where the rows come from (a hub source, for `python -m cross_model.data check`)
+    # train(n_rows, seed, path) -> rows set aside for training (LatentWire, C2C): never a test or a
+    # calibration item of any run, whatever its sizes; None where the task keeps no such rows
+    train: Callable[..., list[Example]] | None = None
 
 
 _TASKS: dict[str, Task] = {}

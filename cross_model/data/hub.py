@@ -1,9 +1,10 @@
 """Hugging Face tasks through their real loaders (`datasets.load_dataset`), as the papers use them.
 
-Each split is shuffled with seed 42; the first `n_test` rows are the test items (the papers take 500)
-and calibration items come from a reserve of fixed size at the back (`base.front_and_back`), so an
-item's split never depends on how many items a run asks for. The `_full` tasks keep the split's order
-and take every row but that reserve. `tasks.N.path` points
+Each split is shuffled with seed 42; the first `n_test` rows are the test items (the papers take 500;
+at most `TEST_REGION`), calibration items come from a reserve of fixed size at the back
+(`base.front_and_back`), and the rows between are training rows, so an item's split never depends
+on how many items a run asks for. The `_full` tasks keep the split's order, take every row but that
+reserve, and keep no training rows. `tasks.N.path` points
 at a local copy (a JSON/JSONL file or a directory of them, in the hub's record format) for machines
 without the hub.
 """
@@ -15,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from cross_model.data.base import CODE, MATH, QA, SUMMARY, Example, Task, calibration_reserve, front_and_back, register_task
+from cross_model.data.base import (
+    CODE, MATH, QA, SUMMARY, TEST_REGION, Example, Task, calibration_reserve, front_and_back, register_task,
+    training_region,
+)
 
 SHUFFLE_SEED = 42
 
@@ -105,38 +109,46 @@ def load_rows(source: HubSource, local_path: str | None) -> Any:
 
 def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tuple[str, str, str, list[str]]],
                 keep: Callable[[dict], bool] | None = None, sample: bool = True, items_of: str | None = None):
-    """`keep` filters rows before the shuffle (as the public code filters before it samples); without
-    `sample` the rows stay in the split's order and n_test defaults to all of them (the `_full` tasks).
-    `items_of`: another reading of that task's rows (the same ids, so the two pair item by item)."""
-    def build(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
+    """(build, train) for a hub task. `keep` filters rows before the shuffle (as the public code filters
+    before it samples); without `sample` the rows stay in the split's order, n_test defaults to all of
+    them (the `_full` tasks) and no rows are kept for training. `items_of`: another reading of that
+    task's rows (the same ids, so the two pair item by item)."""
+    def ordered_rows(path: str | None) -> Any:
         rows = load_rows(source, path)
         if keep is not None:
             rows = rows.filter(keep)
-        if sample:
-            rows = rows.shuffle(seed=SHUFFLE_SEED)
-        else:  # every row that is not kept for calibration
-            n_test = min(n_test, len(rows) - (calibration_reserve(len(rows)) or n_calib))
-        test_rows, calib_rows = front_and_back(list(range(len(rows))), n_test, n_calib, task_name, "rows")
+        return rows.shuffle(seed=SHUFFLE_SEED) if sample else rows
+
+    def make(row: dict, split: str) -> Example:
         task = TASKS[task_name]
+        rid, prompt_a, prompt_b, answers, *more = parse(row)  # multi-sender parsers add the other contexts
+        return Example(
+            example_id=f"{items_of or task_name}-{rid}",
+            prompt_A=prompt_a,
+            prompt_B=prompt_b,
+            answers=tuple(answers),
+            task=task_name,
+            max_new_tokens=task.max_new_tokens,
+            metric=task.metric,
+            kind=task.kind,
+            meta={"split": split},
+            more_senders=tuple(more[0]) if more else (),
+        )
 
-        def make(row: dict, split: str) -> Example:
-            rid, prompt_a, prompt_b, answers, *more = parse(row)  # multi-sender parsers add the other contexts
-            return Example(
-                example_id=f"{items_of or task_name}-{rid}",
-                prompt_A=prompt_a,
-                prompt_B=prompt_b,
-                answers=tuple(answers),
-                task=task_name,
-                max_new_tokens=task.max_new_tokens,
-                metric=task.metric,
-                kind=task.kind,
-                meta={"split": split},
-                more_senders=tuple(more[0]) if more else (),
-            )
-
+    def build(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
+        rows = ordered_rows(path)
+        if not sample:  # every row that is not kept for calibration
+            n_test = min(n_test, len(rows) - (calibration_reserve(len(rows)) or n_calib))
+        test_rows, calib_rows = front_and_back(list(range(len(rows))), n_test, n_calib, task_name, "rows",
+                                               test_region=TEST_REGION if sample else None)
         return [make(rows[i], "test") for i in test_rows], [make(rows[i], "calib") for i in calib_rows]
 
-    return build
+    def train(n_rows: int, seed: int, path: str | None = None) -> list[Example]:
+        rows = ordered_rows(path)
+        return [make(rows[i], "train") for i in training_region(list(range(len(rows))), n_rows, task_name,
+                                                                TEST_REGION, "rows")]
+
+    return build, (train if sample else None)
 
 
 # --- record parsers: (id, prompt_A, prompt_B, answers) from one row in the hub's format ---------
@@ -266,11 +278,13 @@ TASKS: dict[str, Task] = {}
 def _register(name: str, source: HubSource, parse: Callable, metric: str, max_new_tokens: int, kind: str = QA,
               n_test: int = 500, keep: Callable[[dict], bool] | None = None, sample: bool = True,
               items_of: str | None = None) -> None:
+    build, train = _hub_builder(name, source, parse, keep, sample, items_of)
+    if source.rows is not None and source.rows - calibration_reserve(source.rows) <= TEST_REGION:
+        train = None  # every row is a test or calibration row (LongBench)
     TASKS[name] = register_task(
-        Task(name, metric, max_new_tokens, n_test if sample else 10**9,
-             _hub_builder(name, source, parse, keep, sample, items_of), kind=kind,
+        Task(name, metric, max_new_tokens, n_test if sample else 10**9, build, kind=kind,
              description=source.describe() + ("" if sample else ", every row"),
-             rows_available=source.rows if keep is None else None, source=source)
+             rows_available=source.rows if keep is None else None, source=source, train=train)
     )
 
 

@@ -3,16 +3,17 @@
 `secret_word` (copy): A reads "The secret word is X." in one of several phrasings, B is asked for the
 word. `fact_lookup`: A reads 2-4 key/value facts, B is asked for one key's value. The third rung is
 `countries`/`tipsheets` (synthetic.py). Every item is a distinct (phrasing, word) or (fact set,
-question) combination; test items come from the front of a seeded permutation, calibration items from
-its back, and `training_rows` hands out the rows between them, so training never sees a test or a
-calibration item (a word or a value seen in training appears in held-out rows in new combinations).
+question) combination; test items come from a fixed region at the front of a seeded permutation
+(`TEST_REGIONS`), calibration items from its back, and `training_rows` hands out the rows between
+them, so training never sees a test or a calibration item of any run whatever its sizes (a word or a
+value seen in training appears in held-out rows in new combinations).
 """
 
 from __future__ import annotations
 
 import random
 
-from cross_model.data.base import Example, Task, front_and_back, register_task
+from cross_model.data.base import TEST_REGION, Example, Task, front_and_back, register_task, training_region
 
 WORDS = (
     "apple", "river", "candle", "violin", "tiger", "pencil", "garden", "rocket", "mirror", "castle", "anchor",
@@ -47,6 +48,9 @@ VALUES = {
     "drink on the table": ("tea", "coffee", "milk", "juice", "water", "cocoa", "soda", "cider"),
 }
 LOOKUP_POOL = 6000
+# secret_word has 760 items: its first 150 are test items, its last 30 calibration, the 580 between
+# are training rows (the ladder trains on 512 + 64)
+TEST_REGIONS = {"secret_word": 150, "fact_lookup": TEST_REGION}
 
 
 def _secret_pool(seed: int) -> list[tuple[int, str]]:
@@ -94,30 +98,30 @@ def _builder(name: str):
     pool_of, make = _POOLS[name]
 
     def build(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
-        test, calib = front_and_back(pool_of(seed), n_test, n_calib, name)
+        test, calib = front_and_back(pool_of(seed), n_test, n_calib, name, test_region=TEST_REGIONS[name])
         return [make(seed, "test", i, x) for i, x in enumerate(test)], [make(seed, "calib", i, x) for i, x in enumerate(calib)]
 
     return build
 
 
-def training_rows(name: str, n_test: int, n_calib: int, n_rows: int, seed: int) -> list[Example]:
-    """`n_rows` items of a ladder task that are neither among its first `n_test` (test) nor its last
-    `n_calib` (calibration) items for this seed."""
+def training_rows(name: str):
+    """`train(n_rows, seed)`: items of a ladder task after its test region and before its calibration
+    reserve for this seed."""
     pool_of, make = _POOLS[name]
-    pool = pool_of(seed)
-    free = len(pool) - n_test - n_calib
-    if n_rows > free:
-        raise ValueError(f"interlingua: {name} has {free} items left for training beside {n_test} test and "
-                         f"{n_calib} calibration items, {n_rows} asked; lower interlingua.n_train/n_heldout")
-    return [make(seed, "train", i, x) for i, x in enumerate(pool[n_test : n_test + n_rows])]
+
+    def train(n_rows: int, seed: int, path: str | None = None) -> list[Example]:
+        rows = training_region(pool_of(seed), n_rows, name, TEST_REGIONS[name])
+        return [make(seed, "train", i, x) for i, x in enumerate(rows)]
+
+    return train
 
 
 SECRET_WORD = register_task(Task(
-    "secret_word", "exact_match", 5, 100, _builder("secret_word"),
+    "secret_word", "exact_match", 5, 100, _builder("secret_word"), train=training_rows("secret_word"),
     description=f"copy rung: 'The secret word is X.' in {len(PHRASINGS)} phrasings x {len(WORDS)} words",
 ))
 FACT_LOOKUP = register_task(Task(
-    "fact_lookup", "exact_match", 5, 100, _builder("fact_lookup"),
+    "fact_lookup", "exact_match", 5, 100, _builder("fact_lookup"), train=training_rows("fact_lookup"),
     description="lookup rung: 2-4 key/value facts, one asked",
 ))
 LADDER_TASKS = tuple(_POOLS)

@@ -2,11 +2,11 @@
 
 Countries: A reads "{person} is at the {landmark}.", B is asked which country the person is in.
 Tip sheets: A reads tip sheets on three companies (exactly one is a good investment), B must name it.
-Countries: test items come from the front of a seeded permutation and calibration items from a
-reserve of fixed size at its back. Tip sheets: test and calibration items come from two streams, and
-calibration sheets name companies from a pool of their own, so the two never share an item whatever
-the sizes asked. With a task `path`, the public KVComm code's files
-are read instead (`public_files`).
+Countries: test items come from the first `TEST_REGION` pairs of a seeded permutation, calibration
+items from a reserve of fixed size at its back, training rows from between them. Tip sheets: test,
+calibration and training items come from three streams, and calibration and training sheets name
+companies from pools of their own, so no two splits share an item whatever the sizes asked. With a
+task `path`, the public KVComm code's files are read instead (`public_files`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 
 from cross_model.data import public_files
-from cross_model.data.base import Example, Task, front_and_back, register_task
+from cross_model.data.base import TEST_REGION, Example, Task, front_and_back, register_task, training_region
 
 # Well-known landmarks, so that a small model can tell the country once it knows the landmark.
 LANDMARKS: dict[str, str] = {
@@ -38,6 +38,8 @@ LANDMARKS: dict[str, str] = {
     "Gyeongbokgung Palace": "South Korea", "Petronas Towers": "Malaysia",
 }
 
+COUNTRY_NAMES = sorted(set(LANDMARKS.values()))
+
 PEOPLE = (
     "Uma", "Liam", "Sofia", "Noah", "Amara", "Kenji", "Elena", "Mateo", "Priya", "Oskar", "Chloe", "Tariq",
     "Ingrid", "Diego", "Mei", "Kwame", "Hannah", "Ravi", "Lucia", "Felix", "Zara", "Ivan", "Nadia", "Omar",
@@ -46,32 +48,47 @@ PEOPLE = (
 )
 
 
+def _countries_pairs(seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(f"countries-{seed}")
+    pairs = [(p, lm) for p in PEOPLE for lm in sorted(LANDMARKS)]
+    rng.shuffle(pairs)
+    return pairs
+
+
+def _country_example(seed: int, split: str, i: int, person: str, landmark: str) -> Example:
+    return Example(
+        example_id=f"countries-s{seed}-{split}-{i:04d}",
+        prompt_A=f"{person} is at the {landmark}.",
+        prompt_B=f"Which country is {person} located in?",
+        answers=(LANDMARKS[landmark],),
+        task="countries",
+        max_new_tokens=COUNTRIES.max_new_tokens,
+        metric="f1_match",
+        meta={"candidates": COUNTRY_NAMES, "person": person, "landmark": landmark},
+    )
+
+
 def build_countries(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
     """Our generator; with `path`, the public KVComm code's countries.jsonl instead."""
     if path:
         return public_files.read_countries(path, n_test, n_calib, COUNTRIES.max_new_tokens)
-    rng = random.Random(f"countries-{seed}")
-    pairs = [(p, lm) for p in PEOPLE for lm in sorted(LANDMARKS)]
-    rng.shuffle(pairs)
-    test, calib = front_and_back(pairs, n_test, n_calib, "countries")
-    countries = sorted(set(LANDMARKS.values()))
-
-    def make(split: str, i: int, person: str, landmark: str) -> Example:
-        return Example(
-            example_id=f"countries-s{seed}-{split}-{i:04d}",
-            prompt_A=f"{person} is at the {landmark}.",
-            prompt_B=f"Which country is {person} located in?",
-            answers=(LANDMARKS[landmark],),
-            task="countries",
-            max_new_tokens=COUNTRIES.max_new_tokens,
-            metric="f1_match",
-            meta={"candidates": countries, "person": person, "landmark": landmark},
-        )
-
+    test, calib = front_and_back(_countries_pairs(seed), n_test, n_calib, "countries", test_region=TEST_REGION)
     return (
-        [make("test", i, *p) for i, p in enumerate(test)],
-        [make("calib", i, *p) for i, p in enumerate(calib)],
+        [_country_example(seed, "test", i, *p) for i, p in enumerate(test)],
+        [_country_example(seed, "calib", i, *p) for i, p in enumerate(calib)],
     )
+
+
+def _refuse_path(task: str, path: str | None) -> None:
+    if path:
+        raise ValueError(f"tasks.{task}: training rows come from our generator, not from the public file {path}; "
+                         f"train on the task without `path`")
+
+
+def countries_training_rows(n_rows: int, seed: int, path: str | None = None) -> list[Example]:
+    _refuse_path("countries", path)
+    rows = training_region(_countries_pairs(seed), n_rows, "countries", TEST_REGION)
+    return [_country_example(seed, "train", i, *p) for i, p in enumerate(rows)]
 
 
 _PREFIXES = (
@@ -98,6 +115,7 @@ BAD_TIPS = (
 
 
 _CALIB_SUFFIXES = ("tron", "form", "link", "base", "core", "flow", "hub", "line", "mark", "point")
+_TRAIN_SUFFIXES = ("nova", "grid", "wave", "dock", "path", "cast", "ridge", "field", "scope", "forge")
 
 
 def company_names(suffixes: tuple[str, ...] = _SUFFIXES) -> list[str]:
@@ -120,6 +138,23 @@ def _tip_sheets(rng: random.Random, names: list[str], n: int) -> list[tuple]:
     return items
 
 
+def _tip_sheet_example(seed: int, split: str, i: int, trio: list[str], good: int, sheets: list[str],
+                      listed: list[str]) -> Example:
+    return Example(
+        example_id=f"tipsheets-s{seed}-{split}-{i:04d}",
+        prompt_A="Tip sheets. " + " ".join(sheets),
+        prompt_B=(
+            f"You must invest in exactly one company from {listed[0]}, {listed[1]}, {listed[2]}. "
+            "Which company should you invest in? The company name is:"
+        ),
+        answers=(trio[good],),
+        task="tipsheets",
+        max_new_tokens=TIPSHEETS.max_new_tokens,
+        metric="f1_match",
+        meta={"candidates": list(trio)},
+    )
+
+
 def build_tipsheets(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
     """Our generator; with `path`, the public KVComm code's tipsheets.jsonl instead."""
     if path:
@@ -129,31 +164,24 @@ def build_tipsheets(n_test: int, n_calib: int, seed: int, path: str | None = Non
     test = _tip_sheets(random.Random(f"tipsheets-{seed}"), company_names(), n_test)
     # A stream of its own and companies of its own: the split is the item's, whatever n_test is.
     calib = _tip_sheets(random.Random(f"tipsheets-{seed}-calib"), company_names(_CALIB_SUFFIXES), n_calib)
-
-    def make(split: str, i: int, trio: list[str], good: int, sheets: list[str], listed: list[str]) -> Example:
-        return Example(
-            example_id=f"tipsheets-s{seed}-{split}-{i:04d}",
-            prompt_A="Tip sheets. " + " ".join(sheets),
-            prompt_B=(
-                f"You must invest in exactly one company from {listed[0]}, {listed[1]}, {listed[2]}. "
-                "Which company should you invest in? The company name is:"
-            ),
-            answers=(trio[good],),
-            task="tipsheets",
-            max_new_tokens=TIPSHEETS.max_new_tokens,
-            metric="f1_match",
-            meta={"candidates": list(trio)},
-        )
-
     return (
-        [make("test", i, *it) for i, it in enumerate(test)],
-        [make("calib", i, *it) for i, it in enumerate(calib)],
+        [_tip_sheet_example(seed, "test", i, *it) for i, it in enumerate(test)],
+        [_tip_sheet_example(seed, "calib", i, *it) for i, it in enumerate(calib)],
     )
 
 
+def tipsheets_training_rows(n_rows: int, seed: int, path: str | None = None) -> list[Example]:
+    """A third stream, with companies of its own: never a test or calibration sheet."""
+    _refuse_path("tipsheets", path)
+    rows = _tip_sheets(random.Random(f"tipsheets-{seed}-train"), company_names(_TRAIN_SUFFIXES), n_rows)
+    return [_tip_sheet_example(seed, "train", i, *it) for i, it in enumerate(rows)]
+
+
 COUNTRIES = register_task(
-    Task("countries", "f1_match", 5, 200, build_countries, description="AC paper's Countries, well-known landmarks")
+    Task("countries", "f1_match", 5, 200, build_countries, description="AC paper's Countries, well-known landmarks",
+         train=countries_training_rows)
 )
 TIPSHEETS = register_task(
-    Task("tipsheets", "f1_match", 10, 500, build_tipsheets, description="AC paper's Tip Sheets, generated")
+    Task("tipsheets", "f1_match", 10, 500, build_tipsheets, description="AC paper's Tip Sheets, generated",
+         train=tipsheets_training_rows)
 )

@@ -24,7 +24,7 @@ from cross_model.checkpointing import FINAL, Trained, directory_slug, publish_on
 from cross_model.config import InterlinguaConfig
 from cross_model.data import load_task_examples
 from cross_model.data.base import Example
-from cross_model.data.training_rows import task_rows
+from cross_model.data.training_rows import check_disjoint, task_rows
 from cross_model.distributed import (
     StopFlag, all_reduce_sum, barrier, broadcast_object, gather_object, get_rank, get_world_size,
     is_initialized, is_main,
@@ -50,7 +50,7 @@ def training_data(cfg: Any) -> tuple[list[Example], list[Example]]:
     ic = cfg.interlingua
     names = ic.train_tasks or [t.key for t in cfg.tasks]
     by_name = {t.key: t for t in cfg.tasks}
-    train, held, taken = [], [], set()
+    train, held, taken = [], [], []
     for name in names:
         if name not in by_name:
             raise ValueError(f"interlingua.train_tasks: {name!r} is not among the configured tasks "
@@ -58,13 +58,11 @@ def training_data(cfg: Any) -> tuple[list[Example], list[Example]]:
         t = by_name[name]
         seed = t.seed if t.seed is not None else cfg.seed
         test, calib = load_task_examples(t.name, t.n_test, t.n_calib, seed, t.path)
-        taken |= {e.example_id for e in test + calib}
-        rows = task_rows(t.name, len(test), len(calib), ic.n_train + ic.n_heldout, seed, t.path)
+        taken += test + calib
+        rows = task_rows(t.name, ic.n_train + ic.n_heldout, seed, t.path)
         train += rows[: ic.n_train]
         held += rows[ic.n_train :]
-    clash = taken & {e.example_id for e in train + held}
-    if clash:
-        raise ValueError(f"interlingua: training rows overlap test/calibration items: {sorted(clash)[:3]}")
+    check_disjoint(train + held, taken, "interlingua")
     return train, held
 
 
@@ -87,7 +85,7 @@ def identity_of(cfg: Any) -> dict[str, Any]:
     """What a checkpoint must match to be resumed or used: receivers, shape, recipe and data."""
     ic = cfg.interlingua
     recipe = {k: getattr(ic, k) for k in RECIPE_KEYS if k != "seed"}
-    data = [(t.name, t.n_test, t.n_calib, t.seed, t.path) for t in cfg.tasks if t.key in (ic.train_tasks or [x.key for x in cfg.tasks])]
+    data = [(t.name, t.seed, t.path) for t in cfg.tasks if t.key in (ic.train_tasks or [x.key for x in cfg.tasks])]
     return {"receivers": receiver_names(cfg), "shape": shape_of(ic).to_dict(), **recipe,
             "seed": interlingua_seed(cfg), "data": json.loads(json.dumps(data))}
 

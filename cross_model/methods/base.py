@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -106,6 +106,19 @@ class Method:
         self.check_pair()
 
     # --- what the pipeline asks before running -------------------------------------------------
+    @classmethod
+    def controls(cls, name: str, params: MethodParams) -> dict[str, dict[str, Any]]:
+        """Instances (name -> config entry) that must run beside this one to show that information
+        crossed; `context.add_controls` adds each one a config lacks (none, or an equivalent)."""
+        return {}
+
+    @staticmethod
+    def set_fields(params: MethodParams, drop: tuple[str, ...] = ("group",)) -> dict[str, Any]:
+        """The parameters an instance sets away from their defaults (a control's config entry copies them)."""
+        default = type(params)()
+        return {f.name: getattr(params, f.name) for f in fields(params)
+                if f.name not in drop and getattr(params, f.name) != getattr(default, f.name)}
+
     @classmethod
     def needs_training(cls, params: MethodParams) -> bool:
         return False

@@ -9,6 +9,7 @@ takes positions after them and decodes normally. The open gates are the layer se
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -39,6 +40,8 @@ class C2CParams(MethodParams):
     bits: int | None = field(default=None, metadata={"help": "null (A's dtype, raw) or 2..8: A's layers quantized as Q-KVComm's"})
     control: str | None = field(default=None, metadata={"help": "null, or other_item: A reads another test item's context "
                                                                 "(the content control at equal bytes, as KVComm's)"})
+    train_control: str | None = field(default=None, metadata={"help": "null, or shuffled_a: trained with A reading "
+                                                                      "another training row's context (the training control)"})
     steps: int = field(default=200, metadata={"help": "training: optimizer steps"})
     batch_size_train: int = field(default=8, metadata={"help": "training: global batch in rows, split over ranks"})
     lr: float = field(default=1e-3, metadata={"help": "training: AdamW learning rate"})
@@ -69,6 +72,8 @@ class C2CParams(MethodParams):
             raise ValueError(f"{prefix}.bits: null or 2..8, got {self.bits}")
         if self.control not in (None, "other_item"):
             raise ValueError(f"{prefix}.control: {self.control!r} is not one of null, other_item")
+        if self.train_control not in (None, "shuffled_a"):
+            raise ValueError(f"{prefix}.train_control: {self.train_control!r} is not one of null, shuffled_a")
         for name in ("hidden", "steps", "batch_size_train", "n_train", "target_tokens", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
@@ -82,6 +87,17 @@ class C2CParams(MethodParams):
 class C2C(Method):
     Params = C2CParams
     trained_by = "c2c"
+
+    @classmethod
+    def controls(cls, name: str, params: C2CParams) -> dict[str, dict[str, Any]]:
+        """Always on, for a projector the train stage fits: the same projector reading another test
+        item's cache (equal bytes, wrong content), and one trained with A reading other rows' contexts
+        (what B learns without A's content)."""
+        if params.control is not None or params.train_control is not None or params.projector != "train":
+            return {}
+        mine = cls.set_fields(params)
+        return {f"{name}_other_item": {"method": "c2c", **mine, "control": "other_item"},
+                f"{name}_shuffled_a": {"method": "c2c", **mine, "train_control": "shuffled_a"}}
 
     @classmethod
     def needs_training(cls, params: C2CParams) -> bool:

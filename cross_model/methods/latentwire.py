@@ -65,6 +65,17 @@ class LatentWireMethod(Method):
         super().__init__(*args, **kw)
 
     @classmethod
+    def controls(cls, name: str, params: LatentWireParams) -> dict[str, dict[str, Any]]:
+        """Always on: the shuffled and the zero latent on every receiver a latent instance serves (one
+        pair per receiver, at the raw wire: `controls.control_rows` pairs them with every latent
+        instance of that receiver)."""
+        if params.variant != "latent":
+            return {}
+        keep = {k: getattr(params, k) for k in ("sender", "receiver", "checkpoint", "batch_size", "max_new_tokens",
+                                                 "max_prompt_tokens") if getattr(params, k) is not None}
+        return {f"{name}_{v}": {"method": "latentwire", **keep, "variant": v} for v in ("shuffled", "zero")}
+
+    @classmethod
     def needs_training(cls, params: LatentWireParams) -> bool:
         return params.variant != "text" and params.checkpoint is None
 
