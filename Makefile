@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # Test files are spread over this many processes (pytest-xdist; a file's tests stay in one process).
 TEST_WORKERS ?= 2
 
-.PHONY: demo pareto latentwire latentwire-two qkvcomm-scheme projection-ridge c2c facts layer-sweep docs-tables test test-fast test-gpu bench bench-gpu install clean-venv
+.PHONY: demo pareto latentwire latentwire-two qkvcomm-scheme projection-ridge c2c facts layer-sweep docs-tables test test-fast test-gpu bench bench-gpu legacy-transformers install clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt requirements-deepspeed.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -79,6 +79,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
+
+# The packaged models' cache directories read in transformers 4.53 (the public KVComm code's pin),
+# installed beside ours with pip --target (needs the package index), against ours.
+LEGACY_TF ?= /tmp/transformers-4.53
+legacy-transformers: $(STAMP)
+	$(PY) -m pip install -q --target $(LEGACY_TF) "transformers==4.53.3" "tokenizers>=0.21,<0.22" "huggingface_hub>=0.30,<1.0" --no-deps
+	$(PY) -m bench.legacy_transformers --legacy-path $(LEGACY_TF) --json docs/legacy_transformers.json
 
 bench: $(STAMP)
 	$(PY) -m bench.run --json docs/bench_cpu.json

@@ -218,7 +218,42 @@ def cache_root() -> Path:
     return Path(os.environ.get("CROSS_MODEL_CACHE", Path.home() / ".cache" / "cross_model")).expanduser()
 
 
-CACHE_FORMAT = 2  # 2: weights saved as save_pretrained saves them (tied embedding under its input name, format tag)
+# 2: weights saved as save_pretrained saves them (tied embedding under its input name, format tag);
+# 3: config and tokenizer files that transformers 4.53 (the public KVComm code's pin) reads as v5 does.
+CACHE_FORMAT = 3
+
+
+def packaged_dir(name: str) -> Path:
+    """Where a packaged model's de-quantised copy lives: one directory per cache format, so that a run
+    of an older checkout reading its own copy is never swapped under by a newer one."""
+    return cache_root() / f"models-v{CACHE_FORMAT}" / name
+
+
+def legacy_config(config: dict[str, Any], architecture: str) -> dict[str, Any]:
+    """`config` with the keys transformers 4.53 reads beside v5's: v5 writes rope_theta only inside
+    `rope_parameters`, and 4.53 then silently uses its default (10000; SmolLM2's is 100000, and its
+    answers change); Gemma-3's local theta is 4.53's `rope_local_base_freq`. v5 reads
+    `rope_parameters` first and ignores the copies."""
+    out = dict(config)
+    rope = out.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        out["rope_theta"] = rope["rope_theta"]
+    elif {"full_attention", "sliding_attention"} <= set(rope):
+        out["rope_theta"] = rope["full_attention"]["rope_theta"]
+        out["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+    if not out.get("architectures"):
+        out["architectures"] = [architecture]
+    return out
+
+
+def legacy_tokenizer_config(directory: Path) -> None:
+    """Name the tokenizer class as 4.53 knows it: v5's `TokenizersBackend` is 4.53's (and v5's alias)
+    `PreTrainedTokenizerFast`."""
+    path = directory / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(config, indent=2))
 
 
 def _save_dequantised(model: Any, directory: Path) -> None:
@@ -232,7 +267,7 @@ def _save_dequantised(model: Any, directory: Path) -> None:
     directory.mkdir(parents=True)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    (directory / "config.json").write_text(json.dumps(legacy_config(config, type(model).__name__), indent=2))
     input_weight = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
     names = dict(model.named_parameters(remove_duplicate=False))
@@ -260,7 +295,7 @@ def _load_packaged(name: str, dtype: torch.dtype, device: torch.device) -> tuple
     """First load: de-quantise the GGUF (slow) and save fp32 safetensors; later loads read those."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cached = cache_root() / "models" / name
+    cached = packaged_dir(name)
     if not _cache_is_current(cached):
         directory, filename = PACKAGED_MODELS[name]()
         log.info("de-quantising %s from %s (first load only; cached in %s)", name, filename, cached)
@@ -270,6 +305,7 @@ def _load_packaged(name: str, dtype: torch.dtype, device: torch.device) -> tuple
         shutil.rmtree(tmp, ignore_errors=True)
         _save_dequantised(model, tmp)
         tokenizer.save_pretrained(tmp)
+        legacy_tokenizer_config(tmp)
         (tmp / "COMPLETE").write_text(json.dumps({"source": filename, "format": CACHE_FORMAT}))
         cached.parent.mkdir(parents=True, exist_ok=True)
         if cached.exists() and not _cache_is_current(cached):  # an older format: set aside, then removed
@@ -328,7 +364,7 @@ def model_config(spec: str, revision: str | None = None) -> tuple[Any, str]:
     if spec in TINY_MODELS:
         return TINY_MODELS[spec][0](), "built in"
     if spec in PACKAGED_MODELS:
-        cached = cache_root() / "models" / spec
+        cached = packaged_dir(spec)
         if _cache_is_current(cached):
             return AutoConfig.from_pretrained(cached), "cached"
         directory, filename = PACKAGED_MODELS[spec]()

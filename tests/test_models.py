@@ -70,9 +70,9 @@ def test_packaged_model_directory_is_what_save_pretrained_writes(smollm2):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from cross_model.models import cache_root
+    from cross_model.models import packaged_dir
 
-    directory = cache_root() / "models" / "smollm2-135m-instruct"
+    directory = packaged_dir("smollm2-135m-instruct")
     assert smollm2.model.config.tie_word_embeddings
     with safe_open(str(directory / "model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
@@ -82,3 +82,32 @@ def test_packaged_model_directory_is_what_save_pretrained_writes(smollm2):
     ids = torch.tensor([smollm2.tokenizer("The capital of France is")["input_ids"]])
     with torch.inference_mode():
         torch.testing.assert_close(plain(input_ids=ids).logits, smollm2.model(input_ids=ids).logits)
+
+
+@pytest.mark.slow
+def test_packaged_model_directories_carry_what_transformers_4_53_reads(smollm2):
+    """4.53 (the public KVComm code's pin) reads a top-level rope_theta (without it SmolLM2 runs at
+    10000 instead of 100000 and its answers change), Gemma-3's local theta as rope_local_base_freq,
+    and a tokenizer class it knows; v5 reads the same directory as before (same logits, same ids)."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cross_model.models import packaged_dir
+
+    gemma = load_model("gemma3-270m")
+    small, big = (json.loads((packaged_dir(n) / "config.json").read_text()) for n in ("smollm2-135m-instruct", "gemma3-270m"))
+    assert small["rope_theta"] == small["rope_parameters"]["rope_theta"] == 100000.0
+    assert small["architectures"] == ["LlamaForCausalLM"]
+    assert (big["rope_theta"], big["rope_local_base_freq"]) == (1000000.0, 10000.0)
+    tok = json.loads((packaged_dir("smollm2-135m-instruct") / "tokenizer_config.json").read_text())
+    assert tok["tokenizer_class"] == "PreTrainedTokenizerFast"
+    for lm, name in ((smollm2, "smollm2-135m-instruct"), (gemma, "gemma3-270m")):
+        plain = AutoModelForCausalLM.from_pretrained(packaged_dir(name), dtype=torch.float32)
+        again = AutoTokenizer.from_pretrained(packaged_dir(name))
+        text = "Uma is at the Eiffel Tower. Which country is Uma in?"
+        assert again(text)["input_ids"] == lm.tokenizer(text)["input_ids"]
+        assert plain.config.rope_parameters == lm.model.config.rope_parameters
+        ids = torch.tensor([again(text)["input_ids"]])
+        with torch.inference_mode():
+            torch.testing.assert_close(plain(input_ids=ids).logits, lm.model(input_ids=ids).logits.float())
