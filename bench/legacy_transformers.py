@@ -18,20 +18,19 @@ TEXTS = ("Uma is at the Eiffel Tower. Which country is Uma located in? Answer:",
 MODELS = ("smollm2-135m-instruct", "gemma3-270m")
 
 
-def read_directories() -> dict:
-    """In this process's transformers: each model's tokenizer class, ids, logits and greedy answers."""
+def read_directories(directories: list[str]) -> dict:
+    """In this process's transformers (nothing of ours imported, so nothing of v5's): each model's
+    tokenizer class, ids, logits and greedy answers."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cross_model.models import load_model, packaged_dir
-
+    # 4.53 names the dtype argument torch_dtype (it would keep `dtype` in the config); v5 dtype
+    dtype_arg = "torch_dtype" if int(transformers.__version__.split(".")[0]) < 5 else "dtype"
     out = {"transformers": transformers.__version__, "models": {}}
-    for name in MODELS:
-        if not (packaged_dir(name) / "COMPLETE").exists():
-            load_model(name)  # writes the directory (in our transformers)
-        tok = AutoTokenizer.from_pretrained(packaged_dir(name))
-        model = AutoModelForCausalLM.from_pretrained(packaged_dir(name), dtype=torch.float32).eval()
+    for name, directory in zip(MODELS, directories):
+        tok = AutoTokenizer.from_pretrained(directory)
+        model = AutoModelForCausalLM.from_pretrained(directory, **{dtype_arg: torch.float32}).eval()
         rows = []
         for text in TEXTS:
             ids = torch.tensor([tok(text)["input_ids"]])
@@ -43,11 +42,11 @@ def read_directories() -> dict:
     return out
 
 
-def _child(python_path: str | None) -> dict:
+def _child(python_path: str | None, directories: list[str]) -> dict:
     env = dict(os.environ)
     if python_path:
         env["PYTHONPATH"] = os.pathsep.join([python_path, env.get("PYTHONPATH", ""), os.getcwd()])
-    done = subprocess.run([sys.executable, "-m", "bench.legacy_transformers", "--read"], env=env,
+    done = subprocess.run([sys.executable, "-m", "bench.legacy_transformers", "--read", *directories], env=env,
                           capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"reading the directories failed ({python_path or 'ours'}):\n{done.stderr[-3000:]}")
@@ -75,12 +74,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--legacy-path", help="a directory holding transformers 4.53 (pip install --target)")
     ap.add_argument("--json", help="write the comparison here")
-    ap.add_argument("--read", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--read", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.read:
-        print(json.dumps(read_directories()))
+        print(json.dumps(read_directories(args.read)))
         return
-    result = compare(_child(None), _child(args.legacy_path))
+    from cross_model.models import load_model, packaged_dir
+
+    for name in MODELS:
+        if not (packaged_dir(name) / "COMPLETE").exists():
+            load_model(name)  # writes the directory, in our transformers
+    directories = [str(packaged_dir(name)) for name in MODELS]
+    result = compare(_child(None, directories), _child(args.legacy_path, directories))
     text = json.dumps(result, indent=2)
     if args.json:
         with open(args.json, "w") as f:
