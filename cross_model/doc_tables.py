@@ -137,6 +137,17 @@ def render_ridge(data: dict, *args: str) -> str:
     return "\n".join(lines)
 
 
+def render_legacy(data: dict, *args: str) -> str:
+    """`make legacy-transformers`: the packaged models' directories read in ours and in 4.53."""
+    ours, legacy = data["transformers"]
+    lines = [f"| model | tokenizer class (transformers {ours} / {legacy}) | same token ids | max abs logit difference "
+             "| same greedy answers |", "|---|---|---|---|---|"]
+    for name, m in data["models"].items():
+        lines.append(f"| {name} | {' / '.join(m['tokenizer_class'])} | {'yes' if m['same_ids'] else 'no'} | "
+                     f"{m['max_abs_logit_difference']:.3g} | {'yes' if m['same_answers'] else 'no'} |")
+    return "\n".join(lines)
+
+
 def render_projections(data: dict, *args: str) -> str:
     """The run's trained projections and their held-out fit (`projections`, from projections.json)."""
     lines = ["| method | pair (k -> j) | widths | solver | sentences | held-out R^2 | held-out cosine |",
@@ -208,7 +219,7 @@ RENDERERS: dict[str, Callable[..., str]] = {
     "summary": render_summary, "paired": render_paired, "timings": render_timings, "bench": render_bench,
     "qkvcomm": render_qkvcomm, "scheme": render_scheme, "controls": render_controls, "history": render_history,
     "c2c": render_c2c,
-    "joint": render_joint, "ridge": render_ridge,
+    "joint": render_joint, "ridge": render_ridge, "legacy": render_legacy,
     "projections": render_projections, "sweep": render_sweep,
 }
 
