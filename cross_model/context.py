@@ -120,6 +120,8 @@ def apply_preset(cfg: ExperimentConfig) -> ExperimentConfig:
             task.label, task.name = task.key, PUBLIC_TASKS[task.name]
         if task.metric is None:
             task.metric = PUBLIC_METRICS.get(get_task(task.name).metric)
+        if task.calibrate_on is None and task.name in ("countries", "tipsheets") and task.path:
+            task.calibrate_on = "test_item_0"  # the public runs: calibrated on test item 0, every row scored
     validate_methods(cfg.methods)
     return cfg
 

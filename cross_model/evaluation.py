@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from cross_model.data import load_task_examples
-from cross_model.data.base import Example
+from cross_model.data.base import EVERY_ROW, Example
 from cross_model.distributed import (
     PeerFailed, Preempted, agreed, all_reduce_max, barrier, gather_object, get_rank, get_world_size, is_main,
 )
@@ -44,11 +44,16 @@ log = logging.getLogger(__name__)
 
 def load_splits(cfg) -> dict[str, tuple[list[Example], list[Example]]]:
     """task label (its name unless labelled) -> (test items, calibration items), the test list cut to
-    `eval.limit`."""
+    `eval.limit`. `calibrate_on: test_item_0` calibrates on the first test item (and scores every row
+    when n_test is null), as the public countries and tip-sheets runs do; the report marks the task."""
     splits = {}
     for i, t in enumerate(cfg.tasks):
         seed = t.seed if t.seed is not None else cfg.seed
-        test, calib = load_task_examples(t.name, t.n_test, t.n_calib, seed, t.path, t.max_new_tokens)
+        on_test = t.calibrate_on == "test_item_0"
+        test, calib = load_task_examples(t.name, (t.n_test or EVERY_ROW) if on_test else t.n_test,
+                                         0 if on_test else t.n_calib, seed, t.path, t.max_new_tokens)
+        if on_test:
+            calib = test[:1]
         if t.metric is not None:  # the config's (or the preset's) metric instead of the task's own
             if t.metric not in METRICS:
                 raise ValueError(f"tasks.{i}.metric: unknown metric {t.metric!r}; available: {', '.join(METRICS)}")

@@ -226,6 +226,11 @@ def write_reports(run_dir: Path, summary: list[dict[str, Any]], rows: dict[str, 
     if reruns:  # the items that failed in an earlier start and were answered when the run resumed
         paired_md = (f"\n\nRe-run after failing in an earlier start (their first attempts' errors are in the rank "
                      f"files): {', '.join(reruns)}.") + paired_md
+    on_test = sorted({s["task"] for s in summary if s.get("calibrated_on_test_item")})
+    if on_test:
+        paired_md = (f"\n\n**Calibrated on a test item** ({', '.join(on_test)}): these tasks calibrate on their first "
+                     f"test item, as the public KVComm runs do (`calibrate_on: test_item_0`), not on held-out items; "
+                     f"methods that calibrate chose their layers on an item they are scored on.") + paired_md
     controls_md = (f"\n\n## LatentWire's controls\n\n{CONTROLS_NOTE}\n\n{format_controls(controls)}" if controls else "")
     if joint:
         controls_md += ("\n\n## LatentWire's joint rescoring\n\nEvery receiver answers from the same latent and the "

@@ -155,3 +155,45 @@ def test_the_public_blend_scales_the_depth_prior_to_zero_one():
     assert blend_scores([0.0, 1.0, 2.0], 0.0, 0.5, 10.0) == [edge, 1.0, edge]
     assert blend_scores([0.0, 1.0, 2.0], 0.0, 0.5, 10.0, "minmax") == [0.0, 1.0, 0.0]
     assert blend_scores([0.0, 1.0, 2.0], 1.0, 0.5, 10.0, "minmax") == [0.0, 0.5, 1.0]  # alpha 1: the measurement alone
+
+
+def test_the_public_countries_and_tip_sheets_runs_score_every_row_and_calibrate_on_test_item_0(tmp_path):
+    """The public runs read the files whole and calibrate on the first test item; under the preset so
+    do ours (written into the config, explicit settings winning), and the report says so."""
+    import run_experiments
+
+    tasks = ("[{name: countries, path: tests/fixtures/public/countries.jsonl},"
+             " {name: tipsheets, path: tests/fixtures/public/tipsheets.jsonl, calibrate_on: calibration, n_test: 2, n_calib: 1}]")
+    cfg = load_experiment("configs/tiny.yaml", ["--preset", "kvcomm_public", "--tasks", tasks])
+    assert [t.calibrate_on for t in cfg.tasks] == ["test_item_0", "calibration"]
+    splits = load_splits(cfg)
+    rows = [json.loads(x) for x in open("tests/fixtures/public/countries.jsonl") if x.strip()]
+    test, calib = splits["countries"]
+    assert [e.example_id for e in test] == [f"countries-{r['id']}" for r in rows]  # every row, file order
+    assert calib == test[:1]
+    assert [len(part) for part in splits["tipsheets"]] == [2, 1]
+    assert load_experiment("configs/tiny.yaml", ["--tasks", tasks]).tasks[0].calibrate_on is None  # ours by default
+
+    assert run_experiments.main([
+        "--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--preset", "kvcomm_public",
+        "--tasks", "[{name: countries, path: tests/fixtures/public/countries.jsonl, max_new_tokens: 2}]",
+        "--methods", '{"kvcomm": {"selection": "calibrate", "top_layers": 0.5}}']) == 0
+    run = tmp_path / "tiny"
+    summary = json.loads((run / "results.json").read_text())["summary"]
+    assert summary[0]["calibrated_on_test_item"] is True and summary[0]["n"] == len(rows)
+    assert "**Calibrated on a test item** (countries)" in (run / "results.md").read_text()
+    calibration = list(run.glob("calibration*/**/*.json")) + list(run.glob("calibration*.json"))
+    assert calibration, "the calibrate stage ran"
+
+
+def test_the_public_experiments_config_resolves_to_the_public_protocol():
+    """configs/kvcomm_public.yaml: every public behaviour the preset sets, in the resolved config."""
+    cfg = load_experiment("configs/kvcomm_public.yaml")
+    assert cfg.preset == "kvcomm_public"
+    assert [(t.name, t.calibrate_on, t.n_test) for t in cfg.tasks] == [("countries", "test_item_0", None),
+                                                                       ("tipsheets", "test_item_0", None)]
+    assert cfg.methods["kvcomm"]["receiver_mask"] == "public" and cfg.methods["kvcomm"]["alpha"] == 1.0
+    assert cfg.methods["cipher"]["eos"] == "tokenizer"
+    splits = load_splits(cfg)
+    assert [len(splits[k][0]) for k in ("countries", "tipsheets")] == [6, 4]
+    assert all(splits[k][1] == splits[k][0][:1] for k in splits)

@@ -54,6 +54,9 @@ SMALL_SOURCE = 50  # below this many rows (test fixtures, a hand-made file) no r
 # fixed order; the rows after them, up to the calibration reserve, are its training rows. Fixed, so that
 # a row's split never depends on how many test items a run asks for.
 TEST_REGION = 1000
+# n_test asking for every row of a source, with no calibration items (`calibrate_on: test_item_0`,
+# as the public KVComm code's countries and tip-sheets runs score every row)
+EVERY_ROW = 10**9
 
 
 def calibration_reserve(n: int) -> int:
@@ -70,6 +73,8 @@ def front_and_back(items: list, n_test: int, n_calib: int, task: str, what: str 
     has no reserve: calibration takes its last n_calib rows, and only within one run are the two
     splits disjoint. A source that also gives training rows (`training_region`) keeps its test items
     among its first `test_region` items."""
+    if n_test == EVERY_ROW and not n_calib:
+        return list(items), []
     reserve = calibration_reserve(len(items))
     if not reserve:
         if n_test + n_calib > len(items):
