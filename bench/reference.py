@@ -92,7 +92,7 @@ def nld(m: Any, e: Example) -> str:
     raw = p.message_text == "raw"  # messages quoted as decoded, or stripped
     msg = naive_generate(a, ids_of(a, sender_text(e)), p.nld_max_tokens, raw=raw)
     first = naive_generate(b, ids_of(b, receiver_text(e)), p.nld_max_tokens, raw=raw)
-    return naive_generate(b, ids_of(b, refinement_text(receiver_text(e), first, msg)), m.max_new_tokens(e))
+    return naive_generate(b, ids_of(b, refinement_text(receiver_text(e), first, [msg])), m.max_new_tokens(e))
 
 
 def scaled_table(lm: LoadedModel) -> torch.Tensor:

@@ -15,7 +15,7 @@ from cross_model.data.base import sender_count
 from cross_model.generation import greedy_generate
 from cross_model.methods.base import ModelPair
 from cross_model.methods.cipher import vector_generate
-from cross_model.methods.debate import OTHERS, REVISE, first_sender_text
+from cross_model.methods.debate import ANOTHER, OTHERS, PREVIOUS, REVISE, first_sender_text
 from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
 from cross_model.prompting import chat_wrap, encode_texts, receiver_text, recording_prompts, sender_text, tokenize_prompts
@@ -156,15 +156,17 @@ def test_nld_receiver_hears_both_senders_and_each_sender_reads_only_its_half(ite
     assert not any(c in t for c in e.contexts for t in (texts[2], texts[3], texts[6]))
 
     def heard(text):
-        return text.split(OTHERS, 1)[1].split(REVISE, 1)[0]
+        """The messages quoted in a refinement prompt: one "Another agent's answer" block each."""
+        return text.split(PREVIOUS, 1)[1].split(REVISE, 1)[0].split(ANOTHER)[1:]
 
-    # B hears both senders (one message per line, sender 1 first); the bytes are all four messages'.
+    # B hears both senders, each in its own block (the public com_ms.py's template), sender 1 first;
+    # the bytes are all four messages'.
     first, last = heard(texts[3]), heard(texts[6])
-    assert last == p.extra["sender_message"]
-    assert p.payload_bytes == len(first.encode()) - 1 + len(last.encode()) - 1
-    # A sender's refinement quotes B's answer, then the other sender's first message.
-    splits = [(first[:k], first[k + 1:]) for k, ch in enumerate(first) if ch == "\n"]
-    assert any(heard(texts[4]).endswith("\n" + m1) and heard(texts[5]).endswith("\n" + m0) for m0, m1 in splits)
+    assert len(first) == len(last) == 2 and OTHERS not in texts[3]
+    assert "\n".join(last) == p.extra["sender_message"]
+    assert p.payload_bytes == sum(len(m.encode()) for m in first + last)
+    # A sender's refinement quotes B's answer, then the other sender's first message, a block each.
+    assert heard(texts[4])[1] == first[1] and heard(texts[5])[1] == first[0]
 
 
 def test_cipher_two_senders_send_each_senders_own_vectors(items):
@@ -179,6 +181,33 @@ def test_cipher_two_senders_send_each_senders_own_vectors(items):
             counts.append(vecs[0].shape[0])
         assert p.extra["vectors_per_sender"] == counts
         assert p.payload_bytes == sum(counts) * a.info.hidden_size * 4  # fp32 vectors
+
+
+def test_cipher_refinement_puts_each_senders_vectors_in_its_own_block():
+    """B's refinement prompt with two senders: its own vectors, then each sender's under its own
+    "Another agent's answer" header, in order; with one sender, the one "Other agents' answers" block."""
+    m = make("cipher")
+    b = m.pair.receiver
+    d = b.info.hidden_size
+    own, v1, v2 = (torch.full((k, d), float(x)) for k, x in ((2, 7.0), (3, 8.0), (1, 9.0)))
+    head, rest = m._refinement_parts(b, "Q?", own, [v1, v2])
+    assert PREVIOUS.strip() in b.tokenizer.decode(head)
+    table = b.model.get_input_embeddings().weight
+    rows = [int(i) for i in range(rest.shape[0])]
+    marked = {x: [r for r in rows if torch.all(rest[r] == x)] for x in (7.0, 8.0, 9.0)}
+    assert [len(marked[x]) for x in (7.0, 8.0, 9.0)] == [2, 3, 1]
+    assert marked[7.0] == [0, 1] and marked[7.0][-1] < marked[8.0][0] and marked[8.0][-1] < marked[9.0][0]
+
+    def words(part: torch.Tensor, lo: int, hi: int) -> str:  # embedded text read back as its token ids
+        ids = [int((table == part[r].to(table.dtype)).all(-1).nonzero()[0]) for r in range(lo, hi)]
+        return b.tokenizer.decode(ids)
+
+    assert words(rest, 2, marked[8.0][0]).strip() == ANOTHER.strip()
+    assert words(rest, marked[8.0][-1] + 1, marked[9.0][0]).strip() == ANOTHER.strip()
+    assert REVISE.strip() in words(rest, marked[9.0][0] + 1, rest.shape[0])
+    _, single = m._refinement_parts(b, "Q?", own, [v1])
+    first_v1 = next(r for r in range(single.shape[0]) if torch.all(single[r] == 8.0))
+    assert words(single, 2, first_v1).strip() == OTHERS.strip()
 
 
 def test_the_fact_side_channel_and_the_other_item_control_refuse_two_senders():

@@ -197,3 +197,52 @@ def test_the_public_experiments_config_resolves_to_the_public_protocol():
     splits = load_splits(cfg)
     assert [len(splits[k][0]) for k in ("countries", "tipsheets")] == [6, 4]
     assert all(splits[k][1] == splits[k][0][:1] for k in splits)
+
+
+def test_the_public_multi_sender_loaders_shuffle_then_filter_and_split_2wikimqa_by_passages(tmp_path):
+    """hotpotqa_ms / musique_ms under the preset: shuffle(42), then keep rows with two or more
+    supporting facts, then take the first n (the public order, not ours: filter, then shuffle);
+    twowikimqa_ms: every LongBench row in file order, its "Passage N:" blocks halved between senders."""
+    import datasets
+
+    from cross_model.data import load_task_examples
+    from tests.helpers import distinct_copies
+
+    rows = [json.loads(line) for line in open("tests/fixtures/hotpotqa.jsonl")]
+    many = distinct_copies(rows, 120)
+    for k, r in enumerate(many):  # every third row keeps a single supporting fact: filtered out
+        if k % 3 == 0:
+            r["supporting_facts"] = {"title": r["supporting_facts"]["title"][:1], "sent_id": r["supporting_facts"]["sent_id"][:1]}
+    path = tmp_path / "hotpotqa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in many))
+    test, _ = load_task_examples("hotpotqa_ms_public", 20, 0, path=str(path))
+    shuffled = datasets.load_dataset("json", data_files=str(path), split="train").shuffle(seed=42)
+    want = [r["id"] for r in shuffled if len(r["supporting_facts"]["title"]) >= 2][:20]
+    assert [e.example_id for e in test] == [f"hotpotqa_ms_public-{i}" for i in want]
+    ours, _ = load_task_examples("hotpotqa_ms", 20, 0, path=str(path))
+    assert [e.example_id.split("-", 1)[1] for e in ours] != want  # filter-then-shuffle: other items
+    cfg = load_experiment("configs/tiny.yaml", ["--preset", "kvcomm_public", "--tasks",
+                                                "[{name: twowikimqa_ms, path: tests/fixtures/twowikimqa_longbench.jsonl, n_calib: 0}]"])
+    assert cfg.tasks[0].name == "twowikimqa_ms_public"
+    (two, _), = load_splits(cfg).values()
+    assert [e.example_id for e in two] == ["twowikimqa_ms_public-tw0", "twowikimqa_ms_public-tw1", "twowikimqa_ms_public-tw2"]
+    first = two[0]
+    assert first.prompt_A == ("Passage 1:\nBlue Harbour\nBlue Harbour is a 1999 film directed by Ana Reyes.\n"
+                              "Passage 2:\nAna Reyes\nAna Reyes is a Chilean director, daughter of Tom Reyes.\n")
+    assert first.more_senders == ("Passage 3:\nNoise Film\nNoise Film is a studio.\nPassage 4:\nTom Reyes\n"
+                                  "Tom Reyes was a painter.\nPassage 5:\nHarbour Lights\nHarbour Lights is a song.",)
+    assert first.prompt_B == "Who is the father of the director of film Blue Harbour?" and first.answers == ("Tom Reyes",)
+
+
+def test_the_full_tasks_read_every_row_in_the_splits_order_as_the_public_loaders_without_n_samples():
+    from cross_model.data import get_task, load_task_examples
+
+    hotpot = [json.loads(line) for line in open("tests/fixtures/hotpotqa.jsonl")]
+    test, calib = load_task_examples("hotpotqa_full", None, 0, path="tests/fixtures/hotpotqa.jsonl")
+    assert [e.example_id for e in test] == [f"hotpotqa_full-{r['id']}" for r in hotpot] and calib == []
+    public, _ = load_task_examples("hotpotqa_public", 3, 0, path="tests/fixtures/hotpotqa.jsonl")
+    assert {e.prompt_A for e in test} == {e.prompt_A for e in public}  # the public reading of each row
+    musique = [json.loads(line) for line in open("tests/fixtures/musique.jsonl")]
+    test, _ = load_task_examples("musique_full", None, 0, path="tests/fixtures/musique.jsonl")
+    assert [e.example_id for e in test] == [f"musique_full-{r['id']}" for r in musique]
+    assert get_task("hotpotqa_full").train is None

@@ -22,6 +22,8 @@ SOURCES = {
     "qasper": "qasper", "multifieldqa_en": "qasper", "twowikimqa": "qasper", "twowikimqa_ms": "twowikimqa",
     "squad": "squad", "gsm8k": "gsm8k", "repobench": "repobench", "repobench_full": "repobench",
     "samsum": "samsum", "samsum_full": "samsum", "jsonl": "custom", "tmath": "tmath",
+    "musique_ms_public": "musique", "twowikimqa_ms_public": "twowikimqa_longbench",
+    "hotpotqa_full": "hotpotqa", "musique_full": "musique",
 }
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, str]:
@@ -31,7 +33,7 @@ def sources(tmp_path_factory) -> dict[str, str]:
         if file == "tmath":
             continue  # a directory format; its reader goes through the same `front_and_back`
         rows = [json.loads(line) for line in (FIX / f"{file}.jsonl").read_text().splitlines() if line.strip()]
-        if name == "musique_ms":  # the fixture's rows have one supporting paragraph; the task keeps two or more
+        if name in ("musique_ms", "musique_ms_public"):  # the fixture's rows have one supporting paragraph; the task keeps two or more
             file = "musique_ms"
             for row in rows:
                 for paragraph in row["paragraphs"]:
@@ -76,7 +78,7 @@ def test_the_reserve_is_fixed_by_the_source_not_the_request():
         front_and_back(items, 1, 9, "x")
 
 
-TRAIN_SIZES = [(1, 0), (100, 8), (150, 30), (1000, 64)]
+TRAIN_SIZES = [(1, 0), (100, 8), (120, 29), (1000, 64)]
 
 
 @pytest.mark.parametrize("task", [t for t in available_tasks() if get_task(t).train is not None])
@@ -103,6 +105,15 @@ def test_no_training_row_is_a_test_or_calibration_row_of_any_call(task, sources,
     assert seen, f"{task}: no size was served"
     assert not seen & {_content(e) for e in train}, f"{task}: a training row is a test or calibration row"
     assert [_content(e) for e in task_rows(task, 200, 0, source)] == [_content(e) for e in train]
+
+
+def test_the_published_ladder_sizes_fit_the_ladders_regions():
+    """configs/latentwire_*.yaml: 100 test items and 512 + 64 training rows of secret_word."""
+    assert len(task_rows("secret_word", 576, 0, None)) == 576
+    with pytest.raises(ValueError, match="580 training items asked, the source keeps 579"):
+        task_rows("secret_word", 580, 0, None)
+    with pytest.raises(ValueError, match="n_test .121. exceeds the 120 test items"):
+        load_task_examples("secret_word", 121, 8, seed=0)
 
 
 def test_test_items_stay_inside_the_test_region_and_training_rows_are_refused_where_none_are_kept():

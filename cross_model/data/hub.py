@@ -108,16 +108,19 @@ def load_rows(source: HubSource, local_path: str | None) -> Any:
 
 
 def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tuple[str, str, str, list[str]]],
-                keep: Callable[[dict], bool] | None = None, sample: bool = True, items_of: str | None = None):
-    """(build, train) for a hub task. `keep` filters rows before the shuffle (as the public code filters
-    before it samples); without `sample` the rows stay in the split's order, n_test defaults to all of
-    them (the `_full` tasks) and no rows are kept for training. `items_of`: another reading of that
-    task's rows (the same ids, so the two pair item by item)."""
+                keep: Callable[[dict], bool] | None = None, sample: bool = True, items_of: str | None = None,
+                keep_after_shuffle: bool = False):
+    """(build, train) for a hub task. `keep` filters rows before the shuffle (as the public single-
+    sender loaders filter before they sample), or after it with `keep_after_shuffle` (as the public
+    multi-sender loaders do: shuffle, filter, select); without `sample` the rows stay in the split's
+    order, n_test defaults to all of them (the `_full` tasks) and no rows are kept for training.
+    `items_of`: another reading of that task's rows (the same ids, so the two pair item by item)."""
     def ordered_rows(path: str | None) -> Any:
         rows = load_rows(source, path)
-        if keep is not None:
+        if keep is not None and not keep_after_shuffle:
             rows = rows.filter(keep)
-        return rows.shuffle(seed=SHUFFLE_SEED) if sample else rows
+        rows = rows.shuffle(seed=SHUFFLE_SEED) if sample else rows
+        return rows.filter(keep) if keep is not None and keep_after_shuffle else rows
 
     def make(row: dict, split: str) -> Example:
         task = TASKS[task_name]
@@ -252,6 +255,23 @@ def public_joined(facts_of: Callable[[dict], list[str]], answers_of: Callable[[d
     return lambda row: (row["id"], "\n".join(facts_of(row)), row["question"], answers_of(row))
 
 
+PASSAGE = re.compile(r"Passage\s+\d+:")
+
+
+def passage_halves(row: dict) -> tuple:
+    """The public com_ms.py's 2WikiMultihopQA split of a LongBench row: the context's "Passage N:"
+    blocks, the first half (by count) to A1 and the rest to A2, each after the text that precedes the
+    first block."""
+    rid, context, question, answers = parse_longbench(row)
+    starts = [m.start() for m in PASSAGE.finditer(context)]
+    if not starts:
+        raise ValueError(f"twowikimqa_ms_public: row {rid} has no 'Passage N:' block in its context")
+    head = context[: starts[0]]
+    blocks = [context[a:b] for a, b in zip(starts, starts[1:] + [len(context)])]
+    mid = len(blocks) // 2
+    return rid, head + "".join(blocks[:mid]), question, answers, [head + "".join(blocks[mid:])]
+
+
 def twowiki_facts(row: dict) -> list[str]:
     return supporting_sentences(row, "content")
 
@@ -277,8 +297,8 @@ TASKS: dict[str, Task] = {}
 
 def _register(name: str, source: HubSource, parse: Callable, metric: str, max_new_tokens: int, kind: str = QA,
               n_test: int = 500, keep: Callable[[dict], bool] | None = None, sample: bool = True,
-              items_of: str | None = None) -> None:
-    build, train = _hub_builder(name, source, parse, keep, sample, items_of)
+              items_of: str | None = None, keep_after_shuffle: bool = False) -> None:
+    build, train = _hub_builder(name, source, parse, keep, sample, items_of, keep_after_shuffle)
     if source.rows is not None and source.rows - calibration_reserve(source.rows) <= TEST_REGION:
         train = None  # every row is a test or calibration row (LongBench)
     TASKS[name] = register_task(
@@ -319,8 +339,23 @@ _register("hotpotqa_public", HubSource("hotpotqa/hotpot_qa", "distractor", "vali
           public_joined(hotpotqa_public_facts, lambda r: [r["answer"]]), "f1_match", 48, items_of="hotpotqa")
 _register("musique_public", HubSource("dgslibisey/MuSiQue", None, "validation"),
           public_joined(musique_public_facts, musique_answers), "f1_match", 48, items_of="musique")
+# The public loaders with n_samples unset (`*_full`): every row of the split, in its order, as above.
+_register("hotpotqa_full", HubSource("hotpotqa/hotpot_qa", "distractor", "validation"),
+          public_joined(hotpotqa_public_facts, lambda r: [r["answer"]]), "f1_match", 48, sample=False)
+_register("musique_full", HubSource("dgslibisey/MuSiQue", None, "validation"),
+          public_joined(musique_public_facts, musique_answers), "f1_match", 48, sample=False)
+# The public multi-sender loaders shuffle, then filter, then select: other test items than our
+# filter-then-shuffle order, so these do not pair with hotpotqa_ms / musique_ms item by item.
 _register("hotpotqa_ms_public", HubSource("hotpotqa/hotpot_qa", "distractor", "validation"),
           two_senders(hotpotqa_public_facts, lambda r: [r["answer"]], "\n"), "f1_match", 48,
-          keep=lambda r: len(hotpotqa_public_facts(r)) >= 2, items_of="hotpotqa_ms")
+          keep=lambda r: len(hotpotqa_public_facts(r)) >= 2, keep_after_shuffle=True)
+_register("musique_ms_public", HubSource("dgslibisey/MuSiQue", None, "validation"),
+          two_senders(musique_public_facts, musique_answers, "\n"), "f1_match", 48,
+          keep=lambda r: len(musique_public_facts(r)) >= 2, keep_after_shuffle=True)
+# 2WikiMultihopQA's two senders as the public code builds them: every LongBench row, in file order,
+# its "Passage N:" blocks split in two halves (ours reads supporting facts from the full dataset).
+_register("twowikimqa_ms_public", HubSource(_LONGBENCH, "2wikimqa", "test", rows=200), passage_halves,
+          "f1_match", 32, sample=False)
 # What `preset: kvcomm_public` reads instead of each task (results keep the task's own label).
-PUBLIC_TASKS = {"hotpotqa": "hotpotqa_public", "musique": "musique_public", "hotpotqa_ms": "hotpotqa_ms_public"}
+PUBLIC_TASKS = {"hotpotqa": "hotpotqa_public", "musique": "musique_public", "hotpotqa_ms": "hotpotqa_ms_public",
+                "musique_ms": "musique_ms_public", "twowikimqa_ms": "twowikimqa_ms_public"}

@@ -8,8 +8,9 @@ refinement prompt embeds its text with B's table and splices in B's own and A's 
 answer is decoded greedily as tokens. Payload: n_vectors x d x bytes per element.
 
 Several senders (a multi-sender task): each reads its own context and sends its own vectors; B's
-refinement prompt splices all senders' vectors, in sender order, where one sender's would go; in later
-rounds each sender reads B's vectors and then the other senders'. The payload counts every sender's.
+refinement prompt splices each sender's vectors, in sender order, into its own "Another agent's
+answer" block (the public com_ms.py's template); in later rounds each sender reads B's vectors and
+then the other senders', one block each. The payload counts every sender's.
 With `senders`, each sender runs its own model (all with B's vocabulary and width).
 """
 
@@ -175,25 +176,29 @@ class Cipher(Method):
             return [(models[0], slice(0, rows))]
         return [(lm, slice(j * n, (j + 1) * n)) for j, lm in enumerate(models)]
 
-    def _refinement_embeds(self, lm: LoadedModel, prompt: str, own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """Chat-wrapped refinement prompt with the two vector messages spliced into its text."""
-        head, rest = self._refinement_parts(lm, prompt, own, other)
+    def _refinement_embeds(self, lm: LoadedModel, prompt: str, own: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
+        """Chat-wrapped refinement prompt with the vector messages spliced into its text."""
+        head, rest = self._refinement_parts(lm, prompt, own, others)
         return torch.cat([embed_ids(lm, head).to(rest.dtype), rest], dim=0)
 
-    def _refinement_parts(self, lm: LoadedModel, prompt: str, own: torch.Tensor, other: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-        """The refinement prompt as (token ids before the first message, embeddings of the rest)."""
-        before, between, after = refinement_parts(prompt)
-        marker = VECTOR_MARK
-        wrapped = chat_wrap(lm, f"{before}{marker}{between}{marker}{after}")
-        head, mid, tail = wrapped.split(marker)
-        first, middle, last = encode_texts(lm, [head]), encode_texts(lm, [mid]), encode_texts(lm, [tail])
+    def _refinement_parts(self, lm: LoadedModel, prompt: str, own: torch.Tensor,
+                          others: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
+        """The refinement prompt as (token ids before the first message, embeddings of the rest): one's
+        own vectors, then each other agent's under its header (`debate.refinement_parts`)."""
+        texts = refinement_parts(prompt, len(others))
+        wrapped = chat_wrap(lm, VECTOR_MARK.join(texts))
+        head, *gaps = wrapped.split(VECTOR_MARK)
         # Only the head carries the tokenizer's own special tokens (e.g. <bos>) for template-less models.
-        if not lm.info.has_chat_template:
-            middle = [lm.tokenizer(mid, add_special_tokens=False)["input_ids"]]
-            last = [lm.tokenizer(tail, add_special_tokens=False)["input_ids"]]
+        if lm.info.has_chat_template:
+            gap_ids = [encode_texts(lm, [g])[0] for g in gaps]
+        else:
+            gap_ids = [lm.tokenizer(g, add_special_tokens=False)["input_ids"] for g in gaps]
         dtype = lm.model.get_input_embeddings().weight.dtype
-        parts = [own, embed_ids(lm, middle[0]), other, embed_ids(lm, last[0])]
-        return first[0], torch.cat([x.to(dtype) for x in parts], dim=0)
+        parts = [own]
+        for message, ids in zip(others, gap_ids):
+            parts += [embed_ids(lm, ids), message]
+        parts.append(embed_ids(lm, gap_ids[-1]))
+        return encode_texts(lm, [head])[0], torch.cat([x.to(dtype) for x in parts], dim=0)
 
     def _final_answer(self, lm: LoadedModel, parts: list[tuple[list[int], torch.Tensor]], limits: list[int]):
         """B's answer to its refinement prompts; the text every row starts with is prefilled once."""
@@ -240,14 +245,14 @@ class Cipher(Method):
         a_in, b_in = list(a_len), list(b_len)
         for r in range(1, p.rounds):
             a_rows = [self._refinement_embeds(self.pair.sender_for(k // n), ap, av,
-                                              torch.cat([b_vecs[k % n], *heard(a_vecs, k % n, k // n)]))
+                                              [b_vecs[k % n], *heard(a_vecs, k % n, k // n)])
                       for k, (ap, av) in enumerate(zip(a_prompts, a_vecs))]
             new_a, steps = [], []
             for lm, part in groups:
                 emb, mask = pad_embeddings_left(a_rows[part])
                 vecs, took = vector_generate(lm, emb, mask, p.nld_max_tokens, p.temperature, eos_rule=p.eos)
                 new_a, steps = new_a + vecs, steps + took
-            b_rows = [self._refinement_embeds(b, bp, bv, torch.cat(heard(a_vecs, i)))
+            b_rows = [self._refinement_embeds(b, bp, bv, heard(a_vecs, i))
                       for i, (bp, bv) in enumerate(zip(b_prompts, b_vecs))]
             emb, mask = pad_embeddings_left(b_rows)
             b_vecs, b_steps2 = vector_generate(b, emb, mask, p.nld_max_tokens, p.temperature, eos_rule=p.eos)
@@ -257,7 +262,7 @@ class Cipher(Method):
             b_gen = [x + s for x, s in zip(b_gen, b_steps2)]
             a_vecs = new_a
             n_sent = [c + v.shape[0] for c, v in zip(n_sent, a_vecs)]
-        parts = [self._refinement_parts(b, bp, bv, torch.cat(heard(a_vecs, i)))
+        parts = [self._refinement_parts(b, bp, bv, heard(a_vecs, i))
                  for i, (bp, bv) in enumerate(zip(b_prompts, b_vecs))]
         gen = self._final_answer(b, parts, [self.max_new_tokens(e) for e in examples])
         rows = [len(head) + len(rest) for head, rest in parts]

@@ -10,6 +10,7 @@ from cross_model.prompting import SENDER_AWARE_INSTRUCTION, receiver_text, sende
 
 PREVIOUS = "\nYour previous answer:\n"
 OTHERS = "\nOther agents' answers (for your consideration):\n"
+ANOTHER = "\nAnother agent's answer (for your consideration):\n"  # one block per message, several senders
 REVISE = "\nIf needed, revise your answer. Your new answer is:"
 
 
@@ -33,14 +34,18 @@ def first_sender_text(example: Example, params: DebateParams) -> str:
     return sender_text(example, SENDER_AWARE_INSTRUCTION if params.sender_aware else None)
 
 
-def refinement_parts(own_prompt: str) -> tuple[str, str, str]:
-    """The prompt around the two messages: (before own answer, between, after other's message)."""
-    return own_prompt + PREVIOUS, OTHERS, REVISE
+def refinement_parts(own_prompt: str, n_others: int = 1) -> list[str]:
+    """The refinement prompt's text around its messages: [before one's own answer, before each other
+    message, after the last]. One other message sits under "Other agents' answers"; several (a
+    multi-sender task) each get their own "Another agent's answer" block, as the public com_ms.py's
+    template writes them."""
+    headers = [OTHERS] if n_others == 1 else [ANOTHER] * n_others
+    return [own_prompt + PREVIOUS, *headers, REVISE]
 
 
-def refinement_text(own_prompt: str, own_answer: str, other_message: str) -> str:
-    before, between, after = refinement_parts(own_prompt)
-    return f"{before}{own_answer}{between}{other_message}{after}"
+def refinement_text(own_prompt: str, own_answer: str, others: list[str]) -> str:
+    texts = refinement_parts(own_prompt, len(others))
+    return texts[0] + own_answer + "".join(h + m for h, m in zip(texts[1:-1], others)) + texts[-1]
 
 
 def receiver_prompt(example: Example) -> str:

@@ -2,8 +2,9 @@
 Payload: the UTF-8 bytes of every message A sent.
 
 Several senders (a multi-sender task): each reads its own context and sends its own messages; B reads
-all of them, in sender order, one per line; in later rounds each sender reads B's answer and the other
-senders' messages (every agent sees every other, as in Du et al.). The payload is every sender's bytes.
+all of them, in sender order, each in its own "Another agent's answer" block (the public com_ms.py's
+template); in later rounds each sender reads B's answer and the other senders' messages, one block
+each (every agent sees every other, as in Du et al.). The payload is every sender's bytes.
 With `senders`, each sender runs its own model."""
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ class NaturalLanguageDebate(Method):
         a_prompts = [first_sender_text(v, p) for v in views]
         b_prompts = [receiver_prompt(e) for e in examples]
 
-        def heard(msgs: list[str], i: int, skip: int | None = None) -> str:
-            """What item i's reader hears from the senders (all but `skip`), one message per line."""
-            return "\n".join(msgs[j * n + i] for j in range(senders) if j != skip)
+        def heard(msgs: list[str], i: int, skip: int | None = None) -> list[str]:
+            """What item i's reader hears from the senders (all but `skip`), in sender order."""
+            return [msgs[j * n + i] for j in range(senders) if j != skip]
 
         # The first messages read the prompts other methods read too: their prefills are shared.
         a_msgs = self._senders_say(a_prompts, views, n, tokens, reuse=True)
@@ -71,8 +72,7 @@ class NaturalLanguageDebate(Method):
                 examples, None if last else p.nld_max_tokens, tokens, "receiver",
             )
             if not last:
-                others = ["\n".join([b_ans[k % n], *([heard(a_msgs, k % n, k // n)] if senders > 1 else [])])
-                          for k in range(len(views))]
+                others = [[b_ans[k % n], *heard(a_msgs, k % n, k // n)] for k in range(len(views))]
                 a_msgs = self._senders_say(
                     [refinement_text(ap, am, o) for ap, am, o in zip(a_prompts, a_msgs, others)], views, n, tokens)
                 sent = [s + len(m.encode("utf-8")) for s, m in zip(sent, a_msgs)]
@@ -81,6 +81,6 @@ class NaturalLanguageDebate(Method):
                 answers = new_b.texts  # the answer that is scored, stripped
         per_item = [sum(sent[j * n + i] for j in range(senders)) for i in range(n)]
         return [
-            Prediction(e.example_id, ans, size, **tok, extra={"sender_message": heard(a_msgs, i)})
+            Prediction(e.example_id, ans, size, **tok, extra={"sender_message": "\n".join(heard(a_msgs, i))})
             for i, (e, ans, size, tok) in enumerate(zip(examples, answers, per_item, tokens))
         ]
