@@ -250,6 +250,29 @@ def test_public_receiver_mask_batched_equals_one_at_a_time(examples):
         torch.testing.assert_close(batched[i, -n:], alone[0, -n:], atol=2e-4, rtol=1e-4)
 
 
+def test_public_online_rule_ranks_on_every_intervalth_item_of_the_task_whatever_the_batches(examples):
+    """online_rule public (com_online.py): item k is answered with the ranking that item
+    k - k mod calib_interval gave alone; two batchings in other orders (as two ranks' shares would
+    be) give every item the same layers and answers."""
+    kw = dict(selection="online", online_rule="public", calib_interval=4, top_layers=0.5)
+    whole = make("tiny-llama-64", **kw)
+    whole.set_task_items(examples)
+    one = whole.run_batch(examples)
+    parts = make("tiny-llama-64", **kw)
+    parts.set_task_items(examples)
+    shuffled = [examples[i] for i in (5, 1, 4, 0, 3, 2)]
+    two = {p.example_id: p for part in (shuffled[:2], shuffled[2:3], shuffled[3:]) for p in parts.run_batch(part)}
+    assert [(p.answer, p.extra["layers"]) for p in one] == [(two[p.example_id].answer, two[p.example_id].extra["layers"])
+                                                           for p in one]
+    assert [p.extra["online_anchor"] for p in one] == [examples[0].example_id] * 4 + [examples[4].example_id] * 2
+    offline = make("tiny-llama-64", selection="calibrate", top_layers=0.5)
+    for anchor, rows in ((0, one[:4]), (4, one[4:])):
+        offline.calibrate([examples[anchor]])  # the anchor alone, as the public code ranks
+        assert all(p.extra["layers"] == sorted(offline.selected_layers()) for p in rows)
+    (failed,) = make("tiny-llama-64", **kw).run_batch(examples[:1])  # no task list handed over: the row fails
+    assert "online_rule public ranks on the task's own items" in failed.error
+
+
 def test_online_selection_reranks_on_the_batchs_own_prompts_every_calib_interval_items(examples):
     """selection: online re-selects when a batch reaches the next multiple of calib_interval items,
     from B's attention on A's tokens over that batch's prompts (what offline calibration measures on

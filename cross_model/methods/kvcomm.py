@@ -43,8 +43,11 @@ RECEIVER_MASKS = ("causal", "public")
 class KVCommParams(MethodParams):
     selection: str = field(default="calibrate", metadata={"help": "calibrate, layers (layers_list), range, random, all, or "
                                                                    "online (re-selected on the test prompts, no labels)"})
-    calib_interval: int = field(default=1, metadata={"help": "online: items between re-selections, on this rank, "
-                                                             "in the order it answers them"})
+    calib_interval: int = field(default=1, metadata={"help": "online: items between re-selections (online_rule batch: "
+                                                             "on this rank, in the order it answers them)"})
+    online_rule: str = field(default="batch", metadata={"help": "online: batch (re-ranked on the batch's own prompts) or "
+                                                                "public (every calib_interval-th item of the task's "
+                                                                "order ranks the layers alone, as com_online.py)"})
     layers_list: list[int] | None = field(default=None, metadata={"help": "receiver layers to send (selection: layers)"})
     layer_from: int | None = field(default=None, metadata={"help": "first receiver layer sent (selection: range)"})
     layer_to: int | None = field(default=None, metadata={"help": "last receiver layer sent, inclusive (selection: range)"})
@@ -79,6 +82,8 @@ class KVCommParams(MethodParams):
             raise ValueError(f"{prefix}.top_layers: a fraction in [0, 1], got {self.top_layers}")
         if self.calib_interval < 1:
             raise ValueError(f"{prefix}.calib_interval: must be >= 1, got {self.calib_interval}")
+        if self.online_rule not in ("batch", "public"):
+            raise ValueError(f"{prefix}.online_rule: batch or public, got {self.online_rule!r}")
         if self.receiver_mask not in RECEIVER_MASKS:
             raise ValueError(f"{prefix}.receiver_mask: one of {', '.join(RECEIVER_MASKS)}, got {self.receiver_mask!r}")
         if not 0.0 <= self.alpha <= 1.0 or self.sigma <= 0:
@@ -121,7 +126,7 @@ def blend_scores(importance: list[float], alpha: float, mu: float, sigma: float,
 
 @register("kvcomm")
 class KVComm(Method):
-    public_settings = {"receiver_mask": "public", "alpha": 1.0, "prior": "minmax"}
+    public_settings = {"receiver_mask": "public", "alpha": 1.0, "prior": "minmax", "online_rule": "public"}
     Params = KVCommParams
 
     @classmethod
@@ -154,6 +159,8 @@ class KVComm(Method):
         self.measured_ids: list[str] = []  # the calibration items this rank measured (in its last calibration)
         self.online_seen = 0  # items answered with selection: online, on this rank
         self.online_ids: set[str] = set()
+        self.task_items: list[Example] = []  # the task's test items in its order (online_rule: public)
+        self.anchor_rankings: dict[int, list[int]] = {}
         self.donors: dict[str, Example] = {}  # control: other_item
         use_cross_model_attention(self.pair.receiver)
 
@@ -297,6 +304,7 @@ class KVComm(Method):
 
     def set_task_items(self, items: list[Example]) -> None:
         self.donors = donor_map(items)  # control: other_item (cross_model.methods.other_item)
+        self.task_items, self.anchor_rankings = list(items), {}
 
     def sender_examples(self, examples: list[Example]) -> list[Example]:
         """What A reads: the examples, or under control: other_item each one's donor's context."""
@@ -327,8 +335,37 @@ class KVComm(Method):
         self.ranking = self.rank_layers([t / len(examples) for t in sums])
         return True
 
+    def _run_public_online(self, examples: list[Example]) -> list[Prediction]:
+        """online_rule: public, as com_online.py walks a task: item k of the task's order is answered
+        with the ranking B's attention gave on item k - k mod calib_interval alone (that item answered
+        too, after ranking on itself). Each item's layers depend on its place in the task only, so
+        batches, their order and the ranks' shares give every item the same ones."""
+        index = {e.example_id: i for i, e in enumerate(self.task_items)}
+        missing = [e.example_id for e in examples if e.example_id not in index]
+        if missing:
+            raise ValueError(f"methods.{self.name}: online_rule public ranks on the task's own items in their order; "
+                             f"{missing[0]} is not one of them (the evaluator hands the method the test list)")
+        interval = self.params.calib_interval
+        groups: dict[int, list[Example]] = {}
+        for e in examples:
+            groups.setdefault(index[e.example_id] - index[e.example_id] % interval, []).append(e)
+        answers: dict[str, Prediction] = {}
+        for anchor, group in sorted(groups.items()):
+            if anchor not in self.anchor_rankings:
+                self.anchor_rankings[anchor] = self.rank_layers(self.importance_sums([self.task_items[anchor]], 1))
+            self.ranking = self.anchor_rankings[anchor]
+            for p in self._answer(group, {"online_anchor": self.task_items[anchor].example_id}):
+                answers[p.example_id] = p
+        return [answers[e.example_id] for e in examples]
+
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
+        if self.params.selection == "online" and self.params.online_rule == "public":
+            return self._run_public_online(examples)
         reselected = self.select_online(examples) if self.params.selection == "online" else None
+        return self._answer(examples, {} if reselected is None else {"online_reselected": reselected})
+
+    def _answer(self, examples: list[Example], marks: dict[str, Any]) -> list[Prediction]:
+        """The batch answered with the current selection; `marks` go into every row's extra."""
         selected = self.selected_layers()
         sent = self.sender_examples(examples)
         seen = examples if sent is not examples else None
@@ -339,8 +376,7 @@ class KVComm(Method):
         if self.params.facts:
             sizes = [n + len(t.encode("utf-8")) for n, t in zip(sizes, texts)]
             extras = [{**x, "facts": t, "facts_bytes": len(t.encode("utf-8"))} for x, t in zip(extras, texts)]
-        if reselected is not None:
-            extras = [{**x, "online_reselected": reselected} for x in extras]
+        extras = [{**x, **marks} for x in extras]
         context_bytes = [sum(len(c.encode("utf-8")) for c in e.contexts) for e in examples]
         extras = [{**x, "text_bytes": t, "payload_vs_text": round(n / t, 3) if t else None}
                   for x, t, n in zip(extras, context_bytes, sizes)]
