@@ -103,6 +103,10 @@ def add_controls(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
+# Tasks the public code reads from its own files, every row, calibrated on the first test item
+PUBLIC_FILE_TASKS = ("countries", "tipsheets", "countries_tipsheets", "countries_tipsheets_shuffled")
+
+
 def apply_preset(cfg: ExperimentConfig) -> ExperimentConfig:
     """Write what `preset` implies into the config itself, so the run's resolved config.yaml says it:
     under kvcomm_public every method takes its `public_settings` (KVComm's receiver and calibration
@@ -120,8 +124,10 @@ def apply_preset(cfg: ExperimentConfig) -> ExperimentConfig:
             task.label, task.name = task.key, PUBLIC_TASKS[task.name]
         if task.metric is None:
             task.metric = PUBLIC_METRICS.get(get_task(task.name).metric)
-        if task.calibrate_on is None and task.name in ("countries", "tipsheets") and task.path:
+        if task.calibrate_on is None and task.name in PUBLIC_FILE_TASKS and task.path:
             task.calibrate_on = "test_item_0"  # the public runs: calibrated on test item 0, every row scored
+            if task.name.startswith("countries_tipsheets") and task.max_new_tokens is None:
+                task.max_new_tokens = 10  # the public mixed task: 10 new tokens for both sources' items
     validate_methods(cfg.methods)
     return cfg
 

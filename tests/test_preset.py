@@ -246,3 +246,14 @@ def test_the_full_tasks_read_every_row_in_the_splits_order_as_the_public_loaders
     test, _ = load_task_examples("musique_full", None, 0, path="tests/fixtures/musique.jsonl")
     assert [e.example_id for e in test] == [f"musique_full-{r['id']}" for r in musique]
     assert get_task("hotpotqa_full").train is None
+
+
+def test_the_public_mixed_task_reads_every_row_of_both_files_at_ten_new_tokens():
+    cfg = load_experiment("configs/tiny.yaml", ["--preset", "kvcomm_public", "--tasks",
+                                                "[{name: countries_tipsheets_shuffled, path: tests/fixtures/public}]"])
+    assert (cfg.tasks[0].calibrate_on, cfg.tasks[0].max_new_tokens) == ("test_item_0", 10)
+    (test, calib), = load_splits(cfg).values()
+    countries = sum(1 for x in open("tests/fixtures/public/countries.jsonl") if x.strip())
+    tips = sum(1 for x in open("tests/fixtures/public/tipsheets.jsonl") if x.strip())
+    assert len(test) == countries + tips and {e.max_new_tokens for e in test} == {10}
+    assert {e.task for e in test} == {"countries", "tipsheets"} and calib == test[:1]
