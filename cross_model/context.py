@@ -103,8 +103,9 @@ def add_controls(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-# Tasks the public code reads from its own files, every row, calibrated on the first test item
+# Tasks the public code reads whole (its own files, LongBench's rows), calibrated on the first test item
 PUBLIC_FILE_TASKS = ("countries", "tipsheets", "countries_tipsheets", "countries_tipsheets_shuffled")
+PUBLIC_WHOLE_TASKS = ("multifieldqa_en_public", "twowikimqa_public", "twowikimqa_ms_public")
 
 
 def apply_preset(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -124,7 +125,7 @@ def apply_preset(cfg: ExperimentConfig) -> ExperimentConfig:
             task.label, task.name = task.key, PUBLIC_TASKS[task.name]
         if task.metric is None:
             task.metric = PUBLIC_METRICS.get(get_task(task.name).metric)
-        if task.calibrate_on is None and task.name in PUBLIC_FILE_TASKS and task.path:
+        if task.calibrate_on is None and (task.name in PUBLIC_FILE_TASKS and task.path or task.name in PUBLIC_WHOLE_TASKS):
             task.calibrate_on = "test_item_0"  # the public runs: calibrated on test item 0, every row scored
             if task.name.startswith("countries_tipsheets") and task.max_new_tokens is None:
                 task.max_new_tokens = 10  # the public mixed task: 10 new tokens for both sources' items

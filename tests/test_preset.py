@@ -257,3 +257,12 @@ def test_the_public_mixed_task_reads_every_row_of_both_files_at_ten_new_tokens()
     tips = sum(1 for x in open("tests/fixtures/public/tipsheets.jsonl") if x.strip())
     assert len(test) == countries + tips and {e.max_new_tokens for e in test} == {10}
     assert {e.task for e in test} == {"countries", "tipsheets"} and calib == test[:1]
+
+
+def test_longbench_multifieldqa_and_2wikimqa_read_every_row_in_file_order_under_the_preset():
+    rows = [json.loads(x) for x in open("tests/fixtures/qasper.jsonl")]
+    cfg = load_experiment("configs/tiny.yaml", ["--preset", "kvcomm_public", "--tasks",
+                                                "[{name: multifieldqa_en, path: tests/fixtures/qasper.jsonl}]"])
+    assert (cfg.tasks[0].name, cfg.tasks[0].key, cfg.tasks[0].calibrate_on) == ("multifieldqa_en_public", "multifieldqa_en", "test_item_0")
+    (test, calib), = load_splits(cfg).values()
+    assert [e.example_id for e in test] == [f"multifieldqa_en_public-{r['_id']}" for r in rows] and calib == test[:1]

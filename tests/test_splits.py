@@ -23,7 +23,8 @@ SOURCES = {
     "squad": "squad", "gsm8k": "gsm8k", "repobench": "repobench", "repobench_full": "repobench",
     "samsum": "samsum", "samsum_full": "samsum", "jsonl": "custom", "tmath": "tmath",
     "musique_ms_public": "musique", "twowikimqa_ms_public": "twowikimqa_longbench",
-    "hotpotqa_full": "hotpotqa", "musique_full": "musique",
+    "hotpotqa_full": "hotpotqa", "musique_full": "musique", "multifieldqa_en_public": "qasper",
+    "twowikimqa_public": "qasper",
 }
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, str]:

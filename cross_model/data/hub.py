@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cross_model.data.base import (
-    CODE, MATH, QA, SUMMARY, TEST_REGION, Example, Task, calibration_reserve, front_and_back, register_task,
+    CODE, EVERY_ROW, MATH, QA, SUMMARY, TEST_REGION, Example, Task, calibration_reserve, front_and_back, register_task,
     training_region,
 )
 
@@ -140,7 +140,7 @@ def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tupl
 
     def build(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
         rows = ordered_rows(path)
-        if not sample:  # every row that is not kept for calibration
+        if not sample and not (n_test == EVERY_ROW and not n_calib):  # every row not kept for calibration
             n_test = min(n_test, len(rows) - (calibration_reserve(len(rows)) or n_calib))
         test_rows, calib_rows = front_and_back(list(range(len(rows))), n_test, n_calib, task_name, "rows",
                                                test_region=TEST_REGION if sample else None)
@@ -356,6 +356,12 @@ _register("musique_ms_public", HubSource("dgslibisey/MuSiQue", None, "validation
 # its "Passage N:" blocks split in two halves (ours reads supporting facts from the full dataset).
 _register("twowikimqa_ms_public", HubSource(_LONGBENCH, "2wikimqa", "test", rows=200), passage_halves,
           "f1_match", 32, sample=False)
+# LongBench's multifieldqa_en and 2wikimqa as the public loaders read them: every row, in file order.
+_register("multifieldqa_en_public", HubSource(_LONGBENCH, "multifieldqa_en", "test", rows=150), parse_longbench,
+          "f1_match", 64, sample=False)
+_register("twowikimqa_public", HubSource(_LONGBENCH, "2wikimqa", "test", rows=200), parse_longbench, "f1_match", 32,
+          sample=False)
 # What `preset: kvcomm_public` reads instead of each task (results keep the task's own label).
 PUBLIC_TASKS = {"hotpotqa": "hotpotqa_public", "musique": "musique_public", "hotpotqa_ms": "hotpotqa_ms_public",
-                "musique_ms": "musique_ms_public", "twowikimqa_ms": "twowikimqa_ms_public"}
+                "musique_ms": "musique_ms_public", "twowikimqa_ms": "twowikimqa_ms_public",
+                "multifieldqa_en": "multifieldqa_en_public", "twowikimqa": "twowikimqa_public"}
