@@ -30,7 +30,7 @@ from cross_model.failures import FailureGuard, RunRefused
 from cross_model.metrics import METRICS, score_prediction
 from cross_model.progress import Progress, test_step_delay
 from cross_model.prefill_memo import PrefillMemo
-from cross_model.prompting import recording_prompts
+from cross_model.prompting import PUBLIC_FAMILY, recording_prompts
 from cross_model.report_files import format_table, summarize
 from cross_model.result_files import (
     append_rows, gather_results, read_results, repair_tail, result_dir, write_json_atomically,
@@ -54,6 +54,8 @@ def load_splits(cfg) -> dict[str, tuple[list[Example], list[Example]]]:
                                          0 if on_test else t.n_calib, seed, t.path, t.max_new_tokens)
         if on_test:
             calib = test[:1]
+        if cfg.preset == "kvcomm_public":  # the public code's prompt templates for every kind of task
+            test, calib = ([replace(e, meta={**e.meta, "prompt_family": PUBLIC_FAMILY}) for e in part] for part in (test, calib))
         if t.metric is not None:  # the config's (or the preset's) metric instead of the task's own
             if t.metric not in METRICS:
                 raise ValueError(f"tasks.{i}.metric: unknown metric {t.metric!r}; available: {', '.join(METRICS)}")

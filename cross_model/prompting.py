@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from cross_model.data.base import CODE, MATH, SUMMARY, Example
+from cross_model.data.base import CODE, MATH, QA, SUMMARY, Example
 from cross_model.models import LoadedModel
 
 QA_INSTRUCTION = "Directly answer the question based on the context passage, no explanation is needed."
@@ -24,21 +24,64 @@ SENDER_AWARE_INSTRUCTION = (
 )
 
 
+# The public KVComm code's prompt families (`preset: kvcomm_public` marks its items with
+# meta["prompt_family"] = "public"): per kind, the instruction and the labels of A's and B's parts.
+PUBLIC_FAMILY = "public"
+PUBLIC_PROMPTS = {
+    QA: (QA_INSTRUCTION, "Context", "Question"),
+    MATH: (MATH_INSTRUCTION, "Hint", "Question"),
+    CODE: ("Complete ONLY THE NEXT LINE of the code snippet based on the context.", "Context", "Code Snippet"),
+    SUMMARY: ("Summarize the following content concisely with one sentence.", "Content part 1", "Content part 2"),
+}
+PUBLIC_SENDER_AWARE = {
+    QA: SENDER_AWARE_INSTRUCTION,
+    MATH: "Summarize the hint in a concise way, as it will be used by another agent to answer the question.",
+    CODE: "Summarize the code snippet in a concise way, as it will be used by another agent to complete the code.",
+    SUMMARY: "Summarize the content in a concise way, as it will be used by another agent to understand the content.",
+}
+
+
+def _public(example: Example) -> bool:
+    return example.meta.get("prompt_family") == PUBLIC_FAMILY
+
+
+def _labels(example: Example) -> tuple[str, str, str]:
+    if _public(example):
+        return PUBLIC_PROMPTS.get(example.kind, PUBLIC_PROMPTS[QA])
+    return INSTRUCTIONS.get(example.kind, QA_INSTRUCTION), "Context", "Question"
+
+
 def instruction(example: Example) -> str:
-    return INSTRUCTIONS.get(example.kind, QA_INSTRUCTION)
+    return _labels(example)[0]
+
+
+def sender_aware_instruction(example: Example) -> str:
+    """A told to summarise for another agent (NLD's `sender_aware`); the public family has one per kind."""
+    return PUBLIC_SENDER_AWARE.get(example.kind, SENDER_AWARE_INSTRUCTION) if _public(example) else SENDER_AWARE_INSTRUCTION
 
 
 def sender_text(example: Example, instr: str | None = None) -> str:
     """Query-blind: A never sees the question."""
-    return f"Instruction: {instr or instruction(example)} Context: {example.prompt_A}"
+    default, a_label, _ = _labels(example)
+    return f"Instruction: {instr or default} {a_label}: {example.prompt_A}"
 
 
 def receiver_text(example: Example) -> str:
-    return f"Instruction: {instruction(example)} Question: {example.prompt_B}"
+    instr, _, b_label = _labels(example)
+    return f"Instruction: {instr} {b_label}: {example.prompt_B}"
+
+
+def baseline_text(example: Example) -> str:
+    """B alone: its prompt in every method, except the public summary family's baseline, which labels B's
+    part "Content" (the public BASELINE_SUMMARIZE template)."""
+    if _public(example) and example.kind == SUMMARY:
+        return f"Instruction: {instruction(example)} Content: {example.prompt_B}"
+    return receiver_text(example)
 
 
 def skyline_text(example: Example, context: str | None = None) -> str:
-    return f"Instruction: {instruction(example)} Context: {context if context is not None else example.prompt_A} Question: {example.prompt_B}"
+    instr, a_label, b_label = _labels(example)
+    return f"Instruction: {instr} {a_label}: {context if context is not None else example.prompt_A} {b_label}: {example.prompt_B}"
 
 
 VECTOR_MARK = "\x00VECTORS\x00"  # where a method splices vectors into a prompt's text (CIPHER)

@@ -266,3 +266,30 @@ def test_longbench_multifieldqa_and_2wikimqa_read_every_row_in_file_order_under_
     assert (cfg.tasks[0].name, cfg.tasks[0].key, cfg.tasks[0].calibrate_on) == ("multifieldqa_en_public", "multifieldqa_en", "test_item_0")
     (test, calib), = load_splits(cfg).values()
     assert [e.example_id for e in test] == [f"multifieldqa_en_public-{r['_id']}" for r in rows] and calib == test[:1]
+
+
+def test_the_preset_builds_the_public_prompt_families_for_math_code_and_summaries():
+    """TMATH "Hint:", RepoBench "Code Snippet:" under "Complete ONLY THE NEXT LINE", SAMSum's content
+    parts (and "Content:" for B alone), as the public templates; ours without the preset."""
+    from cross_model.methods.debate import DebateParams, first_sender_text
+    from cross_model.prompting import baseline_text, receiver_text, sender_text, skyline_text
+
+    tasks = ("[{name: tmath, path: tests/fixtures/public/TMATH, n_test: 2, n_calib: 1},"
+             " {name: repobench, path: tests/fixtures/repobench.jsonl, n_test: 2, n_calib: 1},"
+             " {name: samsum, path: tests/fixtures/samsum.jsonl, n_test: 2, n_calib: 1}]")
+    public = load_splits(load_experiment("configs/tiny.yaml", ["--preset", "kvcomm_public", "--tasks", tasks]))
+    ours = load_splits(load_experiment("configs/tiny.yaml", ["--tasks", tasks]))
+    m, c, s = (public[k][0][0] for k in ("tmath", "repobench", "samsum"))
+    assert sender_text(m) == f"Instruction: Answer the math problem step by step. Hint: {m.prompt_A}"
+    assert skyline_text(m) == f"Instruction: Answer the math problem step by step. Hint: {m.prompt_A} Question: {m.prompt_B}"
+    code = "Instruction: Complete ONLY THE NEXT LINE of the code snippet based on the context."
+    assert receiver_text(c) == baseline_text(c) == f"{code} Code Snippet: {c.prompt_B}"
+    assert sender_text(c) == f"{code} Context: {c.prompt_A}"
+    summary = "Instruction: Summarize the following content concisely with one sentence."
+    assert sender_text(s) == f"{summary} Content part 1: {s.prompt_A}"
+    assert receiver_text(s) == f"{summary} Content part 2: {s.prompt_B}" and baseline_text(s) == f"{summary} Content: {s.prompt_B}"
+    assert first_sender_text(m, DebateParams(sender_aware=True)).startswith(
+        "Instruction: Summarize the hint in a concise way, as it will be used by another agent")
+    mine = ours["repobench"][0][0]
+    assert receiver_text(mine) == baseline_text(mine) and "Code Snippet" not in receiver_text(mine)
+    assert receiver_text(mine).endswith(f" Question: {mine.prompt_B}")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from cross_model.data.base import Example
 from cross_model.methods.base import MethodParams
-from cross_model.prompting import SENDER_AWARE_INSTRUCTION, receiver_text, sender_text
+from cross_model.prompting import receiver_text, sender_aware_instruction, sender_text
 
 PREVIOUS = "\nYour previous answer:\n"
 OTHERS = "\nOther agents' answers (for your consideration):\n"
@@ -31,7 +31,7 @@ class DebateParams(MethodParams):
 
 
 def first_sender_text(example: Example, params: DebateParams) -> str:
-    return sender_text(example, SENDER_AWARE_INSTRUCTION if params.sender_aware else None)
+    return sender_text(example, sender_aware_instruction(example) if params.sender_aware else None)
 
 
 def refinement_parts(own_prompt: str, n_others: int = 1) -> list[str]:
