@@ -95,7 +95,7 @@ def two_gloo_ranks(target, *args) -> dict:
     return got
 
 
-MUTABLE = ("id", "_id", "question", "input", "problem", "dialogue", "cropped_code", "prompt_B")
+MUTABLE = ("id", "_id", "pid", "question", "input", "problem", "dialogue", "cropped_code", "prompt_B")
 
 
 def distinct_copies(rows: list[dict], n: int) -> list[dict]:

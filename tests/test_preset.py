@@ -293,3 +293,15 @@ def test_the_preset_builds_the_public_prompt_families_for_math_code_and_summarie
     mine = ours["repobench"][0][0]
     assert receiver_text(mine) == baseline_text(mine) and "Code Snippet" not in receiver_text(mine)
     assert receiver_text(mine).endswith(f" Question: {mine.prompt_B}")
+
+
+def test_qasper_under_the_preset_is_scrolls_split_at_the_first_blank_line():
+    cfg = load_experiment("configs/tiny.yaml", ["--preset", "kvcomm_public", "--tasks",
+                                                "[{name: qasper, path: tests/fixtures/scrolls_qasper.jsonl, n_test: 3, n_calib: 0}]"])
+    assert (cfg.tasks[0].name, cfg.tasks[0].key) == ("qasper_public", "qasper")
+    (test, _), = load_splits(cfg).values()
+    by_id = {e.example_id: e for e in test}
+    two = by_id["qasper_public-q1_1"]
+    assert (two.prompt_B, two.prompt_A, two.answers) == ("How many layers does the encoder have?",
+                                                         "The encoder has 12 layers.\n\nThe decoder has 6.", ("twelve",))
+    assert by_id["qasper_public-q1_0"].answers == ("12",) and two.max_new_tokens == 128

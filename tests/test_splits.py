@@ -24,7 +24,7 @@ SOURCES = {
     "samsum": "samsum", "samsum_full": "samsum", "jsonl": "custom", "tmath": "tmath",
     "musique_ms_public": "musique", "twowikimqa_ms_public": "twowikimqa_longbench",
     "hotpotqa_full": "hotpotqa", "musique_full": "musique", "multifieldqa_en_public": "qasper",
-    "twowikimqa_public": "qasper",
+    "twowikimqa_public": "qasper", "qasper_public": "scrolls_qasper", "qasper_full": "scrolls_qasper",
 }
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, str]:

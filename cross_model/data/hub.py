@@ -356,6 +356,20 @@ _register("musique_ms_public", HubSource("dgslibisey/MuSiQue", None, "validation
 # its "Passage N:" blocks split in two halves (ours reads supporting facts from the full dataset).
 _register("twowikimqa_ms_public", HubSource(_LONGBENCH, "2wikimqa", "test", rows=200), passage_halves,
           "f1_match", 32, sample=False)
+def parse_scrolls_qasper(row: dict) -> tuple[str, str, str, list[str]]:
+    """SCROLLS' Qasper, as the public loader reads it: the question is the input up to its first blank
+    line, the paper the rest (both stripped); one answer, the row's output (a question with several
+    answers is several rows, told apart by `pid`)."""
+    text = row["input"]
+    cut = text.find("\n\n")
+    if cut < 0:
+        raise ValueError(f"qasper_public: row {row.get('pid') or row['id']} has no blank line between question and paper")
+    return row.get("pid") or row["id"], text[cut + 2 :].strip(), text[:cut].strip(), [row["output"]]
+
+
+_SCROLLS_QASPER = HubSource("tau/scrolls", "qasper", "validation")
+_register("qasper_public", _SCROLLS_QASPER, parse_scrolls_qasper, "f1_match", 128)
+_register("qasper_full", _SCROLLS_QASPER, parse_scrolls_qasper, "f1_match", 128, sample=False)
 # LongBench's multifieldqa_en and 2wikimqa as the public loaders read them: every row, in file order.
 _register("multifieldqa_en_public", HubSource(_LONGBENCH, "multifieldqa_en", "test", rows=150), parse_longbench,
           "f1_match", 64, sample=False)
@@ -364,4 +378,4 @@ _register("twowikimqa_public", HubSource(_LONGBENCH, "2wikimqa", "test", rows=20
 # What `preset: kvcomm_public` reads instead of each task (results keep the task's own label).
 PUBLIC_TASKS = {"hotpotqa": "hotpotqa_public", "musique": "musique_public", "hotpotqa_ms": "hotpotqa_ms_public",
                 "musique_ms": "musique_ms_public", "twowikimqa_ms": "twowikimqa_ms_public",
-                "multifieldqa_en": "multifieldqa_en_public", "twowikimqa": "twowikimqa_public"}
+                "multifieldqa_en": "multifieldqa_en_public", "twowikimqa": "twowikimqa_public", "qasper": "qasper_public"}
