@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from cross_model.data import load_task_examples
-from cross_model.data.base import EVERY_ROW, Example
+from cross_model.data.base import Example, asked_sizes
 from cross_model.distributed import (
     PeerFailed, Preempted, agreed, all_reduce_max, barrier, gather_object, get_rank, get_world_size, is_main,
 )
@@ -49,10 +49,9 @@ def load_splits(cfg) -> dict[str, tuple[list[Example], list[Example]]]:
     splits = {}
     for i, t in enumerate(cfg.tasks):
         seed = t.seed if t.seed is not None else cfg.seed
-        on_test = t.calibrate_on == "test_item_0"
-        test, calib = load_task_examples(t.name, (t.n_test or EVERY_ROW) if on_test else t.n_test,
-                                         0 if on_test else t.n_calib, seed, t.path, t.max_new_tokens)
-        if on_test:
+        test, calib = load_task_examples(t.name, *asked_sizes(t.n_test, t.n_calib, t.calibrate_on), seed, t.path,
+                                         t.max_new_tokens)
+        if t.calibrate_on == "test_item_0":
             calib = test[:1]
         if cfg.preset == "kvcomm_public":  # the public code's prompt templates for every kind of task
             test, calib = ([replace(e, meta={**e.meta, "prompt_family": PUBLIC_FAMILY}) for e in part] for part in (test, calib))

@@ -177,6 +177,14 @@ def load_task_examples(
     return test, calib
 
 
+def asked_sizes(n_test: int | None, n_calib: int, calibrate_on: str | None) -> tuple[int | None, int]:
+    """The (n_test, n_calib) a task config asks its source for: `calibrate_on: test_item_0` asks for
+    no calibration items and, without n_test, for every row (its calibration is its first test item)."""
+    if calibrate_on == "test_item_0":
+        return n_test or EVERY_ROW, 0
+    return n_test, n_calib
+
+
 def _with_max_new_tokens(example: Example, n: int) -> Example:
     from dataclasses import replace
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cross_model.config import load_config
-from cross_model.data.base import calibration_reserve, get_task, load_task_examples
+from cross_model.data.base import EVERY_ROW, asked_sizes, calibration_reserve, get_task, load_task_examples
 
 
 @dataclass(frozen=True)
@@ -21,9 +21,15 @@ class TaskCheck:
     longest_chars: int = 0  # the longest item's prompts (all senders' and B's), when loaded
 
 
-def _asked(t: Any) -> tuple[Any, int]:
+def _asked(t: Any) -> tuple[Any, int, int]:
+    """The task, and the test and calibration items its config asks for (`base.asked_sizes`)."""
     task = get_task(t.name)
-    return task, t.n_test or task.default_n_test
+    n_test, n_calib = asked_sizes(t.n_test, t.n_calib, getattr(t, "calibrate_on", None))
+    return task, n_test or task.default_n_test, n_calib
+
+
+def _count(n_test: int) -> str:
+    return "every" if n_test == EVERY_ROW else str(n_test)
 
 
 def check_counts(cfg: Any, load: bool = True) -> list[TaskCheck]:
@@ -32,35 +38,36 @@ def check_counts(cfg: Any, load: bool = True) -> list[TaskCheck]:
     not failed: the known sizes were checked, and the run itself will say what is missing."""
     out = []
     for t in cfg.tasks:
-        task, n_test = _asked(t)
+        task, n_test, n_calib = _asked(t)
         where = t.path or task.description or t.name
         sampled = task.default_n_test < 10**9  # the `_full` tasks take what is there
-        if task.rows_available and not t.path and sampled:
-            reserve = calibration_reserve(task.rows_available) or t.n_calib
-            if n_test > task.rows_available - reserve or t.n_calib > reserve:
+        if task.rows_available and not t.path and sampled and n_test != EVERY_ROW:
+            reserve = calibration_reserve(task.rows_available) or n_calib
+            if n_test > task.rows_available - reserve or n_calib > reserve:
                 out.append(TaskCheck(t.key, False, (
-                    f"tasks.{t.key}: n_test ({n_test}) and n_calib ({t.n_calib}) do not fit the {task.rows_available} "
+                    f"tasks.{t.key}: n_test ({n_test}) and n_calib ({n_calib}) do not fit the {task.rows_available} "
                     f"rows of {where}: at most {task.rows_available - reserve} test rows, and the last {reserve} "
                     f"are kept for calibration")))
                 continue
         if not load:
-            out.append(TaskCheck(t.key, True, f"tasks.{t.key}: {n_test} test + {t.n_calib} calibration items asked of {where}"))
+            out.append(TaskCheck(t.key, True, f"tasks.{t.key}: {_count(n_test)} test + {n_calib} calibration items asked of {where}"))
             continue
         seed = t.seed if t.seed is not None else cfg.seed
         try:
-            test, calib = load_task_examples(t.name, t.n_test, t.n_calib, seed, t.path, t.max_new_tokens)
+            test, calib = load_task_examples(t.name, n_test, n_calib, seed, t.path, t.max_new_tokens)
         except FileNotFoundError as err:
             first = str(err).splitlines()[0]
             out.append(TaskCheck(t.key, True, f"tasks.{t.key}: not loaded here ({first}); "
-                                               f"{n_test} test + {t.n_calib} calibration items asked of {where}"))
+                                               f"{_count(n_test)} test + {n_calib} calibration items asked of {where}"))
             continue
         except ValueError as err:
             text = str(err)
             out.append(TaskCheck(t.key, False, text if text.startswith(f"tasks.{t.name}") else f"tasks.{t.key}: {text}"))
             continue
         longest = max((sum(map(len, e.contexts)) + len(e.prompt_B) for e in test + calib), default=0)
-        out.append(TaskCheck(t.key, True, f"tasks.{t.key}: {len(test)} test + {len(calib)} calibration items from {where}",
-                             longest))
+        on_test = " (calibrated on its first test item)" if getattr(t, "calibrate_on", None) == "test_item_0" else ""
+        out.append(TaskCheck(t.key, True, f"tasks.{t.key}: {len(test)} test + {len(calib)} calibration items from "
+                                          f"{where}{on_test}", longest))
     return out
 
 
