@@ -119,3 +119,16 @@ def test_sigterm_saves_a_checkpoint_exits_zero_and_the_next_run_resumes(tmp_path
     (pair_dir,) = list(ckpt.glob("c2c__*"))
     assert CheckpointManager(pair_dir).latest_step() is not None and not (pair_dir / "final").exists()
     assert "resumed" in _run(config) and (pair_dir / "final").exists()
+
+
+def test_training_called_directly_switches_the_receiver_to_the_layout_attention(tmp_path):
+    """`fit_projector` used as a library (not through the train stage) on a receiver still on plain
+    SDPA: the loss switches it to our attention, so the gates get gradients and move."""
+    a, b = load_model("tiny-gemma3-64"), load_model("tiny-llama-48")
+    b.model.set_attn_implementation("sdpa")
+    _, params = resolve_method("c2c", {**{k: v for k, v in C2C.items() if k != "method"}, "gate_init": 0.0, "steps": 2,
+                                       "n_train": 8, "n_heldout": 2})
+    proj = new_projector(params, a, b)
+    start = proj.gate_logits.detach().clone()
+    fit_projector(proj, a, b, params, identity_of(params, a, b), tmp_path)
+    assert not torch.equal(proj.gate_logits.detach(), start)

@@ -163,6 +163,9 @@ class C2CLoss(nn.Module):
         self.projector = projector
         self._models = (a, b)
         self.rope = rope
+        # B must read the projected cache through our attention (its layout and the gates' log g bias):
+        # under plain SDPA the gates would get no gradient and the layout would be ignored, silently.
+        use_cross_model_attention(b)
 
     def forward(self, rows: list[Example], targets: list[list[int]], gates: torch.Tensor | None,
                 layers: list[int] | None = None) -> torch.Tensor:
