@@ -2,7 +2,6 @@
 keeps after a batch, the references an out-of-memory retry drops, rows re-run after failing, a stop or
 a failing rank honoured between methods."""
 
-import gc
 import json
 import os
 import signal

@@ -179,7 +179,7 @@ def _public_receiver_logits(lm, a_ids: list[int], b_ids: list[int], selected: se
     keys/values in the sent layers and A's first token elsewhere, and transformers' mask for layer 0's
     length cut to each layer's length inside attention (what transformers 4.53's SDPA did, which the
     public code pins). Shares no code with `surgery`."""
-    from transformers import AttentionInterface, DynamicCache
+    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from cross_model import distributed as d
-from cross_model.checkpointing import CheckpointManager, verify
+from cross_model.checkpointing import CheckpointManager
 from cross_model.config import TrainConfig
 from cross_model.distributed import Preempted
 from cross_model.training.ac_projection import fit_projection, train_projection
