@@ -88,9 +88,9 @@ def add_controls(cfg: ExperimentConfig) -> ExperimentConfig:
     config, so the run's resolved config lists them. `controls: false` turns them off (tests)."""
     if not cfg.controls:
         return cfg
-    present = [resolve_method(name, params) for name, params in cfg.methods.items()]
-    for name, params in list(cfg.methods.items()):
-        cls, typed = resolve_method(name, params)
+    configured = [(name, *resolve_method(name, params)) for name, params in cfg.methods.items()]
+    present = [(cls, typed) for _, cls, typed in configured]
+    for name, cls, typed in configured:
         for control, entry in cls.controls(name, typed).items():
             resolved = resolve_method(control, entry)
             if resolved in present:
@@ -129,6 +129,8 @@ def apply_preset(cfg: ExperimentConfig) -> ExperimentConfig:
             task.calibrate_on = "test_item_0"  # the public runs: calibrated on test item 0, every row scored
             if task.name.startswith("countries_tipsheets") and task.max_new_tokens is None:
                 task.max_new_tokens = 10  # the public mixed task: 10 new tokens for both sources' items
+        if task.prompts is None:
+            task.prompts = "public"  # the public code's templates for every kind of task
     validate_methods(cfg.methods)
     return cfg
 

@@ -53,7 +53,7 @@ def load_splits(cfg) -> dict[str, tuple[list[Example], list[Example]]]:
                                          t.max_new_tokens)
         if t.calibrate_on == "test_item_0":
             calib = test[:1]
-        if cfg.preset == "kvcomm_public":  # the public code's prompt templates for every kind of task
+        if t.prompts == "public":  # the public code's prompt templates for every kind of task
             test, calib = ([replace(e, meta={**e.meta, "prompt_family": PUBLIC_FAMILY}) for e in part] for part in (test, calib))
         if t.metric is not None:  # the config's (or the preset's) metric instead of the task's own
             if t.metric not in METRICS:

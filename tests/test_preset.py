@@ -277,7 +277,9 @@ def test_the_preset_builds_the_public_prompt_families_for_math_code_and_summarie
     tasks = ("[{name: tmath, path: tests/fixtures/public/TMATH, n_test: 2, n_calib: 1},"
              " {name: repobench, path: tests/fixtures/repobench.jsonl, n_test: 2, n_calib: 1},"
              " {name: samsum, path: tests/fixtures/samsum.jsonl, n_test: 2, n_calib: 1}]")
-    public = load_splits(load_experiment("configs/tiny.yaml", ["--preset", "kvcomm_public", "--tasks", tasks]))
+    preset = load_experiment("configs/tiny.yaml", ["--preset", "kvcomm_public", "--tasks", tasks])
+    assert {t.prompts for t in preset.tasks} == {"public"}  # in the resolved config
+    public = load_splits(preset)
     ours = load_splits(load_experiment("configs/tiny.yaml", ["--tasks", tasks]))
     m, c, s = (public[k][0][0] for k in ("tmath", "repobench", "samsum"))
     assert sender_text(m) == f"Instruction: Answer the math problem step by step. Hint: {m.prompt_A}"

@@ -57,6 +57,8 @@ class TaskConfig:
     seed: int | None = _f(None, "generator seed for synthetic tasks (None: the experiment seed)")
     label: str | None = _f(None, "what results directories and tables call it (None: its name); lets one run hold a task twice")
     metric: str | None = _f(None, "score with this metric instead of the task's own (None: the task's; preset kvcomm_public sets the public code's)")
+    prompts: str | None = _f(None, "ours (None) or public: the public KVComm code's prompt templates for math, code and "
+                                   "summaries (preset kvcomm_public sets it)")
     calibrate_on: str | None = _f(None, "calibration (None): the task's calibration items; test_item_0: its first test item, "
                                         "and every row scored when n_test is null (the public countries/tip-sheets runs; "
                                         "preset kvcomm_public sets it on them, and the report marks the task)")
@@ -75,6 +77,8 @@ class TaskConfig:
             raise ValueError(f"{prefix}.n_test: must be >= 1 or null, got {self.n_test}")
         if self.n_calib < 0:
             raise ValueError(f"{prefix}.n_calib: must be >= 0, got {self.n_calib}")
+        if self.prompts not in (None, "ours", "public"):
+            raise ValueError(f"{prefix}.prompts: null, ours or public, got {self.prompts!r}")
         if self.calibrate_on not in (None, "calibration", "test_item_0"):
             raise ValueError(f"{prefix}.calibrate_on: null, calibration or test_item_0, got {self.calibrate_on!r}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:

@@ -24,7 +24,7 @@ class TaskCheck:
 def _asked(t: Any) -> tuple[Any, int, int]:
     """The task, and the test and calibration items its config asks for (`base.asked_sizes`)."""
     task = get_task(t.name)
-    n_test, n_calib = asked_sizes(t.n_test, t.n_calib, getattr(t, "calibrate_on", None))
+    n_test, n_calib = asked_sizes(t.n_test, t.n_calib, t.calibrate_on)
     return task, n_test or task.default_n_test, n_calib
 
 
@@ -65,7 +65,7 @@ def check_counts(cfg: Any, load: bool = True) -> list[TaskCheck]:
             out.append(TaskCheck(t.key, False, text if text.startswith(f"tasks.{t.name}") else f"tasks.{t.key}: {text}"))
             continue
         longest = max((sum(map(len, e.contexts)) + len(e.prompt_B) for e in test + calib), default=0)
-        on_test = " (calibrated on its first test item)" if getattr(t, "calibrate_on", None) == "test_item_0" else ""
+        on_test = " (calibrated on its first test item)" if t.calibrate_on == "test_item_0" else ""
         out.append(TaskCheck(t.key, True, f"tasks.{t.key}: {len(test)} test + {len(calib)} calibration items from "
                                           f"{where}{on_test}", longest))
     return out

@@ -140,7 +140,7 @@ def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tupl
 
     def build(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
         rows = ordered_rows(path)
-        if not sample and not (n_test == EVERY_ROW and not n_calib):  # every row not kept for calibration
+        if not sample and n_test != EVERY_ROW:  # every row not kept for calibration
             n_test = min(n_test, len(rows) - (calibration_reserve(len(rows)) or n_calib))
         test_rows, calib_rows = front_and_back(list(range(len(rows))), n_test, n_calib, task_name, "rows",
                                                test_region=TEST_REGION if sample else None)

@@ -160,6 +160,7 @@ class KVComm(Method):
         self.online_seen = 0  # items answered with selection: online, on this rank
         self.online_ids: set[str] = set()
         self.task_items: list[Example] = []  # the task's test items in its order (online_rule: public)
+        self.task_index: dict[str, int] = {}
         self.anchor_rankings: dict[int, list[int]] = {}
         self.donors: dict[str, Example] = {}  # control: other_item
         use_cross_model_attention(self.pair.receiver)
@@ -305,6 +306,7 @@ class KVComm(Method):
     def set_task_items(self, items: list[Example]) -> None:
         self.donors = donor_map(items)  # control: other_item (cross_model.methods.other_item)
         self.task_items, self.anchor_rankings = list(items), {}
+        self.task_index = {e.example_id: i for i, e in enumerate(items)}
 
     def sender_examples(self, examples: list[Example]) -> list[Example]:
         """What A reads: the examples, or under control: other_item each one's donor's context."""
@@ -340,7 +342,7 @@ class KVComm(Method):
         with the ranking B's attention gave on item k - k mod calib_interval alone (that item answered
         too, after ranking on itself). Each item's layers depend on its place in the task only, so
         batches, their order and the ranks' shares give every item the same ones."""
-        index = {e.example_id: i for i, e in enumerate(self.task_items)}
+        index = self.task_index
         missing = [e.example_id for e in examples if e.example_id not in index]
         if missing:
             raise ValueError(f"methods.{self.name}: online_rule public ranks on the task's own items in their order; "
