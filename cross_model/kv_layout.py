@@ -196,9 +196,11 @@ def assemble_receiver_cache(
     sink_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     receiver_mask: str = "causal",
     position_offset_B: torch.Tensor | None = None,
+    sinks: bool = True,
 ) -> tuple[DynamicCache, KVLayout]:
     """B's cache from A's: receiver layer l holds all of A's layer `layer_map[l]` when l is selected,
-    else only A's first real token (the attention sink). Positions are A's own (0..N-1, or from
+    else only A's first real token (the attention sink), or nothing when `sinks` is false (a later
+    sender under the public multi-sender rule). Positions are A's own (0..N-1, or from
     `position_offset_B` when A prefilled at an offset: a second sender after the first).
     `sink_kv[la]` gives the sink's keys/values (B x H x 1 x D) of A layers the full forward skipped."""
     bsz = sender_mask_BT.shape[0]
@@ -217,20 +219,26 @@ def assemble_receiver_cache(
     sink_pos = start[:, None].clone()
     sink_valid = torch.ones((bsz, 1), dtype=torch.bool, device=device)
     sink_src = torch.full((bsz, 1), SRC_SINK, device=device)
+    nothing = None  # a later sender under the public multi-sender rule: no sink in unsent layers
+    if not sinks:
+        if not selected:
+            raise ValueError("a sender without sinks and without sent layers sends nothing; select a layer "
+                             "(or keep always_send_layer0)")
+        nothing = sender_cache.layers[layer_map[min(selected)]].keys[:, :, :0]  # B x H x 0 x D
+        sink_pos, sink_valid, sink_src = (t[:, :0] for t in (sink_pos, sink_valid, sink_src))
     for l, la in enumerate(layer_map):
-        if l not in selected and sink_kv and la in sink_kv:
-            k_BHTD = v_BHTD = None
-        else:
-            k_BHTD, v_BHTD = sender_cache.layers[la].keys, sender_cache.layers[la].values
         if l in selected:
-            k, v = k_BHTD, v_BHTD
+            k, v = sender_cache.layers[la].keys, sender_cache.layers[la].values
             kp, kv, src = pos_a, valid_a, sent_src
         else:
-            if k_BHTD is None:
+            if nothing is not None:
+                k = v = nothing
+            elif sink_kv and la in sink_kv:
                 k, v = sink_kv[la]
             else:
-                k = k_BHTD[rows, :, first_real][:, :, None, :]
-                v = v_BHTD[rows, :, first_real][:, :, None, :]
+                keys, values = sender_cache.layers[la].keys, sender_cache.layers[la].values
+                k = keys[rows, :, first_real][:, :, None, :]
+                v = values[rows, :, first_real][:, :, None, :]
             kp, kv, src = sink_pos, sink_valid, sink_src
         cache.update(k, v, l)
         key_pos.append(kp)

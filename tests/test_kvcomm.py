@@ -11,6 +11,7 @@ from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
 from cross_model.prompting import chat_wrap, encode_texts, receiver_text, sender_text, tokenize_prompts
 from cross_model.kv_layout import assemble_receiver_cache, layout_forward
+from tests.public_receiver import public_receiver_logits
 
 ARCHS = ["tiny-llama-64", "tiny-qwen2-64", "tiny-gemma3-64"]
 
@@ -174,50 +175,6 @@ def test_calibration_attention_applies_the_causal_mask(examples):
         assert importance[l] == pytest.approx(float(mass), abs=1e-5)
 
 
-def _public_receiver_logits(lm, a_ids: list[int], b_ids: list[int], selected: set[int]) -> torch.Tensor:
-    """The public KVComm receiver, rebuilt from Hugging Face pieces (batch 1, A = B): a cache holding A's
-    keys/values in the sent layers and A's first token elsewhere, and transformers' mask for layer 0's
-    length cut to each layer's length inside attention (what transformers 4.53's SDPA did, which the
-    public code pins). Shares no code with `surgery`."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    def cut_mask_sdpa(module, query, key, value, attention_mask, **kw):
-        if attention_mask is not None and attention_mask.ndim == 4:
-            attention_mask = attention_mask[:, :, :, : key.shape[-2]]
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
-
-    AttentionInterface.register("public_kvcomm_test", cut_mask_sdpa)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(
-        "public_kvcomm_test", lambda *a, **kw: sdpa_mask(*a, **{**kw, "allow_is_causal_skip": False}))
-    try:
-        return _public_forward(a_ids, b_ids, selected)
-    finally:  # global registries: a later test must not find this attention registered
-        AttentionInterface._global_mapping.pop("public_kvcomm_test", None)
-        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop("public_kvcomm_test", None)
-
-
-def _public_forward(a_ids: list[int], b_ids: list[int], selected: set[int]) -> torch.Tensor:
-    from transformers import DynamicCache
-
-    model = load_model("tiny-llama-64").model  # a fresh instance: the shared one keeps its attention
-    model.set_attn_implementation("public_kvcomm_test")
-    a = torch.tensor([a_ids])
-    with torch.inference_mode():
-        a_cache = model(input_ids=a, use_cache=True).past_key_values
-        cache = DynamicCache()
-        for l, layer in enumerate(a_cache.layers):
-            k, v = layer.keys, layer.values
-            if l not in selected:
-                k, v = k[:, :, :1], v[:, :, :1]
-            cache.update(k, v, l)
-        n_a, q = len(a_ids), len(b_ids)
-        out = model(input_ids=torch.tensor([b_ids]), past_key_values=cache, attention_mask=torch.ones(1, n_a + q, dtype=torch.long),
-                    position_ids=torch.arange(n_a, n_a + q)[None], use_cache=True)
-    return out.logits[0]
-
-
 @pytest.mark.parametrize("selected", [{0, 2}, {0}, {0, 1, 2, 3}])
 def test_public_receiver_mask_reproduces_the_public_first_pass(selected, examples):
     """receiver_mask: public equals the public receiver rebuilt from transformers (later B tokens change
@@ -230,7 +187,7 @@ def test_public_receiver_mask_reproduces_the_public_first_pass(selected, example
     causal = make("tiny-llama-64", selection="layers", layers_list=sorted(selected))
     got_public, _ = receiver_logits(public, [e], selected)
     got_causal, _ = receiver_logits(causal, [e], selected)
-    ref = _public_receiver_logits(lm, a_ids, b_ids, selected)
+    ref = public_receiver_logits([a_ids], b_ids, selected)
     torch.testing.assert_close(got_public[0, -len(b_ids):], ref, atol=2e-4, rtol=1e-4)
     if len(selected) == 4:
         torch.testing.assert_close(got_public, got_causal, atol=2e-4, rtol=1e-4)

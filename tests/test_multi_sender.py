@@ -17,9 +17,11 @@ from cross_model.methods.base import ModelPair
 from cross_model.methods.cipher import vector_generate
 from cross_model.methods.debate import ANOTHER, OTHERS, PREVIOUS, REVISE, first_sender_text
 from cross_model.methods.registry import resolve_method
+from cross_model.kv_wire import payload_size
 from cross_model.models import load_model
 from cross_model.prompting import chat_wrap, encode_texts, receiver_text, recording_prompts, sender_text, tokenize_prompts
 from cross_model.kv_layout import layout_forward
+from tests.public_receiver import public_receiver_logits
 
 FIX = Path(__file__).parent / "fixtures"
 ARCHS = ["tiny-llama-64", "tiny-qwen2-64", "tiny-gemma3-64"]
@@ -114,6 +116,56 @@ def test_kvcomm_two_senders_stay_causal_and_count_both_payloads(selected, items)
         assert p.extra["bytes_per_sender"] == [m.payload_bytes(k, {3}) for k in n]
         assert p.payload_bytes == sum(p.extra["bytes_per_sender"]) and p.sender_prefill_tokens == sum(n)
         assert p.extra["text_bytes"] == sum(len(c.encode()) for c in e.contexts)
+
+
+def receiver_prompt_logits(m, items, selected):
+    lm = m.pair.receiver
+    cache, layout, offset, _, _, _ = m.receiver_cache(items, selected)
+    batch = tokenize_prompts(lm, [receiver_text(e) for e in items])
+    pos = offset[:, None] + (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        return layout_forward(lm, layout, all_logits=True)(cache=cache, full_mask_BT=batch.attention_mask,
+                                                           position_ids_BT=pos, input_ids_BT=batch.input_ids), layout
+
+
+@pytest.mark.parametrize("selected", [{0, 2}, {0}, {0, 1, 2, 3}])
+def test_public_multi_sender_cache_reproduces_the_public_two_sender_receiver(selected, items):
+    """multi_sender_cache public with the public receiver mask equals com_ms.py's receiver rebuilt from
+    transformers: A2 prefilled from position 0, only A1's sink in unsent layers, B after N1 + N2. Our
+    ordered rule differs from it (A2's keys sit at other positions); batched equals one at a time."""
+    lm = load_model("tiny-llama-64")
+    kw = dict(selection="layers", layers_list=sorted(selected), receiver_mask="public")
+    public = make("kvcomm", **kw, multi_sender_cache="public")
+    ordered = make("kvcomm", **kw)
+    got, layout = receiver_prompt_logits(public, items, selected)
+    got_ordered, _ = receiver_prompt_logits(ordered, items, selected)
+    for i, e in enumerate(items):
+        senders = [encode_texts(lm, [chat_wrap(lm, sender_text(e.as_sender(j)))])[0] for j in range(2)]
+        b_ids = encode_texts(lm, [chat_wrap(lm, receiver_text(e))])[0]
+        ref = public_receiver_logits(senders, b_ids, selected)
+        torch.testing.assert_close(got[i, -len(b_ids):], ref, atol=2e-4, rtol=1e-4)
+        assert (got_ordered[i, -len(b_ids):] - ref).abs().max() > 1e-3
+        alone, _ = receiver_prompt_logits(public, [e], selected)
+        torch.testing.assert_close(alone[0, -len(b_ids):], ref, atol=2e-4, rtol=1e-4)
+    if len(selected) < 4:  # an unsent layer holds one key per row (A1's sink) before B's tokens
+        unsent = min(set(range(4)) - selected)
+        assert layout.key_src[unsent].shape[1] == 1 + got.shape[1]
+
+
+def test_public_multi_sender_cache_sends_only_the_first_senders_sinks(items):
+    """The bytes follow what B reads: A2's payload carries its sent layers and no sink; the preset turns
+    the rule on."""
+    public = make("kvcomm", selection="layers", layers_list=[2], multi_sender_cache="public", max_new_tokens=2)
+    ordered = make("kvcomm", selection="layers", layers_list=[2], max_new_tokens=2)
+    lm = public.pair.receiver
+    for p, q, e in zip(public.run_batch(items), ordered.run_batch(items), items):
+        n = [len(encode_texts(lm, [chat_wrap(lm, sender_text(e.as_sender(j)))])[0]) for j in range(2)]
+        assert p.extra["bytes_per_sender"][0] == q.extra["bytes_per_sender"][0]
+        no_sinks = public.wire_payload({0, 2}, n[1], side=public.sender_side(1))
+        assert no_sinks.sink_layers == [] and p.extra["bytes_per_sender"][1] == payload_size(no_sinks.header())
+        assert p.extra["bytes_per_sender"][1] < q.extra["bytes_per_sender"][1]
+    from cross_model.methods.kvcomm import KVComm
+    assert KVComm.public_settings["multi_sender_cache"] == "public"
 
 
 @pytest.mark.parametrize("name,params", [

@@ -37,6 +37,7 @@ from cross_model.kv_layout import assemble_receiver_cache, join_receiver_caches,
 
 SELECTIONS = ("calibrate", "layers", "range", "random", "all", "online")
 RECEIVER_MASKS = ("causal", "public")
+MULTI_SENDER_CACHES = ("ordered", "public")
 
 
 @dataclass
@@ -63,6 +64,11 @@ class KVCommParams(MethodParams):
         default="causal", metadata={"help": "causal (ours), or public: the public code's first pass, where B's prompt "
                                             "tokens see later ones in sink-only layers (docs/METHODS.md)"}
     )
+    multi_sender_cache: str = field(
+        default="ordered", metadata={"help": "several senders: ordered (A2 at the positions after A1's, every sender's "
+                                             "sink; ours) or public (A2 from position 0, only A1's sink in unsent "
+                                             "layers, as com_ms.py)"}
+    )
     control: str | None = field(default=None, metadata={"help": "null, or other_item: B reads the cache A built from "
                                                                  "another test item's context (the next by length)"})
     facts: bool = field(default=False, metadata={"help": "also send facts from A's context as text before B's question "
@@ -88,6 +94,9 @@ class KVCommParams(MethodParams):
             raise ValueError(f"{prefix}.receiver_mask: one of {', '.join(RECEIVER_MASKS)}, got {self.receiver_mask!r}")
         if not 0.0 <= self.alpha <= 1.0 or self.sigma <= 0:
             raise ValueError(f"{prefix}.alpha must be in [0, 1] and {prefix}.sigma > 0")
+        if self.multi_sender_cache not in MULTI_SENDER_CACHES:
+            raise ValueError(f"{prefix}.multi_sender_cache: one of {', '.join(MULTI_SENDER_CACHES)}, "
+                             f"got {self.multi_sender_cache!r}")
         if self.prior not in ("max", "minmax"):
             raise ValueError(f"{prefix}.prior: {self.prior!r} is not max or minmax")
         check_facts_settings(prefix, self.facts_extractor, self.max_facts)
@@ -97,10 +106,12 @@ class KVCommParams(MethodParams):
 
 @dataclass(frozen=True)
 class SenderSide:
-    """One sender of an item: its model and, per receiver layer, the sender layer that layer reads."""
+    """One sender of an item: its model, per receiver layer the sender layer that layer reads, and
+    whether its first token goes to the unsent layers (`multi_sender_cache: public` sends only A1's)."""
 
     model: LoadedModel
     layer_map: list[int]
+    sinks: bool = True
 
 
 def layer_map(l_a: int, l_b: int) -> list[int]:
@@ -126,7 +137,8 @@ def blend_scores(importance: list[float], alpha: float, mu: float, sigma: float,
 
 @register("kvcomm")
 class KVComm(Method):
-    public_settings = {"receiver_mask": "public", "alpha": 1.0, "prior": "minmax", "online_rule": "public"}
+    public_settings = {"receiver_mask": "public", "alpha": 1.0, "prior": "minmax", "online_rule": "public",
+                       "multi_sender_cache": "public"}
     Params = KVCommParams
 
     @classmethod
@@ -190,9 +202,10 @@ class KVComm(Method):
     # --- sender ---------------------------------------------------------------------------------
     def sender_side(self, j: int = 0) -> SenderSide:
         """Sender j's model and layer map (its own model under `senders`; senders without one run
-        sender 0's)."""
+        sender 0's). Under `multi_sender_cache: public` only sender 0 sends its sink."""
         own = j if 0 < j < len(self.layer_maps) else 0
-        return SenderSide(self.pair.sender_for(j), self.layer_maps[own])
+        sinks = j == 0 or self.params.multi_sender_cache == "ordered"
+        return SenderSide(self.pair.sender_for(j), self.layer_maps[own], sinks)
 
     @property
     def layer_map(self) -> list[int]:
@@ -216,7 +229,7 @@ class KVComm(Method):
             ids = self.prompt_ids(a, texts)
             pre = run_prefill(a, pad_left(ids, a.tokenizer.pad_token_id, a.device), ids, top, offset_B.to(a.device))
         sink_kv = {}
-        sink_layers = {lmap[l] for l in range(len(lmap)) if l not in selected}
+        sink_layers = {lmap[l] for l in range(len(lmap)) if l not in selected} if side.sinks else set()
         if any(la >= pre.layers for la in sink_layers):
             ids = torch.tensor(pre.first_ids, dtype=torch.long, device=a.device)[:, None]
             sink_cache = DynamicCache()
@@ -232,7 +245,7 @@ class KVComm(Method):
         side = side or self.sender_side()
         a, b, lmap = side.model, self.pair.receiver, side.layer_map
         layers = sorted(selected)
-        sinks = [l for l in range(b.info.num_layers) if l not in selected]
+        sinks = [l for l in range(b.info.num_layers) if l not in selected] if side.sinks else []
         dt = dtype_name(a.model.dtype)
         return KVPayload(
             a.info.name, b.info.name, layers, [lmap[l] for l in layers], sinks, [lmap[l] for l in sinks], dt, bits or [dtype_bits(dt)] * len(layers),
@@ -261,15 +274,20 @@ class KVComm(Method):
         Several senders: sender j prefills its own context at the positions after senders 0..j-1's
         (the receiver tells it where to start), sends its own payload, and B's cache holds, per layer,
         sender 0's part and then sender 1's: what one forward over [A1 | A2 | B] would hold in which
-        A2 does not see A1. B's positions continue after all of them; bytes add up."""
+        A2 does not see A1. B's positions continue after all of them; bytes add up.
+        `multi_sender_cache: public` (com_ms.py): every sender prefills from position 0 (A2's keys
+        overlap A1's positions), the unsent layers hold only A1's sink, and B still starts after
+        N1 + N2 (the length of layer 0, which holds every sender's tokens)."""
         senders = sender_count(examples)
         parts, sizes, extras, a_len = [], [0] * len(examples), [{} for _ in examples], [0] * len(examples)
         per_sender: list[list[int]] = []
         offset = None
+        public = self.params.multi_sender_cache == "public"
         for j in range(senders):
             views = [e.as_sender(j) for e in examples]
             side = self.sender_side(j)
-            a_pre, a_cache, sink_kv = self.sender_cache(views, selected, offset, side)
+            start = None if public else offset
+            a_pre, a_cache, sink_kv = self.sender_cache(views, selected, start, side)
             if as_sent:
                 a_cache, sink_kv, got, more = self.transmit(a_pre, a_cache, sink_kv, selected,
                                                             [sender_text(e) for e in views], side)
@@ -278,7 +296,7 @@ class KVComm(Method):
                 per_sender.append(got)
             a_mask = a_pre.full_mask
             parts.append(assemble_receiver_cache(a_cache, a_mask, side.layer_map, selected, sink_kv,
-                                                 self.params.receiver_mask, offset))
+                                                 self.params.receiver_mask, start, sinks=side.sinks))
             a_len = [x + y for x, y in zip(a_len, a_pre.prompt_lengths)]
             real = a_mask.sum(-1)
             offset = real if offset is None else offset.to(real.device) + real
