@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # Test files are spread over this many processes (pytest-xdist; a file's tests stay in one process).
 TEST_WORKERS ?= 2
 
-.PHONY: demo pareto latentwire latentwire-two qkvcomm-scheme projection-ridge c2c facts layer-sweep docs-tables test test-fast test-gpu bench bench-gpu legacy-transformers install clean-venv
+.PHONY: demo two-hop pareto latentwire latentwire-two qkvcomm-scheme projection-ridge c2c facts layer-sweep docs-tables test test-fast test-gpu bench bench-gpu legacy-transformers install clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt requirements-deepspeed.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ demo: $(STAMP)
 	@if [ "$(CONFIG)" = "configs/quickstart.yaml" ]; then \
 		$(PY) -m cross_model.doc_tables --publish runs/quickstart docs/quickstart --pair ac_gemma_trained:ac_gemma_sliced \
 		&& $(PY) -m cross_model.doc_tables --write; fi
+
+# Multi-sender methods on real models offline: the two-hop task (configs/two_hop.yaml).
+two-hop: $(STAMP)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) run_experiments.py --config configs/two_hop.yaml
+	$(PY) -m cross_model.doc_tables --publish runs/two_hop docs/two_hop --pair kvcomm_all:kvcomm_all_public
+	$(PY) -m cross_model.doc_tables --write
 
 pareto: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) run_experiments.py --config configs/qkvcomm_pareto.yaml

@@ -301,3 +301,29 @@ def test_senders_of_different_models_each_run_their_own(items):
     (p,) = cipher.run_batch(items[:1])
     pre = cipher.prefill(a2, [first_sender_text(items[0].as_sender(1), cipher.params)])
     assert p.extra["vectors_per_sender"][1] == vector_generate(a2, None, None, 4, 1.0, start=pre)[0][0].shape[0]
+
+
+def test_the_two_hop_task_needs_both_senders_and_its_items_do_not_move_with_the_sizes():
+    """countries_two_hop: A1 names the person and their landmark but no country; A2 names the landmark's
+    country (among three of different countries) but no person; only together do they answer. An item
+    is the same whatever n_test and n_calib a run asks for, and the two splits never share one."""
+    from cross_model.data.synthetic import COUNTRY_NAMES, LANDMARKS, PEOPLE
+
+    test, calib = load_task_examples("countries_two_hop", 40, 8)
+    assert sender_count(test + calib) == 2
+    for e in test + calib:
+        a1, a2 = e.contexts
+        person, landmark = e.meta["person"], e.meta["landmark"]
+        assert f"{person} is at the {landmark}." in a1 and not any(c in a1 for c in COUNTRY_NAMES)
+        assert f"The {landmark} is in {e.answers[0]}." in a2 and not any(p in a2.split() for p in PEOPLE)
+        assert e.answers == (LANDMARKS[landmark],) and person in e.prompt_B
+        named = [LANDMARKS[x] for x in LANDMARKS if f"The {x} is in" in a2]
+        assert len(named) == len(set(named)) == 3  # three landmarks, three countries: no lucky guess
+        other = [p for p in PEOPLE if p != person and f"{p} is at the" in a1]
+        assert len(other) == 1
+    small, small_calib = load_task_examples("countries_two_hop", 3, 2)
+    assert [(x.example_id, x.contexts, x.prompt_B) for x in small] == [(x.example_id, x.contexts, x.prompt_B) for x in test[:3]]
+    assert {x.contexts for x in small_calib} <= {x.contexts for x in calib}
+    assert not {x.contexts for x in test} & {x.contexts for x in calib}
+    with pytest.raises(ValueError, match="reads no file"):
+        load_task_examples("countries_two_hop", 3, 0, path="x.jsonl")

@@ -131,7 +131,7 @@ class Task:
 
 
 _TASKS: dict[str, Task] = {}
-_MODULES = ("synthetic", "ladder", "hub", "local", "mixed")
+_MODULES = ("synthetic", "two_hop", "ladder", "hub", "local", "mixed")
 
 
 def register_task(task: Task) -> Task:
