@@ -36,6 +36,11 @@ class KVLayout:
     key_src: list[torch.Tensor]  # per layer, B x T_l (SRC_*)
     query_pos: torch.Tensor | None = None  # B x q, for the forward in progress
     record_attention: bool = False
+    # How the recorded attention is masked: "causal" (each query's softmax over the keys it may see) or
+    # "public" (the public KVComm recompute adds transformers' boolean mask to the scores, +1 where a
+    # key may be seen and 0 elsewhere, so B's later prompt tokens share the softmax; padding keys, which
+    # its batch of one never has, stay out).
+    record_mask: str = "causal"
     # "causal": each key at its own position, B attends only backwards. "public": as the public KVComm
     # receiver, whose transformers builds one mask for layer 0's cache (A's whole context) and cuts it to
     # each layer's length, so a key's place in its layer's cache stands in for its position: in a
@@ -138,8 +143,12 @@ def cross_model_attention(
     if layout.record_attention and q_len > 1:  # calibration only: the probabilities themselves are needed
         k = _repeat_kv(key, groups)
         scores = (query.float() @ k.float().transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~mask_B1QT, float("-inf"))
-        probs = scores.softmax(-1)  # B x H x q x T, causal mask applied
+        if layout.record_mask == "public":
+            scores = scores + mask_B1QT.to(scores.dtype)
+            scores = scores.masked_fill(~layout.key_valid[layer][:, None, None, :], float("-inf"))
+        else:
+            scores = scores.masked_fill(~mask_B1QT, float("-inf"))
+        probs = scores.softmax(-1)  # B x H x q x T
         on_a = (layout.key_src[layer] == SRC_A)[:, None, None, :]
         mass = (probs * on_a).sum(-1)  # B x H x q
         qvalid = layout._query_valid[:, -q_len:]

@@ -53,3 +53,40 @@ def _public_forward(senders_ids: list[list[int]], b_ids: list[int], selected: se
         out = model(input_ids=torch.tensor([b_ids]), past_key_values=cache, attention_mask=torch.ones(1, n_a + q, dtype=torch.long),
                     position_ids=torch.arange(n_a, n_a + q)[None], use_cache=True)
     return out.logits[0]
+
+
+def public_calibration_importance(a_ids: list[int], b_ids: list[int]) -> list[float]:
+    """Per layer, the public calibration's measure for one item: B's prompt over A's whole cache, each
+    layer's scores recomputed as the public `eager_attention_forward_without_value` does (Q K^T x scale
+    plus transformers' boolean mask, True adding 1 and False 0, then softmax over every key), and the
+    mass on A's keys after the first ([..., 1:-q]) summed over keys and averaged over heads and queries."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    importance: dict[int, float] = {}
+
+    def tracing_sdpa(module, query, key, value, attention_mask, scaling=None, **kw):
+        if query.shape[2] > 1:
+            k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+            scores = (query.float() @ k.float().transpose(2, 3)) * scaling
+            scores = scores + attention_mask[:, :, :, : k.shape[-2]]  # a boolean mask, added as 0/1
+            probs = scores.softmax(-1)
+            importance[module.layer_idx] = float(probs[..., 1 : -query.shape[2]].sum(-1).mean())
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
+
+    AttentionInterface.register("public_calibration_test", tracing_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(
+        "public_calibration_test", lambda *a, **kw: sdpa_mask(*a, **{**kw, "allow_is_causal_skip": False}))
+    try:
+        model = load_model("tiny-llama-64").model
+        model.set_attn_implementation("public_calibration_test")
+        with torch.inference_mode():
+            cache = model(input_ids=torch.tensor([a_ids]), use_cache=True).past_key_values
+            n_a, q = len(a_ids), len(b_ids)
+            model(input_ids=torch.tensor([b_ids]), past_key_values=cache, attention_mask=torch.ones(1, n_a + q, dtype=torch.long),
+                  position_ids=torch.arange(n_a, n_a + q)[None], use_cache=True)
+    finally:
+        AttentionInterface._global_mapping.pop("public_calibration_test", None)
+        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop("public_calibration_test", None)
+    return [importance[l] for l in sorted(importance)]

@@ -11,7 +11,7 @@ from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
 from cross_model.prompting import chat_wrap, encode_texts, receiver_text, sender_text, tokenize_prompts
 from cross_model.kv_layout import assemble_receiver_cache, layout_forward
-from tests.public_receiver import public_receiver_logits
+from tests.public_receiver import public_calibration_importance, public_receiver_logits
 
 ARCHS = ["tiny-llama-64", "tiny-qwen2-64", "tiny-gemma3-64"]
 
@@ -157,6 +157,25 @@ def test_calibration_ranks_layers_where_b_can_see_a(examples, monkeypatch):
     assert out["importance"][0] == 0.0 and out["importance"][2] == 0.0
     assert set(out["ranking"][:2]) == {1, 3} and m.selected_layers() == {1, 3}
     assert set(out["calibration_ids"]).isdisjoint({e.example_id for e in examples})
+
+
+def test_public_calibration_mask_reproduces_the_public_recompute(examples):
+    """calibration_mask public equals the public calibration (its boolean mask added as +1, B's later
+    tokens in the softmax) rebuilt from transformers pieces; one item at a time equals a padded batch,
+    and the causal measure differs from it."""
+    public = make("tiny-llama-64", selection="calibrate", calibration_mask="public")
+    causal = make("tiny-llama-64", selection="calibrate")
+    lm = public.pair.receiver
+    for e in examples[:2]:
+        a_ids, b_ids = encode_texts(lm, [chat_wrap(lm, sender_text(e)), chat_wrap(lm, receiver_text(e))])
+        ref = public_calibration_importance(a_ids, b_ids)
+        assert public.layer_importance([e]) == pytest.approx(ref, abs=1e-5)
+        assert max(abs(x - y) for x, y in zip(causal.layer_importance([e]), ref)) > 1e-3
+    batched = public.layer_importance(examples[:4], batch_size=4)
+    alone = [public.layer_importance([e]) for e in examples[:4]]
+    assert batched == pytest.approx([sum(x) / 4 for x in zip(*alone)], abs=1e-5)
+    from cross_model.methods.kvcomm import KVComm
+    assert KVComm.public_settings["calibration_mask"] == "public"
 
 
 def test_calibration_attention_applies_the_causal_mask(examples):

@@ -64,6 +64,11 @@ class KVCommParams(MethodParams):
         default="causal", metadata={"help": "causal (ours), or public: the public code's first pass, where B's prompt "
                                             "tokens see later ones in sink-only layers (docs/METHODS.md)"}
     )
+    calibration_mask: str = field(
+        default="causal", metadata={"help": "calibration's attention on A: causal (later B tokens masked; ours) or "
+                                            "public (the public recompute adds its boolean mask as +1, so B's "
+                                            "later tokens share the softmax)"}
+    )
     multi_sender_cache: str = field(
         default="ordered", metadata={"help": "several senders: ordered (A2 at the positions after A1's, every sender's "
                                              "sink; ours) or public (A2 from position 0, only A1's sink in unsent "
@@ -94,6 +99,8 @@ class KVCommParams(MethodParams):
             raise ValueError(f"{prefix}.receiver_mask: one of {', '.join(RECEIVER_MASKS)}, got {self.receiver_mask!r}")
         if not 0.0 <= self.alpha <= 1.0 or self.sigma <= 0:
             raise ValueError(f"{prefix}.alpha must be in [0, 1] and {prefix}.sigma > 0")
+        if self.calibration_mask not in RECEIVER_MASKS:
+            raise ValueError(f"{prefix}.calibration_mask: one of {', '.join(RECEIVER_MASKS)}, got {self.calibration_mask!r}")
         if self.multi_sender_cache not in MULTI_SENDER_CACHES:
             raise ValueError(f"{prefix}.multi_sender_cache: one of {', '.join(MULTI_SENDER_CACHES)}, "
                              f"got {self.multi_sender_cache!r}")
@@ -138,7 +145,7 @@ def blend_scores(importance: list[float], alpha: float, mu: float, sigma: float,
 @register("kvcomm")
 class KVComm(Method):
     public_settings = {"receiver_mask": "public", "alpha": 1.0, "prior": "minmax", "online_rule": "public",
-                       "multi_sender_cache": "public"}
+                       "multi_sender_cache": "public", "calibration_mask": "public"}
     Params = KVCommParams
 
     @classmethod
@@ -312,6 +319,7 @@ class KVComm(Method):
         when it is not the examples themselves (the facts before the question)."""
         cache, layout, offset, a_len, sizes, extras = self.receiver_cache(examples, selected, as_sent)
         layout.record_attention = record
+        layout.record_mask = self.params.calibration_mask
         b = self.pair.receiver
         b_batch = tokenize_prompts(b, [receiver_text(e) for e in receiver_examples or examples], self.params.max_prompt_tokens)
         limits = max_new or [self.max_new_tokens(e) for e in examples]
