@@ -36,10 +36,11 @@ class KVLayout:
     key_src: list[torch.Tensor]  # per layer, B x T_l (SRC_*)
     query_pos: torch.Tensor | None = None  # B x q, for the forward in progress
     record_attention: bool = False
-    # How the recorded attention is masked: "causal" (each query's softmax over the keys it may see) or
-    # "public" (the public KVComm recompute adds transformers' boolean mask to the scores, +1 where a
-    # key may be seen and 0 elsewhere, so B's later prompt tokens share the softmax; padding keys, which
-    # its batch of one never has, stay out).
+    # How the recorded attention is masked: "causal" (each query's softmax over the keys it may see; the
+    # mass on A's tokens, every sender's sink excluded) or "public" (the public KVComm recompute adds
+    # transformers' boolean mask to the scores, +1 where a key may be seen and 0 elsewhere, so B's later
+    # prompt tokens share the softmax; padding keys, which its batch of one never has, stay out; the
+    # mass on every key before B's but the layer's first).
     record_mask: str = "causal"
     # "causal": each key at its own position, B attends only backwards. "public": as the public KVComm
     # receiver, whose transformers builds one mask for layer 0's cache (A's whole context) and cuts it to
@@ -149,7 +150,11 @@ def cross_model_attention(
         else:
             scores = scores.masked_fill(~mask_B1QT, float("-inf"))
         probs = scores.softmax(-1)  # B x H x q x T
-        on_a = (layout.key_src[layer] == SRC_A)[:, None, None, :]
+        if layout.record_mask == "public":  # the public measure: every A key after the layer's first
+            place = layout.key_valid[layer].long().cumsum(-1) - 1
+            on_a = ((layout.key_src[layer] != SRC_B) & (place > 0))[:, None, None, :]
+        else:
+            on_a = (layout.key_src[layer] == SRC_A)[:, None, None, :]
         mass = (probs * on_a).sum(-1)  # B x H x q
         qvalid = layout._query_valid[:, -q_len:]
         per_row = (mass * qvalid[:, None, :]).sum(-1) / qvalid.sum(-1).clamp(min=1)[:, None]
@@ -197,6 +202,17 @@ def layout_forward(lm: LoadedModel, layout: KVLayout, all_logits: bool = False) 
     return forward
 
 
+# Per receiver layer, what it holds from one sender, in order: (sender layer, True) for that layer's
+# keys/values in full, (sender layer, False) for its first real token only (the attention sink).
+Sources = list[list[tuple[int, bool]]]
+
+
+def layer_sources(layer_map: list[int], selected: set[int], sinks: bool = True) -> Sources:
+    """One sender layer per receiver layer (`layer_map`): in full where the receiver layer is selected,
+    else its sink, or nothing when `sinks` is false (a later sender under the public multi-sender rule)."""
+    return [[(la, True)] if l in selected else [(la, False)] if sinks else [] for l, la in enumerate(layer_map)]
+
+
 def assemble_receiver_cache(
     sender_cache: Any,
     sender_mask_BT: torch.Tensor,
@@ -208,10 +224,25 @@ def assemble_receiver_cache(
     sinks: bool = True,
 ) -> tuple[DynamicCache, KVLayout]:
     """B's cache from A's: receiver layer l holds all of A's layer `layer_map[l]` when l is selected,
-    else only A's first real token (the attention sink), or nothing when `sinks` is false (a later
-    sender under the public multi-sender rule). Positions are A's own (0..N-1, or from
-    `position_offset_B` when A prefilled at an offset: a second sender after the first).
-    `sink_kv[la]` gives the sink's keys/values (B x H x 1 x D) of A layers the full forward skipped."""
+    else only A's first real token (the attention sink), or nothing when `sinks` is false. See
+    `assemble_from_sources`."""
+    return assemble_from_sources(sender_cache, sender_mask_BT, layer_sources(layer_map, selected, sinks), sink_kv,
+                                 receiver_mask, position_offset_B)
+
+
+def assemble_from_sources(
+    sender_cache: Any,
+    sender_mask_BT: torch.Tensor,
+    sources: Sources,
+    sink_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    receiver_mask: str = "causal",
+    position_offset_B: torch.Tensor | None = None,
+) -> tuple[DynamicCache, KVLayout]:
+    """B's cache from A's: receiver layer l holds, in order, what `sources[l]` names: sender layers in
+    full or as their sink (several, as the public code maps a deeper sender; none, for a receiver layer
+    no sender layer maps to). Positions are A's own (0..N-1, or from `position_offset_B` when A
+    prefilled at an offset: a second sender after the first). `sink_kv[la]` gives the sink's
+    keys/values (B x H x 1 x D) of A layers the full forward skipped."""
     bsz = sender_mask_BT.shape[0]
     device = sender_mask_BT.device
     start = (torch.zeros(bsz, dtype=torch.long, device=device) if position_offset_B is None
@@ -220,38 +251,46 @@ def assemble_receiver_cache(
     valid_a = sender_mask_BT.bool()
     first_real = sender_mask_BT.long().argmax(-1)  # the first real token (left padding or a shared prefix)
     rows = torch.arange(bsz, device=device)
+    # One tensor of each kind per kind of layer (see `KVLayout.append`): layers holding the same pattern
+    # of full and sink-only sender layers share their position, validity and origin tensors.
+    full = (pos_a, valid_a, torch.where(pos_a == start[:, None], SRC_SINK, SRC_A))
+    sink = (start[:, None].clone(), torch.ones((bsz, 1), dtype=torch.bool, device=device),
+            torch.full((bsz, 1), SRC_SINK, device=device))
+    patterns: dict[tuple[bool, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def layout_of(pattern: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if pattern not in patterns:
+            parts = [full if f else sink for f in pattern] or [tuple(t[:, :0] for t in sink)]
+            patterns[pattern] = tuple(torch.cat(kind, dim=1) for kind in zip(*parts))
+        return patterns[pattern]
+
+    def kv(la: int, in_full: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if in_full:
+            return sender_cache.layers[la].keys, sender_cache.layers[la].values
+        if sink_kv and la in sink_kv:
+            return sink_kv[la]
+        keys, values = sender_cache.layers[la].keys, sender_cache.layers[la].values
+        return keys[rows, :, first_real][:, :, None, :], values[rows, :, first_real][:, :, None, :]
+
+    named = [entry for entries in sources for entry in entries]
+    if not named:
+        raise ValueError("a sender that sends no layer and no sink sends nothing; select a layer "
+                         "(or keep always_send_layer0)")
+    nothing = kv(*named[0])[0][:, :, :0]  # B x H x 0 x D, for a receiver layer that gets nothing
     cache = DynamicCache()
     key_pos, key_valid, key_src = [], [], []
-    # One tensor of each kind per kind of layer (see `KVLayout.append`): sent layers hold A's tokens,
-    # the others only the sink.
-    sent_src = torch.where(pos_a == start[:, None], SRC_SINK, SRC_A)
-    sink_pos = start[:, None].clone()
-    sink_valid = torch.ones((bsz, 1), dtype=torch.bool, device=device)
-    sink_src = torch.full((bsz, 1), SRC_SINK, device=device)
-    nothing = None  # a later sender under the public multi-sender rule: no sink in unsent layers
-    if not sinks:
-        if not selected:
-            raise ValueError("a sender without sinks and without sent layers sends nothing; select a layer "
-                             "(or keep always_send_layer0)")
-        nothing = sender_cache.layers[layer_map[min(selected)]].keys[:, :, :0]  # B x H x 0 x D
-        sink_pos, sink_valid, sink_src = (t[:, :0] for t in (sink_pos, sink_valid, sink_src))
-    for l, la in enumerate(layer_map):
-        if l in selected:
-            k, v = sender_cache.layers[la].keys, sender_cache.layers[la].values
-            kp, kv, src = pos_a, valid_a, sent_src
+    for l, entries in enumerate(sources):
+        pairs = [kv(la, f) for la, f in entries]
+        if len(pairs) == 1:
+            k, v = pairs[0]
+        elif pairs:
+            k, v = torch.cat([x[0] for x in pairs], dim=2), torch.cat([x[1] for x in pairs], dim=2)
         else:
-            if nothing is not None:
-                k = v = nothing
-            elif sink_kv and la in sink_kv:
-                k, v = sink_kv[la]
-            else:
-                keys, values = sender_cache.layers[la].keys, sender_cache.layers[la].values
-                k = keys[rows, :, first_real][:, :, None, :]
-                v = values[rows, :, first_real][:, :, None, :]
-            kp, kv, src = sink_pos, sink_valid, sink_src
+            k = v = nothing
         cache.update(k, v, l)
+        kp, kvalid, src = layout_of(tuple(f for _, f in entries))
         key_pos.append(kp)
-        key_valid.append(kv)
+        key_valid.append(kvalid)
         key_src.append(src)
     return cache, KVLayout(key_pos, key_valid, key_src, receiver_mask=receiver_mask)
 

@@ -161,6 +161,8 @@ TINY_MODELS: dict[str, tuple[Callable[[], Any], bool]] = {
     # name: (config factory, has a chat template)
     "tiny-llama-64": (lambda: _tiny_llama(64, 4, 4, 2), True),
     "tiny-llama-48": (lambda: _tiny_llama(48, 3, 4, 2), True),
+    # tiny-llama-64's KV shape at twice its depth: KV communication between models of different depths
+    "tiny-llama-64-deep": (lambda: _tiny_llama(64, 8, 4, 2), True),
     "tiny-qwen2-64": (_tiny_qwen2, True),
     "tiny-gemma3-64": (_tiny_gemma3, False),
 }

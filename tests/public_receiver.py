@@ -8,12 +8,15 @@ import torch
 from cross_model.models import load_model
 
 
-def public_receiver_logits(senders_ids: list[list[int]], b_ids: list[int], selected: set[int]) -> torch.Tensor:
+def public_receiver_logits(senders_ids: list[list[int]], b_ids: list[int], selected: set[int],
+                           sender: str = "tiny-llama-64", receiver: str = "tiny-llama-64") -> torch.Tensor:
     """B's logits over its prompt as the public receiver computes them: every sender prefills its own
-    context from position 0; per layer the cache holds each sender's keys/values in turn for the sent
-    layers and only the first sender's first token elsewhere; B's positions start at the length of
-    layer 0's cache (every sender's tokens); and transformers' mask for that length is cut to each
-    layer's length inside attention (what transformers 4.53's SDPA did, which the public code pins)."""
+    context from position 0; sender layer i goes to receiver layer round((i + 0.5) L_B / L_A - 0.5),
+    several concatenated in order where the receiver is shallower (DynamicCache.update appends), none
+    where it is deeper; per sender layer the cache holds each sender's keys/values in turn when i is
+    selected (or 0) and only the first sender's first token otherwise; B's positions start at the length
+    of layer 0's cache; and transformers' mask for that length is cut to each layer's length inside
+    attention (what transformers 4.53's SDPA did, which the public code pins)."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -27,28 +30,36 @@ def public_receiver_logits(senders_ids: list[list[int]], b_ids: list[int], selec
     ALL_MASK_ATTENTION_FUNCTIONS.register(
         "public_kvcomm_test", lambda *a, **kw: sdpa_mask(*a, **{**kw, "allow_is_causal_skip": False}))
     try:
-        return _public_forward(senders_ids, b_ids, selected)
+        return _public_forward(senders_ids, b_ids, selected, sender, receiver)
     finally:  # global registries: a later test must not find this attention registered
         AttentionInterface._global_mapping.pop("public_kvcomm_test", None)
         ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop("public_kvcomm_test", None)
 
 
-def _public_forward(senders_ids: list[list[int]], b_ids: list[int], selected: set[int]) -> torch.Tensor:
+def _public_forward(senders_ids: list[list[int]], b_ids: list[int], selected: set[int], sender: str,
+                    receiver: str) -> torch.Tensor:
     from transformers import DynamicCache
 
-    model = load_model("tiny-llama-64").model  # a fresh instance: the shared one keeps its attention
+    a_model = load_model(sender).model  # fresh instances: the shared ones keep their attention
+    model = load_model(receiver).model
     model.set_attn_implementation("public_kvcomm_test")
+    l_a, l_b = a_model.config.num_hidden_layers, model.config.num_hidden_layers
     with torch.inference_mode():
-        caches = [model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values for ids in senders_ids]
-        cache = DynamicCache()
-        for l in range(len(caches[0].layers)):
+        caches = [a_model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values for ids in senders_ids]
+        held: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(l_b)]
+        for i in range(l_a):
+            target = round((i + 0.5) * l_b / l_a - 0.5)
             for j, c in enumerate(caches):
-                k, v = c.layers[l].keys, c.layers[l].values
-                if l not in selected:
-                    if j:
-                        continue
-                    k, v = k[:, :, :1], v[:, :, :1]
-                cache.update(k, v, l)
+                k, v = c.layers[i].keys, c.layers[i].values
+                if i in selected or i == 0:
+                    held[target].append((k, v))
+                elif j == 0:  # keep the first token due to attention sink (the first sender's only)
+                    held[target].append((k[:, :, :1], v[:, :, :1]))
+        empty = caches[0].layers[0].keys[:, :, :0]
+        cache = DynamicCache()
+        for l, parts in enumerate(held):
+            cache.update(torch.cat([k for k, _ in parts], 2) if parts else empty,
+                         torch.cat([v for _, v in parts], 2) if parts else empty, l)
         n_a, q = cache.layers[0].keys.shape[2], len(b_ids)
         out = model(input_ids=torch.tensor([b_ids]), past_key_values=cache, attention_mask=torch.ones(1, n_a + q, dtype=torch.long),
                     position_ids=torch.arange(n_a, n_a + q)[None], use_cache=True)

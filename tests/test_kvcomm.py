@@ -142,7 +142,7 @@ def test_calibration_ranks_layers_where_b_can_see_a(examples, monkeypatch):
     import cross_model.methods.kvcomm as kv
     from cross_model.kv_layout import SRC_A
 
-    real = kv.assemble_receiver_cache
+    real = kv.assemble_from_sources
 
     def only_1_and_3(*args, **kw):
         cache, layout = real(*args, **kw)
@@ -150,7 +150,7 @@ def test_calibration_ranks_layers_where_b_can_see_a(examples, monkeypatch):
             layout.key_valid[l] = layout.key_valid[l] & (layout.key_src[l] != SRC_A)
         return cache, layout
 
-    monkeypatch.setattr(kv, "assemble_receiver_cache", only_1_and_3)
+    monkeypatch.setattr(kv, "assemble_from_sources", only_1_and_3)
     m = make("tiny-llama-64", selection="calibrate", top_layers=0.5, alpha=1.0, always_send_layer0=False)
     _, calib = load_task_examples("countries", 1, 4, seed=5)
     out = m.calibrate(calib)
@@ -213,6 +213,53 @@ def test_public_receiver_mask_reproduces_the_public_first_pass(selected, example
         torch.testing.assert_close(got_causal[0, -len(b_ids):], concatenated_logits(lm, e), atol=2e-4, rtol=1e-4)
     else:
         assert (got_public[0, 0] - got_causal[0, 0]).abs().max() > 1e-3  # B's first token saw later ones
+
+
+@pytest.mark.parametrize("sender,receiver,selected", [
+    ("tiny-llama-64-deep", "tiny-llama-64", {0, 2, 5}),  # two sender layers in every receiver layer
+    ("tiny-llama-64-deep", "tiny-llama-64", set(range(8))),
+    ("tiny-llama-64", "tiny-llama-64-deep", {0, 2}),  # receiver layers 1, 3, 5, 7 get nothing
+])
+def test_public_depth_map_reproduces_the_public_receiver_across_depths(sender, receiver, selected, examples):
+    """depth_map public (the public models.py): sender layer i goes to receiver layer
+    round((i + 0.5) L_B / L_A - 0.5), several concatenated, with the selection applied to the sender's
+    indices; with the public receiver mask it equals that receiver rebuilt from transformers pieces, one
+    item at a time and in a padded batch, and the bytes count every sender layer that crossed."""
+    from cross_model.kv_wire import payload_size
+    from cross_model.methods.kvcomm import public_depth_map
+
+    m = make(sender, receiver, selection="layers", layers_list=sorted(selected), receiver_mask="public", depth_map="public")
+    a, b = m.pair.sender, m.pair.receiver
+    nearest = make(sender, receiver, selection="layers", receiver_mask="public",
+                   layers_list=sorted(l for l in selected if l < b.info.num_layers))
+    chosen = m.selected_layers()
+    groups = public_depth_map(a.info.num_layers, b.info.num_layers)
+    assert sorted(x for g in groups for x in g) == list(range(a.info.num_layers))
+    batch = tokenize_prompts(b, [receiver_text(e) for e in examples[:3]])
+    outs = []
+    for method in (m, nearest):
+        cache, layout, offset, _, _, _ = method.receiver_cache(examples[:3], method.selected_layers())
+        pos = offset[:, None] + (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            outs.append(layout_forward(b, layout, all_logits=True)(cache=cache, full_mask_BT=batch.attention_mask,
+                                                                   position_ids_BT=pos, input_ids_BT=batch.input_ids))
+    for i, e in enumerate(examples[:3]):
+        a_ids, b_ids = encode_texts(a, [chat_wrap(a, sender_text(e)), chat_wrap(b, receiver_text(e))])
+        ref = public_receiver_logits([a_ids], b_ids, chosen, sender=sender, receiver=receiver)
+        torch.testing.assert_close(outs[0][i, -len(b_ids):], ref, atol=2e-4, rtol=1e-4)
+        assert (outs[1][i, -len(b_ids):] - ref).abs().max() > 1e-3  # ours reads one sender layer per layer
+        p = m.wire_payload(chosen, len(a_ids))
+        assert sorted(p.sender_layers + p.sink_sender_layers) == list(range(a.info.num_layers))
+        assert m.run_batch([e])[0].payload_bytes == payload_size(p.header())
+
+
+def test_q_kvcomm_refuses_the_public_depth_map_across_depths():
+    with pytest.raises(ValueError, match="depth_map public puts several sender layers"):
+        cls, p = resolve_method("qkvcomm", {"selection": "all", "depth_map": "public"})
+        cls(p, ModelPair(load_model("tiny-llama-64-deep"), load_model("tiny-llama-64")))
+    from cross_model.methods.kvcomm import KVComm
+    from cross_model.methods.qkvcomm import QKVComm
+    assert KVComm.public_settings["depth_map"] == "public" and "depth_map" not in QKVComm.public_settings
 
 
 def test_public_receiver_mask_batched_equals_one_at_a_time(examples):

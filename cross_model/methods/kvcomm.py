@@ -33,11 +33,13 @@ from cross_model.progress import Progress
 from cross_model.prefill_memo import Prefill, run_prefill
 from cross_model.prompting import pad_left, receiver_text, sender_text, tokenize_prompts
 from cross_model.surgery import partial_forward
-from cross_model.kv_layout import assemble_receiver_cache, join_receiver_caches, layout_forward, use_cross_model_attention
+from cross_model.kv_layout import (Sources, assemble_from_sources, join_receiver_caches, layer_sources, layout_forward,
+                                   use_cross_model_attention)
 
 SELECTIONS = ("calibrate", "layers", "range", "random", "all", "online")
 RECEIVER_MASKS = ("causal", "public")
 MULTI_SENDER_CACHES = ("ordered", "public")
+DEPTH_MAPS = ("nearest", "public")
 
 
 @dataclass
@@ -68,6 +70,11 @@ class KVCommParams(MethodParams):
         default="causal", metadata={"help": "calibration's attention on A: causal (later B tokens masked; ours) or "
                                             "public (the public recompute adds its boolean mask as +1, so B's "
                                             "later tokens share the softmax)"}
+    )
+    depth_map: str = field(
+        default="nearest", metadata={"help": "models of different depths: nearest (each receiver layer reads one sender "
+                                             "layer; ours) or public (each sender layer goes to receiver layer "
+                                             "round((l + 0.5) L_B / L_A - 0.5), several concatenated, as models.py)"}
     )
     multi_sender_cache: str = field(
         default="ordered", metadata={"help": "several senders: ordered (A2 at the positions after A1's, every sender's "
@@ -101,6 +108,8 @@ class KVCommParams(MethodParams):
             raise ValueError(f"{prefix}.alpha must be in [0, 1] and {prefix}.sigma > 0")
         if self.calibration_mask not in RECEIVER_MASKS:
             raise ValueError(f"{prefix}.calibration_mask: one of {', '.join(RECEIVER_MASKS)}, got {self.calibration_mask!r}")
+        if self.depth_map not in DEPTH_MAPS:
+            raise ValueError(f"{prefix}.depth_map: one of {', '.join(DEPTH_MAPS)}, got {self.depth_map!r}")
         if self.multi_sender_cache not in MULTI_SENDER_CACHES:
             raise ValueError(f"{prefix}.multi_sender_cache: one of {', '.join(MULTI_SENDER_CACHES)}, "
                              f"got {self.multi_sender_cache!r}")
@@ -113,18 +122,37 @@ class KVCommParams(MethodParams):
 
 @dataclass(frozen=True)
 class SenderSide:
-    """One sender of an item: its model, per receiver layer the sender layer that layer reads, and
-    whether its first token goes to the unsent layers (`multi_sender_cache: public` sends only A1's)."""
+    """One sender of an item: its model, per receiver layer the sender layer that layer reads, whether
+    its first token goes to the unsent layers (`multi_sender_cache: public` sends only A1's), and under
+    `depth_map: public` the sender layers each receiver layer holds instead."""
 
     model: LoadedModel
     layer_map: list[int]
     sinks: bool = True
+    groups: list[list[int]] | None = None
+
+    def sources(self, selected: set[int]) -> Sources:
+        """Per receiver layer, the sender layers it holds, in full or as their sink."""
+        if self.groups is None:
+            return layer_sources(self.layer_map, selected, self.sinks)
+        # The public code applies the selected indices (a ranking of B's layers) to A's layers.
+        return [[(la, la in selected) for la in group if la in selected or self.sinks] for group in self.groups]
 
 
 def layer_map(l_a: int, l_b: int) -> list[int]:
     """For each receiver layer, the sender layer it reads (A layer l maps to B layer
     round((l + 0.5) L_B / L_A - 0.5); this is that rule read from B's side)."""
     return [min(l_a - 1, max(0, round((lb + 0.5) * l_a / l_b - 0.5))) for lb in range(l_b)]
+
+
+def public_depth_map(l_a: int, l_b: int) -> list[list[int]]:
+    """Per receiver layer, the sender layers the public models.py puts in it: A layer l goes to B layer
+    round((l + 0.5) L_B / L_A - 0.5) (Python's rounding, as there); a shallower receiver gets several,
+    concatenated in order, and a deeper one has layers that get none."""
+    groups: list[list[int]] = [[] for _ in range(l_b)]
+    for la in range(l_a):
+        groups[round((la + 0.5) * l_b / l_a - 0.5)].append(la)
+    return groups
 
 
 def _min_max(values: list[float]) -> list[float]:
@@ -145,7 +173,7 @@ def blend_scores(importance: list[float], alpha: float, mu: float, sigma: float,
 @register("kvcomm")
 class KVComm(Method):
     public_settings = {"receiver_mask": "public", "alpha": 1.0, "prior": "minmax", "online_rule": "public",
-                       "multi_sender_cache": "public", "calibration_mask": "public"}
+                       "multi_sender_cache": "public", "calibration_mask": "public", "depth_map": "public"}
     Params = KVCommParams
 
     @classmethod
@@ -168,11 +196,17 @@ class KVComm(Method):
                 )
         # Per sender model (`senders`), the sender layer each receiver layer reads.
         self.layer_maps = [layer_map(s.info.num_layers, b.num_layers) for s in self.pair.senders]
-        n = b.num_layers
+        self.depth_groups = [public_depth_map(s.info.num_layers, b.num_layers) if self.params.depth_map == "public"
+                             else None for s in self.pair.senders]
         p = self.params
+        # The layers a selection names: the receiver's, or under depth_map public the sender's (the public
+        # code's layers_list indexes A's layers; a calibrated ranking of B's layers is applied to them too).
+        named, n = (self.pair.sender, max(s.info.num_layers for s in self.pair.senders)) if p.depth_map == "public" \
+            else (self.pair.receiver, b.num_layers)
+        self.index_depth = n
         for layer in (p.layers_list or []) + [x for x in (p.layer_from, p.layer_to) if x is not None]:
             if not 0 <= layer < n:
-                raise ValueError(f"methods.{self.name}: layer {layer} is outside {b.name}'s 0..{n - 1}")
+                raise ValueError(f"methods.{self.name}: layer {layer} is outside {named.info.name}'s 0..{n - 1}")
         self.ranking: list[int] | None = None
         self.calibration: dict[str, Any] = {}
         self.measured_ids: list[str] = []  # the calibration items this rank measured (in its last calibration)
@@ -189,7 +223,7 @@ class KVComm(Method):
         return int(self.params.top_layers * self.pair.receiver.info.num_layers)
 
     def selected_layers(self) -> set[int]:
-        p, n = self.params, self.pair.receiver.info.num_layers
+        p, n = self.params, self.index_depth
         if p.selection == "all":
             chosen = set(range(n))
         elif p.selection == "layers":
@@ -197,7 +231,8 @@ class KVComm(Method):
         elif p.selection == "range":
             chosen = set(range(p.layer_from, p.layer_to + 1))
         elif p.selection == "random":
-            chosen = set(random.Random(p.seed).sample(range(n), self.n_keep()))
+            keep = self.n_keep() if n == self.pair.receiver.info.num_layers else int(p.top_layers * n)
+            chosen = set(random.Random(p.seed).sample(range(n), keep))
         else:
             if self.ranking is None:
                 raise ValueError(f"methods.{self.name}: layer selection needs calibration; run the calibrate stage first")
@@ -212,7 +247,7 @@ class KVComm(Method):
         sender 0's). Under `multi_sender_cache: public` only sender 0 sends its sink."""
         own = j if 0 < j < len(self.layer_maps) else 0
         sinks = j == 0 or self.params.multi_sender_cache == "ordered"
-        return SenderSide(self.pair.sender_for(j), self.layer_maps[own], sinks)
+        return SenderSide(self.pair.sender_for(j), self.layer_maps[own], sinks, self.depth_groups[own])
 
     @property
     def layer_map(self) -> list[int]:
@@ -227,8 +262,8 @@ class KVComm(Method):
         each row (a later sender of a multi-sender item; its prefill is its own, never shared).
         `side`: which sender (default sender 0)."""
         side = side or self.sender_side()
-        a, lmap = side.model, side.layer_map
-        top = max((lmap[l] for l in selected), default=-1) + 1
+        a, sources = side.model, side.sources(selected)
+        top = max((la for entries in sources for la, in_full in entries if in_full), default=-1) + 1
         texts = [sender_text(e) for e in examples]
         if offset_B is None:
             pre = self.prefill(a, texts, layers=top)
@@ -236,7 +271,7 @@ class KVComm(Method):
             ids = self.prompt_ids(a, texts)
             pre = run_prefill(a, pad_left(ids, a.tokenizer.pad_token_id, a.device), ids, top, offset_B.to(a.device))
         sink_kv = {}
-        sink_layers = {lmap[l] for l in range(len(lmap)) if l not in selected} if side.sinks else set()
+        sink_layers = {la for entries in sources for la, in_full in entries if not in_full}
         if any(la >= pre.layers for la in sink_layers):
             ids = torch.tensor(pre.first_ids, dtype=torch.long, device=a.device)[:, None]
             sink_cache = DynamicCache()
@@ -250,12 +285,14 @@ class KVComm(Method):
                      side: SenderSide | None = None) -> KVPayload:
         """The payload's description (no tensors yet): what `kv_wire.encode` frames."""
         side = side or self.sender_side()
-        a, b, lmap = side.model, self.pair.receiver, side.layer_map
-        layers = sorted(selected)
-        sinks = [l for l in range(b.info.num_layers) if l not in selected] if side.sinks else []
+        a, b = side.model, self.pair.receiver
+        sources = side.sources(selected)
+        sent = [(l, la) for l, entries in enumerate(sources) for la, in_full in entries if in_full]
+        sinks = [(l, la) for l, entries in enumerate(sources) for la, in_full in entries if not in_full]
         dt = dtype_name(a.model.dtype)
         return KVPayload(
-            a.info.name, b.info.name, layers, [lmap[l] for l in layers], sinks, [lmap[l] for l in sinks], dt, bits or [dtype_bits(dt)] * len(layers),
+            a.info.name, b.info.name, [l for l, _ in sent], [la for _, la in sent], [l for l, _ in sinks],
+            [la for _, la in sinks], dt, bits or [dtype_bits(dt)] * len(sent),
             kv_heads=a.info.num_kv_heads, head_dim=a.info.head_dim, tokens=n_tokens,
         )
 
@@ -289,11 +326,11 @@ class KVComm(Method):
         parts, sizes, extras, a_len = [], [0] * len(examples), [{} for _ in examples], [0] * len(examples)
         per_sender: list[list[int]] = []
         offset = None
-        public = self.params.multi_sender_cache == "public"
+        from_zero = self.params.multi_sender_cache == "public"
         for j in range(senders):
             views = [e.as_sender(j) for e in examples]
             side = self.sender_side(j)
-            start = None if public else offset
+            start = None if from_zero else offset
             a_pre, a_cache, sink_kv = self.sender_cache(views, selected, start, side)
             if as_sent:
                 a_cache, sink_kv, got, more = self.transmit(a_pre, a_cache, sink_kv, selected,
@@ -302,12 +339,16 @@ class KVComm(Method):
                 extras = more if j == 0 else [self.merge_extras(x, y) for x, y in zip(extras, more)]
                 per_sender.append(got)
             a_mask = a_pre.full_mask
-            parts.append(assemble_receiver_cache(a_cache, a_mask, side.layer_map, selected, sink_kv,
-                                                 self.params.receiver_mask, start, sinks=side.sinks))
+            parts.append(assemble_from_sources(a_cache, a_mask, side.sources(selected), sink_kv,
+                                               self.params.receiver_mask, start))
             a_len = [x + y for x, y in zip(a_len, a_pre.prompt_lengths)]
             real = a_mask.sum(-1)
             offset = real if offset is None else offset.to(real.device) + real
         cache, layout = join_receiver_caches(parts)
+        if from_zero or self.params.depth_map == "public":
+            # the public receiver starts B at the length of its layer 0 (every sender's tokens, or every
+            # sender layer mapped to it), whatever positions the keys carry
+            offset = layout.key_valid[0].sum(-1)
         if senders > 1 and as_sent:
             extras = [{**x, "bytes_per_sender": [s[i] for s in per_sender]} for i, x in enumerate(extras)]
         return cache, layout, offset.to(self.pair.receiver.device), a_len, sizes, extras
@@ -427,7 +468,8 @@ class KVComm(Method):
         n = self.pair.receiver.info.num_layers
 
         def measure(chunk: list[Example]) -> list[float]:
-            layout = self._receive(chunk, set(range(n)), record=True, max_new=[1] * len(chunk), as_sent=False)[3]
+            every = set(range(self.index_depth))  # every layer crosses (the sender's under depth_map public)
+            layout = self._receive(chunk, every, record=True, max_new=[1] * len(chunk), as_sent=False)[3]
             return [float(torch.cat(layout.attention_on_A[l]).double().sum()) for l in range(n)]
 
         totals = [0.0] * n

@@ -142,6 +142,10 @@ def allocate_bits(sensitivity: dict[int, dict[int, float]], target: float, choic
 @register("qkvcomm")
 class QKVComm(KVComm):
     Params = QKVCommParams
+    # The public code has no quantized KV: the preset sets KVComm's receiver and calibration here too,
+    # but its widths are per receiver layer, so the public depth map (several sender layers in one
+    # receiver layer) stays KVComm's.
+    public_settings = {k: v for k, v in KVComm.public_settings.items() if k != "depth_map"}
 
     @classmethod
     def needs_calibration(cls, params: QKVCommParams) -> bool:
@@ -155,6 +159,10 @@ class QKVComm(KVComm):
 
     def check_pair(self) -> None:
         super().check_pair()
+        if self.params.depth_map == "public" and any(s.info.num_layers != self.pair.receiver.info.num_layers
+                                                     for s in self.pair.senders):
+            raise ValueError(f"methods.{self.name}: depth_map public puts several sender layers in one receiver layer, "
+                             "and Q-KVComm's widths are per receiver layer; use depth_map nearest (the default)")
         self.layer_bits: dict[int, int] | None = None
         mb = self.params.payload_cache_mb
         self.payload_cache = PayloadCache(int(mb * 2**20)) if mb > 0 else None
