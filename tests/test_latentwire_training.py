@@ -55,8 +55,11 @@ def _final(tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def test_kill_9_then_restart_gives_the_uninterrupted_interlingua(tmp_path):
-    _run(_config(tmp_path, "ref"))
-    config = _config(tmp_path, "killed")
+    """With LatentWire's warm-up, a cosine schedule and clipping: the rate is a function of the step, so
+    the resumed run takes the same steps."""
+    design = {"warmup_steps": 4, "schedule": "cosine", "grad_clip": 0.5}
+    _run(_config(tmp_path, "ref", **design))
+    config = _config(tmp_path, "killed", **design)
     kill_9_and_resume(config, tmp_path / "killed" / "ckpt", DS_ACCELERATOR="cpu")
     ref, got = _final(tmp_path, "ref"), _final(tmp_path, "killed")
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
@@ -75,13 +78,14 @@ def test_one_process_two_ddp_ranks_and_two_deepspeed_ranks_train_the_same_interl
     CPU op; a machine without either fails here, naming which."""
     assert importlib.util.find_spec("deepspeed") is not None, "DeepSpeed is not installed: run `make install`"
     assert _has_compiler(), "DeepSpeed's CPU backend JIT-compiles a C++ comm op: install g++"
-    short = {"steps": 1, "eval_every": 1}
+    # The first of 4 warm-up steps, clipped: each engine must take a quarter of the rate and clip.
+    short = {"steps": 1, "eval_every": 1, "warmup_steps": 4, "grad_clip": 0.05}
     _run(_config(tmp_path, "one", **short))
     _run(_config(tmp_path, "ddp", **short), nproc=2)
     out = _run(_config(tmp_path, "zero2", engine="deepspeed", zero_stage=2, **short), nproc=2)
     assert "engine deepspeed" in out
     one, ddp, ds = (_final(tmp_path, n) for n in ("one", "ddp", "zero2"))
-    lr = InterlinguaConfig().lr
+    lr = InterlinguaConfig().lr / 4
     for k in one:
         assert float((ddp[k] - LatentWire_init(k)).abs().max()) > lr / 2, f"{k} did not train"
     # One Adam step moves each weight by about lr x sign(gradient). Gradients summed in another order
@@ -93,6 +97,36 @@ def test_one_process_two_ddp_ranks_and_two_deepspeed_ranks_train_the_same_interl
         assert float((diffs > 1e-5).float().mean()) < 0.01 and float(diffs.max()) <= lr
     losses = [_history(tmp_path, n)[-1]["heldout_loss"] for n in ("ddp", "zero2")]
     assert abs(losses[0] - losses[1]) < 1e-3 * losses[0]
+
+
+def test_the_learning_rate_warms_up_then_decays_and_clipping_bounds_the_gradient(tmp_path, tiny_llama):
+    """lr_factor: linear warm-up to 1, then constant or cosine to 0. In a real step: Adam's first update
+    moves a weight by about the rate, so with 4 warm-up steps by a quarter of lr and no more; with
+    grad_clip the gradient the optimizer read has at most that norm (and without it, more)."""
+    from cross_model.interlingua.train_interlingua import lr_factor
+
+    assert [lr_factor(s, 4, 10, "constant") for s in (0, 1, 3, 4, 9)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(4, 4, 10, "cosine") == 1.0 and lr_factor(7, 4, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(0, 0, 10, "cosine") == 1.0 and 0 < lr_factor(9, 0, 10, "cosine") < 0.03
+    rows = load_task_examples("secret_word", 8, 0, 0)[0]
+    identity = {"receivers": ["tiny-llama-64"], "shape": {"m": 4, "d_z": 32}, "seed": 0}
+    moved, norms = {}, {}
+    for name, extra in (("warm", {"warmup_steps": 4, "grad_clip": 0.05}), ("plain", {})):
+        ic = InterlinguaConfig(m=4, d_z=32, layers=1, steps=1, batch_size=4, checkpoint_every=1, **extra)
+        net = LatentWire(EncoderShape(m=4, d_z=32, layers=1), [receiver_record(tiny_llama)]).attach([tiny_llama])
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+
+        def grad_norm(step, module, name=name):
+            norms[name] = float(torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None]).norm())
+
+        fit_interlingua(net, rows, [], ic, identity, tmp_path / name, torch.device("cpu"), on_step=grad_norm)
+        moved[name] = max(float((net.state_dict()[k] - before[k]).abs().max()) for k in before)
+    lr = InterlinguaConfig().lr
+    assert 0.9 * lr <= moved["plain"] <= 1.01 * lr
+    assert 0.9 * lr / 4 <= moved["warm"] <= 1.01 * lr / 4
+    assert norms["warm"] <= 0.05 * 1.0001 < norms["plain"]
+    with pytest.raises(ValueError, match="warmup_steps .10. must be below steps"):
+        InterlinguaConfig(steps=10, warmup_steps=10, schedule="cosine").validate("interlingua")
 
 
 def _history(tmp_path: Path, name: str) -> list[dict]:

@@ -37,8 +37,9 @@ from cross_model.training.loop import TrainJob, train_loop
 
 log = logging.getLogger(__name__)
 
-RECIPE_KEYS = ("n_train", "n_heldout", "steps", "batch_size", "lr", "encoder_lr", "weight_decay", "first_weight", "k_weight",
-               "k_tokens", "kd_weight", "tau", "calibrate", "bos", "engine", "zero_stage", "seed")
+RECIPE_KEYS = ("n_train", "n_heldout", "steps", "batch_size", "lr", "encoder_lr", "weight_decay", "warmup_steps", "schedule",
+               "grad_clip", "first_weight", "k_weight", "k_tokens", "kd_weight", "tau", "calibrate", "bos", "engine",
+               "zero_stage", "seed")
 
 
 # --- what is trained on --------------------------------------------------------------------------------
@@ -136,6 +137,16 @@ def heldout_stats(net: LatentWire, rows: list[Example], batch_size: int) -> dict
 TrainedInterlingua = Trained  # what the train stage gets back
 
 
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """The multiple of the base learning rate at `step` (from 0): linear warm-up to 1 over `warmup`
+    steps, then constant or a cosine decay reaching 0 after the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+    return 1.0
+
+
 class _Engine:
     """The optimizer step under DDP (or one process) or DeepSpeed, behind one interface."""
 
@@ -146,6 +157,8 @@ class _Engine:
         rest = [p for p in net.parameters() if p.requires_grad and id(p) not in mine]
         groups = [{"params": encoder, "lr": ic.encoder_lr or ic.lr}, {"params": rest, "lr": ic.lr}]
         self.opt = torch.optim.AdamW(groups, lr=ic.lr, weight_decay=ic.weight_decay)
+        self.base_lrs = [g["lr"] for g in groups]
+        self.ic = ic
         self.model: torch.nn.Module = net
         if ic.engine == "deepspeed":
             if device.type == "cpu":
@@ -160,12 +173,21 @@ class _Engine:
             config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
                       "train_batch_size": micro * world, "zero_optimization": {"stage": ic.zero_stage},
                       "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+            if ic.grad_clip > 0:  # DeepSpeed clips the global norm over every rank's partition itself
+                config["gradient_clipping"] = ic.grad_clip
             self.ds, self.opt, _, _ = deepspeed.initialize(model=net, optimizer=self.opt, config=config)
             self.model = self.ds
         elif is_initialized():
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def schedule(self, step: int) -> None:
+        """The learning rate of the step about to be taken (`step` counts from 0): a function of the step
+        alone, so a resumed run takes the same rates without a scheduler state to restore."""
+        factor = lr_factor(step, self.ic.warmup_steps, self.ic.steps, self.ic.schedule)
+        for group, base in zip(self.opt.param_groups, self.base_lrs):
+            group["lr"] = base * factor
 
     def step(self, loss: torch.Tensor) -> None:
         if self.ds is not None:
@@ -176,6 +198,8 @@ class _Engine:
             return
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.ic.grad_clip > 0:  # DDP's gradients are already the ranks' mean: every rank clips alike
+            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], self.ic.grad_clip)
         self.opt.step()
 
     def optimizer_state(self) -> dict[str, Any]:
@@ -271,7 +295,7 @@ def fit_interlingua(
                    engine.step, engine.optimizer_state, engine.load_optimizer_state, len(train), ic.batch_size, ic.steps,
                    identity["seed"], ic.checkpoint_every, ic.keep_last, sidecar, tuple(identity),
                    heldout=heldout if held else None, heldout_every=ic.eval_every, heldout_at_start=True, stop=stop,
-                   on_step=on_step, log_metrics=log_metrics)
+                   on_step=on_step, log_metrics=log_metrics, schedule=engine.schedule)
     done = train_loop(job)
     meta = {**sidecar, "history": done.history, "final_step": done.step, "receivers": net.records,
             "shape": net.shape.to_dict(), "calibrate": ic.calibrate, "bos_policy": net.bos_policy, "identity": identity}

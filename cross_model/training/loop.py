@@ -64,6 +64,7 @@ class TrainJob:
     stop: StopFlag | None = None
     on_step: Callable[[int, torch.nn.Module], None] | None = None
     log_metrics: Callable[[dict[str, Any]], None] | None = None
+    schedule: Callable[[int], None] | None = None  # sets the learning rate of the step about to be taken
 
     @property
     def steps_per_epoch(self) -> int:
@@ -129,6 +130,8 @@ def train_loop(job: TrainJob, checkpoint: Checkpoint | None = None) -> LoopResul
     while step < job.total_steps:
         epoch, b = divmod(step, per_epoch)
         batch = epoch_order(job.n_rows, job.seed, epoch)[b * job.batch_size : (b + 1) * job.batch_size]
+        if job.schedule is not None:
+            job.schedule(step)
         job.step_optimizer(job.loss(step, batch[rank::world], len(batch)))
         step += 1
         bar.update(1)
