@@ -56,6 +56,9 @@ class GenerationResult:
 
 
 ForwardFn = Callable[..., torch.Tensor]
+# chooses the next token of each active row: (step, logits of the active rows B' x V, their original
+# rows) -> B' token ids. The default is the argmax (greedy).
+ChooseFn = Callable[[int, torch.Tensor, list[int]], torch.Tensor]
 
 
 def default_forward(
@@ -95,8 +98,9 @@ def greedy_generate(
     forward: ForwardFn | None = None,
     max_new_tokens_B: list[int] | None = None,
     first_logits_BV: torch.Tensor | None = None,
+    choose: ChooseFn | None = None,
 ) -> GenerationResult:
-    """Greedy decoding of a left-padded batch.
+    """Greedy decoding of a left-padded batch (or another per-step rule: `choose`).
 
     `cache`/`past_mask_BP`: a prefix already in the cache (its padding mask); `position_offset_B`:
     where each row's new tokens start counting positions; `prefill_context`: entered around the
@@ -133,7 +137,7 @@ def greedy_generate(
     shrink = own_forward
     active = list(range(bsz))  # original row of each row still in the batch
     for step in range(max_steps):
-        next_tok = logits.argmax(dim=-1)
+        next_tok = logits.argmax(dim=-1) if choose is None else choose(step, logits, active)
         for row, tok in zip(active, next_tok.tolist()):
             if done[row]:
                 continue

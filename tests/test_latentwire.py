@@ -296,3 +296,49 @@ def test_interlingua_settings_are_checked_with_the_key_named():
         with pytest.raises(ValueError, match=match):
             InterlinguaConfig(**bad).validate("interlingua")
     InterlinguaConfig().validate("interlingua")
+
+
+def test_the_designs_decoding_bans_eos_at_first_and_samples_the_first_token_from_the_nucleus():
+    """design_chooser on logits where EOS (id 0) leads: banned for the first steps, chosen after; the
+    first token is drawn from the nucleus only (a token outside the top-p mass never comes), at random
+    across rows, and the same row id draws the same token."""
+    from cross_model.interlingua.decoding import design_chooser, nucleus_sample, row_generator
+
+    logits = torch.tensor([[5.0, 4.0, 1.0, -2.0]] * 3)
+    ban = design_chooser({0}, 2, False, 0.7, 0.95, 0, ["a", "b", "c"])
+    assert ban(0, logits, [0, 1, 2]).tolist() == [1, 1, 1] and ban(1, logits[:2], [0, 1]).tolist() == [1, 1]
+    assert ban(2, logits[:1], [0]).tolist() == [0]
+    # probabilities 0.7, 0.29, 0.01 at T = 1: the nucleus at 0.95 is the first two tokens
+    p = torch.tensor([0.7, 0.29, 0.01]).log()
+    g = row_generator(0, "x")
+    draws = [nucleus_sample(p, 1.0, 0.95, g) for _ in range(2000)]
+    assert set(draws) == {0, 1} and 0.6 < draws.count(0) / 2000 < 0.8
+    flat = torch.zeros(2, 50)  # fifty equally likely tokens: rows draw differently, ids reproducibly
+    ids = [f"item-{i}" for i in range(8)]
+    first = [int(design_chooser(set(), 0, True, 0.7, 0.95, 0, [i])(0, flat[:1], [0])) for i in ids]
+    again = design_chooser(set(), 0, True, 0.7, 0.95, 0, ids[::-1])(0, torch.zeros(8, 50), list(range(8))).tolist()
+    assert len(set(first)) > 1 and again == first[::-1]
+    other_seed = [int(design_chooser(set(), 0, True, 0.7, 0.95, 1, [i])(0, flat[:1], [0])) for i in ids]
+    assert other_seed != first
+
+
+def test_latentwire_with_the_designs_decoding_answers_each_item_alike_in_any_batch(tmp_path, tiny_llama, rows):
+    """first_token sample and eos_ban_steps through the method: an item's answer is the same alone and in
+    a batch, and differs from greedy decoding somewhere (the ban itself: the test above)."""
+    from cross_model.interlingua.train_interlingua import publish_final
+    from cross_model.methods.base import ModelPair
+    from cross_model.methods.registry import resolve_method
+
+    net = _net([tiny_llama])
+    publish_final(net, tmp_path / "final", {"receivers": net.records, "shape": SHAPE.to_dict(), "calibrate": True})
+
+    def method(**params):
+        cls, p = resolve_method("latentwire", {"checkpoint": str(tmp_path / "final"), "max_new_tokens": 6, **params})
+        return cls(p, ModelPair(tiny_llama, tiny_llama))
+
+    design = method(first_token="sample", eos_ban_steps=3, first_temperature=2.0, first_top_p=1.0)
+    batched = design.run_batch(rows)
+    alone = [design.run_batch([e])[0] for e in rows]
+    assert [p.answer for p in batched] == [p.answer for p in alone]
+    greedy = method().run_batch(rows)
+    assert [p.answer for p in batched] != [p.answer for p in greedy]

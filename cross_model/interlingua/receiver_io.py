@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cross_model.data.base import Example
-from cross_model.generation import GenerationResult, greedy_generate, positions_from_mask
+from cross_model.generation import ChooseFn, GenerationResult, greedy_generate, positions_from_mask
 from cross_model.models import LoadedModel
 
 ANCHOR = "Answer:"
@@ -247,10 +247,11 @@ def first_token_correct(a: AnswerLogits) -> torch.Tensor:
 
 
 def decode_answers(lm: LoadedModel, prefixes: list[torch.Tensor], questions: list[str], limits: list[int],
-                   bos: bool | None = None) -> tuple[GenerationResult, list[int]]:
-    """Greedy answers after `[BOS?][prefix][question]`; also each row's prompt length in positions."""
+                   bos: bool | None = None, choose: ChooseFn | None = None) -> tuple[GenerationResult, list[int]]:
+    """Greedy answers (or `choose`'s) after `[BOS?][prefix][question]`; also each row's prompt length."""
     c = compose(lm, [p.detach() for p in prefixes], questions, bos=bos)
-    gen = greedy_generate(lm, None, c.mask_BT, max(limits), inputs_embeds_BTD=c.embeds_BTD, max_new_tokens_B=limits)
+    gen = greedy_generate(lm, None, c.mask_BT, max(limits), inputs_embeds_BTD=c.embeds_BTD, max_new_tokens_B=limits,
+                          choose=choose)
     return gen, c.prompt_lengths
 
 

@@ -24,7 +24,9 @@ from typing import Any
 import torch
 
 from cross_model.data.base import Example
+from cross_model.generation import ChooseFn, eos_token_ids
 from cross_model.interlingua import wire
+from cross_model.interlingua.decoding import design_chooser
 from cross_model.interlingua.model import META_FILE, LatentWire, load_latentwire
 from cross_model.interlingua.receiver_io import (
     answer_logits, answer_scores, answer_text, compose, decode_answers, first_token_correct, gold_nll, question_text,
@@ -45,12 +47,24 @@ class LatentWireParams(MethodParams):
     bits: int = field(default=16, metadata={"help": "latent on the wire: 16 (float16, raw) or 8, 4, 3, 2 (quantized)"})
     checkpoint: str | None = field(default=None, metadata={"help": "a finished interlingua directory (None: the train stage's)"})
     score_gold: bool = field(default=True, metadata={"help": "record the gold answer's NLL and first-token accuracy"})
+    first_token: str = field(default="greedy", metadata={"help": "greedy, or sample (the design's: temperature "
+                                                                 "first_temperature, nucleus first_top_p)"})
+    first_temperature: float = field(default=0.7, metadata={"help": "first_token sample: the temperature"})
+    first_top_p: float = field(default=0.95, metadata={"help": "first_token sample: the nucleus mass"})
+    eos_ban_steps: int = field(default=0, metadata={"help": "EOS cannot end an answer in its first N tokens (the "
+                                                            "design's: 4)"})
+    seed: int = field(default=0, metadata={"help": "first_token sample: seeds each row's draw with its example id"})
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
         if self.variant not in VARIANTS:
             raise ValueError(f"{prefix}.variant: {self.variant!r} is not one of {', '.join(VARIANTS)}")
         wire.check_bits(self.bits, "float16")
+        if self.first_token not in ("greedy", "sample"):
+            raise ValueError(f"{prefix}.first_token: greedy or sample, got {self.first_token!r}")
+        if self.first_temperature <= 0 or not 0 < self.first_top_p <= 1 or self.eos_ban_steps < 0:
+            raise ValueError(f"{prefix}: first_temperature > 0, 0 < first_top_p <= 1 and eos_ban_steps >= 0, got "
+                             f"{self.first_temperature}, {self.first_top_p}, {self.eos_ban_steps}")
 
 
 @register("latentwire")
@@ -71,8 +85,9 @@ class LatentWireMethod(Method):
         instance of that receiver)."""
         if params.variant != "latent":
             return {}
-        keep = {k: getattr(params, k) for k in ("sender", "receiver", "checkpoint", "batch_size", "max_new_tokens",
-                                                 "max_prompt_tokens") if getattr(params, k) is not None}
+        shared = ("sender", "receiver", "checkpoint", "batch_size", "max_new_tokens", "max_prompt_tokens", "first_token",
+                  "first_temperature", "first_top_p", "eos_ban_steps", "seed")  # what reads and decodes alike
+        keep = {k: v for k, v in cls.set_fields(params).items() if k in shared}
         return {f"{name}_{v}": {"method": "latentwire", **keep, "variant": v} for v in ("shuffled", "zero")}
 
     @classmethod
@@ -145,12 +160,20 @@ class LatentWireMethod(Method):
             nll, first = gold_nll(a).tolist(), first_token_correct(a).tolist()
         return [{"gold_nll": n, "first_token_correct": f} for n, f in zip(nll, first)]
 
+    def _chooser(self, lm: LoadedModel, examples: list[Example]) -> ChooseFn | None:
+        """Greedy (None), or the design's decoding: a sampled first token and EOS banned at first."""
+        p = self.params
+        if p.first_token == "greedy" and not p.eos_ban_steps:
+            return None
+        return design_chooser(eos_token_ids(lm), p.eos_ban_steps, p.first_token == "sample", p.first_temperature,
+                              p.first_top_p, p.seed, [e.example_id for e in examples])
+
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         lm = self.pair.receiver
         questions = [question_text(e) for e in examples]
         limits = [self.max_new_tokens(e) for e in examples]
         prefixes, sent, z = self._prefixes(lm, examples)
-        gen, lengths = decode_answers(lm, prefixes, questions, limits, self._bos(lm))
+        gen, lengths = decode_answers(lm, prefixes, questions, limits, self._bos(lm), self._chooser(lm, examples))
         answers, n_out = gen.texts, gen.n_generated
         extras = self._gold(lm, prefixes, examples)
         if self.params.variant == "joint":
@@ -171,7 +194,8 @@ class LatentWireMethod(Method):
             with torch.inference_mode():
                 soft = list(self.net.soft_tokens(z, r))
             bos = self._bos(lm)
-            gen = own if lm is self.pair.receiver else decode_answers(lm, soft, questions, limits, bos)[0]
+            gen = own if lm is self.pair.receiver else decode_answers(lm, soft, questions, limits, bos,
+                                                                      self._chooser(lm, examples))[0]
             scored = [" " + t for t in gen.texts]
             candidates.append((gen.texts, gen.n_generated, answer_scores(lm, soft, questions, scored, bos).tolist()))
         answers, n_out, extra = [], [], []
