@@ -342,3 +342,21 @@ def test_latentwire_with_the_designs_decoding_answers_each_item_alike_in_any_bat
     assert [p.answer for p in batched] == [p.answer for p in alone]
     greedy = method().run_batch(rows)
     assert [p.answer for p in batched] != [p.answer for p in greedy]
+
+
+def test_bos_after_prefix_puts_the_bos_between_the_soft_tokens_and_the_question(tiny_llama):
+    """bos: after_prefix (the design's append_bos_after_prefix): [prefix][BOS][question][answer], and no
+    BOS first; the answer's logits are those of the same sequence fed as one embedding row."""
+    from cross_model.interlingua.receiver_io import AFTER_PREFIX, embed_ids, use_bos
+
+    assert use_bos(tiny_llama, "after_prefix") == AFTER_PREFIX
+    prefix = torch.randn(3, tiny_llama.info.hidden_size)
+    q = question_text(load_task_examples("fact_lookup", 1, 0, 0)[0][0])
+    c = compose(tiny_llama, [prefix], [q], [" red"], AFTER_PREFIX)
+    q_ids = tiny_llama.tokenizer(q, add_special_tokens=False)["input_ids"]
+    a_ids = tiny_llama.tokenizer(" red", add_special_tokens=False)["input_ids"] + [eos_id(tiny_llama)]
+    want = torch.cat([prefix, embed_ids(tiny_llama, [tiny_llama.tokenizer.bos_token_id] + q_ids + a_ids)])
+    torch.testing.assert_close(c.embeds_BTD[0], want)
+    assert c.prompt_lengths == [3 + 1 + len(q_ids)]
+    before = compose(tiny_llama, [prefix], [q], [" red"], True)
+    torch.testing.assert_close(before.embeds_BTD[0, 1:4], prefix)  # `always`: BOS first, then the prefix

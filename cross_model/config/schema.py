@@ -146,7 +146,8 @@ class InterlinguaConfig:
     tau: float = _f(1.0, "distillation temperature")
     kd_cache_mb: int = _f(1024, "memory per rank for the teacher's answer logits, computed once per row (rows past it are recomputed)")
     calibrate: bool = _f(True, "scale soft tokens to each receiver's embedding RMS, per example")
-    bos: str = _f("auto", "BOS before the soft tokens: auto (as the tokenizer does), always (also where it does not), never")
+    bos: str = _f("auto", "BOS before the soft tokens: auto (as the tokenizer does), always (also where it does not), never, "
+                  "or after_prefix (the LatentWire design's append_bos_after_prefix: between them and the question)")
     engine: str = _f("ddp", "ddp (torch DistributedDataParallel) or deepspeed (ZeRO, stage zero_stage)")
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage 0, 1 or 2 (engine: deepspeed): shards the optimizer state (1) and gradients (2)")
     checkpoint_dir: str = _f("checkpoints", "where interlingua checkpoints live (relative: under output_dir)")
@@ -177,7 +178,7 @@ class InterlinguaConfig:
         if self.warmup_steps >= self.steps and self.schedule == "cosine":
             raise ValueError(f"{prefix}.warmup_steps ({self.warmup_steps}) must be below steps ({self.steps}) for the "
                              f"cosine schedule to decay")
-        _choice(f"{prefix}.bos", self.bos, ("auto", "always", "never"))
+        _choice(f"{prefix}.bos", self.bos, ("auto", "always", "never", "after_prefix"))
         if self.zero_stage == 3:
             raise ValueError(f"{prefix}.zero_stage: 3 partitions the trainable parameters, which this job reads whole "
                              f"for held-out statistics and checkpoints; use 0, 1 or 2 (the receivers are not sharded "

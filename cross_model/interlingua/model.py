@@ -38,7 +38,7 @@ class TeacherCache:
         self.hits = self.misses = 0
 
     def logits(self, lm: LoadedModel, r: int, contexts: list[str], questions: list[str], answers: list[str],
-               a_max: int, bos: bool) -> torch.Tensor:
+               a_max: int, bos: bool | str) -> torch.Tensor:
         """B x a_max x V, row i's first len(answer_i) positions filled."""
         rows = []
         for key in zip([r] * len(contexts), contexts, questions, answers):
@@ -107,7 +107,7 @@ class LatentWire(nn.Module):
             raise ValueError(f"interlingua: receiver {self.records[r]['name']} is not loaded in this run")
         return lm
 
-    def bos(self, r: int) -> bool:
+    def bos(self, r: int) -> bool | str:
         return use_bos(self.receiver(r), self.bos_policy)
 
     def soft_tokens(self, z_BMZ: torch.Tensor, r: int) -> torch.Tensor:

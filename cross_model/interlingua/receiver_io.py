@@ -38,19 +38,21 @@ def adds_bos(lm: LoadedModel) -> bool:
     return lm.cached("interlingua_adds_bos", compute)
 
 
-BOS_POLICIES = ("auto", "always", "never")
+BOS_POLICIES = ("auto", "always", "never", "after_prefix")
+AFTER_PREFIX = "after"  # `compose`'s bos: the BOS between the prefix and the question
 
 
-def use_bos(lm: LoadedModel, policy: str = "auto") -> bool:
+def use_bos(lm: LoadedModel, policy: str = "auto") -> bool | str:
     """auto: BOS first when the tokenizer starts texts with it (Gemma); always: also where it does
     not (SmolLM2's `<|im_start|>`, which begins every chat), so that no soft token sits at position 0,
-    where models park attention; never: no BOS."""
+    where models park attention; never: no BOS; after_prefix: the LatentWire design's
+    `append_bos_after_prefix`, a BOS after the prefix, before the question (and none first)."""
     if policy == "auto":
         return adds_bos(lm)
-    if policy == "always":
+    if policy in ("always", "after_prefix"):
         if lm.tokenizer.bos_token_id is None:
-            raise ValueError(f"interlingua.bos: always, but {lm.info.name} has no BOS token; use auto or never")
-        return True
+            raise ValueError(f"interlingua.bos: {policy}, but {lm.info.name} has no BOS token; use auto or never")
+        return True if policy == "always" else AFTER_PREFIX
     if policy == "never":
         return False
     raise ValueError(f"interlingua.bos: {policy!r} is not one of {', '.join(BOS_POLICIES)}")
@@ -134,16 +136,20 @@ class Composed:
 
 
 def compose(lm: LoadedModel, prefixes: list[torch.Tensor], questions: list[str], answers: list[str] | None = None,
-            bos: bool | None = None) -> Composed:
+            bos: bool | str | None = None) -> Composed:
     """`[BOS?][prefix][question][answer + EOS]` per row, left-padded. `prefixes`: n_i x D each (soft
-    tokens or embedded ids; gradients flow through them). `bos`: None follows the tokenizer."""
+    tokens or embedded ids; gradients flow through them). `bos`: None follows the tokenizer; True first;
+    `AFTER_PREFIX` between the prefix and the question."""
     tok = lm.tokenizer
-    bos = [tok.bos_token_id] if (adds_bos(lm) if bos is None else bos) else []
+    after = bos == AFTER_PREFIX
+    first = [tok.bos_token_id] if not after and (adds_bos(lm) if bos is None else bos) else []
     rows, answer_ids = [], [] if answers is not None else None
     for i, (prefix, q) in enumerate(zip(prefixes, questions)):
         q_ids = tok(q, add_special_tokens=False)["input_ids"]
-        parts = [embed_ids(lm, bos)] if bos else []
-        parts += [prefix.to(lm.dtype), embed_ids(lm, q_ids)]
+        parts = [embed_ids(lm, first)] if first else []
+        parts += [prefix.to(lm.dtype)]
+        parts += [embed_ids(lm, [tok.bos_token_id])] if after else []
+        parts += [embed_ids(lm, q_ids)]
         if answers is not None:
             a_ids = tok(answers[i], add_special_tokens=False)["input_ids"] + [eos_id(lm)]
             answer_ids.append(a_ids)
@@ -247,7 +253,7 @@ def first_token_correct(a: AnswerLogits) -> torch.Tensor:
 
 
 def decode_answers(lm: LoadedModel, prefixes: list[torch.Tensor], questions: list[str], limits: list[int],
-                   bos: bool | None = None, choose: ChooseFn | None = None) -> tuple[GenerationResult, list[int]]:
+                   bos: bool | str | None = None, choose: ChooseFn | None = None) -> tuple[GenerationResult, list[int]]:
     """Greedy answers (or `choose`'s) after `[BOS?][prefix][question]`; also each row's prompt length."""
     c = compose(lm, [p.detach() for p in prefixes], questions, bos=bos)
     gen = greedy_generate(lm, None, c.mask_BT, max(limits), inputs_embeds_BTD=c.embeds_BTD, max_new_tokens_B=limits,
@@ -257,7 +263,7 @@ def decode_answers(lm: LoadedModel, prefixes: list[torch.Tensor], questions: lis
 
 @torch.inference_mode()
 def answer_scores(lm: LoadedModel, prefixes: list[torch.Tensor], questions: list[str], answers: list[str],
-                  bos: bool | None = None) -> torch.Tensor:
+                  bos: bool | str | None = None) -> torch.Tensor:
     """Length-normalised log-probability of each row's answer (EOS included): joint rescoring's score."""
     a = answer_logits(lm, compose(lm, prefixes, questions, answers, bos))
     return -gold_nll(a)

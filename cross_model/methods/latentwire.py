@@ -147,7 +147,7 @@ class LatentWireMethod(Method):
             soft = self.net.soft_tokens(z, self.net.index_of(lm.info.name))
         return list(soft), sent, z
 
-    def _bos(self, lm: LoadedModel) -> bool:
+    def _bos(self, lm: LoadedModel) -> bool | str:
         """The BOS policy the interlingua was trained with (the tokenizer's own for text without one)."""
         return use_bos(lm, self.net.bos_policy if self.net is not None else "auto")
 
