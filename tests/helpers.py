@@ -95,7 +95,7 @@ def two_gloo_ranks(target, *args) -> dict:
     return got
 
 
-MUTABLE = ("id", "_id", "pid", "question", "input", "problem", "dialogue", "cropped_code", "prompt_B")
+MUTABLE = ("id", "_id", "pid", "question", "input", "problem", "dialogue", "cropped_code", "prompt_B", "sentence", "text")
 
 
 def distinct_copies(rows: list[dict], n: int) -> list[dict]:
@@ -107,6 +107,8 @@ def distinct_copies(rows: list[dict], n: int) -> list[dict]:
         for key in MUTABLE:
             if isinstance(row.get(key), str):
                 row[key] = f"{row[key]}\\n# {k}" if key in ("dialogue", "cropped_code") else f"{row[key]} v{k}"
+        if isinstance(row.get("idx"), int):  # SST-2's integer id
+            row["idx"] = row["idx"] * 10_000 + k  # distinct also for copies of copies (k < 10000)
         out.append(row)
     return out
 

@@ -25,6 +25,7 @@ SOURCES = {
     "musique_ms_public": "musique", "twowikimqa_ms_public": "twowikimqa_longbench",
     "hotpotqa_full": "hotpotqa", "musique_full": "musique", "multifieldqa_en_public": "qasper",
     "twowikimqa_public": "qasper", "qasper_public": "scrolls_qasper", "qasper_full": "scrolls_qasper",
+    "sst2": "sst2", "ag_news": "ag_news", "trec": "trec",
 }
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, str]:
@@ -126,7 +127,7 @@ def test_test_items_stay_inside_the_test_region_and_training_rows_are_refused_wh
     with pytest.raises(ValueError, match="153 training items asked, the source keeps 152"):
         training_region(items, 153, "x", 1000)
     with pytest.raises(ValueError, match="task 'qasper' keeps no rows for training; train on one that does: "
-                                         "countries, fact_lookup"):
+                                         "ag_news, countries, fact_lookup"):
         task_rows("qasper", 1, 0, None)
     with pytest.raises(ValueError, match="training rows come from our generator, not from the public file"):
         task_rows("countries", 1, 0, str(FIX / "public" / "countries.jsonl"))

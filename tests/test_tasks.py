@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from cross_model.data import available_tasks, load_task_examples
+from cross_model.data import available_tasks, get_task, load_task_examples
 from cross_model.data.corpus import load_corpus
+from cross_model.metrics import score_prediction
 from tests.conftest import ROOT
 
 FIX = ROOT / "tests" / "fixtures"
@@ -256,3 +257,52 @@ def test_multi_sender_tasks_split_the_supporting_facts_between_two_senders(tmp_p
     assert m.prompt_A == "Noise: Unrelated text." and m.more_senders == ("Apple: Apple was founded by Steve Jobs.",)
     with pytest.raises(ValueError, match="exceeds the 1 rows"):
         load_task_examples("musique_ms", 2, 0, path=str(musique))
+
+
+@pytest.mark.parametrize("name,label_of", [
+    ("sst2", lambda r: ["negative", "positive"][r["label"]]),
+    ("ag_news", lambda r: [["World"], ["Sports"], ["Business"], ["Science", "Technology"]][r["label"]]),
+    ("trec", lambda r: ["abbreviation", "entity", "description", "human", "location", "number"][r["coarse_label"]]),
+])
+def test_latentwires_classification_tasks_read_their_hub_formats(name, label_of):
+    """SST-2, AG News and TREC (LatentWire's datasets beyond SQuAD) from fixtures in the hubs' record
+    formats: A reads the text, B is asked for its label, the gold is the label's name and the
+    candidates are every label's (for first-named)."""
+    rows = [json.loads(line) for line in (FIX / f"{name}.jsonl").read_text().splitlines()]
+    test, _ = load_task_examples(name, len(rows), 0, path=str(FIX / f"{name}.jsonl"))
+    by_text = {r.get("sentence", r.get("text")).strip(): r for r in rows}
+    assert len(test) == len(rows)
+    for e in test:
+        row = by_text[e.prompt_A.removeprefix("Question: ")]
+        gold = label_of(row)
+        assert list(e.answers) == (gold if isinstance(gold, list) else [gold])
+        assert set(e.answers) <= set(e.meta["candidates"]) and e.prompt_A not in e.prompt_B
+        assert score_prediction(e.metric, e.answers[0], e.answers, e.meta["candidates"])["first_named"] == 1.0
+
+
+def test_hub_tasks_with_a_training_split_train_on_it(monkeypatch):
+    """Without a local copy, squad, sst2, ag_news, trec, hotpotqa and gsm8k hand out training rows from
+    their own training split (SQuAD's 87,599 train rows for the paper-scale config), in its seed-42
+    order, never from the evaluated split. The hub cannot be reached here: `load_rows` is replaced by
+    the fixture's rows, and the test checks which split was asked for."""
+    import datasets
+
+    from cross_model.data import hub
+    from cross_model.data.training_rows import task_rows
+
+    asked = []
+    rows = [json.loads(line) for line in (FIX / "sst2.jsonl").read_text().splitlines()]
+
+    def fake_load_rows(source, local_path):
+        asked.append((source.path, source.split, local_path))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(hub, "load_rows", fake_load_rows)
+    train = task_rows("sst2", 3, 0, None)
+    assert asked == [("stanfordnlp/sst2", "train", None)]
+    order = datasets.Dataset.from_list(rows).shuffle(seed=hub.SHUFFLE_SEED)
+    assert [e.prompt_A for e in train] == [order[i]["sentence"].strip() for i in range(3)]
+    with pytest.raises(ValueError, match="6 training rows asked, stanfordnlp/sst2 .* train has 5"):
+        task_rows("sst2", 6, 0, None)
+    for name in ("squad", "hotpotqa", "gsm8k", "ag_news", "trec"):
+        assert "training rows from train" in get_task(name).description

@@ -40,6 +40,9 @@ REVISIONS: dict[str, str | None] = {
     "tianyang/repobench_python_v1.1": None,
     "knkarthick/samsum": None,
     "teknium/OpenHermes-2.5": None,
+    "stanfordnlp/sst2": None,
+    "fancyzhx/ag_news": None,
+    "CogComp/trec": None,
 }
 
 
@@ -109,14 +112,18 @@ def load_rows(source: HubSource, local_path: str | None) -> Any:
 
 def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tuple[str, str, str, list[str]]],
                 keep: Callable[[dict], bool] | None = None, sample: bool = True, items_of: str | None = None,
-                keep_after_shuffle: bool = False):
+                keep_after_shuffle: bool = False, train_source: HubSource | None = None,
+                candidates: tuple[str, ...] = ()):
     """(build, train) for a hub task. `keep` filters rows before the shuffle (as the public single-
     sender loaders filter before they sample), or after it with `keep_after_shuffle` (as the public
     multi-sender loaders do: shuffle, filter, select); without `sample` the rows stay in the split's
     order, n_test defaults to all of them (the `_full` tasks) and no rows are kept for training.
-    `items_of`: another reading of that task's rows (the same ids, so the two pair item by item)."""
-    def ordered_rows(path: str | None) -> Any:
-        rows = load_rows(source, path)
+    `items_of`: another reading of that task's rows (the same ids, so the two pair item by item).
+    `train_source`: the dataset's own training split, which then gives the training rows (from the
+    hub; a local `path` copy of the evaluated split keeps giving the rows after its test region).
+    `candidates`: the label names a classification task's answer is one of (for first-named)."""
+    def ordered_rows(path: str | None, of: HubSource = source) -> Any:
+        rows = load_rows(of, path)
         if keep is not None and not keep_after_shuffle:
             rows = rows.filter(keep)
         rows = rows.shuffle(seed=SHUFFLE_SEED) if sample else rows
@@ -134,7 +141,7 @@ def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tupl
             max_new_tokens=task.max_new_tokens,
             metric=task.metric,
             kind=task.kind,
-            meta={"split": split},
+            meta={"split": split, **({"candidates": list(candidates)} if candidates else {})},
             more_senders=tuple(more[0]) if more else (),
         )
 
@@ -147,6 +154,12 @@ def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tupl
         return [make(rows[i], "test") for i in test_rows], [make(rows[i], "calib") for i in calib_rows]
 
     def train(n_rows: int, seed: int, path: str | None = None) -> list[Example]:
+        if train_source is not None and not path:  # another split: no row of it is a test or calibration row
+            rows = ordered_rows(None, train_source)
+            if n_rows > len(rows):
+                raise ValueError(f"tasks.{task_name}: {n_rows} training rows asked, {train_source.describe()} has "
+                                 f"{len(rows)}; lower n_train/n_heldout")
+            return [make(rows[i], "train") for i in range(n_rows)]
         rows = ordered_rows(path)
         return [make(rows[i], "train") for i in training_region(list(range(len(rows))), n_rows, task_name,
                                                                 TEST_REGION, "rows")]
@@ -189,6 +202,38 @@ def parse_gsm8k(row: dict) -> tuple[str, str, str, list[str]]:
 
     rid = hashlib.sha1(row["question"].encode()).hexdigest()[:12]
     return rid, row["question"], row["question"], [row["answer"].split("####")[-1].strip()]
+
+
+SST2_LABELS = ("negative", "positive")
+AG_NEWS_LABELS = (("World",), ("Sports",), ("Business",), ("Science", "Technology"))  # label 3 is Sci/Tech
+AG_NEWS_CANDIDATES = tuple(name for names in AG_NEWS_LABELS for name in names)
+TREC_LABELS = ("abbreviation", "entity", "description", "human", "location", "number")  # ABBR ... NUM
+
+
+def _text_id(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def parse_sst2(row: dict) -> tuple[str, str, str, list[str]]:
+    """SST-2 (GLUE; validation, labelled): the sentence for A; B names its sentiment."""
+    return (str(row["idx"]), row["sentence"].strip(), "Is the sentiment of the passage positive or negative?",
+            [SST2_LABELS[row["label"]]])
+
+
+def parse_ag_news(row: dict) -> tuple[str, str, str, list[str]]:
+    """AG News: the article for A; B names its topic (gold: the label's name or names)."""
+    return (_text_id(row["text"]), row["text"], "Which topic is the article about: World, Sports, Business, or "
+            "Science and Technology?", list(AG_NEWS_LABELS[row["label"]]))
+
+
+def parse_trec(row: dict) -> tuple[str, str, str, list[str]]:
+    """TREC question classification (coarse labels): the question for A; B names the kind of answer it
+    asks for. Older copies name the field `label-coarse`."""
+    label = row["coarse_label"] if "coarse_label" in row else row["label-coarse"]
+    return (_text_id(row["text"]), f"Question: {row['text']}", "What kind of answer does the question ask for: "
+            "abbreviation, entity, description, human, location, or number?", [TREC_LABELS[label]])
 
 
 def repobench_prompts(row: dict) -> tuple[str, str]:
@@ -297,31 +342,44 @@ TASKS: dict[str, Task] = {}
 
 def _register(name: str, source: HubSource, parse: Callable, metric: str, max_new_tokens: int, kind: str = QA,
               n_test: int = 500, keep: Callable[[dict], bool] | None = None, sample: bool = True,
-              items_of: str | None = None, keep_after_shuffle: bool = False) -> None:
-    build, train = _hub_builder(name, source, parse, keep, sample, items_of, keep_after_shuffle)
+              items_of: str | None = None, keep_after_shuffle: bool = False, train_split: str | None = None,
+              candidates: tuple[str, ...] = ()) -> None:
+    train_source = HubSource(source.path, source.name, train_split) if train_split else None
+    build, train = _hub_builder(name, source, parse, keep, sample, items_of, keep_after_shuffle, train_source,
+                                candidates)
     if source.rows is not None and source.rows - calibration_reserve(source.rows) <= TEST_REGION:
         train = None  # every row is a test or calibration row (LongBench)
     TASKS[name] = register_task(
         Task(name, metric, max_new_tokens, n_test if sample else 10**9, build, kind=kind,
-             description=source.describe() + ("" if sample else ", every row"),
+             description=source.describe() + ("" if sample else ", every row")
+             + (f", training rows from {train_split}" if train_split else ""),
              rows_available=source.rows if keep is None else None, source=source, train=train)
     )
 
 
-_register("hotpotqa", HubSource("hotpotqa/hotpot_qa", "distractor", "validation"), parse_hotpotqa, "f1_match", 48)
+_register("hotpotqa", HubSource("hotpotqa/hotpot_qa", "distractor", "validation"), parse_hotpotqa, "f1_match", 48,
+          train_split="train")
 _register("musique", HubSource("dgslibisey/MuSiQue", None, "validation"), parse_musique, "f1_match", 48)
 _LONGBENCH = "Xnhyacinth/LongBench"
 _register("qasper", HubSource(_LONGBENCH, "qasper", "test", rows=200), parse_longbench, "f1_match", 128)
 _register("multifieldqa_en", HubSource(_LONGBENCH, "multifieldqa_en", "test", rows=150), parse_longbench, "f1_match", 64)
 _register("twowikimqa", HubSource(_LONGBENCH, "2wikimqa", "test", rows=200), parse_longbench, "f1_match", 32)
-_register("squad", HubSource("rajpurkar/squad", None, "validation"), parse_squad, "exact_match", 32)
-_register("gsm8k", HubSource("openai/gsm8k", "main", "test"), parse_gsm8k, "numeric_match", 256, kind=MATH)
+_register("squad", HubSource("rajpurkar/squad", None, "validation"), parse_squad, "exact_match", 32, train_split="train")
+_register("gsm8k", HubSource("openai/gsm8k", "main", "test"), parse_gsm8k, "numeric_match", 256, kind=MATH,
+          train_split="train")
 _REPOBENCH = HubSource("tianyang/repobench_python_v1.1", None, "cross_file_first")
 _SAMSUM = HubSource("knkarthick/samsum", None, "test")
 _register("repobench", _REPOBENCH, parse_repobench, "edit_similarity", 100, kind=CODE, n_test=1000, keep=repobench_fits)
 _register("repobench_full", _REPOBENCH, parse_repobench, "edit_similarity", 100, kind=CODE, keep=repobench_fits,
           sample=False)
 _register("samsum", _SAMSUM, parse_samsum, "rouge_l_recall", 300, kind=SUMMARY)
+# LatentWire's classification tasks: A reads the text, B names its label (one of the candidates).
+_register("sst2", HubSource("stanfordnlp/sst2", None, "validation"), parse_sst2, "f1_match", 8, train_split="train",
+          candidates=SST2_LABELS)
+_register("ag_news", HubSource("fancyzhx/ag_news", None, "test"), parse_ag_news, "f1_match", 8, train_split="train",
+          candidates=AG_NEWS_CANDIDATES)
+_register("trec", HubSource("CogComp/trec", None, "test"), parse_trec, "f1_match", 8, train_split="train",
+          candidates=TREC_LABELS)
 # Multi-sender (the public com_ms.py): items with at least two supporting facts, split between two senders.
 _register("hotpotqa_ms", HubSource("hotpotqa/hotpot_qa", "distractor", "validation"),
           two_senders(hotpotqa_facts, lambda r: [r["answer"]], " "), "f1_match", 48,
