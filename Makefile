@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # Test files are spread over this many processes (pytest-xdist; a file's tests stay in one process).
 TEST_WORKERS ?= 2
 
-.PHONY: demo two-hop pareto latentwire latentwire-two qkvcomm-scheme projection-ridge c2c facts layer-sweep docs-tables test test-fast test-gpu bench bench-gpu legacy-transformers install clean-venv
+.PHONY: demo two-hop pareto latentwire latentwire-two latentwire-compressed qkvcomm-scheme projection-ridge c2c facts layer-sweep docs-tables test test-fast test-gpu bench bench-gpu legacy-transformers install clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt requirements-deepspeed.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ latentwire: $(STAMP)
 latentwire-two: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(LW_NPROC) run_experiments.py --config configs/latentwire_two_receivers.yaml
 	$(PY) -m cross_model.doc_tables --publish runs/latentwire_two_receivers docs/latentwire_two
+	$(PY) -m cross_model.doc_tables --write
+
+latentwire-compressed: $(STAMP)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(LW_NPROC) run_experiments.py --config configs/latentwire_compressed.yaml
+	$(PY) -m cross_model.doc_tables --publish runs/latentwire_compressed docs/latentwire_compressed
 	$(PY) -m cross_model.doc_tables --write
 
 qkvcomm-scheme: $(STAMP)

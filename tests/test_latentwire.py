@@ -360,3 +360,22 @@ def test_bos_after_prefix_puts_the_bos_between_the_soft_tokens_and_the_question(
     assert c.prompt_lengths == [3 + 1 + len(q_ids)]
     before = compose(tiny_llama, [prefix], [q], [" red"], True)
     torch.testing.assert_close(before.embeds_BTD[0, 1:4], prefix)  # `always`: BOS first, then the prefix
+
+
+def test_the_compressed_config_sends_fewer_bytes_than_the_text_on_every_test_item():
+    """configs/latentwire_compressed.yaml: at every wire width its latent methods use, the encoded latent
+    (header, scales and checksum included) is smaller than each test item's context as text."""
+    from pathlib import Path
+
+    from cross_model.config import load_config
+    from cross_model.methods.registry import resolve_method
+
+    cfg = load_config(str(Path(__file__).resolve().parent.parent / "configs" / "latentwire_compressed.yaml"))
+    ic, task = cfg.interlingua, cfg.tasks[0]
+    widths = {resolve_method(n, p)[1].bits for n, p in cfg.methods.items()
+              if resolve_method(n, p)[0].__name__ == "LatentWireMethod" and resolve_method(n, p)[1].variant == "latent"}
+    assert widths == {16, 8, 4}
+    test, _ = load_task_examples(task.name, task.n_test, task.n_calib, cfg.seed)
+    smallest_text = min(len(e.prompt_A.encode("utf-8")) for e in test)
+    for bits in widths:
+        assert len(wire.encode(torch.randn(ic.m, ic.d_z), bits, "float16")) < smallest_text
