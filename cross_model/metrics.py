@@ -201,6 +201,47 @@ def first_named_match(prediction: str, answers: Sequence[str], candidates: Itera
     return float(any(positions.get(g) == first for g in gold))
 
 
+# C2C's answer extraction (thu-nics/C2C, rosetta/utils/evaluate.py), as rules: the first of these cues
+# (any case) whose rest of line holds a capital A-D gives it; else a lone letter (any case) at the end
+# or before punctuation, the last one; else any lone a-d, the last; else the last capital A-D anywhere.
+# Lone letters are not taken from text that looks like arithmetic without a word of answering.
+_CHOICE_CUES = [re.compile(p + r"\s*(.*)", re.IGNORECASE) for p in (
+    r"Answer:", r"Your answer:", r"The answer is", r"Correct answer is", r"Correct answer is:", r"Correct answer:",
+    r"Jibu lako:", r"Jibu:", r"Jibu sahihi:", r"Response:", r"Choice:", r"Option:")]
+_LONE_LETTER = [re.compile(p, re.IGNORECASE) for p in (
+    r"\b([A-D])(?:\s*[.,!?:)]?\s*$)", r"\b([A-D])(?:\s*[.,!?:)]\s)", r"(?:^|\s)([A-D])(?:\s*$)")]
+_ANY_LETTER = re.compile(r"\b([A-D])\b", re.IGNORECASE)
+_MATH_SIGNS = ("+", "-", "*", "/", "=", "^", "x^", "y^", "z^", "mod", "sqrt", "sin", "cos", "tan")
+_ANSWER_WORDS = ("jibu", "answer", "choice", "option", "response", "correct", "sahihi")
+
+
+def extract_choice_letter(text: str) -> str | None:
+    """The letter A-D a multiple-choice answer gives, by C2C's rules (above)."""
+    text = text.strip()
+    if not text:
+        return None
+    for cue in _CHOICE_CUES:
+        m = cue.search(text)
+        if m:
+            letter = next((c for c in m.group(1).strip() if c in "ABCD"), None)
+            if letter:
+                return letter
+    arithmetic = any(s in text for s in _MATH_SIGNS) and not any(w in text.lower() for w in _ANSWER_WORDS)
+    for pattern in _LONE_LETTER:
+        found = pattern.findall(text)
+        if found and not arithmetic:
+            return found[-1].upper()
+    found = _ANY_LETTER.findall(text)
+    if found:
+        return None if arithmetic else found[-1].upper()
+    return next((c for c in reversed(text) if c in "ABCD"), None)
+
+
+def choice_letter(prediction: str, answers: Sequence[str]) -> float:
+    """Multiple choice as C2C scores it: the extracted letter is the gold letter (`answers[0]`)."""
+    return float(extract_choice_letter(prediction) == answers[0])
+
+
 METRICS = {
     "f1_match": f1_match,
     "exact_match": exact_match,
@@ -208,6 +249,7 @@ METRICS = {
     "rouge_l_recall": rouge_l_recall,
     "rouge_l_recall_public": rouge_l_recall_public,
     "edit_similarity": edit_similarity,
+    "choice_letter": choice_letter,
 }
 # What `preset: kvcomm_public` scores a task with instead of its own metric.
 PUBLIC_METRICS = {"rouge_l_recall": "rouge_l_recall_public"}

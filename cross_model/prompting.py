@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from cross_model.data.base import CODE, MATH, QA, SUMMARY, Example
+from cross_model.data.base import CHOICE, CODE, MATH, QA, SUMMARY, Example
 from cross_model.models import LoadedModel
 
 QA_INSTRUCTION = "Directly answer the question based on the context passage, no explanation is needed."
@@ -18,7 +18,11 @@ MATH_INSTRUCTION = "Answer the math problem step by step."
 # the dialogue), B the in-file code (the second half).
 CODE_INSTRUCTION = "Complete the next line of code, using the code in the context; answer with that line only."
 SUMMARY_INSTRUCTION = "Summarize the whole dialogue, the part in the context and the part in the question, briefly."
-INSTRUCTIONS = {MATH: MATH_INSTRUCTION, CODE: CODE_INSTRUCTION, SUMMARY: SUMMARY_INSTRUCTION}
+# Multiple choice (C2C's benchmarks): both agents read the question; B's prompt is the benchmark's own
+# answer template, read as it is (it carries its instructions), A's the question and its choices.
+CHOICE_INSTRUCTION = "Read the multiple-choice question and its choices."
+INSTRUCTIONS = {MATH: MATH_INSTRUCTION, CODE: CODE_INSTRUCTION, SUMMARY: SUMMARY_INSTRUCTION,
+                CHOICE: CHOICE_INSTRUCTION}
 SENDER_AWARE_INSTRUCTION = (
     "Summarize the context passage in a concise way, as it will be used by another agent to answer the question."
 )
@@ -67,6 +71,8 @@ def sender_text(example: Example, instr: str | None = None) -> str:
 
 
 def receiver_text(example: Example) -> str:
+    if example.kind == CHOICE:
+        return example.prompt_B
     instr, _, b_label = _labels(example)
     return f"Instruction: {instr} {b_label}: {example.prompt_B}"
 
@@ -81,6 +87,8 @@ def baseline_text(example: Example) -> str:
 
 def skyline_text(example: Example, context: str | None = None) -> str:
     instr, a_label, b_label = _labels(example)
+    if example.kind == CHOICE:
+        return f"{a_label}: {context if context is not None else example.prompt_A}\n\n{example.prompt_B}"
     return f"Instruction: {instr} {a_label}: {context if context is not None else example.prompt_A} {b_label}: {example.prompt_B}"
 
 

@@ -95,7 +95,8 @@ def two_gloo_ranks(target, *args) -> dict:
     return got
 
 
-MUTABLE = ("id", "_id", "pid", "question", "input", "problem", "dialogue", "cropped_code", "prompt_B", "sentence", "text")
+MUTABLE = ("id", "_id", "pid", "question", "question_stem", "input", "problem", "dialogue", "cropped_code", "prompt_B",
+           "sentence", "text")
 
 
 def distinct_copies(rows: list[dict], n: int) -> list[dict]:

@@ -25,7 +25,8 @@ SOURCES = {
     "musique_ms_public": "musique", "twowikimqa_ms_public": "twowikimqa_longbench",
     "hotpotqa_full": "hotpotqa", "musique_full": "musique", "multifieldqa_en_public": "qasper",
     "twowikimqa_public": "qasper", "qasper_public": "scrolls_qasper", "qasper_full": "scrolls_qasper",
-    "sst2": "sst2", "ag_news": "ag_news", "trec": "trec",
+    "sst2": "sst2", "ag_news": "ag_news", "trec": "trec", "mmlu_redux": "mmlu_redux", "arc_challenge": "arc_challenge",
+    "openbookqa": "openbookqa",
 }
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, str]:
@@ -127,7 +128,7 @@ def test_test_items_stay_inside_the_test_region_and_training_rows_are_refused_wh
     with pytest.raises(ValueError, match="153 training items asked, the source keeps 152"):
         training_region(items, 153, "x", 1000)
     with pytest.raises(ValueError, match="task 'qasper' keeps no rows for training; train on one that does: "
-                                         "ag_news, countries, fact_lookup"):
+                                         "ag_news, arc_challenge, countries"):
         task_rows("qasper", 1, 0, None)
     with pytest.raises(ValueError, match="training rows come from our generator, not from the public file"):
         task_rows("countries", 1, 0, str(FIX / "public" / "countries.jsonl"))

@@ -306,3 +306,76 @@ def test_hub_tasks_with_a_training_split_train_on_it(monkeypatch):
         task_rows("sst2", 6, 0, None)
     for name in ("squad", "hotpotqa", "gsm8k", "ag_news", "trec"):
         assert "training rows from train" in get_task(name).description
+
+
+@pytest.mark.parametrize("text,letter", [
+    (" B", "B"), ("The correct answer is C.", "C"), ("Answer: D) the last one", "D"),
+    ("answer: the second, B", "B"),  # a cue, then the first capital letter after it
+    ("The correct answer is: A/B/C/D", "A"),
+    ("It is a dog", "A"),  # C2C's lone-letter rule takes any case: the article counts as A
+    ("x = 2 + b", None),  # arithmetic without a word of answering: no letter
+    ("The answer: 2 + b", "B"),  # ... unless it answers
+    ("C) blue, D) red", "D"), ("nothing here", None), ("", None),
+])
+def test_choice_letters_are_extracted_by_c2cs_rules(text, letter):
+    from cross_model.metrics import choice_letter, extract_choice_letter
+
+    assert extract_choice_letter(text) == letter
+    assert choice_letter(text, ["B", "text"]) == float(letter == "B")
+
+
+@pytest.mark.parametrize("name,golds", [
+    # MMLU-Redux: the `no_correct_answer` and `expert` rows are left out; `wrong_groundtruth` rows take
+    # their corrected answer (a letter, or a digit)
+    ("mmlu_redux", {"Which planet is known as the Red Planet?": "B", "What is the closest star to the Earth?": "C",
+                    "Which of these is a virus?": "B", "Which is the most populous continent?": "B"}),
+    # ARC: the row keyed "3" (labels 1-4) is left out; a five-choice row keeps its five
+    ("arc_challenge", {"Which tool is best for measuring the mass of a rock?": "A"}),
+    ("openbookqa", {"Predators eat": "C", "There is most likely going to be fog around:": "A"}),
+])
+def test_c2cs_benchmarks_read_their_hub_formats_and_ask_in_c2cs_template(name, golds):
+    from cross_model.data.multiple_choice import TEMPLATE
+    from cross_model.prompting import receiver_text
+
+    path = str(FIX / f"{name}.jsonl")
+    rows = [json.loads(line) for line in (FIX / f"{name}.jsonl").read_text().splitlines()]
+    kept = {"mmlu_redux": 4, "arc_challenge": 3, "openbookqa": 3}[name]
+    test, _ = load_task_examples(name, kept, 0, path=path)
+    assert len(test) == kept
+    with pytest.raises(ValueError, match="exceeds"):
+        load_task_examples(name, kept + 1, 0, path=path)  # the left-out rows are not items
+    for e in test:
+        question = e.prompt_A.split("\n\nChoices:\n")[0]
+        row = next(r for r in rows if r.get("question", r.get("question_stem")) == question)
+        choices = row["choices"] if isinstance(row["choices"], list) else row["choices"]["text"]
+        block = "".join(f"{'ABCDE'[i]}. {c}\n" for i, c in enumerate(choices))
+        assert receiver_text(e) == e.prompt_B == TEMPLATE.format(question=question, choices=block)
+        assert "\n\n\nInstructions:" in e.prompt_B and e.prompt_B.endswith("The correct answer is")
+        if question in golds:
+            assert e.answers[0] == golds[question]
+        assert e.answers[1] == choices["ABCD".index(e.answers[0])] and e.meta["candidates"] == choices
+        assert score_prediction(e.metric, f" {e.answers[0]}", e.answers, e.meta["candidates"])["score"] == 1.0
+
+
+def test_mmlu_redux_reads_every_subject_config_and_labels_its_rows(monkeypatch):
+    """From the hub, MMLU-Redux 2.0 is one config per subject: all 57 are read and concatenated, each row
+    labelled with its subject. The hub cannot be reached here: `datasets.load_dataset` is replaced by
+    the fixture's rows of the subject asked for, and the test checks which configs were asked."""
+    import datasets
+
+    from cross_model.data.hub import load_rows
+    from cross_model.data.multiple_choice import MMLU_REDUX_SUBJECTS
+
+    rows = [json.loads(line) for line in (FIX / "mmlu_redux.jsonl").read_text().splitlines()]
+    asked = []
+
+    def fake(path, name, split, revision=None):
+        asked.append((path, name, split))
+        return datasets.Dataset.from_list([{k: v for k, v in r.items() if k != "subject"} for r in rows
+                                           if r["subject"] == name] or [{k: v for k, v in rows[0].items() if k != "subject"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    got = load_rows(get_task("mmlu_redux").source, None)
+    assert [a[1] for a in asked] == list(MMLU_REDUX_SUBJECTS) and len(MMLU_REDUX_SUBJECTS) == 57
+    assert {a[0] for a in asked} == {"edinburgh-dawg/mmlu-redux-2.0"} and {a[2] for a in asked} == {"test"}
+    assert got[0]["subject"] == "abstract_algebra" and "virology" in set(got["subject"])

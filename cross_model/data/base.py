@@ -10,6 +10,7 @@ QA = "qa"
 MATH = "math"
 CODE = "code"
 SUMMARY = "summary"
+CHOICE = "choice"  # multiple choice: B's prompt is the benchmark's own answer template
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class Example:
     answers: tuple[str, ...]
     task: str
     max_new_tokens: int
-    metric: str  # f1_match, exact_match, numeric_match, rouge_l_recall, edit_similarity
+    metric: str  # f1_match, exact_match, numeric_match, rouge_l_recall, edit_similarity, choice_letter
     kind: str = QA  # selects the instruction (QA, math, code or summary)
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     # Multi-sender tasks: the contexts of senders 2, 3, ... (`prompt_A` is sender 1's). Methods that
@@ -131,7 +132,7 @@ class Task:
 
 
 _TASKS: dict[str, Task] = {}
-_MODULES = ("synthetic", "two_hop", "ladder", "hub", "local", "mixed")
+_MODULES = ("synthetic", "two_hop", "ladder", "hub", "multiple_choice", "local", "mixed")
 
 
 def register_task(task: Task) -> Task:

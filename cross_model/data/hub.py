@@ -49,7 +49,7 @@ REVISIONS: dict[str, str | None] = {
 @dataclass(frozen=True)
 class HubSource:
     path: str
-    name: str | None
+    name: str | tuple[str, ...] | None  # a tuple: every config in turn (MMLU-Redux's subjects), concatenated
     split: str
     rows: int | None = None  # the split's size where it is fixed and known (LongBench), checked by --dry-run
 
@@ -59,7 +59,8 @@ class HubSource:
 
     def describe(self) -> str:
         pin = f"@{self.revision[:8]}" if self.revision else " (unpinned)"
-        return f"{self.path}{pin} {self.name or ''} {self.split}".replace("  ", " ")
+        name = f"{len(self.name)} configs" if isinstance(self.name, tuple) else self.name or ""
+        return f"{self.path}{pin} {name} {self.split}".replace("  ", " ")
 
 
 def hub_errors() -> tuple[type[BaseException], ...]:
@@ -100,6 +101,12 @@ def load_rows(source: HubSource, local_path: str | None) -> Any:
         builder, files = local_files(local_path)
         return datasets.load_dataset(builder, data_files=files, split="train")
     try:
+        if isinstance(source.name, tuple):  # one dataset per config, each row labelled with its config
+            parts = []
+            for name in source.name:
+                part = datasets.load_dataset(source.path, name, split=source.split, revision=source.revision)
+                parts.append(part.add_column("subject", [name] * len(part)))
+            return datasets.concatenate_datasets(parts)
         return datasets.load_dataset(source.path, source.name, split=source.split, revision=source.revision)
     except hub_errors() as err:
         raise FileNotFoundError(
@@ -113,7 +120,7 @@ def load_rows(source: HubSource, local_path: str | None) -> Any:
 def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tuple[str, str, str, list[str]]],
                 keep: Callable[[dict], bool] | None = None, sample: bool = True, items_of: str | None = None,
                 keep_after_shuffle: bool = False, train_source: HubSource | None = None,
-                candidates: tuple[str, ...] = ()):
+                candidates: tuple[str, ...] = (), candidates_of: Callable[[dict], list[str]] | None = None):
     """(build, train) for a hub task. `keep` filters rows before the shuffle (as the public single-
     sender loaders filter before they sample), or after it with `keep_after_shuffle` (as the public
     multi-sender loaders do: shuffle, filter, select); without `sample` the rows stay in the split's
@@ -121,7 +128,8 @@ def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tupl
     `items_of`: another reading of that task's rows (the same ids, so the two pair item by item).
     `train_source`: the dataset's own training split, which then gives the training rows (from the
     hub; a local `path` copy of the evaluated split keeps giving the rows after its test region).
-    `candidates`: the label names a classification task's answer is one of (for first-named)."""
+    `candidates`: the label names a classification task's answer is one of (for first-named);
+    `candidates_of`: a row's own (a multiple-choice row's choices)."""
     def ordered_rows(path: str | None, of: HubSource = source) -> Any:
         rows = load_rows(of, path)
         if keep is not None and not keep_after_shuffle:
@@ -141,7 +149,8 @@ def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tupl
             max_new_tokens=task.max_new_tokens,
             metric=task.metric,
             kind=task.kind,
-            meta={"split": split, **({"candidates": list(candidates)} if candidates else {})},
+            meta={"split": split, **({"candidates": list(candidates)} if candidates else {}),
+                  **({"candidates": candidates_of(row)} if candidates_of else {})},
             more_senders=tuple(more[0]) if more else (),
         )
 
@@ -343,10 +352,10 @@ TASKS: dict[str, Task] = {}
 def _register(name: str, source: HubSource, parse: Callable, metric: str, max_new_tokens: int, kind: str = QA,
               n_test: int = 500, keep: Callable[[dict], bool] | None = None, sample: bool = True,
               items_of: str | None = None, keep_after_shuffle: bool = False, train_split: str | None = None,
-              candidates: tuple[str, ...] = ()) -> None:
+              candidates: tuple[str, ...] = (), candidates_of: Callable[[dict], list[str]] | None = None) -> None:
     train_source = HubSource(source.path, source.name, train_split) if train_split else None
     build, train = _hub_builder(name, source, parse, keep, sample, items_of, keep_after_shuffle, train_source,
-                                candidates)
+                                candidates, candidates_of)
     if source.rows is not None and source.rows - calibration_reserve(source.rows) <= TEST_REGION:
         train = None  # every row is a test or calibration row (LongBench)
     TASKS[name] = register_task(
