@@ -15,7 +15,7 @@ from cross_model.generation import positions_from_mask
 from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
-from cross_model.prompting import receiver_text, tokenize_prompts
+from cross_model.prompting import chat_wrap, encode_texts, receiver_text, sender_text, tokenize_prompts
 from cross_model.kv_layout import assemble_receiver_cache, layout_forward
 
 ARCHS = ["tiny-llama-64", "tiny-qwen2-64", "tiny-gemma3-64"]
@@ -88,8 +88,34 @@ def test_alignment_between_the_gemma_and_smollm2_tokenizers_covers_every_charact
     assert 0 < stats.to_dict()["mismatch_fraction"] < 1  # two tokenisers: some tokens agree, some do not
 
 
+def test_sparse_token_pooling_equals_the_dense_average(examples):
+    """The pooled A features (each B token's mean over the A tokens covering its characters) from the
+    index lists equal the dense B x N_B x T_A average built from the same alignments in the test, on
+    two tokenisers, left-padded; the index lists hold one entry per aligned pair, not N_B x T_A."""
+    from cross_model.c2c.transfer import align_prompts
+
+    m = make("c2c", "tiny-gemma3-64", "tiny-llama-48", projector="train", gates="open")
+    side = m.sender(examples[:3], m.active_layers())
+    a, b = m.pair.sender, m.pair.receiver
+    wrapped = [chat_wrap(a, sender_text(e)) for e in examples[:3]]
+    alignments, counts, _ = align_prompts(a, b, wrapped, encode_texts(a, wrapped))
+    mask = side.pre.full_mask
+    width = max(counts)
+    dense = torch.zeros((3, width, mask.shape[1]))
+    for i, rows in enumerate(alignments):
+        cols = mask[i].nonzero().flatten().tolist()
+        for n, hit in enumerate(rows):
+            for k in hit:
+                dense[i, width - len(rows) + n, cols[k]] = 1.0 / len(hit)
+    k_a = side.pre.kv[0][0].float()
+    torch.testing.assert_close(side.pool(k_a), torch.einsum("bnt,bhtd->bnhd", dense, k_a).flatten(2), atol=1e-6, rtol=1e-6)
+    assert side.pool.row.numel() == sum(len(h) for rows in alignments for h in rows) < dense.numel() / 4
+
+
 def test_layer_pairing_rules():
-    assert pair_layers(4, 6, "last_aligned") == [None, None, 0, 1, 2, 3]
+    # C2C's: a deeper receiver's first layers all read sender layer 0 (the quickstart pair: 18 -> 30)
+    assert pair_layers(4, 6, "last_aligned") == [0, 0, 0, 1, 2, 3]
+    assert pair_layers(18, 30, "last_aligned") == [0] * 13 + list(range(1, 18))
     assert pair_layers(6, 4, "last_aligned") == [2, 3, 4, 5]
     assert pair_layers(18, 30, "nearest")[0] == 0 and pair_layers(18, 30, "nearest")[-1] == 17
     with pytest.raises(ValueError, match="pairing"):
@@ -134,7 +160,7 @@ def test_reapplied_rope_puts_the_receivers_rotation_on_projected_keys(examples):
     a_rope = Rotary(m.pair.sender, positions_from_mask(side.pre.full_mask))
     l, la = 1, m.projector.partners[1]
     k_a = a_rope.remove(la, side.pre.kv[la][0].float())
-    ak = torch.einsum("bnt,bhtd->bnhd", side.weights_BNT, k_a).flatten(2)
+    ak = torch.einsum("bnt,bhtd->bnhd", side.pool.dense(k_a.shape[2]), k_a).flatten(2)
     want = m.projector.keys[str(l)](ak)
     with torch.no_grad():
         torch.testing.assert_close(b_rope.remove(l, cache.layers[l].keys), want, atol=1e-4, rtol=1e-4)

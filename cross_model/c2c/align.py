@@ -72,15 +72,49 @@ class AlignmentStats:
                 "mismatch_fraction": round(1 - self.exact / n, 4), "many_fraction": round(self.many / n, 4)}
 
 
-def alignment_matrix(alignments: list[list[list[int]]], sender_mask_BT: torch.Tensor, width: int) -> torch.Tensor:
-    """B x width x T_A averaging weights: row i's receiver token n (left-padded to `width`) reads the mean
-    of its sender tokens, found at the columns where `sender_mask_BT` is 1 (any padding or prefix layout)."""
-    bsz, t_a = sender_mask_BT.shape
-    m = torch.zeros((bsz, width, t_a), dtype=torch.float32, device=sender_mask_BT.device)
+@dataclass(frozen=True)
+class TokenPool:
+    """Which sender tokens each receiver token averages, as flat index lists (no B x N_B x T_A matrix):
+    pair j adds `weight[j]` x sender column `col[j]` of row `row[j]` to receiver token `dst[j]`
+    (left-padded to `width`). Memory grows with the aligned pairs, not with N_B x T_A."""
+
+    row: torch.Tensor
+    dst: torch.Tensor
+    col: torch.Tensor
+    weight: torch.Tensor
+    batch: int
+    width: int
+
+    def __call__(self, x_BHTD: torch.Tensor) -> torch.Tensor:
+        """B x width x (H*D): each receiver token's mean over its sender tokens, heads flattened."""
+        b, h, _, d = x_BHTD.shape
+        picked = x_BHTD[self.row, :, self.col].reshape(-1, h * d) * self.weight[:, None].to(x_BHTD.dtype)
+        out = x_BHTD.new_zeros((b * self.width, h * d))
+        out.index_add_(0, self.row * self.width + self.dst, picked)
+        return out.view(b, self.width, h * d)
+
+    def dense(self, t_a: int) -> torch.Tensor:
+        """The same weights as a B x width x T_A matrix (tests and small inputs only)."""
+        m = torch.zeros((self.batch, self.width, t_a), dtype=torch.float32, device=self.row.device)
+        m[self.row, self.dst, self.col] = self.weight
+        return m
+
+
+def token_pool(alignments: list[list[list[int]]], sender_mask_BT: torch.Tensor, width: int) -> TokenPool:
+    """Row i's receiver token n (left-padded to `width`) reads the mean of its sender tokens, found at
+    the columns where `sender_mask_BT` is 1 (any padding or prefix layout). Built from index lists on
+    the host and moved to the device in one copy per tensor."""
+    row, dst, col, weight = [], [], [], []
     for i, rows in enumerate(alignments):
         cols = sender_mask_BT[i].nonzero().flatten().tolist()
         pad = width - len(rows)
         for n, hit in enumerate(rows):
             for k in hit:
-                m[i, pad + n, cols[k]] = 1.0 / len(hit)
-    return m
+                row.append(i)
+                dst.append(pad + n)
+                col.append(cols[k])
+                weight.append(1.0 / len(hit))
+    device = sender_mask_BT.device
+    as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    return TokenPool(as_long(row), as_long(dst), as_long(col), torch.tensor(weight, dtype=torch.float32, device=device),
+                     len(alignments), width)

@@ -50,12 +50,12 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def pair_layers(l_a: int, l_b: int, rule: str) -> list[int | None]:
-    """For each receiver layer, the sender layer it reads (None: no partner, the layer stays closed).
-    `last_aligned`: the last layers meet and earlier ones follow one for one (a deeper receiver's first
-    layers have no partner); `nearest`: each receiver layer reads the sender layer at the same depth."""
+def pair_layers(l_a: int, l_b: int, rule: str) -> list[int]:
+    """For each receiver layer, the sender layer it reads. `last_aligned` (C2C's): the last layers meet and earlier ones follow one for one; a deeper
+    receiver's first layers all read sender layer 0, and a deeper sender's first layers are not read;
+    `nearest`: each receiver layer reads the sender layer at the same depth."""
     if rule == "last_aligned":
-        return [la if la >= 0 else None for la in (l - (l_b - l_a) for l in range(l_b))]
+        return [max(0, l - (l_b - l_a)) for l in range(l_b)]
     if rule == "nearest":
         return [min(l_a - 1, max(0, round((lb + 0.5) * l_a / l_b - 0.5))) for lb in range(l_b)]
     raise ValueError(f"c2c pairing: {rule!r} is not one of {', '.join(PAIRINGS)}")
@@ -101,14 +101,14 @@ class CacheProjector(nn.Module):
         self.partners = pair_layers(sender["num_layers"], receiver["num_layers"], pairing)
         d_in = sender["num_kv_heads"] * sender["head_dim"]
         h, d = receiver["num_kv_heads"], receiver["head_dim"]
-        self.keys = nn.ModuleDict({str(l): TensorMap(d_in, h, d, hidden) for l, p in enumerate(self.partners) if p is not None})
-        self.values = nn.ModuleDict({str(l): TensorMap(d_in, h, d, hidden) for l, p in enumerate(self.partners) if p is not None})
+        self.keys = nn.ModuleDict({str(l): TensorMap(d_in, h, d, hidden) for l in range(len(self.partners))})
+        self.values = nn.ModuleDict({str(l): TensorMap(d_in, h, d, hidden) for l in range(len(self.partners))})
         self.gate_logits = nn.Parameter(torch.full((receiver["num_layers"],), float(gate_init)))
 
     @property
     def layers(self) -> list[int]:
-        """Receiver layers that have a sender partner."""
-        return [l for l, p in enumerate(self.partners) if p is not None]
+        """Receiver layers that read a sender layer: every one (both pairings give each a partner)."""
+        return list(range(len(self.partners)))
 
     def identity_init(self) -> None:
         for m in [*self.keys.values(), *self.values.values()]:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from cross_model.c2c.align import AlignmentStats, align_spans, alignment_matrix, token_spans
+from cross_model.c2c.align import AlignmentStats, TokenPool, align_spans, token_pool, token_spans
 from cross_model.c2c.projector import CacheProjector
 from cross_model.generation import positions_from_mask
 from cross_model.models import LoadedModel
@@ -24,7 +24,7 @@ class SenderSide:
     """A's prefill of its prompts and, per row, B's tokens of the same text aligned to A's."""
 
     pre: Prefill
-    weights_BNT: torch.Tensor  # B x N_B x T_A: each B context token's mean over its A tokens
+    pool: TokenPool  # each B context token's mean over its A tokens
     context_mask_BN: torch.Tensor  # B x N_B, left-padded: B's tokens of A's prompt text
     stats: AlignmentStats
 
@@ -51,7 +51,7 @@ def sender_side(a: LoadedModel, b: LoadedModel, wrapped: list[str], a_ids: list[
     mask = torch.zeros((len(counts), width), dtype=torch.long, device=pre.full_mask.device)
     for i, n in enumerate(counts):
         mask[i, width - n :] = 1
-    return SenderSide(pre, alignment_matrix(alignments, pre.full_mask, width), mask, stats)
+    return SenderSide(pre, token_pool(alignments, pre.full_mask, width), mask, stats)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +111,6 @@ def receiver_cache(projector: CacheProjector, b: LoadedModel, side: SenderSide, 
     dtype = b.model.dtype
     cache = DynamicCache()
     key_pos, key_valid, key_src, bias = [], [], [], []
-    weights = side.weights_BNT
     chosen = set(layers)
     pooled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     if rope == "reapply":
@@ -121,13 +120,12 @@ def receiver_cache(projector: CacheProjector, b: LoadedModel, side: SenderSide, 
         b_rope = Rotary(b, pos)
     for l in range(b.info.num_layers):
         la = projector.partners[l]
-        if l in chosen and la is not None:
+        if l in chosen:
             if la not in pooled:  # several receiver layers may read one sender layer (nearest pairing)
                 k_a, v_a = sent[la] if sent and la in sent else side.pre.kv[la]
                 k_a = k_a.float() if rope != "reapply" else a_rope.remove(la, k_a.float())
                 # Each B token's mean over the A tokens covering its characters, heads flattened.
-                pooled[la] = (torch.einsum("bnt,bhtd->bnhd", weights, k_a).flatten(2),
-                              torch.einsum("bnt,bhtd->bnhd", weights, v_a.float()).flatten(2))
+                pooled[la] = (side.pool(k_a), side.pool(v_a.float()))
             k, v = projector.project(l, *pooled[la])
             if rope == "reapply":
                 k = b_rope.apply(l, k)
