@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # Test files are spread over this many processes (pytest-xdist; a file's tests stay in one process).
 TEST_WORKERS ?= 2
 
-.PHONY: demo two-hop pareto latentwire latentwire-two latentwire-compressed qkvcomm-scheme projection-ridge c2c facts layer-sweep docs-tables test test-fast test-gpu bench bench-gpu legacy-transformers install clean-venv
+.PHONY: demo two-hop pareto latentwire latentwire-two latentwire-compressed latentwire-seeds qkvcomm-scheme projection-ridge c2c facts layer-sweep docs-tables test test-fast test-gpu bench bench-gpu legacy-transformers install clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt requirements-deepspeed.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,15 @@ latentwire-two: $(STAMP)
 latentwire-compressed: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(LW_NPROC) run_experiments.py --config configs/latentwire_compressed.yaml
 	$(PY) -m cross_model.doc_tables --publish runs/latentwire_compressed docs/latentwire_compressed
+	$(PY) -m cross_model.doc_tables --write
+
+# The ladder with LW_SEEDS interlingua seeds (the same test items, another initialisation and training
+# order each): the mean and spread over seeds (docs/latentwire_seeds/seeds.json).
+LW_SEEDS ?= 0 1 2
+latentwire-seeds: $(STAMP)
+	for s in $(LW_SEEDS); do $(VENV)/bin/torchrun --standalone --nproc_per_node=$(LW_NPROC) run_experiments.py \
+		--config configs/latentwire_ladder.yaml --name latentwire_ladder_seed$$s --interlingua.seed $$s || exit 1; done
+	$(PY) -m cross_model.seed_spread docs/latentwire_seeds $(foreach s,$(LW_SEEDS),runs/latentwire_ladder_seed$(s))
 	$(PY) -m cross_model.doc_tables --write
 
 qkvcomm-scheme: $(STAMP)

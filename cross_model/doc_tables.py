@@ -35,6 +35,8 @@ from cross_model.interlingua.controls import format_controls, format_joint
 from cross_model.paired import format_paired, holm, paired_rows
 from cross_model.progress import format_duration
 from cross_model.report_files import format_table
+from cross_model.runinfo import check_committed
+from cross_model.seed_spread import format_spread
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = ("README.md", "docs/*.md")
@@ -166,6 +168,11 @@ def render_controls(data: dict, *args: str) -> str:
     return format_controls(data["latentwire_controls"])
 
 
+def render_seeds(data: dict, *args: str) -> str:
+    """One config at several seeds: mean and spread (`seed_spread`)."""
+    return format_spread(data)
+
+
 def render_joint(data: dict, *args: str) -> str:
     """LatentWire's joint rescoring against each receiver alone and the oracle (`latentwire_joint`)."""
     return format_joint(data["latentwire_joint"])
@@ -220,7 +227,7 @@ RENDERERS: dict[str, Callable[..., str]] = {
     "qkvcomm": render_qkvcomm, "scheme": render_scheme, "controls": render_controls, "history": render_history,
     "c2c": render_c2c,
     "joint": render_joint, "ridge": render_ridge, "legacy": render_legacy,
-    "projections": render_projections, "sweep": render_sweep,
+    "projections": render_projections, "sweep": render_sweep, "seeds": render_seeds,
 }
 
 
@@ -273,14 +280,7 @@ def publish(run_dir: Path, target: Path, reference: str | None = None, pairs: li
     (method, other reference) on the same items, for claims between two methods that are not the
     report's reference), and its plots, into `target`."""
     data = _load(run_dir / "results.json")
-    # Clean means no uncommitted change to the code that runs (`runinfo.CODE_PATHS`: its hash is
-    # `changes`); a docs file another make target rewrote in the same tree is not code.
-    dirty = [i for i, st in enumerate(data.get("starts") or [])
-             if not (st.get("git") or {}).get("commit") or (st.get("git") or {}).get("changes") is not None]
-    if dirty or not data.get("starts"):
-        raise ValueError(f"{run_dir}: start(s) {', '.join(map(str, dirty)) or '(none recorded)'} ran with uncommitted "
-                         f"changes to the code (or no commit recorded); a published result must come from committed "
-                         f"code. Commit, run its command again from the clean tree, then publish")
+    check_committed(data, run_dir)
     rows = data.pop("examples")
     for method, other in pairs:
         missing = [m for m in (method, other) if not any(m in methods for methods in rows.values())]

@@ -217,3 +217,15 @@ def load_run_context(run_dir: Path) -> dict[str, Any]:
     latest = starts[-1] if starts else {}
     return {"name": run_dir.name, "config": config, "versions": latest.get("versions"), "git": latest.get("git"),
             "starts": starts}
+
+
+def check_committed(data: dict[str, Any], run_dir: Path) -> None:
+    """Refuse a run any of whose starts ran uncommitted code. Clean means no uncommitted change to the
+    code that runs (`runinfo.CODE_PATHS`: its hash is `changes`); a docs file another make target
+    rewrote in the same tree is not code."""
+    dirty = [i for i, st in enumerate(data.get("starts") or [])
+             if not (st.get("git") or {}).get("commit") or (st.get("git") or {}).get("changes") is not None]
+    if dirty or not data.get("starts"):
+        raise ValueError(f"{run_dir}: start(s) {', '.join(map(str, dirty)) or '(none recorded)'} ran with uncommitted "
+                         f"changes to the code (or no commit recorded); a published result must come from committed "
+                         f"code. Commit, run its command again from the clean tree, then publish")
