@@ -241,13 +241,18 @@ def test_training_rows_from_a_chat_dataset_a_jsonl_file_and_the_tasks(tmp_path):
 
     hermes = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Name a fjord."},
                                 {"from": "gpt", "value": "Geiranger."}]}
-    assert conversation_pair(hermes, "Answer it.") == ("Name a fjord.", "Answer it.")
-    assert conversation_pair({"context": "c", "question": "q"}, "x") == ("c", "q")
+    # the user turn is the context, the assistant's reply after it the gold response (target: gold)
+    assert conversation_pair(hermes, "Answer it.") == ("Name a fjord.", "Answer it.", "Geiranger.")
+    assert conversation_pair({"context": "c", "question": "q"}, "x") == ("c", "q", "")
+    assert conversation_pair({"context": "c", "question": "q", "answer": "a"}, "x") == ("c", "q", "a")
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({"context": f"c{i}", "question": f"q{i}"}) + "\n" for i in range(5)))
     _, p = resolve_method("c2c", {"data": str(path), "n_train": 3, "n_heldout": 2})
     train, held = training_rows(p)
     assert [e.prompt_A for e in train] == ["c0", "c1", "c2"] and [e.prompt_B for e in held] == ["q3", "q4"]
+    from cross_model.c2c.train_projector import gold_targets
+    with pytest.raises(ValueError, match="has no gold answer .*JSONL rows need an `answer` field"):
+        gold_targets(load_model("tiny-llama-48"), train, 4)
     with pytest.raises(ValueError, match="needs 9"):
         training_rows(resolve_method("c2c", {"data": str(path), "n_train": 7, "n_heldout": 2})[1])
     cfg = load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path)])

@@ -132,3 +132,46 @@ def test_training_called_directly_switches_the_receiver_to_the_layout_attention(
     start = proj.gate_logits.detach().clone()
     fit_projector(proj, a, b, params, identity_of(params, a, b), tmp_path)
     assert not torch.equal(proj.gate_logits.detach(), start)
+
+
+def test_c2c_training_warms_up_clips_and_decays_as_c2c_when_asked(tmp_path):
+    """C2C's optimisation choices as options: one step with 4 warm-up steps moves a weight by about a
+    quarter of lr (Adam's first update is about the rate); with grad_clip the gradient the optimizer read
+    has at most that norm; the recipe keys name all three, so a checkpoint of another recipe is refused."""
+    from cross_model.c2c.train_projector import RECIPE_KEYS
+
+    a, b = load_model("tiny-gemma3-64"), load_model("tiny-llama-48")
+    moved, norms = {}, {}
+    for name, extra in (("c2c_like", {"warmup_steps": 4, "grad_clip": 0.01, "weight_decay": 0.001}), ("plain", {})):
+        _, params = resolve_method("c2c", {**{k: v for k, v in C2C.items() if k != "method"}, "steps": 1, "n_train": 8,
+                                           "n_heldout": 2, "gates": "open", **extra})
+        proj = new_projector(params, a, b)
+        before = {k: v.clone() for k, v in proj.state_dict().items()}
+        fit_projector(proj, a, b, params, identity_of(params, a, b), tmp_path / name)
+        moved[name] = max(float((proj.state_dict()[k] - before[k]).abs().max()) for k in before)
+        norms[name] = float(torch.cat([p.grad.flatten() for p in proj.parameters() if p.grad is not None]).norm())
+    lr = params.lr
+    assert 0.9 * lr <= moved["plain"] <= 1.01 * lr
+    assert 0.9 * lr / 4 <= moved["c2c_like"] <= 1.01 * lr / 4
+    assert norms["c2c_like"] <= 0.01 * 1.0001 < norms["plain"]
+    assert {"warmup_steps", "grad_clip", "weight_decay"} <= set(RECIPE_KEYS)
+
+
+def test_gold_targets_are_the_rows_answers_in_the_receivers_tokens(tmp_path):
+    """target: gold (C2C trains on its data's responses): each row's gold answer tokenised by B, then
+    B's EOS, cut at target_tokens; the run trains on them (targets.json) instead of B's continuation."""
+    from cross_model.c2c.train_projector import gold_targets
+    from cross_model.data import load_task_examples
+
+    a, b = load_model("tiny-gemma3-64"), load_model("tiny-llama-48")
+    rows = load_task_examples("countries", 4, 0)[0]
+    got = gold_targets(b, rows, 3)
+    for ids, row in zip(got, rows):
+        want = b.tokenizer(row.answers[0], add_special_tokens=False)["input_ids"] + [b.tokenizer.eos_token_id]
+        assert ids == want[:3]
+    _, params = resolve_method("c2c", {**{k: v for k, v in C2C.items() if k != "method"}, "steps": 1, "n_train": 4,
+                                       "n_heldout": 1, "target": "gold", "target_tokens": 3})
+    train = load_task_examples("countries", 5, 0, seed=7)[0]
+    proj = new_projector(params, a, b)
+    fit_projector(proj, a, b, params, identity_of(params, a, b), tmp_path, rows=(train[:4], train[4:]))
+    assert json.loads((tmp_path / "targets.json").read_text()) == gold_targets(b, train, 3)

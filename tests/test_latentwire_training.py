@@ -103,11 +103,12 @@ def test_the_learning_rate_warms_up_then_decays_and_clipping_bounds_the_gradient
     """lr_factor: linear warm-up to 1, then constant or cosine to 0. In a real step: Adam's first update
     moves a weight by about the rate, so with 4 warm-up steps by a quarter of lr and no more; with
     grad_clip the gradient the optimizer read has at most that norm (and without it, more)."""
-    from cross_model.interlingua.train_interlingua import lr_factor
+    from cross_model.training.loop import lr_factor
 
     assert [lr_factor(s, 4, 10, "constant") for s in (0, 1, 3, 4, 9)] == [0.25, 0.5, 1.0, 1.0, 1.0]
     assert lr_factor(4, 4, 10, "cosine") == 1.0 and lr_factor(7, 4, 10, "cosine") == pytest.approx(0.5)
     assert lr_factor(0, 0, 10, "cosine") == 1.0 and 0 < lr_factor(9, 0, 10, "cosine") < 0.03
+    assert [lr_factor(s, 2, 10, "linear") for s in (0, 2, 6, 9)] == [0.5, 1.0, 0.5, 0.125]  # C2C's schedule
     rows = load_task_examples("secret_word", 8, 0, 0)[0]
     identity = {"receivers": ["tiny-llama-64"], "shape": {"m": 4, "d_z": 32}, "seed": 0}
     moved, norms = {}, {}

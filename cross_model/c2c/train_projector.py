@@ -46,49 +46,54 @@ from cross_model.prefill_memo import run_prefill
 from cross_model.prompting import chat_wrap, encode_texts, pad_left, receiver_text, sender_text, skyline_text, tokenize_prompts
 from cross_model.result_files import write_json_atomically
 from cross_model.kv_layout import layout_forward, use_cross_model_attention
-from cross_model.training.loop import TrainJob, latest_checkpoint, train_loop
+from cross_model.training.loop import TrainJob, latest_checkpoint, set_learning_rate, train_loop
 
 log = logging.getLogger(__name__)
 
-RECIPE_KEYS = ("pairing", "hidden", "rope", "gate_init", "steps", "batch_size_train", "lr", "n_train", "n_heldout", "data",
-               "question", "target_tokens", "tau_start", "tau_end", "seed", "gates", "train_control")
+RECIPE_KEYS = ("pairing", "hidden", "rope", "gate_init", "steps", "batch_size_train", "lr", "weight_decay", "warmup_steps",
+               "grad_clip", "schedule", "n_train", "n_heldout", "data", "question", "target_tokens", "target", "tau_start",
+               "tau_end", "seed", "gates", "train_control")
 
 
 # --- data ---------------------------------------------------------------------------------------------------
 
 
-def _examples(pairs: list[tuple[str, str]], params: Any) -> list[Example]:
-    return [Example(f"c2c-{i}", c, q, ("",), "c2c_corpus", params.target_tokens, "f1_match", QA)
-            for i, (c, q) in enumerate(pairs)]
+def _examples(rows: list[tuple[str, str, str]], params: Any) -> list[Example]:
+    """(context, question, gold answer or "") rows as examples (the gold is `target: gold`'s target)."""
+    return [Example(f"c2c-{i}", c, q, (g,), "c2c_corpus", params.target_tokens, "f1_match", QA)
+            for i, (c, q, g) in enumerate(rows)]
 
 
-def conversation_pair(row: dict, question: str) -> tuple[str, str]:
-    """A hub row as (context, question): `context`/`question` fields, or a chat dataset's first user turn
-    as the context (OpenHermes-2.5's `conversations`, C2C's training data) with `question`."""
+def conversation_pair(row: dict, question: str) -> tuple[str, str, str]:
+    """A hub row as (context, question, gold response): `context`/`question`/`answer` fields, or a chat
+    dataset's first user turn as the context (OpenHermes-2.5's `conversations`, C2C's training data)
+    with `question`, and the assistant turn after it as the gold ("" where there is none)."""
     if "context" in row:
-        return row["context"], row.get("question") or question
+        return row["context"], row.get("question") or question, row.get("answer") or ""
     turns = row.get("conversations") or row.get("messages") or []
-    for t in turns:
+    text = lambda t: t.get("value") or t.get("content") or ""  # noqa: E731
+    for i, t in enumerate(turns):
         if (t.get("from") or t.get("role")) in ("human", "user"):
-            return t.get("value") or t.get("content") or "", question
+            reply = next((text(r) for r in turns[i + 1 :] if (r.get("from") or r.get("role")) in ("gpt", "assistant")), "")
+            return text(t), question, reply
     raise ValueError(f"c2c data: a hub row with neither context nor a user turn (fields: {sorted(row)})")
 
 
-def hub_pairs(name: str, n: int, question: str) -> list[tuple[str, str]]:
-    """The first `n` rows of a hub dataset's train split (streamed), as (context, question)."""
+def hub_pairs(name: str, n: int, question: str) -> list[tuple[str, str, str]]:
+    """The first `n` rows of a hub dataset's train split (streamed), as (context, question, gold)."""
     from datasets import load_dataset
 
     out = []
     for row in load_dataset(name, split="train", streaming=True, revision=REVISIONS.get(name)):
-        context, q = conversation_pair(row, question)
+        context, q, gold = conversation_pair(row, question)
         if context.strip():
-            out.append((context, q))
+            out.append((context, q, gold))
         if len(out) == n:
             return out
     raise ValueError(f"c2c data hub:{name}: {len(out)} usable rows, n_train + n_heldout needs {n}")
 
 
-def task_pairs(cfg: Any, n: int) -> list[tuple[str, str]]:
+def task_pairs(cfg: Any, n: int) -> list[tuple[str, str, str]]:
     """Training rows of the configured tasks (`data.training_rows`: never a test or calibration item of
     any run; checked against this run's), as many from each task, interleaved: A reads each row's
     context, B its question."""
@@ -103,7 +108,7 @@ def task_pairs(cfg: Any, n: int) -> list[tuple[str, str]]:
     check_disjoint(rows, taken, "c2c")
     if len(rows) < n:
         raise ValueError(f"c2c data tasks: {len(rows)} rows set aside, n_train + n_heldout needs {n}")
-    return [(e.prompt_A, e.prompt_B) for e in rows]
+    return [(e.prompt_A, e.prompt_B, e.answers[0] if e.answers else "") for e in rows]
 
 
 def training_rows(params: Any, cfg: Any = None) -> tuple[list[Example], list[Example]]:
@@ -124,14 +129,27 @@ def training_rows(params: Any, cfg: Any = None) -> tuple[list[Example], list[Exa
             raise ValueError(f"c2c data {params.data}: line {bad[0] + 1} lacks a context or question field")
         if len(lines) < n:
             raise ValueError(f"c2c data {params.data}: {len(lines)} rows, n_train + n_heldout needs {n}")
-        pairs = [(r["context"], r["question"]) for r in lines[:n]]
+        pairs = [(r["context"], r["question"], r.get("answer") or "") for r in lines[:n]]
     else:
-        pairs = [(s, params.question) for s in load_corpus(params.data, n, params.seed)]
+        pairs = [(s, params.question, "") for s in load_corpus(params.data, n, params.seed)]
     rows = _examples(pairs, params)
     return rows[: params.n_train], rows[params.n_train :]
 
 
 @torch.inference_mode()
+def gold_targets(b: LoadedModel, rows: list[Example], tokens: int) -> list[list[int]]:
+    """Each row's gold answer in B's tokens, then B's EOS, at most `tokens` (C2C's training targets are
+    its chat data's responses)."""
+    out = []
+    for row in rows:
+        if not row.answers or not row.answers[0]:
+            raise ValueError(f"c2c target: gold, but training row {row.example_id} has no gold answer (corpus "
+                             f"sentences have none; JSONL rows need an `answer` field); use target: own")
+        ids = b.tokenizer(row.answers[0], add_special_tokens=False)["input_ids"] + [b.tokenizer.eos_token_id]
+        out.append(ids[:tokens])
+    return out
+
+
 def receiver_targets(b: LoadedModel, rows: list[Example], tokens: int, batch_size: int = 8) -> list[list[int]]:
     """B's own greedy continuation of each row's context + question, sharded over ranks and gathered."""
     rank, world = get_rank(), get_world_size()
@@ -248,7 +266,8 @@ def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, par
     if broadcast_object(targets_file.exists() if is_main() else None):
         targets = json.loads(targets_file.read_text())
     else:
-        targets = receiver_targets(b, train + held, params.target_tokens)
+        targets = (gold_targets(b, train + held, params.target_tokens) if params.target == "gold"
+                   else receiver_targets(b, train + held, params.target_tokens))
         if is_main():
             directory.mkdir(parents=True, exist_ok=True)
             write_json_atomically(targets_file, targets)
@@ -260,7 +279,8 @@ def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, par
     model: nn.Module = net
     if is_initialized():
         model = DDP(net, device_ids=[b.device.index] if b.device.type == "cuda" else None)
-    opt = torch.optim.AdamW([p for p in projector.parameters() if p.requires_grad], lr=params.lr, weight_decay=0.0)
+    trained = [p for p in projector.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=params.lr, weight_decay=params.weight_decay)
     steps_per_epoch = math.ceil(len(train) / params.batch_size_train)
 
     def loss(step: int, mine: list[int], batch_rows: int) -> torch.Tensor:
@@ -277,7 +297,12 @@ def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, par
     def step_optimizer(value: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
         value.backward()
+        if params.grad_clip > 0:  # DDP's gradients are already the ranks' mean: every rank clips alike
+            torch.nn.utils.clip_grad_norm_(trained, params.grad_clip)
         opt.step()
+
+    def schedule(step: int) -> None:
+        set_learning_rate(opt, [params.lr], step, params.warmup_steps, params.steps, params.schedule)
 
     def heldout(at: int) -> dict[str, Any]:
         projector.eval()
@@ -291,7 +316,7 @@ def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, par
                    projector, loss, step_optimizer, opt.state_dict, opt.load_state_dict, len(train),
                    params.batch_size_train, params.steps, params.seed, params.checkpoint_every, keep_last, identity,
                    tuple(identity), heldout=heldout if held else None, heldout_every=steps_per_epoch,
-                   heldout_at_start=True, stop=stop, log_metrics=log_metrics)
+                   heldout_at_start=True, stop=stop, log_metrics=log_metrics, schedule=schedule)
     done = train_loop(job, ckpt)
     meta = {**identity, "history": done.history, "final_step": done.step, "open_layers": projector.open_layers(),
             "partners": projector.partners, "identity": identity}

@@ -137,7 +137,7 @@ class InterlinguaConfig:
     encoder_lr: float | None = _f(None, "the encoder's own learning rate (None: lr)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_steps: int = _f(0, "linear learning-rate warm-up over the first N steps (0: none; LatentWire's paper config: 500)")
-    schedule: str = _f("constant", "learning rate after the warm-up: constant, or cosine (decays to 0 at the last step)")
+    schedule: str = _f("constant", "learning rate after the warm-up: constant, or cosine or linear (decays to 0 at the last step)")
     grad_clip: float = _f(0.0, "clip the global gradient norm to this before each step (0: off; LatentWire: 1.0)")
     first_weight: float = _f(1.0, "extra cross-entropy weight on the first answer token")
     k_weight: float = _f(0.5, "extra weight on each of the first k_tokens answer tokens")
@@ -174,10 +174,10 @@ class InterlinguaConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
         _choice(f"{prefix}.engine", self.engine, ("ddp", "deepspeed"))
-        _choice(f"{prefix}.schedule", self.schedule, ("constant", "cosine"))
-        if self.warmup_steps >= self.steps and self.schedule == "cosine":
+        _choice(f"{prefix}.schedule", self.schedule, ("constant", "cosine", "linear"))
+        if self.warmup_steps >= self.steps and self.schedule != "constant":
             raise ValueError(f"{prefix}.warmup_steps ({self.warmup_steps}) must be below steps ({self.steps}) for the "
-                             f"cosine schedule to decay")
+                             f"{self.schedule} schedule to decay")
         _choice(f"{prefix}.bos", self.bos, ("auto", "always", "never", "after_prefix"))
         if self.zero_stage == 3:
             raise ValueError(f"{prefix}.zero_stage: 3 partitions the trainable parameters, which this job reads whole "

@@ -33,7 +33,7 @@ from cross_model.interlingua.encoder import EncoderShape
 from cross_model.interlingua.model import META_FILE, WEIGHTS_FILE, LatentWire, TeacherCache, receiver_record
 from cross_model.interlingua.receiver_io import answer_text, question_text
 from cross_model.training.trainables import Trainable, TrainOutcome, TrainRequest
-from cross_model.training.loop import TrainJob, train_loop
+from cross_model.training.loop import TrainJob, set_learning_rate, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +137,6 @@ def heldout_stats(net: LatentWire, rows: list[Example], batch_size: int) -> dict
 TrainedInterlingua = Trained  # what the train stage gets back
 
 
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """The multiple of the base learning rate at `step` (from 0): linear warm-up to 1 over `warmup`
-    steps, then constant or a cosine decay reaching 0 after the last step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-    return 1.0
-
-
 class _Engine:
     """The optimizer step under DDP (or one process) or DeepSpeed, behind one interface."""
 
@@ -183,11 +173,8 @@ class _Engine:
             self.model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     def schedule(self, step: int) -> None:
-        """The learning rate of the step about to be taken (`step` counts from 0): a function of the step
-        alone, so a resumed run takes the same rates without a scheduler state to restore."""
-        factor = lr_factor(step, self.ic.warmup_steps, self.ic.steps, self.ic.schedule)
-        for group, base in zip(self.opt.param_groups, self.base_lrs):
-            group["lr"] = base * factor
+        """The learning rate of the step about to be taken (`step` counts from 0)."""
+        set_learning_rate(self.opt, self.base_lrs, step, self.ic.warmup_steps, self.ic.steps, self.ic.schedule)
 
     def step(self, loss: torch.Tensor) -> None:
         if self.ds is not None:

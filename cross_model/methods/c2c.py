@@ -45,6 +45,11 @@ class C2CParams(MethodParams):
     steps: int = field(default=200, metadata={"help": "training: optimizer steps"})
     batch_size_train: int = field(default=8, metadata={"help": "training: global batch in rows, split over ranks"})
     lr: float = field(default=1e-3, metadata={"help": "training: AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "training: AdamW weight decay (C2C trains with some)"})
+    warmup_steps: int = field(default=0, metadata={"help": "training: linear learning-rate warm-up steps (C2C warms up)"})
+    grad_clip: float = field(default=0.0, metadata={"help": "training: clip the gradient norm to this (0: off; C2C clips)"})
+    schedule: str = field(default="constant", metadata={"help": "training: the rate after the warm-up: constant, linear "
+                                                                "(C2C's) or cosine, decaying to 0 at the last step"})
     n_train: int = field(default=256, metadata={"help": "training rows"})
     n_heldout: int = field(default=32, metadata={"help": "held-out rows (loss each eval_every steps)"})
     data: str = field(default="offline", metadata={"help": "offline (generated sentences), c4, tasks (the configured "
@@ -54,6 +59,9 @@ class C2CParams(MethodParams):
     question: str = field(default="Repeat the context word for word.", metadata={"help": "B's question for corpus rows"})
     target_tokens: int = field(default=24, metadata={"help": "training target: B's own greedy continuation of context + "
                                                              "question, this many tokens"})
+    target: str = field(default="own", metadata={"help": "training target: own (B's continuation, above) or gold (the "
+                                                         "row's gold answer and EOS, at most target_tokens; C2C trains "
+                                                         "on its chat data's responses)"})
     tau_start: float = field(default=1.0, metadata={"help": "Gumbel-sigmoid temperature at the first step"})
     tau_end: float = field(default=0.1, metadata={"help": "... and at the last"})
     eval_every: int = field(default=50, metadata={"help": "training: steps between held-out losses"})
@@ -81,6 +89,12 @@ class C2CParams(MethodParams):
             raise ValueError(f"{prefix}.data: offline, c4, tasks, hub:<dataset> or a .jsonl path, got {self.data!r}")
         if not 0 < self.tau_end <= self.tau_start or self.lr <= 0:
             raise ValueError(f"{prefix}: needs 0 < tau_end <= tau_start and lr > 0")
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"{prefix}.schedule: constant, linear or cosine, got {self.schedule!r}")
+        if self.target not in ("own", "gold"):
+            raise ValueError(f"{prefix}.target: own or gold, got {self.target!r}")
+        if min(self.weight_decay, self.warmup_steps, self.grad_clip) < 0:
+            raise ValueError(f"{prefix}: weight_decay, warmup_steps and grad_clip must be >= 0")
 
 
 @register("c2c")

@@ -35,6 +35,26 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """The multiple of the base learning rate at `step` (from 0): linear warm-up to 1 over `warmup`
+    steps, then constant, or a cosine or linear decay reaching 0 after the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+    if schedule == "linear":
+        return 1.0 - (step - warmup) / max(total - warmup, 1)
+    return 1.0
+
+
+def set_learning_rate(optimizer: Any, base_lrs: list[float], step: int, warmup: int, total: int, schedule: str) -> None:
+    """The rate of the step about to be taken, on every parameter group (a function of the step
+    alone: a resumed run takes the same rates without a scheduler state to restore)."""
+    factor = lr_factor(step, warmup, total, schedule)
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = base * factor
+
+
 @dataclass
 class TrainJob:
     """What a trainer gives the loop. `loss(step, rows, batch_rows)` returns this rank's loss on its
