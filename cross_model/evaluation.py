@@ -42,6 +42,25 @@ log = logging.getLogger(__name__)
 # --- what the stages share ------------------------------------------------------------------------
 
 
+def cut_middle(text: str, n: int) -> str:
+    """`text` in at most `n` characters: its first and last halves (LongBench's rule, in characters, so
+    it is the same for every model's tokenizer)."""
+    if len(text) <= n:
+        return text
+    return text[: n // 2] + text[len(text) - (n - n // 2) :]
+
+
+def cut_contexts(example: Example, n: int) -> Example:
+    """Every sender's context cut to `n` characters (`tasks.N.max_context_chars`); the row records how
+    long the longest was."""
+    longest = max(len(c) for c in example.contexts)
+    if longest <= n:
+        return example
+    return replace(example, prompt_A=cut_middle(example.prompt_A, n),
+                   more_senders=tuple(cut_middle(c, n) for c in example.more_senders),
+                   meta={**example.meta, "context_chars": longest})
+
+
 def load_splits(cfg) -> dict[str, tuple[list[Example], list[Example]]]:
     """task label (its name unless labelled) -> (test items, calibration items), the test list cut to
     `eval.limit`. `calibrate_on: test_item_0` calibrates on the first test item (and scores every row
@@ -55,6 +74,8 @@ def load_splits(cfg) -> dict[str, tuple[list[Example], list[Example]]]:
             calib = test[:1]
         if t.prompts == "public":  # the public code's prompt templates for every kind of task
             test, calib = ([replace(e, meta={**e.meta, "prompt_family": PUBLIC_FAMILY}) for e in part] for part in (test, calib))
+        if t.max_context_chars is not None:  # one cut for every method, before any model reads the text
+            test, calib = ([cut_contexts(e, t.max_context_chars) for e in part] for part in (test, calib))
         if t.metric is not None:  # the config's (or the preset's) metric instead of the task's own
             if t.metric not in METRICS:
                 raise ValueError(f"tasks.{i}.metric: unknown metric {t.metric!r}; available: {', '.join(METRICS)}")

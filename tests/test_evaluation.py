@@ -246,3 +246,42 @@ def test_a_multi_sender_task_runs_the_methods_that_serve_it_and_refuses_the_othe
     assert "methods.kvcomm: task hotpotqa_ms gives each item 2 senders' contexts" in refused.stdout + refused.stderr
     three = run({"kvcomm": {"selection": "all", "senders": ["tiny-llama-64"] * 3}}, "ms_three")
     assert three.returncode != 0 and "methods.kvcomm.senders: 3 models" in three.stdout + three.stderr
+
+
+def test_a_context_cap_cuts_every_senders_context_once_for_every_method(tmp_path):
+    """tasks.N.max_context_chars: the contexts are cut (first and last halves kept) when the task is read,
+    so skyline, KVComm's sender and NLD's senders all read the same cut text, both senders of a
+    multi-sender item included; an item under the cap is left as it is."""
+    from cross_model.config import load_config
+    from cross_model.evaluation import cut_middle, load_splits
+    from cross_model.methods.base import ModelPair
+    from cross_model.methods.registry import resolve_method
+    from cross_model.models import load_model
+    from cross_model.prompting import recording_prompts
+
+    assert cut_middle("abcdefghij", 4) == "abij" and cut_middle("abc", 4) == "abc" and cut_middle("abcdefg", 5) == "abefg"
+
+    def splits(cap: int | None) -> dict:
+        task = {"name": "hotpotqa_ms", "path": str(ROOT / "tests" / "fixtures" / "hotpotqa.jsonl"), "n_test": 2,
+                "n_calib": 0, "max_context_chars": cap}
+        cfg = {"name": "cap", "output_dir": str(tmp_path), "methods": {"baseline": {}}, "controls": False,
+               "models": {"sender": "tiny-llama-64", "receiver": "tiny-llama-64"},
+               "tasks": [task, {"name": "countries", "n_test": 2, "n_calib": 0, "max_context_chars": cap and 1000}]}
+        path = tmp_path / f"cap{cap}.json"
+        path.write_text(json.dumps(cfg))
+        return load_splits(load_config(str(path)))
+
+    cut, whole = splits(20), splits(None)
+    for c, full in zip(cut["hotpotqa_ms"][0], whole["hotpotqa_ms"][0]):
+        assert max(map(len, full.contexts)) > 20
+        assert c.contexts == tuple(cut_middle(x, 20) for x in full.contexts)
+        assert c.meta["context_chars"] == max(len(x) for x in full.contexts)
+    assert cut["countries"] == whole["countries"]  # under the cap: as read
+    lm = load_model("tiny-llama-64")
+    item = cut["hotpotqa_ms"][0][0]
+    for name, params in (("skyline", {}), ("kvcomm", {"selection": "all"}), ("nld", {"nld_max_tokens": 2})):
+        cls, p = resolve_method(name, {**params, "max_new_tokens": 2})
+        with recording_prompts() as log:
+            cls(p, ModelPair(lm, lm)).run_batch([item])
+        text = "\n".join(entry["text"] for entry in log)
+        assert all(c in text for c in item.contexts), name

@@ -59,6 +59,8 @@ class TaskConfig:
     metric: str | None = _f(None, "score with this metric instead of the task's own (None: the task's; preset kvcomm_public sets the public code's)")
     prompts: str | None = _f(None, "ours (None) or public: the public KVComm code's prompt templates for math, code and "
                                    "summaries (preset kvcomm_public sets it)")
+    max_context_chars: int | None = _f(None, "cut every sender context to this many characters, its first and last "
+                                             "halves kept, so every method of the run reads the same text (None: whole)")
     calibrate_on: str | None = _f(None, "calibration (None): the task's calibration items; test_item_0: its first test item, "
                                         "and every row scored when n_test is null (the public countries/tip-sheets runs; "
                                         "preset kvcomm_public sets it on them, and the report marks the task)")
@@ -81,6 +83,8 @@ class TaskConfig:
             raise ValueError(f"{prefix}.prompts: null, ours or public, got {self.prompts!r}")
         if self.calibrate_on not in (None, "calibration", "test_item_0"):
             raise ValueError(f"{prefix}.calibrate_on: null, calibration or test_item_0, got {self.calibrate_on!r}")
+        if self.max_context_chars is not None and self.max_context_chars < 2:
+            raise ValueError(f"{prefix}.max_context_chars: must be >= 2 or null, got {self.max_context_chars}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"{prefix}.max_new_tokens: must be >= 1 or null, got {self.max_new_tokens}")
         if self.path is not None and not Path(self.path).expanduser().exists():
