@@ -9,7 +9,9 @@ letter its extraction rules find in the answer); the gold choice's text is the s
 choices' texts the candidates, for the lenient first-named column. Items without a usable gold are
 left out when the task is read, as C2C's parser gives them none: MMLU-Redux rows its annotators marked
 `no_correct_answer` or `expert`, and ARC/OpenBookQA rows whose answer key is not a letter A-D (a few
-ARC rows use 1-4); a row marked `wrong_groundtruth` takes its corrected answer.
+ARC rows use 1-4); a row marked `wrong_groundtruth` takes its corrected answer. As C2C evaluates them,
+every row is an item, in the split's order (subjects in turn for MMLU-Redux), but the calibration
+reserve at the back; no rows are kept for training.
 """
 
 from __future__ import annotations
@@ -105,11 +107,11 @@ def parse_keyed(question_field: str):
 
 CHOICE_TOKENS = 16  # "The correct answer is" continues with a letter and perhaps its text
 _register("mmlu_redux", HubSource("edinburgh-dawg/mmlu-redux-2.0", MMLU_REDUX_SUBJECTS, "test"), parse_mmlu_redux,
-          "choice_letter", CHOICE_TOKENS, kind=CHOICE, keep=lambda r: mmlu_redux_gold(r) is not None,
+          "choice_letter", CHOICE_TOKENS, kind=CHOICE, sample=False, keep=lambda r: mmlu_redux_gold(r) is not None,
           candidates_of=lambda r: list(r["choices"]))
 _register("arc_challenge", HubSource("allenai/ai2_arc", "ARC-Challenge", "test"), parse_keyed("question"),
-          "choice_letter", CHOICE_TOKENS, kind=CHOICE, keep=lambda r: keyed_gold(r) is not None,
+          "choice_letter", CHOICE_TOKENS, kind=CHOICE, sample=False, keep=lambda r: keyed_gold(r) is not None,
           candidates_of=lambda r: list(r["choices"]["text"]))
 _register("openbookqa", HubSource("allenai/openbookqa", "main", "test"), parse_keyed("question_stem"),
-          "choice_letter", CHOICE_TOKENS, kind=CHOICE, keep=lambda r: keyed_gold(r) is not None,
+          "choice_letter", CHOICE_TOKENS, kind=CHOICE, sample=False, keep=lambda r: keyed_gold(r) is not None,
           candidates_of=lambda r: list(r["choices"]["text"]))
