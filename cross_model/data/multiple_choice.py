@@ -55,7 +55,7 @@ MMLU_REDUX_SUBJECTS = (
 
 
 def lettered(choices: list[str]) -> str:
-    return "".join(f"{LETTERS[i] if i < len(LETTERS) else chr(65 + i)}. {c}\n" for i, c in enumerate(choices))
+    return "".join(f"{chr(65 + i)}. {c}\n" for i, c in enumerate(choices))
 
 
 def choice_item(rid: str, question: str, choices: list[str], gold: int) -> tuple[str, str, str, list[str]]:
