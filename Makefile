@@ -85,7 +85,7 @@ layer-sweep: $(STAMP)
 
 c2c: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) run_experiments.py --config configs/c2c_quickstart.yaml
-	$(PY) -m cross_model.doc_tables --publish runs/c2c_quickstart docs/c2c --pair c2c:c2c_other_item --pair c2c:c2c_shuffled_a
+	$(PY) -m cross_model.doc_tables --publish runs/c2c_quickstart docs/c2c --pair c2c:c2c_other_item --pair c2c:c2c_shuffled_a --pair c2c:skyline --pair kv_translate:kv_translate_other_item --pair kv_translate:kv_translate_shuffled_a
 	$(PY) -m cross_model.doc_tables --write
 
 projection-ridge: $(STAMP)

@@ -187,9 +187,10 @@ def render_history(data: dict, *args: str) -> str:
 
 
 def render_c2c(data: dict, *args: str) -> str:
-    """Each c2c projector's held-out losses during training and its open layers (`c2c`, from c2c.json)."""
+    """Each learned cache module's held-out losses during training and its open layers (C2C's fusers from
+    c2c.json, the KV translators' projectors from kv_translate.json)."""
     lines = ["| method | step | held-out loss | every gate closed (B without A) | open layers |", "|---|---|---|---|---|"]
-    for name, fit in data["c2c"].items():
+    for name, fit in {**data.get("c2c", {}), **data.get("kv_translate", {})}.items():
         for h in fit["history"]:
             lines.append(f"| {name} | {h['step']} | {h['heldout_loss']:.3f} | {h['heldout_loss_closed']:.3f} "
                          f"| {h['open_layers']} |")
@@ -308,7 +309,7 @@ def publish(run_dir: Path, target: Path, reference: str | None = None, pairs: li
     interlingua = run_dir / "interlingua.json"
     if interlingua.exists():
         data["interlingua_history"] = json.loads(interlingua.read_text()).get("history", [])
-    for key in ("projections", "c2c"):  # what the train stage wrote about its learned maps
+    for key in ("projections", "c2c", "kv_translate"):  # what the train stage wrote about its learned maps
         path = run_dir / f"{key}.json"
         if path.exists():
             data[key] = json.loads(path.read_text())

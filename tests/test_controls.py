@@ -31,14 +31,16 @@ def test_a_control_the_config_already_runs_under_another_name_is_not_added_twice
         _load(tmp_path, {"lw": {"method": "latentwire"}, "lw_zero": {"method": "baseline"}})
 
 
-def test_c2c_gets_the_other_item_control_with_the_same_projector_recipe(tmp_path):
-    got = _load(tmp_path, {"c2c": {"data": "tasks", "steps": 7, "lr": 0.01}})
-    assert got["c2c_other_item"] == {"method": "c2c", "steps": 7, "lr": 0.01, "data": "tasks", "control": "other_item"}
-    _, main = resolve_method("c2c", got["c2c"])
-    _, control = resolve_method("c2c_other_item", got["c2c_other_item"])
+@pytest.mark.parametrize("method", ["c2c", "kv_translate"])
+def test_learned_cache_methods_get_both_controls_with_the_same_recipe(tmp_path, method):
+    got = _load(tmp_path, {"m": {"method": method, "data": "tasks", "steps": 7, "lr": 0.01}})
+    assert got["m_other_item"] == {"method": method, "steps": 7, "lr": 0.01, "data": "tasks", "control": "other_item"}
+    _, main = resolve_method("m", got["m"])
+    _, control = resolve_method("m_other_item", got["m_other_item"])
     from dataclasses import replace
-    assert replace(control, control=None) == main  # same recipe: the train stage trains one projector for both
-    assert got["c2c_shuffled_a"] == {"method": "c2c", "steps": 7, "lr": 0.01, "data": "tasks", "train_control": "shuffled_a"}
-    assert sorted(got) == ["c2c", "c2c_other_item", "c2c_shuffled_a"]
-    assert sorted(_load(tmp_path, {"c2c": {"projector": "identity"}})) == ["c2c"]  # nothing trained: no control
-    assert sorted(_load(tmp_path, {"c2c": {}}, controls=False)) == ["c2c"]
+    assert replace(control, control=None) == main  # same recipe: the train stage trains one module for both
+    assert got["m_shuffled_a"] == {"method": method, "steps": 7, "lr": 0.01, "data": "tasks", "train_control": "shuffled_a"}
+    assert sorted(got) == ["m", "m_other_item", "m_shuffled_a"]
+    # nothing trained (a finished directory): no control
+    assert sorted(_load(tmp_path, {"m": {"method": method, "projector": str(tmp_path)}})) == ["m"]
+    assert sorted(_load(tmp_path, {"m": {"method": method}}, controls=False)) == ["m"]

@@ -73,7 +73,7 @@ def stamp_trainer():
 
 
 def test_a_registered_trainer_runs_through_the_pipeline_without_the_pipeline_naming_it(tmp_path, stamp_trainer):
-    assert [t.name for t in registered_trainables()][:3] == ["c2c", "projection", "interlingua"]
+    assert [t.name for t in registered_trainables()][:4] == ["c2c", "kv_translate", "projection", "interlingua"]
     common = ["--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--tasks", "[{name: countries, n_test: 3}]",
               "--methods", '{"baseline": {}, "stamped": {"method": "stamp_method", "answer": "Paris"}}']
     # Without the train stage and nothing trained: refused before any item is answered.

@@ -1,4 +1,5 @@
-"""Training the C2C projector: the train stage's job for each `c2c` method with `projector: train`.
+"""Training the learned cache modules: `kv_translate`'s projector (here) and `c2c`'s fuser
+(`c2c.train_fuser`), each method instance with `projector: train`, by one fitting routine.
 
 Both models are frozen (inference mode for A, no parameter gradients for B); only the projector trains,
 under DDP across ranks (one process: plain). Each row is (context, question): A reads the context as in
@@ -15,15 +16,16 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from cross_model.methods.learned_cache import TRANSLATOR_KEYS
 from cross_model.c2c.projector import WEIGHTS_FILE, CacheProjector, model_record, new_projector, tau_at
 from cross_model.c2c.transfer import receiver_cache, sender_side
 from cross_model.checkpointing import FINAL, Trained, directory_slug, publish_once, verify
@@ -50,9 +52,7 @@ from cross_model.training.loop import TrainJob, latest_checkpoint, set_learning_
 
 log = logging.getLogger(__name__)
 
-RECIPE_KEYS = ("pairing", "hidden", "rope", "gate_init", "steps", "batch_size_train", "lr", "weight_decay", "warmup_steps",
-               "grad_clip", "schedule", "n_train", "n_heldout", "data", "question", "target_tokens", "target", "tau_start",
-               "tau_end", "seed", "gates", "train_control")
+RECIPE_KEYS = TRANSLATOR_KEYS
 
 
 # --- data ---------------------------------------------------------------------------------------------------
@@ -169,97 +169,133 @@ def receiver_targets(b: LoadedModel, rows: list[Example], tokens: int, batch_siz
     return [merged[i] for i in range(len(rows))]
 
 
-# --- the loss ------------------------------------------------------------------------------------------------
+# --- the losses ----------------------------------------------------------------------------------------------
 
 
-class C2CLoss(nn.Module):
+@dataclass(frozen=True)
+class Mode:
+    """How a loss reads the gates: `soft` (training: noise drawn from the seed, the step and the rows'
+    indices `row_ids`), `hard` (as evaluation sends) or `closed` (every gate shut: B without A)."""
+
+    kind: str
+    step: int = 0
+    row_ids: tuple[int, ...] = ()
+
+
+HARD, CLOSED = Mode("hard"), Mode("closed")
+
+
+class TranslatorLoss(nn.Module):
     """The projector and the loss of a batch of rows; the frozen models are held outside the module
     tree, so DDP sees (and synchronises) the projector's parameters only."""
 
-    def __init__(self, projector: CacheProjector, a: LoadedModel, b: LoadedModel, rope: str = "as_cached"):
+    def __init__(self, projector: CacheProjector, a: LoadedModel, b: LoadedModel, params: Any):
         super().__init__()
         self.projector = projector
         self._models = (a, b)
-        self.rope = rope
+        self.params = params
         # B must read the projected cache through our attention (its layout and the gates' log g bias):
         # under plain SDPA the gates would get no gradient and the layout would be ignored, silently.
         use_cross_model_attention(b)
 
-    def forward(self, rows: list[Example], targets: list[list[int]], gates: torch.Tensor | None,
-                layers: list[int] | None = None) -> torch.Tensor:
-        """Per row, the mean target cross-entropy of B reading the projected cache (`gates`: soft gates,
-        or None with `layers` open and the rest closed)."""
+    def open_layers(self) -> list[int]:
+        return self.projector.open_layers()
+
+    def forward(self, rows: list[Example], targets: list[list[int]], mode: Mode) -> torch.Tensor:
+        """Per row, the mean target cross-entropy of B reading the projected cache."""
+        p, proj = self.params, self.projector
+        gates, layers = None, []
+        if mode.kind == "soft" and p.gates == "learned":
+            # The gate noise depends on the seed and the step only: every rank draws the same, and a
+            # resumed run the same as an uninterrupted one.
+            g = torch.Generator().manual_seed(p.seed * 1_000_003 + mode.step)
+            gates = proj.soft_gates(tau_at(mode.step, p.steps, p.tau_start, p.tau_end), g)
+        elif mode.kind == "hard":
+            layers = proj.open_layers()
+        elif mode.kind == "soft":
+            layers = proj.layers if p.gates == "open" else []
+        losses = self.losses(rows, targets, gates, proj.layers if gates is not None else layers)
+        return losses + 0.0 * proj.gate_logits.sum()  # every parameter in the graph, for DDP
+
+    def losses(self, rows: list[Example], targets: list[list[int]], gates: torch.Tensor | None,
+               chosen: list[int]) -> torch.Tensor:
         a, b = self._models
         texts = [sender_text(e) for e in rows]
         wrapped = [chat_wrap(a, t) for t in texts]
         ids = encode_texts(a, wrapped)
-        chosen = self.projector.layers if layers is None else layers
         top = max((self.projector.partners[l] for l in chosen), default=-1) + 1
         with torch.inference_mode():
             pre = run_prefill(a, pad_left(ids, a.tokenizer.pad_token_id, a.device), ids, top)
         pre.kv = [(k.clone(), v.clone()) for k, v in pre.kv]  # out of inference mode, for autograd
         side = sender_side(a, b, wrapped, ids, pre)
-        cache, layout, offset = receiver_cache(self.projector, b, side, chosen, gates, a=a, rope=self.rope)
+        cache, layout, offset = receiver_cache(self.projector, b, side, chosen, gates, a=a, rope=self.params.rope)
         prompts = encode_texts(b, [chat_wrap(b, receiver_text(e)) for e in rows])
         full = [p + t for p, t in zip(prompts, targets)]
         batch = pad_left(full, b.tokenizer.pad_token_id, b.device)
         pos = offset.to(b.device)[:, None] + (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         logits = layout_forward(b, layout, all_logits=True)(cache=cache, full_mask_BT=batch.attention_mask,
                                                             position_ids_BT=pos, input_ids_BT=batch.input_ids)
-        losses = []
-        width = batch.input_ids.shape[1]
-        for i, t in enumerate(targets):  # position p predicts token p + 1; the targets are each row's last tokens
-            pred = logits[i, width - len(t) - 1 : width - 1].float()
-            gold = torch.tensor(t, device=pred.device)
-            losses.append(F.cross_entropy(pred, gold))
-        return torch.stack(losses)
+        return target_losses(logits, targets)
+
+
+def target_losses(logits_BTV: torch.Tensor, targets: list[list[int]], ends: list[int] | None = None) -> torch.Tensor:
+    """Per row, the mean cross-entropy of its target, which ends at column `ends[i]` (default: the last):
+    position p predicts token p + 1."""
+    losses = []
+    width = logits_BTV.shape[1]
+    for i, t in enumerate(targets):
+        end = width if ends is None else ends[i]
+        pred = logits_BTV[i, end - len(t) - 1 : end - 1].float()
+        losses.append(F.cross_entropy(pred, torch.tensor(t, device=pred.device)))
+    return torch.stack(losses)
 
 
 # --- identity and where it lives ----------------------------------------------------------------------------
 
 
-def identity_of(params: Any, a: LoadedModel, b: LoadedModel, cfg: Any = None) -> dict[str, Any]:
+def identity_of(params: Any, a: LoadedModel, b: LoadedModel, cfg: Any = None,
+                keys: tuple[str, ...] = RECIPE_KEYS) -> dict[str, Any]:
     """What a checkpoint must match to be resumed or used: the pair, the recipe and (data: tasks) the tasks."""
     p = asdict(params)
-    out = {"sender": model_record(a), "receiver": model_record(b), **{k: p[k] for k in RECIPE_KEYS}}
+    out = {"sender": model_record(a), "receiver": model_record(b), **{k: p[k] for k in keys}}
     if params.data == "tasks" and cfg is not None:
         # training rows are a split of their own: they depend on the task, its seed and source, not on sizes
         out["tasks"] = [[t.name, t.seed if t.seed is not None else cfg.seed, t.path] for t in cfg.tasks]
     return out
 
 
-def c2c_dir(root: str | Path, identity: dict[str, Any]) -> Path:
+def learned_dir(root: str | Path, identity: dict[str, Any], prefix: str) -> Path:
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    return Path(root) / f"c2c__{directory_slug(identity['sender']['name'])[-24:]}__{directory_slug(identity['receiver']['name'])[-24:]}__{digest}"
+    return Path(root) / f"{prefix}__{directory_slug(identity['sender']['name'])[-24:]}__{directory_slug(identity['receiver']['name'])[-24:]}__{digest}"
 
 
 @torch.no_grad()
-def heldout_losses(loss: C2CLoss, rows: list[Example], targets: list[list[int]], batch_size: int) -> dict[str, float]:
+def heldout_losses(net: nn.Module, rows: list[Example], targets: list[list[int]], batch_size: int) -> dict[str, float]:
     """Mean held-out target cross-entropy with the hard gates (what evaluation sends) and with every gate
     closed (B without A: the baseline's loss on the same targets), sharded over ranks and summed."""
-    proj = loss.projector
     idx = list(range(get_rank(), len(rows), get_world_size()))
     sums = [0.0, 0.0, 0.0]
     for s in range(0, len(idx), batch_size):
         part = idx[s : s + batch_size]
         r, t = [rows[i] for i in part], [targets[i] for i in part]
-        sums[0] += float(loss(r, t, None, proj.open_layers()).sum())
-        sums[1] += float(loss(r, t, None, []).sum())
+        sums[0] += float(net(r, t, HARD).sum())
+        sums[1] += float(net(r, t, CLOSED).sum())
         sums[2] += len(part)
     total = all_reduce_sum(sums) if is_initialized() else sums
     n = max(total[2], 1.0)
-    return {"heldout_loss": total[0] / n, "heldout_loss_closed": total[1] / n, "open_layers": len(proj.open_layers())}
+    return {"heldout_loss": total[0] / n, "heldout_loss_closed": total[1] / n, "open_layers": len(net.open_layers())}
 
 
 TrainedProjector = Trained  # what the train stage gets back
 
 
-def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, params: Any, identity: dict[str, Any],
-                  directory: Path, rows: tuple[list[Example], list[Example]] | None = None, keep_last: int = 3,
-                  stop: StopFlag | None = None, log_metrics: Any = None) -> TrainedProjector:
-    """Train `projector` for the pair on `rows` (training, held-out; default `training_rows(params)`),
-    resuming from the newest checkpoint in `directory`. Collective."""
+def fit_projector(net: nn.Module, b: LoadedModel, params: Any, identity: dict[str, Any], directory: Path,
+                  rows: tuple[list[Example], list[Example]] | None = None, keep_last: int = 3, stop: StopFlag | None = None,
+                  log_metrics: Any = None, what: str = "c2c") -> TrainedProjector:
+    """Train `net.projector` (the translator's projector or C2C's fuser) on `rows` (training, held-out;
+    default `training_rows(params)`), resuming from the newest checkpoint in `directory`. Collective."""
     world = get_world_size()
+    projector = net.projector
     ckpt = latest_checkpoint(directory, keep_last, identity, tuple(identity))  # refused before anything is computed
     train, held = rows if rows is not None else training_rows(params)
     targets_file = directory / "targets.json"
@@ -273,9 +309,8 @@ def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, par
             write_json_atomically(targets_file, targets)
     train_t, held_t = targets[: len(train)], targets[len(train) :]
     if params.train_control == "shuffled_a":  # A reads another row's context; B's targets stay its row's
-        train, held = (with_donor_contexts(part, donor_map(part), "c2c") for part in (train, held))
+        train, held = (with_donor_contexts(part, donor_map(part), what) for part in (train, held))
     projector.to(b.device).train()
-    net = C2CLoss(projector, a, b, params.rope)
     model: nn.Module = net
     if is_initialized():
         model = DDP(net, device_ids=[b.device.index] if b.device.type == "cuda" else None)
@@ -284,15 +319,9 @@ def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, par
     steps_per_epoch = math.ceil(len(train) / params.batch_size_train)
 
     def loss(step: int, mine: list[int], batch_rows: int) -> torch.Tensor:
-        tau = tau_at(step, params.steps, params.tau_start, params.tau_end)
-        # The gate noise depends on the seed and the step only: every rank draws the same, and a resumed
-        # run the same as an uninterrupted one.
-        g = torch.Generator().manual_seed(params.seed * 1_000_003 + step)
-        gates = projector.soft_gates(tau, g) if params.gates == "learned" else None
-        rows = model([train[i] for i in mine], [train_t[i] for i in mine], gates,
-                     None if gates is not None else (projector.layers if params.gates == "open" else []))
+        rows = model([train[i] for i in mine], [train_t[i] for i in mine], Mode("soft", step, tuple(mine)))
         # Each rank's share of the global batch's mean; DDP averages over ranks, hence the factor `world`.
-        return rows.sum() / batch_rows * world + 0.0 * projector.gate_logits.sum()
+        return rows.sum() / batch_rows * world
 
     def step_optimizer(value: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
@@ -308,17 +337,18 @@ def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, par
         projector.eval()
         stats = {"step": at, "epoch": at / steps_per_epoch, **heldout_losses(net, held, held_t, params.batch_size_train)}
         projector.train()
-        log.info("c2c: step %d/%d held-out loss %.4f (every gate closed: %.4f), %d layers open",
-                 at, params.steps, stats["heldout_loss"], stats["heldout_loss_closed"], stats["open_layers"])
+        log.info("%s: step %d/%d held-out loss %.4f (every gate closed: %.4f), %d layers open",
+                 what, at, params.steps, stats["heldout_loss"], stats["heldout_loss_closed"], stats["open_layers"])
         return stats
 
-    job = TrainJob("c2c", f"train c2c {identity['sender']['name']} -> {identity['receiver']['name']}", directory,
+    job = TrainJob(what, f"train {what} {identity['sender']['name']} -> {identity['receiver']['name']}", directory,
                    projector, loss, step_optimizer, opt.state_dict, opt.load_state_dict, len(train),
                    params.batch_size_train, params.steps, params.seed, params.checkpoint_every, keep_last, identity,
                    tuple(identity), heldout=heldout if held else None, heldout_every=steps_per_epoch,
                    heldout_at_start=True, stop=stop, log_metrics=log_metrics, schedule=schedule)
     done = train_loop(job, ckpt)
-    meta = {**identity, "history": done.history, "final_step": done.step, "open_layers": projector.open_layers(),
+    projector.eval()
+    meta = {**identity, "history": done.history, "final_step": done.step, "open_layers": net.open_layers(),
             "partners": projector.partners, "identity": identity}
     if is_main():
         publish_once(directory / FINAL, {WEIGHTS_FILE: {k: v.detach().cpu() for k, v in projector.state_dict().items()}}, meta)
@@ -326,52 +356,65 @@ def fit_projector(projector: CacheProjector, a: LoadedModel, b: LoadedModel, par
     return TrainedProjector(directory, meta, resumed_from=done.resumed_from)
 
 
-def train_c2c(request: TrainRequest, name: str, params: Any, a: LoadedModel, b: LoadedModel) -> TrainedProjector:
-    """One c2c method's projector (its sender `a`, receiver `b`): trained, or found finished."""
+@dataclass(frozen=True)
+class LearnedCache:
+    """What differs between the two learned cache methods' training: the directory prefix, the recipe
+    keys a checkpoint must match, a fresh module for a pair and the loss around it."""
+
+    prefix: str
+    keys: tuple[str, ...]
+    new: Callable[[Any, LoadedModel, LoadedModel], nn.Module]
+    net: Callable[[nn.Module, LoadedModel, LoadedModel, Any], nn.Module]
+
+
+TRANSLATOR = LearnedCache("kv_translate", RECIPE_KEYS, new_projector, TranslatorLoss)
+
+
+def train_learned(request: TrainRequest, name: str, params: Any, a: LoadedModel, b: LoadedModel,
+                  spec: LearnedCache) -> TrainedProjector:
+    """One method instance's learned cache module (its sender `a`, receiver `b`): trained, or found finished."""
     cfg = request.cfg
     for lm in (a, b):
         lm.model.requires_grad_(False)
-    use_cross_model_attention(b)
-    identity = identity_of(params, a, b, cfg)
+    identity = identity_of(params, a, b, cfg, spec.keys)
     train_cfg = resolved_train_config(cfg)
-    directory = c2c_dir(train_cfg.checkpoint_dir, identity)
+    directory = learned_dir(train_cfg.checkpoint_dir, identity, spec.prefix)
     final = directory / FINAL
     if broadcast_object(verify(final)[0] is not None if is_main() else None):
-        log.info("c2c: %s is already trained; loaded, not retrained", final)
+        log.info("%s: %s is already trained; loaded, not retrained", spec.prefix, final)
         return TrainedProjector(directory, verify(final)[0] or {}, loaded_final=True)
-    projector = new_projector(params, a, b)
-    log.info("methods.%s: c2c projector %s -> %s (%s pairing, %d receiver layers paired), %d trainable parameters",
-             name, a.info.name, b.info.name, params.pairing, len(projector.layers), sum(p.numel() for p in projector.parameters()))
-    return fit_projector(projector, a, b, params, identity, directory, training_rows(params, cfg), train_cfg.keep_last,
-                         request.stop, request.log_metrics)
+    module = spec.new(params, a, b)
+    log.info("methods.%s: %s %s -> %s (%s pairing, %d receiver layers paired), %d trainable parameters", name,
+             spec.prefix, a.info.name, b.info.name, params.pairing, len(module.partners),
+             sum(p.numel() for p in module.parameters()))
+    return fit_projector(spec.net(module, a, b, params), b, params, identity, directory, training_rows(params, cfg),
+                         train_cfg.keep_last, request.stop, request.log_metrics, spec.prefix)
 
 
-def train_c2c_methods(request: TrainRequest, methods: list[tuple[str, Any]]) -> TrainOutcome:
-    """The train stage's C2C job: each c2c method its own projector (its pair and recipe decide where)."""
+def train_methods(request: TrainRequest, methods: list[tuple[str, Any]], spec: LearnedCache) -> TrainOutcome:
+    """A train stage job: each method instance its own module (its pair and recipe decide where)."""
     artefacts, record = {}, {}
     for name, params in methods:
         pair = request.model_pair(params)
-        trained = train_c2c(request, name, params, pair.sender, pair.receiver)
+        trained = train_learned(request, name, params, pair.sender, pair.receiver, spec)
         artefacts[name] = trained.directory / FINAL
         record[name] = {"directory": str(trained.directory / FINAL), "history": trained.meta.get("history", []),
                         "open_layers": trained.meta.get("open_layers"), "loaded_final": trained.loaded_final}
     return TrainOutcome(artefacts, record)
 
 
-def locate_projector(request: TrainRequest, name: str, params: Any) -> Path:
-    pair = request.model_pair(params)
-    return final_projector_dir(request.cfg, params, pair.sender, pair.receiver)
+def final_dir(cfg: Any, params: Any, a: LoadedModel, b: LoadedModel, spec: LearnedCache = TRANSLATOR) -> Path:
+    root = Path(resolved_train_config(cfg).checkpoint_dir)
+    return learned_dir(root, identity_of(params, a, b, cfg, spec.keys), spec.prefix) / FINAL
 
 
-def projector_root(cfg: Any) -> Path:
-    return Path(resolved_train_config(cfg).checkpoint_dir)
+def trainable(name: str, spec: LearnedCache, what: str) -> Trainable:
+    def locate(request: TrainRequest, instance: str, params: Any) -> Path:
+        pair = request.model_pair(params)
+        return final_dir(request.cfg, params, pair.sender, pair.receiver, spec)
+
+    return Trainable(name, f"methods.<{name} instance> and train", what, f"{name}.json",
+                     lambda request, methods: train_methods(request, methods, spec), locate)
 
 
-def final_projector_dir(cfg: Any, params: Any, a: LoadedModel, b: LoadedModel) -> Path:
-    return c2c_dir(projector_root(cfg), identity_of(params, a, b, cfg)) / FINAL
-
-
-
-
-TRAINABLE = Trainable("c2c", "methods.<c2c instance> and train", "c2c projector", "c2c.json", train_c2c_methods,
-                      locate_projector)
+TRAINABLE = trainable("kv_translate", TRANSLATOR, "kv_translate projector")

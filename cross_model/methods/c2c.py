@@ -1,224 +1,131 @@
-"""C2C-style KV communication between models of different shapes (Fu et al., ICLR 2026; docs/METHODS.md).
-
-A prefills its prompt up to the highest layer a receiver layer reads, and sends those layers of its
-cache (kv_wire, raw or quantized like Q-KVComm); the trained projector runs on B's side and fills, per
-open receiver layer, B's cache with B's tokens of A's prompt text (aligned by characters). B's prompt
-takes positions after them and decodes normally. The open gates are the layer selection.
+"""C2C as thu-nics/C2C computes it (Fu et al., ICLR 2026; docs/METHODS.md): both models read B's
+prompt; B's cache of it is fused, layer by layer, with A's cache of the same characters through a
+trained fuser (`c2c.fuser`), and B answers from the fused cache. What crosses is A's cache of the
+layers an open gate reads. The fuser is trained by the train stage (`projector: train`), or read from
+a finished directory: ours, or a released C2C checkpoint (`projector_{i}.json/.pt` and
+`projector_config.json`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from cross_model.c2c.projector import PAIRINGS, WEIGHTS_FILE, model_record, new_projector, read_meta
-from cross_model.c2c.transfer import receiver_cache, sender_side
+from cross_model.c2c.fuser import FUSER_DEFAULTS, is_released, new_fuser, read_released
+from cross_model.c2c.fusion import fused_cache, shared_input, shared_prompts
+from cross_model.c2c.projector import PAIRINGS, WEIGHTS_FILE, model_record, read_meta
+from cross_model.methods.learned_cache import FUSER_KEYS, LearnedCacheMethod, LearnedCacheParams
 from cross_model.data.base import Example
 from cross_model.generation import greedy_generate
 from cross_model.kv_wire import KVPayload, QuantScheme, dtype_bits, dtype_name, payload_size
-from cross_model.kv_wire_batch import decode_batch, encode_batch
-from cross_model.methods.base import Method, MethodParams, Prediction
-from cross_model.methods.other_item import donor_map, with_donor_contexts
+from cross_model.methods.base import Prediction
+from cross_model.methods.other_item import donor_map
 from cross_model.methods.registry import register
-from cross_model.prompting import chat_text, encode_texts, receiver_text, sender_text, tokenize_prompts
-from cross_model.kv_layout import layout_forward, use_cross_model_attention
+
 
 @dataclass
-class C2CParams(MethodParams):
-    projector: str = field(default="train", metadata={"help": "train (the train stage fits it), identity (untrained, "
-                                                               "A and B of one KV shape: KVComm-all), or a finished directory"})
-    pairing: str = field(default="last_aligned", metadata={"help": "receiver layer -> sender layer: last_aligned or nearest"})
-    gates: str = field(default="learned", metadata={"help": "learned (hard at evaluation), open (every paired layer) or closed (none)"})
-    hidden: int = field(default=256, metadata={"help": "width of each map's residual MLP"})
-    gate_init: float = field(default=0.0, metadata={"help": "initial gate logit (> 0: open; 0, the default, starts every layer half open in training and closed at step 0)"})
-    rope: str = field(default="as_cached", metadata={"help": "as_cached (A's keys projected as A cached them, as C2C) "
-                                                              "or reapply (A's rotary embedding taken off, B's put on)"})
-    bits: int | None = field(default=None, metadata={"help": "null (A's dtype, raw) or 2..8: A's layers quantized as Q-KVComm's"})
-    control: str | None = field(default=None, metadata={"help": "null, or other_item: A reads another test item's context "
-                                                                "(the content control at equal bytes, as KVComm's)"})
-    train_control: str | None = field(default=None, metadata={"help": "null, or shuffled_a: trained with A reading "
-                                                                      "another training row's context (the training control)"})
-    steps: int = field(default=200, metadata={"help": "training: optimizer steps"})
-    batch_size_train: int = field(default=8, metadata={"help": "training: global batch in rows, split over ranks"})
-    lr: float = field(default=1e-3, metadata={"help": "training: AdamW learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "training: AdamW weight decay (C2C trains with some)"})
-    warmup_steps: int = field(default=0, metadata={"help": "training: linear learning-rate warm-up steps (C2C warms up)"})
-    grad_clip: float = field(default=0.0, metadata={"help": "training: clip the gradient norm to this (0: off; C2C clips)"})
-    schedule: str = field(default="constant", metadata={"help": "training: the rate after the warm-up: constant, linear "
-                                                                "(C2C's) or cosine, decaying to 0 at the last step"})
-    n_train: int = field(default=256, metadata={"help": "training rows"})
-    n_heldout: int = field(default=32, metadata={"help": "held-out rows (loss each eval_every steps)"})
-    data: str = field(default="offline", metadata={"help": "offline (generated sentences), c4, tasks (the configured "
-                                                            "tasks' rows outside test/calibration), hub:<dataset> "
-                                                            "(e.g. hub:teknium/OpenHermes-2.5), or a JSONL path with "
-                                                            "context and question fields"})
-    question: str = field(default="Repeat the context word for word.", metadata={"help": "B's question for corpus rows"})
-    target_tokens: int = field(default=24, metadata={"help": "training target: B's own greedy continuation of context + "
-                                                             "question, this many tokens"})
-    target: str = field(default="own", metadata={"help": "training target: own (B's continuation, above) or gold (the "
-                                                         "row's gold answer and EOS, at most target_tokens; C2C trains "
-                                                         "on its chat data's responses)"})
-    tau_start: float = field(default=1.0, metadata={"help": "Gumbel-sigmoid temperature at the first step"})
-    tau_end: float = field(default=0.1, metadata={"help": "... and at the last"})
-    eval_every: int = field(default=50, metadata={"help": "training: steps between held-out losses"})
-    checkpoint_every: int = field(default=50, metadata={"help": "training: steps between checkpoints"})
-    seed: int = field(default=0, metadata={"help": "training seed (data order, init, gate noise)"})
+class C2CParams(LearnedCacheParams):
+    projector: str = field(default="train", metadata={"help": "train (the train stage fits it) or a finished directory: "
+                                                               "ours, or a released C2C fuser (projector_config.json)"})
+    input: str = field(default="receiver", metadata={"help": "what both models read: receiver (B's prompt, as C2C) or "
+                                                             "skyline (context and question)"})
+    pairing: str = field(default="last_aligned", metadata={"help": "receiver layer -> sender layer: last_aligned (C2C's) or nearest"})
+    hidden_dim: int = field(default=FUSER_DEFAULTS["hidden_dim"], metadata={"help": "the fuser's width (C2C: 1024)"})
+    intermediate_dim: int = field(default=FUSER_DEFAULTS["intermediate_dim"], metadata={"help": "its FFN blocks' inner width (C2C: 1024)"})
+    num_layers: int = field(default=FUSER_DEFAULTS["num_layers"], metadata={"help": ">= 3: the projection branch has num_layers - 2 blocks (C2C: 3)"})
+    dropout: float = field(default=FUSER_DEFAULTS["dropout"], metadata={"help": "dropout in the fuser's blocks while training (C2C: 0.1)"})
+    tau_start: float = field(default=FUSER_DEFAULTS["initial_temperature"], metadata={"help": "gate temperature at step 0 (C2C: 1.0)"})
+    tau_end: float = field(default=FUSER_DEFAULTS["final_temperature"], metadata={"help": "... annealed geometrically to this (C2C: 0.001)"})
+    anneal_steps: int | None = field(default=None, metadata={"help": "steps the annealing takes (None: `steps`)"})
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
+        if self.input not in ("receiver", "skyline"):
+            raise ValueError(f"{prefix}.input: receiver or skyline, got {self.input!r}")
         if self.pairing not in PAIRINGS:
             raise ValueError(f"{prefix}.pairing: one of {', '.join(PAIRINGS)}, got {self.pairing!r}")
-        if self.gates not in ("learned", "open", "closed"):
-            raise ValueError(f"{prefix}.gates: learned, open or closed, got {self.gates!r}")
-        if self.rope not in ("as_cached", "reapply"):
-            raise ValueError(f"{prefix}.rope: as_cached or reapply, got {self.rope!r}")
-        if self.bits is not None and not 2 <= self.bits <= 8:
-            raise ValueError(f"{prefix}.bits: null or 2..8, got {self.bits}")
-        if self.control not in (None, "other_item"):
-            raise ValueError(f"{prefix}.control: {self.control!r} is not one of null, other_item")
-        if self.train_control not in (None, "shuffled_a"):
-            raise ValueError(f"{prefix}.train_control: {self.train_control!r} is not one of null, shuffled_a")
-        for name in ("hidden", "steps", "batch_size_train", "n_train", "target_tokens", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.data not in ("offline", "c4", "tasks") and not self.data.startswith("hub:") and not self.data.endswith(".jsonl"):
-            raise ValueError(f"{prefix}.data: offline, c4, tasks, hub:<dataset> or a .jsonl path, got {self.data!r}")
-        if not 0 < self.tau_end <= self.tau_start or self.lr <= 0:
-            raise ValueError(f"{prefix}: needs 0 < tau_end <= tau_start and lr > 0")
-        if self.schedule not in ("constant", "linear", "cosine"):
-            raise ValueError(f"{prefix}.schedule: constant, linear or cosine, got {self.schedule!r}")
-        if self.target not in ("own", "gold"):
-            raise ValueError(f"{prefix}.target: own or gold, got {self.target!r}")
-        if min(self.weight_decay, self.warmup_steps, self.grad_clip) < 0:
-            raise ValueError(f"{prefix}: weight_decay, warmup_steps and grad_clip must be >= 0")
+        if self.num_layers < 3 or min(self.hidden_dim, self.intermediate_dim) < 1:
+            raise ValueError(f"{prefix}: num_layers >= 3 and positive widths, got {self.num_layers}, "
+                             f"{self.hidden_dim}, {self.intermediate_dim}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"{prefix}.dropout: in [0, 1), got {self.dropout}")
+        if not 0 < self.tau_end <= self.tau_start:
+            raise ValueError(f"{prefix}: needs 0 < tau_end <= tau_start")
+        if self.anneal_steps is not None and self.anneal_steps < 1:
+            raise ValueError(f"{prefix}.anneal_steps: >= 1 or null, got {self.anneal_steps}")
+        if self.max_prompt_tokens is not None:
+            raise ValueError(f"{prefix}.max_prompt_tokens: c2c cuts no prompt (A reads the characters B reads); "
+                             f"cap the contexts with tasks.N.max_context_chars")
 
 
 @register("c2c")
-class C2C(Method):
+class C2C(LearnedCacheMethod):
     Params = C2CParams
     trained_by = "c2c"
 
-    @classmethod
-    def controls(cls, name: str, params: C2CParams) -> dict[str, dict[str, Any]]:
-        """Always on, for a projector the train stage fits: the same projector reading another test
-        item's cache (equal bytes, wrong content), and one trained with A reading other rows' contexts
-        (what B learns without A's content)."""
-        if params.control is not None or params.train_control is not None or params.projector != "train":
-            return {}
-        mine = cls.set_fields(params)
-        return {f"{name}_other_item": {"method": "c2c", **mine, "control": "other_item"},
-                f"{name}_shuffled_a": {"method": "c2c", **mine, "train_control": "shuffled_a"}}
-
-    @classmethod
-    def needs_training(cls, params: C2CParams) -> bool:
-        return params.projector == "train"
-
     def check_pair(self) -> None:
-        self.donors: dict[str, Example] = {}  # control: other_item
+        self.check_tokenizers()
         a, b = self.pair.sender, self.pair.receiver
-        for lm in (a, b):
-            if not getattr(lm.tokenizer, "is_fast", True):
-                raise ValueError(f"methods.{self.name}: c2c aligns tokens by characters and needs a fast tokenizer; "
-                                 f"{lm.info.name}'s is not")
-        self.projector = new_projector(self.params, a, b).to(b.device)
-        self.projector.requires_grad_(False)
-        if self.params.projector == "identity":
-            self.projector.identity_init()
-        elif self.params.projector != "train" or self.trained:
-            self.set_projection_from(self.trained or self.params.projector)
-        use_cross_model_attention(b)
+        source = self.trained or (None if self.params.projector == "train" else self.params.projector)
+        if source is not None and is_released(source):
+            self.fuser = read_released(source, model_record(a), model_record(b))
+        else:
+            self.fuser = new_fuser(self.params, a, b)
+            if source is not None:
+                self.load_ours(Path(source))
+        self.fuser.to(b.device).eval().requires_grad_(False)
 
-    def set_projection_from(self, directory: str) -> None:
-        """Load a finished projector, refusing one made for another pair, pairing or width."""
-        path = Path(directory)
+    def load_ours(self, path: Path) -> None:
         meta = read_meta(path)
         want = {"sender": model_record(self.pair.sender), "receiver": model_record(self.pair.receiver),
-                "pairing": self.params.pairing, "hidden": self.params.hidden, "rope": self.params.rope}
+                **{k: getattr(self.params, k) for k in FUSER_KEYS}}
         diff = [k for k in want if meta.get(k) != want[k]]
         if diff:
-            raise ValueError(f"methods.{self.name}: the projector in {path} was trained for another setting "
+            raise ValueError(f"methods.{self.name}: the fuser in {path} was trained for another setting "
                              f"({', '.join(diff)}: {[meta.get(k) for k in diff]} there, {[want[k] for k in diff]} here)")
-        self.projector.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
-        self.projector.to(self.pair.receiver.device)
+        self.fuser.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
         self.trained_meta = meta
 
     def active_layers(self) -> list[int]:
         g = self.params.gates
-        if g == "open" or (g == "learned" and self.params.projector == "identity"):
-            return self.projector.layers
-        return [] if g == "closed" else self.projector.open_layers()
-
-    def sender_layers(self, layers: list[int]) -> list[int]:
-        """A's layers that cross: the partners of the open receiver layers, each once."""
-        return sorted({self.projector.partners[l] for l in layers})
-
-    def wire(self, sender_layers: list[int], tokens: int) -> KVPayload:
-        a = self.pair.sender
-        dt = dtype_name(a.model.dtype)
-        bits = [self.params.bits or dtype_bits(dt)] * len(sender_layers)
-        return KVPayload(a.info.name, self.pair.receiver.info.name, sender_layers, sender_layers, [], [], dt, bits,
-                         kv_heads=a.info.num_kv_heads, head_dim=a.info.head_dim, tokens=tokens, scheme=QuantScheme())
-
-    def transmit(self, side, sender_layers: list[int]) -> tuple[dict | None, list[int]]:
-        """Each row's payload bytes and, when quantized, A's layers as B decodes them (Q-KVComm's
-        batched wire path: one frame per row, encoded and decoded for the whole batch)."""
-        lengths = [int(n) for n in side.pre.full_mask.sum(-1).tolist()]
-        if self.params.bits is None or not sender_layers:
-            return None, [payload_size(self.wire(sender_layers, n).header()) if sender_layers else 0 for n in lengths]
-        mask = side.pre.full_mask.bool()
-        a = self.pair.sender
-        blobs = encode_batch(self.wire(sender_layers, 0), [side.pre.kv[la][0] for la in sender_layers],
-                             [side.pre.kv[la][1] for la in sender_layers], [], [], mask)
-        got_k, got_v, _, _, _, _ = decode_batch(blobs, self.pair.receiver.info.name, a.info.num_kv_heads,
-                                                a.info.head_dim, device=mask.device)
-        row_i, pos_i = mask.nonzero(as_tuple=True)  # real tokens, in each row's order
-        tok_i = (mask.long().cumsum(-1) - 1)[row_i, pos_i]  # their place among the row's real tokens
-        sent = {}
-        for la, k, v in zip(sender_layers, got_k, got_v):
-            keys, values = side.pre.kv[la][0].clone(), side.pre.kv[la][1].clone()
-            keys[row_i, :, pos_i] = k[row_i, :, tok_i].to(keys.dtype)
-            values[row_i, :, pos_i] = v[row_i, :, tok_i].to(values.dtype)
-            sent[la] = (keys, values)
-        return sent, [len(b) for b in blobs]
+        return list(range(len(self.fuser.partners))) if g == "open" else [] if g == "closed" else self.fuser.open_layers()
 
     def set_task_items(self, items: list[Example]) -> None:
         self.donors = donor_map(items)  # control: other_item
 
-    def sender(self, examples: list[Example], layers: list[int]):
-        a, b = self.pair.sender, self.pair.receiver
-        top = max((self.projector.partners[l] for l in layers), default=-1) + 1
-        texts = [sender_text(e) for e in examples]
-        pre = self.prefill(a, texts, layers=top)
-        wrapped = [chat_text(a, t) for t in texts]  # what the prefill read (it logged it already)
-        return sender_side(a, b, wrapped, encode_texts(a, wrapped, self.params.max_prompt_tokens), pre)
+    def payload_bytes(self, sender_layers: list[int], tokens: list[int]) -> list[int]:
+        """A's cache of the layers an open gate reads, each once, in the kv_wire format, per row."""
+        if not sender_layers:
+            return [0] * len(tokens)
+        a = self.pair.sender
+        dt = dtype_name(a.model.dtype)
+        bits = [dtype_bits(dt)] * len(sender_layers)
+        return [payload_size(KVPayload(a.info.name, self.pair.receiver.info.name, sender_layers, sender_layers, [], [],
+                                       dt, bits, kv_heads=a.info.num_kv_heads, head_dim=a.info.head_dim, tokens=n,
+                                       scheme=QuantScheme()).header()) for n in tokens]
 
     @torch.inference_mode()
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
-        b = self.pair.receiver
+        a, b = self.pair.sender, self.pair.receiver
         layers = self.active_layers()
-        read = with_donor_contexts(examples, self.donors, self.name) if self.params.control == "other_item" else examples
-        side = self.sender(read, layers)
-        a_layers = self.sender_layers(layers)
-        sent, sizes = self.transmit(side, a_layers)
-        cache, layout, offset = receiver_cache(self.projector, b, side, layers, sent=sent, a=self.pair.sender,
-                                               rope=self.params.rope)
-        batch = tokenize_prompts(b, [receiver_text(e) for e in examples], self.params.max_prompt_tokens)
+        wrapped, donors = shared_prompts(a, b, examples, self.params.input,
+                                         self.donors if self.params.control == "other_item" else None, self.name)
+        inp = shared_input(a, b, wrapped, donors)
+        cache = fused_cache(self.fuser, a, b, inp, layers, force_open=self.params.gates == "open")
+        sender_layers = sorted({self.fuser.partners[l] for l in layers})
+        a_tokens = [len(x) if layers else 0 for x in inp.a_ids]  # A runs only for an open gate
         limits = [self.max_new_tokens(e) for e in examples]
-        gen = greedy_generate(b, batch.input_ids, batch.attention_mask, max(limits), cache=cache,
-                              position_offset_B=offset.to(b.device), forward=layout_forward(b, layout),
-                              max_new_tokens_B=limits)
-        stats = side.stats.to_dict()
+        ones = torch.ones_like(inp.last_B1)
+        gen = greedy_generate(b, inp.last_B1, ones, max(limits), cache=cache, past_mask_BP=inp.prefix.attention_mask,
+                              position_offset_B=inp.prefix.attention_mask.sum(-1), max_new_tokens_B=limits)
+        stats = inp.stats.to_dict()
         return [
-            Prediction(
-                e.example_id, text, size, sender_prefill_tokens=n_a, receiver_prefill_tokens=n_b,
-                receiver_generated_tokens=n_out,
-                extra={"layers": layers, "sender_layers": a_layers, "context_tokens_B": int(n_ctx),
-                       "alignment_mismatch": stats["mismatch_fraction"]},
-            )
-            for e, text, size, n_a, n_b, n_out, n_ctx in zip(
-                examples, gen.texts, sizes, side.pre.prompt_lengths, batch.lengths, gen.n_generated, offset.tolist())
+            Prediction(e.example_id, text, size, sender_prefill_tokens=n_a, receiver_prefill_tokens=len(ids) + 1,
+                       receiver_generated_tokens=n_out,
+                       extra={"layers": layers, "sender_layers": sender_layers, "alignment_mismatch": stats["mismatch_fraction"]})
+            for e, text, size, n_a, ids, n_out in zip(examples, gen.texts, self.payload_bytes(sender_layers, a_tokens),
+                                                      a_tokens, inp.prefix_ids, gen.n_generated)
         ]
