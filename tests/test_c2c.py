@@ -225,8 +225,7 @@ def test_training_opens_the_gates_where_fusion_lowers_the_loss(tmp_path):
     for name in ("one", "again"):
         p = _params(data=str(data), target="gold", dropout=0.1)
         fuser = new_fuser(p, a, b)
-        done = fit_projector(FuserLoss(fuser, a, b, p), b, p, identity_of(p, a, b, None, FUSER_KEYS), tmp_path / name,
-                             what="c2c")
+        done = fit_projector(FuserLoss(fuser, a, b, p), b, p, identity_of(p, a, b, None, FUSER_KEYS), tmp_path / name)
         outs.append((fuser, done.meta))
     (fuser, meta), (again, _) = outs
     rows = load_task_examples("countries", 2, 0, seed=12)[0]

@@ -175,3 +175,24 @@ def test_gold_targets_are_the_rows_answers_in_the_receivers_tokens(tmp_path):
     proj = new_projector(params, a, b)
     fit_projector(TranslatorLoss(proj, a, b, params), b, params, identity_of(params, a, b), tmp_path, rows=(train[:4], train[4:]))
     assert json.loads((tmp_path / "targets.json").read_text()) == gold_targets(b, train, 3)
+
+
+def test_the_gates_open_where_the_projected_cache_lowers_the_loss(tmp_path):
+    """The synthetic task of C2C's fuser test (every row's answer the same word, which B alone does not
+    say): every gate starts closed (logit -0.05, shut at evaluation) and training opens layers whose
+    projected cache lowers the held-out loss below B alone's on the same targets."""
+    from cross_model.data import load_task_examples
+
+    a, b = load_model("tiny-gemma3-64"), load_model("tiny-llama-48")
+    data = tmp_path / "rows.jsonl"
+    contexts = [e.prompt_A for e in load_task_examples("countries", 20, 0, seed=11)[0]]
+    data.write_text("".join(json.dumps({"context": c, "question": "Say the word.", "answer": "Oslo"}) + "\n"
+                            for c in contexts))
+    _, params = resolve_method("kv_translate", {**{k: v for k, v in C2C.items() if k not in ("method", "max_new_tokens")},
+                                                "gate_init": -0.05, "data": str(data), "target": "gold", "n_train": 16,
+                                                "n_heldout": 4, "batch_size_train": 4, "steps": 16, "target_tokens": 4})
+    proj = new_projector(params, a, b)
+    done = fit_projector(TranslatorLoss(proj, a, b, params), b, params, identity_of(params, a, b), tmp_path / "fit")
+    first, last = done.meta["history"][0], done.meta["history"][-1]
+    assert first["open_layers"] == 0 and last["open_layers"] > 0
+    assert last["heldout_loss"] < last["heldout_loss_closed"] - 0.05

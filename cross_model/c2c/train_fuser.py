@@ -27,6 +27,8 @@ from cross_model.models import LoadedModel
 class FuserLoss(nn.Module):
     """The fuser and the loss of a batch of rows (the frozen models outside the module tree)."""
 
+    what = "c2c"
+
     def __init__(self, fuser: CacheFuser, a: LoadedModel, b: LoadedModel, params: Any):
         super().__init__()
         self.projector = fuser  # the name fit_projector saves

@@ -189,6 +189,8 @@ class TranslatorLoss(nn.Module):
     """The projector and the loss of a batch of rows; the frozen models are held outside the module
     tree, so DDP sees (and synchronises) the projector's parameters only."""
 
+    what = "kv_translate"  # the log prefix and the method a control names
+
     def __init__(self, projector: CacheProjector, a: LoadedModel, b: LoadedModel, params: Any):
         super().__init__()
         self.projector = projector
@@ -291,11 +293,11 @@ TrainedProjector = Trained  # what the train stage gets back
 
 def fit_projector(net: nn.Module, b: LoadedModel, params: Any, identity: dict[str, Any], directory: Path,
                   rows: tuple[list[Example], list[Example]] | None = None, keep_last: int = 3, stop: StopFlag | None = None,
-                  log_metrics: Any = None, what: str = "c2c") -> TrainedProjector:
+                  log_metrics: Any = None) -> TrainedProjector:
     """Train `net.projector` (the translator's projector or C2C's fuser) on `rows` (training, held-out;
     default `training_rows(params)`), resuming from the newest checkpoint in `directory`. Collective."""
     world = get_world_size()
-    projector = net.projector
+    projector, what = net.projector, net.what
     ckpt = latest_checkpoint(directory, keep_last, identity, tuple(identity))  # refused before anything is computed
     train, held = rows if rows is not None else training_rows(params)
     targets_file = directory / "targets.json"
@@ -388,7 +390,7 @@ def train_learned(request: TrainRequest, name: str, params: Any, a: LoadedModel,
              spec.prefix, a.info.name, b.info.name, params.pairing, len(module.partners),
              sum(p.numel() for p in module.parameters()))
     return fit_projector(spec.net(module, a, b, params), b, params, identity, directory, training_rows(params, cfg),
-                         train_cfg.keep_last, request.stop, request.log_metrics, spec.prefix)
+                         train_cfg.keep_last, request.stop, request.log_metrics)
 
 
 def train_methods(request: TrainRequest, methods: list[tuple[str, Any]], spec: LearnedCache) -> TrainOutcome:
