@@ -41,7 +41,11 @@ def test_the_train_stage_trains_the_fuser_and_its_controls_and_the_evaluate_stag
     finals = _finals(tmp_path, "ref")
     assert sorted(finals, key=str) == sorted([None, "shuffled_a"], key=str)
     meta = json.loads((finals[None] / "meta.json").read_text())
+    shuffled = json.loads((finals["shuffled_a"] / "meta.json").read_text())
     assert [h["step"] for h in meta["history"]] == [0, 4, 8]
+    # with every gate closed B reads its own row (context and question here): the same loss, though A
+    # read other rows' under the training control
+    assert [h["heldout_loss_closed"] for h in shuffled["history"]] == [h["heldout_loss_closed"] for h in meta["history"]]
     results = json.loads((tmp_path / "runs" / "ref" / "results.json").read_text())["examples"]["countries"]
     for name in ("c2c", "c2c_other_item", "c2c_shuffled_a"):
         assert len(results[name]) == 4 and all(r["error"] is None for r in results[name]), name

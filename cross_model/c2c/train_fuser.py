@@ -28,6 +28,7 @@ class FuserLoss(nn.Module):
     """The fuser and the loss of a batch of rows (the frozen models outside the module tree)."""
 
     what = "c2c"
+    donors: dict[str, Example] = {}  # train_control shuffled_a: the row A reads instead of each row
 
     def __init__(self, fuser: CacheFuser, a: LoadedModel, b: LoadedModel, params: Any):
         super().__init__()
@@ -42,8 +43,8 @@ class FuserLoss(nn.Module):
         a, b = self._models
         p, fuser = self.params, self.projector
         every = list(range(len(fuser.partners)))
-        wrapped, _ = shared_prompts(a, b, rows, p.input, None, "c2c")
-        inp = shared_input(a, b, wrapped)
+        wrapped, donors = shared_prompts(a, b, rows, p.input, self.donors or None, self.what)
+        inp = shared_input(a, b, wrapped, donors)
         noise, layers = None, []
         if mode.kind != "closed" and p.gates == "open":
             layers = every

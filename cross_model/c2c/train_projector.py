@@ -190,6 +190,7 @@ class TranslatorLoss(nn.Module):
     tree, so DDP sees (and synchronises) the projector's parameters only."""
 
     what = "kv_translate"  # the log prefix and the method a control names
+    donors: dict[str, Example] = {}  # train_control shuffled_a: the row A reads instead of each row
 
     def __init__(self, projector: CacheProjector, a: LoadedModel, b: LoadedModel, params: Any):
         super().__init__()
@@ -222,7 +223,8 @@ class TranslatorLoss(nn.Module):
     def losses(self, rows: list[Example], targets: list[list[int]], gates: torch.Tensor | None,
                chosen: list[int]) -> torch.Tensor:
         a, b = self._models
-        texts = [sender_text(e) for e in rows]
+        read = with_donor_contexts(rows, self.donors, self.what) if self.donors else rows
+        texts = [sender_text(e) for e in read]
         wrapped = [chat_wrap(a, t) for t in texts]
         ids = encode_texts(a, wrapped)
         top = max((self.projector.partners[l] for l in chosen), default=-1) + 1
@@ -310,8 +312,8 @@ def fit_projector(net: nn.Module, b: LoadedModel, params: Any, identity: dict[st
             directory.mkdir(parents=True, exist_ok=True)
             write_json_atomically(targets_file, targets)
     train_t, held_t = targets[: len(train)], targets[len(train) :]
-    if params.train_control == "shuffled_a":  # A reads another row's context; B's targets stay its row's
-        train, held = (with_donor_contexts(part, donor_map(part), what) for part in (train, held))
+    if params.train_control == "shuffled_a":  # A reads another row's input; B reads its own, targets its own
+        net.donors = {**donor_map(train), **donor_map(held)}
     projector.to(b.device).train()
     model: nn.Module = net
     if is_initialized():
