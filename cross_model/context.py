@@ -14,6 +14,7 @@ from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method, validate_methods
 from cross_model.metrics import PUBLIC_METRICS
 from cross_model.models import load_model
+from cross_model.prompting import CHAT_KWARGS
 from cross_model.platform import Platform
 
 
@@ -39,6 +40,7 @@ class ModelStore:
             barrier()
             if not is_main():
                 self.loaded[key] = load_model(spec, p.dtype, p.device, revision)
+            self.loaded[key].derived[CHAT_KWARGS] = dict(m.chat_template_kwargs)
         return self.loaded[key]
 
     def pair(self, params: Any) -> ModelPair:

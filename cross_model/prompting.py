@@ -108,11 +108,16 @@ def recording_prompts() -> Iterator[list[dict[str, str]]]:
         _PROMPT_LOG.reset(token)
 
 
+CHAT_KWARGS = "chat_template_kwargs"  # LoadedModel.derived key: `models.chat_template_kwargs` of the run
+
+
 def chat_text(lm: LoadedModel, text: str) -> str:
-    """One user turn with the model's chat template and the generation prompt; plain text without one."""
+    """One user turn with the model's chat template and the generation prompt (and the run's
+    `models.chat_template_kwargs`); plain text without one."""
     if lm.info.has_chat_template:
         text = lm.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
+            **lm.derived.get(CHAT_KWARGS, {}),
         )
     return text
 

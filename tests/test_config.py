@@ -115,3 +115,22 @@ def test_a_sweep_entry_expands_into_named_instances_in_place(tmp_path):
 def test_bad_sweeps_name_the_key(tmp_path, sweep, match):
     with pytest.raises(ValueError, match=match):
         load_config(write(tmp_path, {"methods": {"ac_s": {"method": "ac", "sweep": sweep}}}))
+
+
+def test_chat_template_kwargs_reach_every_models_template(tmp_path):
+    """`models.chat_template_kwargs` (e.g. Qwen3's enable_thinking: false, as C2C evaluates) are passed to
+    each model's chat template by every prompt the run builds; without them the template's default."""
+    from cross_model.config import load_config
+    from cross_model.context import ModelStore
+    from cross_model.platform import detect_platform
+    from cross_model.prompting import chat_text
+
+    cfg = load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path), "--models.chat_template_kwargs",
+                                            '{"enable_thinking": false}'])
+    store = ModelStore(cfg, detect_platform("cpu", "float32"))
+    lm = store._load(cfg.models.receiver, "receiver")
+    lm.tokenizer.chat_template = ("{{ messages[0]['content'] }}{% if enable_thinking is defined and not enable_thinking %}"
+                                  " [no thinking]{% endif %}")
+    assert chat_text(lm, "Hi") == "Hi [no thinking]"
+    lm.derived.clear()
+    assert chat_text(lm, "Hi") == "Hi"

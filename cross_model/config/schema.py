@@ -40,6 +40,8 @@ class ModelsConfig:
     receiver: str = _f("smollm2-135m-instruct", "model B (sees prompt_B, answers): same kinds of spec as sender")
     sender_revision: str | None = _f(None, "HF revision (commit or tag) of the sender, recorded with every result")
     receiver_revision: str | None = _f(None, "HF revision of the receiver")
+    chat_template_kwargs: dict[str, Any] = _f({}, "extra variables for every model's chat template, e.g. "
+                                                  "{enable_thinking: false} for Qwen3 as C2C evaluates it")
 
     def validate(self, prefix: str) -> None:
         for name in ("sender", "receiver"):

@@ -70,6 +70,9 @@ class C2C(LearnedCacheMethod):
         self.check_tokenizers()
         a, b = self.pair.sender, self.pair.receiver
         source = self.trained or (None if self.params.projector == "train" else self.params.projector)
+        if source is not None and not Path(source).is_dir():
+            raise ValueError(f"methods.{self.name}.projector: {source} is not a directory (a released C2C fuser's, "
+                             f"with projector_config.json, or a finished one of ours)")
         if source is not None and is_released(source):
             self.fuser = read_released(source, model_record(a), model_record(b))
         else:
