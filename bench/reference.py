@@ -188,21 +188,32 @@ def concatenated(m: Any, e: Example) -> str:
     return hf_generate(b, ids_of(a, sender_text(e)) + ids_of(b, receiver_text(e)), m.max_new_tokens(e))
 
 
-def c2c(m: Any, e: Example) -> str:
+def kv_translate(m: Any, e: Example) -> str:
     """The identity projector with every gate open, A = B: KVComm with every layer sent, so the same
     concatenated forward."""
-    if not applies("c2c", m):
-        raise ValueError("the C2C reference is one concatenated forward: it needs A = B, the identity and open gates")
+    if not applies("kv_translate", m):
+        raise ValueError("the translator's reference is one concatenated forward: it needs A = B, the identity "
+                         "and open gates")
     return concatenated(m, e)
+
+
+def c2c(m: Any, e: Example) -> str:
+    """C2C's fuser with every gate closed: B alone on its prompt."""
+    if not applies("c2c", m):
+        raise ValueError("the C2C reference is B alone: it needs every gate closed")
+    return baseline(m, e)
 
 
 def applies(name: str, m: Any) -> bool:
     """Whether `REFERENCES[name]` can check this configuration of the method."""
-    if name == "c2c":
+    if name == "kv_translate":
         return m.pair.sender is m.pair.receiver and m.params.projector == "identity" and m.params.gates == "open"
+    if name == "c2c":
+        return m.params.gates == "closed"
     return name in REFERENCES and (name != "kvcomm" or sends_every_layer_to_itself(m))
 
 
 REFERENCES: dict[str, Callable[[Any, Example], str]] = {
-    "baseline": baseline, "skyline": skyline, "nld": nld, "cipher": cipher, "ac": ac, "kvcomm": kvcomm, "c2c": c2c,
+    "baseline": baseline, "skyline": skyline, "nld": nld, "cipher": cipher, "ac": ac, "kvcomm": kvcomm, "kv_translate": kv_translate,
+    "c2c": c2c,
 }

@@ -29,17 +29,20 @@ from cross_model.doc_tables import bench_table
 from cross_model.models import load_model
 
 # KVComm sends every layer, which its reference computes independently as one concatenated forward;
-# C2C with A = B, the identity projector and every gate open is that same forward (alignment, projector
-# and gates on the path); Q-KVComm sends a subset (no reference: its wire format is ours).
+# the KV translator with A = B, the identity projector and every gate open is that same forward
+# (alignment, projector and gates on the path); C2C's fuser with every gate closed is B alone (its
+# prompt split at the last token, the fusion path run); Q-KVComm sends a subset (no reference: its wire
+# format is ours).
 MODEL_SETS = {
     "tiny": ("tiny-llama-64", {"ac": {"k": 2, "j": 2}, "kvcomm": {"selection": "all"},
                                "qkvcomm": {"selection": "layers", "layers_list": [1, 2]}}),
     "smollm2": ("smollm2-135m-instruct", {"ac": {"k": 20, "j": 20}, "kvcomm": {"selection": "all"},
                                           "qkvcomm": {"selection": "random", "top_layers": 0.3, "seed": 0}}),
 }
-METHODS = ("baseline", "skyline", "nld", "cipher", "ac", "kvcomm", "qkvcomm", "c2c")
+METHODS = ("baseline", "skyline", "nld", "cipher", "ac", "kvcomm", "qkvcomm", "kv_translate", "c2c")
 COMMON = {"nld": {"nld_max_tokens": 8}, "cipher": {"nld_max_tokens": 8},
-          "c2c": {"projector": "identity", "gates": "open"}}
+          "kv_translate": {"projector": "identity", "gates": "open"},
+          "c2c": {"gates": "closed", "hidden_dim": 16, "intermediate_dim": 16}}
 
 
 def reset_peak_memory(device: torch.device) -> None:
