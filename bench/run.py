@@ -25,6 +25,7 @@ from bench.reference import REFERENCES, applies
 from cross_model.data import load_task_examples
 from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method
+from cross_model.runinfo import git_commit
 from cross_model.doc_tables import bench_table
 from cross_model.models import load_model
 
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         results[spec] = rows
         print("\n" + format_table(f"{spec} (CPU, float32)" if lm.device.type == "cpu" else spec, rows) + "\n", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "args": vars(args) | {"json": str(args.json)}, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"machine": machine, "git": git_commit(), "args": vars(args) | {"json": str(args.json)},
+                                         "results": results}, indent=2))
     return 0
 
 
