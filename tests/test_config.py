@@ -134,3 +134,20 @@ def test_chat_template_kwargs_reach_every_models_template(tmp_path):
     assert chat_text(lm, "Hi") == "Hi [no thinking]"
     lm.derived.clear()
     assert chat_text(lm, "Hi") == "Hi"
+
+
+def test_chat_template_kwargs_are_part_of_a_trained_artefacts_identity(tmp_path):
+    """A module trained under other template variables is another module (its prompts differed); with
+    none set the identity is what it was before the option existed."""
+    from cross_model.c2c.train_projector import identity_of
+    from cross_model.config import load_config
+    from cross_model.methods.registry import resolve_method
+    from cross_model.models import load_model
+
+    a = load_model("tiny-llama-64")
+    _, params = resolve_method("kv_translate", {})
+    plain = load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path)])
+    other = load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path), "--models.chat_template_kwargs",
+                                              '{"enable_thinking": false}'])
+    assert "chat_template_kwargs" not in identity_of(params, a, a, plain)
+    assert identity_of(params, a, a, other)["chat_template_kwargs"] == {"enable_thinking": False}

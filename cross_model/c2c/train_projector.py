@@ -265,7 +265,7 @@ def identity_of(params: Any, a: LoadedModel, b: LoadedModel, cfg: Any = None,
     if params.data == "tasks" and cfg is not None:
         # training rows are a split of their own: they depend on the task, its seed and source, not on sizes
         out["tasks"] = [[t.name, t.seed if t.seed is not None else cfg.seed, t.path] for t in cfg.tasks]
-    return out
+    return {**out, **(cfg.models.template_identity() if cfg is not None else {})}
 
 
 def learned_dir(root: str | Path, identity: dict[str, Any], prefix: str) -> Path:

@@ -43,6 +43,11 @@ class ModelsConfig:
     chat_template_kwargs: dict[str, Any] = _f({}, "extra variables for every model's chat template, e.g. "
                                                   "{enable_thinking: false} for Qwen3 as C2C evaluates it")
 
+    def template_identity(self) -> dict[str, Any]:
+        """What a trained artefact's identity adds for the prompts' templates: nothing by default, so
+        artefacts trained before the option existed keep their identity."""
+        return {"chat_template_kwargs": dict(self.chat_template_kwargs)} if self.chat_template_kwargs else {}
+
     def validate(self, prefix: str) -> None:
         for name in ("sender", "receiver"):
             if not getattr(self, name):

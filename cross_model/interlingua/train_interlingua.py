@@ -88,7 +88,7 @@ def identity_of(cfg: Any) -> dict[str, Any]:
     recipe = {k: getattr(ic, k) for k in RECIPE_KEYS if k != "seed"}
     data = [(t.name, t.seed, t.path) for t in cfg.tasks if t.key in (ic.train_tasks or [x.key for x in cfg.tasks])]
     return {"receivers": receiver_names(cfg), "shape": shape_of(ic).to_dict(), **recipe,
-            "seed": interlingua_seed(cfg), "data": json.loads(json.dumps(data))}
+            "seed": interlingua_seed(cfg), "data": json.loads(json.dumps(data)), **cfg.models.template_identity()}
 
 
 def checkpoint_root(cfg: Any) -> Path:

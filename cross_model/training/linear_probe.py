@@ -155,7 +155,8 @@ def train_probe(request: TrainRequest, name: str, params: Any) -> Path:
 def probe_identity(cfg: Any, params: Any, a: LoadedModel) -> dict[str, Any]:
     return {"sender": a.info.name, "layer": params.layer, "pooling": params.pooling, "n_train": params.n_train,
             "c_grid": list(params.c_grid), "folds": params.folds, "seed": params.seed,
-            "tasks": [[t.name, t.seed if t.seed is not None else cfg.seed, t.path] for t in cfg.tasks]}
+            "tasks": [[t.name, t.seed if t.seed is not None else cfg.seed, t.path] for t in cfg.tasks],
+            **cfg.models.template_identity()}
 
 
 def probe_dir(cfg: Any, identity: dict[str, Any]) -> Path:
