@@ -380,3 +380,28 @@ def test_mmlu_redux_reads_every_subject_config_and_labels_its_rows(monkeypatch):
     assert [a[1] for a in asked] == list(MMLU_REDUX_SUBJECTS) and len(MMLU_REDUX_SUBJECTS) == 57
     assert {a[0] for a in asked} == {"edinburgh-dawg/mmlu-redux-2.0"} and {a[2] for a in asked} == {"test"}
     assert got[0]["subject"] == "abstract_algebra" and "virology" in set(got["subject"])
+
+
+def test_only_tasks_training_on_their_evaluated_split_keep_a_test_region(monkeypatch, tmp_path):
+    """SST-2 from the hub trains on its own train split, so more than 1000 of its evaluated rows can be
+    test items (all but the calibration reserve); the same rows as a local copy, whose training rows
+    come after the first 1000, keep the region, and so does a hub task without a training split. The
+    hub cannot be reached here: `load_rows` returns 1500 rows in each task's record format."""
+    import datasets
+
+    from cross_model.data import hub
+    from cross_model.data.hub import _LONGBENCH
+
+    rows = {"stanfordnlp/sst2": [{"idx": i, "sentence": f"film {i} .", "label": i % 2} for i in range(1500)],
+            _LONGBENCH: [{"_id": str(i), "context": f"c{i}", "input": f"q{i}", "answers": ["a"]} for i in range(1500)]}
+    monkeypatch.setattr(hub, "load_rows", lambda source, local_path: datasets.Dataset.from_list(rows[source.path]))
+    test, _ = load_task_examples("sst2", 1200, 0)
+    assert len(test) == 1200 and len({e.example_id for e in test}) == 1200
+    few, _ = load_task_examples("sst2", 10, 0)
+    assert [e.example_id for e in few] == [e.example_id for e in test[:10]]  # the split is the item's
+    local = tmp_path / "sst2.jsonl"
+    local.write_text("".join(json.dumps(r) + "\n" for r in rows["stanfordnlp/sst2"]))
+    with pytest.raises(ValueError, match="exceeds the 1000 test rows"):
+        load_task_examples("sst2", 1200, 0, path=str(local))
+    with pytest.raises(ValueError, match="exceeds the 1000 test rows"):  # no training split of its own
+        load_task_examples("qasper", 1200, 0)

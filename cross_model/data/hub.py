@@ -158,8 +158,11 @@ def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tupl
         rows = ordered_rows(path)
         if not sample and n_test != EVERY_ROW:  # every row not kept for calibration
             n_test = min(n_test, len(rows) - (calibration_reserve(len(rows)) or n_calib))
+        # The test region keeps room for training rows in the evaluated split; a task that trains on its
+        # own training split (from the hub) needs none, so every row but the calibration reserve can test.
+        region = TEST_REGION if sample and (train_source is None or path) else None
         test_rows, calib_rows = front_and_back(list(range(len(rows))), n_test, n_calib, task_name, "rows",
-                                               test_region=TEST_REGION if sample else None)
+                                               test_region=region)
         return [make(rows[i], "test") for i in test_rows], [make(rows[i], "calib") for i in calib_rows]
 
     def train(n_rows: int, seed: int, path: str | None = None) -> list[Example]:
