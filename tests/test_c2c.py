@@ -87,10 +87,12 @@ def test_the_fusion_formula_is_c2cs():
     assert [g.temperature_at(s) for s in (0, 5, 10, 20)] == pytest.approx([1.0, 0.001 ** 0.5, 0.001, 0.001])
 
 
-def test_a_closed_gate_is_the_receiver_alone(examples):
+@pytest.mark.parametrize("receiver", [B, "tiny-qwen2-64", "tiny-gemma3-64"])
+def test_a_closed_gate_is_the_receiver_alone(examples, receiver):
     """Untrained gates (logit 0) are closed: B's cache is its own, bit for bit, A never runs, nothing
-    crosses, and B answers as the baseline does (its prompt read in one pass there)."""
-    m = make(projector="train", max_new_tokens=6)
+    crosses, and B answers as the baseline does (its prompt read in one pass there; Gemma-3 with its
+    sliding-window layers)."""
+    m = make(b=receiver, projector="train", max_new_tokens=6)
     base_cls, base_p = resolve_method("baseline", {"max_new_tokens": 6})
     base = base_cls(base_p, m.pair)
     got, want = m.run_batch(examples), base.run_batch(examples)
