@@ -186,7 +186,7 @@ def test_calibration_attention_applies_the_causal_mask(examples):
     ref_lm = load_model("tiny-llama-64")
     ref_lm.model.set_attn_implementation("eager")
     ids = encode_texts(ref_lm, [chat_wrap(ref_lm, sender_text(e)), chat_wrap(ref_lm, receiver_text(e))])
-    n_a, n_b = len(ids[0]), len(ids[1])
+    n_a = len(ids[0])
     with torch.inference_mode():
         out = ref_lm.model(input_ids=torch.tensor([ids[0] + ids[1]]), output_attentions=True)
     for l, att in enumerate(out.attentions):  # 1 x H x T x T, rows sum to 1 under the causal mask

@@ -165,7 +165,7 @@ def test_ac_random_control_sends_a_vector_of_the_same_norm_fixed_per_example(exa
     ac_mod.residual_edit = spy
     try:
         preds = m.run_batch(examples[:3])
-        alone = m.run_batch(examples[1:2])
+        m.run_batch(examples[1:2])  # the same example alone: records[1]
     finally:
         ac_mod.residual_edit = real
     sent = records[0][:, 16:]
