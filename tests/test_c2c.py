@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from cross_model.c2c.fuser import LayerFuser, is_released, read_released, write_released
 from cross_model.c2c.align import token_spans
-from cross_model.c2c.fusion import fused_cache, relative_alignment, shared_input, shared_prompts, split_prompt
+from cross_model.c2c.fusion import fused_cache, relative_alignment, shared_input, split_prompt
+from cross_model.methods.c2c import shared_prompts
 from cross_model.c2c.projector import model_record
 from cross_model.c2c.train_fuser import FuserLoss
 from cross_model.c2c.train_projector import CLOSED, HARD, Mode, fit_projector, identity_of

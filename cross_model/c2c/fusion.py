@@ -20,8 +20,7 @@ from cross_model.c2c.align import AlignmentStats, TokenPool, align_spans, token_
 from cross_model.c2c.fuser import CacheFuser, GateNoise
 from cross_model.models import LoadedModel
 from cross_model.prefill_memo import run_prefill
-from cross_model.data.base import Example
-from cross_model.prompting import Batch, chat_text, chat_wrap, pad_left, receiver_text, skyline_text
+from cross_model.prompting import Batch, pad_left
 
 
 @dataclass
@@ -129,16 +128,3 @@ def fused_cache(fuser: CacheFuser, a: LoadedModel, b: LoadedModel, inp: SharedIn
         cache.update(k_b, v_b, l)
     return cache
 
-
-def shared_prompts(a: LoadedModel, b: LoadedModel, examples: list[Example], what: str,
-                   donors: dict[str, Example] | None, method: str) -> tuple[list[str], list[str] | None]:
-    """B's chat-wrapped prompts (`what`: receiver, B's prompt as C2C; skyline, context and question) and,
-    under the content control, the donors' prompts A reads instead."""
-    text = receiver_text if what == "receiver" else skyline_text
-    wrapped = [chat_wrap(b, text(e)) for e in examples]
-    if donors is None:
-        return wrapped, None
-    missing = [e.example_id for e in examples if e.example_id not in donors]
-    if missing:
-        raise ValueError(f"methods.{method}: control other_item needs another item of the task for {missing[0]}")
-    return wrapped, [chat_text(b, text(donors[e.example_id])) for e in examples]

@@ -15,15 +15,28 @@ import torch
 from safetensors.torch import load_file
 
 from cross_model.c2c.fuser import FUSER_DEFAULTS, is_released, new_fuser, read_released
-from cross_model.c2c.fusion import fused_cache, shared_input, shared_prompts
+from cross_model.c2c.fusion import fused_cache, shared_input
 from cross_model.c2c.projector import PAIRINGS, WEIGHTS_FILE, model_record, read_meta
 from cross_model.methods.learned_cache import FUSER_KEYS, LearnedCacheMethod, LearnedCacheParams
 from cross_model.data.base import Example
 from cross_model.generation import greedy_generate
 from cross_model.kv_wire import KVPayload, QuantScheme, dtype_bits, dtype_name, payload_size
 from cross_model.methods.base import Prediction
-from cross_model.methods.other_item import donor_map
+from cross_model.methods.other_item import donor_map, donors_of
 from cross_model.methods.registry import register
+from cross_model.models import LoadedModel
+from cross_model.prompting import chat_text, chat_wrap, receiver_text, skyline_text
+
+
+def shared_prompts(a: LoadedModel, b: LoadedModel, examples: list[Example], what: str,
+                   donors: dict[str, Example] | None, method: str) -> tuple[list[str], list[str] | None]:
+    """B's chat-wrapped prompts (`what`: receiver, B's prompt as C2C; skyline, context and question) and,
+    under the content control, the donors' prompts A reads instead."""
+    text = receiver_text if what == "receiver" else skyline_text
+    wrapped = [chat_wrap(b, text(e)) for e in examples]
+    if donors is None:
+        return wrapped, None
+    return wrapped, [chat_text(b, text(d)) for d in donors_of(examples, donors, method)]
 
 
 @dataclass

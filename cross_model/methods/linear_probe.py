@@ -15,7 +15,6 @@ from cross_model.checkpointing import verify
 from cross_model.data.base import Example
 from cross_model.methods.base import Method, MethodParams, Prediction
 from cross_model.methods.registry import register
-from cross_model.prompting import encode_texts, chat_text, sender_text
 from cross_model.training.linear_probe import PROBE_FILE, probe_features
 
 
@@ -76,12 +75,12 @@ class LinearProbe(Method):
         if missing:
             raise ValueError(f"methods.{self.name}: no trained probe for task {missing[0]} (the train stage fits one "
                              f"per configured classification task)")
-        x = probe_features(a, examples, self.layer, self.params.pooling)
+        x, lengths = probe_features(a, examples, self.layer, self.params.pooling)
         out = []
-        for e, row in zip(examples, x):
+        for e, row, n in zip(examples, x, lengths):
             p = self.probes[e.task]
             k = int((((row - p["mean"]) / p["std"]) @ p["weight"].T + p["bias"]).argmax())
             out.append(Prediction(e.example_id, p["candidates"][k], 1,
-                                  sender_prefill_tokens=len(encode_texts(a, [chat_text(a, sender_text(e))])[0]),
+                                  sender_prefill_tokens=n,
                                   extra={"label_index": k}))
         return out

@@ -17,10 +17,15 @@ def donor_map(items: list[Example]) -> dict[str, Example]:
     return {e.example_id: order[(i + 1) % len(order)] for i, e in enumerate(order)} if len(order) > 1 else {}
 
 
-def with_donor_contexts(examples: list[Example], donors: dict[str, Example], method: str) -> list[Example]:
-    """The examples as A reads them under the control: each with its donor's context."""
+def donors_of(examples: list[Example], donors: dict[str, Example], method: str) -> list[Example]:
+    """Each example's donor, or a clear error for an example without one."""
     missing = [e.example_id for e in examples if e.example_id not in donors]
     if missing:
         raise ValueError(f"methods.{method}: control other_item needs another item of the task for "
                          f"{missing[0]} (the evaluator hands over the test list; a task of one item has none)")
-    return [replace(e, prompt_A=donors[e.example_id].prompt_A) for e in examples]
+    return [donors[e.example_id] for e in examples]
+
+
+def with_donor_contexts(examples: list[Example], donors: dict[str, Example], method: str) -> list[Example]:
+    """The examples as A reads them under the control: each with its donor's context."""
+    return [replace(e, prompt_A=d.prompt_A) for e, d in zip(examples, donors_of(examples, donors, method))]

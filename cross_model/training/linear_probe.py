@@ -37,14 +37,17 @@ PROBE_FILE = "probe.safetensors"
 
 
 @torch.inference_mode()
-def probe_features(a: LoadedModel, examples: list[Example], layer: int, pooling: str, batch_size: int = 8) -> torch.Tensor:
+def probe_features(a: LoadedModel, examples: list[Example], layer: int, pooling: str,
+                   batch_size: int = 8) -> tuple[torch.Tensor, list[int]]:
     """A's hidden state after block `layer` (1..L) for each example's prompt as A reads it when it
-    communicates, pooled over the real tokens (`mean`) or taken at the last one (`last`): N x D, float64."""
-    out = []
+    communicates, pooled over the real tokens (`mean`) or taken at the last one (`last`): N x D, float64;
+    and each prompt's token count."""
+    out, lengths = [], []
     with Progress(len(examples), f"linear probe: {a.info.name}'s features", unit="rows") as bar:
         for s in range(0, len(examples), batch_size):
             part = examples[s : s + batch_size]
             ids = encode_texts(a, [chat_wrap(a, sender_text(e)) for e in part])
+            lengths += [len(x) for x in ids]
             batch = pad_left(ids, a.tokenizer.pad_token_id, a.device)
             pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
             hidden = a.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
@@ -55,7 +58,7 @@ def probe_features(a: LoadedModel, examples: list[Example], layer: int, pooling:
             else:
                 out.append(hidden[:, -1])
             bar.update(len(part))
-    return torch.cat(out).cpu()
+    return torch.cat(out).cpu(), lengths
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, c: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +142,7 @@ def train_probe(request: TrainRequest, name: str, params: Any) -> Path:
             rows = task_rows(t.name, params.n_train, seed, t.path)
             check_disjoint(rows, test + calib, f"methods.{name}")
             candidates, y = labels_of(rows, t.name)
-            x = probe_features(a, rows, layer, params.pooling)
+            x, _ = probe_features(a, rows, layer, params.pooling)
             c, scores = choose_c(x, y, len(candidates), params.c_grid, params.folds, params.seed)
             mean, std = standardise(x)
             w, b = fit_logistic((x - mean) / std, y, len(candidates), c)
