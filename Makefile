@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # Test files are spread over this many processes (pytest-xdist; a file's tests stay in one process).
 TEST_WORKERS ?= 2
 
-.PHONY: demo two-hop pareto latentwire latentwire-two latentwire-compressed latentwire-seeds qkvcomm-scheme projection-ridge c2c facts layer-sweep docs-tables test test-fast test-gpu bench bench-gpu legacy-transformers install clean-venv
+.PHONY: demo two-hop pareto latentwire latentwire-two latentwire-compressed latentwire-seeds qkvcomm-scheme projection-ridge c2c facts layer-sweep docs-tables test test-fast test-float test-slurm lint format test-gpu bench bench-gpu legacy-transformers install clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt requirements-deepspeed.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -94,8 +94,28 @@ projection-ridge: $(STAMP)
 docs-tables: $(STAMP)
 	$(PY) -m cross_model.doc_tables --write
 
+# The suite, nothing installed outside .venv and the caches (the real-SLURM tests skip: see test-slurm).
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# The float-sensitive tests (marker float_sensitive) again under other CPU kernels and thread counts, so
+# a tolerance that holds only for this CPU's kernels or for one thread count fails here, not on the next
+# machine: AVX2 kernels (whatever this CPU has beyond them) and 1 or 2 intra-op threads (`make test`
+# itself runs them with this CPU's best kernels and 2 threads).
+FLOAT_MATRIX ?= default:1 avx2:1 avx2:2
+test-float: $(STAMP)
+	@for cell in $(FLOAT_MATRIX); do cap=$${cell%%:*}; threads=$${cell##*:}; \
+		echo "float-sensitive tests: ATEN_CPU_CAPABILITY=$$cap, $$threads thread(s)"; \
+		if [ "$$cap" = default ]; then unset ATEN_CPU_CAPABILITY; else export ATEN_CPU_CAPABILITY=$$cap; fi; \
+		OMP_NUM_THREADS=$$threads $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m float_sensitive \
+			$(PYTEST_ARGS) || exit 1; done
+	@echo "the GPU tests' bf16 tolerances, in bf16 on this CPU"
+	CROSS_MODEL_GPU_TESTS_DEVICE=cpu $(PY) -m pytest -q tests/test_gpu.py $(PYTEST_ARGS)
+
+# The real one-node SLURM tests (marker slurm). As root this INSTALLS slurm-wlm and munge system-wide
+# (apt-get) and writes /etc/munge/munge.key (slurm/local_cluster.sh); elsewhere they skip.
+test-slurm: $(STAMP)
+	CROSS_MODEL_SLURM_TESTS=1 $(PY) -m pytest -q -m slurm $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)

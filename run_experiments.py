@@ -28,8 +28,9 @@ from cross_model.runinfo import check_shared_run_dir, prepare_run_dir, run_ident
 log = logging.getLogger("run_experiments")
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="run_experiments.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any config key can be overridden with --section.key VALUE (see --help-config).",
@@ -42,7 +43,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--list-tasks", action="store_true", help="list the registered tasks: metric, size, answer length")
     parser.add_argument("--allow-code-change", action="store_true",
                         help="resume a run whose code (commit or uncommitted changes) differs from its first start")
-    return parser.parse_known_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    return build_parser().parse_known_args(argv)
 
 
 def describe_registries(args: argparse.Namespace) -> int:
@@ -58,7 +63,7 @@ def describe_registries(args: argparse.Namespace) -> int:
             print(f"--help-method: {err}", file=sys.stderr)
             return 2
         print(f"# methods.<instance>: {{method: {args.help_method}, ...}}; each key, its default and meaning")
-        print("\n".join(describe(cls.Params, f"methods.<instance>.")))
+        print("\n".join(describe(cls.Params, "methods.<instance>.")))
     if args.list_tasks:
         for name in available_tasks():
             t = get_task(name)
@@ -78,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_experiment(args.config, overrides)
     except (ValueError, FileNotFoundError) as err:
+        # a wrong argument reads as an override: say how the command is used, then what was wrong
+        print(build_parser().format_usage().rstrip(), file=sys.stderr)
         print(f"config error: {err}", file=sys.stderr)
         return 2
     setup_logging(cfg.logging.level)

@@ -28,7 +28,7 @@ PAIR = ("gemma3-270m", 12, "smollm2-135m-instruct", 20)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.choose_projection_ridge", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--sizes", default="512,2048", help="train.n_sentences values, comma-separated")
     ap.add_argument("--json", default="docs/projection/ridge_choice.json")

@@ -64,7 +64,7 @@ def measure(method, examples, selected, bits: int, batch: int) -> tuple[float, f
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.choose_qkvcomm_scheme", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--n-calib", type=int, default=40, help="calibration items per task")
     ap.add_argument("--seed", type=int, default=0, help="the experiments' seed (its calibration split)")

@@ -211,7 +211,8 @@ def bench_workload(wl: str, models: dict, examples: list[Example], batches: list
         sizes = list(batches)
         if find_max and device.type == "cuda":
             b = max(sizes) * 2
-            while b <= len(examples) and fits(lambda: time_method(method, examples[:b], b, device), device):
+            # bound now: `method` is deleted at the end of each loop turn
+            while b <= len(examples) and fits(lambda m=method, n=b: time_method(m, examples[:n], n, device), device):
                 b *= 2
             if b // 2 > max(sizes):
                 sizes.append(b // 2)
@@ -385,7 +386,7 @@ def format_tables(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="llama", choices=list(SHAPE_SETS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on CPU by default")

@@ -71,7 +71,7 @@ def compare(ours: dict, legacy: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.legacy_transformers", description=__doc__.splitlines()[0])
     ap.add_argument("--legacy-path", help="a directory holding transformers 4.53 (pip install --target)")
     ap.add_argument("--json", help="write the comparison here")
     ap.add_argument("--read", nargs="+", help=argparse.SUPPRESS)

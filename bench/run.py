@@ -102,7 +102,7 @@ def format_table(title: str, rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="tiny,smollm2", help="comma-separated: " + ", ".join(MODEL_SETS))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--n", type=int, default=64, help="countries items per method")

@@ -69,7 +69,7 @@ def format_agreement(rows: list[dict[str, Any]], reference: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m cross_model.agreement", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("reference", help="the method whose answers the others are compared with")
     args = ap.parse_args(argv)

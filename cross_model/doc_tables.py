@@ -326,7 +326,7 @@ def publish(run_dir: Path, target: Path, reference: str | None = None, pairs: li
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m cross_model.doc_tables", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", action="store_true", help="rewrite every table from its file")
     ap.add_argument("--check", action="store_true", help="exit 1 if a table differs from its file")
     ap.add_argument("--publish", nargs=2, metavar=("RUN_DIR", "DOCS_DIR"), help="copy a run's report into docs")

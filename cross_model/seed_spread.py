@@ -98,7 +98,7 @@ def publish(target: Path, run_dirs: list[Path]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m cross_model.seed_spread", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("target", type=Path, help="docs directory for seeds.json")
     ap.add_argument("runs", type=Path, nargs="+", help="the run directories, one per seed")
     args = ap.parse_args(argv)

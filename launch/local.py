@@ -28,7 +28,7 @@ def torchrun_command(config: str, nproc: int, rest: list[str]) -> list[str]:
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m launch.local", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--nproc_per_node", default="auto", help="'auto' (GPUs, or 1 without) or a number")
     parser.add_argument("--print", action="store_true", help="print the command instead of running it")

@@ -24,6 +24,7 @@ from cross_model.methods.learned_cache import FUSER_KEYS
 from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
 from cross_model.prompting import chat_wrap, encode_texts, pad_left, receiver_text
+from tests.tolerance import assert_reordered_close, forward_budget
 
 SMALL = {"hidden_dim": 16, "intermediate_dim": 24, "num_layers": 3}
 A, B = "tiny-gemma3-64", "tiny-llama-48"
@@ -67,6 +68,7 @@ def reference_fuse(f: LayerFuser, kind: str, src, tgt, gate):
     return tgt + gate * w * proj
 
 
+@pytest.mark.float_sensitive
 def test_the_fusion_formula_is_c2cs():
     torch.manual_seed(0)
     f = LayerFuser(8, 6, 2, 3, intermediate_dim=12, hidden_dim=10, num_layers=4, dropout=0.0).eval()
@@ -76,12 +78,14 @@ def test_the_fusion_formula_is_c2cs():
     for kind in ("key", "value"):
         with torch.no_grad():
             getattr(f, f"{kind}_gate_logit").fill_(0.7)
-            torch.testing.assert_close(f.fuse(kind, src, tgt), reference_fuse(f, kind, src, tgt, 1.0))
+            # in-projection, num_layers FFN blocks and the two heads, each at most 16 wide
+            fuser = {"terms": 16, "depth": 4 + 2}
+            assert_reordered_close(f.fuse(kind, src, tgt), reference_fuse(f, kind, src, tgt, 1.0), **fuser)
             getattr(f, f"{kind}_gate_logit").fill_(-0.2)
             assert torch.equal(f.fuse(kind, src, tgt), tgt)  # a closed hard gate: B's own tensor, exactly
             u = torch.rand(2, 3, 5, 1)
             gate = torch.sigmoid((-0.2 - torch.log(-torch.log(u + 1e-20) + 1e-20)) / 0.5)
-            torch.testing.assert_close(f.fuse(kind, src, tgt, u, 0.5), reference_fuse(f, kind, src, tgt, gate))
+            assert_reordered_close(f.fuse(kind, src, tgt, u, 0.5), reference_fuse(f, kind, src, tgt, gate), **fuser)
     # the temperature anneals geometrically from the first to the last value over anneal_steps
     g = LayerFuser(2, 2, 1, 1, hidden_dim=4, intermediate_dim=4, initial_temperature=1.0, final_temperature=0.001,
                    anneal_steps=10)
@@ -194,6 +198,7 @@ def _params(**extra):
                                   "tau_end": 0.05, **extra})[1]
 
 
+@pytest.mark.float_sensitive
 def test_every_gate_closed_is_b_reading_its_prompt_and_target_in_one_pass(examples):
     a, b = load_model(A), load_model(B)
     p = _params()
@@ -209,7 +214,9 @@ def test_every_gate_closed_is_b_reading_its_prompt_and_target_in_one_pass(exampl
         logits = b.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits
     width = batch.input_ids.shape[1]
     want = [F.cross_entropy(logits[i, width - len(t) - 1 : width - 1], torch.tensor(t)) for i, t in enumerate(targets)]
-    torch.testing.assert_close(got, torch.stack(want), atol=1e-4, rtol=1e-4)
+    budget = forward_budget(b, width)
+    budget["terms"] = max(budget["terms"], b.info.vocab_size)  # the cross-entropy sums the vocabulary
+    assert_reordered_close(got, torch.stack(want), **budget)
 
 
 def test_training_opens_the_gates_where_fusion_lowers_the_loss(tmp_path):
@@ -242,5 +249,5 @@ def test_training_opens_the_gates_where_fusion_lowers_the_loss(tmp_path):
         soft_again = net(rows, [[5, 6], [7, 8]], Mode("soft", 3, (0, 1)))
         other_step = net(rows, [[5, 6], [7, 8]], Mode("soft", 4, (0, 1)))
         hard = net(rows, [[5, 6], [7, 8]], HARD)
-    torch.testing.assert_close(soft, soft_again)  # the gate noise is the seed's, the step's and the row's
+    assert torch.equal(soft, soft_again)  # the gate noise is the seed's, the step's and the row's
     assert not torch.equal(soft, other_step) and hard.shape == (2,)

@@ -20,6 +20,7 @@ from cross_model.prompt_prefix_cache import PrefixCache
 from cross_model.prefill_memo import PrefillMemo, run_prefill
 from cross_model.prompting import chat_wrap, encode_texts, pad_left
 from cross_model.result_files import finished_ids, read_results
+from tests.tolerance import forward_budget, reorder_atol
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +172,7 @@ def test_calibration_batches_halve_on_out_of_memory_with_the_failed_batch_freed(
         measure_in_batches([1, 2], 2, lambda p: (_ for _ in ()).throw(ValueError("a bug")), "test")
 
 
+@pytest.mark.float_sensitive
 def test_kvcomm_calibration_at_any_batch_size_measures_the_same(lm):
     from tests.test_methods import make
 
@@ -178,7 +180,8 @@ def test_kvcomm_calibration_at_any_batch_size_measures_the_same(lm):
     m = make("kvcomm", selection="calibrate", top_layers=0.5)
     one = m.calibrate(calib, batch_size=1)["importance"]
     six = m.calibrate(calib, batch_size=6)["importance"]
-    assert one == pytest.approx(six, rel=1e-4, abs=1e-6)
+    atol = reorder_atol(torch.ones(1), **forward_budget(m.pair.receiver, 512))  # masses <= 1, prompts < 512
+    assert one == pytest.approx(six, abs=atol)
 
 
 # --- a run that failed can be finished ---------------------------------------------------------------

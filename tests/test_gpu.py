@@ -5,8 +5,10 @@ tests cannot reach. One command on a bare H100/H200 (nothing installed: its own 
 
 One GPU runs all but the 2-rank nccl test, which needs two (nccl refuses two ranks on one GPU).
 
-Tolerances are stated per test: bf16 keeps 8 bits of mantissa, so two orders of the same sums differ
-by about 2^-8 relative per operation, and a few layers compound that.
+Tolerances follow tests/tolerance.py's rule for bf16 (8 bits of mantissa, float32 accumulation), and
+a claim about tokens is checked where the reference's top two logits are further apart than twice that
+tolerance (nearer ties may flip under any reordering). CROSS_MODEL_GPU_TESTS_DEVICE=cpu runs the
+single-device tests in bf16 on the CPU, which checks these tolerances on a machine without a GPU.
 """
 
 import json
@@ -22,13 +24,16 @@ from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
 from tests.conftest import ROOT
+from tests.tolerance import assert_forward_close, assert_reordered_close, forward_budget, reorder_atol
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+DEVICE = os.environ.get("CROSS_MODEL_GPU_TESTS_DEVICE", "cuda")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
+                                                  reason="needs a CUDA GPU (CROSS_MODEL_GPU_TESTS_DEVICE=cpu: bf16 on CPU)")]
 BF16 = torch.bfloat16
 
 
 def _method(name: str, spec: str = "tiny-llama-64", **params):
-    lm = load_model(spec, BF16, "cuda")
+    lm = load_model(spec, BF16, DEVICE)
     cls, p = resolve_method(name, params)
     return cls(p, ModelPair(lm, lm))
 
@@ -38,21 +43,27 @@ def examples():
     return load_task_examples("countries", 16, 0, seed=3)[0]
 
 
+@pytest.mark.float_sensitive
 @pytest.mark.parametrize("spec", ["tiny-llama-64", "tiny-gemma3-64"])
 def test_kvcomm_all_layers_in_bf16_matches_the_concatenated_forward(spec, examples):
-    """Tolerance: |diff| <= 0.05 + 0.05 |ref| per logit, and the same top-1 token at >= 95% of positions."""
+    """Every logit within tests/tolerance.py's bf16 bound, and the same top-1 token wherever the
+    reference's top two are further apart than twice that bound."""
     from tests.test_kvcomm import concatenated_logits, receiver_logits
 
     m = _method("kvcomm", spec, selection="all")
     logits, _ = receiver_logits(m, examples[:8], set(range(m.pair.receiver.info.num_layers)))
-    agree = total = 0
+    lm = m.pair.receiver
+    decided = 0
     for i, e in enumerate(examples[:8]):
-        ref = concatenated_logits(m.pair.receiver, e).float()
+        ref = concatenated_logits(lm, e).float()
         got = logits[i, -ref.shape[0]:].float()
-        torch.testing.assert_close(got, ref, atol=5e-2, rtol=5e-2)
-        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
-        total += ref.shape[0]
-    assert agree / total >= 0.95
+        budget = forward_budget(lm, logits.shape[1])
+        assert_forward_close(got, ref, lm, logits.shape[1], dtype=BF16, msg=f"item {i}")
+        top2 = ref.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * reorder_atol(ref, **budget, dtype=BF16)
+        assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear]), f"item {i}: a clear top-1 token differs"
+        decided += int(clear.sum())
+    assert decided > 0, "no position had a clear top-1 token: the check above tested nothing"
 
 
 @pytest.mark.parametrize("name", ["baseline", "kvcomm", "ac"])
@@ -69,6 +80,7 @@ def test_batched_and_one_at_a_time_agree_on_the_first_answer_token(name, example
     assert sum(first) / len(first) >= 0.8, list(zip(batched, alone))
 
 
+@pytest.mark.float_sensitive
 def test_cipher_in_bf16_sends_bf16_vectors_that_are_expected_embeddings(examples):
     from cross_model.methods.cipher import vector_generate
     from cross_model.prompting import sender_text, tokenize_prompts
@@ -89,7 +101,9 @@ def test_cipher_in_bf16_sends_bf16_vectors_that_are_expected_embeddings(examples
     for v, e in zip(vecs, expected):
         if v.shape[0]:
             assert v.dtype == BF16 and torch.isfinite(v).all()
-            torch.testing.assert_close(v[0].float(), e, atol=2e-2, rtol=2e-2)
+            # a bf16 forward, then the expected embedding: a sum over the vocabulary (float32 accumulation)
+            assert_reordered_close(v[0].float(), e, terms=lm.info.vocab_size,
+                                   depth=forward_budget(lm)["depth"] + 1, dtype=BF16)
 
 
 def test_qkvcomm_wire_round_trip_in_bf16_on_the_gpu(examples):

@@ -17,6 +17,7 @@ from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
 from cross_model.prompting import chat_wrap, encode_texts, receiver_text, sender_text, tokenize_prompts
 from cross_model.kv_layout import assemble_receiver_cache, layout_forward
+from tests.tolerance import assert_forward_close, assert_reordered_close
 
 ARCHS = ["tiny-llama-64", "tiny-qwen2-64", "tiny-gemma3-64"]
 
@@ -88,6 +89,7 @@ def test_alignment_between_the_gemma_and_smollm2_tokenizers_covers_every_charact
     assert 0 < stats.to_dict()["mismatch_fraction"] < 1  # two tokenisers: some tokens agree, some do not
 
 
+@pytest.mark.float_sensitive
 def test_sparse_token_pooling_equals_the_dense_average(examples):
     """The pooled A features (each B token's mean over the A tokens covering its characters) from the
     index lists equal the dense B x N_B x T_A average built from the same alignments in the test, on
@@ -108,7 +110,8 @@ def test_sparse_token_pooling_equals_the_dense_average(examples):
             for k in hit:
                 dense[i, width - len(rows) + n, cols[k]] = 1.0 / len(hit)
     k_a = side.pre.kv[0][0].float()
-    torch.testing.assert_close(side.pool(k_a), torch.einsum("bnt,bhtd->bnhd", dense, k_a).flatten(2), atol=1e-6, rtol=1e-6)
+    # each pooled row averages at most the mask's width of A tokens
+    assert_reordered_close(side.pool(k_a), torch.einsum("bnt,bhtd->bnhd", dense, k_a).flatten(2), terms=mask.shape[1])
     assert side.pool.row.numel() == sum(len(h) for rows in alignments for h in rows) < dense.numel() / 4
 
 
@@ -122,6 +125,7 @@ def test_layer_pairing_rules():
         pair_layers(4, 4, "middle")
 
 
+@pytest.mark.float_sensitive
 @pytest.mark.parametrize("rope", ["as_cached", "reapply"])
 @pytest.mark.parametrize("share_prefix", [True, False], ids=["shared-prefix", "left-padded"])
 @pytest.mark.parametrize("arch", ARCHS)
@@ -140,12 +144,14 @@ def test_identity_projector_with_every_gate_open_is_kvcomm_with_every_layer_sent
         ref = layout_forward(b, layout, all_logits=True)(
             cache=b_cache, full_mask_BT=batch.attention_mask,
             position_ids_BT=positions_from_mask(batch.attention_mask, pre.full_mask.sum(-1)), input_ids_BT=batch.input_ids)
-    torch.testing.assert_close(got, ref, atol=1e-5 if rope == "as_cached" else 1e-4, rtol=1e-5)
+    # reapply adds two rotations per layer to the sums compared: one more step of rounding each
+    assert_forward_close(got, ref, b, seq_len=ref.shape[1], msg=f"rope {rope}")
     ours, theirs = m.run_batch(examples), kv.run_batch(examples)
     assert [p.answer for p in ours] == [p.answer for p in theirs]
     assert all(p.extra["alignment_mismatch"] == 0.0 for p in ours)
 
 
+@pytest.mark.float_sensitive
 def test_reapplied_rope_puts_the_receivers_rotation_on_projected_keys(examples):
     """With rope: reapply, A's keys lose A's rotation at A's positions, and B's layer gets B's rotation at
     B's own context positions: undoing B's rotation recovers the projection of un-rotated keys."""
@@ -163,11 +169,13 @@ def test_reapplied_rope_puts_the_receivers_rotation_on_projected_keys(examples):
     ak = torch.einsum("bnt,bhtd->bnhd", side.pool.dense(k_a.shape[2]), k_a).flatten(2)
     want = m.projector.keys[str(l)](ak)
     with torch.no_grad():
-        torch.testing.assert_close(b_rope.remove(l, cache.layers[l].keys), want, atol=1e-4, rtol=1e-4)
+        # A's rotation off, the projection, B's rotation on and off: four steps over A's key width
+        assert_reordered_close(b_rope.remove(l, cache.layers[l].keys), want, terms=ak.shape[-1], depth=4)
     assert not torch.allclose(cache.layers[l].keys, plain.layers[l].keys, atol=1e-3)
     torch.testing.assert_close(cache.layers[l].values, plain.layers[l].values)  # values carry no rotation
 
 
+@pytest.mark.float_sensitive
 def test_every_gate_closed_is_the_baseline(examples):
     m = make("kv_translate", "tiny-gemma3-64", "tiny-llama-48", projector="train", gates="closed", max_new_tokens=5)
     base = make("baseline", "tiny-llama-48", max_new_tokens=5)
@@ -181,7 +189,7 @@ def test_every_gate_closed_is_the_baseline(examples):
         plain = b.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                         position_ids=positions_from_mask(batch.attention_mask)).logits
     real = batch.attention_mask.bool()
-    torch.testing.assert_close(got[real], plain[real], atol=1e-4, rtol=1e-4)
+    assert_forward_close(got[real], plain[real], b, seq_len=batch.input_ids.shape[1])
 
 
 @pytest.mark.parametrize("pairing", ["last_aligned", "nearest"])

@@ -23,6 +23,7 @@ from cross_model.distributed import Preempted
 from cross_model.training.ac_projection import fit_projection, train_projection
 from tests.conftest import ROOT, free_port
 from tests.helpers import kill_9_after_first_checkpoint
+from tests.tolerance import assert_reordered_close
 
 IDENTITY = {"sender": "synthetic-a", "receiver": "synthetic-b", "sender_revision": None, "receiver_revision": None,
             "k": 1, "j": 1, "d_in": 24, "d_out": 16}
@@ -87,6 +88,7 @@ def test_linear_map_is_recovered(tmp_path):
     assert final_meta["fit"]["r2"] == fit["r2"] and final_meta["d_in"] == 24 and final_meta["lr"] == 1e-2
 
 
+@pytest.mark.float_sensitive
 def test_least_squares_is_the_exact_minimiser_with_and_without_ridge(tmp_path, caplog):
     import numpy as np
 
@@ -97,14 +99,15 @@ def test_least_squares_is_the_exact_minimiser_with_and_without_ridge(tmp_path, c
     # Plain least squares over the first 270 pairs (read in chunks of 7), against numpy in float64.
     x, y = a[:270].double().numpy(), b[:270].double().numpy()
     plain = np.linalg.lstsq(x, y, rcond=None)[0].T
-    torch.testing.assert_close(least_squares(pairs, 270, 24, 16, 0.0, chunk=7).double(), torch.from_numpy(plain),
-                               rtol=1e-5, atol=1e-6)
+    # solved in float64 and returned in float32: the float32 rounding of W is the whole difference
+    assert_reordered_close(least_squares(pairs, 270, 24, 16, 0.0, chunk=7).double(), torch.from_numpy(plain),
+                           terms=1, dtype=torch.float32)
     # Ridge: (A^T A + lam I)^-1 A^T B with lam relative to the mean diagonal of A^T A.
     gram = x.T @ x
     lam = 0.1 * np.trace(gram) / 24
     ridge_ref = np.linalg.solve(gram + lam * np.eye(24), x.T @ y).T
-    torch.testing.assert_close(least_squares(pairs, 270, 24, 16, 0.1).double(), torch.from_numpy(ridge_ref),
-                               rtol=1e-5, atol=1e-6)
+    assert_reordered_close(least_squares(pairs, 270, 24, 16, 0.1).double(), torch.from_numpy(ridge_ref),
+                           terms=1, dtype=torch.float32)
     assert not np.allclose(ridge_ref, plain, atol=1e-3)  # the ridge changed W
 
     cfg = TrainConfig(ridge=0.0)
@@ -120,11 +123,12 @@ def test_least_squares_is_the_exact_minimiser_with_and_without_ridge(tmp_path, c
 # --- two ranks -------------------------------------------------------------------------------
 
 
+@pytest.mark.float_sensitive
 def test_least_squares_over_two_ranks_equals_one_process(tmp_path):
     (_, s0, _, w0), (_, s1, _, w1) = _run_ranks(tmp_path / "two", solver="lstsq")
     (_, s, _, w) = _run_ranks(tmp_path / "one", world=1, solver="lstsq")[0]
     assert s0 == s1 == s == "done" and torch.equal(w0, w1)
-    torch.testing.assert_close(w0, w, rtol=1e-6, atol=1e-7)
+    assert_reordered_close(w0, w, terms=1)  # float64 sums in another order, W rounded to float32
 
 
 
@@ -173,6 +177,7 @@ def _run_ranks(directory, delay=0.0, sigterm_rank=None, world=2, solver="adam"):
     return results
 
 
+@pytest.mark.float_sensitive
 def test_two_ranks_keep_identical_gradients_and_parameters_and_match_one_process(tmp_path):
     results = _run_ranks(tmp_path / "two")
     (_, s0, rec0, w0), (_, s1, rec1, w1) = results
@@ -184,7 +189,10 @@ def test_two_ranks_keep_identical_gradients_and_parameters_and_match_one_process
     assert torch.equal(w0, w1)
     # The split batch gives the global-batch gradient: the same fit as one process, up to rounding.
     (_, s, rec, w) = _run_ranks(tmp_path / "one", world=1)[0]
-    torch.testing.assert_close(rec[0][1], rec0[0][1], rtol=1e-5, atol=1e-7)
+    assert_reordered_close(rec[0][1], rec0[0][1], terms=32, depth=2)  # a batch of 32, forward and backward
+    # After 24 Adam steps rounding has passed through every update (m / sqrt(v) rescales it), so this is a
+    # bound on a trajectory, not the reordering rule: 1e-4 of W, three orders above the ~1e-7 per step the
+    # rule allows the gradients, and far below what a wrong split of the batch changes.
     torch.testing.assert_close(w, w0, rtol=1e-4, atol=1e-5)
 
 

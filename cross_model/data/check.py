@@ -5,6 +5,7 @@ A config that asks more rows than a source has must fail in seconds, before an 8
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -107,13 +108,17 @@ def check_rows(cfg: Any) -> list[TaskCheck]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m cross_model.data check CONFIG [--section.key value ...]`: one row of every task."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) < 2 or argv[0] != "check":
-        print("usage: python -m cross_model.data check CONFIG [--section.key value ...]", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="python -m cross_model.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="check")
+    check = verbs.add_parser("check", help="load one row of every task of CONFIG and say where it came from",
+                             epilog="Any config key can be overridden with --section.key VALUE.")
+    check.add_argument("config", help="YAML config (see configs/)")
+    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load_config(argv[1], argv[2:])
+        cfg = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as err:
+        print(check.format_usage().rstrip(), file=sys.stderr)
         print(f"config error: {err}", file=sys.stderr)
         return 2
     checks = check_rows(cfg)
