@@ -117,6 +117,15 @@ test-float: $(STAMP)
 test-slurm: $(STAMP)
 	CROSS_MODEL_SLURM_TESTS=1 $(PY) -m pytest -q -m slurm $(PYTEST_ARGS)
 
+# Style kept by tools: ruff's rules and formatter (pyproject.toml: line length 100, pyflakes, imports).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 

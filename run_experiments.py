@@ -15,11 +15,18 @@ from cross_model.config import describe, dump_yaml
 from cross_model.context import load_experiment
 from cross_model.data.base import available_tasks, get_task
 from cross_model.data.check import check_counts
-from cross_model.methods.registry import available_methods, get_method_class
 from cross_model.distributed import (
-    Preempted, StopFlag, broadcast_object, distributed_session, init_distributed, is_main, read_env, setup_logging,
+    Preempted,
+    StopFlag,
+    broadcast_object,
+    distributed_session,
+    init_distributed,
+    is_main,
+    read_env,
+    setup_logging,
 )
 from cross_model.failures import RunRefused
+from cross_model.methods.registry import available_methods, get_method_class
 from cross_model.pipeline import RunContext, memory_plan, plan, run_stages
 from cross_model.platform import detect_platform
 from cross_model.progress import set_progress_interval

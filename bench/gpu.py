@@ -39,8 +39,8 @@ from cross_model.data.corpus import offline_sentences
 from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method
 from cross_model.models import LoadedModel, describe_model, freeze, load_model, tiny_tokenizer
-from cross_model.prompting import pad_left, receiver_text, skyline_text
 from cross_model.projection import LearnedProjection
+from cross_model.prompting import pad_left, receiver_text, skyline_text
 from cross_model.surgery import partial_forward
 from cross_model.training.ac_projection import frozen_activations
 

@@ -23,11 +23,11 @@ import torch
 
 from bench.reference import REFERENCES, applies
 from cross_model.data import load_task_examples
+from cross_model.doc_tables import bench_table
 from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method
-from cross_model.runinfo import git_commit
-from cross_model.doc_tables import bench_table
 from cross_model.models import load_model
+from cross_model.runinfo import git_commit
 
 # KVComm sends every layer, which its reference computes independently as one concatenated forward;
 # the KV translator with A = B, the identity projector and every gate open is that same forward

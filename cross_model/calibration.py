@@ -14,8 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cross_model.distributed import barrier, broadcast_object, is_main
 from cross_model.data.base import Example
+from cross_model.distributed import barrier, broadcast_object, is_main
 from cross_model.result_files import write_json_atomically
 
 log = logging.getLogger(__name__)

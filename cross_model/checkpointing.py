@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-
 log = logging.getLogger(__name__)
 
 FINAL = "final"  # a training job's finished artefact, beside its step checkpoints

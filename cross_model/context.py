@@ -14,8 +14,8 @@ from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method, validate_methods
 from cross_model.metrics import PUBLIC_METRICS
 from cross_model.models import load_model
-from cross_model.prompting import CHAT_KWARGS
 from cross_model.platform import Platform
+from cross_model.prompting import CHAT_KWARGS
 
 
 class ModelStore:

@@ -24,16 +24,29 @@ from typing import Any
 from cross_model.data import load_task_examples
 from cross_model.data.base import Example, asked_sizes
 from cross_model.distributed import (
-    PeerFailed, Preempted, agreed, all_reduce_max, barrier, gather_object, get_rank, get_world_size, is_main,
+    PeerFailed,
+    Preempted,
+    agreed,
+    all_reduce_max,
+    barrier,
+    gather_object,
+    get_rank,
+    get_world_size,
+    is_main,
 )
 from cross_model.failures import FailureGuard, RunRefused
 from cross_model.metrics import METRICS, score_prediction
-from cross_model.progress import Progress, test_step_delay
 from cross_model.prefill_memo import PrefillMemo
+from cross_model.progress import Progress, test_step_delay
 from cross_model.prompting import PUBLIC_FAMILY, recording_prompts
 from cross_model.report_files import format_table, summarize
 from cross_model.result_files import (
-    append_rows, gather_results, read_results, repair_tail, result_dir, write_json_atomically,
+    append_rows,
+    gather_results,
+    read_results,
+    repair_tail,
+    result_dir,
+    write_json_atomically,
 )
 
 log = logging.getLogger(__name__)

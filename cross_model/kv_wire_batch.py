@@ -20,10 +20,25 @@ import numpy as np
 import torch
 
 from cross_model.kv_wire import (
-    _CRC, _PREAMBLE, DTYPES, MAGIC, SCALE_BYTES, VERSION, KVPayload, PayloadError, QuantScheme,
-    _header_bytes, _scheme, check_widths, dequantize, dtype_bits, hadamard, kv_bits, quantize, read_header,
+    _CRC,
+    _PREAMBLE,
+    DTYPES,
+    MAGIC,
+    SCALE_BYTES,
+    VERSION,
+    KVPayload,
+    PayloadError,
+    QuantScheme,
+    _header_bytes,
+    _scheme,
+    check_widths,
+    dequantize,
+    dtype_bits,
+    hadamard,
+    kv_bits,
+    quantize,
+    read_header,
 )
-
 
 _SHIFTS: dict = {}
 

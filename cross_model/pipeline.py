@@ -13,8 +13,8 @@ from cross_model.calibration import calibrate_methods, calibration_path
 from cross_model.checkpointing import verify
 from cross_model.config import ExperimentConfig, to_dict
 from cross_model.context import RunContext, method_instances  # noqa: F401 - run_experiments builds the context
-from cross_model.distributed import barrier, broadcast_object, get_world_size, is_main
 from cross_model.data.base import get_task
+from cross_model.distributed import barrier, broadcast_object, get_world_size, is_main
 from cross_model.evaluation import evaluate, prepare_data
 from cross_model.failures import RunRefused
 from cross_model.memory import device_memory, estimate, shape_of, size

@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
-import platform as py_platform
 import logging
+import os
+import platform as py_platform
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from cross_model.config import ExperimentConfig, to_dict
 from cross_model import __version__
-from cross_model.distributed import barrier, broadcast_object, gather_object, get_rank, get_world_size, is_main
+from cross_model.config import ExperimentConfig, to_dict
+from cross_model.distributed import (
+    barrier,
+    broadcast_object,
+    gather_object,
+    get_rank,
+    get_world_size,
+    is_main,
+)
 
 log = logging.getLogger(__name__)
 

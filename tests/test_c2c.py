@@ -11,15 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cross_model.c2c.fuser import LayerFuser, is_released, read_released, write_released
 from cross_model.c2c.align import token_spans
+from cross_model.c2c.fuser import LayerFuser, is_released, read_released, write_released
 from cross_model.c2c.fusion import fused_cache, relative_alignment, shared_input, split_prompt
-from cross_model.methods.c2c import shared_prompts
 from cross_model.c2c.projector import model_record
 from cross_model.c2c.train_fuser import FuserLoss
 from cross_model.c2c.train_projector import CLOSED, HARD, Mode, fit_projector, identity_of
 from cross_model.data import load_task_examples
 from cross_model.methods.base import ModelPair
+from cross_model.methods.c2c import shared_prompts
 from cross_model.methods.learned_cache import FUSER_KEYS
 from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model

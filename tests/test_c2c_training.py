@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from cross_model.c2c.projector import WEIGHTS_FILE
-
 from tests.helpers import kill_9_and_resume, run_entry
 
 C2C = {"method": "c2c", "input": "skyline", "hidden_dim": 16, "intermediate_dim": 24, "dropout": 0.0, "steps": 8, "n_train": 16,

@@ -16,8 +16,8 @@ from cross_model.memory import held_bytes
 from cross_model.methods.base import Method, ModelPair, Prediction
 from cross_model.methods.registry import _METHODS, register, resolve_method
 from cross_model.models import load_model
-from cross_model.prompt_prefix_cache import PrefixCache
 from cross_model.prefill_memo import PrefillMemo, run_prefill
+from cross_model.prompt_prefix_cache import PrefixCache
 from cross_model.prompting import chat_wrap, encode_texts, pad_left
 from cross_model.result_files import finished_ids, read_results
 from tests.tolerance import forward_budget, reorder_atol
@@ -85,8 +85,8 @@ def test_the_prefix_cache_is_bounded_in_bytes_and_emptied_by_release(lm, items):
 
 def test_the_evaluator_frees_every_cache_after_each_batch(tmp_path):
     """Each batch starts with no prefix a method cached in an earlier batch, and no memo entry."""
-    from cross_model.methods.baseline import Baseline
     import run_experiments
+    from cross_model.methods.baseline import Baseline
 
     seen = []
 
@@ -201,8 +201,8 @@ def test_an_error_row_gives_way_to_a_later_answer(tmp_path):
 
 
 def test_resume_runs_failed_rows_again_and_the_report_counts_them(tmp_path):
-    from cross_model.methods.baseline import Baseline
     import run_experiments
+    from cross_model.methods.baseline import Baseline
 
     broken = {"on": True}
 
@@ -237,8 +237,8 @@ def test_resume_runs_failed_rows_again_and_the_report_counts_them(tmp_path):
 
 def test_a_stop_signal_is_honoured_between_methods_within_a_batch(tmp_path):
     """SIGTERM during the first method of the first batch: the second method does not start."""
-    from cross_model.methods.baseline import Baseline
     import run_experiments
+    from cross_model.methods.baseline import Baseline
 
     @register("signals_stop")
     class SignalsStop(Baseline):

@@ -24,7 +24,12 @@ from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
 from tests.conftest import ROOT
-from tests.tolerance import assert_forward_close, assert_reordered_close, forward_budget, reorder_atol
+from tests.tolerance import (
+    assert_forward_close,
+    assert_reordered_close,
+    forward_budget,
+    reorder_atol,
+)
 
 DEVICE = os.environ.get("CROSS_MODEL_GPU_TESTS_DEVICE", "cuda")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),

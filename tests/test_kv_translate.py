@@ -12,11 +12,17 @@ from cross_model.c2c.align import AlignmentStats, align_spans, token_spans
 from cross_model.c2c.projector import pair_layers
 from cross_model.data import load_task_examples
 from cross_model.generation import positions_from_mask
+from cross_model.kv_layout import assemble_receiver_cache, layout_forward
 from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
-from cross_model.prompting import chat_wrap, encode_texts, receiver_text, sender_text, tokenize_prompts
-from cross_model.kv_layout import assemble_receiver_cache, layout_forward
+from cross_model.prompting import (
+    chat_wrap,
+    encode_texts,
+    receiver_text,
+    sender_text,
+    tokenize_prompts,
+)
 from tests.tolerance import assert_forward_close, assert_reordered_close
 
 ARCHS = ["tiny-llama-64", "tiny-qwen2-64", "tiny-gemma3-64"]
@@ -232,8 +238,8 @@ def test_quantized_c2c_sends_kv_wire_frames_and_reads_them_back(examples):
 
 
 def test_a_projector_for_another_pair_is_refused(tmp_path, examples):
-    from cross_model.checkpointing import publish_once
     from cross_model.c2c.train_projector import WEIGHTS_FILE
+    from cross_model.checkpointing import publish_once
 
     other = make("kv_translate", "tiny-gemma3-64", "tiny-llama-48", projector="train")
     meta = {"sender": {"name": "someone-else"}, "receiver": {}, "pairing": "last_aligned", "hidden": 256}

@@ -13,12 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cross_model.c2c.projector import new_projector
 from cross_model.c2c.train_projector import WEIGHTS_FILE, TranslatorLoss, fit_projector, identity_of
 from cross_model.checkpointing import CheckpointManager
-from cross_model.c2c.projector import new_projector
 from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
-
 from tests.helpers import entry, kill_9_and_resume, run_entry
 
 ROOT = Path(__file__).resolve().parent.parent

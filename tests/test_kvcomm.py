@@ -6,11 +6,17 @@ import torch
 from cross_model import kv_wire
 from cross_model.data import load_task_examples
 from cross_model.generation import positions_from_mask
+from cross_model.kv_layout import assemble_receiver_cache, layout_forward
 from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method
 from cross_model.models import load_model
-from cross_model.prompting import chat_wrap, encode_texts, receiver_text, sender_text, tokenize_prompts
-from cross_model.kv_layout import assemble_receiver_cache, layout_forward
+from cross_model.prompting import (
+    chat_wrap,
+    encode_texts,
+    receiver_text,
+    sender_text,
+    tokenize_prompts,
+)
 from tests.public_receiver import public_calibration_importance, public_receiver_logits
 from tests.tolerance import assert_forward_close, forward_budget, reorder_atol
 

@@ -12,8 +12,20 @@ from cross_model.interlingua import wire
 from cross_model.interlingua.encoder import EncoderShape, InterlinguaEncoder, encode_bytes
 from cross_model.interlingua.model import LatentWire, load_latentwire, receiver_record
 from cross_model.interlingua.receiver_io import (
-    Adapter, adds_bos, answer_logits, answer_text, compose, decode_answers, distillation, embedding_rms,
-    eos_id, gold_nll, question_text, text_prefixes, token_nll, weighted_ce,
+    Adapter,
+    adds_bos,
+    answer_logits,
+    answer_text,
+    compose,
+    decode_answers,
+    distillation,
+    embedding_rms,
+    eos_id,
+    gold_nll,
+    question_text,
+    text_prefixes,
+    token_nll,
+    weighted_ce,
 )
 from cross_model.kv_wire import PayloadError
 from cross_model.models import load_model

@@ -20,7 +20,6 @@ from cross_model.data import load_task_examples
 from cross_model.interlingua.encoder import EncoderShape
 from cross_model.interlingua.model import LatentWire, receiver_record
 from cross_model.interlingua.train_interlingua import fit_interlingua
-
 from tests.helpers import entry, kill_9_and_resume, run_entry, write_copies
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from cross_model.models import load_model
 from cross_model.training.linear_probe import PROBE_FILE, choose_c, fit_logistic, stratified_folds
-
 from tests.helpers import run_entry
 
 

@@ -1,8 +1,17 @@
 import pytest
 
 from cross_model.metrics import (
-    exact_match, extract_number, f1_match, first_named_match, lemma_set_f1, normalize_answer, numeric_match,
-    rouge_l_recall, score_prediction, token_f1, wilson_interval,
+    exact_match,
+    extract_number,
+    f1_match,
+    first_named_match,
+    lemma_set_f1,
+    normalize_answer,
+    numeric_match,
+    rouge_l_recall,
+    score_prediction,
+    token_f1,
+    wilson_interval,
 )
 
 

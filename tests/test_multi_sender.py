@@ -13,14 +13,21 @@ from transformers import DynamicCache
 from cross_model.data import load_task_examples
 from cross_model.data.base import sender_count
 from cross_model.generation import greedy_generate
+from cross_model.kv_layout import layout_forward
+from cross_model.kv_wire import payload_size
 from cross_model.methods.base import ModelPair
 from cross_model.methods.cipher import vector_generate
 from cross_model.methods.debate import ANOTHER, OTHERS, PREVIOUS, REVISE, first_sender_text
 from cross_model.methods.registry import resolve_method
-from cross_model.kv_wire import payload_size
 from cross_model.models import load_model
-from cross_model.prompting import chat_wrap, encode_texts, receiver_text, recording_prompts, sender_text, tokenize_prompts
-from cross_model.kv_layout import layout_forward
+from cross_model.prompting import (
+    chat_wrap,
+    encode_texts,
+    receiver_text,
+    recording_prompts,
+    sender_text,
+    tokenize_prompts,
+)
 from tests.public_receiver import public_receiver_logits
 from tests.tolerance import assert_forward_close, assert_reordered_close, forward_budget
 

@@ -5,7 +5,13 @@ import math
 import numpy as np
 import pytest
 
-from cross_model.paired import format_paired, mcnemar_exact_p, paired_difference, paired_rows, verdict
+from cross_model.paired import (
+    format_paired,
+    mcnemar_exact_p,
+    paired_difference,
+    paired_rows,
+    verdict,
+)
 
 
 def test_mcnemar_exact_p_is_the_two_sided_binomial_tail():

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 from tests.conftest import ROOT
 
 TINY = ["--config", "configs/tiny.yaml", "--eval.batch_size", "2"]
@@ -383,10 +382,10 @@ def test_kvcomm_builds_one_mask_per_kind_of_layer_per_step():
     """Sent layers share A's keys, sink-only layers the sink: two masks a step (and their GQA-folded
     forms), not one per layer; the answers still equal one concatenated forward (test_kvcomm)."""
     from cross_model.data import load_task_examples
+    from cross_model.kv_layout import assemble_receiver_cache, layout_forward
     from cross_model.methods.base import ModelPair
     from cross_model.methods.registry import resolve_method
     from cross_model.models import load_model
-    from cross_model.kv_layout import assemble_receiver_cache, layout_forward
 
     lm = load_model("tiny-llama-64")
     cls, p = resolve_method("kvcomm", {"selection": "layers", "layers_list": [1, 2], "always_send_layer0": False})
@@ -404,9 +403,9 @@ def test_kvcomm_builds_one_mask_per_kind_of_layer_per_step():
 
 
 def test_rows_carry_their_limits_and_with_log_prompts_the_exact_prompts(tmp_path):
+    from cross_model.data import load_task_examples
     from cross_model.models import load_model
     from cross_model.prompting import chat_wrap, receiver_text, sender_text, skyline_text
-    from cross_model.data import load_task_examples
 
     assert _main("--output_dir", str(tmp_path), "--stages", "[evaluate,report]", "--eval.log_prompts", "true",
                  "--methods", '{"baseline": {}, "skyline": {"max_new_tokens": 3}, "nld": {"nld_max_tokens": 4}, '

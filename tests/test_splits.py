@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from cross_model.data import load_task_examples
-from cross_model.data.base import SMALL_SOURCE, available_tasks, calibration_reserve, front_and_back, get_task, training_region
+from cross_model.data.base import (
+    SMALL_SOURCE,
+    available_tasks,
+    calibration_reserve,
+    front_and_back,
+    get_task,
+    training_region,
+)
 from cross_model.data.training_rows import task_rows
 from tests.helpers import distinct_copies
 

@@ -14,7 +14,11 @@ from cross_model.distributed import barrier, is_main
 from cross_model.methods import registry
 from cross_model.methods.base import Method, MethodParams, Prediction
 from cross_model.training.trainables import (
-    Trainable, TrainOutcome, register_trainable, registered_trainables, unregister_trainable,
+    Trainable,
+    TrainOutcome,
+    register_trainable,
+    registered_trainables,
+    unregister_trainable,
 )
 
 CALLS: list[list[str]] = []

@@ -18,10 +18,10 @@ from torch import nn
 
 from cross_model.c2c.fuser import CacheFuser, new_fuser
 from cross_model.c2c.fusion import fused_cache, gate_noise, shared_input
-from cross_model.methods.learned_cache import FUSER_KEYS
 from cross_model.c2c.train_projector import LearnedCache, Mode, target_losses, trainable
 from cross_model.data.base import Example
 from cross_model.methods.c2c import shared_prompts
+from cross_model.methods.learned_cache import FUSER_KEYS
 from cross_model.models import LoadedModel
 
 

@@ -25,8 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from cross_model.methods.learned_cache import TRANSLATOR_KEYS
-from cross_model.c2c.projector import WEIGHTS_FILE, CacheProjector, model_record, new_projector, tau_at
+from cross_model.c2c.projector import (
+    WEIGHTS_FILE,
+    CacheProjector,
+    model_record,
+    new_projector,
+    tau_at,
+)
 from cross_model.c2c.transfer import receiver_cache, sender_side
 from cross_model.checkpointing import FINAL, Trained, directory_slug, publish_once, verify
 from cross_model.config import resolved_train_config
@@ -35,20 +40,36 @@ from cross_model.data.base import QA, Example
 from cross_model.data.corpus import load_corpus
 from cross_model.data.hub import REVISIONS
 from cross_model.data.training_rows import check_disjoint, task_rows
-from cross_model.methods.other_item import donor_map, with_donor_contexts
 from cross_model.distributed import (
-    StopFlag, all_reduce_sum, barrier, broadcast_object, gather_object, get_rank, get_world_size,
-    is_initialized, is_main,
+    StopFlag,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    gather_object,
+    get_rank,
+    get_world_size,
+    is_initialized,
+    is_main,
 )
 from cross_model.generation import greedy_generate
-from cross_model.models import LoadedModel
-from cross_model.progress import Progress
-from cross_model.training.trainables import Trainable, TrainOutcome, TrainRequest
-from cross_model.prefill_memo import run_prefill
-from cross_model.prompting import chat_wrap, encode_texts, pad_left, receiver_text, sender_text, skyline_text, tokenize_prompts
-from cross_model.result_files import write_json_atomically
 from cross_model.kv_layout import layout_forward, use_cross_model_attention
+from cross_model.methods.learned_cache import TRANSLATOR_KEYS
+from cross_model.methods.other_item import donor_map, with_donor_contexts
+from cross_model.models import LoadedModel
+from cross_model.prefill_memo import run_prefill
+from cross_model.progress import Progress
+from cross_model.prompting import (
+    chat_wrap,
+    encode_texts,
+    pad_left,
+    receiver_text,
+    sender_text,
+    skyline_text,
+    tokenize_prompts,
+)
+from cross_model.result_files import write_json_atomically
 from cross_model.training.loop import TrainJob, latest_checkpoint, set_learning_rate, train_loop
+from cross_model.training.trainables import Trainable, TrainOutcome, TrainRequest
 
 log = logging.getLogger(__name__)
 

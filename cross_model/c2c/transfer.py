@@ -13,10 +13,10 @@ from transformers import DynamicCache
 from cross_model.c2c.align import AlignmentStats, TokenPool, align_spans, token_pool, token_spans
 from cross_model.c2c.projector import CacheProjector
 from cross_model.generation import positions_from_mask
+from cross_model.kv_layout import SRC_A, KVLayout
 from cross_model.models import LoadedModel
 from cross_model.prefill_memo import Prefill
 from cross_model.surgery import decoder
-from cross_model.kv_layout import SRC_A, KVLayout
 
 
 @dataclass

@@ -20,7 +20,6 @@ import yaml
 
 from cross_model.config.schema import ExperimentConfig
 
-
 # ---------------------------------------------------------------------------------------------
 # Building dataclasses from plain data, with type checking that names the key.
 

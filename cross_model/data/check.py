@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from cross_model.config import load_config
-from cross_model.data.base import EVERY_ROW, asked_sizes, calibration_reserve, get_task, load_task_examples
+from cross_model.data.base import (
+    EVERY_ROW,
+    asked_sizes,
+    calibration_reserve,
+    get_task,
+    load_task_examples,
+)
 
 
 @dataclass(frozen=True)

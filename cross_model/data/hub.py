@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cross_model.data.base import (
-    CODE, EVERY_ROW, MATH, QA, SUMMARY, TEST_REGION, Example, Task, calibration_reserve, front_and_back, register_task,
+    CODE,
+    EVERY_ROW,
+    MATH,
+    QA,
+    SUMMARY,
+    TEST_REGION,
+    Example,
+    Task,
+    calibration_reserve,
+    front_and_back,
+    register_task,
     training_region,
 )
 

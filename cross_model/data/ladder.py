@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import random
 
-from cross_model.data.base import TEST_REGION, Example, Task, front_and_back, register_task, training_region
+from cross_model.data.base import (
+    TEST_REGION,
+    Example,
+    Task,
+    front_and_back,
+    register_task,
+    training_region,
+)
 
 WORDS = (
     "apple", "river", "candle", "violin", "tiger", "pencil", "garden", "rocket", "mirror", "castle", "anchor",

@@ -7,7 +7,14 @@ import json
 from pathlib import Path
 
 from cross_model.data import public_files
-from cross_model.data.base import MATH, Example, Task, calibration_reserve, front_and_back, register_task
+from cross_model.data.base import (
+    MATH,
+    Example,
+    Task,
+    calibration_reserve,
+    front_and_back,
+    register_task,
+)
 from cross_model.metrics import METRICS
 
 

@@ -14,7 +14,14 @@ from __future__ import annotations
 import random
 
 from cross_model.data import public_files
-from cross_model.data.base import TEST_REGION, Example, Task, front_and_back, register_task, training_region
+from cross_model.data.base import (
+    TEST_REGION,
+    Example,
+    Task,
+    front_and_back,
+    register_task,
+    training_region,
+)
 
 # Well-known landmarks, so that a small model can tell the country once it knows the landmark.
 LANDMARKS: dict[str, str] = {

@@ -13,7 +13,15 @@ from torch import nn
 from cross_model.checkpointing import META, verify
 from cross_model.interlingua.encoder import EncoderShape, InterlinguaEncoder, encode_bytes
 from cross_model.interlingua.receiver_io import (
-    Adapter, answer_logits, compose, distillation, embedding_rms, gold_nll, text_prefixes, use_bos, weighted_ce,
+    Adapter,
+    answer_logits,
+    compose,
+    distillation,
+    embedding_rms,
+    gold_nll,
+    text_prefixes,
+    use_bos,
+    weighted_ce,
 )
 from cross_model.models import LoadedModel
 

@@ -26,14 +26,27 @@ from cross_model.data import load_task_examples
 from cross_model.data.base import Example
 from cross_model.data.training_rows import check_disjoint, task_rows
 from cross_model.distributed import (
-    StopFlag, all_reduce_sum, barrier, broadcast_object, gather_object, get_rank, get_world_size,
-    is_initialized, is_main,
+    StopFlag,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    gather_object,
+    get_rank,
+    get_world_size,
+    is_initialized,
+    is_main,
 )
 from cross_model.interlingua.encoder import EncoderShape
-from cross_model.interlingua.model import META_FILE, WEIGHTS_FILE, LatentWire, TeacherCache, receiver_record
+from cross_model.interlingua.model import (
+    META_FILE,
+    WEIGHTS_FILE,
+    LatentWire,
+    TeacherCache,
+    receiver_record,
+)
 from cross_model.interlingua.receiver_io import answer_text, question_text
-from cross_model.training.trainables import Trainable, TrainOutcome, TrainRequest
 from cross_model.training.loop import TrainJob, set_learning_rate, train_loop
+from cross_model.training.trainables import Trainable, TrainOutcome, TrainRequest
 
 log = logging.getLogger(__name__)
 

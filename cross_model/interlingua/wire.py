@@ -16,7 +16,16 @@ import numpy as np
 import torch
 
 from cross_model.kv_wire import (
-    DTYPES, QUANT_BITS, SCALE_BYTES, PayloadError, dequantize, dtype_bits, frame, pack_bits, quantize, read_frame,
+    DTYPES,
+    QUANT_BITS,
+    SCALE_BYTES,
+    PayloadError,
+    dequantize,
+    dtype_bits,
+    frame,
+    pack_bits,
+    quantize,
+    read_frame,
     unpack_bits,
 )
 

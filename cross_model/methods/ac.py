@@ -21,8 +21,8 @@ import torch
 from cross_model.data.base import Example
 from cross_model.methods.base import Method, MethodParams, Prediction
 from cross_model.methods.registry import register
-from cross_model.projection import load_projection
 from cross_model.prefill_memo import Prefill
+from cross_model.projection import load_projection
 from cross_model.prompting import receiver_text, sender_text
 from cross_model.surgery import check_layer, residual_edit
 

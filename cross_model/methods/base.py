@@ -9,11 +9,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from cross_model.data.base import Example
-from cross_model.failures import free_device_memory, full_traceback, innermost_traceback, is_out_of_memory, poisons_process
+from cross_model.failures import (
+    free_device_memory,
+    full_traceback,
+    innermost_traceback,
+    is_out_of_memory,
+    poisons_process,
+)
 from cross_model.generation import GenerationResult, greedy_generate
 from cross_model.models import LoadedModel
-from cross_model.prompt_prefix_cache import PrefixCache, PrefixedBatch
 from cross_model.prefill_memo import Prefill, PrefillMemo, run_prefill
+from cross_model.prompt_prefix_cache import PrefixCache, PrefixedBatch
 from cross_model.prompting import Batch, chat_wrap, encode_texts, pad_left
 
 log = logging.getLogger(__name__)

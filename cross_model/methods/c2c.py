@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 from cross_model.c2c.fuser import FUSER_DEFAULTS, is_released, new_fuser, read_released
 from cross_model.c2c.fusion import fused_cache, shared_input
 from cross_model.c2c.projector import PAIRINGS, WEIGHTS_FILE, model_record, read_meta
-from cross_model.methods.learned_cache import FUSER_KEYS, LearnedCacheMethod, LearnedCacheParams
 from cross_model.data.base import Example
 from cross_model.generation import greedy_generate
 from cross_model.kv_wire import KVPayload, QuantScheme, dtype_bits, dtype_name, payload_size
 from cross_model.methods.base import Prediction
+from cross_model.methods.learned_cache import FUSER_KEYS, LearnedCacheMethod, LearnedCacheParams
 from cross_model.methods.other_item import donor_map, donors_of
 from cross_model.methods.registry import register
 from cross_model.models import LoadedModel

@@ -20,18 +20,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from cross_model.data.base import Example, sender_count
-from cross_model.generation import default_forward, eos_token_ids, greedy_generate, positions_from_mask
+from cross_model.generation import (
+    default_forward,
+    eos_token_ids,
+    greedy_generate,
+    positions_from_mask,
+)
 from cross_model.methods.base import Method, Prediction
-from cross_model.methods.debate import DebateParams, first_sender_text, receiver_prompt, refinement_parts
+from cross_model.methods.debate import (
+    DebateParams,
+    first_sender_text,
+    receiver_prompt,
+    refinement_parts,
+)
 from cross_model.methods.registry import register
 from cross_model.models import LoadedModel
-from cross_model.prompt_prefix_cache import MIN_SHARED, shared_prefix_length
 from cross_model.prefill_memo import Prefill
+from cross_model.prompt_prefix_cache import MIN_SHARED, shared_prefix_length
 from cross_model.prompting import VECTOR_MARK, chat_wrap, encode_texts
 from cross_model.surgery import embed_ids, input_embeddings
-from transformers import DynamicCache
 
 
 @dataclass

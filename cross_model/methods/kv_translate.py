@@ -19,14 +19,21 @@ from cross_model.c2c.projector import PAIRINGS, WEIGHTS_FILE, model_record, new_
 from cross_model.c2c.transfer import receiver_cache, sender_side
 from cross_model.data.base import Example
 from cross_model.generation import greedy_generate
+from cross_model.kv_layout import layout_forward, use_cross_model_attention
 from cross_model.kv_wire import KVPayload, QuantScheme, dtype_bits, dtype_name, payload_size
 from cross_model.kv_wire_batch import decode_batch, encode_batch
-from cross_model.methods.learned_cache import LearnedCacheMethod, LearnedCacheParams
 from cross_model.methods.base import Prediction
+from cross_model.methods.learned_cache import LearnedCacheMethod, LearnedCacheParams
 from cross_model.methods.other_item import donor_map, with_donor_contexts
 from cross_model.methods.registry import register
-from cross_model.prompting import chat_text, encode_texts, receiver_text, sender_text, tokenize_prompts
-from cross_model.kv_layout import layout_forward, use_cross_model_attention
+from cross_model.prompting import (
+    chat_text,
+    encode_texts,
+    receiver_text,
+    sender_text,
+    tokenize_prompts,
+)
+
 
 @dataclass
 class KVTranslateParams(LearnedCacheParams):

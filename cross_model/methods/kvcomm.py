@@ -20,21 +20,34 @@ import torch
 from transformers import DynamicCache
 
 from cross_model.data.base import Example, by_length, sender_count
-from cross_model.distributed import agreed, all_reduce_sum, broadcast_object, gather_object, is_main, shard
-from cross_model.failures import measure_in_batches
+from cross_model.distributed import (
+    agreed,
+    all_reduce_sum,
+    broadcast_object,
+    gather_object,
+    is_main,
+    shard,
+)
 from cross_model.facts import check_facts_settings, facts_text, with_facts
+from cross_model.failures import measure_in_batches
 from cross_model.generation import greedy_generate
+from cross_model.kv_layout import (
+    Sources,
+    assemble_from_sources,
+    join_receiver_caches,
+    layer_sources,
+    layout_forward,
+    use_cross_model_attention,
+)
+from cross_model.kv_wire import KVPayload, dtype_bits, dtype_name, payload_size
 from cross_model.methods.base import Method, MethodParams, Prediction
 from cross_model.methods.other_item import donor_map, with_donor_contexts
 from cross_model.methods.registry import register
 from cross_model.models import LoadedModel
-from cross_model.kv_wire import KVPayload, dtype_bits, dtype_name, payload_size
-from cross_model.progress import Progress
 from cross_model.prefill_memo import Prefill, run_prefill
+from cross_model.progress import Progress
 from cross_model.prompting import pad_left, receiver_text, sender_text, tokenize_prompts
 from cross_model.surgery import partial_forward
-from cross_model.kv_layout import (Sources, assemble_from_sources, join_receiver_caches, layer_sources, layout_forward,
-                                   use_cross_model_attention)
 
 SELECTIONS = ("calibrate", "layers", "range", "random", "all", "online")
 RECEIVER_MASKS = ("causal", "public")

@@ -29,8 +29,16 @@ from cross_model.interlingua import wire
 from cross_model.interlingua.decoding import design_chooser
 from cross_model.interlingua.model import META_FILE, LatentWire, load_latentwire
 from cross_model.interlingua.receiver_io import (
-    answer_logits, answer_scores, answer_text, compose, decode_answers, first_token_correct, gold_nll, question_text,
-    text_prefixes, use_bos,
+    answer_logits,
+    answer_scores,
+    answer_text,
+    compose,
+    decode_answers,
+    first_token_correct,
+    gold_nll,
+    question_text,
+    text_prefixes,
+    use_bos,
 )
 from cross_model.methods.base import Method, MethodParams, Prediction
 from cross_model.methods.registry import register

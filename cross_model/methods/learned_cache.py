@@ -4,7 +4,6 @@ the rows, the targets and the optimizer, as method parameters."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
 from typing import Any
 
 from cross_model.methods.base import Method, MethodParams

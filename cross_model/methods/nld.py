@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from cross_model.data.base import Example, sender_count
 from cross_model.methods.base import Method, Prediction
-from cross_model.methods.debate import DebateParams, first_sender_text, receiver_prompt, refinement_text
+from cross_model.methods.debate import (
+    DebateParams,
+    first_sender_text,
+    receiver_prompt,
+    refinement_text,
+)
 from cross_model.methods.registry import register
 
 

@@ -19,18 +19,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from cross_model.data.base import Example, by_length
-from cross_model.distributed import agreed, all_reduce_sum, broadcast_object, gather_object, is_main, shard
+from cross_model.distributed import (
+    agreed,
+    all_reduce_sum,
+    broadcast_object,
+    gather_object,
+    is_main,
+    shard,
+)
 from cross_model.failures import measure_in_batches
 from cross_model.generation import positions_from_mask
+from cross_model.kv_layout import assemble_receiver_cache, layout_forward
 from cross_model.kv_wire import QUANT_BITS, KVPayload, QuantScheme, dtype_bits, payload_size
 from cross_model.kv_wire_batch import decode_batch, encode_batch
 from cross_model.methods.kvcomm import KVComm, KVCommParams, SenderSide
 from cross_model.methods.registry import register
-from cross_model.progress import Progress
 from cross_model.prefill_memo import KVView, LayerKV, Prefill
+from cross_model.progress import Progress
 from cross_model.prompting import receiver_text, tokenize_prompts
-from cross_model.kv_layout import assemble_receiver_cache, layout_forward
 
 
 @dataclass

@@ -27,18 +27,24 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cross_model.checkpointing import FINAL, directory_slug, publish_once, verify, write_atomically
 from cross_model.config import TrainConfig, resolved_train_config
+from cross_model.data.corpus import load_corpus
 from cross_model.distributed import (
-    StopFlag, all_reduce_tensors, barrier, broadcast_object, gather_object, get_rank, get_world_size, is_initialized,
+    StopFlag,
+    all_reduce_tensors,
+    barrier,
+    broadcast_object,
+    gather_object,
+    get_rank,
+    get_world_size,
+    is_initialized,
     is_main,
 )
 from cross_model.models import LoadedModel
 from cross_model.projection import LearnedProjection, load_projection
-from cross_model.data.corpus import load_corpus
 from cross_model.prompting import pad_left
 from cross_model.surgery import check_layer, last_token, partial_forward
 from cross_model.training.loop import TrainJob, train_loop

@@ -28,7 +28,7 @@ from cross_model.data.training_rows import check_disjoint, task_rows
 from cross_model.distributed import barrier, broadcast_object, is_main
 from cross_model.models import LoadedModel
 from cross_model.progress import Progress
-from cross_model.prompting import encode_texts, chat_wrap, pad_left, sender_text
+from cross_model.prompting import chat_wrap, encode_texts, pad_left, sender_text
 from cross_model.training.trainables import Trainable, TrainOutcome, TrainRequest
 
 log = logging.getLogger(__name__)

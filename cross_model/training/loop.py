@@ -22,8 +22,23 @@ from typing import Any, Callable
 
 import torch
 
-from cross_model.checkpointing import Checkpoint, CheckpointManager, check_identity, rng_state, set_rng_state
-from cross_model.distributed import Preempted, StopFlag, barrier, broadcast_object, gather_object, get_rank, get_world_size, is_main
+from cross_model.checkpointing import (
+    Checkpoint,
+    CheckpointManager,
+    check_identity,
+    rng_state,
+    set_rng_state,
+)
+from cross_model.distributed import (
+    Preempted,
+    StopFlag,
+    barrier,
+    broadcast_object,
+    gather_object,
+    get_rank,
+    get_world_size,
+    is_main,
+)
 from cross_model.progress import Progress, test_step_delay
 
 log = logging.getLogger(__name__)
