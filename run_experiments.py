@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The one entry point: config -> train projection -> calibrate -> evaluate -> report.
 
-    python run_experiments.py --config configs/quickstart.yaml [--dry-run] [--section.key value ...]
-    torchrun --nproc_per_node=4 run_experiments.py --config configs/quickstart.yaml
+python run_experiments.py --config configs/quickstart.yaml [--dry-run] [--section.key value ...]
+torchrun --nproc_per_node=4 run_experiments.py --config configs/quickstart.yaml
 """
 
 from __future__ import annotations
@@ -43,13 +43,32 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Any config key can be overridden with --section.key VALUE (see --help-config).",
     )
     parser.add_argument("--config", help="YAML config (see configs/); defaults apply without one")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and planned stages, then exit")
-    parser.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
-    parser.add_argument("--list-methods", action="store_true", help="list the registered methods, one line each")
-    parser.add_argument("--help-method", metavar="NAME", help="every parameter of method NAME: default and meaning")
-    parser.add_argument("--list-tasks", action="store_true", help="list the registered tasks: metric, size, answer length")
-    parser.add_argument("--allow-code-change", action="store_true",
-                        help="resume a run whose code (commit or uncommitted changes) differs from its first start")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config and planned stages, then exit",
+    )
+    parser.add_argument(
+        "--help-config",
+        action="store_true",
+        help="list every config key with its default and meaning",
+    )
+    parser.add_argument(
+        "--list-methods", action="store_true", help="list the registered methods, one line each"
+    )
+    parser.add_argument(
+        "--help-method", metavar="NAME", help="every parameter of method NAME: default and meaning"
+    )
+    parser.add_argument(
+        "--list-tasks",
+        action="store_true",
+        help="list the registered tasks: metric, size, answer length",
+    )
+    parser.add_argument(
+        "--allow-code-change",
+        action="store_true",
+        help="resume a run whose code (commit or uncommitted changes) differs from its first start",
+    )
     return parser
 
 
@@ -61,7 +80,9 @@ def describe_registries(args: argparse.Namespace) -> int:
     """--list-methods, --help-method NAME, --list-tasks."""
     if args.list_methods:
         for name in available_methods():
-            doc = (sys.modules[get_method_class(name).__module__].__doc__ or "").strip().splitlines()
+            doc = (
+                (sys.modules[get_method_class(name).__module__].__doc__ or "").strip().splitlines()
+            )
             print(f"{name:10s} {doc[0] if doc else ''}")
     if args.help_method:
         try:
@@ -69,14 +90,18 @@ def describe_registries(args: argparse.Namespace) -> int:
         except ValueError as err:
             print(f"--help-method: {err}", file=sys.stderr)
             return 2
-        print(f"# methods.<instance>: {{method: {args.help_method}, ...}}; each key, its default and meaning")
+        print(
+            f"# methods.<instance>: {{method: {args.help_method}, ...}}; each key, its default and meaning"
+        )
         print("\n".join(describe(cls.Params, "methods.<instance>.")))
     if args.list_tasks:
         for name in available_tasks():
             t = get_task(name)
             size = "all" if t.default_n_test >= 10**6 else t.default_n_test
-            print(f"{name:14s} metric {t.metric}, {size} test items by default, answers of up to "
-                  f"{t.max_new_tokens} tokens. {t.description}".rstrip())
+            print(
+                f"{name:14s} metric {t.metric}, {size} test items by default, answers of up to "
+                f"{t.max_new_tokens} tokens. {t.description}".rstrip()
+            )
     return 0
 
 
@@ -121,11 +146,19 @@ def main(argv: list[str] | None = None) -> int:
                 checks = check_counts(cfg)
                 for check in checks:
                     print(f"#   {check.line}")
-                for line in memory_plan(cfg, platform.device, platform.dtype, max((c.longest_chars for c in checks), default=0)):
+                for line in memory_plan(
+                    cfg,
+                    platform.device,
+                    platform.dtype,
+                    max((c.longest_chars for c in checks), default=0),
+                ):
                     print(f"# {line}")
                 failed = not all(c.ok for c in checks)
                 if failed:
-                    print("data error: " + "; ".join(c.line for c in checks if not c.ok), file=sys.stderr)
+                    print(
+                        "data error: " + "; ".join(c.line for c in checks if not c.ok),
+                        file=sys.stderr,
+                    )
             return 2 if broadcast_object(failed) else 0
         run_dir = cfg.run_dir
         start = None
@@ -142,13 +175,26 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"run error: {start}", file=sys.stderr)
             return 2
         check_shared_run_dir(run_dir)
-        row_info = {"start": start, "device": platform.kind, "dtype": str(platform.dtype).removeprefix("torch.")}
+        row_info = {
+            "start": start,
+            "device": platform.kind,
+            "dtype": str(platform.dtype).removeprefix("torch."),
+        }
         log.info("run directory: %s", run_dir)
         for line in plan(cfg):
             log.info("plan: %s", line)
         stop = StopFlag().install()  # SIGTERM / SIGUSR1: save, leave together, exit 0, resume later
         try:
-            run_stages(RunContext(cfg=cfg, platform=platform, env=env, run_dir=run_dir, stop=stop, row_info=row_info))
+            run_stages(
+                RunContext(
+                    cfg=cfg,
+                    platform=platform,
+                    env=env,
+                    run_dir=run_dir,
+                    stop=stop,
+                    row_info=row_info,
+                )
+            )
         except Preempted as why:
             log.warning("preempted: %s. Start the same command again to resume.", why)
         except RunRefused as why:

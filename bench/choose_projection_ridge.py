@@ -28,7 +28,9 @@ PAIR = ("gemma3-270m", 12, "smollm2-135m-instruct", 20)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.choose_projection_ridge", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.choose_projection_ridge", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--sizes", default="512,2048", help="train.n_sentences values, comma-separated")
     ap.add_argument("--json", default="docs/projection/ridge_choice.json")
@@ -42,14 +44,33 @@ def main(argv: list[str] | None = None) -> int:
             fits = {}
             for n in sizes:
                 cfg = TrainConfig(corpus="offline", n_sentences=n, ridge=ridge, checkpoint_dir=ckpt)
-                fit = train_projection(sender, receiver, PAIR[1], PAIR[3], cfg, seed=args.seed).meta["fit"]
+                fit = train_projection(
+                    sender, receiver, PAIR[1], PAIR[3], cfg, seed=args.seed
+                ).meta["fit"]
                 fits[str(n)] = {"r2": fit["r2"], "cosine": fit["cosine"]}
-            rows.append({"ridge": ridge, "fits": fits, "mean_r2": sum(f["r2"] for f in fits.values()) / len(fits)})
-            print(f"ridge {ridge:g}: " + ", ".join(f"n={n} R^2 {f['r2']:.4f}" for n, f in fits.items()), flush=True)
+            rows.append(
+                {
+                    "ridge": ridge,
+                    "fits": fits,
+                    "mean_r2": sum(f["r2"] for f in fits.values()) / len(fits),
+                }
+            )
+            print(
+                f"ridge {ridge:g}: "
+                + ", ".join(f"n={n} R^2 {f['r2']:.4f}" for n, f in fits.items()),
+                flush=True,
+            )
     best = max(rows, key=lambda r: r["mean_r2"])["ridge"]
-    out = {"pair": {"sender": PAIR[0], "k": PAIR[1], "receiver": PAIR[2], "j": PAIR[3]}, "corpus": "offline",
-           "seed": args.seed, "sizes": sizes, "rows": rows, "best": best, "seconds": time.perf_counter() - start,
-           "git": git_commit()}
+    out = {
+        "pair": {"sender": PAIR[0], "k": PAIR[1], "receiver": PAIR[2], "j": PAIR[3]},
+        "corpus": "offline",
+        "seed": args.seed,
+        "sizes": sizes,
+        "rows": rows,
+        "best": best,
+        "seconds": time.perf_counter() - start,
+        "git": git_commit(),
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     print(f"best ridge: {best:g} (TrainConfig.ridge's default should be this); wrote {args.json}")

@@ -34,8 +34,9 @@ SAME_BYTES = 0.10  # schemes within 10% of the leanest payload at every width co
 BASE = QKVCommParams().scheme()
 CANDIDATES = {
     "default": BASE,
-    "plain (the first scheme)": replace(BASE, key_group=0, value_group="token", rotate=False, raw_first=0, clip=False,
-                                        sink_bits=16),
+    "plain (the first scheme)": replace(
+        BASE, key_group=0, value_group="token", rotate=False, raw_first=0, clip=False, sink_bits=16
+    ),
     "no rotation": replace(BASE, rotate=False),
     "first token quantized": replace(BASE, raw_first=0),
     "no clipping": replace(BASE, clip=False),
@@ -64,10 +65,16 @@ def measure(method, examples, selected, bits: int, batch: int) -> tuple[float, f
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.choose_qkvcomm_scheme", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.choose_qkvcomm_scheme",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--n-calib", type=int, default=40, help="calibration items per task")
-    ap.add_argument("--seed", type=int, default=0, help="the experiments' seed (its calibration split)")
+    ap.add_argument(
+        "--seed", type=int, default=0, help="the experiments' seed (its calibration split)"
+    )
     ap.add_argument("--bits", default="2,3")
     ap.add_argument("--batch", type=int, default=20)
     ap.add_argument("--json", type=Path, default=None)
@@ -82,16 +89,34 @@ def main(argv: list[str] | None = None) -> int:
     selected = layers.selected_layers()
     rows = []
     for name, scheme in CANDIDATES.items():
-        cls, p = resolve_method("qkvcomm", {"selection": "layers", "layers_list": sorted(selected),
-                                            "always_send_layer0": False, **scheme_params(scheme)})
+        cls, p = resolve_method(
+            "qkvcomm",
+            {
+                "selection": "layers",
+                "layers_list": sorted(selected),
+                "always_send_layer0": False,
+                **scheme_params(scheme),
+            },
+        )
         method = cls(p, ModelPair(lm, lm), name)
         start = time.perf_counter()
         got = {b: measure(method, calib, selected, b, args.batch) for b in bits}
         kl, size = {b: v[0] for b, v in got.items()}, {b: v[1] for b, v in got.items()}
-        rows.append({"scheme": name, "params": scheme_params(scheme), "kl": kl, "bytes": size,
-                     "mean_kl": sum(kl.values()) / len(kl)})
-        print(f"{name:28s} " + "  ".join(f"{b} bits: KL {kl[b]:.4f}, {size[b]:,.0f} B" for b in bits)
-              + f"   ({time.perf_counter() - start:.0f} s)", flush=True)
+        rows.append(
+            {
+                "scheme": name,
+                "params": scheme_params(scheme),
+                "kl": kl,
+                "bytes": size,
+                "mean_kl": sum(kl.values()) / len(kl),
+            }
+        )
+        print(
+            f"{name:28s} "
+            + "  ".join(f"{b} bits: KL {kl[b]:.4f}, {size[b]:,.0f} B" for b in bits)
+            + f"   ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
     # Compared at about the same bytes: a scheme may not spend more than SAME_BYTES over the leanest
     # scheme at any width (finer groups buy accuracy with scales, which is a different budget).
     lean = {b: min(r["bytes"][b] for r in rows) for b in bits}
@@ -101,12 +126,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nleast mean KL: {best['scheme']} ({best['params']})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "model": args.model, "tasks": list(TASKS), "n_calib_per_task": args.n_calib, "seed": args.seed,
-            "calibration_ids": [e.example_id for e in calib], "selected_layers": sorted(selected), "bits": bits,
-            "same_bytes_tolerance": SAME_BYTES, "rows": rows, "best": best["scheme"],
-            "default_is_best": best["params"] == scheme_params(BASE), "git": git_commit(),
-        }, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "tasks": list(TASKS),
+                    "n_calib_per_task": args.n_calib,
+                    "seed": args.seed,
+                    "calibration_ids": [e.example_id for e in calib],
+                    "selected_layers": sorted(selected),
+                    "bits": bits,
+                    "same_bytes_tolerance": SAME_BYTES,
+                    "rows": rows,
+                    "best": best["scheme"],
+                    "default_is_best": best["params"] == scheme_params(BASE),
+                    "git": git_commit(),
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

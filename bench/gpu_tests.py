@@ -41,25 +41,48 @@ def device_description() -> dict:
     if not torch.cuda.is_available():
         return {"cuda": False, "note": "no CUDA device: every test skips"}
     props = torch.cuda.get_device_properties(0)
-    return {"cuda": True, "name": props.name, "count": torch.cuda.device_count(),
-            "memory_gib": round(props.total_memory / 2**30, 1), "capability": f"{props.major}.{props.minor}",
-            "cuda_version": torch.version.cuda}
+    return {
+        "cuda": True,
+        "name": props.name,
+        "count": torch.cuda.device_count(),
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "capability": f"{props.major}.{props.minor}",
+        "cuda_version": torch.version.cuda,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_tests", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gpu_tests",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--json", type=Path, help="where to write the record")
     parser.add_argument("pytest_args", nargs="*", help="more arguments for pytest (after --)")
     args = parser.parse_args(argv)
     plugin = Outcomes()
     start = time.time()
-    code = pytest.main(["-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_gpu.py"), *args.pytest_args],
-                       plugins=[plugin])
-    counts = {k: sum(1 for t in plugin.tests.values() if t["outcome"] == k) for k in ("passed", "failed", "skipped")}
-    record = {"device": device_description(), "versions": versions(), "git": git_commit(ROOT),
-              "seconds": round(time.time() - start, 1), "exit_code": int(code), **counts, "tests": plugin.tests}
-    print(f"test-gpu: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped on "
-          f"{record['device'].get('name', 'no GPU')} in {record['seconds']} s")
+    code = pytest.main(
+        ["-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_gpu.py"), *args.pytest_args],
+        plugins=[plugin],
+    )
+    counts = {
+        k: sum(1 for t in plugin.tests.values() if t["outcome"] == k)
+        for k in ("passed", "failed", "skipped")
+    }
+    record = {
+        "device": device_description(),
+        "versions": versions(),
+        "git": git_commit(ROOT),
+        "seconds": round(time.time() - start, 1),
+        "exit_code": int(code),
+        **counts,
+        "tests": plugin.tests,
+    }
+    print(
+        f"test-gpu: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped on "
+        f"{record['device'].get('name', 'no GPU')} in {record['seconds']} s"
+    )
     if args.json:
         args.json.write_text(json.dumps(record, indent=2) + "\n")
         print(f"record: {args.json}")

@@ -14,7 +14,10 @@ import os
 import subprocess
 import sys
 
-TEXTS = ("Uma is at the Eiffel Tower. Which country is Uma located in? Answer:", "The capital of France is")
+TEXTS = (
+    "Uma is at the Eiffel Tower. Which country is Uma located in? Answer:",
+    "The capital of France is",
+)
 MODELS = ("smollm2-135m-instruct", "gemma3-270m")
 
 
@@ -36,8 +39,16 @@ def read_directories(directories: list[str]) -> dict:
             ids = torch.tensor([tok(text)["input_ids"]])
             with torch.inference_mode():
                 logits = model(input_ids=ids).logits[0, -1]
-                gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
-            rows.append({"ids": ids[0].tolist(), "logits": logits.tolist(), "answer": tok.decode(gen[0, ids.shape[1]:])})
+                gen = model.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False
+                )
+            rows.append(
+                {
+                    "ids": ids[0].tolist(),
+                    "logits": logits.tolist(),
+                    "answer": tok.decode(gen[0, ids.shape[1] :]),
+                }
+            )
         out["models"][name] = {"tokenizer_class": type(tok).__name__, "rows": rows}
     return out
 
@@ -46,10 +57,17 @@ def _child(python_path: str | None, directories: list[str]) -> dict:
     env = dict(os.environ)
     if python_path:
         env["PYTHONPATH"] = os.pathsep.join([python_path, env.get("PYTHONPATH", ""), os.getcwd()])
-    done = subprocess.run([sys.executable, "-m", "bench.legacy_transformers", "--read", *directories], env=env,
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.legacy_transformers", "--read", *directories],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode:
-        raise SystemExit(f"reading the directories failed ({python_path or 'ours'}):\n{done.stderr[-3000:]}")
+        raise SystemExit(
+            f"reading the directories failed ({python_path or 'ours'}):\n{done.stderr[-3000:]}"
+        )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -58,21 +76,34 @@ def compare(ours: dict, legacy: dict) -> dict:
     for name in MODELS:
         a, b = ours["models"][name]["rows"], legacy["models"][name]["rows"]
         models[name] = {
-            "tokenizer_class": [ours["models"][name]["tokenizer_class"], legacy["models"][name]["tokenizer_class"]],
+            "tokenizer_class": [
+                ours["models"][name]["tokenizer_class"],
+                legacy["models"][name]["tokenizer_class"],
+            ],
             "same_ids": all(x["ids"] == y["ids"] for x, y in zip(a, b)),
-            "max_abs_logit_difference": max(abs(p - q) for x, y in zip(a, b) for p, q in zip(x["logits"], y["logits"])),
+            "max_abs_logit_difference": max(
+                abs(p - q) for x, y in zip(a, b) for p, q in zip(x["logits"], y["logits"])
+            ),
             "same_answers": all(x["answer"] == y["answer"] for x, y in zip(a, b)),
             "answers": [x["answer"] for x in a],
         }
     from cross_model.runinfo import git_commit
 
-    return {"transformers": [ours["transformers"], legacy["transformers"]], "texts": list(TEXTS), "models": models,
-            "git": git_commit()}
+    return {
+        "transformers": [ours["transformers"], legacy["transformers"]],
+        "texts": list(TEXTS),
+        "models": models,
+        "git": git_commit(),
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.legacy_transformers", description=__doc__.splitlines()[0])
-    ap.add_argument("--legacy-path", help="a directory holding transformers 4.53 (pip install --target)")
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.legacy_transformers", description=__doc__.splitlines()[0]
+    )
+    ap.add_argument(
+        "--legacy-path", help="a directory holding transformers 4.53 (pip install --target)"
+    )
     ap.add_argument("--json", help="write the comparison here")
     ap.add_argument("--read", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -35,15 +35,30 @@ from cross_model.runinfo import git_commit
 # prompt split at the last token, the fusion path run); Q-KVComm sends a subset (no reference: its wire
 # format is ours).
 MODEL_SETS = {
-    "tiny": ("tiny-llama-64", {"ac": {"k": 2, "j": 2}, "kvcomm": {"selection": "all"},
-                               "qkvcomm": {"selection": "layers", "layers_list": [1, 2]}}),
-    "smollm2": ("smollm2-135m-instruct", {"ac": {"k": 20, "j": 20}, "kvcomm": {"selection": "all"},
-                                          "qkvcomm": {"selection": "random", "top_layers": 0.3, "seed": 0}}),
+    "tiny": (
+        "tiny-llama-64",
+        {
+            "ac": {"k": 2, "j": 2},
+            "kvcomm": {"selection": "all"},
+            "qkvcomm": {"selection": "layers", "layers_list": [1, 2]},
+        },
+    ),
+    "smollm2": (
+        "smollm2-135m-instruct",
+        {
+            "ac": {"k": 20, "j": 20},
+            "kvcomm": {"selection": "all"},
+            "qkvcomm": {"selection": "random", "top_layers": 0.3, "seed": 0},
+        },
+    ),
 }
 METHODS = ("baseline", "skyline", "nld", "cipher", "ac", "kvcomm", "qkvcomm", "kv_translate", "c2c")
-COMMON = {"nld": {"nld_max_tokens": 8}, "cipher": {"nld_max_tokens": 8},
-          "kv_translate": {"projector": "identity", "gates": "open"},
-          "c2c": {"gates": "closed", "hidden_dim": 16, "intermediate_dim": 16}}
+COMMON = {
+    "nld": {"nld_max_tokens": 8},
+    "cipher": {"nld_max_tokens": 8},
+    "kv_translate": {"projector": "identity", "gates": "open"},
+    "c2c": {"gates": "closed", "hidden_dim": 16, "intermediate_dim": 16},
+}
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -78,13 +93,22 @@ def make_method(name: str, lm, overrides: dict):
 
 def bench_method(name: str, lm, overrides: dict, examples: list, batch: int, ref_n: int) -> dict:
     method = make_method(name, lm, overrides)
-    method.run_batch(examples[: min(2, len(examples))])  # warm-up: first-call costs are not the method's
+    method.run_batch(
+        examples[: min(2, len(examples))]
+    )  # warm-up: first-call costs are not the method's
     reset_peak_memory(lm.device)
     start = time.perf_counter()
-    preds = [p for i in range(0, len(examples), batch) for p in method.run_batch(examples[i : i + batch])]
+    preds = [
+        p for i in range(0, len(examples), batch) for p in method.run_batch(examples[i : i + batch])
+    ]
     ours_s = time.perf_counter() - start
-    row = {"method": name, "n": len(examples), "ours_ex_per_s": len(examples) / ours_s,
-           "peak_mb": peak_memory_mb(lm.device), "errors": sum(p.error is not None for p in preds)}
+    row = {
+        "method": name,
+        "n": len(examples),
+        "ours_ex_per_s": len(examples) / ours_s,
+        "peak_mb": peak_memory_mb(lm.device),
+        "errors": sum(p.error is not None for p in preds),
+    }
     reference = REFERENCES.get(name) if applies(name, method) else None
     if reference is None or ref_n == 0:
         return {**row, "ref_ex_per_s": None, "speedup": None, "same_answers": None}
@@ -93,8 +117,12 @@ def bench_method(name: str, lm, overrides: dict, examples: list, batch: int, ref
     ref_s = time.perf_counter() - start
     same = sum(a == p.answer for a, p in zip(ref, preds))
     ref_rate = ref_n / ref_s
-    return {**row, "ref_ex_per_s": ref_rate, "speedup": row["ours_ex_per_s"] / ref_rate,
-            "same_answers": f"{same}/{ref_n}"}
+    return {
+        **row,
+        "ref_ex_per_s": ref_rate,
+        "speedup": row["ours_ex_per_s"] / ref_rate,
+        "same_answers": f"{same}/{ref_n}",
+    }
 
 
 def format_table(title: str, rows: list[dict]) -> str:
@@ -102,8 +130,14 @@ def format_table(title: str, rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="tiny,smollm2", help="comma-separated: " + ", ".join(MODEL_SETS))
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--models", default="tiny,smollm2", help="comma-separated: " + ", ".join(MODEL_SETS)
+    )
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--n", type=int, default=64, help="countries items per method")
     ap.add_argument("--ref-n", type=int, default=8, help="items the reference runs (0: none)")
@@ -115,12 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in args.models.split(",") if m not in MODEL_SETS]
     bad = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown or bad:
-        ap.error(f"unknown models {unknown} or methods {bad}; models: {list(MODEL_SETS)}, methods: {list(METHODS)}")
+        ap.error(
+            f"unknown models {unknown} or methods {bad}; models: {list(MODEL_SETS)}, methods: {list(METHODS)}"
+        )
     torch.set_num_threads(args.threads)
-    examples, _ = load_task_examples("countries", args.n, 0, seed=0, max_new_tokens=args.max_new_tokens)
+    examples, _ = load_task_examples(
+        "countries", args.n, 0, seed=0, max_new_tokens=args.max_new_tokens
+    )
     machine = f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}"
-    print(f"# bench: {args.n} countries items, {args.max_new_tokens} new tokens, batch {args.batch}; "
-          f"reference on the first {args.ref_n}; {machine}\n", flush=True)
+    print(
+        f"# bench: {args.n} countries items, {args.max_new_tokens} new tokens, batch {args.batch}; "
+        f"reference on the first {args.ref_n}; {machine}\n",
+        flush=True,
+    )
     results = {}
     for key in args.models.split(","):
         spec, overrides = MODEL_SETS[key]
@@ -130,10 +171,24 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(bench_method(name, lm, overrides, examples, args.batch, args.ref_n))
             print(f"  {spec} {name}: {rows[-1]['ours_ex_per_s']:.3g} ex/s", flush=True)
         results[spec] = rows
-        print("\n" + format_table(f"{spec} (CPU, float32)" if lm.device.type == "cpu" else spec, rows) + "\n", flush=True)
+        print(
+            "\n"
+            + format_table(f"{spec} (CPU, float32)" if lm.device.type == "cpu" else spec, rows)
+            + "\n",
+            flush=True,
+        )
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "git": git_commit(), "args": vars(args) | {"json": str(args.json)},
-                                         "results": results}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": machine,
+                    "git": git_commit(),
+                    "args": vars(args) | {"json": str(args.json)},
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -25,21 +25,26 @@ def calibration_path(run_dir: Path, name: str) -> Path:
     return run_dir / f"calibration-{name}.json"
 
 
-def calibrate_methods(run_dir: Path, methods: dict[str, Any], names: list[str], calib: list[Example],
-                      batch_size: int) -> dict[str, dict]:
+def calibrate_methods(
+    run_dir: Path, methods: dict[str, Any], names: list[str], calib: list[Example], batch_size: int
+) -> dict[str, dict]:
     """Calibrate (or reload) each method of `names` on the calibration items `calib` (every task's);
     returns name -> its calibration."""
     out = {}
     for name in names:
         path = calibration_path(run_dir, name)
-        saved = broadcast_object(json.loads(path.read_text()) if is_main() and path.exists() else None)
+        saved = broadcast_object(
+            json.loads(path.read_text()) if is_main() and path.exists() else None
+        )
         if saved is not None:
             methods[name].load_calibration(saved)
             log.info("calibrate: %s loaded its saved calibration from %s", name, path)
             out[name] = saved
             continue
         # At the evaluation's batch size unless the method sets its own (halved on out-of-memory).
-        result = methods[name].calibrate(calib, batch_size=methods[name].params.batch_size or batch_size)
+        result = methods[name].calibrate(
+            calib, batch_size=methods[name].params.batch_size or batch_size
+        )
         if is_main():
             write_json_atomically(path, result)
         if "selected" in result:

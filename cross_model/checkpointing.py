@@ -151,7 +151,9 @@ class CheckpointManager:
         """Steps that have a directory (complete or not), ascending."""
         if not self.directory.exists():
             return []
-        return sorted(int(m.group(1)) for p in self.directory.iterdir() if (m := _STEP_DIR.match(p.name)))
+        return sorted(
+            int(m.group(1)) for p in self.directory.iterdir() if (m := _STEP_DIR.match(p.name))
+        )
 
     def complete(self, warn: bool = True) -> list[tuple[int, dict[str, Any]]]:
         """(step, meta) of every checkpoint that verifies, ascending; the others are named in a warning."""
@@ -190,7 +192,12 @@ class CheckpointManager:
         files: dict[str, Any] = {WEIGHTS: tensors, TRAINER: trainer or {}}
         for rank, state in enumerate(rng_per_rank or []):
             files[f"rng_rank{rank}.pt"] = state
-        meta = {**meta, "step": step, "world_size": len(rng_per_rank or []) or None, "saved_at": time.time()}
+        meta = {
+            **meta,
+            "step": step,
+            "world_size": len(rng_per_rank or []) or None,
+            "saved_at": time.time(),
+        }
         write_atomically(target, files, meta)
         self.prune()
         return target
@@ -208,8 +215,12 @@ class CheckpointManager:
         if meta.get("world_size") == world_size and rng_file.exists():
             rng = torch.load(rng_file, weights_only=False)
         elif meta.get("world_size"):
-            log.info("checkpoint %s was saved by %s ranks, this run has %s: RNG states not restored",
-                     path, meta.get("world_size"), world_size)
+            log.info(
+                "checkpoint %s was saved by %s ranks, this run has %s: RNG states not restored",
+                path,
+                meta.get("world_size"),
+                world_size,
+            )
         return Checkpoint(step, path, meta, load_file(str(path / WEIGHTS)), trainer, rng)
 
     def load_latest(self, rank: int = 0, world_size: int = 1) -> Checkpoint | None:
@@ -238,7 +249,11 @@ def rng_state() -> dict[str, Any]:
 
     import numpy as np
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -267,7 +282,9 @@ class Trained:
     loaded_final: bool = False
 
 
-def check_identity(meta: dict[str, Any], expected: dict[str, Any], where: str, keys: tuple[str, ...]) -> None:
+def check_identity(
+    meta: dict[str, Any], expected: dict[str, Any], where: str, keys: tuple[str, ...]
+) -> None:
     """Refuse a checkpoint (or a finished artefact) whose recorded `keys` differ from what this run
     needs: another pair, other layers or widths, another recipe; every mismatch is named."""
     mismatches = [

@@ -48,7 +48,9 @@ class ModelStore:
         own (`sender:` / `receiver:` / `senders:`)."""
         m = self.cfg.models
         senders = getattr(params, "senders", None) or []
-        sender = self._load(senders[0] if senders else getattr(params, "sender", None) or m.sender, "sender")
+        sender = self._load(
+            senders[0] if senders else getattr(params, "sender", None) or m.sender, "sender"
+        )
         receiver = self._load(getattr(params, "receiver", None) or m.receiver, "receiver")
         return ModelPair(sender, receiver, [self._load(spec, "sender") for spec in senders[1:]])
 
@@ -76,7 +78,9 @@ class RunContext:
         self.models = ModelStore(self.cfg, self.platform)
 
 
-def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_experiment(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
     """`config.load_config`, the preset written into it, then every method instance checked against
     its method's parameters."""
     cfg = load_config(path, overrides)
@@ -98,15 +102,22 @@ def add_controls(cfg: ExperimentConfig) -> ExperimentConfig:
             if resolved in present:
                 continue
             if control in cfg.methods:
-                raise ValueError(f"methods.{control}: the name of {name}'s control ({entry}) is taken by another "
-                                 f"method; rename it")
+                raise ValueError(
+                    f"methods.{control}: the name of {name}'s control ({entry}) is taken by another "
+                    f"method; rename it"
+                )
             cfg.methods[control] = entry
             present.append(resolved)
     return cfg
 
 
 # Tasks the public code reads whole (its own files, LongBench's rows), calibrated on the first test item
-PUBLIC_FILE_TASKS = ("countries", "tipsheets", "countries_tipsheets", "countries_tipsheets_shuffled")
+PUBLIC_FILE_TASKS = (
+    "countries",
+    "tipsheets",
+    "countries_tipsheets",
+    "countries_tipsheets_shuffled",
+)
 PUBLIC_WHOLE_TASKS = ("multifieldqa_en_public", "twowikimqa_public", "twowikimqa_ms_public")
 
 
@@ -120,17 +131,28 @@ def apply_preset(cfg: ExperimentConfig) -> ExperimentConfig:
         return cfg
     for name, params in cfg.methods.items():
         cls, _ = resolve_method(name, params)
-        for key, value in cls.public_settings.items():  # each method says what the preset sets on it
+        for (
+            key,
+            value,
+        ) in cls.public_settings.items():  # each method says what the preset sets on it
             params.setdefault(key, value)
     for task in cfg.tasks:
-        if task.name in PUBLIC_TASKS:  # the public loader's reading of the same rows, under the task's label
+        if (
+            task.name in PUBLIC_TASKS
+        ):  # the public loader's reading of the same rows, under the task's label
             task.label, task.name = task.key, PUBLIC_TASKS[task.name]
         if task.metric is None:
             task.metric = PUBLIC_METRICS.get(get_task(task.name).metric)
-        if task.calibrate_on is None and (task.name in PUBLIC_FILE_TASKS and task.path or task.name in PUBLIC_WHOLE_TASKS):
-            task.calibrate_on = "test_item_0"  # the public runs: calibrated on test item 0, every row scored
+        if task.calibrate_on is None and (
+            task.name in PUBLIC_FILE_TASKS and task.path or task.name in PUBLIC_WHOLE_TASKS
+        ):
+            task.calibrate_on = (
+                "test_item_0"  # the public runs: calibrated on test item 0, every row scored
+            )
             if task.name.startswith("countries_tipsheets") and task.max_new_tokens is None:
-                task.max_new_tokens = 10  # the public mixed task: 10 new tokens for both sources' items
+                task.max_new_tokens = (
+                    10  # the public mixed task: 10 new tokens for both sources' items
+                )
         if task.prompts is None:
             task.prompts = "public"  # the public code's templates for every kind of task
     validate_methods(cfg.methods)

@@ -72,12 +72,18 @@ def first_host(nodelist: str) -> str:
     try:
         import subprocess
 
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30
+        )
         if out.returncode == 0 and out.stdout.split():
             return out.stdout.split()[0]
     except (OSError, subprocess.SubprocessError):
         pass
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
+    head = (
+        nodelist.split(",")[0]
+        if "[" not in nodelist.split(",")[0]
+        else nodelist[: nodelist.index("]") + 1]
+    )
     if "[" not in head:
         return head
     prefix, ranges = head[:-1].split("[", 1)
@@ -94,15 +100,23 @@ def adopt_slurm_env(environ: dict[str, str] | None = None) -> bool:
     env = os.environ if environ is None else environ
     if "RANK" in env or int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) <= 1:
         return False
-    missing = [k for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NODELIST", "SLURM_JOB_ID") if k not in env]
+    missing = [
+        k
+        for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NODELIST", "SLURM_JOB_ID")
+        if k not in env
+    ]
     if missing:
-        raise ValueError(f"srun started {env['SLURM_STEP_NUM_TASKS']} tasks but {', '.join(missing)} is not set; "
-                         f"start the ranks with torchrun (slurm/*.sbatch do) or set RANK/LOCAL_RANK/WORLD_SIZE")
+        raise ValueError(
+            f"srun started {env['SLURM_STEP_NUM_TASKS']} tasks but {', '.join(missing)} is not set; "
+            f"start the ranks with torchrun (slurm/*.sbatch do) or set RANK/LOCAL_RANK/WORLD_SIZE"
+        )
     env["RANK"], env["LOCAL_RANK"] = env["SLURM_PROCID"], env["SLURM_LOCALID"]
     env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
     if "SLURM_STEP_TASKS_PER_NODE" in env:
         per_node = tasks_per_node(env["SLURM_STEP_TASKS_PER_NODE"])
-        env["LOCAL_WORLD_SIZE"] = str(per_node[min(int(env.get("SLURM_NODEID", 0)), len(per_node) - 1)])
+        env["LOCAL_WORLD_SIZE"] = str(
+            per_node[min(int(env.get("SLURM_NODEID", 0)), len(per_node) - 1)]
+        )
     env.setdefault("MASTER_ADDR", first_host(env["SLURM_STEP_NODELIST"]))
     env.setdefault("MASTER_PORT", str(rendezvous_port(env["SLURM_JOB_ID"])))
     return True
@@ -112,8 +126,12 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def init_distributed(backend: str, env: DistEnv | None = None, timeout_s: float = 1800,
-                     device: torch.device | None = None) -> DistEnv:
+def init_distributed(
+    backend: str,
+    env: DistEnv | None = None,
+    timeout_s: float = 1800,
+    device: torch.device | None = None,
+) -> DistEnv:
     """Start the process group if the environment says there are several ranks.
 
     `device` is the rank's device as `platform.detect_platform` decided it (the one rule for it): on
@@ -242,7 +260,9 @@ def agreed(fn: Callable[[], Any], what: str) -> Any:
     if all_reduce_max(1.0 if failure is not None else 0.0) > 0:
         if failure is not None:
             raise failure
-        raise PeerFailed(f"{what}: another rank failed (its log has the error); this rank stops too")
+        raise PeerFailed(
+            f"{what}: another rank failed (its log has the error); this rank stops too"
+        )
     return result
 
 
@@ -305,7 +325,11 @@ def setup_logging(level: str = "INFO") -> None:
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RankFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s [rank%(rank)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter(
+            "%(asctime)s [rank%(rank)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
+        )
+    )
     root.addHandler(handler)
     root.setLevel(level.upper() if rank == 0 else "WARNING")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):

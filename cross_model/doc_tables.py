@@ -45,7 +45,9 @@ BLOCK = re.compile(r"(<!-- table: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /tab
 
 def _load(path: Path) -> dict[str, Any]:
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; the command that writes it is named next to the table")
+        raise FileNotFoundError(
+            f"{path} does not exist; the command that writes it is named next to the table"
+        )
     return json.loads(path.read_text())
 
 
@@ -60,7 +62,9 @@ def render_paired(data: dict, *args: str) -> str:
     reference = args[0] if args else (lines[0]["reference"] if lines else None)
     lines = [p for p in lines if p["reference"] == reference]
     if not lines:
-        raise MissingResults(f"no paired rows against {reference!r}; publish the run with --pair METHOD:{reference}")
+        raise MissingResults(
+            f"no paired rows against {reference!r}; publish the run with --pair METHOD:{reference}"
+        )
     return format_paired(lines)
 
 
@@ -68,7 +72,9 @@ def render_timings(data: dict, *args: str) -> str:
     t = data["timings"]
     stages = ", ".join(f"{name} {format_duration(s)}" for name, s in t["stages"].items())
     n = t["world_size"]
-    return f"{format_duration(t['total_s'])} in all ({stages}), {n} process{'' if n == 1 else 'es'}."
+    return (
+        f"{format_duration(t['total_s'])} in all ({stages}), {n} process{'' if n == 1 else 'es'}."
+    )
 
 
 def render_bench(data: dict, model: str, *args: str) -> str:
@@ -77,13 +83,17 @@ def render_bench(data: dict, model: str, *args: str) -> str:
 
 def bench_table(rows: list[dict]) -> str:
     """`make bench`'s table for one model: ours against the reference, per method."""
-    lines = ["| method | ours ex/s | reference ex/s | speed-up | same answers | peak RSS MB | errors |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | ours ex/s | reference ex/s | speed-up | same answers | peak RSS MB | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ref = f"{r['ref_ex_per_s']:.3g}" if r["ref_ex_per_s"] else "-"
         up = f"{r['speedup']:.1f}x" if r["speedup"] else "-"
         mem = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
-        lines.append(f"| {r['method']} | {r['ours_ex_per_s']:.3g} | {ref} | {up} | {r['same_answers'] or '-'} | {mem} | {r['errors']} |")
+        lines.append(
+            f"| {r['method']} | {r['ours_ex_per_s']:.3g} | {ref} | {up} | {r['same_answers'] or '-'} | {mem} | {r['errors']} |"
+        )
     return "\n".join(lines)
 
 
@@ -95,8 +105,14 @@ def render_qkvcomm(data: dict, reference: str, *args: str) -> str:
     kv = [p for p in data["paired_kv"] if p["method"].startswith(("kvcomm", "qkvcomm"))]
     paired = {(p["task"], p["method"]): p for p in kv}
     adjusted = dict(zip(((p["task"], p["method"]) for p in kv), holm([p["mcnemar_p"] for p in kv])))
-    lines = ["| task | method | first-named % [95% CI] | same answer as " + reference + " % | first-named - " + reference
-             + " (points) [95% CI], McNemar p (Holm) | payload B | x fewer bytes than bf16 |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | method | first-named % [95% CI] | same answer as "
+        + reference
+        + " % | first-named - "
+        + reference
+        + " (points) [95% CI], McNemar p (Holm) | payload B | x fewer bytes than bf16 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (task, method), s in summary.items():
         if not (method.startswith("kvcomm") or method.startswith("qkvcomm")):
             continue
@@ -104,37 +120,51 @@ def render_qkvcomm(data: dict, reference: str, *args: str) -> str:
         same = f"{a['same_pct']:.0f}" if a else "-"
         if p:
             lo, hi = p["ci95"]
-            diff = (f"{100 * p['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}], p={p['mcnemar_p']:.2g} "
-                    f"({adjusted[(task, method)]:.2g}): {p['verdict']}")
+            diff = (
+                f"{100 * p['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}], p={p['mcnemar_p']:.2g} "
+                f"({adjusted[(task, method)]:.2g}): {p['verdict']}"
+            )
         else:
             diff = "(reference)" if method == reference else "-"
         ratio = s.get("compression_vs_bf16")
-        lines.append(f"| {task} | {method} | {100 * s['first_named']:.0f} [{100 * s['first_named_ci95_low']:.0f}, "
-                     f"{100 * s['first_named_ci95_high']:.0f}] | {same} | {diff} | {s['payload_bytes']:,.0f} | "
-                     f"{f'{ratio:.1f}' if ratio else '-'} |")
+        lines.append(
+            f"| {task} | {method} | {100 * s['first_named']:.0f} [{100 * s['first_named_ci95_low']:.0f}, "
+            f"{100 * s['first_named_ci95_high']:.0f}] | {same} | {diff} | {s['payload_bytes']:,.0f} | "
+            f"{f'{ratio:.1f}' if ratio else '-'} |"
+        )
     return "\n".join(lines)
 
 
 def render_scheme(data: dict, *args: str) -> str:
     """`make qkvcomm-scheme`'s table: mean KL from unquantized KVComm per scheme and width."""
     bits = data["bits"]
-    lines = ["| scheme | " + " | ".join(f"{b} bits: KL, bytes" for b in bits) + " | mean KL | within the byte budget |",
-             "|---|" + "---|" * (len(bits) + 2)]
+    lines = [
+        "| scheme | "
+        + " | ".join(f"{b} bits: KL, bytes" for b in bits)
+        + " | mean KL | within the byte budget |",
+        "|---|" + "---|" * (len(bits) + 2),
+    ]
     for r in sorted(data["rows"], key=lambda r: r["mean_kl"]):
         name = f"**{r['scheme']}**" if r["scheme"] == data["best"] else r["scheme"]
         cells = " | ".join(f"{r['kl'][str(b)]:.4f}, {r['bytes'][str(b)]:,.0f}" for b in bits)
-        lines.append(f"| {name} | {cells} | {r['mean_kl']:.4f} | {'yes' if r['within_budget'] else 'no'} |")
+        lines.append(
+            f"| {name} | {cells} | {r['mean_kl']:.4f} | {'yes' if r['within_budget'] else 'no'} |"
+        )
     return "\n".join(lines)
 
 
 def render_ridge(data: dict, *args: str) -> str:
     """`make projection-ridge`'s table: held-out R^2 (cosine) of the least-squares W per ridge and size."""
     sizes = [str(n) for n in data["sizes"]]
-    lines = ["| ridge | " + " | ".join(f"{n} sentences: R^2 (cosine)" for n in sizes) + " | mean R^2 |",
-             "|---|" + "---|" * (len(sizes) + 1)]
+    lines = [
+        "| ridge | " + " | ".join(f"{n} sentences: R^2 (cosine)" for n in sizes) + " | mean R^2 |",
+        "|---|" + "---|" * (len(sizes) + 1),
+    ]
     for r in data["rows"]:
         name = f"**{r['ridge']:g}**" if r["ridge"] == data["best"] else f"{r['ridge']:g}"
-        cells = " | ".join(f"{r['fits'][n]['r2']:.3f} ({r['fits'][n]['cosine']:.4f})" for n in sizes)
+        cells = " | ".join(
+            f"{r['fits'][n]['r2']:.3f} ({r['fits'][n]['cosine']:.4f})" for n in sizes
+        )
         lines.append(f"| {name} | {cells} | {r['mean_r2']:.3f} |")
     return "\n".join(lines)
 
@@ -142,24 +172,37 @@ def render_ridge(data: dict, *args: str) -> str:
 def render_legacy(data: dict, *args: str) -> str:
     """`make legacy-transformers`: the packaged models' directories read in ours and in 4.53."""
     ours, legacy = data["transformers"]
-    lines = [f"| model | tokenizer class (transformers {ours} / {legacy}) | same token ids | max abs logit difference "
-             "| same greedy answers |", "|---|---|---|---|---|"]
+    lines = [
+        f"| model | tokenizer class (transformers {ours} / {legacy}) | same token ids | max abs logit difference "
+        "| same greedy answers |",
+        "|---|---|---|---|---|",
+    ]
     for name, m in data["models"].items():
-        lines.append(f"| {name} | {' / '.join(m['tokenizer_class'])} | {'yes' if m['same_ids'] else 'no'} | "
-                     f"{m['max_abs_logit_difference']:.3g} | {'yes' if m['same_answers'] else 'no'} |")
+        lines.append(
+            f"| {name} | {' / '.join(m['tokenizer_class'])} | {'yes' if m['same_ids'] else 'no'} | "
+            f"{m['max_abs_logit_difference']:.3g} | {'yes' if m['same_answers'] else 'no'} |"
+        )
     return "\n".join(lines)
 
 
 def render_projections(data: dict, *args: str) -> str:
     """The run's trained projections and their held-out fit (`projections`, from projections.json)."""
-    lines = ["| method | pair (k -> j) | widths | solver | sentences | held-out R^2 | held-out cosine |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | pair (k -> j) | widths | solver | sentences | held-out R^2 | held-out cosine |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, p in data["projections"].items():
         solver = p.get("solver") or "adam"
-        how = f"lstsq, ridge {p['ridge']:g}" if solver == "lstsq" else f"adam, {p.get('epochs')} epochs"
-        lines.append(f"| {name} | {p['sender']} ({p['k']}) -> {p['receiver']} ({p['j']}) | {p['d_in']} -> {p['d_out']} "
-                     f"| {how} | {p.get('n_sentences')} {p.get('corpus')} | {p['fit'].get('r2', float('nan')):.3f} "
-                     f"| {p['fit'].get('cosine', float('nan')):.4f} |")
+        how = (
+            f"lstsq, ridge {p['ridge']:g}"
+            if solver == "lstsq"
+            else f"adam, {p.get('epochs')} epochs"
+        )
+        lines.append(
+            f"| {name} | {p['sender']} ({p['k']}) -> {p['receiver']} ({p['j']}) | {p['d_in']} -> {p['d_out']} "
+            f"| {how} | {p.get('n_sentences')} {p.get('corpus')} | {p['fit'].get('r2', float('nan')):.3f} "
+            f"| {p['fit'].get('cosine', float('nan')):.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -180,20 +223,30 @@ def render_joint(data: dict, *args: str) -> str:
 
 def render_history(data: dict, *args: str) -> str:
     """The interlingua's held-out losses during training (`interlingua_history`)."""
-    lines = ["| step | held-out loss | gold NLL, true latent | gold NLL, another row's latent |", "|---|---|---|---|"]
+    lines = [
+        "| step | held-out loss | gold NLL, true latent | gold NLL, another row's latent |",
+        "|---|---|---|---|",
+    ]
     for h in data["interlingua_history"]:
-        lines.append(f"| {h['step']} | {h['heldout_loss']:.3f} | {h['heldout_nll']:.3f} | {h['heldout_nll_shuffled']:.3f} |")
+        lines.append(
+            f"| {h['step']} | {h['heldout_loss']:.3f} | {h['heldout_nll']:.3f} | {h['heldout_nll_shuffled']:.3f} |"
+        )
     return "\n".join(lines)
 
 
 def render_c2c(data: dict, *args: str) -> str:
     """Each learned cache module's held-out losses during training and its open layers (C2C's fusers from
     c2c.json, the KV translators' projectors from kv_translate.json)."""
-    lines = ["| method | step | held-out loss | every gate closed (B without A) | open layers |", "|---|---|---|---|---|"]
+    lines = [
+        "| method | step | held-out loss | every gate closed (B without A) | open layers |",
+        "|---|---|---|---|---|",
+    ]
     for name, fit in {**data.get("c2c", {}), **data.get("kv_translate", {})}.items():
         for h in fit["history"]:
-            lines.append(f"| {name} | {h['step']} | {h['heldout_loss']:.3f} | {h['heldout_loss_closed']:.3f} "
-                         f"| {h['open_layers']} |")
+            lines.append(
+                f"| {name} | {h['step']} | {h['heldout_loss']:.3f} | {h['heldout_loss_closed']:.3f} "
+                f"| {h['open_layers']} |"
+            )
     return "\n".join(lines)
 
 
@@ -202,7 +255,9 @@ def render_sweep(data: dict, *args: str) -> str:
     instance whose paired difference to it is shown (with its interval, McNemar p and Holm-adjusted p
     over the task's comparisons); the rest are named by count."""
     summary = {(s["task"], s["method"]): s for s in data["summary"]}
-    reference = data["paired"][0]["reference"]  # the report's; `--pair` rows render in their own block
+    reference = data["paired"][0][
+        "reference"
+    ]  # the report's; `--pair` rows render in their own block
     paired = [p for p in data["paired"] if p["reference"] == reference]
     out = []
     for task in dict.fromkeys(p["task"] for p in paired):
@@ -215,20 +270,34 @@ def render_sweep(data: dict, *args: str) -> str:
             if r["verdict"] != "no difference shown":
                 lo, hi = r["ci95"]
                 held = "" if h < 0.05 else ", not after Holm's adjustment"
-                shown.append(f"{p['method']} {r['verdict']} ({100 * r['diff']:+.0f} points [{100 * lo:+.0f}, "
-                             f"{100 * hi:+.0f}], p = {r['mcnemar_p']:.2g}, Holm {h:.2g}{held})")
-        head = (f"- {task}: {ref} {100 * summary[(task, ref)]['first_named']:.0f}% first-named; "
-                f"{len(lines) - len(shown)} of {len(lines)} instances show no difference from it")
+                shown.append(
+                    f"{p['method']} {r['verdict']} ({100 * r['diff']:+.0f} points [{100 * lo:+.0f}, "
+                    f"{100 * hi:+.0f}], p = {r['mcnemar_p']:.2g}, Holm {h:.2g}{held})"
+                )
+        head = (
+            f"- {task}: {ref} {100 * summary[(task, ref)]['first_named']:.0f}% first-named; "
+            f"{len(lines) - len(shown)} of {len(lines)} instances show no difference from it"
+        )
         out.append(head + (": " + "; ".join(shown) + "." if shown else "."))
     return "\n".join(out)
 
 
 RENDERERS: dict[str, Callable[..., str]] = {
-    "summary": render_summary, "paired": render_paired, "timings": render_timings, "bench": render_bench,
-    "qkvcomm": render_qkvcomm, "scheme": render_scheme, "controls": render_controls, "history": render_history,
+    "summary": render_summary,
+    "paired": render_paired,
+    "timings": render_timings,
+    "bench": render_bench,
+    "qkvcomm": render_qkvcomm,
+    "scheme": render_scheme,
+    "controls": render_controls,
+    "history": render_history,
     "c2c": render_c2c,
-    "joint": render_joint, "ridge": render_ridge, "legacy": render_legacy,
-    "projections": render_projections, "sweep": render_sweep, "seeds": render_seeds,
+    "joint": render_joint,
+    "ridge": render_ridge,
+    "legacy": render_legacy,
+    "projections": render_projections,
+    "sweep": render_sweep,
+    "seeds": render_seeds,
 }
 
 
@@ -243,9 +312,13 @@ def render(spec: str) -> str:
     try:
         text = RENDERERS[kind](_load(ROOT / path), *args)
     except KeyError as err:
-        raise MissingResults(f"{path} has no {err} for table '{spec}'; rerun the command named beside it") from err
+        raise MissingResults(
+            f"{path} has no {err} for table '{spec}'; rerun the command named beside it"
+        ) from err
     if not text.strip() or len(text.strip().splitlines()) < 3 and text.lstrip().startswith("|"):
-        raise MissingResults(f"table '{spec}' renders no row from {path}; rerun the command named beside it")
+        raise MissingResults(
+            f"table '{spec}' renders no row from {path}; rerun the command named beside it"
+        )
     return text
 
 
@@ -275,7 +348,9 @@ def stale_blocks(write: bool = False) -> list[str]:
     return stale
 
 
-def publish(run_dir: Path, target: Path, reference: str | None = None, pairs: list[tuple[str, str]] = ()) -> Path:
+def publish(
+    run_dir: Path, target: Path, reference: str | None = None, pairs: list[tuple[str, str]] = ()
+) -> Path:
     """A run's report without its per-item rows (plus, with `reference`, each method's agreement with
     it and the paired difference of KV methods to it; with `pairs`, the paired difference of each
     (method, other reference) on the same items, for claims between two methods that are not the
@@ -286,9 +361,14 @@ def publish(run_dir: Path, target: Path, reference: str | None = None, pairs: li
     for method, other in pairs:
         missing = [m for m in (method, other) if not any(m in methods for methods in rows.values())]
         if missing:
-            raise ValueError(f"--pair {method}:{other}: {run_dir} has no rows of {', '.join(missing)}")
-        chosen = {task: {m: methods[m] for m in (other, method)} for task, methods in rows.items()
-                  if method in methods and other in methods}
+            raise ValueError(
+                f"--pair {method}:{other}: {run_dir} has no rows of {', '.join(missing)}"
+            )
+        chosen = {
+            task: {m: methods[m] for m in (other, method)}
+            for task, methods in rows.items()
+            if method in methods and other in methods
+        }
         data["paired"] = data.get("paired", []) + paired_rows(chosen, other)
     if reference:
         data["agreement"] = []
@@ -298,18 +378,35 @@ def publish(run_dir: Path, target: Path, reference: str | None = None, pairs: li
                 got = {r["example_id"]: r for r in method_rows}
                 shared = [i for i in ref if i in got]
                 same = sum(got[i]["answer"] == ref[i]["answer"] for i in shared)
-                data["agreement"].append({"task": task, "method": method, "n": len(shared),
-                                          "same_pct": 100 * same / len(shared) if shared else 0.0})
-        data["paired_kv"] = [{"task": p["task"], "method": p["method"], **p["first_named"]}
-                             for p in paired_rows(rows, reference, ("first_named",)) if p["n"]]
+                data["agreement"].append(
+                    {
+                        "task": task,
+                        "method": method,
+                        "n": len(shared),
+                        "same_pct": 100 * same / len(shared) if shared else 0.0,
+                    }
+                )
+        data["paired_kv"] = [
+            {"task": p["task"], "method": p["method"], **p["first_named"]}
+            for p in paired_rows(rows, reference, ("first_named",))
+            if p["n"]
+        ]
         for s in data["summary"]:
-            ratios = [r.get("compression_vs_bf16") for r in rows[s["task"]][s["method"]] if r.get("compression_vs_bf16")]
+            ratios = [
+                r.get("compression_vs_bf16")
+                for r in rows[s["task"]][s["method"]]
+                if r.get("compression_vs_bf16")
+            ]
             if ratios:
                 s["compression_vs_bf16"] = sum(ratios) / len(ratios)
     interlingua = run_dir / "interlingua.json"
     if interlingua.exists():
         data["interlingua_history"] = json.loads(interlingua.read_text()).get("history", [])
-    for key in ("projections", "c2c", "kv_translate"):  # what the train stage wrote about its learned maps
+    for key in (
+        "projections",
+        "c2c",
+        "kv_translate",
+    ):  # what the train stage wrote about its learned maps
         path = run_dir / f"{key}.json"
         if path.exists():
             data[key] = json.loads(path.read_text())
@@ -319,20 +416,39 @@ def publish(run_dir: Path, target: Path, reference: str | None = None, pairs: li
     target.mkdir(parents=True, exist_ok=True)
     out = target / "results.json"
     out.write_text(json.dumps(data, indent=2) + "\n")
-    for name in ("results.md", "results.csv", "accuracy.png", "accuracy_vs_bytes.png", "layer_sweep.png"):
+    for name in (
+        "results.md",
+        "results.csv",
+        "accuracy.png",
+        "accuracy_vs_bytes.png",
+        "layer_sweep.png",
+    ):
         if (run_dir / name).exists():
             shutil.copy(run_dir / name, target / name)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cross_model.doc_tables", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m cross_model.doc_tables",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--write", action="store_true", help="rewrite every table from its file")
     ap.add_argument("--check", action="store_true", help="exit 1 if a table differs from its file")
-    ap.add_argument("--publish", nargs=2, metavar=("RUN_DIR", "DOCS_DIR"), help="copy a run's report into docs")
-    ap.add_argument("--reference", help="with --publish: the method others are compared with item by item")
-    ap.add_argument("--pair", action="append", default=[], metavar="METHOD:OTHER",
-                    help="with --publish: also the paired difference of METHOD against OTHER (repeatable)")
+    ap.add_argument(
+        "--publish", nargs=2, metavar=("RUN_DIR", "DOCS_DIR"), help="copy a run's report into docs"
+    )
+    ap.add_argument(
+        "--reference", help="with --publish: the method others are compared with item by item"
+    )
+    ap.add_argument(
+        "--pair",
+        action="append",
+        default=[],
+        metavar="METHOD:OTHER",
+        help="with --publish: also the paired difference of METHOD against OTHER (repeatable)",
+    )
     args = ap.parse_args(argv)
     if args.publish:
         try:
@@ -346,12 +462,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.write or args.check:
         stale = stale_blocks(write=args.write)
         if stale and args.check:
-            print("stale tables (run `python -m cross_model.doc_tables --write` after the command that feeds them):\n  "
-                  + "\n  ".join(stale), file=sys.stderr)
+            print(
+                "stale tables (run `python -m cross_model.doc_tables --write` after the command that feeds them):\n  "
+                + "\n  ".join(stale),
+                file=sys.stderr,
+            )
             return 1
         if args.write:
             missing = [x for x in stale if "does not exist" in x or "rerun the command" in x]
-            print(f"{len(stale) - len(missing)} table(s) rewritten" if stale else "every table is up to date")
+            print(
+                f"{len(stale) - len(missing)} table(s) rewritten"
+                if stale
+                else "every table is up to date"
+            )
             for line in missing:
                 print(f"not rendered: {line}", file=sys.stderr)
     return 0

@@ -69,9 +69,12 @@ def cut_contexts(example: Example, n: int) -> Example:
     longest = max(len(c) for c in example.contexts)
     if longest <= n:
         return example
-    return replace(example, prompt_A=cut_middle(example.prompt_A, n),
-                   more_senders=tuple(cut_middle(c, n) for c in example.more_senders),
-                   meta={**example.meta, "context_chars": longest})
+    return replace(
+        example,
+        prompt_A=cut_middle(example.prompt_A, n),
+        more_senders=tuple(cut_middle(c, n) for c in example.more_senders),
+        meta={**example.meta, "context_chars": longest},
+    )
 
 
 def load_splits(cfg) -> dict[str, tuple[list[Example], list[Example]]]:
@@ -81,17 +84,31 @@ def load_splits(cfg) -> dict[str, tuple[list[Example], list[Example]]]:
     splits = {}
     for i, t in enumerate(cfg.tasks):
         seed = t.seed if t.seed is not None else cfg.seed
-        test, calib = load_task_examples(t.name, *asked_sizes(t.n_test, t.n_calib, t.calibrate_on), seed, t.path,
-                                         t.max_new_tokens)
+        test, calib = load_task_examples(
+            t.name,
+            *asked_sizes(t.n_test, t.n_calib, t.calibrate_on),
+            seed,
+            t.path,
+            t.max_new_tokens,
+        )
         if t.calibrate_on == "test_item_0":
             calib = test[:1]
         if t.prompts == "public":  # the public code's prompt templates for every kind of task
-            test, calib = ([replace(e, meta={**e.meta, "prompt_family": PUBLIC_FAMILY}) for e in part] for part in (test, calib))
-        if t.max_context_chars is not None:  # one cut for every method, before any model reads the text
-            test, calib = ([cut_contexts(e, t.max_context_chars) for e in part] for part in (test, calib))
+            test, calib = (
+                [replace(e, meta={**e.meta, "prompt_family": PUBLIC_FAMILY}) for e in part]
+                for part in (test, calib)
+            )
+        if (
+            t.max_context_chars is not None
+        ):  # one cut for every method, before any model reads the text
+            test, calib = (
+                [cut_contexts(e, t.max_context_chars) for e in part] for part in (test, calib)
+            )
         if t.metric is not None:  # the config's (or the preset's) metric instead of the task's own
             if t.metric not in METRICS:
-                raise ValueError(f"tasks.{i}.metric: unknown metric {t.metric!r}; available: {', '.join(METRICS)}")
+                raise ValueError(
+                    f"tasks.{i}.metric: unknown metric {t.metric!r}; available: {', '.join(METRICS)}"
+                )
             test, calib = ([replace(e, metric=t.metric) for e in part] for part in (test, calib))
         splits[t.key] = (test[: cfg.eval.limit] if cfg.eval.limit else test, calib)
     return splits
@@ -107,13 +124,18 @@ def prepare_data(cfg) -> dict[str, tuple[list[Example], list[Example]]]:
         splits = agreed(lambda: first if first is not None else load_splits(cfg), "load the tasks")
     except (FileNotFoundError, ValueError, PeerFailed) as err:
         raise RunRefused(f"data: {err}") from err
-    ids = {key: [[e.example_id for e in test], [e.example_id for e in calib]] for key, (test, calib) in splits.items()}
+    ids = {
+        key: [[e.example_id for e in test], [e.example_id for e in calib]]
+        for key, (test, calib) in splits.items()
+    }
     digests = gather_object(hashlib.sha256(json.dumps(ids).encode()).hexdigest())
     if len(set(digests)) > 1:
         differ = [r for r, d in enumerate(digests) if d != digests[0]]
-        raise RunRefused(f"ranks {differ} hold other test or calibration items than rank 0 (the same config gave "
-                         f"different rows: a different dataset cache, local copy or code on their nodes); give every "
-                         f"node the same data (one shared HF_HOME, or tasks.N.path on a shared filesystem)")
+        raise RunRefused(
+            f"ranks {differ} hold other test or calibration items than rank 0 (the same config gave "
+            f"different rows: a different dataset cache, local copy or code on their nodes); give every "
+            f"node the same data (one shared HF_HOME, or tasks.N.path on a shared filesystem)"
+        )
     for key, (test, calib) in splits.items():
         log.info("data: %s: %d test + %d calibration items", key, len(test), len(calib))
     return splits
@@ -140,23 +162,42 @@ def attributed_prompts(log: list[dict[str, str]], n: int) -> list[dict[str, Any]
     return [{"prompts": log, "prompts_unattributed": True} for _ in range(n)]
 
 
-def scored_rows(examples: list[Example], preds: list, seconds: float, index_of: dict[str, int],
-                run_info: dict[str, Any], method: Any, prompts: list[dict[str, Any]] | None = None) -> list[dict]:
+def scored_rows(
+    examples: list[Example],
+    preds: list,
+    seconds: float,
+    index_of: dict[str, int],
+    run_info: dict[str, Any],
+    method: Any,
+    prompts: list[dict[str, Any]] | None = None,
+) -> list[dict]:
     rows = []
     for i, (e, p) in enumerate(zip(examples, preds)):
         score = score_prediction(e.metric, p.answer, e.answers, e.meta.get("candidates", ()))
         if p.error:  # a failed example counts, as wrong
             score = {key: 0.0 for key in score}
-        rows.append({
-            "example_id": e.example_id, "index": index_of[e.example_id], "answer": p.answer, "gold": list(e.answers),
-            **score, "payload_bytes": p.payload_bytes,
-            "sender_prefill_tokens": p.sender_prefill_tokens, "sender_generated_tokens": p.sender_generated_tokens,
-            "receiver_prefill_tokens": p.receiver_prefill_tokens,
-            "receiver_generated_tokens": p.receiver_generated_tokens,
-            "seconds": seconds / len(examples), "rank": get_rank(), **run_info,
-            "max_new_tokens": method.max_new_tokens(e), "max_prompt_tokens": method.params.max_prompt_tokens,
-            "error": p.error, **p.extra, **(prompts[i] if prompts else {}),
-        })
+        rows.append(
+            {
+                "example_id": e.example_id,
+                "index": index_of[e.example_id],
+                "answer": p.answer,
+                "gold": list(e.answers),
+                **score,
+                "payload_bytes": p.payload_bytes,
+                "sender_prefill_tokens": p.sender_prefill_tokens,
+                "sender_generated_tokens": p.sender_generated_tokens,
+                "receiver_prefill_tokens": p.receiver_prefill_tokens,
+                "receiver_generated_tokens": p.receiver_generated_tokens,
+                "seconds": seconds / len(examples),
+                "rank": get_rank(),
+                **run_info,
+                "max_new_tokens": method.max_new_tokens(e),
+                "max_prompt_tokens": method.params.max_prompt_tokens,
+                "error": p.error,
+                **p.extra,
+                **(prompts[i] if prompts else {}),
+            }
+        )
     return rows
 
 
@@ -169,13 +210,19 @@ def check_senders(task: str, test: list[Example], methods: dict[str, Any]) -> No
     senders = max((len(e.contexts) for e in test), default=1)
     for name, method in methods.items():
         if senders > 1 and not method.multi_sender:
-            able = ", ".join(n for n, m in methods.items() if m.multi_sender) or "none of this run's"
-            raise ValueError(f"methods.{name}: task {task} gives each item {senders} senders' contexts, and "
-                             f"{type(method).__name__} reads one sender; this run's methods that serve several: {able}")
+            able = (
+                ", ".join(n for n, m in methods.items() if m.multi_sender) or "none of this run's"
+            )
+            raise ValueError(
+                f"methods.{name}: task {task} gives each item {senders} senders' contexts, and "
+                f"{type(method).__name__} reads one sender; this run's methods that serve several: {able}"
+            )
         named = getattr(method.params, "senders", None)
         if named and len(named) != senders:
-            raise ValueError(f"methods.{name}.senders: {len(named)} models for task {task}, whose items have {senders} "
-                             f"senders; name one model per sender (or none: `sender` for all)")
+            raise ValueError(
+                f"methods.{name}.senders: {len(named)} models for task {task}, whose items have {senders} "
+                f"senders; name one model per sender (or none: `sender` for all)"
+            )
 
 
 def release(memo: PrefillMemo, methods: dict[str, Any]) -> None:
@@ -198,16 +245,27 @@ def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) 
     barrier()  # every rank's files are repaired before anyone reads them
     for name in methods:
         rows = read_results(result_dir(ctx.run_dir, task, name))
-        done[name] = {rid for rid, row in rows.items() if not row.get("error")}  # failed rows run again
+        done[name] = {
+            rid for rid, row in rows.items() if not row.get("error")
+        }  # failed rows run again
         if rows and is_main():
             failed = len(rows) - len(done[name])
-            log.info("evaluate %s/%s: %d of %d items already done; resuming%s", task, name, len(done[name]), len(test),
-                     f" and running again the {failed} that ended in an error" if failed else "")
+            log.info(
+                "evaluate %s/%s: %d of %d items already done; resuming%s",
+                task,
+                name,
+                len(done[name]),
+                len(test),
+                f" and running again the {failed} that ended in an error" if failed else "",
+            )
     for method in methods.values():
         method.set_task_items(test)
     index_of = {e.example_id: i for i, e in enumerate(test)}
-    pending = [e for i, e in enumerate(test)
-               if i % world == rank and any(e.example_id not in done[name] for name in methods)]
+    pending = [
+        e
+        for i, e in enumerate(test)
+        if i % world == rank and any(e.example_id not in done[name] for name in methods)
+    ]
     # Batches of similar lengths pad less (left padding is computed like real tokens). The same batch
     # goes through every method, so the methods reading the same prompts share their prefill.
     pending.sort(key=lambda e: (len(e.prompt_A), len(e.prompt_B)))
@@ -215,13 +273,20 @@ def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) 
     # Ranks may have different amounts left; the stop flag is a collective, so all run max(n) rounds.
     rounds = int(all_reduce_max(len(batches)))
     run_info = ctx.row_info
-    guards = {name: FailureGuard(f"{task}/{name}", cfg.fail_fast_items, cfg.fail_fast_ratio) for name in methods}
+    guards = {
+        name: FailureGuard(f"{task}/{name}", cfg.fail_fast_items, cfg.fail_fast_ratio)
+        for name in methods
+    }
     stop = ctx.stop
     delay = test_step_delay()
     outcome = TaskOutcome(0, 0, 0)
     todo_total = sum(e.example_id not in done[name] for e in pending for name in methods)
-    bar = Progress(todo_total, f"evaluate {task}", unit="answers",
-                   note=f"rank 0's share of {len(test)} items x {len(methods)} methods, {world} ranks")
+    bar = Progress(
+        todo_total,
+        f"evaluate {task}",
+        unit="answers",
+        note=f"rank 0's share of {len(test)} items x {len(methods)} methods, {world} ranks",
+    )
     with bar:
         for b in range(rounds):
             batch = batches[b] if b < len(batches) else []
@@ -233,11 +298,29 @@ def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) 
                     def run_method() -> None:
                         for part in chunks(todo, method.params.batch_size or cfg.batch_size):
                             start = time.perf_counter()
-                            with recording_prompts() if cfg.log_prompts else contextlib.nullcontext() as prompt_log:
+                            with (
+                                recording_prompts()
+                                if cfg.log_prompts
+                                else contextlib.nullcontext() as prompt_log
+                            ):
                                 preds = method.run_batch(part, memo=memo)
-                            prompts = attributed_prompts(prompt_log, len(part)) if cfg.log_prompts else None
-                            append_rows(files[name], scored_rows(part, preds, time.perf_counter() - start, index_of,
-                                                                 run_info, method, prompts))
+                            prompts = (
+                                attributed_prompts(prompt_log, len(part))
+                                if cfg.log_prompts
+                                else None
+                            )
+                            append_rows(
+                                files[name],
+                                scored_rows(
+                                    part,
+                                    preds,
+                                    time.perf_counter() - start,
+                                    index_of,
+                                    run_info,
+                                    method,
+                                    prompts,
+                                ),
+                            )
                             bar.update(len(part))
                             guards[name].record(preds)
 
@@ -246,7 +329,9 @@ def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) 
                     # at 4 x 8k tokens), and a rank that failed stops the others now, not at the timeout.
                     agreed(run_method, f"evaluate {task}/{name}")
                     if stop is not None and stop.should_stop():
-                        raise Preempted(f"evaluation stopped in {task}; finished examples are in {ctx.run_dir / 'results'}")
+                        raise Preempted(
+                            f"evaluation stopped in {task}; finished examples are in {ctx.run_dir / 'results'}"
+                        )
             finally:
                 release(memo, methods)
             outcome.prefill_hits += memo.hits
@@ -254,20 +339,30 @@ def evaluate_task(ctx, task: str, test: list[Example], methods: dict[str, Any]) 
             if batch:
                 outcome.batches += 1
                 time.sleep(delay)
-    log.debug("evaluate %s: %d batches, %d prefills reused, %d run", task, outcome.batches,
-              outcome.prefill_hits, outcome.prefill_misses)
+    log.debug(
+        "evaluate %s: %d batches, %d prefills reused, %d run",
+        task,
+        outcome.batches,
+        outcome.prefill_hits,
+        outcome.prefill_misses,
+    )
     return outcome
 
 
-def evaluate(ctx, methods: dict[str, Any], splits: dict[str, tuple[list[Example], list[Example]]]) -> dict[str, TaskOutcome]:
+def evaluate(
+    ctx, methods: dict[str, Any], splits: dict[str, tuple[list[Example], list[Example]]]
+) -> dict[str, TaskOutcome]:
     """The evaluate stage: every task through `methods`, then (rank 0) the summary of every task x method."""
     for task, (test, _) in splits.items():  # refused before any task runs
         check_senders(task, test, methods)
     outcomes = {task: evaluate_task(ctx, task, test, methods) for task, (test, _) in splits.items()}
     barrier()
     if is_main():
-        summary = [summarize(task, name, gather_results(ctx.run_dir, task, name, test))
-                   for task, (test, _) in splits.items() for name in methods]
+        summary = [
+            summarize(task, name, gather_results(ctx.run_dir, task, name, test))
+            for task, (test, _) in splits.items()
+            for name in methods
+        ]
         write_json_atomically(ctx.run_dir / "summary.json", summary)
         if "report" not in ctx.cfg.stages:  # the report stage prints it otherwise
             print(format_table(summary), flush=True)

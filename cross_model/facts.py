@@ -25,8 +25,11 @@ _STOP = frozenset(
     "a an the and or but if of to in on at by for with from as is are was were be been being this that these those it "
     "its he she they them his her their we you i not no do does did has have had will would can could should may "
     "might must there here what which who whom whose when where why how all any each some such than then so very "
-    "also into about over after before under between while during".split())
-_CAPITALISED = re.compile(r"\b[A-Z][\w'-]*(?:\s+(?:of|the|de|la|du|von|van)?\s*[A-Z][\w'-]*)*|\b\d(?:[\d.,:/-]*\d)?%?")
+    "also into about over after before under between while during".split()
+)
+_CAPITALISED = re.compile(
+    r"\b[A-Z][\w'-]*(?:\s+(?:of|the|de|la|du|von|van)?\s*[A-Z][\w'-]*)*|\b\d(?:[\d.,:/-]*\d)?%?"
+)
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]{3,}")
 
 
@@ -42,7 +45,9 @@ def simple_facts(text: str, limit: int) -> list[str]:
         if phrase and phrase not in facts:
             facts.append(phrase)
     seen = {w.lower() for f in facts for w in f.split()}
-    counts = Counter(w.lower() for w in _WORD.findall(text) if w.lower() not in _STOP and w.lower() not in seen)
+    counts = Counter(
+        w.lower() for w in _WORD.findall(text) if w.lower() not in _STOP and w.lower() not in seen
+    )
     facts += [w for w, _ in counts.most_common()]
     return facts[:limit]
 
@@ -51,7 +56,9 @@ def _yake_facts(text: str, limit: int) -> list[str]:
     try:
         import yake
     except ImportError as err:
-        raise ValueError("facts_extractor: yake needs the yake package (pip install yake), or use 'simple'") from err
+        raise ValueError(
+            "facts_extractor: yake needs the yake package (pip install yake), or use 'simple'"
+        ) from err
     return [kw for kw, _ in yake.KeywordExtractor(top=limit).extract_keywords(text)][:limit]
 
 
@@ -62,8 +69,10 @@ def _spacy_model():
 
         return spacy.load("en_core_web_sm")
     except (ImportError, OSError) as err:
-        raise ValueError("facts_extractor: spacy needs spacy and its model (pip install spacy && python -m spacy "
-                         "download en_core_web_sm), or use 'simple'") from err
+        raise ValueError(
+            "facts_extractor: spacy needs spacy and its model (pip install spacy && python -m spacy "
+            "download en_core_web_sm), or use 'simple'"
+        ) from err
 
 
 def _spacy_facts(text: str, limit: int) -> list[str]:
@@ -73,7 +82,9 @@ def _spacy_facts(text: str, limit: int) -> list[str]:
 def check_facts_settings(prefix: str, extractor: str, max_facts: int) -> None:
     """The settings a method with a fact side channel takes, checked with the key named."""
     if extractor not in EXTRACTORS:
-        raise ValueError(f"{prefix}.facts_extractor: {extractor!r} is not one of {', '.join(EXTRACTORS)}")
+        raise ValueError(
+            f"{prefix}.facts_extractor: {extractor!r} is not one of {', '.join(EXTRACTORS)}"
+        )
     if max_facts < 1:
         raise ValueError(f"{prefix}.max_facts: must be >= 1, got {max_facts}")
 
@@ -81,7 +92,9 @@ def check_facts_settings(prefix: str, extractor: str, max_facts: int) -> None:
 def extract_facts(text: str, extractor: str = "simple", limit: int = 8) -> list[str]:
     if extractor not in EXTRACTORS:
         raise ValueError(f"facts_extractor: {extractor!r} is not one of {', '.join(EXTRACTORS)}")
-    return {"simple": simple_facts, "yake": _yake_facts, "spacy": _spacy_facts}[extractor](text, limit)
+    return {"simple": simple_facts, "yake": _yake_facts, "spacy": _spacy_facts}[extractor](
+        text, limit
+    )
 
 
 def facts_text(example: Example, extractor: str = "simple", limit: int = 8) -> str:

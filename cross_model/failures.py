@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 # An allocation that failed: the device is fine, a smaller batch may fit. CUDA reports it as
 # `torch.OutOfMemoryError`, as "CUDA error: out of memory" (a kernel's own allocation), or as
 # CUBLAS_STATUS_ALLOC_FAILED (cuBLAS's workspace); MPS and some allocators as a plain RuntimeError.
-_OUT_OF_MEMORY = re.compile(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDA_ERROR_OUT_OF_MEMORY|"
-                            r"cudaErrorMemoryAllocation", re.IGNORECASE)
+_OUT_OF_MEMORY = re.compile(
+    r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDA_ERROR_OUT_OF_MEMORY|"
+    r"cudaErrorMemoryAllocation",
+    re.IGNORECASE,
+)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -45,8 +48,14 @@ def poisons_process(exc: BaseException) -> bool:
     """Errors after which no later item can succeed in this process."""
     if is_out_of_memory(exc):
         return False
-    fatal_types = tuple(t for t in (getattr(torch, "AcceleratorError", None),
-                                    getattr(torch.distributed, "DistError", None)) if t is not None)
+    fatal_types = tuple(
+        t
+        for t in (
+            getattr(torch, "AcceleratorError", None),
+            getattr(torch.distributed, "DistError", None),
+        )
+        if t is not None
+    )
     return isinstance(exc, fatal_types) or bool(_POISONING.search(f"{type(exc).__name__}: {exc}"))
 
 
@@ -64,7 +73,11 @@ def free_device_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     mps = getattr(torch, "mps", None)
-    if mps is not None and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if (
+        mps is not None
+        and getattr(torch.backends, "mps", None)
+        and torch.backends.mps.is_available()
+    ):
         mps.empty_cache()
 
 
@@ -101,8 +114,9 @@ class FailureGuard:
             )
 
 
-def measure_in_batches(items: list, size: int, measure: Callable[[list], Any], label: str,
-                       progress: Any = None) -> list[tuple[list, Any]]:
+def measure_in_batches(
+    items: list, size: int, measure: Callable[[list], Any], label: str, progress: Any = None
+) -> list[tuple[list, Any]]:
     """[(batch, measure(batch))] over `items` in batches of `size` (calibration's forwards). A batch
     that runs out of memory is freed (outside the handler, so the failed attempt's tensors are gone)
     and run again at half its size, and the batches after it start at the size that fitted. `measure`
@@ -120,7 +134,12 @@ def measure_in_batches(items: list, size: int, measure: Callable[[list], Any], l
         if result is _OOM:
             free_device_memory()
             size = (len(part) + 1) // 2
-            log.warning("%s: out of memory on a batch of %d; memory freed, continuing at %d", label, len(part), size)
+            log.warning(
+                "%s: out of memory on a batch of %d; memory freed, continuing at %d",
+                label,
+                len(part),
+                size,
+            )
             continue
         out.append((part, result))
         i += len(part)

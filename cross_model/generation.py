@@ -39,7 +39,9 @@ def _eos_token_ids(lm: LoadedModel) -> frozenset[int]:
     return frozenset(ids)
 
 
-def positions_from_mask(mask_BT: torch.Tensor, offset_B: torch.Tensor | None = None) -> torch.Tensor:
+def positions_from_mask(
+    mask_BT: torch.Tensor, offset_B: torch.Tensor | None = None
+) -> torch.Tensor:
     """Position of each real token counted over real tokens only (pads get the row's first position)."""
     pos = (mask_BT.long().cumsum(-1) - 1).clamp(min=0)
     if offset_B is not None:
@@ -117,15 +119,22 @@ def greedy_generate(
     limits = max_new_tokens_B or [max_new_tokens] * bsz
     max_steps = max(limits)
 
-    full_mask = attention_mask_BT if past_mask_BP is None else torch.cat([past_mask_BP, attention_mask_BT], dim=-1)
+    full_mask = (
+        attention_mask_BT
+        if past_mask_BP is None
+        else torch.cat([past_mask_BP, attention_mask_BT], dim=-1)
+    )
     position_ids = positions_from_mask(attention_mask_BT, position_offset_B)
     if first_logits_BV is not None:
         logits = first_logits_BV
     else:
         with prefill_context() if prefill_context else contextlib.nullcontext():
             logits = forward(
-                cache=cache, full_mask_BT=full_mask, position_ids_BT=position_ids,
-                input_ids_BT=input_ids_BT, inputs_embeds_BTD=inputs_embeds_BTD,
+                cache=cache,
+                full_mask_BT=full_mask,
+                position_ids_BT=position_ids,
+                input_ids_BT=input_ids_BT,
+                inputs_embeds_BTD=inputs_embeds_BTD,
             )
     next_pos = position_ids[:, -1] + 1
 
@@ -156,10 +165,15 @@ def greedy_generate(
             cache.batch_select_indices(index)
             full_mask, next_pos, next_tok = full_mask[index], next_pos[index], next_tok[index]
             active = [active[i] for i in keep]
-        full_mask = torch.cat([full_mask, torch.ones((len(active), 1), dtype=full_mask.dtype, device=device)], dim=-1)
+        full_mask = torch.cat(
+            [full_mask, torch.ones((len(active), 1), dtype=full_mask.dtype, device=device)], dim=-1
+        )
         logits = forward(
-            cache=cache, full_mask_BT=full_mask, position_ids_BT=next_pos[:, None],
-            input_ids_BT=next_tok[:, None], inputs_embeds_BTD=None,
+            cache=cache,
+            full_mask_BT=full_mask,
+            position_ids_BT=next_pos[:, None],
+            input_ids_BT=next_tok[:, None],
+            inputs_embeds_BTD=None,
         )
         next_pos = next_pos + 1
     raw = [lm.tokenizer.decode(g, skip_special_tokens=True) for g in generated]

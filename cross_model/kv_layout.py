@@ -47,7 +47,9 @@ class KVLayout:
     # each layer's length, so a key's place in its layer's cache stands in for its position: in a
     # sink-only layer B's prompt tokens then see later prompt tokens during the prefill.
     receiver_mask: str = "causal"
-    attention_on_A: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> per-call B x H
+    attention_on_A: dict[int, list[torch.Tensor]] = field(
+        default_factory=dict
+    )  # layer -> per-call B x H
     # Per layer, None or B x T_l added to the attention logits of those keys (C2C's soft gates: log g).
     key_bias: list[torch.Tensor | None] | None = None
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)  # this step's masks
@@ -59,12 +61,20 @@ class KVLayout:
         self.query_pos = pos_BT
         valid = valid_BT.bool()
         src = torch.full_like(pos_BT, SRC_B)
-        old = (list(self.key_pos), list(self.key_valid), list(self.key_src))  # their ids stay unique below
+        old = (
+            list(self.key_pos),
+            list(self.key_valid),
+            list(self.key_src),
+        )  # their ids stay unique below
         grown: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for l, (p, v, s) in enumerate(zip(*old)):
             key = (id(p), id(v), id(s))
             if key not in grown:
-                grown[key] = (torch.cat([p, pos_BT], dim=1), torch.cat([v, valid], dim=1), torch.cat([s, src], dim=1))
+                grown[key] = (
+                    torch.cat([p, pos_BT], dim=1),
+                    torch.cat([v, valid], dim=1),
+                    torch.cat([s, src], dim=1),
+                )
             self.key_pos[l], self.key_valid[l], self.key_src[l] = grown[key]
         if self.key_bias is not None:  # B's own tokens are never gated
             zeros: dict[int, torch.Tensor] = {}
@@ -95,7 +105,9 @@ class KVLayout:
         empty = ~m.any(-1, keepdim=True)
         m = m | empty
         if bias is not None:  # an additive float mask: the bias where allowed, -inf elsewhere
-            m = torch.where(m, bias[:, None, :].to(torch.float32), torch.tensor(float("-inf"), device=m.device))
+            m = torch.where(
+                m, bias[:, None, :].to(torch.float32), torch.tensor(float("-inf"), device=m.device)
+            )
         masks[key] = m[:, None, :, :]
         return masks[key]
 
@@ -105,11 +117,15 @@ class KVLayout:
         key = ("folded", id(mask_B1QT), groups)
         if key not in self._masks:
             b, _, q, t = mask_B1QT.shape
-            self._masks[key] = mask_B1QT[:, :, None].expand(b, 1, groups, q, t).reshape(b, 1, groups * q, t)
+            self._masks[key] = (
+                mask_B1QT[:, :, None].expand(b, 1, groups, q, t).reshape(b, 1, groups * q, t)
+            )
         return self._masks[key]
 
 
-_ACTIVE: contextvars.ContextVar[KVLayout | None] = contextvars.ContextVar("cross_model_layout", default=None)
+_ACTIVE: contextvars.ContextVar[KVLayout | None] = contextvars.ContextVar(
+    "cross_model_layout", default=None
+)
 
 
 @contextlib.contextmanager
@@ -126,22 +142,36 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def cross_model_attention(
-    module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
-    dropout: float = 0.0, scaling: float | None = None, **kwargs: Any,
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """SDPA, but with masks from the active `KVLayout` when there is one (else plain SDPA)."""
     layout = _ACTIVE.get()
     if layout is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     layer = module.layer_idx
     q_len = query.shape[2]
-    assert key.shape[2] == layout.key_pos[layer].shape[1], "cache and layout disagree on the key count"
+    assert key.shape[2] == layout.key_pos[layer].shape[1], (
+        "cache and layout disagree on the key count"
+    )
     mask_B1QT = layout.mask(layer, q_len, getattr(module, "sliding_window", None))
-    if mask_B1QT.dtype != torch.bool and mask_B1QT.dtype != query.dtype:  # a gated layer's float mask
+    if (
+        mask_B1QT.dtype != torch.bool and mask_B1QT.dtype != query.dtype
+    ):  # a gated layer's float mask
         mask_B1QT = mask_B1QT.to(query.dtype)
     groups = query.shape[1] // key.shape[1]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if layout.record_attention and q_len > 1:  # calibration only: the probabilities themselves are needed
+    if (
+        layout.record_attention and q_len > 1
+    ):  # calibration only: the probabilities themselves are needed
         k = _repeat_kv(key, groups)
         scores = (query.float() @ k.float().transpose(-1, -2)) * scale
         if layout.record_mask == "public":
@@ -150,7 +180,9 @@ def cross_model_attention(
         else:
             scores = scores.masked_fill(~mask_B1QT, float("-inf"))
         probs = scores.softmax(-1)  # B x H x q x T
-        if layout.record_mask == "public":  # the public measure: every A key after the layer's first
+        if (
+            layout.record_mask == "public"
+        ):  # the public measure: every A key after the layer's first
             place = layout.key_valid[layer].long().cumsum(-1) - 1
             on_a = ((layout.key_src[layer] != SRC_B) & (place > 0))[:, None, None, :]
         else:
@@ -158,7 +190,9 @@ def cross_model_attention(
         mass = (probs * on_a).sum(-1)  # B x H x q
         qvalid = layout._query_valid[:, -q_len:]
         per_row = (mass * qvalid[:, None, :]).sum(-1) / qvalid.sum(-1).clamp(min=1)[:, None]
-        layout.attention_on_A.setdefault(layer, []).append(per_row.mean(1).cpu())  # B, averaged over heads
+        layout.attention_on_A.setdefault(layer, []).append(
+            per_row.mean(1).cpu()
+        )  # B, averaged over heads
     if groups == 1:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask_B1QT, scale=scale)
         return out.transpose(1, 2).contiguous(), None
@@ -167,7 +201,9 @@ def cross_model_attention(
     # repeat_kv). Every SDPA backend takes this with a mask, unlike `enable_gqa`.
     bsz, n_heads, _, dim = query.shape
     q_fold = query.reshape(bsz, key.shape[1], groups * q_len, dim)
-    out = F.scaled_dot_product_attention(q_fold, key, value, attn_mask=layout.folded_mask(mask_B1QT, groups), scale=scale)
+    out = F.scaled_dot_product_attention(
+        q_fold, key, value, attn_mask=layout.folded_mask(mask_B1QT, groups), scale=scale
+    )
     return out.reshape(bsz, n_heads, q_len, dim).transpose(1, 2).contiguous(), None
 
 
@@ -181,20 +217,31 @@ def use_cross_model_attention(lm: LoadedModel) -> None:
         lm.model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 
-def layout_forward(lm: LoadedModel, layout: KVLayout, all_logits: bool = False) -> Callable[..., torch.Tensor]:
+def layout_forward(
+    lm: LoadedModel, layout: KVLayout, all_logits: bool = False
+) -> Callable[..., torch.Tensor]:
     """A `generation.greedy_generate` forward that registers each step's tokens in `layout` and runs
     with it active. The 2-D mask is not used by attention (the layout is); a 4-D placeholder makes
     transformers skip building its own. `all_logits` returns B x T x V (tests) instead of B x V."""
 
-    def forward(cache: Any, full_mask_BT: torch.Tensor, position_ids_BT: torch.Tensor,
-                input_ids_BT: torch.Tensor | None = None, inputs_embeds_BTD: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        cache: Any,
+        full_mask_BT: torch.Tensor,
+        position_ids_BT: torch.Tensor,
+        input_ids_BT: torch.Tensor | None = None,
+        inputs_embeds_BTD: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         q = position_ids_BT.shape[1]
         layout.append(position_ids_BT, full_mask_BT[:, -q:])
         placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=position_ids_BT.device)
         with active_layout(layout):
             out = lm.model(
-                input_ids=input_ids_BT, inputs_embeds=inputs_embeds_BTD, attention_mask=placeholder,
-                position_ids=position_ids_BT, past_key_values=cache, use_cache=True,
+                input_ids=input_ids_BT,
+                inputs_embeds=inputs_embeds_BTD,
+                attention_mask=placeholder,
+                position_ids=position_ids_BT,
+                past_key_values=cache,
+                use_cache=True,
                 logits_to_keep=0 if all_logits else 1,
             )
         return out.logits if all_logits else out.logits[:, -1, :]
@@ -210,7 +257,10 @@ Sources = list[list[tuple[int, bool]]]
 def layer_sources(layer_map: list[int], selected: set[int], sinks: bool = True) -> Sources:
     """One sender layer per receiver layer (`layer_map`): in full where the receiver layer is selected,
     else its sink, or nothing when `sinks` is false (a later sender under the public multi-sender rule)."""
-    return [[(la, True)] if l in selected else [(la, False)] if sinks else [] for l, la in enumerate(layer_map)]
+    return [
+        [(la, True)] if l in selected else [(la, False)] if sinks else []
+        for l, la in enumerate(layer_map)
+    ]
 
 
 def assemble_receiver_cache(
@@ -226,8 +276,14 @@ def assemble_receiver_cache(
     """B's cache from A's: receiver layer l holds all of A's layer `layer_map[l]` when l is selected,
     else only A's first real token (the attention sink), or nothing when `sinks` is false. See
     `assemble_from_sources`."""
-    return assemble_from_sources(sender_cache, sender_mask_BT, layer_sources(layer_map, selected, sinks), sink_kv,
-                                 receiver_mask, position_offset_B)
+    return assemble_from_sources(
+        sender_cache,
+        sender_mask_BT,
+        layer_sources(layer_map, selected, sinks),
+        sink_kv,
+        receiver_mask,
+        position_offset_B,
+    )
 
 
 def assemble_from_sources(
@@ -245,17 +301,25 @@ def assemble_from_sources(
     keys/values (B x H x 1 x D) of A layers the full forward skipped."""
     bsz = sender_mask_BT.shape[0]
     device = sender_mask_BT.device
-    start = (torch.zeros(bsz, dtype=torch.long, device=device) if position_offset_B is None
-             else position_offset_B.to(device=device, dtype=torch.long))
+    start = (
+        torch.zeros(bsz, dtype=torch.long, device=device)
+        if position_offset_B is None
+        else position_offset_B.to(device=device, dtype=torch.long)
+    )
     pos_a = positions_from_mask(sender_mask_BT, start)
     valid_a = sender_mask_BT.bool()
-    first_real = sender_mask_BT.long().argmax(-1)  # the first real token (left padding or a shared prefix)
+    first_real = sender_mask_BT.long().argmax(
+        -1
+    )  # the first real token (left padding or a shared prefix)
     rows = torch.arange(bsz, device=device)
     # One tensor of each kind per kind of layer (see `KVLayout.append`): layers holding the same pattern
     # of full and sink-only sender layers share their position, validity and origin tensors.
     full = (pos_a, valid_a, torch.where(pos_a == start[:, None], SRC_SINK, SRC_A))
-    sink = (start[:, None].clone(), torch.ones((bsz, 1), dtype=torch.bool, device=device),
-            torch.full((bsz, 1), SRC_SINK, device=device))
+    sink = (
+        start[:, None].clone(),
+        torch.ones((bsz, 1), dtype=torch.bool, device=device),
+        torch.full((bsz, 1), SRC_SINK, device=device),
+    )
     patterns: dict[tuple[bool, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def layout_of(pattern: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -274,8 +338,10 @@ def assemble_from_sources(
 
     named = [entry for entries in sources for entry in entries]
     if not named:
-        raise ValueError("a sender that sends no layer and no sink sends nothing; select a layer "
-                         "(or keep always_send_layer0)")
+        raise ValueError(
+            "a sender that sends no layer and no sink sends nothing; select a layer "
+            "(or keep always_send_layer0)"
+        )
     nothing = kv(*named[0])[0][:, :, :0]  # B x H x 0 x D, for a receiver layer that gets nothing
     cache = DynamicCache()
     key_pos, key_valid, key_src = [], [], []
@@ -295,7 +361,9 @@ def assemble_from_sources(
     return cache, KVLayout(key_pos, key_valid, key_src, receiver_mask=receiver_mask)
 
 
-def join_receiver_caches(parts: list[tuple[DynamicCache, KVLayout]]) -> tuple[DynamicCache, KVLayout]:
+def join_receiver_caches(
+    parts: list[tuple[DynamicCache, KVLayout]],
+) -> tuple[DynamicCache, KVLayout]:
     """Several senders' receiver caches as one: per layer, the first sender's keys, then the second's
     (each part's positions as assembled; padding stays masked wherever it sits). Layers that shared a
     layout tensor in every part share the joined one too (see `KVLayout.append`)."""
@@ -313,8 +381,11 @@ def join_receiver_caches(parts: list[tuple[DynamicCache, KVLayout]]) -> tuple[Dy
 
     key_pos, key_valid, key_src = [], [], []
     for l in range(len(first.key_pos)):
-        cache.update(torch.cat([c.layers[l].keys for c, _ in parts], dim=2),
-                     torch.cat([c.layers[l].values for c, _ in parts], dim=2), l)
+        cache.update(
+            torch.cat([c.layers[l].keys for c, _ in parts], dim=2),
+            torch.cat([c.layers[l].values for c, _ in parts], dim=2),
+            l,
+        )
         key_pos.append(cat([lay.key_pos[l] for _, lay in parts]))
         key_valid.append(cat([lay.key_valid[l] for _, lay in parts]))
         key_src.append(cat([lay.key_src[l] for _, lay in parts]))

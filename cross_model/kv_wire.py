@@ -33,7 +33,12 @@ QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
 SCALE_BYTES = 2  # float16 scales and zero points
 _PREAMBLE = struct.Struct("<4sHI")  # magic, version, header length
 _CRC = struct.Struct("<I")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 @dataclass(frozen=True)
@@ -51,15 +56,21 @@ class QuantScheme:
 
     @staticmethod
     def plain() -> "QuantScheme":
-        return QuantScheme(key_group=0, value_group="token", rotate=False, raw_first=0, clip=False, sink_bits=16)
+        return QuantScheme(
+            key_group=0, value_group="token", rotate=False, raw_first=0, clip=False, sink_bits=16
+        )
 
     def check(self, head_dim: int) -> None:
         if self.key_group < 0 or self.raw_first < 0:
-            raise ValueError(f"KV quantization: key_group and raw_first must be >= 0, got {self.key_group}, {self.raw_first}")
+            raise ValueError(
+                f"KV quantization: key_group and raw_first must be >= 0, got {self.key_group}, {self.raw_first}"
+            )
         if self.sink_bits not in (8, 16):
             raise ValueError(f"KV quantization: sink_bits is 8 or 16 (raw), got {self.sink_bits}")
         if self.value_group not in ("head", "token"):
-            raise ValueError(f"KV quantization: value_group is 'head' or 'token', got {self.value_group!r}")
+            raise ValueError(
+                f"KV quantization: value_group is 'head' or 'token', got {self.value_group!r}"
+            )
         if self.rotate and head_dim & (head_dim - 1):
             raise ValueError(
                 f"KV quantization: a Hadamard rotation needs a power-of-two head dimension, this model's is "
@@ -93,7 +104,9 @@ class KVPayload:
     sink_layers: list[int]  # receiver layers that get only the sink
     sink_sender_layers: list[int]
     dtype: str
-    bits: list[int]  # per sent layer, the keys' width (and the values' without value_bits); the dtype's width means raw
+    bits: list[
+        int
+    ]  # per sent layer, the keys' width (and the values' without value_bits); the dtype's width means raw
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     sink_keys: list[torch.Tensor] = field(default_factory=list)
@@ -101,22 +114,42 @@ class KVPayload:
     kv_heads: int = 0
     head_dim: int = 0
     tokens: int = 0
-    sink_dtype: str | None = None  # how the sinks travel (None: `dtype`); B gets them back in `dtype`
+    sink_dtype: str | None = (
+        None  # how the sinks travel (None: `dtype`); B gets them back in `dtype`
+    )
     scheme: QuantScheme = field(default_factory=QuantScheme)
     value_bits: list[int] | None = None  # per sent layer, the values' width (None: `bits`)
 
     def header(self) -> dict:
         # `value_bits` only where the values' widths differ from the keys': the usual header is v2's.
-        own = {"value_bits": self.value_bits} if self.value_bits is not None and self.value_bits != self.bits else {}
+        own = (
+            {"value_bits": self.value_bits}
+            if self.value_bits is not None and self.value_bits != self.bits
+            else {}
+        )
         return {
-            "sender": self.sender, "receiver": self.receiver, "layers": self.layers,
-            "sender_layers": self.sender_layers, "sink_layers": self.sink_layers,
-            "sink_sender_layers": self.sink_sender_layers, "dtype": self.dtype, "bits": self.bits, **own,
-            "kv_heads": self.kv_heads, "head_dim": self.head_dim, "tokens": self.tokens,
-            "sink_dtype": self.sink_dtype or self.dtype, "scale_dtype": "float16",
-            "scheme": {"key_group": self.scheme.key_group, "value_group": self.scheme.value_group,
-                       "rotate": self.scheme.rotate, "raw_first": self.scheme.raw_first, "clip": self.scheme.clip,
-                       "sink_bits": self.scheme.sink_bits},
+            "sender": self.sender,
+            "receiver": self.receiver,
+            "layers": self.layers,
+            "sender_layers": self.sender_layers,
+            "sink_layers": self.sink_layers,
+            "sink_sender_layers": self.sink_sender_layers,
+            "dtype": self.dtype,
+            "bits": self.bits,
+            **own,
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "tokens": self.tokens,
+            "sink_dtype": self.sink_dtype or self.dtype,
+            "scale_dtype": "float16",
+            "scheme": {
+                "key_group": self.scheme.key_group,
+                "value_group": self.scheme.value_group,
+                "rotate": self.scheme.rotate,
+                "raw_first": self.scheme.raw_first,
+                "clip": self.scheme.clip,
+                "sink_bits": self.scheme.sink_bits,
+            },
         }
 
 
@@ -126,7 +159,9 @@ class KVPayload:
 CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # shrink factors of a group's range tried by `clip`
 
 
-def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _scale_zero(
+    lo: torch.Tensor, hi: torch.Tensor, levels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     zero = lo.to(torch.float16)
     return ((hi - zero.float()) / levels).clamp(min=1e-7).to(torch.float16), zero
 
@@ -135,8 +170,13 @@ def _codes(xf: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: in
     return torch.round((xf - zero.float()) / scale.float()).clamp(0, levels).to(torch.uint8)
 
 
-def quantize(x: torch.Tensor, bits: int, reduce_dims: tuple[int, ...], clip: bool = False,
-             valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize(
+    x: torch.Tensor,
+    bits: int,
+    reduce_dims: tuple[int, ...],
+    clip: bool = False,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric uniform quantization; one (scale, zero) per group, a group spanning `reduce_dims`.
     Scale and zero are rounded to float16 first, so that B dequantizes with exactly what was used.
     `clip`: per group, the range (min-max shrunk about its centre by one of CLIP_RATIOS) whose
@@ -152,8 +192,15 @@ def quantize(x: torch.Tensor, bits: int, reduce_dims: tuple[int, ...], clip: boo
     hi = torch.where(valid, xf, -math.inf).amax(reduce_dims, keepdim=True)
     empty = valid.to(torch.uint8).amax(reduce_dims, keepdim=True) == 0
     lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
-    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all() and lo.abs().max() < 65504 and hi.abs().max() < 65504):
-        raise ValueError("KV quantization: values beyond float16's range cannot be given float16 scales")
+    if not (
+        torch.isfinite(lo).all()
+        and torch.isfinite(hi).all()
+        and lo.abs().max() < 65504
+        and hi.abs().max() < 65504
+    ):
+        raise ValueError(
+            "KV quantization: values beyond float16's range cannot be given float16 scales"
+        )
     levels = 2**bits - 1
     scale, zero = _scale_zero(lo, hi, levels)
     if clip:
@@ -171,7 +218,9 @@ def quantize(x: torch.Tensor, bits: int, reduce_dims: tuple[int, ...], clip: boo
     return _codes(xf, scale, zero, levels), scale, zero
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     return (codes.float() * scale.float() + zero.float()).to(dtype)
 
 
@@ -187,7 +236,9 @@ def pack_bits(codes: np.ndarray, bits: int) -> bytes:
 def unpack_bits(buf: bytes, bits: int, n: int) -> np.ndarray:
     if bits == 8:
         return np.frombuffer(buf, dtype=np.uint8, count=n).copy()
-    planes = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="little")[: n * bits].reshape(n, bits)
+    planes = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), bitorder="little")[
+        : n * bits
+    ].reshape(n, bits)
     return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=1).astype(np.uint8)
 
 
@@ -224,9 +275,15 @@ def _header_bytes(h: dict) -> bytes:
 
 def payload_size(header: dict) -> int:
     """len(encode(payload)) for a payload with this header."""
-    body = sum(_layer_sizes(header, kb)[0] + _layer_sizes(header, vb)[1] for kb, vb in kv_bits(header))
+    body = sum(
+        _layer_sizes(header, kb)[0] + _layer_sizes(header, vb)[1] for kb, vb in kv_bits(header)
+    )
     H, D = header["kv_heads"], header["head_dim"]
-    per_sink = H * D + 2 * SCALE_BYTES * H if _scheme(header).sink_bits == 8 else H * D * dtype_bits(header["sink_dtype"]) // 8
+    per_sink = (
+        H * D + 2 * SCALE_BYTES * H
+        if _scheme(header).sink_bits == 8
+        else H * D * dtype_bits(header["sink_dtype"]) // 8
+    )
     sink = 2 * len(header["sink_layers"]) * per_sink
     return _PREAMBLE.size + len(_header_bytes(header)) + body + sink + _CRC.size
 
@@ -258,7 +315,9 @@ def hadamard(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return _HADAMARD[key]
 
 
-def _quantized_layer(x: torch.Tensor, bits: int, sc: QuantScheme, is_key: bool, raw_dtype: torch.dtype) -> list[bytes]:
+def _quantized_layer(
+    x: torch.Tensor, bits: int, sc: QuantScheme, is_key: bool, raw_dtype: torch.dtype
+) -> list[bytes]:
     """One layer's keys or values (H x n x D) as the body lays them out: raw leading tokens, codes,
     scales, zero points."""
     r = min(sc.raw_first, x.shape[1])
@@ -269,11 +328,20 @@ def _quantized_layer(x: torch.Tensor, bits: int, sc: QuantScheme, is_key: bool, 
         return [_raw(x[:, :r], raw_dtype)]
     if is_key:  # per channel, over runs of key_group tokens
         g = sc.key_group or rest.shape[1]
-        parts = [quantize(rest[:, i : i + g], bits, (1,), sc.clip) for i in range(0, rest.shape[1], g)]
+        parts = [
+            quantize(rest[:, i : i + g], bits, (1,), sc.clip) for i in range(0, rest.shape[1], g)
+        ]
         codes, scale, zero = (torch.cat(t, 1) for t in zip(*parts))
     else:
-        codes, scale, zero = quantize(rest, bits, (2,) if sc.value_group == "head" else (0, 2), sc.clip)
-    return [_raw(x[:, :r], raw_dtype), pack_bits(codes.cpu().numpy(), bits), _raw(scale, torch.float16), _raw(zero, torch.float16)]
+        codes, scale, zero = quantize(
+            rest, bits, (2,) if sc.value_group == "head" else (0, 2), sc.clip
+        )
+    return [
+        _raw(x[:, :r], raw_dtype),
+        pack_bits(codes.cpu().numpy(), bits),
+        _raw(scale, torch.float16),
+        _raw(zero, torch.float16),
+    ]
 
 
 def _dequantized_layer(take, h: dict, bits: int, is_key: bool) -> torch.Tensor:
@@ -281,15 +349,23 @@ def _dequantized_layer(take, h: dict, bits: int, is_key: bool) -> torch.Tensor:
     sc, dtype, raw_dtype = _scheme(h), DTYPES[h["dtype"]], DTYPES[h["sink_dtype"]]
     r = min(sc.raw_first, n)
     m = n - r
-    first = _from_raw(take(H * r * D * dtype_bits(h["sink_dtype"]) // 8), raw_dtype, (H, r, D)).to(dtype)
+    first = _from_raw(take(H * r * D * dtype_bits(h["sink_dtype"]) // 8), raw_dtype, (H, r, D)).to(
+        dtype
+    )
     if not m:
         return first
-    codes = torch.from_numpy(unpack_bits(take(math.ceil(H * m * D * bits / 8)), bits, H * m * D)).reshape(H, m, D)
+    codes = torch.from_numpy(
+        unpack_bits(take(math.ceil(H * m * D * bits / 8)), bits, H * m * D)
+    ).reshape(H, m, D)
     if is_key:
         g = sc.key_group or m
         groups = math.ceil(m / g)
-        scale = _from_raw(take(SCALE_BYTES * H * groups * D), torch.float16, (H, groups, D)).repeat_interleave(g, 1)[:, :m]
-        zero = _from_raw(take(SCALE_BYTES * H * groups * D), torch.float16, (H, groups, D)).repeat_interleave(g, 1)[:, :m]
+        scale = _from_raw(
+            take(SCALE_BYTES * H * groups * D), torch.float16, (H, groups, D)
+        ).repeat_interleave(g, 1)[:, :m]
+        zero = _from_raw(
+            take(SCALE_BYTES * H * groups * D), torch.float16, (H, groups, D)
+        ).repeat_interleave(g, 1)[:, :m]
     else:
         shape = (H, m, 1) if sc.value_group == "head" else (1, m, 1)
         scale = _from_raw(take(SCALE_BYTES * shape[0] * m), torch.float16, shape)
@@ -304,11 +380,15 @@ def check_widths(p: KVPayload) -> None:
     """One key width and one value width per sent layer, each the dtype's (raw) or a quantized one."""
     values = p.value_bits if p.value_bits is not None else p.bits
     if len(p.bits) != len(p.layers) or len(values) != len(p.layers):
-        raise ValueError("KV payload: one bit width and one key/value pair per sent layer, one sink per sink layer")
+        raise ValueError(
+            "KV payload: one bit width and one key/value pair per sent layer, one sink per sink layer"
+        )
     raw = dtype_bits(p.dtype)
     bad = [b for b in [*p.bits, *values] if b != raw and b not in QUANT_BITS]
     if bad:
-        raise ValueError(f"KV payload: widths are {raw} ({p.dtype}, raw) or one of {QUANT_BITS}, got {bad[0]}")
+        raise ValueError(
+            f"KV payload: widths are {raw} ({p.dtype}, raw) or one of {QUANT_BITS}, got {bad[0]}"
+        )
     if any(b != raw for b in [*p.bits, *values]):
         p.scheme.check(p.head_dim)
 
@@ -318,19 +398,31 @@ def encode(p: KVPayload) -> bytes:
     dtype = DTYPES[p.dtype]
     check_widths(p)
     if len(p.keys) != len(p.layers) or len(p.sink_keys) != len(p.sink_layers):
-        raise ValueError("KV payload: one bit width and one key/value pair per sent layer, one sink per sink layer")
+        raise ValueError(
+            "KV payload: one bit width and one key/value pair per sent layer, one sink per sink layer"
+        )
     sink_dtype = DTYPES[h["sink_dtype"]]
     body = []
     for (kb, vb), k, v in zip(kv_bits(h), p.keys, p.values):
         if tuple(k.shape) != (p.kv_heads, p.tokens, p.head_dim) or k.shape != v.shape:
-            raise ValueError(f"KV payload: layer tensors must be {p.kv_heads} x {p.tokens} x {p.head_dim}, got {tuple(k.shape)}")
+            raise ValueError(
+                f"KV payload: layer tensors must be {p.kv_heads} x {p.tokens} x {p.head_dim}, got {tuple(k.shape)}"
+            )
         for x, bits, is_key in ((k, kb, True), (v, vb, False)):
-            body += [_raw(x, dtype)] if bits == dtype_bits(p.dtype) else _quantized_layer(x, bits, p.scheme, is_key, sink_dtype)
+            body += (
+                [_raw(x, dtype)]
+                if bits == dtype_bits(p.dtype)
+                else _quantized_layer(x, bits, p.scheme, is_key, sink_dtype)
+            )
     for k, v in zip(p.sink_keys, p.sink_values):
         for x in (k, v):
             if p.scheme.sink_bits == 8:  # one (scale, zero) per head
                 codes, scale, zero = quantize(x, 8, (1, 2))
-                body += [codes.cpu().numpy().tobytes(), _raw(scale, torch.float16), _raw(zero, torch.float16)]
+                body += [
+                    codes.cpu().numpy().tobytes(),
+                    _raw(scale, torch.float16),
+                    _raw(zero, torch.float16),
+                ]
             else:
                 body.append(_raw(x, sink_dtype))
     return frame(MAGIC, VERSION, _header_bytes(h), b"".join(body))
@@ -346,7 +438,9 @@ def read_header(blob: bytes, receiver: str, kv_heads: int, head_dim: int) -> tup
             f"not for {receiver!r} ({kv_heads} x {head_dim})"
         )
     if payload_size(h) != len(blob):
-        raise PayloadError(f"KV payload: {len(blob)} bytes where its header describes {payload_size(h)}")
+        raise PayloadError(
+            f"KV payload: {len(blob)} bytes where its header describes {payload_size(h)}"
+        )
     return h, start
 
 
@@ -357,10 +451,14 @@ def read_frame(blob: bytes, magic: bytes, version: int, what: str) -> tuple[dict
         raise PayloadError(f"{what}: {len(blob)} bytes is too short to be one")
     (crc,) = _CRC.unpack(blob[-_CRC.size :])
     if zlib.crc32(blob[: -_CRC.size]) != crc:
-        raise PayloadError(f"{what}: checksum mismatch, the bytes were changed in transit or truncated")
+        raise PayloadError(
+            f"{what}: checksum mismatch, the bytes were changed in transit or truncated"
+        )
     got_magic, got_version, n_head = _PREAMBLE.unpack(blob[: _PREAMBLE.size])
     if got_magic != magic or got_version != version:
-        raise PayloadError(f"{what}: format {got_magic!r} v{got_version}, this reader handles {magic!r} v{version}")
+        raise PayloadError(
+            f"{what}: format {got_magic!r} v{got_version}, this reader handles {magic!r} v{version}"
+        )
     return json.loads(blob[_PREAMBLE.size : _PREAMBLE.size + n_head]), _PREAMBLE.size + n_head
 
 
@@ -369,7 +467,9 @@ def frame(magic: bytes, version: int, header: bytes, body: bytes) -> bytes:
     return blob + _CRC.pack(zlib.crc32(blob))
 
 
-def decode(blob: bytes, receiver: str, kv_heads: int, head_dim: int, device: torch.device | str = "cpu") -> KVPayload:
+def decode(
+    blob: bytes, receiver: str, kv_heads: int, head_dim: int, device: torch.device | str = "cpu"
+) -> KVPayload:
     """The payload's tensors, dequantized, for `receiver` (whose KV shape is kv_heads x head_dim).
     A corrupted payload, another format or version, or one meant for another receiver is refused."""
     h, pos = read_header(blob, receiver, kv_heads, head_dim)
@@ -381,15 +481,31 @@ def decode(blob: bytes, receiver: str, kv_heads: int, head_dim: int, device: tor
         pos += size
         return blob[pos - size : pos]
 
-    p = KVPayload(h["sender"], h["receiver"], h["layers"], h["sender_layers"], h["sink_layers"],
-                  h["sink_sender_layers"], h["dtype"], h["bits"], kv_heads=H, head_dim=D, tokens=n,
-                  sink_dtype=h["sink_dtype"], scheme=_scheme(h))
+    p = KVPayload(
+        h["sender"],
+        h["receiver"],
+        h["layers"],
+        h["sender_layers"],
+        h["sink_layers"],
+        h["sink_sender_layers"],
+        h["dtype"],
+        h["bits"],
+        kv_heads=H,
+        head_dim=D,
+        tokens=n,
+        sink_dtype=h["sink_dtype"],
+        scheme=_scheme(h),
+    )
     sink_dtype, sink_elem = DTYPES[h["sink_dtype"]], dtype_bits(h["sink_dtype"]) // 8
     elem = torch.finfo(dtype).bits // 8
     p.value_bits = h.get("value_bits")
     for kb, vb in kv_bits(h):
-        k, v = (_from_raw(take(H * n * D * elem), dtype, (H, n, D)) if bits == dtype_bits(h["dtype"])
-                else _dequantized_layer(take, h, bits, is_key) for bits, is_key in ((kb, True), (vb, False)))
+        k, v = (
+            _from_raw(take(H * n * D * elem), dtype, (H, n, D))
+            if bits == dtype_bits(h["dtype"])
+            else _dequantized_layer(take, h, bits, is_key)
+            for bits, is_key in ((kb, True), (vb, False))
+        )
         p.keys.append(k.to(device))
         p.values.append(v.to(device))
     for _ in h["sink_layers"]:
@@ -401,7 +517,9 @@ def decode(blob: bytes, receiver: str, kv_heads: int, head_dim: int, device: tor
                 zero = _from_raw(take(SCALE_BYTES * H), torch.float16, (H, 1, 1))
                 kv.append(dequantize(codes, scale, zero, dtype).to(device))
             else:
-                kv.append(_from_raw(take(H * D * sink_elem), sink_dtype, (H, 1, D)).to(device, dtype))
+                kv.append(
+                    _from_raw(take(H * D * sink_elem), sink_dtype, (H, 1, D)).to(device, dtype)
+                )
         p.sink_keys.append(kv[0])
         p.sink_values.append(kv[1])
     return p

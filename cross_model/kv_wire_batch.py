@@ -85,8 +85,9 @@ def _host(x: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     return t.view(torch.uint8).cpu().numpy().reshape(*t.shape, t.element_size())
 
 
-def _quantized_layer_rows(xc: torch.Tensor, n: list[int], bits: int, sc: QuantScheme, is_key: bool,
-                          raw_dtype: torch.dtype) -> list[list[bytes]]:
+def _quantized_layer_rows(
+    xc: torch.Tensor, n: list[int], bits: int, sc: QuantScheme, is_key: bool, raw_dtype: torch.dtype
+) -> list[list[bytes]]:
     """Each row's body parts for one layer's keys or values (as `kv_wire._quantized_layer` lays them)."""
     b, h, big_n, d = xc.shape
     r = sc.raw_first
@@ -99,7 +100,9 @@ def _quantized_layer_rows(xc: torch.Tensor, n: list[int], bits: int, sc: QuantSc
         return out
     if sc.rotate:
         rest = rest @ hadamard(d, rest.device)
-    valid_BM = torch.arange(big_m, device=xc.device)[None, :] < torch.tensor(m, device=xc.device)[:, None]
+    valid_BM = (
+        torch.arange(big_m, device=xc.device)[None, :] < torch.tensor(m, device=xc.device)[:, None]
+    )
     if is_key:  # per channel, over runs of key_group tokens (all of a row's tokens when 0)
         g = sc.key_group or big_m
         groups = math.ceil(big_m / g)
@@ -131,22 +134,32 @@ def _quantized_layer_rows(xc: torch.Tensor, n: list[int], bits: int, sc: QuantSc
     return out
 
 
-def encode_batch(template: KVPayload, keys: list[torch.Tensor], values: list[torch.Tensor],
-                 sink_keys: list[torch.Tensor], sink_values: list[torch.Tensor], mask_BT: torch.Tensor) -> list[bytes]:
+def encode_batch(
+    template: KVPayload,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    sink_keys: list[torch.Tensor],
+    sink_values: list[torch.Tensor],
+    mask_BT: torch.Tensor,
+) -> list[bytes]:
     """One `kv_wire.encode` frame per row: `keys[j]` / `values[j]` are sent layer j's B x H x T x D
     tensors as A's cache holds them, `sink_*[j]` sink layer j's B x H x 1 x D, `mask_BT` each row's real
     tokens. `template` gives everything in the header but the token count."""
     p = template
     check_widths(p)
     if len(keys) != len(p.layers) or len(sink_keys) != len(p.sink_layers):
-        raise ValueError("KV payload: one bit width and one key/value pair per sent layer, one sink per sink layer")
+        raise ValueError(
+            "KV payload: one bit width and one key/value pair per sent layer, one sink per sink layer"
+        )
     n = [int(x) for x in mask_BT.sum(1).tolist()]
     rows = len(n)
     dtype, raw_dtype = DTYPES[p.dtype], DTYPES[p.sink_dtype or p.dtype]
     body: list[list[bytes]] = [[] for _ in range(rows)]
     for (kb, vb), k, v in zip(kv_bits(p.header()), keys, values):
         if k.shape[1:] != (p.kv_heads, mask_BT.shape[1], p.head_dim) or k.shape != v.shape:
-            raise ValueError(f"KV payload: layer tensors must be B x {p.kv_heads} x T x {p.head_dim}, got {tuple(k.shape)}")
+            raise ValueError(
+                f"KV payload: layer tensors must be B x {p.kv_heads} x T x {p.head_dim}, got {tuple(k.shape)}"
+            )
         for x, bits, is_key in ((compact(k, mask_BT), kb, True), (compact(v, mask_BT), vb, False)):
             if bits == dtype_bits(p.dtype):
                 raw = _host(x, dtype)
@@ -159,7 +172,11 @@ def encode_batch(template: KVPayload, keys: list[torch.Tensor], values: list[tor
         for x in (k, v):
             if p.scheme.sink_bits == 8:  # one (scale, zero) per head
                 codes, scale, zero = quantize(x, 8, (2, 3))
-                c, s, z = codes.cpu().numpy(), _host(scale, torch.float16), _host(zero, torch.float16)
+                c, s, z = (
+                    codes.cpu().numpy(),
+                    _host(scale, torch.float16),
+                    _host(zero, torch.float16),
+                )
                 for i in range(rows):
                     body[i] += [c[i].tobytes(), s[i].tobytes(), z[i].tobytes()]
             else:
@@ -196,13 +213,19 @@ def _padded(rows: list[np.ndarray], shape_tail_axis: int) -> np.ndarray:
 
 
 def _fp16(buf: bytes, shape: tuple[int, ...]) -> np.ndarray:
-    return np.frombuffer(buf, dtype=np.float16).reshape(shape) if buf else np.zeros(shape, np.float16)
+    return (
+        np.frombuffer(buf, dtype=np.float16).reshape(shape) if buf else np.zeros(shape, np.float16)
+    )
 
 
 def _raw_rows(buf: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> np.ndarray:
     """Raw tensor bytes kept as bytes (H x n x D x itemsize): numpy has no bfloat16."""
     item = torch.finfo(dtype).bits // 8
-    return np.frombuffer(buf, dtype=np.uint8).reshape(*shape, item) if buf else np.zeros((*shape, item), np.uint8)
+    return (
+        np.frombuffer(buf, dtype=np.uint8).reshape(*shape, item)
+        if buf
+        else np.zeros((*shape, item), np.uint8)
+    )
 
 
 def _to_tensor(raw: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:
@@ -212,9 +235,15 @@ def _to_tensor(raw: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:
     return t.view(dtype).squeeze(-1)
 
 
-def decode_batch(blobs: list[bytes], receiver: str, kv_heads: int, head_dim: int,
-                 device: torch.device | str = "cpu") -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor],
-                                                          list[torch.Tensor], list[int], dict]:
+def decode_batch(
+    blobs: list[bytes],
+    receiver: str,
+    kv_heads: int,
+    head_dim: int,
+    device: torch.device | str = "cpu",
+) -> tuple[
+    list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[int], dict
+]:
     """Every row's payload, checked as `kv_wire.decode` checks it, as batch tensors on `device`: per sent
     layer keys and values B x H x N x D (row i's real tokens first, then padding), per sink layer
     B x H x 1 x D, each row's token count, and the header (the same for every row but its tokens)."""
@@ -222,7 +251,9 @@ def decode_batch(blobs: list[bytes], receiver: str, kv_heads: int, head_dim: int
     first = {k: v for k, v in headers[0][0].items() if k != "tokens"}
     for h, _ in headers[1:]:
         if {k: v for k, v in h.items() if k != "tokens"} != first:
-            raise PayloadError("KV payload: a batch's payloads must share everything but their token counts")
+            raise PayloadError(
+                "KV payload: a batch's payloads must share everything but their token counts"
+            )
     h0 = headers[0][0]
     sc, dtype, raw_dtype = _scheme(h0), DTYPES[h0["dtype"]], DTYPES[h0["sink_dtype"]]
     H, D = h0["kv_heads"], h0["head_dim"]
@@ -234,27 +265,56 @@ def decode_batch(blobs: list[bytes], receiver: str, kv_heads: int, head_dim: int
         for out, bits, is_key in ((keys, kb, True), (values, vb, False)):
             if bits == dtype_bits(h0["dtype"]):
                 item = dtype_bits(h0["dtype"]) // 8
-                rows = [_raw_rows(rd.take(H * k * D * item), dtype, (H, k, D)) for rd, k in zip(readers, n)]
+                rows = [
+                    _raw_rows(rd.take(H * k * D * item), dtype, (H, k, D))
+                    for rd, k in zip(readers, n)
+                ]
                 out.append(_to_tensor(_padded(rows, 1), dtype, device))
                 continue
-            out.append(_dequantized_rows(readers, n, bits, sc, is_key, H, D, dtype, raw_dtype, raw_item, device))
+            out.append(
+                _dequantized_rows(
+                    readers, n, bits, sc, is_key, H, D, dtype, raw_dtype, raw_item, device
+                )
+            )
     sink_keys, sink_values = [], []
     for _ in h0["sink_layers"]:
         for out in (sink_keys, sink_values):
             if sc.sink_bits == 8:
-                parts = [(rd.take(H * D), rd.take(SCALE_BYTES * H), rd.take(SCALE_BYTES * H)) for rd in readers]
-                codes = torch.from_numpy(np.stack([np.frombuffer(c, np.uint8).reshape(H, 1, D) for c, _, _ in parts])).to(device)
-                scale = torch.from_numpy(np.stack([_fp16(s, (H, 1, 1)) for _, s, _ in parts])).to(device)
-                zero = torch.from_numpy(np.stack([_fp16(z, (H, 1, 1)) for _, _, z in parts])).to(device)
+                parts = [
+                    (rd.take(H * D), rd.take(SCALE_BYTES * H), rd.take(SCALE_BYTES * H))
+                    for rd in readers
+                ]
+                codes = torch.from_numpy(
+                    np.stack([np.frombuffer(c, np.uint8).reshape(H, 1, D) for c, _, _ in parts])
+                ).to(device)
+                scale = torch.from_numpy(np.stack([_fp16(s, (H, 1, 1)) for _, s, _ in parts])).to(
+                    device
+                )
+                zero = torch.from_numpy(np.stack([_fp16(z, (H, 1, 1)) for _, _, z in parts])).to(
+                    device
+                )
                 out.append(dequantize(codes, scale, zero, dtype))
             else:
-                rows = [_raw_rows(rd.take(H * D * raw_item), raw_dtype, (H, 1, D)) for rd in readers]
+                rows = [
+                    _raw_rows(rd.take(H * D * raw_item), raw_dtype, (H, 1, D)) for rd in readers
+                ]
                 out.append(_to_tensor(np.stack(rows), raw_dtype, device).to(dtype))
     return keys, values, sink_keys, sink_values, n, h0
 
 
-def _dequantized_rows(readers: list[_Reader], n: list[int], bits: int, sc: QuantScheme, is_key: bool, H: int, D: int,
-                      dtype: torch.dtype, raw_dtype: torch.dtype, raw_item: int, device) -> torch.Tensor:
+def _dequantized_rows(
+    readers: list[_Reader],
+    n: list[int],
+    bits: int,
+    sc: QuantScheme,
+    is_key: bool,
+    H: int,
+    D: int,
+    dtype: torch.dtype,
+    raw_dtype: torch.dtype,
+    raw_item: int,
+    device,
+) -> torch.Tensor:
     r = sc.raw_first
     firsts, streams, scales, zeros = [], [], [], []
     for rd, k in zip(readers, n):
@@ -262,7 +322,12 @@ def _dequantized_rows(readers: list[_Reader], n: list[int], bits: int, sc: Quant
         firsts.append(_raw_rows(rd.take(H * r_i * D * raw_item), raw_dtype, (H, r_i, D)))
         if not m:
             streams.append(b"")
-            scales.append(np.zeros((H if is_key or sc.value_group == "head" else 1, 0, D if is_key else 1), np.float16))
+            scales.append(
+                np.zeros(
+                    (H if is_key or sc.value_group == "head" else 1, 0, D if is_key else 1),
+                    np.float16,
+                )
+            )
             zeros.append(scales[-1])
             continue
         streams.append(rd.take(math.ceil(H * m * D * bits / 8)))
@@ -284,15 +349,20 @@ def _dequantized_rows(readers: list[_Reader], n: list[int], bits: int, sc: Quant
     at = 0
     for i, (m, stream) in enumerate(zip(m_rows, streams)):
         if m:
-            c[i, :, :m] = unpack_bits_torch(packed[at : at + len(stream)], bits, H * m * D).reshape(H, m, D)
+            c[i, :, :m] = unpack_bits_torch(packed[at : at + len(stream)], bits, H * m * D).reshape(
+                H, m, D
+            )
             at += len(stream)
     s = torch.from_numpy(_padded(scales, 1)).to(device)
     z = torch.from_numpy(_padded(zeros, 1)).to(device)
     if is_key:
         # Row i's group j covers its tokens j*g .. j*g+g-1; when key_group is 0 a row is one group.
-        idx = torch.stack([
-            torch.arange(big_m, device=device) // (sc.key_group or max(k - min(r, k), 1)) for k in n
-        ]).clamp(max=s.shape[2] - 1)
+        idx = torch.stack(
+            [
+                torch.arange(big_m, device=device) // (sc.key_group or max(k - min(r, k), 1))
+                for k in n
+            ]
+        ).clamp(max=s.shape[2] - 1)
         s = torch.gather(s, 2, idx[:, None, :, None].expand(-1, H, -1, D))
         z = torch.gather(z, 2, idx[:, None, :, None].expand(-1, H, -1, D))
     rest = dequantize(c, s, z, torch.float32)

@@ -73,7 +73,11 @@ class ModelShape:
         (a bound on the prefill's transient memory): seven of the width (the norms, attention's and the
         MLP's outputs, o_proj, down_proj, the layer's), queries, keys and values, and the MLP's gate, up
         and activation."""
-        return 7 * self.hidden_size + (self.num_heads + 2 * self.num_kv_heads) * self.head_dim + 3 * self.intermediate_size
+        return (
+            7 * self.hidden_size
+            + (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+            + 3 * self.intermediate_size
+        )
 
     def kv_bytes_per_token(self, element: int) -> int:
         """Keys and values of every layer for one token."""
@@ -87,12 +91,23 @@ def shape_of(spec: str) -> ModelShape:
     config, source = model_config(spec)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    parameters = sum(p.numel() for p in model.parameters())  # .parameters() yields a tied weight once
+    parameters = sum(
+        p.numel() for p in model.parameters()
+    )  # .parameters() yields a tied weight once
     text = text_config(config)
     heads = text.num_attention_heads
-    return ModelShape(spec, parameters, text.hidden_size, text.intermediate_size, text.num_hidden_layers, heads,
-                      getattr(text, "num_key_value_heads", None) or heads,
-                      getattr(text, "head_dim", None) or text.hidden_size // heads, text.vocab_size, source)
+    return ModelShape(
+        spec,
+        parameters,
+        text.hidden_size,
+        text.intermediate_size,
+        text.num_hidden_layers,
+        heads,
+        getattr(text, "num_key_value_heads", None) or heads,
+        getattr(text, "head_dim", None) or text.hidden_size // heads,
+        text.vocab_size,
+        source,
+    )
 
 
 @dataclass(frozen=True)
@@ -112,12 +127,23 @@ class MemoryEstimate:
         return self.weights + self.kv + self.prefill + self.hidden_rows + self.decode
 
     def lines(self) -> list[str]:
-        parts = ", ".join(f"{k} {size(getattr(self, k))}" for k in ("weights", "kv", "prefill", "hidden_rows", "decode"))
-        return [f"{size(self.total)} per rank at batch {self.batch} x {self.tokens} tokens ({parts})"]
+        parts = ", ".join(
+            f"{k} {size(getattr(self, k))}"
+            for k in ("weights", "kv", "prefill", "hidden_rows", "decode")
+        )
+        return [
+            f"{size(self.total)} per rank at batch {self.batch} x {self.tokens} tokens ({parts})"
+        ]
 
 
-def estimate(shapes: list[ModelShape], element: int, batch: int, prompt_tokens: int, new_tokens: int,
-             memo_entries: int) -> MemoryEstimate:
+def estimate(
+    shapes: list[ModelShape],
+    element: int,
+    batch: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    memo_entries: int,
+) -> MemoryEstimate:
     """Upper bounds per rank: weights of every distinct model; KV for the memo's prefills plus the
     cache being decoded and B's assembled cache (A's tokens and B's), each at batch x (prompt + new)
     tokens of the widest cache; one layer's prefill activations (`layer_activations_per_token`); the
@@ -125,9 +151,13 @@ def estimate(shapes: list[ModelShape], element: int, batch: int, prompt_tokens: 
     tokens = prompt_tokens + new_tokens
     kv = max(s.kv_bytes_per_token(element) for s in shapes) * batch * tokens * (memo_entries + 2)
     prefill = max(batch * prompt_tokens * s.layer_activations_per_token * element for s in shapes)
-    hidden = max((s.num_layers + 1) * batch * s.hidden_size * element for s in shapes) * memo_entries
+    hidden = (
+        max((s.num_layers + 1) * batch * s.hidden_size * element for s in shapes) * memo_entries
+    )
     decode = max(batch * s.vocab_size * 4 for s in shapes)
-    return MemoryEstimate(sum(s.parameters for s in shapes) * element, kv, prefill, hidden, decode, batch, tokens)
+    return MemoryEstimate(
+        sum(s.parameters for s in shapes) * element, kv, prefill, hidden, decode, batch, tokens
+    )
 
 
 def device_memory(device: torch.device) -> int | None:

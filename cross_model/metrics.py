@@ -153,7 +153,9 @@ def edit_similarity(prediction: str, answers: Sequence[str]) -> float:
     the public code computes it (2 x LCS(chars) / (len + len), the Levenshtein ratio with substitutions
     costing two edits, rounded to whole percent; rapidfuzz's implementation); max over gold answers."""
     line = first_code_line(prediction)
-    return max((round(fuzz.ratio(line, answer)) / 100 for answer in answers if line or answer), default=0.0)
+    return max(
+        (round(fuzz.ratio(line, answer)) / 100 for answer in answers if line or answer), default=0.0
+    )
 
 
 def rouge_l_recall_public(prediction: str, answers: Sequence[str]) -> float:
@@ -185,7 +187,9 @@ def _first_position(haystack: str, needle: str) -> int | None:
     return m.start() if m else None
 
 
-def first_named_match(prediction: str, answers: Sequence[str], candidates: Iterable[str] = ()) -> float:
+def first_named_match(
+    prediction: str, answers: Sequence[str], candidates: Iterable[str] = ()
+) -> float:
     """Lenient: 1.0 when, in the answer's first sentence, a gold answer is named before any other
     candidate (e.g. the other companies of a tip sheet). Without candidates: a gold answer is named."""
     sentence = normalize_answer(first_sentence(prediction))
@@ -205,11 +209,31 @@ def first_named_match(prediction: str, answers: Sequence[str], candidates: Itera
 # (any case) whose rest of line holds a capital A-D gives it; else a lone letter (any case) at the end
 # or before punctuation, the last one; else any lone a-d, the last; else the last capital A-D anywhere.
 # Lone letters are not taken from text that looks like arithmetic without a word of answering.
-_CHOICE_CUES = [re.compile(p + r"\s*(.*)", re.IGNORECASE) for p in (
-    r"Answer:", r"Your answer:", r"The answer is", r"Correct answer is", r"Correct answer is:", r"Correct answer:",
-    r"Jibu lako:", r"Jibu:", r"Jibu sahihi:", r"Response:", r"Choice:", r"Option:")]
-_LONE_LETTER = [re.compile(p, re.IGNORECASE) for p in (
-    r"\b([A-D])(?:\s*[.,!?:)]?\s*$)", r"\b([A-D])(?:\s*[.,!?:)]\s)", r"(?:^|\s)([A-D])(?:\s*$)")]
+_CHOICE_CUES = [
+    re.compile(p + r"\s*(.*)", re.IGNORECASE)
+    for p in (
+        r"Answer:",
+        r"Your answer:",
+        r"The answer is",
+        r"Correct answer is",
+        r"Correct answer is:",
+        r"Correct answer:",
+        r"Jibu lako:",
+        r"Jibu:",
+        r"Jibu sahihi:",
+        r"Response:",
+        r"Choice:",
+        r"Option:",
+    )
+]
+_LONE_LETTER = [
+    re.compile(p, re.IGNORECASE)
+    for p in (
+        r"\b([A-D])(?:\s*[.,!?:)]?\s*$)",
+        r"\b([A-D])(?:\s*[.,!?:)]\s)",
+        r"(?:^|\s)([A-D])(?:\s*$)",
+    )
+]
 _ANY_LETTER = re.compile(r"\b([A-D])\b", re.IGNORECASE)
 _MATH_SIGNS = ("+", "-", "*", "/", "=", "^", "x^", "y^", "z^", "mod", "sqrt", "sin", "cos", "tan")
 _ANSWER_WORDS = ("jibu", "answer", "choice", "option", "response", "correct", "sahihi")
@@ -226,7 +250,9 @@ def extract_choice_letter(text: str) -> str | None:
             letter = next((c for c in m.group(1).strip() if c in "ABCD"), None)
             if letter:
                 return letter
-    arithmetic = any(s in text for s in _MATH_SIGNS) and not any(w in text.lower() for w in _ANSWER_WORDS)
+    arithmetic = any(s in text for s in _MATH_SIGNS) and not any(
+        w in text.lower() for w in _ANSWER_WORDS
+    )
     for pattern in _LONE_LETTER:
         found = pattern.findall(text)
         if found and not arithmetic:
@@ -255,7 +281,9 @@ METRICS = {
 PUBLIC_METRICS = {"rouge_l_recall": "rouge_l_recall_public"}
 
 
-def score_prediction(metric: str, prediction: str, answers: Sequence[str], candidates: Iterable[str] = ()) -> dict[str, float]:
+def score_prediction(
+    metric: str, prediction: str, answers: Sequence[str], candidates: Iterable[str] = ()
+) -> dict[str, float]:
     """The task's primary score plus token F1 and the lenient first-named match, for every example."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; available: {', '.join(METRICS)}")

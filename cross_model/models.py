@@ -41,7 +41,12 @@ class ModelInfo:
     @property
     def kv_bytes_per_token_per_layer(self) -> int:
         """2 (K and V) x kv_heads x head_dim x bytes per element."""
-        return 2 * self.num_kv_heads * self.head_dim * torch.tensor([], dtype=getattr(torch, self.dtype)).element_size()
+        return (
+            2
+            * self.num_kv_heads
+            * self.head_dim
+            * torch.tensor([], dtype=getattr(torch, self.dtype)).element_size()
+        )
 
 
 @dataclass
@@ -116,7 +121,9 @@ def tiny_tokenizer(chat_template: bool = True) -> Any:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     if chat_template:
         fast.chat_template = TINY_CHAT_TEMPLATE
     return fast
@@ -129,9 +136,18 @@ def _tiny_llama(hidden: int, layers: int, heads: int, kv_heads: int) -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, initializer_range=0.2,
+        vocab_size=TINY_VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
     )
 
 
@@ -139,9 +155,18 @@ def _tiny_qwen2() -> Any:
     from transformers import Qwen2Config
 
     return Qwen2Config(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, initializer_range=0.2,
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
     )
 
 
@@ -150,10 +175,25 @@ def _tiny_gemma3() -> Any:
 
     # A sliding window shorter than the test prompts, so the window rule is exercised.
     return Gemma3TextConfig(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=4096,
-        sliding_window=24, layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2,
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=4096,
+        sliding_window=24,
+        layer_types=[
+            "sliding_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+        ],
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        initializer_range=0.2,
     )
 
 
@@ -217,7 +257,9 @@ PACKAGED_MODELS: dict[str, Callable[[], tuple[Path, str]]] = {
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("CROSS_MODEL_CACHE", Path.home() / ".cache" / "cross_model")).expanduser()
+    return Path(
+        os.environ.get("CROSS_MODEL_CACHE", Path.home() / ".cache" / "cross_model")
+    ).expanduser()
 
 
 # 2: weights saved as save_pretrained saves them (tied embedding under its input name, format tag);
@@ -269,15 +311,21 @@ def _save_dequantised(model: Any, directory: Path) -> None:
     directory.mkdir(parents=True)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    (directory / "config.json").write_text(json.dumps(legacy_config(config, type(model).__name__), indent=2))
+    (directory / "config.json").write_text(
+        json.dumps(legacy_config(config, type(model).__name__), indent=2)
+    )
     input_weight = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
     names = dict(model.named_parameters(remove_duplicate=False))
     input_name = next(n for n, p in names.items() if p is input_weight)
     tensors = {}
     for name, tensor in model.state_dict().items():
-        if output is not None and tensor.data_ptr() == output.weight.data_ptr() and name != input_name \
-                and output.weight is input_weight:
+        if (
+            output is not None
+            and tensor.data_ptr() == output.weight.data_ptr()
+            and name != input_name
+            and output.weight is input_weight
+        ):
             continue  # the tied copy: HF re-ties it on load
         tensors[name] = tensor.detach().contiguous()
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
@@ -302,7 +350,9 @@ def _load_packaged(name: str, dtype: torch.dtype, device: torch.device) -> tuple
         directory, filename = PACKAGED_MODELS[name]()
         log.info("de-quantising %s from %s (first load only; cached in %s)", name, filename, cached)
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=filename, dtype=torch.float32
+        )
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         _save_dequantised(model, tmp)
@@ -310,7 +360,9 @@ def _load_packaged(name: str, dtype: torch.dtype, device: torch.device) -> tuple
         legacy_tokenizer_config(tmp)
         (tmp / "COMPLETE").write_text(json.dumps({"source": filename, "format": CACHE_FORMAT}))
         cached.parent.mkdir(parents=True, exist_ok=True)
-        if cached.exists() and not _cache_is_current(cached):  # an older format: set aside, then removed
+        if cached.exists() and not _cache_is_current(
+            cached
+        ):  # an older format: set aside, then removed
             old = cached.with_name(f"{cached.name}.old-{os.getpid()}")
             os.replace(cached, old)
             shutil.rmtree(old, ignore_errors=True)
@@ -321,11 +373,15 @@ def _load_packaged(name: str, dtype: torch.dtype, device: torch.device) -> tuple
             shutil.rmtree(tmp, ignore_errors=True)
         del model
     tokenizer = AutoTokenizer.from_pretrained(cached)
-    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, attn_implementation="sdpa", device_map=device)
+    model = AutoModelForCausalLM.from_pretrained(
+        cached, dtype=dtype, attn_implementation="sdpa", device_map=device
+    )
     return model, tokenizer
 
 
-def _load_hf(spec: str, dtype: torch.dtype, device: torch.device, revision: str | None) -> tuple[Any, Any]:
+def _load_hf(
+    spec: str, dtype: torch.dtype, device: torch.device, revision: str | None
+) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -348,11 +404,27 @@ def _load_hf(spec: str, dtype: torch.dtype, device: torch.device, revision: str 
 # The papers' models, for a dry run on a machine without the hub (their config.json files' shapes).
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "meta-llama/Llama-3.1-8B-Instruct": dict(
-        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
     "meta-llama/Llama-3.2-3B-Instruct": dict(
-        model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True),
+        model_type="llama",
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
 }
 KNOWN_CONFIGS["meta-llama/Llama-3.1-8B"] = KNOWN_CONFIGS["meta-llama/Llama-3.1-8B-Instruct"]
 KNOWN_CONFIGS["meta-llama/Llama-3.2-3B"] = KNOWN_CONFIGS["meta-llama/Llama-3.2-3B-Instruct"]
@@ -376,7 +448,9 @@ def model_config(spec: str, revision: str | None = None) -> tuple[Any, str]:
     except OSError as err:
         if spec in KNOWN_CONFIGS:
             known = dict(KNOWN_CONFIGS[spec])
-            return AutoConfig.for_model(known.pop("model_type"), **known), "known shapes (hub not reached)"
+            return AutoConfig.for_model(
+                known.pop("model_type"), **known
+            ), "known shapes (hub not reached)"
         raise FileNotFoundError(f"no config for model {spec!r} here ({err})") from err
 
 
@@ -404,7 +478,9 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     freeze(model)
-    return LoadedModel(model=model, tokenizer=tokenizer, info=describe_model(spec, model, tokenizer, revision))
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, info=describe_model(spec, model, tokenizer, revision)
+    )
 
 
 def prepare_packaged_models() -> None:
@@ -412,11 +488,15 @@ def prepare_packaged_models() -> None:
     starts with them ready)."""
     for name in PACKAGED_MODELS:
         info = load_model(name).info
-        print(f"{name}: ready ({info.architecture}, {info.num_layers} layers, width {info.hidden_size}) in {cache_root()}")
+        print(
+            f"{name}: ready ({info.architecture}, {info.num_layers} layers, width {info.hidden_size}) in {cache_root()}"
+        )
 
 
 if __name__ == "__main__":
     import argparse
 
-    argparse.ArgumentParser(prog="python -m cross_model.models", description=prepare_packaged_models.__doc__).parse_args()
+    argparse.ArgumentParser(
+        prog="python -m cross_model.models", description=prepare_packaged_models.__doc__
+    ).parse_args()
     prepare_packaged_models()

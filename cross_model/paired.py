@@ -31,11 +31,18 @@ def mcnemar_exact_p(a_only: int, b_only: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float], samples: int = BOOTSTRAP_SAMPLES,
-                      seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+def paired_difference(
+    a: Sequence[float],
+    b: Sequence[float],
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
     """mean(b - a) over paired items, its bootstrap interval, and McNemar's p for 0/1 scores."""
     if len(a) != len(b):
-        raise ValueError(f"paired_difference: {len(a)} and {len(b)} scores; pairs need the same items")
+        raise ValueError(
+            f"paired_difference: {len(a)} and {len(b)} scores; pairs need the same items"
+        )
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     n = len(x)
     if n == 0:
@@ -46,8 +53,14 @@ def paired_difference(a: Sequence[float], b: Sequence[float], samples: int = BOO
     tail = (1 - level) / 2
     lo, hi = np.quantile(means, [tail, 1 - tail])
     a_only, b_only = int(((x >= 0.5) & (y < 0.5)).sum()), int(((x < 0.5) & (y >= 0.5)).sum())
-    return {"n": n, "diff": float(d.mean()), "ci95": (float(lo), float(hi)), "a_only": a_only, "b_only": b_only,
-            "mcnemar_p": mcnemar_exact_p(a_only, b_only)}
+    return {
+        "n": n,
+        "diff": float(d.mean()),
+        "ci95": (float(lo), float(hi)),
+        "a_only": a_only,
+        "b_only": b_only,
+        "mcnemar_p": mcnemar_exact_p(a_only, b_only),
+    }
 
 
 @dataclass(frozen=True)
@@ -68,8 +81,14 @@ class PairedResult:
         return verdict(self.to_dict(verdict_too=False))
 
     def to_dict(self, verdict_too: bool = True) -> dict[str, Any]:
-        out = {"n": self.n, "diff": self.diff, "ci95": self.ci95, "a_only": self.a_only, "b_only": self.b_only,
-               "mcnemar_p": self.mcnemar_p}
+        out = {
+            "n": self.n,
+            "diff": self.diff,
+            "ci95": self.ci95,
+            "a_only": self.a_only,
+            "b_only": self.b_only,
+            "mcnemar_p": self.mcnemar_p,
+        }
         return {**out, "verdict": verdict(out)} if verdict_too else out
 
 
@@ -80,17 +99,32 @@ def _by_id(rows: Rows) -> Mapping[str, dict[str, Any]]:
     return rows if isinstance(rows, Mapping) else {r["example_id"]: r for r in rows}
 
 
-def compare(reference: Rows, method: Rows, value: str | Callable[[dict[str, Any]], float | None] = "score",
-            seed: int = 0) -> PairedResult:
+def compare(
+    reference: Rows,
+    method: Rows,
+    value: str | Callable[[dict[str, Any]], float | None] = "score",
+    seed: int = 0,
+) -> PairedResult:
     """The one paired comparison: `method` minus `reference` on the items both have a value for,
     aligned by example id and taken in sorted id order, then `paired_difference` (seeded bootstrap,
     McNemar). `value` is a row key or a function of a row (None: the item has no value)."""
     get = (lambda r: r.get(value)) if isinstance(value, str) else value
     ref, got = _by_id(reference), _by_id(method)
-    ids = sorted(i for i in ref.keys() & got.keys() if get(ref[i]) is not None and get(got[i]) is not None)
-    res = paired_difference([float(get(ref[i])) for i in ids], [float(get(got[i])) for i in ids], seed=seed)
-    return PairedResult(res["n"], res["diff"], tuple(res["ci95"]), res["a_only"], res["b_only"], res["mcnemar_p"],
-                        tuple(ids))
+    ids = sorted(
+        i for i in ref.keys() & got.keys() if get(ref[i]) is not None and get(got[i]) is not None
+    )
+    res = paired_difference(
+        [float(get(ref[i])) for i in ids], [float(get(got[i])) for i in ids], seed=seed
+    )
+    return PairedResult(
+        res["n"],
+        res["diff"],
+        tuple(res["ci95"]),
+        res["a_only"],
+        res["b_only"],
+        res["mcnemar_p"],
+        tuple(ids),
+    )
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -104,7 +138,7 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 
 def verdict(result: dict[str, Any], alpha: float = 0.05) -> str:
-    """"better"/"worse" only when the interval excludes 0 and McNemar's test agrees (p < alpha): with
+    """ "better"/"worse" only when the interval excludes 0 and McNemar's test agrees (p < alpha): with
     few discordant items a percentile bootstrap alone is too ready to exclude 0."""
     lo, hi = result["ci95"]
     if result["mcnemar_p"] >= alpha:
@@ -116,8 +150,11 @@ def verdict(result: dict[str, Any], alpha: float = 0.05) -> str:
     return "no difference shown"
 
 
-def paired_rows(rows: dict[str, dict[str, list[dict[str, Any]]]], reference: str,
-                metrics: Sequence[str] = ("score", "first_named")) -> list[dict[str, Any]]:
+def paired_rows(
+    rows: dict[str, dict[str, list[dict[str, Any]]]],
+    reference: str,
+    metrics: Sequence[str] = ("score", "first_named"),
+) -> list[dict[str, Any]]:
     """For each task and each method but `reference`: the paired difference to `reference` on each
     metric, over the items both have (`rows`: task -> method -> result rows)."""
     out = []
@@ -130,7 +167,12 @@ def paired_rows(rows: dict[str, dict[str, list[dict[str, Any]]]], reference: str
                 continue
             got = _by_id(method_rows)
             shared = ref.keys() & got.keys()
-            line: dict[str, Any] = {"task": task, "method": method, "reference": reference, "n": len(shared)}
+            line: dict[str, Any] = {
+                "task": task,
+                "method": method,
+                "reference": reference,
+                "n": len(shared),
+            }
             for metric in metrics:
                 if not all(metric in ref[i] and metric in got[i] for i in shared):
                     continue
@@ -149,13 +191,19 @@ def holm_by_line(lines: list[dict[str, Any]], key: str) -> list[float | None]:
     return out
 
 
-def format_paired(lines: list[dict[str, Any]], metrics: Sequence[tuple[str, str]] = (("score", "accuracy"),
-                                                                                   ("first_named", "first-named"))) -> str:
+def format_paired(
+    lines: list[dict[str, Any]],
+    metrics: Sequence[tuple[str, str]] = (("score", "accuracy"), ("first_named", "first-named")),
+) -> str:
     """Markdown: difference in points [95% CI], McNemar p, verdict, per metric."""
     if not lines:
         return ""
     ref = lines[0]["reference"]
-    head = "| task | method | n | " + " | ".join(f"{label} - {ref} (points) [95% CI], McNemar p (Holm)" for _, label in metrics) + " |"
+    head = (
+        "| task | method | n | "
+        + " | ".join(f"{label} - {ref} (points) [95% CI], McNemar p (Holm)" for _, label in metrics)
+        + " |"
+    )
     table = [head, "|" + "---|" * (3 + len(metrics))]
     adjusted = {key: holm_by_line(lines, key) for key, _ in metrics}
     for n, line in enumerate(lines):
@@ -166,7 +214,11 @@ def format_paired(lines: list[dict[str, Any]], metrics: Sequence[tuple[str, str]
                 cells.append("-")
                 continue
             lo, hi = r["ci95"]
-            cells.append(f"{100 * r['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}], p={r['mcnemar_p']:.2g} "
-                         f"({adjusted[key][n]:.2g}): {r['verdict']}")
-        table.append(f"| {line['task']} | {line['method']} | {line['n']} | " + " | ".join(cells) + " |")
+            cells.append(
+                f"{100 * r['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}], p={r['mcnemar_p']:.2g} "
+                f"({adjusted[key][n]:.2g}): {r['verdict']}"
+            )
+        table.append(
+            f"| {line['task']} | {line['method']} | {line['n']} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(table)

@@ -35,16 +35,24 @@ def plan(cfg: ExperimentConfig) -> list[str]:
     lines = []
     for stage in cfg.stages:
         if stage == "train":
-            needs = [f"{name} ({cls.trained_by})" for name, cls, p in methods if cls.needs_training(p)]
-            lines.append(f"train: {'fit the learned parts of ' + ', '.join(needs) if needs else 'nothing to train'}")
+            needs = [
+                f"{name} ({cls.trained_by})" for name, cls, p in methods if cls.needs_training(p)
+            ]
+            lines.append(
+                f"train: {'fit the learned parts of ' + ', '.join(needs) if needs else 'nothing to train'}"
+            )
         elif stage == "calibrate":
             needs = [name for name, cls, p in methods if cls.needs_calibration(p)]
-            lines.append(f"calibrate: {'calibrate ' + ', '.join(needs) if needs else 'nothing to calibrate'}")
+            lines.append(
+                f"calibrate: {'calibrate ' + ', '.join(needs) if needs else 'nothing to calibrate'}"
+            )
         elif stage == "evaluate":
             tasks = ", ".join(t.key for t in cfg.tasks)
             lines.append(f"evaluate: {', '.join(n for n, _, _ in methods)} on {tasks}")
         elif stage == "report":
-            lines.append("report: results.json, results.md, results.csv and plots in the run directory")
+            lines.append(
+                "report: results.json, results.md, results.csv and plots in the run directory"
+            )
     return lines
 
 
@@ -67,28 +75,42 @@ def memory_plan(cfg: ExperimentConfig, device, dtype, longest_chars: int) -> lis
     tokens = longest_chars // CHARS_PER_TOKEN if longest_chars else 0
     if caps and all(caps):
         tokens = min(tokens, max(caps)) if tokens else max(caps)
-    elif not tokens and any(caps):  # no data here: the methods that read contexts say how long they may be
+    elif not tokens and any(
+        caps
+    ):  # no data here: the methods that read contexts say how long they may be
         tokens = max(c for c in caps if c)
     if not tokens:
-        return ["memory: not estimated (no task loaded here and no max_prompt_tokens on every method)"]
+        return [
+            "memory: not estimated (no task loaded here and no max_prompt_tokens on every method)"
+        ]
     new = max(t.max_new_tokens or get_task(t.name).max_new_tokens for t in cfg.tasks)
     batch = max([cfg.eval.batch_size] + [p.batch_size for _, _, p in methods if p.batch_size])
     element = torch.tensor([], dtype=dtype).element_size()
     est = estimate(shapes, element, batch, tokens, new, cfg.eval.reuse_prefills)
     lines = [f"memory: {line}" for line in est.lines()]
-    lines += [f"memory: {s.name}: {s.parameters / 1e6:,.1f} M parameters, {s.num_layers} layers, KV "
-              f"{s.kv_bytes_per_token(element) / 2**10:.0f} KiB per token (config: {s.source})" for s in shapes]
+    lines += [
+        f"memory: {s.name}: {s.parameters / 1e6:,.1f} M parameters, {s.num_layers} layers, KV "
+        f"{s.kv_bytes_per_token(element) / 2**10:.0f} KiB per token (config: {s.source})"
+        for s in shapes
+    ]
     budget = device_memory(device)
     if budget is not None and est.total > budget:
-        lines.append(f"memory: WARNING: {size(est.total)} is more than this device's {size(budget)}; "
-                     f"lower eval.batch_size or the methods' max_prompt_tokens (an out-of-memory batch is halved, "
-                     f"at the cost of time)")
+        lines.append(
+            f"memory: WARNING: {size(est.total)} is more than this device's {size(budget)}; "
+            f"lower eval.batch_size or the methods' max_prompt_tokens (an out-of-memory batch is halved, "
+            f"at the cost of time)"
+        )
     return lines
 
 
 def train_request(ctx: RunContext) -> TrainRequest:
-    return TrainRequest(ctx.cfg, ctx.models.pair, ctx.models.get, ctx.stop,
-                        ctx.tracker.log if ctx.tracker is not None else None)
+    return TrainRequest(
+        ctx.cfg,
+        ctx.models.pair,
+        ctx.models.get,
+        ctx.stop,
+        ctx.tracker.log if ctx.tracker is not None else None,
+    )
 
 
 def methods_to_train(cfg: ExperimentConfig) -> list[tuple[str, type, Any]]:
@@ -142,9 +164,17 @@ def trained_artefacts(ctx: RunContext, trained: dict[str, Path]) -> dict[str, st
 def build_methods(ctx: RunContext, trained: dict[str, Path]) -> dict[str, Any]:
     """Every configured method instance, built with its models and (when it has one) its learned part."""
     paths = trained_artefacts(ctx, trained)
-    return {name: cls(params, ctx.models.pair(params), name, ctx.run_dir, trained=paths.get(name),
-                      load_model=ctx.models.get)
-            for name, cls, params in method_instances(ctx.cfg)}
+    return {
+        name: cls(
+            params,
+            ctx.models.pair(params),
+            name,
+            ctx.run_dir,
+            trained=paths.get(name),
+            load_model=ctx.models.get,
+        )
+        for name, cls, params in method_instances(ctx.cfg)
+    }
 
 
 def calibrate_stage(ctx: RunContext, methods: dict[str, Any], splits: dict) -> None:
@@ -163,7 +193,9 @@ def check_saved_calibrations(ctx: RunContext) -> list[str]:
     if "evaluate" not in ctx.cfg.stages or "calibrate" in ctx.cfg.stages:
         return []
     needs = [n for n, c, p in method_instances(ctx.cfg) if c.needs_calibration(p)]
-    missing = broadcast_object([n for n in needs if not calibration_path(ctx.run_dir, n).exists()] if is_main() else None)
+    missing = broadcast_object(
+        [n for n in needs if not calibration_path(ctx.run_dir, n).exists()] if is_main() else None
+    )
     if missing:
         raise RunRefused(
             f"methods {', '.join(missing)} choose their layers or bits by calibration, and {ctx.run_dir} holds no saved "
@@ -179,11 +211,18 @@ def evaluate_stage(ctx: RunContext, methods: dict[str, Any], splits: dict) -> No
         calibrate_methods(ctx.run_dir, methods, saved, [], ctx.cfg.eval.batch_size)
     outcomes = evaluate(ctx, methods, splits)
     for task, o in outcomes.items():
-        log.info("evaluate %s: %d batches on this rank, %d prefills shared between methods, %d run",
-                 task, o.batches, o.prefill_hits, o.prefill_misses)
+        log.info(
+            "evaluate %s: %d batches on this rank, %d prefills shared between methods, %d run",
+            task,
+            o.batches,
+            o.prefill_hits,
+            o.prefill_misses,
+        )
 
 
-def report_run(cfg: ExperimentConfig, run_dir: Path, splits: dict, tracker: Any = None) -> list[Path]:
+def report_run(
+    cfg: ExperimentConfig, run_dir: Path, splits: dict, tracker: Any = None
+) -> list[Path]:
     """Read every rank's results in `run_dir`, write the report files, print the table (one process)."""
     names = list(cfg.methods)
     on_test = {t.key for t in cfg.tasks if t.calibrate_on == "test_item_0"}
@@ -197,7 +236,9 @@ def report_run(cfg: ExperimentConfig, run_dir: Path, splits: dict, tracker: Any 
             rows.setdefault(task, {})[name] = task_rows
     context = load_run_context(run_dir)
     paths = write_reports(run_dir, summary, rows, context)
-    if plot_layer_sweep(run_dir / "layer_sweep.png", summary, (context.get("config") or {}).get("methods") or {}):
+    if plot_layer_sweep(
+        run_dir / "layer_sweep.png", summary, (context.get("config") or {}).get("methods") or {}
+    ):
         paths.append(run_dir / "layer_sweep.png")
     if tracker is not None:
         tracker.log_summary(summary)
@@ -222,9 +263,15 @@ def run_stages(ctx: RunContext) -> dict[str, float]:
         methods: dict[str, Any] | None = None
         for stage in ctx.cfg.stages:
             if stage == "report" and is_main():
-                write_json_atomically(ctx.run_dir / "timings.json", {
-                    "stages": seconds, "total_s": time.perf_counter() - start, "world_size": get_world_size(),
-                    "platform": ctx.platform.description if ctx.platform else None})
+                write_json_atomically(
+                    ctx.run_dir / "timings.json",
+                    {
+                        "stages": seconds,
+                        "total_s": time.perf_counter() - start,
+                        "world_size": get_world_size(),
+                        "platform": ctx.platform.description if ctx.platform else None,
+                    },
+                )
             log.info("== stage %s ==", stage)
             t0 = time.perf_counter()
             if stage == "train":

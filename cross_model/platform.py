@@ -45,7 +45,9 @@ def cuda_index_for_rank(local_rank: int, visible: int, local_world_size: int | N
     CUDA_VISIBLE_DEVICES set per rank). Anything else, more ranks than GPUs above all, is an error:
     two ranks on one GPU would run at half speed and nccl refuses them."""
     if visible < 1:
-        raise ValueError(f"platform.device: no CUDA device for LOCAL_RANK={local_rank} ({_visible_devices_text(visible)})")
+        raise ValueError(
+            f"platform.device: no CUDA device for LOCAL_RANK={local_rank} ({_visible_devices_text(visible)})"
+        )
     if visible > 1 and local_world_size is not None and local_world_size > visible:
         raise ValueError(
             f"platform.device: {local_world_size} ranks on this node (LOCAL_WORLD_SIZE) but {_visible_devices_text(visible)}; "
@@ -53,7 +55,11 @@ def cuda_index_for_rank(local_rank: int, visible: int, local_world_size: int | N
         )
     if local_rank < visible:
         return local_rank
-    if visible == 1 and os.environ.get("CUDA_VISIBLE_DEVICES") is None and (local_world_size or 1) > 1:
+    if (
+        visible == 1
+        and os.environ.get("CUDA_VISIBLE_DEVICES") is None
+        and (local_world_size or 1) > 1
+    ):
         # Every rank of this node sees the same single GPU (nothing gave each its own).
         raise ValueError(
             f"platform.device: {local_world_size} ranks on this node (LOCAL_WORLD_SIZE) all see the one GPU "
@@ -91,9 +97,13 @@ def detect_platform(device: str = "auto", dtype: str = "auto", local_rank: int =
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("platform.device: cuda was asked for but no CUDA device is visible; use auto or cpu")
+        raise ValueError(
+            "platform.device: cuda was asked for but no CUDA device is visible; use auto or cpu"
+        )
     if device == "mps" and not _mps_available():
-        raise ValueError("platform.device: mps was asked for but MPS is not available; use auto or cpu")
+        raise ValueError(
+            "platform.device: mps was asked for but MPS is not available; use auto or cpu"
+        )
     if device not in ("cuda", "mps", "cpu"):
         raise ValueError(f"platform.device: {device!r} is not one of auto, cuda, mps, cpu")
 
@@ -109,7 +119,9 @@ def detect_platform(device: str = "auto", dtype: str = "auto", local_rank: int =
         raise ValueError("platform.dtype: this GPU does not support bfloat16; use float16 or auto")
 
     if device == "cuda":
-        torch_device = torch.device("cuda", cuda_index_for_rank(local_rank, torch.cuda.device_count(), local_world_size()))
+        torch_device = torch.device(
+            "cuda", cuda_index_for_rank(local_rank, torch.cuda.device_count(), local_world_size())
+        )
         name = torch.cuda.get_device_name(torch_device)
     else:
         torch_device = torch.device(device)

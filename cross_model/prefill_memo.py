@@ -54,7 +54,9 @@ class Prefill:
     input_ids: torch.Tensor  # B x S: what the forward read (the suffixes when there is a prefix)
     suffix_mask: torch.Tensor  # B x S
     prefix_len: int
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer that ran, B x H x T x D (T = prefix + S)
+    kv: list[
+        tuple[torch.Tensor, torch.Tensor]
+    ]  # per layer that ran, B x H x T x D (T = prefix + S)
     hidden_last: list[torch.Tensor]  # hidden_states[l] at the last token, l = 0..layers (B x D)
     logits: torch.Tensor | None  # B x V at the last token, when the whole model ran
     layers: int
@@ -65,8 +67,11 @@ class Prefill:
     def past_mask(self) -> torch.Tensor | None:
         if not self.prefix_len:
             return None
-        return torch.ones((self.suffix_mask.shape[0], self.prefix_len), dtype=self.suffix_mask.dtype,
-                          device=self.suffix_mask.device)
+        return torch.ones(
+            (self.suffix_mask.shape[0], self.prefix_len),
+            dtype=self.suffix_mask.dtype,
+            device=self.suffix_mask.device,
+        )
 
     @property
     def full_mask(self) -> torch.Tensor:
@@ -77,7 +82,12 @@ class Prefill:
     def position_offset(self) -> torch.Tensor | None:
         if not self.prefix_len:
             return None
-        return torch.full((self.suffix_mask.shape[0],), self.prefix_len, dtype=torch.long, device=self.suffix_mask.device)
+        return torch.full(
+            (self.suffix_mask.shape[0],),
+            self.prefix_len,
+            dtype=torch.long,
+            device=self.suffix_mask.device,
+        )
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -97,8 +107,13 @@ class Prefill:
 
 
 @torch.inference_mode()
-def run_prefill(lm: LoadedModel, batch: Batch | PrefixedBatch, ids_rows: list[list[int]], layers: int | None,
-                position_offset_B: torch.Tensor | None = None) -> Prefill:
+def run_prefill(
+    lm: LoadedModel,
+    batch: Batch | PrefixedBatch,
+    ids_rows: list[list[int]],
+    layers: int | None,
+    position_offset_B: torch.Tensor | None = None,
+) -> Prefill:
     """Prefill `batch` through `layers` blocks (None: all, with the last position's logits).
     `position_offset_B`: each row's first token takes this position instead of 0 (a left-padded batch)."""
     n_layers = lm.info.num_layers
@@ -107,12 +122,27 @@ def run_prefill(lm: LoadedModel, batch: Batch | PrefixedBatch, ids_rows: list[li
         raise ValueError(f"prefill: {lm.info.name} has {n_layers} layers, asked for {upto}")
     if isinstance(batch, PrefixedBatch):
         if position_offset_B is not None:
-            raise ValueError("prefill: a position offset needs a left-padded batch, not a shared-prefix one")
-        ids, suffix_mask, cache, prefix_len = batch.input_ids, batch.suffix_mask, batch.cache, batch.prefix_len
+            raise ValueError(
+                "prefill: a position offset needs a left-padded batch, not a shared-prefix one"
+            )
+        ids, suffix_mask, cache, prefix_len = (
+            batch.input_ids,
+            batch.suffix_mask,
+            batch.cache,
+            batch.prefix_len,
+        )
         full_mask, positions = batch.full_mask, batch.position_ids
     else:
-        ids, suffix_mask, cache, prefix_len = batch.input_ids, batch.attention_mask, DynamicCache(), 0
-        full_mask, positions = batch.attention_mask, positions_from_mask(batch.attention_mask, position_offset_B)
+        ids, suffix_mask, cache, prefix_len = (
+            batch.input_ids,
+            batch.attention_mask,
+            DynamicCache(),
+            0,
+        )
+        full_mask, positions = (
+            batch.attention_mask,
+            positions_from_mask(batch.attention_mask, position_offset_B),
+        )
     dec = decoder(lm)
     hidden: list[torch.Tensor | None] = [None] * (upto + 1)
     handles = []
@@ -125,27 +155,53 @@ def run_prefill(lm: LoadedModel, batch: Batch | PrefixedBatch, ids_rows: list[li
             hidden[index] = h[:, -1, :].clone(memory_format=torch.contiguous_format)
             if stop:
                 raise _StopForward
+
         return hook
 
-    handles.append(dec.embed_tokens.register_forward_hook(capture(0, layers is not None and upto == 0)))
+    handles.append(
+        dec.embed_tokens.register_forward_hook(capture(0, layers is not None and upto == 0))
+    )
     for i, block in enumerate(dec.layers[:upto]):
-        handles.append(block.register_forward_hook(capture(i + 1, layers is not None and i + 1 == upto)))
+        handles.append(
+            block.register_forward_hook(capture(i + 1, layers is not None and i + 1 == upto))
+        )
     logits = None
     try:
         if layers is None:
-            out = lm.model(input_ids=ids, attention_mask=full_mask, position_ids=positions,
-                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = lm.model(
+                input_ids=ids,
+                attention_mask=full_mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             logits = out.logits[:, -1, :]
         else:
-            dec(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True)
+            dec(
+                input_ids=ids,
+                attention_mask=full_mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
     except _StopForward:
         pass
     finally:
         for h in handles:
             h.remove()
     kv = [(layer.keys, layer.values) for layer in cache.layers[:upto]]
-    return Prefill(ids, suffix_mask, prefix_len, kv, hidden, logits, upto, [len(x) for x in ids_rows],
-                   [x[0] for x in ids_rows])
+    return Prefill(
+        ids,
+        suffix_mask,
+        prefix_len,
+        kv,
+        hidden,
+        logits,
+        upto,
+        [len(x) for x in ids_rows],
+        [x[0] for x in ids_rows],
+    )
 
 
 class PrefillMemo:
@@ -158,8 +214,14 @@ class PrefillMemo:
         self._entries: OrderedDict[tuple, tuple[weakref.ref, Prefill]] = OrderedDict()
         self.hits = self.misses = 0
 
-    def get(self, lm: LoadedModel, ids: list[list[int]], share_prefix: bool, layers: int | None,
-            make_batch) -> Prefill:
+    def get(
+        self,
+        lm: LoadedModel,
+        ids: list[list[int]],
+        share_prefix: bool,
+        layers: int | None,
+        make_batch,
+    ) -> Prefill:
         """The prefill of these prompts through `layers` blocks (None: all + logits); `make_batch()`
         builds the batch when it has to run."""
         key = (id(lm.model), share_prefix, tuple(tuple(x) for x in ids))
@@ -168,7 +230,9 @@ class PrefillMemo:
         if found is not None and model_ref() is not lm.model:
             del self._entries[key]
             found = None
-        if found is not None and (found.logits is not None or (layers is not None and found.layers >= need)):
+        if found is not None and (
+            found.logits is not None or (layers is not None and found.layers >= need)
+        ):
             self._entries.move_to_end(key)
             self.hits += 1
             return found

@@ -39,8 +39,16 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """Counts `unit`s done out of `total` on this rank; only rank 0 shows anything."""
 
-    def __init__(self, total: int, desc: str, unit: str = "items", initial: int = 0, note: str = "",
-                 every_s: float | None = None, clock: Any = time.monotonic):
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str = "items",
+        initial: int = 0,
+        note: str = "",
+        every_s: float | None = None,
+        clock: Any = time.monotonic,
+    ):
         self.total, self.desc, self.unit, self.note = total, desc, unit, note
         self.done = initial
         self._initial = initial
@@ -61,8 +69,10 @@ class Progress:
         left = self.total - self.done
         eta = format_duration(left / rate) if rate > 0 else "unknown"
         note = f" ({self.note})" if self.note else ""
-        return (f"{self.desc}: {self.done}/{self.total} {self.unit}{note}, {rate:.3g} {self.unit}/s, "
-                f"elapsed {format_duration(elapsed)}, ETA {eta}")
+        return (
+            f"{self.desc}: {self.done}/{self.total} {self.unit}{note}, {rate:.3g} {self.unit}/s, "
+            f"elapsed {format_duration(elapsed)}, ETA {eta}"
+        )
 
     def update(self, n: int = 1) -> None:
         self.done += n

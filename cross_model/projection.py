@@ -36,18 +36,32 @@ class LearnedProjection(nn.Module):
         return self.linear(a.float())
 
 
-IDENTITY_KEYS = ("sender", "receiver", "sender_revision", "receiver_revision", "k", "j", "d_in", "d_out")
+IDENTITY_KEYS = (
+    "sender",
+    "receiver",
+    "sender_revision",
+    "receiver_revision",
+    "k",
+    "j",
+    "d_in",
+    "d_out",
+)
 
 
 def save_projection(proj: LearnedProjection, directory: Path, meta: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in proj.state_dict().items()}, str(directory / "projection.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in proj.state_dict().items()},
+        str(directory / "projection.safetensors"),
+    )
     (directory / "projection.json").write_text(json.dumps(meta, indent=2))
 
 
-def load_projection(directory: str | Path, expected: dict[str, Any]) -> tuple[LearnedProjection, dict[str, Any]]:
+def load_projection(
+    directory: str | Path, expected: dict[str, Any]
+) -> tuple[LearnedProjection, dict[str, Any]]:
     """Load W and refuse it when it was fitted for another pair, other layers or other widths, or when
     its files do not match their checksums (when it was written by the trainer)."""
     from safetensors.torch import load_file
@@ -55,7 +69,9 @@ def load_projection(directory: str | Path, expected: dict[str, Any]) -> tuple[Le
     directory = Path(directory)
     meta_path, weights_path = directory / "projection.json", directory / "projection.safetensors"
     if not meta_path.exists() or not weights_path.exists():
-        raise FileNotFoundError(f"no projection in {directory} (expected projection.json and projection.safetensors)")
+        raise FileNotFoundError(
+            f"no projection in {directory} (expected projection.json and projection.safetensors)"
+        )
     if (directory / META).exists():
         ok, why = verify(directory)
         if ok is None:

@@ -46,8 +46,11 @@ class PrefixedBatch:
 
     @property
     def past_mask(self) -> torch.Tensor:
-        return torch.ones((self.input_ids.shape[0], self.prefix_len), dtype=self.suffix_mask.dtype,
-                          device=self.suffix_mask.device)
+        return torch.ones(
+            (self.input_ids.shape[0], self.prefix_len),
+            dtype=self.suffix_mask.dtype,
+            device=self.suffix_mask.device,
+        )
 
     @property
     def full_mask(self) -> torch.Tensor:
@@ -55,7 +58,12 @@ class PrefixedBatch:
 
     @property
     def position_offset(self) -> torch.Tensor:
-        return torch.full((self.input_ids.shape[0],), self.prefix_len, dtype=torch.long, device=self.input_ids.device)
+        return torch.full(
+            (self.input_ids.shape[0],),
+            self.prefix_len,
+            dtype=torch.long,
+            device=self.input_ids.device,
+        )
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -97,14 +105,21 @@ class PrefixCache:
         self._entries.clear()
 
     @torch.inference_mode()
-    def _prefix_kv(self, lm: LoadedModel, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _prefix_kv(
+        self, lm: LoadedModel, prefix: list[int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         key = (id(lm.model), tuple(prefix))
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key]
         ids = torch.tensor([prefix], dtype=torch.long, device=lm.device)
         cache = DynamicCache()
-        lm.model.get_decoder()(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True)
+        lm.model.get_decoder()(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            past_key_values=cache,
+            use_cache=True,
+        )
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         if _kv_bytes(kv) <= self.max_bytes:  # a prefix over the bound is used once, never kept
             self._entries[key] = kv
@@ -116,21 +131,29 @@ class PrefixCache:
         """The batch as (cached shared prefix, suffixes), or None when the rows share too little or
         the layout would change a sliding window."""
         p = shared_prefix_length(ids)
-        if len(ids) < 2 or p < MIN_SHARED:  # one row has nothing to share (and would evict useful prefixes)
+        if (
+            len(ids) < 2 or p < MIN_SHARED
+        ):  # one row has nothing to share (and would evict useful prefixes)
             return None
         if not self.fits_window(lm, [len(x) for x in ids]):
             return None
         batch = pad_left([x[p:] for x in ids], lm.tokenizer.pad_token_id, lm.device)
-        return PrefixedBatch(batch.input_ids, batch.attention_mask, self.cache_for(lm, ids[0][:p], len(ids)), p)
+        return PrefixedBatch(
+            batch.input_ids, batch.attention_mask, self.cache_for(lm, ids[0][:p], len(ids)), p
+        )
 
     def fits_window(self, lm: LoadedModel, lengths: list[int]) -> bool:
         """Whether rows of these lengths can use the prefix layout without shifting a sliding window."""
         window = sliding_window(lm)
-        return window is None or max(lengths) + (max(lengths) - min(lengths)) + self.reserve < window
+        return (
+            window is None or max(lengths) + (max(lengths) - min(lengths)) + self.reserve < window
+        )
 
     def cache_for(self, lm: LoadedModel, prefix: list[int], n_rows: int) -> DynamicCache:
         """A cache holding `prefix` for each of `n_rows` rows."""
         cache = DynamicCache()
         for layer, (k, v) in enumerate(self._prefix_kv(lm, prefix)):
-            cache.update(k.expand(n_rows, -1, -1, -1).clone(), v.expand(n_rows, -1, -1, -1).clone(), layer)
+            cache.update(
+                k.expand(n_rows, -1, -1, -1).clone(), v.expand(n_rows, -1, -1, -1).clone(), layer
+            )
         return cache

@@ -12,20 +12,28 @@ import torch
 from cross_model.data.base import CHOICE, CODE, MATH, QA, SUMMARY, Example
 from cross_model.models import LoadedModel
 
-QA_INSTRUCTION = "Directly answer the question based on the context passage, no explanation is needed."
+QA_INSTRUCTION = (
+    "Directly answer the question based on the context passage, no explanation is needed."
+)
 MATH_INSTRUCTION = "Answer the math problem step by step."
 # RepoBench and SAMSum split one input between the agents: A has the cross-file code (the first half of
 # the dialogue), B the in-file code (the second half).
-CODE_INSTRUCTION = "Complete the next line of code, using the code in the context; answer with that line only."
-SUMMARY_INSTRUCTION = "Summarize the whole dialogue, the part in the context and the part in the question, briefly."
+CODE_INSTRUCTION = (
+    "Complete the next line of code, using the code in the context; answer with that line only."
+)
+SUMMARY_INSTRUCTION = (
+    "Summarize the whole dialogue, the part in the context and the part in the question, briefly."
+)
 # Multiple choice (C2C's benchmarks): both agents read the question; B's prompt is the benchmark's own
 # answer template, read as it is (it carries its instructions), A's the question and its choices.
 CHOICE_INSTRUCTION = "Read the multiple-choice question and its choices."
-INSTRUCTIONS = {MATH: MATH_INSTRUCTION, CODE: CODE_INSTRUCTION, SUMMARY: SUMMARY_INSTRUCTION,
-                CHOICE: CHOICE_INSTRUCTION}
-SENDER_AWARE_INSTRUCTION = (
-    "Summarize the context passage in a concise way, as it will be used by another agent to answer the question."
-)
+INSTRUCTIONS = {
+    MATH: MATH_INSTRUCTION,
+    CODE: CODE_INSTRUCTION,
+    SUMMARY: SUMMARY_INSTRUCTION,
+    CHOICE: CHOICE_INSTRUCTION,
+}
+SENDER_AWARE_INSTRUCTION = "Summarize the context passage in a concise way, as it will be used by another agent to answer the question."
 
 
 # The public KVComm code's prompt families (`preset: kvcomm_public` marks its items with
@@ -34,8 +42,16 @@ PUBLIC_FAMILY = "public"
 PUBLIC_PROMPTS = {
     QA: (QA_INSTRUCTION, "Context", "Question"),
     MATH: (MATH_INSTRUCTION, "Hint", "Question"),
-    CODE: ("Complete ONLY THE NEXT LINE of the code snippet based on the context.", "Context", "Code Snippet"),
-    SUMMARY: ("Summarize the following content concisely with one sentence.", "Content part 1", "Content part 2"),
+    CODE: (
+        "Complete ONLY THE NEXT LINE of the code snippet based on the context.",
+        "Context",
+        "Code Snippet",
+    ),
+    SUMMARY: (
+        "Summarize the following content concisely with one sentence.",
+        "Content part 1",
+        "Content part 2",
+    ),
 }
 PUBLIC_SENDER_AWARE = {
     QA: SENDER_AWARE_INSTRUCTION,
@@ -61,7 +77,11 @@ def instruction(example: Example) -> str:
 
 def sender_aware_instruction(example: Example) -> str:
     """A told to summarise for another agent (NLD's `sender_aware`); the public family has one per kind."""
-    return PUBLIC_SENDER_AWARE.get(example.kind, SENDER_AWARE_INSTRUCTION) if _public(example) else SENDER_AWARE_INSTRUCTION
+    return (
+        PUBLIC_SENDER_AWARE.get(example.kind, SENDER_AWARE_INSTRUCTION)
+        if _public(example)
+        else SENDER_AWARE_INSTRUCTION
+    )
 
 
 def sender_text(example: Example, instr: str | None = None) -> str:
@@ -93,7 +113,9 @@ def skyline_text(example: Example, context: str | None = None) -> str:
 
 
 VECTOR_MARK = "\x00VECTORS\x00"  # where a method splices vectors into a prompt's text (CIPHER)
-_PROMPT_LOG: contextvars.ContextVar[list | None] = contextvars.ContextVar("cross_model_prompt_log", default=None)
+_PROMPT_LOG: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "cross_model_prompt_log", default=None
+)
 
 
 @contextlib.contextmanager
@@ -108,7 +130,9 @@ def recording_prompts() -> Iterator[list[dict[str, str]]]:
         _PROMPT_LOG.reset(token)
 
 
-CHAT_KWARGS = "chat_template_kwargs"  # LoadedModel.derived key: `models.chat_template_kwargs` of the run
+CHAT_KWARGS = (
+    "chat_template_kwargs"  # LoadedModel.derived key: `models.chat_template_kwargs` of the run
+)
 
 
 def chat_text(lm: LoadedModel, text: str) -> str:
@@ -116,7 +140,9 @@ def chat_text(lm: LoadedModel, text: str) -> str:
     `models.chat_template_kwargs`); plain text without one."""
     if lm.info.has_chat_template:
         text = lm.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
+            [{"role": "user", "content": text}],
+            tokenize=False,
+            add_generation_prompt=True,
             **lm.derived.get(CHAT_KWARGS, {}),
         )
     return text
@@ -143,7 +169,9 @@ class Batch:
         return self.attention_mask.sum(-1).tolist()
 
 
-def encode_texts(lm: LoadedModel, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+def encode_texts(
+    lm: LoadedModel, texts: list[str], max_length: int | None = None
+) -> list[list[int]]:
     """Token ids of already chat-wrapped texts. Special tokens come from the template when there is
     one; plain-text models get the tokenizer's own (e.g. Gemma's <bos>)."""
     add_special = not lm.info.has_chat_template

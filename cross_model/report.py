@@ -19,13 +19,21 @@ from cross_model.pipeline import report_run
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cross_model.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dir", type=Path, help="a run directory (it holds config.yaml and results/)")
+    ap = argparse.ArgumentParser(
+        prog="python -m cross_model.report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "run_dir", type=Path, help="a run directory (it holds config.yaml and results/)"
+    )
     args = ap.parse_args(argv)
     config = args.run_dir / "config.yaml"
     if not config.exists():
-        print(f"error: {args.run_dir} has no config.yaml; give the directory a run wrote (<output_dir>/<name>)",
-              file=sys.stderr)
+        print(
+            f"error: {args.run_dir} has no config.yaml; give the directory a run wrote (<output_dir>/<name>)",
+            file=sys.stderr,
+        )
         return 2
     try:
         cfg = load_experiment(config)

@@ -38,7 +38,11 @@ def repair_tail(path: Path) -> None:
     data = path.read_bytes()
     keep = data.rfind(b"\n") + 1
     if keep != len(data):
-        log.warning("%s ends in a partial line (killed while writing); dropped %d bytes", path, len(data) - keep)
+        log.warning(
+            "%s ends in a partial line (killed while writing); dropped %d bytes",
+            path,
+            len(data) - keep,
+        )
         with open(path, "r+b") as f:
             f.truncate(keep)
 
@@ -84,7 +88,9 @@ def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
-def gather_results(run_dir: Path, task: str, name: str, test: list[Example]) -> list[dict[str, Any]]:
+def gather_results(
+    run_dir: Path, task: str, name: str, test: list[Example]
+) -> list[dict[str, Any]]:
     """Every test item's row, in test order; an item without a row is an error, never skipped."""
     rows = read_results(result_dir(run_dir, task, name))
     missing = [e.example_id for e in test if e.example_id not in rows]

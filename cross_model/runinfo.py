@@ -32,9 +32,26 @@ from cross_model.distributed import (
 
 log = logging.getLogger(__name__)
 
-TRACKED_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "gguf", "datasets", "numpy", "simplemma")
+TRACKED_PACKAGES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "gguf",
+    "datasets",
+    "numpy",
+    "simplemma",
+)
 # Keys that may change between a run and its resumption without changing its results.
-RESUMABLE_KEYS = {"stages", "logging", "eval.batch_size", "eval.reuse_prefills", "eval.fail_fast_items", "eval.fail_fast_ratio", "eval.log_prompts"}
+RESUMABLE_KEYS = {
+    "stages",
+    "logging",
+    "eval.batch_size",
+    "eval.reuse_prefills",
+    "eval.fail_fast_items",
+    "eval.fail_fast_ratio",
+    "eval.log_prompts",
+}
 
 
 # The code a run executes. Not configs/: the run's own config is compared, resolved, by
@@ -50,15 +67,21 @@ def git_commit(repo: Path | None = None) -> dict[str, Any]:
     own, resolved, by `config_differences`)."""
     repo = repo or Path(__file__).resolve().parent.parent
     try:
+
         def git(*args: str) -> str:
-            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+            return subprocess.run(
+                ["git", *args], cwd=repo, capture_output=True, text=True, check=True
+            ).stdout
 
         commit = git("rev-parse", "HEAD").strip()
         dirty = bool(git("status", "--porcelain").strip())
         # Only what runs counts as a code change: editing docs or tests while a run waits is not one.
         diff = git("diff", "HEAD", "--binary", "--", *CODE_PATHS)
-        return {"commit": commit, "dirty": dirty,
-                "changes": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff.strip() else None}
+        return {
+            "commit": commit,
+            "dirty": dirty,
+            "changes": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff.strip() else None,
+        }
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None, "changes": None}
 
@@ -98,10 +121,17 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(old: dict, new: dict) -> list[str]:
     a, b = _flatten(old), _flatten(new)
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)]
+    return [
+        k
+        for k in keys
+        if a.get(k) != b.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)
+    ]
 
 
-IDENTITY_PACKAGES = ("torch", "transformers")  # their kernels and defaults change answers like our code does
+IDENTITY_PACKAGES = (
+    "torch",
+    "transformers",
+)  # their kernels and defaults change answers like our code does
 
 
 def run_identity(meta: dict[str, Any], device: str, dtype: str) -> dict[str, Any]:
@@ -110,11 +140,18 @@ def run_identity(meta: dict[str, Any], device: str, dtype: str) -> dict[str, Any
     the torch and transformers versions."""
     git = meta.get("git") or {}
     found = meta.get("versions") or {}
-    return {"device": device, "dtype": dtype, "commit": git.get("commit"), "changes": git.get("changes"),
-            **{name: found.get(name) for name in IDENTITY_PACKAGES}}
+    return {
+        "device": device,
+        "dtype": dtype,
+        "commit": git.get("commit"),
+        "changes": git.get("changes"),
+        **{name: found.get(name) for name in IDENTITY_PACKAGES},
+    }
 
 
-def check_identity(run_dir: Path, first: dict[str, Any], now: dict[str, Any], allow_code_change: bool) -> None:
+def check_identity(
+    run_dir: Path, first: dict[str, Any], now: dict[str, Any], allow_code_change: bool
+) -> None:
     if (first.get("device"), first.get("dtype")) != (now["device"], now["dtype"]):
         raise ValueError(
             f"run directory {run_dir} was started on {first.get('device')} in {first.get('dtype')}, this start resolves to "
@@ -125,10 +162,15 @@ def check_identity(run_dir: Path, first: dict[str, Any], now: dict[str, Any], al
     if first.get("commit") != now.get("commit"):
         changed.append(f"commit {first.get('commit')} -> {now.get('commit')}")
     elif first.get("changes") != now.get("changes"):
-        changed.append(f"uncommitted changes {first.get('changes') or 'none'} -> {now.get('changes') or 'none'}")
+        changed.append(
+            f"uncommitted changes {first.get('changes') or 'none'} -> {now.get('changes') or 'none'}"
+        )
     # Runs started before the versions were part of the identity have none to compare.
-    changed += [f"{name} {first[name]} -> {now.get(name)}" for name in IDENTITY_PACKAGES
-                if name in first and first[name] != now.get(name)]
+    changed += [
+        f"{name} {first[name]} -> {now.get(name)}"
+        for name in IDENTITY_PACKAGES
+        if name in first and first[name] != now.get(name)
+    ]
     if changed:
         what = "; ".join(changed)
         if not allow_code_change:
@@ -137,11 +179,17 @@ def check_identity(run_dir: Path, first: dict[str, Any], now: dict[str, Any], al
                 f"Check out the code (and install the versions) it started with, pick another --name, or pass "
                 f"--allow-code-change to resume anyway (each row records the start it came from)"
             )
-        log.warning("resuming %s with changed code (%s), as --allow-code-change asks", run_dir, what)
+        log.warning(
+            "resuming %s with changed code (%s), as --allow-code-change asks", run_dir, what
+        )
 
 
-def prepare_run_dir(cfg: ExperimentConfig, meta: dict[str, Any], identity: dict[str, Any] | None = None,
-                    allow_code_change: bool = False) -> int:
+def prepare_run_dir(
+    cfg: ExperimentConfig,
+    meta: dict[str, Any],
+    identity: dict[str, Any] | None = None,
+    allow_code_change: bool = False,
+) -> int:
     """Create the run directory, or check that a restart uses the same config, hardware and code (resume,
     never overwrite). Returns this start's index (0 for the first start, the line in runs.jsonl)."""
     run_dir = cfg.run_dir
@@ -158,7 +206,9 @@ def prepare_run_dir(cfg: ExperimentConfig, meta: dict[str, Any], identity: dict[
                 f"resume it with the same arguments, or pick another --name"
             )
         if identity is not None and identity_path.exists():
-            check_identity(run_dir, json.loads(identity_path.read_text()), identity, allow_code_change)
+            check_identity(
+                run_dir, json.loads(identity_path.read_text()), identity, allow_code_change
+            )
     else:
         _atomic_write(config_path, yaml.safe_dump(resolved, sort_keys=False))
     if identity is not None and not identity_path.exists():
@@ -184,7 +234,9 @@ def check_shared_run_dir(run_dir: Path, wait_s: float = 20.0) -> None:
     tokens.mkdir(parents=True, exist_ok=True)
     (tokens / f"rank{get_rank()}").write_text(socket.gethostname())
     barrier()
-    deadline = time.monotonic() + wait_s  # network filesystems may list a new file a few seconds late
+    deadline = (
+        time.monotonic() + wait_s
+    )  # network filesystems may list a new file a few seconds late
     while True:
         seen = sorted(int(p.name[4:]) for p in tokens.glob("rank*"))
         if seen == list(range(world)) or time.monotonic() > deadline:
@@ -217,22 +269,41 @@ def load_run_context(run_dir: Path) -> dict[str, Any]:
     """What a report carries so its numbers can be reproduced: the resolved config, and the versions,
     commit, host and world size of every start of the run."""
     run_dir = Path(run_dir)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else None
+    config = (
+        yaml.safe_load((run_dir / "config.yaml").read_text())
+        if (run_dir / "config.yaml").exists()
+        else None
+    )
     starts = []
     if (run_dir / "runs.jsonl").exists():
-        starts = [json.loads(line) for line in (run_dir / "runs.jsonl").read_text().splitlines() if line.strip()]
+        starts = [
+            json.loads(line)
+            for line in (run_dir / "runs.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
     latest = starts[-1] if starts else {}
-    return {"name": run_dir.name, "config": config, "versions": latest.get("versions"), "git": latest.get("git"),
-            "starts": starts}
+    return {
+        "name": run_dir.name,
+        "config": config,
+        "versions": latest.get("versions"),
+        "git": latest.get("git"),
+        "starts": starts,
+    }
 
 
 def check_committed(data: dict[str, Any], run_dir: Path) -> None:
     """Refuse a run any of whose starts ran uncommitted code. Clean means no uncommitted change to the
     code that runs (`runinfo.CODE_PATHS`: its hash is `changes`); a docs file another make target
     rewrote in the same tree is not code."""
-    dirty = [i for i, st in enumerate(data.get("starts") or [])
-             if not (st.get("git") or {}).get("commit") or (st.get("git") or {}).get("changes") is not None]
+    dirty = [
+        i
+        for i, st in enumerate(data.get("starts") or [])
+        if not (st.get("git") or {}).get("commit")
+        or (st.get("git") or {}).get("changes") is not None
+    ]
     if dirty or not data.get("starts"):
-        raise ValueError(f"{run_dir}: start(s) {', '.join(map(str, dirty)) or '(none recorded)'} ran with uncommitted "
-                         f"changes to the code (or no commit recorded); a published result must come from committed "
-                         f"code. Commit, run its command again from the clean tree, then publish")
+        raise ValueError(
+            f"{run_dir}: start(s) {', '.join(map(str, dirty)) or '(none recorded)'} ran with uncommitted "
+            f"changes to the code (or no commit recorded); a published result must come from committed "
+            f"code. Commit, run its command again from the clean tree, then publish"
+        )

@@ -25,8 +25,12 @@ from cross_model.runinfo import check_committed
 
 
 def _spread(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def run_seed(run: dict[str, Any]) -> int:
@@ -42,46 +46,93 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("seed spread: give the results of two or more seeds")
     seeds = [run_seed(r) for r in runs]
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seed spread: the runs' seeds repeat ({seeds}); each run must have its own seed")
+        raise ValueError(
+            f"seed spread: the runs' seeds repeat ({seeds}); each run must have its own seed"
+        )
     keys = [{(s["task"], s["method"]) for s in r["summary"]} for r in runs]
     if any(k != keys[0] for k in keys):
-        raise ValueError("seed spread: the runs hold different tasks or methods; run one config at several seeds")
+        raise ValueError(
+            "seed spread: the runs hold different tasks or methods; run one config at several seeds"
+        )
     ids = [{(s["task"], s["method"]): s["n"] for s in r["summary"]} for r in runs]
     if any(i != ids[0] for i in ids):
-        raise ValueError("seed spread: the runs scored different numbers of items; run one config at several seeds")
+        raise ValueError(
+            "seed spread: the runs scored different numbers of items; run one config at several seeds"
+        )
     rows = []
     for task, method in sorted(keys[0]):
-        per = [next(s for s in r["summary"] if (s["task"], s["method"]) == (task, method)) for r in runs]
-        rows.append({"task": task, "method": method, "n": per[0]["n"], "seeds": seeds,
-                     "accuracy": _spread([s["accuracy"] for s in per]),
-                     "first_named": _spread([s["first_named"] for s in per]),
-                     "per_seed_first_named": [s["first_named"] for s in per]})
+        per = [
+            next(s for s in r["summary"] if (s["task"], s["method"]) == (task, method))
+            for r in runs
+        ]
+        rows.append(
+            {
+                "task": task,
+                "method": method,
+                "n": per[0]["n"],
+                "seeds": seeds,
+                "accuracy": _spread([s["accuracy"] for s in per]),
+                "first_named": _spread([s["first_named"] for s in per]),
+                "per_seed_first_named": [s["first_named"] for s in per],
+            }
+        )
     controls = []
-    by_key = [{(c["task"], c["method"], c["control"]): c for c in r.get("latentwire_controls", [])} for r in runs]
+    by_key = [
+        {(c["task"], c["method"], c["control"]): c for c in r.get("latentwire_controls", [])}
+        for r in runs
+    ]
     for key in sorted(set.intersection(*(set(b) for b in by_key))) if by_key[0] else []:
         gaps = [b[key]["nll_gap"]["diff"] for b in by_key]
-        controls.append({"task": key[0], "method": key[1], "control": key[2], "nll_gap": _spread(gaps),
-                         "seeds_crossed": sum(bool(b[key]["information_crossed"]) for b in by_key)})
-    return {"seeds": seeds, "runs": [{"name": r["name"], "seed": run_seed(r),
-                                      "commit": (r["starts"][0].get("git") or {}).get("commit")} for r in runs],
-            "rows": rows, "controls": controls}
+        controls.append(
+            {
+                "task": key[0],
+                "method": key[1],
+                "control": key[2],
+                "nll_gap": _spread(gaps),
+                "seeds_crossed": sum(bool(b[key]["information_crossed"]) for b in by_key),
+            }
+        )
+    return {
+        "seeds": seeds,
+        "runs": [
+            {
+                "name": r["name"],
+                "seed": run_seed(r),
+                "commit": (r["starts"][0].get("git") or {}).get("commit"),
+            }
+            for r in runs
+        ],
+        "rows": rows,
+        "controls": controls,
+    }
 
 
 def format_spread(data: dict[str, Any]) -> str:
     n = len(data["seeds"])
-    lines = [f"| task | method | items | accuracy % over {n} seeds: mean (sd) [min, max] | first-named %: mean (sd) "
-             f"[min, max] |", "|---|---|---|---|---|"]
+    lines = [
+        f"| task | method | items | accuracy % over {n} seeds: mean (sd) [min, max] | first-named %: mean (sd) "
+        f"[min, max] |",
+        "|---|---|---|---|---|",
+    ]
     for r in data["rows"]:
-        cells = [f"{100 * s['mean']:.1f} ({100 * s['sd']:.1f}) [{100 * s['min']:.0f}, {100 * s['max']:.0f}]"
-                 for s in (r["accuracy"], r["first_named"])]
+        cells = [
+            f"{100 * s['mean']:.1f} ({100 * s['sd']:.1f}) [{100 * s['min']:.0f}, {100 * s['max']:.0f}]"
+            for s in (r["accuracy"], r["first_named"])
+        ]
         lines.append(f"| {r['task']} | {r['method']} | {r['n']} | {cells[0]} | {cells[1]} |")
     if data["controls"]:
-        lines += ["", "| task | latent | control | gold-NLL gap (control - latent): mean (sd) [min, max] | seeds where "
-                      "information crossed |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| task | latent | control | gold-NLL gap (control - latent): mean (sd) [min, max] | seeds where "
+            "information crossed |",
+            "|---|---|---|---|---|",
+        ]
         for c in data["controls"]:
             g = c["nll_gap"]
-            lines.append(f"| {c['task']} | {c['method']} | {c['control']} | {g['mean']:+.3f} ({g['sd']:.3f}) "
-                         f"[{g['min']:+.3f}, {g['max']:+.3f}] | {c['seeds_crossed']} of {n} |")
+            lines.append(
+                f"| {c['task']} | {c['method']} | {c['control']} | {g['mean']:+.3f} ({g['sd']:.3f}) "
+                f"[{g['min']:+.3f}, {g['max']:+.3f}] | {c['seeds_crossed']} of {n} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -98,7 +149,11 @@ def publish(target: Path, run_dirs: list[Path]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cross_model.seed_spread", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m cross_model.seed_spread",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("target", type=Path, help="docs directory for seeds.json")
     ap.add_argument("runs", type=Path, nargs="+", help="the run directories, one per seed")
     args = ap.parse_args(argv)

@@ -89,8 +89,11 @@ def partial_forward(
     handle = target.register_forward_hook(hook)
     try:
         dec(
-            input_ids=input_ids_BT, attention_mask=attention_mask_BT, position_ids=position_ids_BT,
-            past_key_values=cache, use_cache=cache is not None,
+            input_ids=input_ids_BT,
+            attention_mask=attention_mask_BT,
+            position_ids=position_ids_BT,
+            past_key_values=cache,
+            use_cache=cache is not None,
         )
     except _StopForward:
         pass
@@ -111,7 +114,9 @@ def last_token(h_BTD: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Te
 
 
 @contextlib.contextmanager
-def residual_edit(lm: LoadedModel, j: int, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[dict]:
+def residual_edit(
+    lm: LoadedModel, j: int, edit: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[dict]:
     """While active, the residual entering block j (= `hidden_states[j]`) at the last position of
     each row (left padding: the last prompt token) is replaced by `edit(h_BD)`. Enter it around the
     prefill only, so decoding proceeds normally. Yields a record of the edit (before/after)."""

@@ -31,23 +31,36 @@ def sweep_groups(methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
             groups.setdefault(params["group"], {})[name] = params
     out = {}
     for group, members in groups.items():
-        names = list(dict.fromkeys(k for p in members.values() for k in p))  # the sweep's own key order
-        varying = [k for k in names if k != "group" and len({str(p.get(k)) for p in members.values()}) > 1]
+        names = list(
+            dict.fromkeys(k for p in members.values() for k in p)
+        )  # the sweep's own key order
+        varying = [
+            k for k in names if k != "group" and len({str(p.get(k)) for p in members.values()}) > 1
+        ]
         keys, labels = [], {}
         for k in varying:
-            twin = next((x for x in keys if all(p.get(x) == p.get(k) for p in members.values())), None)
+            twin = next(
+                (x for x in keys if all(p.get(x) == p.get(k) for p in members.values())), None
+            )
             if twin is None:
                 keys.append(k)
                 labels[k] = k
             else:
                 labels[twin] += f" = {k}"
-        out[group] = {"keys": keys, "label": " x ".join(labels[k] for k in keys),
-                      "instances": {m: {k: p.get(k) for k in keys} for m, p in members.items()}}
+        out[group] = {
+            "keys": keys,
+            "label": " x ".join(labels[k] for k in keys),
+            "instances": {m: {k: p.get(k) for k in keys} for m, p in members.items()},
+        }
     return out
 
 
-def plot_layer_sweep(path: Path, summary: list[dict[str, Any]], methods: dict[str, dict[str, Any]],
-                     reference: str | None = "baseline") -> bool:
+def plot_layer_sweep(
+    path: Path,
+    summary: list[dict[str, Any]],
+    methods: dict[str, dict[str, Any]],
+    reference: str | None = "baseline",
+) -> bool:
     """The metric against the swept parameter (one) or a heat map (two), per group and task; False
     (nothing drawn) without a sweep."""
     groups = {g: v for g, v in sweep_groups(methods).items() if 1 <= len(v["keys"]) <= 2}
@@ -61,15 +74,21 @@ def plot_layer_sweep(path: Path, summary: list[dict[str, Any]], methods: dict[st
     for row, (group, info) in enumerate(groups.items()):
         for col, task in enumerate(tasks):
             ax = axes[row][col]
-            points = [(inst, vals) for inst, vals in info["instances"].items() if (task, inst) in by]
+            points = [
+                (inst, vals) for inst, vals in info["instances"].items() if (task, inst) in by
+            ]
             if len(info["keys"]) == 1:
                 k = info["keys"][0]
                 pts = sorted((vals[k], by[(task, inst)]) for inst, vals in points)
                 xs = [x for x, _ in pts]
                 ax.plot(xs, [100 * s[key] for _, s in pts], marker="o", label=group)
-                ax.fill_between(xs, [100 * s[lo] for _, s in pts], [100 * s[hi] for _, s in pts], alpha=0.2)
+                ax.fill_between(
+                    xs, [100 * s[lo] for _, s in pts], [100 * s[hi] for _, s in pts], alpha=0.2
+                )
                 if reference and (task, reference) in by:
-                    ax.axhline(100 * by[(task, reference)][key], color="grey", ls="--", label=reference)
+                    ax.axhline(
+                        100 * by[(task, reference)][key], color="grey", ls="--", label=reference
+                    )
                 ax.set_xlabel(info["label"])
                 ax.set_ylabel(f"{label} (%), Wilson 95% CI")
                 ax.set_ylim(0, 100)
@@ -81,7 +100,9 @@ def plot_layer_sweep(path: Path, summary: list[dict[str, Any]], methods: dict[st
                 grid = [[float("nan")] * len(xs) for _ in ys]
                 for inst, vals in points:
                     grid[ys.index(vals[ky])][xs.index(vals[kx])] = 100 * by[(task, inst)][key]
-                im = ax.imshow(grid, origin="lower", aspect="auto", vmin=0, vmax=100, cmap="viridis")
+                im = ax.imshow(
+                    grid, origin="lower", aspect="auto", vmin=0, vmax=100, cmap="viridis"
+                )
                 ax.set_xticks(range(len(xs)), xs)
                 ax.set_yticks(range(len(ys)), ys)
                 ax.set_xlabel(kx)

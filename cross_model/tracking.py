@@ -23,10 +23,19 @@ class Tracker:
         try:
             import wandb
         except ImportError:
-            log.warning("logging.wandb is on but wandb is not installed (`pip install wandb`); not tracking")
+            log.warning(
+                "logging.wandb is on but wandb is not installed (`pip install wandb`); not tracking"
+            )
             return cls()
-        run = wandb.init(project=logging_cfg.wandb_project, name=name, mode=logging_cfg.wandb_mode, config=config,
-                         dir=str(run_dir), resume="allow", id=_run_id(run_dir, name))
+        run = wandb.init(
+            project=logging_cfg.wandb_project,
+            name=name,
+            mode=logging_cfg.wandb_mode,
+            config=config,
+            dir=str(run_dir),
+            resume="allow",
+            id=_run_id(run_dir, name),
+        )
         return cls(run)
 
     @property
@@ -43,7 +52,13 @@ class Tracker:
         import wandb
 
         columns = list(summary[0]) if summary else []
-        self.run.log({"results": wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in summary])})
+        self.run.log(
+            {
+                "results": wandb.Table(
+                    columns=columns, data=[[s[c] for c in columns] for s in summary]
+                )
+            }
+        )
         for s in summary:
             self.run.summary[f"{s['task']}/{s['method']}/accuracy"] = s["accuracy"]
             self.run.summary[f"{s['task']}/{s['method']}/payload_bytes"] = s["payload_bytes"]

@@ -10,4 +10,6 @@ register_trainable(train_fuser.TRAINABLE)  # "c2c": C2C's fuser
 register_trainable(train_projector.TRAINABLE)  # "kv_translate": the KV translator's projector
 register_trainable(ac_projection.TRAINABLE)  # "projection": AC's linear map W
 register_trainable(train_interlingua.TRAINABLE)  # "interlingua": LatentWire's encoder and adapters
-register_trainable(linear_probe.TRAINABLE)  # "linear_probe": LatentWire's probe baseline on A's states
+register_trainable(
+    linear_probe.TRAINABLE
+)  # "linear_probe": LatentWire's probe baseline on A's states

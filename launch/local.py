@@ -23,15 +23,32 @@ def auto_nproc() -> int:
 
 
 def torchrun_command(config: str, nproc: int, rest: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            str(ROOT / "run_experiments.py"), "--config", config, *rest]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / "run_experiments.py"),
+        "--config",
+        config,
+        *rest,
+    ]
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m launch.local", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.local",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", required=True)
-    parser.add_argument("--nproc_per_node", default="auto", help="'auto' (GPUs, or 1 without) or a number")
-    parser.add_argument("--print", action="store_true", help="print the command instead of running it")
+    parser.add_argument(
+        "--nproc_per_node", default="auto", help="'auto' (GPUs, or 1 without) or a number"
+    )
+    parser.add_argument(
+        "--print", action="store_true", help="print the command instead of running it"
+    )
     return parser.parse_known_args(argv)
 
 
@@ -42,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.nproc_per_node.isdigit() and int(args.nproc_per_node) >= 1:
         nproc = int(args.nproc_per_node)
     else:
-        print(f"--nproc_per_node: expected 'auto' or a positive number, got {args.nproc_per_node!r}", file=sys.stderr)
+        print(
+            f"--nproc_per_node: expected 'auto' or a positive number, got {args.nproc_per_node!r}",
+            file=sys.stderr,
+        )
         return 2
     cmd = torchrun_command(args.config, nproc, rest)
     if args.print:

@@ -34,10 +34,13 @@ class Experiment:
 
         env = submitit.JobEnvironment()
         os.environ.update(
-            RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks),
+            RANK=str(env.global_rank),
+            LOCAL_RANK=str(env.local_rank),
+            WORLD_SIZE=str(env.num_tasks),
             # tasks on this node, so the device rule can refuse more ranks than GPUs (platform.py)
             LOCAL_WORLD_SIZE=str(env.num_tasks // max(env.num_nodes, 1)),
-            MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(rendezvous_port(env.job_id)),
+            MASTER_ADDR=env.hostnames[0],
+            MASTER_PORT=str(rendezvous_port(env.job_id)),
         )
         os.chdir(ROOT)
         sys.path.insert(0, str(ROOT))
@@ -55,23 +58,42 @@ class Experiment:
         return submitit.helpers.DelayedSubmission(Experiment(self.argv))
 
 
-
-
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="python -m launch.submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.submit",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", required=True)
     p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU (0: CPU tasks)")
-    p.add_argument("--tasks-per-node", type=int, default=1, help="processes per node when --gpus-per-node is 0")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=0,
+        help="GPUs per node; one task per GPU (0: CPU tasks)",
+    )
+    p.add_argument(
+        "--tasks-per-node", type=int, default=1, help="processes per node when --gpus-per-node is 0"
+    )
     p.add_argument("--cpus-per-task", type=int, default=None)
     p.add_argument("--mem-gb", type=int, default=None)
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("--qos", default=None)
     p.add_argument("--time", type=int, default=240, help="minutes")
-    p.add_argument("--signal-delay-s", type=int, default=120, help="warning before the time limit, to save and requeue")
+    p.add_argument(
+        "--signal-delay-s",
+        type=int,
+        default=120,
+        help="warning before the time limit, to save and requeue",
+    )
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
-    p.add_argument("--cluster", default="slurm", choices=("slurm", "local"), help="slurm, or local (no scheduler)")
+    p.add_argument(
+        "--cluster",
+        default="slurm",
+        choices=("slurm", "local"),
+        help="slurm, or local (no scheduler)",
+    )
     return p.parse_known_args(argv)
 
 
@@ -86,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import submitit
     except ImportError:
-        print("launch.submit needs submitit: pip install submitit (or pip install -e '.[slurm]')", file=sys.stderr)
+        print(
+            "launch.submit needs submitit: pip install submitit (or pip install -e '.[slurm]')",
+            file=sys.stderr,
+        )
         return 2
     try:
         run_dir = run_directory(args.config, rest)
@@ -99,12 +124,21 @@ def main(argv: list[str] | None = None) -> int:
     # recent setuptools no longer ship.
     if args.cluster == "local":
         executor = submitit.LocalExecutor(folder=folder)
-        executor.update_parameters(nodes=1, tasks_per_node=tasks, timeout_min=args.time,
-                                   gpus_per_node=args.gpus_per_node or 0)
+        executor.update_parameters(
+            nodes=1,
+            tasks_per_node=tasks,
+            timeout_min=args.time,
+            gpus_per_node=args.gpus_per_node or 0,
+        )
     else:
         executor = submitit.SlurmExecutor(folder=folder)
-        params: dict[str, Any] = dict(nodes=args.nodes, ntasks_per_node=tasks, time=args.time,
-                                      signal_delay_s=args.signal_delay_s, job_name=run_dir.name)
+        params: dict[str, Any] = dict(
+            nodes=args.nodes,
+            ntasks_per_node=tasks,
+            time=args.time,
+            signal_delay_s=args.signal_delay_s,
+            job_name=run_dir.name,
+        )
         if args.gpus_per_node:
             params["gpus_per_node"] = args.gpus_per_node
         if args.cpus_per_task:
@@ -122,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             job.results()  # one per task
         except Exception as err:  # noqa: BLE001 - the job's own failure, shown with where its logs are
-            print(f"job {job.job_id} failed: {err}\nlogs: {run_dir / 'slurm' / str(job.job_id)}", file=sys.stderr)
+            print(
+                f"job {job.job_id} failed: {err}\nlogs: {run_dir / 'slurm' / str(job.job_id)}",
+                file=sys.stderr,
+            )
             return 1
         print(f"job {job.job_id} finished; results in {run_dir}", flush=True)
     return 0
@@ -139,7 +176,9 @@ def wait_for(job: Any, poll_s: float = 5.0) -> None:
         job.wait()
         return
     while True:
-        out = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True)
+        out = subprocess.run(
+            ["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True
+        )
         if out.returncode == 0 and not out.stdout.strip():
             return
         time.sleep(poll_s)

@@ -19,8 +19,17 @@ def entry(config: Path, nproc: int = 1, delay: float = 0.0, **env: str) -> subpr
     env = {**os.environ, "CROSS_MODEL_TEST_STEP_DELAY": str(delay), "OMP_NUM_THREADS": "1", **env}
     cmd = [sys.executable, str(ROOT / "run_experiments.py"), "--config", str(config)]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *cmd[1:],
+        ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def run_entry(config: Path, nproc: int = 1, **env: str) -> str:
@@ -48,7 +57,9 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def kill_9_after_first_checkpoint(proc: subprocess.Popen, checkpoints: Path, timeout: float = 180) -> None:
+def kill_9_after_first_checkpoint(
+    proc: subprocess.Popen, checkpoints: Path, timeout: float = 180
+) -> None:
     """SIGKILL `proc` and every process it started (torchrun's workers) as soon as a complete step
     checkpoint appears under `checkpoints`, and check that it had not finished."""
     deadline = time.time() + timeout
@@ -95,8 +106,20 @@ def two_gloo_ranks(target, *args) -> dict:
     return got
 
 
-MUTABLE = ("id", "_id", "pid", "question", "question_stem", "input", "problem", "dialogue", "cropped_code", "prompt_B",
-           "sentence", "text")
+MUTABLE = (
+    "id",
+    "_id",
+    "pid",
+    "question",
+    "question_stem",
+    "input",
+    "problem",
+    "dialogue",
+    "cropped_code",
+    "prompt_B",
+    "sentence",
+    "text",
+)
 
 
 def distinct_copies(rows: list[dict], n: int) -> list[dict]:
@@ -107,7 +130,11 @@ def distinct_copies(rows: list[dict], n: int) -> list[dict]:
         row = json.loads(json.dumps(rows[k % len(rows)]))
         for key in MUTABLE:
             if isinstance(row.get(key), str):
-                row[key] = f"{row[key]}\\n# {k}" if key in ("dialogue", "cropped_code") else f"{row[key]} v{k}"
+                row[key] = (
+                    f"{row[key]}\\n# {k}"
+                    if key in ("dialogue", "cropped_code")
+                    else f"{row[key]} v{k}"
+                )
         if isinstance(row.get("idx"), int):  # SST-2's integer id
             row["idx"] = row["idx"] * 10_000 + k  # distinct also for copies of copies (k < 10000)
         out.append(row)

@@ -8,8 +8,13 @@ import torch
 from cross_model.models import load_model
 
 
-def public_receiver_logits(senders_ids: list[list[int]], b_ids: list[int], selected: set[int],
-                           sender: str = "tiny-llama-64", receiver: str = "tiny-llama-64") -> torch.Tensor:
+def public_receiver_logits(
+    senders_ids: list[list[int]],
+    b_ids: list[int],
+    selected: set[int],
+    sender: str = "tiny-llama-64",
+    receiver: str = "tiny-llama-64",
+) -> torch.Tensor:
     """B's logits over its prompt as the public receiver computes them: every sender prefills its own
     context from position 0; sender layer i goes to receiver layer round((i + 0.5) L_B / L_A - 0.5),
     several concatenated in order where the receiver is shallower (DynamicCache.update appends), none
@@ -28,7 +33,9 @@ def public_receiver_logits(senders_ids: list[list[int]], b_ids: list[int], selec
 
     AttentionInterface.register("public_kvcomm_test", cut_mask_sdpa)
     ALL_MASK_ATTENTION_FUNCTIONS.register(
-        "public_kvcomm_test", lambda *a, **kw: sdpa_mask(*a, **{**kw, "allow_is_causal_skip": False}))
+        "public_kvcomm_test",
+        lambda *a, **kw: sdpa_mask(*a, **{**kw, "allow_is_causal_skip": False}),
+    )
     try:
         return _public_forward(senders_ids, b_ids, selected, sender, receiver)
     finally:  # global registries: a later test must not find this attention registered
@@ -36,8 +43,9 @@ def public_receiver_logits(senders_ids: list[list[int]], b_ids: list[int], selec
         ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop("public_kvcomm_test", None)
 
 
-def _public_forward(senders_ids: list[list[int]], b_ids: list[int], selected: set[int], sender: str,
-                    receiver: str) -> torch.Tensor:
+def _public_forward(
+    senders_ids: list[list[int]], b_ids: list[int], selected: set[int], sender: str, receiver: str
+) -> torch.Tensor:
     from transformers import DynamicCache
 
     a_model = load_model(sender).model  # fresh instances: the shared ones keep their attention
@@ -45,7 +53,10 @@ def _public_forward(senders_ids: list[list[int]], b_ids: list[int], selected: se
     model.set_attn_implementation("public_kvcomm_test")
     l_a, l_b = a_model.config.num_hidden_layers, model.config.num_hidden_layers
     with torch.inference_mode():
-        caches = [a_model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values for ids in senders_ids]
+        caches = [
+            a_model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+            for ids in senders_ids
+        ]
         held: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(l_b)]
         for i in range(l_a):
             target = round((i + 0.5) * l_b / l_a - 0.5)
@@ -58,11 +69,19 @@ def _public_forward(senders_ids: list[list[int]], b_ids: list[int], selected: se
         empty = caches[0].layers[0].keys[:, :, :0]
         cache = DynamicCache()
         for l, parts in enumerate(held):
-            cache.update(torch.cat([k for k, _ in parts], 2) if parts else empty,
-                         torch.cat([v for _, v in parts], 2) if parts else empty, l)
+            cache.update(
+                torch.cat([k for k, _ in parts], 2) if parts else empty,
+                torch.cat([v for _, v in parts], 2) if parts else empty,
+                l,
+            )
         n_a, q = cache.layers[0].keys.shape[2], len(b_ids)
-        out = model(input_ids=torch.tensor([b_ids]), past_key_values=cache, attention_mask=torch.ones(1, n_a + q, dtype=torch.long),
-                    position_ids=torch.arange(n_a, n_a + q)[None], use_cache=True)
+        out = model(
+            input_ids=torch.tensor([b_ids]),
+            past_key_values=cache,
+            attention_mask=torch.ones(1, n_a + q, dtype=torch.long),
+            position_ids=torch.arange(n_a, n_a + q)[None],
+            use_cache=True,
+        )
     return out.logits[0]
 
 
@@ -84,19 +103,28 @@ def public_calibration_importance(a_ids: list[int], b_ids: list[int]) -> list[fl
             scores = scores + attention_mask[:, :, :, : k.shape[-2]]  # a boolean mask, added as 0/1
             probs = scores.softmax(-1)
             importance[module.layer_idx] = float(probs[..., 1 : -query.shape[2]].sum(-1).mean())
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, **kw
+        )
 
     AttentionInterface.register("public_calibration_test", tracing_sdpa)
     ALL_MASK_ATTENTION_FUNCTIONS.register(
-        "public_calibration_test", lambda *a, **kw: sdpa_mask(*a, **{**kw, "allow_is_causal_skip": False}))
+        "public_calibration_test",
+        lambda *a, **kw: sdpa_mask(*a, **{**kw, "allow_is_causal_skip": False}),
+    )
     try:
         model = load_model("tiny-llama-64").model
         model.set_attn_implementation("public_calibration_test")
         with torch.inference_mode():
             cache = model(input_ids=torch.tensor([a_ids]), use_cache=True).past_key_values
             n_a, q = len(a_ids), len(b_ids)
-            model(input_ids=torch.tensor([b_ids]), past_key_values=cache, attention_mask=torch.ones(1, n_a + q, dtype=torch.long),
-                  position_ids=torch.arange(n_a, n_a + q)[None], use_cache=True)
+            model(
+                input_ids=torch.tensor([b_ids]),
+                past_key_values=cache,
+                attention_mask=torch.ones(1, n_a + q, dtype=torch.long),
+                position_ids=torch.arange(n_a, n_a + q)[None],
+                use_cache=True,
+            )
     finally:
         AttentionInterface._global_mapping.pop("public_calibration_test", None)
         ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop("public_calibration_test", None)

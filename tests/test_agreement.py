@@ -21,7 +21,10 @@ def test_agreement_counts_identical_answers_on_shared_items(tmp_path, capsys):
     write(tmp_path, "t", "m", {"c": "z"}, rank=1)  # another rank's file counts too
     write(tmp_path, "u", "m", {"a": "x"})  # a task without the reference is left out
     rows = {r["method"]: r for r in agreement.agreement(tmp_path, "ref")}
-    assert (rows["m"]["same"], rows["m"]["n"]) == (2, 3)  # item d has no answer from m: not compared
+    assert (rows["m"]["same"], rows["m"]["n"]) == (
+        2,
+        3,
+    )  # item d has no answer from m: not compared
     assert rows["ref"]["same_pct"] == 100 and rows["m"]["ci"][0] < 200 / 3 < rows["m"]["ci"][1]
     assert agreement.main([str(tmp_path), "ref"]) == 0
     assert "| t | m | 67 [" in capsys.readouterr().out
@@ -39,9 +42,17 @@ def test_agreement_reports_the_paired_accuracy_difference_when_rows_are_scored(t
     d = tmp_path / "results" / "t"
     for method, scores in {"ref": [0, 0, 1, 0], "m": [1, 1, 1, 0]}.items():
         (d / method).mkdir(parents=True)
-        (d / method / "rank0.jsonl").write_text("".join(
-            json.dumps({"example_id": str(i), "answer": str(s), "score": s, "first_named": s}) + "\n" for i, s in enumerate(scores)))
+        (d / method / "rank0.jsonl").write_text(
+            "".join(
+                json.dumps({"example_id": str(i), "answer": str(s), "score": s, "first_named": s})
+                + "\n"
+                for i, s in enumerate(scores)
+            )
+        )
     rows = {r["method"]: r for r in agreement.agreement(tmp_path, "ref")}
-    assert rows["m"]["score"]["diff"] == 0.5 and (rows["m"]["score"]["a_only"], rows["m"]["score"]["b_only"]) == (0, 2)
+    assert rows["m"]["score"]["diff"] == 0.5 and (
+        rows["m"]["score"]["a_only"],
+        rows["m"]["score"]["b_only"],
+    ) == (0, 2)
     assert agreement.main([str(tmp_path), "ref"]) == 0
     assert "+50.0 [" in capsys.readouterr().out

@@ -8,7 +8,12 @@ from bench import run
 
 def test_bench_runs_and_ours_equals_the_reference(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert run.main(["--models", "tiny", "--n", "4", "--ref-n", "3", "--batch", "4", "--json", str(out)]) == 0
+    assert (
+        run.main(
+            ["--models", "tiny", "--n", "4", "--ref-n", "3", "--batch", "4", "--json", str(out)]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())["results"]["tiny-llama-64"]
     assert [r["method"] for r in rows] == list(run.METHODS)
     for r in rows:

@@ -33,7 +33,10 @@ def test_dense_parameter_count_matches_the_llama_formula(tokenizer):
 def test_a_saved_tokenizer_folder_is_used_and_a_wrong_one_refused(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path / "tok")
     tok, name = gpu.bench_tokenizer(tmp_path / "tok")
-    assert name == str(tmp_path / "tok") and tok("Paris")["input_ids"] == tokenizer("Paris")["input_ids"]
+    assert (
+        name == str(tmp_path / "tok")
+        and tok("Paris")["input_ids"] == tokenizer("Paris")["input_ids"]
+    )
     with pytest.raises(SystemExit):
         gpu.main(["--tokenizer", str(tmp_path / "missing"), "--device", "cpu"])
 
@@ -49,17 +52,45 @@ def test_long_workload_contexts_have_the_stated_length(tokenizer):
 
 def test_gpu_bench_fills_every_table_on_toy_shapes(tmp_path, capsys):
     out = tmp_path / "gpu.json"
-    assert gpu.main(["--shapes", "small", "--device", "cpu", "--workloads", "short", "--methods",
-                     "baseline,kvcomm,ac_projected", "--batches", "1,2", "--n", "4", "--ref-n", "short:1",
-                     "--json", str(out)]) == 0
+    assert (
+        gpu.main(
+            [
+                "--shapes",
+                "small",
+                "--device",
+                "cpu",
+                "--workloads",
+                "short",
+                "--methods",
+                "baseline,kvcomm,ac_projected",
+                "--batches",
+                "1,2",
+                "--n",
+                "4",
+                "--ref-n",
+                "short:1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert [r["method"] for r in result["rows"]] == ["baseline", "kvcomm", "ac_projected"]
     for r in result["rows"]:
-        assert set(r["ms_per_example"]) == {"1", "2"} and all(v > 0 for v in r["ms_per_example"].values())
+        assert set(r["ms_per_example"]) == {"1", "2"} and all(
+            v > 0 for v in r["ms_per_example"].values()
+        )
         # like with like: the public code's one-at-a-time figure over our batch 1, never our best batch
-        assert r["vs_public"] == pytest.approx(gpu.PUBLIC_MS["short"][r["method"]] / r["ms_per_example"]["1"])
-        assert (r["hf_generate_ms"] > 0) if r["method"] == "baseline" else r["hf_generate_ms"] is None
-        if r["method"] == "kvcomm":  # 30% of layers, as the public numbers: no independent reference exists
+        assert r["vs_public"] == pytest.approx(
+            gpu.PUBLIC_MS["short"][r["method"]] / r["ms_per_example"]["1"]
+        )
+        assert (
+            (r["hf_generate_ms"] > 0) if r["method"] == "baseline" else r["hf_generate_ms"] is None
+        )
+        if (
+            r["method"] == "kvcomm"
+        ):  # 30% of layers, as the public numbers: no independent reference exists
             assert r["reference_ms"] is None and r["same_answers"] is None
             continue
         assert r["reference_ms"] > 0
@@ -69,15 +100,43 @@ def test_gpu_bench_fills_every_table_on_toy_shapes(tmp_path, capsys):
     assert (t["d_in"], t["d_out"]) == (48, 64) and 0 < t["forward_share"] < 1
     text = capsys.readouterr().out
     assert "| ac_projected |" in text and "projection training 48 -> 64" in text
-    assert "measured on an H100, this run on" in text  # a CPU here: the public figures are marked as another card's
+    assert (
+        "measured on an H100, this run on" in text
+    )  # a CPU here: the public figures are marked as another card's
 
 
-def test_without_the_public_codes_tokenizer_no_ratio_against_it_is_printed(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(gpu, "bench_tokenizer", lambda directory=None: (gpu.tiny_tokenizer(True), "byte-level"))
+def test_without_the_public_codes_tokenizer_no_ratio_against_it_is_printed(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(
+        gpu, "bench_tokenizer", lambda directory=None: (gpu.tiny_tokenizer(True), "byte-level")
+    )
     out = tmp_path / "gpu.json"
-    assert gpu.main(["--shapes", "small", "--device", "cpu", "--workloads", "short", "--methods", "baseline",
-                     "--batches", "1", "--n", "2", "--ref-n", "short:0", "--skip", "prefill,decode,training",
-                     "--json", str(out)]) == 0
+    assert (
+        gpu.main(
+            [
+                "--shapes",
+                "small",
+                "--device",
+                "cpu",
+                "--workloads",
+                "short",
+                "--methods",
+                "baseline",
+                "--batches",
+                "1",
+                "--n",
+                "2",
+                "--ref-n",
+                "short:0",
+                "--skip",
+                "prefill,decode,training",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert all(r["vs_public"] is None for r in json.loads(out.read_text())["rows"])
     assert "No ratio against the public code" in capsys.readouterr().out
 
@@ -100,8 +159,13 @@ def test_make_test_gpu_records_device_versions_and_every_outcome(tmp_path):
     from tests.conftest import ROOT
 
     record = tmp_path / "test_gpu.json"
-    proc = subprocess.run([sys.executable, "-m", "bench.gpu_tests", "--json", str(record)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_tests", "--json", str(record)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(record.read_text())
     assert data["versions"]["torch"] == torch.__version__ and data["git"]["commit"]

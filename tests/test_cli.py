@@ -14,10 +14,20 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
 
 MODULES = [
-    "cross_model.data", "cross_model.report", "cross_model.doc_tables", "cross_model.seed_spread",
-    "cross_model.agreement", "cross_model.models", "bench.run", "bench.gpu", "bench.gpu_tests",
-    "bench.choose_projection_ridge", "bench.choose_qkvcomm_scheme", "bench.legacy_transformers",
-    "launch.local", "launch.submit",
+    "cross_model.data",
+    "cross_model.report",
+    "cross_model.doc_tables",
+    "cross_model.seed_spread",
+    "cross_model.agreement",
+    "cross_model.models",
+    "bench.run",
+    "bench.gpu",
+    "bench.gpu_tests",
+    "bench.choose_projection_ridge",
+    "bench.choose_qkvcomm_scheme",
+    "bench.legacy_transformers",
+    "launch.local",
+    "launch.submit",
 ]
 ENTRY_POINTS = ["run_experiments.py", *MODULES]
 

@@ -21,8 +21,24 @@ def test_defaults_yaml_and_overrides_precedence(tmp_path):
 
 
 def test_list_index_and_method_overrides(tmp_path):
-    p = write(tmp_path, {"tasks": [{"name": "countries", "n_test": 4}], "methods": {"baseline": {}, "sky": {"method": "skyline"}}})
-    cfg = load_config(p, ["--tasks.0.n_test", "2", "--methods.sky.max_new_tokens", "7", "--stages", "[evaluate,report]"])
+    p = write(
+        tmp_path,
+        {
+            "tasks": [{"name": "countries", "n_test": 4}],
+            "methods": {"baseline": {}, "sky": {"method": "skyline"}},
+        },
+    )
+    cfg = load_config(
+        p,
+        [
+            "--tasks.0.n_test",
+            "2",
+            "--methods.sky.max_new_tokens",
+            "7",
+            "--stages",
+            "[evaluate,report]",
+        ],
+    )
     assert cfg.tasks[0].n_test == 2
     assert cfg.methods["sky"] == {"method": "skyline", "max_new_tokens": 7}
     assert cfg.stages == ["evaluate", "report"]
@@ -39,14 +55,26 @@ def test_list_index_and_method_overrides(tmp_path):
         ({}, ["--eval.batch_size", "0"], "eval.batch_size: must be >= 1"),
         ({}, ["--platform.device", "tpu"], "platform.device: 'tpu' is not allowed"),
         ({}, ["--stages", "[train,fly]"], "stages: 'fly' is not allowed"),
-        ({}, ["--tasks.0.path", "/no/such/file.jsonl"], "tasks.0.path: '/no/such/file.jsonl' does not exist"),
+        (
+            {},
+            ["--tasks.0.path", "/no/such/file.jsonl"],
+            "tasks.0.path: '/no/such/file.jsonl' does not exist",
+        ),
         ({}, ["--tasks.3.n_test", "1"], "must be a list index below 1"),
         ({"methods": {"telepathy": {}}}, [], "methods.telepathy: unknown method 'telepathy'"),
         ({"methods": {"baseline": {"k": 3}}}, [], r"unknown config key methods.baseline.'k'"),
-        ({"methods": {"baseline": {"max_new_tokens": -1}}}, [], "methods.baseline.max_new_tokens: must be >= 1"),
+        (
+            {"methods": {"baseline": {"max_new_tokens": -1}}},
+            [],
+            "methods.baseline.max_new_tokens: must be >= 1",
+        ),
         ({"train": {"heldout_fraction": 1.5}}, [], r"train.heldout_fraction: must be in \(0, 1\)"),
         ({"logging": {"wandb": "yes"}}, [], "logging.wandb: expected true or false"),
-        ({"tasks": [{"name": "countries"}, {"name": "countries"}]}, [], "give a repeated task a distinct label"),
+        (
+            {"tasks": [{"name": "countries"}, {"name": "countries"}]},
+            [],
+            "give a repeated task a distinct label",
+        ),
         ({"tasks": [{"name": "countries", "label": "a/b"}]}, [], r"tasks.0.label: 'a/b' must be"),
     ],
 )
@@ -82,7 +110,10 @@ def test_run_dir_refuses_a_different_config(tmp_path):
 
     cfg = load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path)])
     prepare_run_dir(cfg, {"x": 1})
-    prepare_run_dir(load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path), "--eval.batch_size", "2"]), {})
+    prepare_run_dir(
+        load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path), "--eval.batch_size", "2"]),
+        {},
+    )
     other = load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path), "--seed", "9"])
     with pytest.raises(ValueError, match="differs in: seed"):
         prepare_run_dir(other, {})
@@ -92,26 +123,61 @@ def test_run_dir_refuses_a_different_config(tmp_path):
 
 def test_a_sweep_entry_expands_into_named_instances_in_place(tmp_path):
     p = tmp_path / "sweep.yaml"
-    p.write_text(yaml.safe_dump({"methods": {
-        "baseline": {}, "ac_layers": {"method": "ac", "mode": "sum", "sweep": {"k": "1..5..2", "j": "k"}},
-        "grid": {"method": "ac", "sweep": {"k": [1, 2], "j": "3..4"}}, "skyline": {}}}, sort_keys=False))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "methods": {
+                    "baseline": {},
+                    "ac_layers": {
+                        "method": "ac",
+                        "mode": "sum",
+                        "sweep": {"k": "1..5..2", "j": "k"},
+                    },
+                    "grid": {"method": "ac", "sweep": {"k": [1, 2], "j": "3..4"}},
+                    "skyline": {},
+                }
+            },
+            sort_keys=False,
+        )
+    )
     cfg = load_config(p)
-    assert list(cfg.methods) == ["baseline", "ac_layers_k1_j1", "ac_layers_k3_j3", "ac_layers_k5_j5",
-                                 "grid_k1_j3", "grid_k1_j4", "grid_k2_j3", "grid_k2_j4", "skyline"]
-    assert cfg.methods["ac_layers_k3_j3"] == {"method": "ac", "mode": "sum", "k": 3, "j": 3, "group": "ac_layers"}
+    assert list(cfg.methods) == [
+        "baseline",
+        "ac_layers_k1_j1",
+        "ac_layers_k3_j3",
+        "ac_layers_k5_j5",
+        "grid_k1_j3",
+        "grid_k1_j4",
+        "grid_k2_j3",
+        "grid_k2_j4",
+        "skyline",
+    ]
+    assert cfg.methods["ac_layers_k3_j3"] == {
+        "method": "ac",
+        "mode": "sum",
+        "k": 3,
+        "j": 3,
+        "group": "ac_layers",
+    }
     from cross_model.sweeps import sweep_groups
 
     groups = sweep_groups(cfg.methods)
     assert groups["ac_layers"]["keys"] == ["k"] and groups["ac_layers"]["label"] == "k = j"
-    assert groups["grid"]["keys"] == ["k", "j"] and groups["grid"]["instances"]["grid_k2_j3"] == {"k": 2, "j": 3}
+    assert groups["grid"]["keys"] == ["k", "j"] and groups["grid"]["instances"]["grid_k2_j3"] == {
+        "k": 2,
+        "j": 3,
+    }
 
 
-@pytest.mark.parametrize("sweep, match", [
-    ({"k": "5..1"}, r"sweep.k: '5..1' is not a list of integers"),
-    ({"k": [1, "x"]}, "is not a list of integers"),
-    ({"j": "m"}, "is not a list of integers"),
-    ({}, "a mapping of parameter -> values"),
-])
+@pytest.mark.parametrize(
+    "sweep, match",
+    [
+        ({"k": "5..1"}, r"sweep.k: '5..1' is not a list of integers"),
+        ({"k": [1, "x"]}, "is not a list of integers"),
+        ({"j": "m"}, "is not a list of integers"),
+        ({}, "a mapping of parameter -> values"),
+    ],
+)
 def test_bad_sweeps_name_the_key(tmp_path, sweep, match):
     with pytest.raises(ValueError, match=match):
         load_config(write(tmp_path, {"methods": {"ac_s": {"method": "ac", "sweep": sweep}}}))
@@ -125,12 +191,21 @@ def test_chat_template_kwargs_reach_every_models_template(tmp_path):
     from cross_model.platform import detect_platform
     from cross_model.prompting import chat_text
 
-    cfg = load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path), "--models.chat_template_kwargs",
-                                            '{"enable_thinking": false}'])
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--models.chat_template_kwargs",
+            '{"enable_thinking": false}',
+        ],
+    )
     store = ModelStore(cfg, detect_platform("cpu", "float32"))
     lm = store._load(cfg.models.receiver, "receiver")
-    lm.tokenizer.chat_template = ("{{ messages[0]['content'] }}{% if enable_thinking is defined and not enable_thinking %}"
-                                  " [no thinking]{% endif %}")
+    lm.tokenizer.chat_template = (
+        "{{ messages[0]['content'] }}{% if enable_thinking is defined and not enable_thinking %}"
+        " [no thinking]{% endif %}"
+    )
     assert chat_text(lm, "Hi") == "Hi [no thinking]"
     lm.derived.clear()
     assert chat_text(lm, "Hi") == "Hi"
@@ -147,7 +222,14 @@ def test_chat_template_kwargs_are_part_of_a_trained_artefacts_identity(tmp_path)
     a = load_model("tiny-llama-64")
     _, params = resolve_method("kv_translate", {})
     plain = load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path)])
-    other = load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path), "--models.chat_template_kwargs",
-                                              '{"enable_thinking": false}'])
+    other = load_config(
+        "configs/tiny.yaml",
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--models.chat_template_kwargs",
+            '{"enable_thinking": false}',
+        ],
+    )
     assert "chat_template_kwargs" not in identity_of(params, a, a, plain)
     assert identity_of(params, a, a, other)["chat_template_kwargs"] == {"enable_thinking": False}

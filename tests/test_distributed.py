@@ -12,7 +12,13 @@ from tests.conftest import ROOT, free_port
 
 
 def _worker(rank: int, world: int, port: int, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     with d.distributed_session("gloo") as env:
         gathered = d.gather_object({"rank": d.get_rank(), "sq": rank * rank})
         value = d.broadcast_object(f"from-{rank}", src=1)
@@ -66,8 +72,17 @@ def test_signal_sets_the_stop_flag():
 
 def test_torchrun_dry_run_two_processes(tmp_path):
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "run_experiments.py", "--config", "configs/tiny.yaml", "--dry-run", "--output_dir", str(tmp_path),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "run_experiments.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--dry-run",
+        "--output_dir",
+        str(tmp_path),
     ]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -79,8 +94,18 @@ def test_torchrun_dry_run_two_processes(tmp_path):
 
 def test_config_error_exit_code_and_message():
     res = subprocess.run(
-        [sys.executable, "run_experiments.py", "--config", "configs/tiny.yaml", "--eval.batch_size", "zero"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "run_experiments.py",
+            "--config",
+            "configs/tiny.yaml",
+            "--eval.batch_size",
+            "zero",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 2
     assert "eval.batch_size: expected an integer" in res.stderr

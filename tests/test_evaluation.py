@@ -12,19 +12,43 @@ import pytest
 
 from tests.conftest import ROOT
 
-VOLATILE = ("seconds", "rank", "start")  # wall time, which rank and which start ran it may differ; nothing else may
+VOLATILE = (
+    "seconds",
+    "rank",
+    "start",
+)  # wall time, which rank and which start ran it may differ; nothing else may
 
 
-def _run(tmp_path: Path, name: str, nproc: int = 1, extra=(), delay: float = 0.0, wait: bool = True):
-    args = ["--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--name", name,
-            "--eval.batch_size", "2", *extra]
+def _run(
+    tmp_path: Path, name: str, nproc: int = 1, extra=(), delay: float = 0.0, wait: bool = True
+):
+    args = [
+        "--config",
+        "configs/tiny.yaml",
+        "--output_dir",
+        str(tmp_path),
+        "--name",
+        name,
+        "--eval.batch_size",
+        "2",
+        *extra,
+    ]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "run_experiments.py", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "run_experiments.py",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "run_experiments.py", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CROSS_MODEL_TEST_STEP_DELAY": str(delay)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     if not wait:
         return proc
     out, _ = proc.communicate(timeout=600)
@@ -35,8 +59,13 @@ def _run(tmp_path: Path, name: str, nproc: int = 1, extra=(), delay: float = 0.0
 def _examples(run_dir: Path) -> dict:
     """task -> method -> [rows in test order], from results.json, without the volatile fields."""
     data = json.loads((run_dir / "results.json").read_text())
-    return {t: {m: [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows] for m, rows in ms.items()}
-            for t, ms in data["examples"].items()}
+    return {
+        t: {
+            m: [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+            for m, rows in ms.items()
+        }
+        for t, ms in data["examples"].items()
+    }
 
 
 def _wait_for_files(proc, results: Path, pattern: str, n: int, timeout: float = 300) -> None:
@@ -96,7 +125,9 @@ def test_every_example_is_reported_once_per_method_including_failures(unsharded)
         assert set(methods) == set(data["config"]["methods"])
         for method, rows in methods.items():
             assert [r["index"] for r in rows] == list(range(n[task]))
-    assert {(s["task"], s["method"]) for s in data["summary"]} == {(t, m) for t in n for m in data["config"]["methods"]}
+    assert {(s["task"], s["method"]) for s in data["summary"]} == {
+        (t, m) for t in n for m in data["config"]["methods"]
+    }
     assert data["versions"]["torch"] and "commit" in data["git"]
 
 
@@ -115,9 +146,20 @@ def test_failed_examples_are_scored_wrong_not_dropped(tmp_path):
     import run_experiments
 
     try:
-        rc = run_experiments.main([
-            "--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--stages", "[evaluate,report]",
-            "--methods", '{"baseline": {}, "flaky": {"method": "fails_on_odd"}}', "--eval.batch_size", "3"])
+        rc = run_experiments.main(
+            [
+                "--config",
+                "configs/tiny.yaml",
+                "--output_dir",
+                str(tmp_path),
+                "--stages",
+                "[evaluate,report]",
+                "--methods",
+                '{"baseline": {}, "flaky": {"method": "fails_on_odd"}}',
+                "--eval.batch_size",
+                "3",
+            ]
+        )
     finally:
         _METHODS.pop("fails_on_odd")
     assert rc == 0
@@ -130,7 +172,10 @@ def test_failed_examples_are_scored_wrong_not_dropped(tmp_path):
         assert all(int(r["example_id"].rsplit("-", 1)[-1]) % 2 for r in failed)
         # The batch with one odd item was re-run one by one: its even items were answered.
         assert [r["answer"] for r in rows if not r["error"]] == [
-            r["answer"] for r in data["examples"][task]["baseline"] if not int(r["example_id"].rsplit("-", 1)[-1]) % 2]
+            r["answer"]
+            for r in data["examples"][task]["baseline"]
+            if not int(r["example_id"].rsplit("-", 1)[-1]) % 2
+        ]
         line = next(s for s in data["summary"] if s["task"] == task and s["method"] == "flaky")
         assert line["n"] == n and line["errors"] == len(failed)
 
@@ -138,11 +183,29 @@ def test_failed_examples_are_scored_wrong_not_dropped(tmp_path):
 def test_pareto_front_keeps_only_undominated_points(tmp_path):
     from cross_model.report_files import pareto_front, plot_accuracy_vs_bytes
 
-    points = [(1, 10.0, "baseline"), (30, 40.0, "skyline"), (900_000, 35.0, "kvcomm"), (200_000, 45.0, "qkvcomm-4"),
-              (50_000, 40.0, "qkvcomm-2"), (30, 20.0, "nld")]
+    points = [
+        (1, 10.0, "baseline"),
+        (30, 40.0, "skyline"),
+        (900_000, 35.0, "kvcomm"),
+        (200_000, 45.0, "qkvcomm-4"),
+        (50_000, 40.0, "qkvcomm-2"),
+        (30, 20.0, "nld"),
+    ]
     assert [p[2] for p in pareto_front(points)] == ["baseline", "skyline", "qkvcomm-4"]
-    summary = [{"task": "t", "method": m, "payload_bytes": x, "accuracy": y / 100, "ci95_low": 0.0, "ci95_high": 1.0,
-                "first_named": 0.0, "first_named_ci95_low": 0.0, "first_named_ci95_high": 0.0} for x, y, m in points]
+    summary = [
+        {
+            "task": "t",
+            "method": m,
+            "payload_bytes": x,
+            "accuracy": y / 100,
+            "ci95_low": 0.0,
+            "ci95_high": 1.0,
+            "first_named": 0.0,
+            "first_named_ci95_low": 0.0,
+            "first_named_ci95_high": 0.0,
+        }
+        for x, y, m in points
+    ]
     plot_accuracy_vs_bytes(tmp_path / "p.png", summary)
     assert (tmp_path / "p.png").stat().st_size > 10_000
 
@@ -160,7 +223,11 @@ def test_an_evaluation_preempted_on_two_ranks_resumes_on_one_with_the_same_resul
     out = _run(tmp, "resized")
     assert "already done; resuming" in out
     assert _examples(tmp / "resized") == one
-    ranks = {json.loads(line)["rank"] for p in results.glob("countries/*/rank*.jsonl") for line in p.read_text().splitlines()}
+    ranks = {
+        json.loads(line)["rank"]
+        for p in results.glob("countries/*/rank*.jsonl")
+        for line in p.read_text().splitlines()
+    }
     assert ranks == {0, 1}, "rows of both the two-rank and the one-rank start are in the report"
 
 
@@ -187,28 +254,58 @@ def test_the_report_is_rebuilt_from_the_run_directory_alone(unsharded, tmp_path,
 def test_one_task_twice_under_two_labels_gets_its_own_results_and_rows(tmp_path):
     """Two entries of one task (here: the generator with two seeds) are told apart by their labels in
     the result directories, the tables and results.json; an unlabelled entry keeps its name."""
-    cfg = {"name": "labels", "output_dir": str(tmp_path), "seed": 0, "stages": ["evaluate", "report"],
-           "models": {"sender": "tiny-llama-64", "receiver": "tiny-llama-64"},
-           "tasks": [{"name": "countries", "n_test": 3, "n_calib": 0, "max_new_tokens": 2, "label": "countries_s0"},
-                     {"name": "countries", "n_test": 3, "n_calib": 0, "max_new_tokens": 2, "seed": 5,
-                      "label": "countries_s5"},
-                     {"name": "tipsheets", "n_test": 2, "n_calib": 0, "max_new_tokens": 2}],
-           "methods": {"baseline": {}}}
+    cfg = {
+        "name": "labels",
+        "output_dir": str(tmp_path),
+        "seed": 0,
+        "stages": ["evaluate", "report"],
+        "models": {"sender": "tiny-llama-64", "receiver": "tiny-llama-64"},
+        "tasks": [
+            {
+                "name": "countries",
+                "n_test": 3,
+                "n_calib": 0,
+                "max_new_tokens": 2,
+                "label": "countries_s0",
+            },
+            {
+                "name": "countries",
+                "n_test": 3,
+                "n_calib": 0,
+                "max_new_tokens": 2,
+                "seed": 5,
+                "label": "countries_s5",
+            },
+            {"name": "tipsheets", "n_test": 2, "n_calib": 0, "max_new_tokens": 2},
+        ],
+        "methods": {"baseline": {}},
+    }
     path = tmp_path / "labels.json"
     path.write_text(json.dumps(cfg))
-    proc = subprocess.run([sys.executable, "run_experiments.py", "--config", str(path)], cwd=ROOT, text=True,
-                          capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "run_experiments.py", "--config", str(path)],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "labels"
-    assert sorted(p.name for p in (run / "results").iterdir()) == ["countries_s0", "countries_s5", "tipsheets"]
+    assert sorted(p.name for p in (run / "results").iterdir()) == [
+        "countries_s0",
+        "countries_s5",
+        "tipsheets",
+    ]
     examples = _examples(run)
     from cross_model.data import load_task_examples
 
     for label, seed in (("countries_s0", 0), ("countries_s5", 5)):
         expected = [e.example_id for e in load_task_examples("countries", 3, 0, seed)[0]]
         assert sorted(r["example_id"] for r in examples[label]["baseline"]) == sorted(expected)
-    assert {r["example_id"] for r in examples["countries_s0"]["baseline"]} != \
-        {r["example_id"] for r in examples["countries_s5"]["baseline"]}
+    assert {r["example_id"] for r in examples["countries_s0"]["baseline"]} != {
+        r["example_id"] for r in examples["countries_s5"]["baseline"]
+    }
     assert "| countries_s5 | baseline |" in (run / "results.md").read_text()
 
 
@@ -216,36 +313,78 @@ def test_a_multi_sender_task_runs_the_methods_that_serve_it_and_refuses_the_othe
     fixture = str(ROOT / "tests" / "fixtures" / "hotpotqa.jsonl")
 
     def run(methods, name):
-        cfg = {"name": name, "output_dir": str(tmp_path), "stages": ["evaluate", "report"],
-               "models": {"sender": "tiny-llama-64", "receiver": "tiny-llama-64"},
-               "tasks": [{"name": "hotpotqa_ms", "path": fixture, "n_test": 3, "n_calib": 0, "max_new_tokens": 2}],
-               "methods": methods}
+        cfg = {
+            "name": name,
+            "output_dir": str(tmp_path),
+            "stages": ["evaluate", "report"],
+            "models": {"sender": "tiny-llama-64", "receiver": "tiny-llama-64"},
+            "tasks": [
+                {
+                    "name": "hotpotqa_ms",
+                    "path": fixture,
+                    "n_test": 3,
+                    "n_calib": 0,
+                    "max_new_tokens": 2,
+                }
+            ],
+            "methods": methods,
+        }
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(cfg))
-        return subprocess.run([sys.executable, "run_experiments.py", "--config", str(path)], cwd=ROOT, text=True,
-                              capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return subprocess.run(
+            [sys.executable, "run_experiments.py", "--config", str(path)],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
 
-    ok = run({"baseline": {}, "skyline": {}, "nld": {"nld_max_tokens": 3}, "cipher": {"nld_max_tokens": 3},
-              "kvcomm": {"selection": "all"},
-              "kvcomm_two_models": {"method": "kvcomm", "selection": "all", "senders": ["tiny-llama-64", "tiny-qwen2-64"]}},
-             "ms")
+    ok = run(
+        {
+            "baseline": {},
+            "skyline": {},
+            "nld": {"nld_max_tokens": 3},
+            "cipher": {"nld_max_tokens": 3},
+            "kvcomm": {"selection": "all"},
+            "kvcomm_two_models": {
+                "method": "kvcomm",
+                "selection": "all",
+                "senders": ["tiny-llama-64", "tiny-qwen2-64"],
+            },
+        },
+        "ms",
+    )
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
     from cross_model.data import load_task_examples
 
     test, _ = load_task_examples("hotpotqa_ms", 3, 0, path=fixture)
     rows = {r["example_id"]: r for r in _examples(tmp_path / "ms")["hotpotqa_ms"]["skyline"]}
     for e in test:  # B read both senders' contexts, and both count
-        assert rows[e.example_id]["payload_bytes"] == len(e.prompt_A.encode()) + len(e.more_senders[0].encode())
+        assert rows[e.example_id]["payload_bytes"] == len(e.prompt_A.encode()) + len(
+            e.more_senders[0].encode()
+        )
     kv = {r["example_id"]: r for r in _examples(tmp_path / "ms")["hotpotqa_ms"]["kvcomm"]}
-    assert all(sum(kv[e.example_id]["bytes_per_sender"]) == kv[e.example_id]["payload_bytes"] for e in test)
-    two = {r["example_id"]: r for r in _examples(tmp_path / "ms")["hotpotqa_ms"]["kvcomm_two_models"]}
-    assert all(two[i]["bytes_per_sender"] == kv[i]["bytes_per_sender"] for i in kv)  # same shapes, same bytes
+    assert all(
+        sum(kv[e.example_id]["bytes_per_sender"]) == kv[e.example_id]["payload_bytes"] for e in test
+    )
+    two = {
+        r["example_id"]: r for r in _examples(tmp_path / "ms")["hotpotqa_ms"]["kvcomm_two_models"]
+    }
+    assert all(
+        two[i]["bytes_per_sender"] == kv[i]["bytes_per_sender"] for i in kv
+    )  # same shapes, same bytes
     assert any(two[i]["answer"] != kv[i]["answer"] for i in kv)  # A2 is another model
     refused = run({"baseline": {}, "kvcomm": {"selection": "all", "facts": True}}, "ms_kv")
     assert refused.returncode != 0
-    assert "methods.kvcomm: task hotpotqa_ms gives each item 2 senders' contexts" in refused.stdout + refused.stderr
+    assert (
+        "methods.kvcomm: task hotpotqa_ms gives each item 2 senders' contexts"
+        in refused.stdout + refused.stderr
+    )
     three = run({"kvcomm": {"selection": "all", "senders": ["tiny-llama-64"] * 3}}, "ms_three")
-    assert three.returncode != 0 and "methods.kvcomm.senders: 3 models" in three.stdout + three.stderr
+    assert (
+        three.returncode != 0 and "methods.kvcomm.senders: 3 models" in three.stdout + three.stderr
+    )
 
 
 def test_a_context_cap_cuts_every_senders_context_once_for_every_method(tmp_path):
@@ -259,14 +398,31 @@ def test_a_context_cap_cuts_every_senders_context_once_for_every_method(tmp_path
     from cross_model.models import load_model
     from cross_model.prompting import recording_prompts
 
-    assert cut_middle("abcdefghij", 4) == "abij" and cut_middle("abc", 4) == "abc" and cut_middle("abcdefg", 5) == "abefg"
+    assert (
+        cut_middle("abcdefghij", 4) == "abij"
+        and cut_middle("abc", 4) == "abc"
+        and cut_middle("abcdefg", 5) == "abefg"
+    )
 
     def splits(cap: int | None) -> dict:
-        task = {"name": "hotpotqa_ms", "path": str(ROOT / "tests" / "fixtures" / "hotpotqa.jsonl"), "n_test": 2,
-                "n_calib": 0, "max_context_chars": cap}
-        cfg = {"name": "cap", "output_dir": str(tmp_path), "methods": {"baseline": {}}, "controls": False,
-               "models": {"sender": "tiny-llama-64", "receiver": "tiny-llama-64"},
-               "tasks": [task, {"name": "countries", "n_test": 2, "n_calib": 0, "max_context_chars": cap and 1000}]}
+        task = {
+            "name": "hotpotqa_ms",
+            "path": str(ROOT / "tests" / "fixtures" / "hotpotqa.jsonl"),
+            "n_test": 2,
+            "n_calib": 0,
+            "max_context_chars": cap,
+        }
+        cfg = {
+            "name": "cap",
+            "output_dir": str(tmp_path),
+            "methods": {"baseline": {}},
+            "controls": False,
+            "models": {"sender": "tiny-llama-64", "receiver": "tiny-llama-64"},
+            "tasks": [
+                task,
+                {"name": "countries", "n_test": 2, "n_calib": 0, "max_context_chars": cap and 1000},
+            ],
+        }
         path = tmp_path / f"cap{cap}.json"
         path.write_text(json.dumps(cfg))
         return load_splits(load_config(str(path)))
@@ -279,7 +435,11 @@ def test_a_context_cap_cuts_every_senders_context_once_for_every_method(tmp_path
     assert cut["countries"] == whole["countries"]  # under the cap: as read
     lm = load_model("tiny-llama-64")
     item = cut["hotpotqa_ms"][0][0]
-    for name, params in (("skyline", {}), ("kvcomm", {"selection": "all"}), ("nld", {"nld_max_tokens": 2})):
+    for name, params in (
+        ("skyline", {}),
+        ("kvcomm", {"selection": "all"}),
+        ("nld", {"nld_max_tokens": 2}),
+    ):
         cls, p = resolve_method(name, {**params, "max_new_tokens": 2})
         with recording_prompts() as log:
             cls(p, ModelPair(lm, lm)).run_batch([item])

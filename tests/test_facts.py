@@ -15,8 +15,10 @@ QK = {"selection": "range", "layer_from": 1, "layer_to": 2, "bits": 4}
 
 @pytest.fixture(scope="module")
 def examples():
-    return load_task_examples("countries", 2, 0, seed=3, max_new_tokens=3)[0] + \
-        load_task_examples("tipsheets", 1, 0, seed=3, max_new_tokens=3)[0]
+    return (
+        load_task_examples("countries", 2, 0, seed=3, max_new_tokens=3)[0]
+        + load_task_examples("tipsheets", 1, 0, seed=3, max_new_tokens=3)[0]
+    )
 
 
 def _make(method, **params):
@@ -29,7 +31,15 @@ def test_simple_facts_find_names_places_numbers_then_frequent_words():
     assert simple_facts("Uma is at the Eiffel Tower.", 8) == ["Uma", "Eiffel Tower"]
     text = "The Bank of England raised rates to 5.25% in 2023. Rates matter; rates rose."
     # Capitalised phrases ("The" dropped) and numbers in order, then the other words by frequency.
-    assert simple_facts(text, 8) == ["Bank of England", "5.25%", "2023", "Rates", "raised", "matter", "rose"]
+    assert simple_facts(text, 8) == [
+        "Bank of England",
+        "5.25%",
+        "2023",
+        "Rates",
+        "raised",
+        "matter",
+        "rose",
+    ]
     assert simple_facts(text, 2) == ["Bank of England", "5.25%"]
 
 
@@ -47,7 +57,9 @@ def test_optional_extractors_say_how_to_install_them_or_extract_from_the_text():
         except ValueError as err:  # spacy without its English model: the error says how to get it
             assert "pip install" in str(err) or "download" in str(err), err
             continue
-        assert facts and all(f in text for f in facts), facts  # phrases of the text, nothing invented
+        assert facts and all(f in text for f in facts), (
+            facts
+        )  # phrases of the text, nothing invented
     with pytest.raises(ValueError, match="not one of simple, yake, spacy"):
         extract_facts("x", "magic")
 
@@ -67,7 +79,11 @@ def test_qkvcomm_with_facts_adds_their_bytes_and_puts_them_before_bs_question(ex
     with recording_prompts() as prompts:
         both = _make("qkvcomm", **QK, facts=True).run_batch(examples)
     texts = [facts_text(e) for e in examples]
-    assert [p.payload_bytes for p in both] == [q.payload_bytes + len(t.encode()) for q, t in zip(plain, texts)]
+    assert [p.payload_bytes for p in both] == [
+        q.payload_bytes + len(t.encode()) for q, t in zip(plain, texts)
+    ]
     assert [p.extra["facts"] for p in both] == texts
     b_prompts = [p["text"] for p in prompts if "Question: Facts: " in p["text"]]
-    assert len(b_prompts) == len(examples) and all(e.prompt_A not in p for e, p in zip(examples, b_prompts))
+    assert len(b_prompts) == len(examples) and all(
+        e.prompt_A not in p for e, p in zip(examples, b_prompts)
+    )

@@ -71,7 +71,9 @@ def test_the_prefix_cache_is_bounded_in_bytes_and_emptied_by_release(lm, items):
     assert one_prefix == held_bytes(big) > 0
     bounded = PrefixCache(max_bytes=one_prefix - 1)  # a prefix over the bound is used, never kept
     again = bounded.split(lm, ids)
-    assert torch.equal(again.cache.layers[0].keys, split.cache.layers[0].keys) and bounded.nbytes == 0
+    assert (
+        torch.equal(again.cache.layers[0].keys, split.cache.layers[0].keys) and bounded.nbytes == 0
+    )
     two = PrefixCache(max_bytes=one_prefix + 1)
     two.split(lm, ids)
     two.split(lm, _ids(lm, ["Another shared document. " * 30 + e.prompt_B for e in items]))
@@ -93,15 +95,28 @@ def test_the_evaluator_frees_every_cache_after_each_batch(tmp_path):
     @register("records_held")
     class RecordsHeld(Baseline):
         def _run_batch(self, examples):
-            seen.append((self.prefix_cache.nbytes, self._memo.hits + self._memo.misses if self._memo else 0))
+            seen.append(
+                (self.prefix_cache.nbytes, self._memo.hits + self._memo.misses if self._memo else 0)
+            )
             out = super()._run_batch(examples)
             assert self.prefix_cache.nbytes > 0  # it did cache the chat template's prefix
             return out
 
     try:
-        rc = run_experiments.main([
-            "--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--stages", "[evaluate]",
-            "--methods", '{"held": {"method": "records_held"}}', "--eval.batch_size", "2"])
+        rc = run_experiments.main(
+            [
+                "--config",
+                "configs/tiny.yaml",
+                "--output_dir",
+                str(tmp_path),
+                "--stages",
+                "[evaluate]",
+                "--methods",
+                '{"held": {"method": "records_held"}}',
+                "--eval.batch_size",
+                "2",
+            ]
+        )
     finally:
         _METHODS.pop("records_held")
     assert rc == 0
@@ -113,11 +128,20 @@ def test_the_evaluator_frees_every_cache_after_each_batch(tmp_path):
 
 
 def test_out_of_memory_is_told_from_poison():
-    for text in ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)",
-                 "MPS backend out of memory"):
+    for text in (
+        "CUDA error: out of memory",
+        "CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)",
+        "MPS backend out of memory",
+    ):
         assert is_out_of_memory(RuntimeError(text)) and not poisons_process(RuntimeError(text))
-    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    for text in ("CUDA error: device-side assert triggered", "CUBLAS_STATUS_EXECUTION_FAILED", "NCCL error"):
+    assert is_out_of_memory(
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    )
+    for text in (
+        "CUDA error: device-side assert triggered",
+        "CUBLAS_STATUS_EXECUTION_FAILED",
+        "NCCL error",
+    ):
         assert poisons_process(RuntimeError(text)) and not is_out_of_memory(RuntimeError(text))
 
 
@@ -136,14 +160,18 @@ class _Hungry(Method):
         activations = torch.ones(len(examples), 1 << 20)  # 4 MiB per row, held by this frame
         self.allocations.append(weakref.ref(activations))
         if len(examples) > self.fits:
-            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {activations.numel() * 8} bytes")
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate {activations.numel() * 8} bytes"
+            )
         return [Prediction(e.example_id, "x", 0) for e in examples]
 
 
 def test_out_of_memory_frees_the_failed_attempt_before_retrying_and_remembers_the_size(items):
     m = _Hungry(fits=1)
     preds = m.run_batch(items)
-    assert [p.example_id for p in preds] == [e.example_id for e in items] and not any(p.error for p in preds)
+    assert [p.example_id for p in preds] == [e.example_id for e in items] and not any(
+        p.error for p in preds
+    )
     assert m.sizes == [4, 2, 1, 1, 2, 1, 1]
     # Every attempt started with every earlier attempt's activations freed: the retry did not run
     # inside the handler, where the traceback would have kept the failed frames (and tensors) alive.
@@ -180,7 +208,9 @@ def test_kvcomm_calibration_at_any_batch_size_measures_the_same(lm):
     m = make("kvcomm", selection="calibrate", top_layers=0.5)
     one = m.calibrate(calib, batch_size=1)["importance"]
     six = m.calibrate(calib, batch_size=6)["importance"]
-    atol = reorder_atol(torch.ones(1), **forward_budget(m.pair.receiver, 512))  # masses <= 1, prompts < 512
+    atol = reorder_atol(
+        torch.ones(1), **forward_budget(m.pair.receiver, 512)
+    )  # masses <= 1, prompts < 512
     assert one == pytest.approx(six, abs=atol)
 
 
@@ -188,9 +218,14 @@ def test_kvcomm_calibration_at_any_batch_size_measures_the_same(lm):
 
 
 def test_an_error_row_gives_way_to_a_later_answer(tmp_path):
-    rows = [{"example_id": "a", "error": "boom"}, {"example_id": "b", "error": None, "answer": "1"},
-            {"example_id": "a", "error": None, "answer": "2"}, {"example_id": "c", "error": "x"},
-            {"example_id": "c", "error": "y"}, {"example_id": "b", "error": None, "answer": "dup"}]
+    rows = [
+        {"example_id": "a", "error": "boom"},
+        {"example_id": "b", "error": None, "answer": "1"},
+        {"example_id": "a", "error": None, "answer": "2"},
+        {"example_id": "c", "error": "x"},
+        {"example_id": "c", "error": "y"},
+        {"example_id": "b", "error": None, "answer": "dup"},
+    ]
     (tmp_path / "rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
     (tmp_path / "rank1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[3:]))
     got = read_results(tmp_path)
@@ -213,13 +248,27 @@ def test_resume_runs_failed_rows_again_and_the_report_counts_them(tmp_path):
                 raise RuntimeError("transient failure")
             return super()._run_batch(examples)
 
-    args = ["--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--stages", "[evaluate,report]",
-            "--methods", '{"baseline": {}, "flaky": {"method": "flaky_once"}}', "--eval.batch_size", "3",
-            "--eval.fail_fast_items", "0"]
+    args = [
+        "--config",
+        "configs/tiny.yaml",
+        "--output_dir",
+        str(tmp_path),
+        "--stages",
+        "[evaluate,report]",
+        "--methods",
+        '{"baseline": {}, "flaky": {"method": "flaky_once"}}',
+        "--eval.batch_size",
+        "3",
+        "--eval.fail_fast_items",
+        "0",
+    ]
     try:
         assert run_experiments.main(args) == 0
         first = json.loads((tmp_path / "tiny" / "results.json").read_text())
-        failed = {t: sum(1 for r in first["examples"][t]["flaky"] if r["error"]) for t in ("countries", "tipsheets")}
+        failed = {
+            t: sum(1 for r in first["examples"][t]["flaky"] if r["error"])
+            for t in ("countries", "tipsheets")
+        }
         assert all(failed.values())
         broken["on"] = False
         assert run_experiments.main(args) == 0
@@ -232,7 +281,9 @@ def test_resume_runs_failed_rows_again_and_the_report_counts_them(tmp_path):
         assert [r["answer"] for r in rows] == [r["answer"] for r in base]
         line = next(s for s in data["summary"] if s["task"] == task and s["method"] == "flaky")
         assert line["errors"] == 0 and line["rerun"] == failed[task]
-    assert "Re-run after failing in an earlier start" in (tmp_path / "tiny" / "results.md").read_text()
+    assert (
+        "Re-run after failing in an earlier start" in (tmp_path / "tiny" / "results.md").read_text()
+    )
 
 
 def test_a_stop_signal_is_honoured_between_methods_within_a_batch(tmp_path):
@@ -247,10 +298,20 @@ def test_a_stop_signal_is_honoured_between_methods_within_a_batch(tmp_path):
             return super()._run_batch(examples)
 
     try:
-        rc = run_experiments.main([
-            "--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--stages", "[evaluate]",
-            "--methods", '{"first": {"method": "signals_stop"}, "second": {"method": "baseline"}}',
-            "--eval.batch_size", "6"])
+        rc = run_experiments.main(
+            [
+                "--config",
+                "configs/tiny.yaml",
+                "--output_dir",
+                str(tmp_path),
+                "--stages",
+                "[evaluate]",
+                "--methods",
+                '{"first": {"method": "signals_stop"}, "second": {"method": "baseline"}}',
+                "--eval.batch_size",
+                "6",
+            ]
+        )
     finally:
         _METHODS.pop("signals_stop")
     assert rc == 0
@@ -262,8 +323,15 @@ def test_a_stop_signal_is_honoured_between_methods_within_a_batch(tmp_path):
 def _failing_rank(rank: int, port: int, out) -> None:
     from cross_model import distributed as d
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+    )
     with d.distributed_session("gloo"):
+
         def work():
             if rank == 1:
                 raise ValueError("rank 1's own error")
@@ -271,7 +339,9 @@ def _failing_rank(rank: int, port: int, out) -> None:
 
         try:
             d.agreed(work, "measure")
-            d.all_reduce_sum([1.0])  # where the healthy rank would wait for the failed one, for 30 minutes
+            d.all_reduce_sum(
+                [1.0]
+            )  # where the healthy rank would wait for the failed one, for 30 minutes
             out.put((rank, "went on"))
         except Exception as exc:  # noqa: BLE001
             out.put((rank, f"{type(exc).__name__}: {exc}"))
@@ -310,7 +380,9 @@ def test_code_identity_ignores_new_untracked_and_config_files_but_not_tracked_co
     first = git_commit(repo)
     (repo / "configs" / "queued_later.yaml").write_text("name: b\n")  # written while the job waits
     (repo / "configs" / "run.yaml").write_text("name: edited\n")  # another run's config, edited
-    (repo / "cross_model" / "scratch.py").write_text("y = 2\n")  # untracked: never imported by the run
+    (repo / "cross_model" / "scratch.py").write_text(
+        "y = 2\n"
+    )  # untracked: never imported by the run
     assert git_commit(repo)["changes"] == first["changes"] is None
     (repo / "cross_model" / "a.py").write_text("x = 2\n")
     assert git_commit(repo)["changes"] is not None
@@ -326,20 +398,32 @@ def test_a_resume_with_other_torch_or_transformers_is_refused_unless_allowed(tmp
     first = run_identity(meta, "cpu", "float32")
     assert first["torch"] == "2.13.0" and first["transformers"] == "5.23.0"
     prepare_run_dir(cfg, {}, first)
-    later = run_identity({**meta, "versions": {"torch": "2.13.0", "transformers": "5.17.0"}}, "cpu", "float32")
+    later = run_identity(
+        {**meta, "versions": {"torch": "2.13.0", "transformers": "5.17.0"}}, "cpu", "float32"
+    )
     with pytest.raises(ValueError, match="transformers 5.23.0 -> 5.17.0.*--allow-code-change"):
         prepare_run_dir(cfg, {}, later)
     assert prepare_run_dir(cfg, {}, later, allow_code_change=True) == 1
-    old_run = {k: v for k, v in first.items() if k not in ("torch", "transformers")}  # identity.json of an older run
+    old_run = {
+        k: v for k, v in first.items() if k not in ("torch", "transformers")
+    }  # identity.json of an older run
     (tmp_path / "tiny" / "identity.json").write_text(json.dumps(old_run))
     assert prepare_run_dir(cfg, {}, later) == 2
 
 
-def test_evaluate_without_the_calibrate_stage_loads_the_saved_calibration_or_refuses_before_any_work(tmp_path, capsys):
+def test_evaluate_without_the_calibrate_stage_loads_the_saved_calibration_or_refuses_before_any_work(
+    tmp_path, capsys
+):
     import run_experiments
 
-    common = ["--config", "configs/tiny.yaml", "--output_dir", str(tmp_path),
-              "--methods", '{"baseline": {}, "kvcomm": {"selection": "calibrate", "top_layers": 0.5}}']
+    common = [
+        "--config",
+        "configs/tiny.yaml",
+        "--output_dir",
+        str(tmp_path),
+        "--methods",
+        '{"baseline": {}, "kvcomm": {"selection": "calibrate", "top_layers": 0.5}}',
+    ]
     assert run_experiments.main([*common, "--stages", "[evaluate, report]"]) == 2
     assert "no saved calibration" in capsys.readouterr().err
     assert not (tmp_path / "tiny" / "results").exists()  # refused before any row
@@ -362,10 +446,19 @@ def _longbench_parquet(path, n: int, schema: str = "harness"):
 
     rows = []
     for i in range(n):
-        row = {"context": f"Paper {i} evaluates on dataset D{i}.", "answers": [f"D{i}"], "length": 7,
-               "dataset": "qasper", "language": "en", "all_classes": None}
-        row.update({"input": f"Which dataset does paper {i} use?", "_id": f"lb{i}"} if schema == "script"
-                   else {"question": f"Which dataset does paper {i} use?"})
+        row = {
+            "context": f"Paper {i} evaluates on dataset D{i}.",
+            "answers": [f"D{i}"],
+            "length": 7,
+            "dataset": "qasper",
+            "language": "en",
+            "all_classes": None,
+        }
+        row.update(
+            {"input": f"Which dataset does paper {i} use?", "_id": f"lb{i}"}
+            if schema == "script"
+            else {"question": f"Which dataset does paper {i} use?"}
+        )
         rows.append(row)
     datasets.Dataset.from_list(rows).to_parquet(str(path))
     return rows
@@ -380,7 +473,9 @@ def test_longbench_loads_from_a_parquet_copy_in_either_format(tmp_path, schema):
         r = by_context[e.prompt_A]
         assert e.prompt_B == r.get("input", r.get("question")) and list(e.answers) == r["answers"]
     assert len({e.example_id for e in test + calib}) == 8
-    again, _ = load_task_examples("qasper", 5, 3, path=str(tmp_path))  # the directory holding the copy
+    again, _ = load_task_examples(
+        "qasper", 5, 3, path=str(tmp_path)
+    )  # the directory holding the copy
     assert [e.example_id for e in again] == [e.example_id for e in test]
 
 
@@ -391,52 +486,116 @@ def test_every_hub_source_of_a_longbench_task_is_the_pinned_parquet_copy():
     for name, rows in (("qasper", 200), ("multifieldqa_en", 150), ("twowikimqa", 200)):
         task = get_task(name)
         assert task.source.path == "Xnhyacinth/LongBench" and task.rows_available == rows
-        assert task.source.revision == REVISIONS["Xnhyacinth/LongBench"] and len(task.source.revision) == 40
+        assert (
+            task.source.revision == REVISIONS["Xnhyacinth/LongBench"]
+            and len(task.source.revision) == 40
+        )
 
 
-def test_dry_run_fails_in_seconds_when_a_config_asks_more_rows_than_the_source_has(tmp_path, capsys):
+def test_dry_run_fails_in_seconds_when_a_config_asks_more_rows_than_the_source_has(
+    tmp_path, capsys
+):
     import run_experiments
 
     assert run_experiments.main(["--config", "configs/kvcomm_llama8b.yaml", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "tasks.qasper:" in out and "192 test + 8 calibration" in out
-    assert run_experiments.main(["--config", "configs/kvcomm_llama8b.yaml", "--dry-run", "--tasks",
-                                 "[{name: qasper, n_test: 200, n_calib: 8}]"]) == 2
+    assert (
+        run_experiments.main(
+            [
+                "--config",
+                "configs/kvcomm_llama8b.yaml",
+                "--dry-run",
+                "--tasks",
+                "[{name: qasper, n_test: 200, n_calib: 8}]",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "do not fit the 200 rows" in err and "at most 192 test rows" in err
     # A local copy is loaded and counted for real.
     _longbench_parquet(tmp_path / "q.parquet", 60)
     args = ["--config", "configs/tiny.yaml", "--dry-run", "--tasks"]
-    assert run_experiments.main([*args, f"[{{name: qasper, n_test: 52, n_calib: 4, path: {tmp_path / 'q.parquet'}}}]"]) == 0
+    assert (
+        run_experiments.main(
+            [*args, f"[{{name: qasper, n_test: 52, n_calib: 4, path: {tmp_path / 'q.parquet'}}}]"]
+        )
+        == 0
+    )
     assert "52 test + 4 calibration items" in capsys.readouterr().out
-    assert run_experiments.main([*args, f"[{{name: qasper, n_test: 53, n_calib: 4, path: {tmp_path / 'q.parquet'}}}]"]) == 2
-    assert "data error: tasks.qasper: n_test (53) exceeds the 52 test rows of its 60 (the last 8 are kept" in capsys.readouterr().err
+    assert (
+        run_experiments.main(
+            [*args, f"[{{name: qasper, n_test: 53, n_calib: 4, path: {tmp_path / 'q.parquet'}}}]"]
+        )
+        == 2
+    )
+    assert (
+        "data error: tasks.qasper: n_test (53) exceeds the 52 test rows of its 60 (the last 8 are kept"
+        in capsys.readouterr().err
+    )
 
 
 def test_data_check_loads_one_row_of_every_task_and_fails_on_a_broken_one(tmp_path, capsys):
     from cross_model.data.check import main
 
     _longbench_parquet(tmp_path / "q.parquet", 3)
-    assert main(["check", "configs/tiny.yaml", "--tasks",
-                 f"[{{name: countries}}, {{name: qasper, path: {tmp_path / 'q.parquet'}}}]"]) == 0
+    assert (
+        main(
+            [
+                "check",
+                "configs/tiny.yaml",
+                "--tasks",
+                f"[{{name: countries}}, {{name: qasper, path: {tmp_path / 'q.parquet'}}}]",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert "tasks.countries: ok" in out and "tasks.qasper: ok" in out and "2 of 2 tasks loaded" in out
+    assert (
+        "tasks.countries: ok" in out and "tasks.qasper: ok" in out and "2 of 2 tasks loaded" in out
+    )
     (tmp_path / "bad.jsonl").write_text('{"prompt_A": "x"}\n')
-    assert main(["check", "configs/tiny.yaml", "--tasks", f"[{{name: jsonl, path: {tmp_path / 'bad.jsonl'}}}]"]) == 1
+    assert (
+        main(
+            [
+                "check",
+                "configs/tiny.yaml",
+                "--tasks",
+                f"[{{name: jsonl, path: {tmp_path / 'bad.jsonl'}}}]",
+            ]
+        )
+        == 1
+    )
     assert "tasks.jsonl: FAILED" in capsys.readouterr().out
 
 
-def test_a_task_that_cannot_load_stops_the_run_before_any_model_loads(tmp_path, capsys, monkeypatch):
+def test_a_task_that_cannot_load_stops_the_run_before_any_model_loads(
+    tmp_path, capsys, monkeypatch
+):
     import run_experiments
     from cross_model import context
 
     loaded = []
-    monkeypatch.setattr(context, "load_model", lambda *a, **k: loaded.append(a) or pytest.fail("a model loaded"))
+    monkeypatch.setattr(
+        context, "load_model", lambda *a, **k: loaded.append(a) or pytest.fail("a model loaded")
+    )
     _longbench_parquet(tmp_path / "q.parquet", 3)
-    rc = run_experiments.main(["--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--tasks",
-                               f"[{{name: countries}}, {{name: qasper, n_test: 10, path: {tmp_path / 'q.parquet'}}}]"])
+    rc = run_experiments.main(
+        [
+            "--config",
+            "configs/tiny.yaml",
+            "--output_dir",
+            str(tmp_path),
+            "--tasks",
+            f"[{{name: countries}}, {{name: qasper, n_test: 10, path: {tmp_path / 'q.parquet'}}}]",
+        ]
+    )
     assert rc == 2 and not loaded
-    assert "run error: data: tasks.qasper: n_test (10) + n_calib (8) exceeds the 3 rows available" in capsys.readouterr().err
+    assert (
+        "run error: data: tasks.qasper: n_test (10) + n_calib (8) exceeds the 3 rows available"
+        in capsys.readouterr().err
+    )
 
 
 def _other_items_on_rank_1(rank: int, port: int, out) -> None:
@@ -444,11 +603,19 @@ def _other_items_on_rank_1(rank: int, port: int, out) -> None:
     from cross_model import evaluation
     from cross_model.config import load_config
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+    )
     cfg = load_config("configs/tiny.yaml", ["--tasks", "[{name: countries, n_test: 4}]"])
     if rank == 1:  # as if this node's cache held another copy of the data
         real = evaluation.load_task_examples
-        evaluation.load_task_examples = lambda *a, **k: (lambda t, c: (t[1:] + t[:1], c))(*real(*a, **k))
+        evaluation.load_task_examples = lambda *a, **k: (lambda t, c: (t[1:] + t[:1], c))(
+            *real(*a, **k)
+        )
     with d.distributed_session("gloo"):
         try:
             evaluation.prepare_data(cfg)
@@ -460,7 +627,9 @@ def _other_items_on_rank_1(rank: int, port: int, out) -> None:
 def test_ranks_holding_other_test_items_are_refused():
     got = _two_ranks(_other_items_on_rank_1)
     for rank in (0, 1):
-        assert got[rank].startswith("RunRefused: ranks [1] hold other test or calibration items"), got
+        assert got[rank].startswith("RunRefused: ranks [1] hold other test or calibration items"), (
+            got
+        )
 
 
 # --- the dry run's memory estimate against what the tiny models really allocate ----------------------
@@ -476,9 +645,14 @@ def test_the_memory_estimate_counts_what_a_tiny_model_really_holds(lm, items):
     batch = pad_left(ids, lm.tokenizer.pad_token_id, lm.device)
     B, T = batch.input_ids.shape
     seen = []  # every module output inside the first decoder layer during the prefill
-    hooks = [m.register_forward_hook(lambda mod, a, out: seen.append(
-        (out[0] if isinstance(out, tuple) else out).untyped_storage().nbytes()))
-        for m in lm.model.model.layers[0].modules()]
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, a, out: seen.append(
+                (out[0] if isinstance(out, tuple) else out).untyped_storage().nbytes()
+            )
+        )
+        for m in lm.model.model.layers[0].modules()
+    ]
     try:
         pre = run_prefill(lm, batch, ids, None)
     finally:
@@ -486,10 +660,14 @@ def test_the_memory_estimate_counts_what_a_tiny_model_really_holds(lm, items):
             h.remove()
     est = estimate([shape], 4, B, T, 0, memo_entries=1)
     assert est.weights == weights
-    assert est.kv == 3 * held_bytes(pre.kv)  # the memo's prefill, the decoding cache, B's assembled cache
+    assert est.kv == 3 * held_bytes(
+        pre.kv
+    )  # the memo's prefill, the decoding cache, B's assembled cache
     assert est.hidden_rows == held_bytes(pre.hidden_last)
     assert est.decode == B * lm.info.vocab_size * 4
-    assert sum(seen) == est.prefill  # every module output of one layer, as if all were alive at once: a bound
+    assert (
+        sum(seen) == est.prefill
+    )  # every module output of one layer, as if all were alive at once: a bound
 
 
 def test_dry_run_prints_the_memory_per_rank_without_loading_weights(capsys, monkeypatch):
@@ -509,12 +687,17 @@ def test_calibration_keeps_no_tensor_after_it_decides(lm):
     from tests.test_methods import make
 
     _, calib = load_task_examples("countries", 1, 6, seed=2)
-    for name, params in (("kvcomm", {"selection": "calibrate", "top_layers": 0.5}),
-                         ("qkvcomm", {"selection": "calibrate", "top_layers": 0.5, "target_bits": 4.0})):
+    for name, params in (
+        ("kvcomm", {"selection": "calibrate", "top_layers": 0.5}),
+        ("qkvcomm", {"selection": "calibrate", "top_layers": 0.5, "target_bits": 4.0}),
+    ):
         m = make(name, **params)
         m.calibrate(calib, batch_size=4)
         held = held_bytes({k: v for k, v in vars(m).items() if k != "pair"})
-        assert held == m.prefix_cache.nbytes, (name, held)  # only the chat template's prefix, freed below
+        assert held == m.prefix_cache.nbytes, (
+            name,
+            held,
+        )  # only the chat template's prefix, freed below
         m.release_memory()
         assert held_bytes({k: v for k, v in vars(m).items() if k != "pair"}) == 0
 
@@ -545,14 +728,36 @@ def test_failed_rows_stay_in_every_denominator_and_payload_means_skip_them():
     from cross_model.report_files import summarize
 
     ok = {"score": 1.0, "first_named": 1.0, "token_f1": 1.0, "payload_bytes": 100, "error": None}
-    rows = [{**ok, "example_id": "a"}, {**ok, "example_id": "b"},
-            {"example_id": "c", "score": 0.0, "first_named": 0.0, "token_f1": 0.0, "payload_bytes": 0, "error": "boom"}]
+    rows = [
+        {**ok, "example_id": "a"},
+        {**ok, "example_id": "b"},
+        {
+            "example_id": "c",
+            "score": 0.0,
+            "first_named": 0.0,
+            "token_f1": 0.0,
+            "payload_bytes": 0,
+            "error": "boom",
+        },
+    ]
     s = summarize("t", "m", rows)
     assert s["n"] == 3 and s["accuracy"] == pytest.approx(2 / 3) and s["errors"] == 1
     assert s["payload_bytes"] == 100 and s["payload_rows"] == 2  # over the rows that sent something
-    joint = [{"example_id": "a", "variant": "joint", "score": 1.0, "oracle_score": 1.0, "score_x": 1.0,
-              "score_y": 0.0, "joint_choice": "x", "error": None},
-             {"example_id": "b", "variant": "joint", "score": 0.0, "error": "boom"}]
+    joint = [
+        {
+            "example_id": "a",
+            "variant": "joint",
+            "score": 1.0,
+            "oracle_score": 1.0,
+            "score_x": 1.0,
+            "score_y": 0.0,
+            "joint_choice": "x",
+            "error": None,
+        },
+        {"example_id": "b", "variant": "joint", "score": 0.0, "error": "boom"},
+    ]
     (line,) = joint_rows({"t": {"lw_joint": joint}})
-    assert line["n"] == 2 and line["errors"] == 1 and line["accuracy"] == 0.5 and line["oracle"] == 0.5
+    assert (
+        line["n"] == 2 and line["errors"] == 1 and line["accuracy"] == 0.5 and line["oracle"] == 0.5
+    )
     assert line["receivers"]["x"]["accuracy"] == 0.5

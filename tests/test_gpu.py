@@ -32,8 +32,13 @@ from tests.tolerance import (
 )
 
 DEVICE = os.environ.get("CROSS_MODEL_GPU_TESTS_DEVICE", "cuda")
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
-                                                  reason="needs a CUDA GPU (CROSS_MODEL_GPU_TESTS_DEVICE=cpu: bf16 on CPU)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        DEVICE == "cuda" and not torch.cuda.is_available(),
+        reason="needs a CUDA GPU (CROSS_MODEL_GPU_TESTS_DEVICE=cpu: bf16 on CPU)",
+    ),
+]
 BF16 = torch.bfloat16
 
 
@@ -61,12 +66,14 @@ def test_kvcomm_all_layers_in_bf16_matches_the_concatenated_forward(spec, exampl
     decided = 0
     for i, e in enumerate(examples[:8]):
         ref = concatenated_logits(lm, e).float()
-        got = logits[i, -ref.shape[0]:].float()
+        got = logits[i, -ref.shape[0] :].float()
         budget = forward_budget(lm, logits.shape[1])
         assert_forward_close(got, ref, lm, logits.shape[1], dtype=BF16, msg=f"item {i}")
         top2 = ref.topk(2, dim=-1).values
         clear = (top2[:, 0] - top2[:, 1]) > 2 * reorder_atol(ref, **budget, dtype=BF16)
-        assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear]), f"item {i}: a clear top-1 token differs"
+        assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear]), (
+            f"item {i}: a clear top-1 token differs"
+        )
         decided += int(clear.sum())
     assert decided > 0, "no position had a clear top-1 token: the check above tested nothing"
 
@@ -80,7 +87,9 @@ def test_batched_and_one_at_a_time_agree_on_the_first_answer_token(name, example
     alone = [m.run_batch([e])[0].answer for e in examples]
     tok = m.pair.receiver.tokenizer
     first_token = lambda text: tok.encode(text, add_special_tokens=False)[:1]  # noqa: E731 - a token, not a character
-    assert all(first_token(a) for a in batched + alone), "an empty answer has no first token to compare"
+    assert all(first_token(a) for a in batched + alone), (
+        "an empty answer has no first token to compare"
+    )
     first = [first_token(a) == first_token(b) for a, b in zip(batched, alone)]
     assert sum(first) / len(first) >= 0.8, list(zip(batched, alone))
 
@@ -101,14 +110,21 @@ def test_cipher_in_bf16_sends_bf16_vectors_that_are_expected_embeddings(examples
     emb = lm.model.get_input_embeddings()(batch.input_ids)
     vecs, _ = vector_generate(lm, emb, batch.attention_mask, 1, 1.0)
     with torch.inference_mode():
-        logits = lm.model(inputs_embeds=emb, attention_mask=batch.attention_mask).logits[:, -1].float()
+        logits = (
+            lm.model(inputs_embeds=emb, attention_mask=batch.attention_mask).logits[:, -1].float()
+        )
     expected = logits.softmax(-1) @ input_embeddings(lm).float()
     for v, e in zip(vecs, expected):
         if v.shape[0]:
             assert v.dtype == BF16 and torch.isfinite(v).all()
             # a bf16 forward, then the expected embedding: a sum over the vocabulary (float32 accumulation)
-            assert_reordered_close(v[0].float(), e, terms=lm.info.vocab_size,
-                                   depth=forward_budget(lm)["depth"] + 1, dtype=BF16)
+            assert_reordered_close(
+                v[0].float(),
+                e,
+                terms=lm.info.vocab_size,
+                depth=forward_budget(lm)["depth"] + 1,
+                dtype=BF16,
+            )
 
 
 def test_qkvcomm_wire_round_trip_in_bf16_on_the_gpu(examples):
@@ -123,22 +139,48 @@ def test_qkvcomm_wire_round_trip_in_bf16_on_the_gpu(examples):
     for row in range(mask.shape[0]):
         idx = mask[row].nonzero().squeeze(-1)
         for la in sorted({m.layer_map[l] for l in selected}):
-            for got, ref in ((view.layers[la].keys, cache.layers[la].keys), (view.layers[la].values, cache.layers[la].values)):
+            for got, ref in (
+                (view.layers[la].keys, cache.layers[la].keys),
+                (view.layers[la].values, cache.layers[la].values),
+            ):
                 g, r = got[row][:, idx].float(), ref[row][:, idx].float()
                 bound = (r.amax() - r.amin()).item() / 255 + 1e-2 * r.abs().max().item()
                 assert (g - r).abs().max().item() <= bound
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="a 2-rank nccl run needs two GPUs (nccl refuses two ranks on one)")
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2,
+    reason="a 2-rank nccl run needs two GPUs (nccl refuses two ranks on one)",
+)
 def test_two_rank_nccl_calibrate_and_evaluate(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "run_experiments.py",
-           "--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--platform.device", "cuda",
-           "--stages", "[calibrate,evaluate,report]", "--methods",
-           '{"baseline": {}, "kvcomm": {"selection": "calibrate", "top_layers": 0.5}, "cipher": {"nld_max_tokens": 4}}']
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ}, capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "run_experiments.py",
+        "--config",
+        "configs/tiny.yaml",
+        "--output_dir",
+        str(tmp_path),
+        "--platform.device",
+        "cuda",
+        "--stages",
+        "[calibrate,evaluate,report]",
+        "--methods",
+        '{"baseline": {}, "kvcomm": {"selection": "calibrate", "top_layers": 0.5}, "cipher": {"nld_max_tokens": 4}}',
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ}, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     calib = json.loads((tmp_path / "tiny" / "calibration-kvcomm.json").read_text())
     assert calib["items_per_rank"] == [2, 2]
     data = json.loads((tmp_path / "tiny" / "results.json").read_text())
     rows = data["examples"]["countries"]["kvcomm"]
-    assert len(rows) == 6 and {r["rank"] for r in rows} == {0, 1} and {r["dtype"] for r in rows} == {"bfloat16"}
+    assert (
+        len(rows) == 6
+        and {r["rank"] for r in rows} == {0, 1}
+        and {r["dtype"] for r in rows} == {"bfloat16"}
+    )

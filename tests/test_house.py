@@ -42,7 +42,9 @@ def _graph() -> tuple[dict[str, set[str]], list[str]]:
     graph: dict[str, set[str]] = {m: set() for m in files}
     local = []
     for mod, path in files.items():
-        for target, line, at_top in _imports(ast.parse(path.read_text()), mod, path.name == "__init__.py"):
+        for target, line, at_top in _imports(
+            ast.parse(path.read_text()), mod, path.name == "__init__.py"
+        ):
             if target not in files or target == mod:
                 continue
             if not at_top:
@@ -66,7 +68,9 @@ def test_the_import_graph_has_no_cycle():
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+                raise AssertionError(
+                    "import cycle: " + " -> ".join(path[path.index(nxt) :] + [nxt])
+                )
             if nxt not in state:
                 visit(nxt)
         path.pop()
@@ -112,6 +116,10 @@ def test_every_module_has_a_layer_and_imports_nothing_above_it():
     assert len(set(layers.values())) >= 5, "docs/ARCHITECTURE.md's layer table was not found"
     unplaced = [m for m in graph if _layer_of(m, layers) is None]
     assert not unplaced, f"modules without a layer in docs/ARCHITECTURE.md: {unplaced}"
-    upward = [f"{m} (layer {_layer_of(m, layers)}) imports {t} (layer {_layer_of(t, layers)})"
-              for m, targets in graph.items() for t in targets if _layer_of(t, layers) > _layer_of(m, layers)]
+    upward = [
+        f"{m} (layer {_layer_of(m, layers)}) imports {t} (layer {_layer_of(t, layers)})"
+        for m, targets in graph.items()
+        for t in targets
+        if _layer_of(t, layers) > _layer_of(m, layers)
+    ]
     assert not upward, "\n".join(upward)

@@ -52,8 +52,12 @@ def c2c_logits(m, examples):
     batch = tokenize_prompts(b, [receiver_text(e) for e in examples])
     pos = positions_from_mask(batch.attention_mask, offset)
     with torch.inference_mode():
-        return layout_forward(b, layout, all_logits=True)(cache=cache, full_mask_BT=batch.attention_mask,
-                                                          position_ids_BT=pos, input_ids_BT=batch.input_ids)
+        return layout_forward(b, layout, all_logits=True)(
+            cache=cache,
+            full_mask_BT=batch.attention_mask,
+            position_ids_BT=pos,
+            input_ids_BT=batch.input_ids,
+        )
 
 
 def test_alignment_of_one_tokenizer_with_itself_is_one_to_one():
@@ -70,7 +74,13 @@ def test_alignment_reads_the_sender_tokens_covering_each_receiver_tokens_charact
     sender = [(0, 0), (0, 4), (4, 5), (5, 11), (11, 12)]  # <bos> "Tour" " " "Eiffel" "."
     receiver = [(0, 2), (2, 7), (7, 11), (11, 12), (12, 12)]
     rows = align_spans(sender, receiver)
-    assert rows == [[1], [1, 2, 3], [3], [4], [4]]  # a zero-width token past the end reads the last one
+    assert rows == [
+        [1],
+        [1, 2, 3],
+        [3],
+        [4],
+        [4],
+    ]  # a zero-width token past the end reads the last one
     assert align_spans(sender, [(0, 0)]) == [[0]]  # a BOS reads the sender's BOS
     stats = AlignmentStats()
     stats.add(sender, receiver, rows)
@@ -80,10 +90,15 @@ def test_alignment_reads_the_sender_tokens_covering_each_receiver_tokens_charact
 @pytest.mark.slow
 def test_alignment_between_the_gemma_and_smollm2_tokenizers_covers_every_character():
     gemma, smol = load_model("gemma3-270m"), load_model("smollm2-135m-instruct")
-    text = "Instruction: answer. Context: Ana Reyes visited the Eiffel Tower in 1999, naïvely — twice!"
+    text = (
+        "Instruction: answer. Context: Ana Reyes visited the Eiffel Tower in 1999, naïvely — twice!"
+    )
     _, g_spans = token_spans(gemma, text)
     s_ids, s_spans = token_spans(smol, text)
-    assert s_ids == smol.tokenizer(text, add_special_tokens=not smol.info.has_chat_template)["input_ids"]
+    assert (
+        s_ids
+        == smol.tokenizer(text, add_special_tokens=not smol.info.has_chat_template)["input_ids"]
+    )
     rows = align_spans(g_spans, s_spans)
     assert len(rows) == len(s_spans)
     for (s, e), hit in zip(s_spans, rows):
@@ -92,7 +107,9 @@ def test_alignment_between_the_gemma_and_smollm2_tokenizers_covers_every_charact
             assert g_spans[hit[0]][0] <= s and g_spans[hit[-1]][1] >= e
     stats = AlignmentStats()
     stats.add(g_spans, s_spans, rows)
-    assert 0 < stats.to_dict()["mismatch_fraction"] < 1  # two tokenisers: some tokens agree, some do not
+    assert (
+        0 < stats.to_dict()["mismatch_fraction"] < 1
+    )  # two tokenisers: some tokens agree, some do not
 
 
 @pytest.mark.float_sensitive
@@ -117,8 +134,14 @@ def test_sparse_token_pooling_equals_the_dense_average(examples):
                 dense[i, width - len(rows) + n, cols[k]] = 1.0 / len(hit)
     k_a = side.pre.kv[0][0].float()
     # each pooled row averages at most the mask's width of A tokens
-    assert_reordered_close(side.pool(k_a), torch.einsum("bnt,bhtd->bnhd", dense, k_a).flatten(2), terms=mask.shape[1])
-    assert side.pool.row.numel() == sum(len(h) for rows in alignments for h in rows) < dense.numel() / 4
+    assert_reordered_close(
+        side.pool(k_a), torch.einsum("bnt,bhtd->bnhd", dense, k_a).flatten(2), terms=mask.shape[1]
+    )
+    assert (
+        side.pool.row.numel()
+        == sum(len(h) for rows in alignments for h in rows)
+        < dense.numel() / 4
+    )
 
 
 def test_layer_pairing_rules():
@@ -135,10 +158,19 @@ def test_layer_pairing_rules():
 @pytest.mark.parametrize("rope", ["as_cached", "reapply"])
 @pytest.mark.parametrize("share_prefix", [True, False], ids=["shared-prefix", "left-padded"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_identity_projector_with_every_gate_open_is_kvcomm_with_every_layer_sent(arch, share_prefix, rope, examples):
+def test_identity_projector_with_every_gate_open_is_kvcomm_with_every_layer_sent(
+    arch, share_prefix, rope, examples
+):
     # rope: reapply takes A's rotary embedding off and puts B's back at the same positions (A = B): the
     # same keys up to rounding, which checks the inverse rotation and each layer's rotary (Gemma-3's two).
-    m = make("kv_translate", arch, projector="identity", gates="open", share_prefix=share_prefix, rope=rope)
+    m = make(
+        "kv_translate",
+        arch,
+        projector="identity",
+        gates="open",
+        share_prefix=share_prefix,
+        rope=rope,
+    )
     kv = make("kvcomm", arch, selection="all", share_prefix=share_prefix)
     got = c2c_logits(m, examples)
     layers = set(range(kv.pair.receiver.info.num_layers))
@@ -148,8 +180,11 @@ def test_identity_projector_with_every_gate_open_is_kvcomm_with_every_layer_sent
     batch = tokenize_prompts(b, [receiver_text(e) for e in examples])
     with torch.inference_mode():
         ref = layout_forward(b, layout, all_logits=True)(
-            cache=b_cache, full_mask_BT=batch.attention_mask,
-            position_ids_BT=positions_from_mask(batch.attention_mask, pre.full_mask.sum(-1)), input_ids_BT=batch.input_ids)
+            cache=b_cache,
+            full_mask_BT=batch.attention_mask,
+            position_ids_BT=positions_from_mask(batch.attention_mask, pre.full_mask.sum(-1)),
+            input_ids_BT=batch.input_ids,
+        )
     # reapply adds two rotations per layer to the sums compared: one more step of rounding each
     assert_forward_close(got, ref, b, seq_len=ref.shape[1], msg=f"rope {rope}")
     ours, theirs = m.run_batch(examples), kv.run_batch(examples)
@@ -163,10 +198,19 @@ def test_reapplied_rope_puts_the_receivers_rotation_on_projected_keys(examples):
     B's own context positions: undoing B's rotation recovers the projection of un-rotated keys."""
     from cross_model.c2c.transfer import Rotary, receiver_cache
 
-    m = make("kv_translate", "tiny-gemma3-64", "tiny-llama-48", projector="train", gates="open", rope="reapply")
+    m = make(
+        "kv_translate",
+        "tiny-gemma3-64",
+        "tiny-llama-48",
+        projector="train",
+        gates="open",
+        rope="reapply",
+    )
     layers = m.active_layers()
     side = m.sender(examples[:2], layers)
-    cache, _, _ = receiver_cache(m.projector, m.pair.receiver, side, layers, a=m.pair.sender, rope="reapply")
+    cache, _, _ = receiver_cache(
+        m.projector, m.pair.receiver, side, layers, a=m.pair.sender, rope="reapply"
+    )
     plain, _, _ = receiver_cache(m.projector, m.pair.receiver, side, layers)
     b_rope = Rotary(m.pair.receiver, positions_from_mask(side.context_mask_BN))
     a_rope = Rotary(m.pair.sender, positions_from_mask(side.pre.full_mask))
@@ -176,14 +220,25 @@ def test_reapplied_rope_puts_the_receivers_rotation_on_projected_keys(examples):
     want = m.projector.keys[str(l)](ak)
     with torch.no_grad():
         # A's rotation off, the projection, B's rotation on and off: four steps over A's key width
-        assert_reordered_close(b_rope.remove(l, cache.layers[l].keys), want, terms=ak.shape[-1], depth=4)
+        assert_reordered_close(
+            b_rope.remove(l, cache.layers[l].keys), want, terms=ak.shape[-1], depth=4
+        )
     assert not torch.allclose(cache.layers[l].keys, plain.layers[l].keys, atol=1e-3)
-    torch.testing.assert_close(cache.layers[l].values, plain.layers[l].values)  # values carry no rotation
+    torch.testing.assert_close(
+        cache.layers[l].values, plain.layers[l].values
+    )  # values carry no rotation
 
 
 @pytest.mark.float_sensitive
 def test_every_gate_closed_is_the_baseline(examples):
-    m = make("kv_translate", "tiny-gemma3-64", "tiny-llama-48", projector="train", gates="closed", max_new_tokens=5)
+    m = make(
+        "kv_translate",
+        "tiny-gemma3-64",
+        "tiny-llama-48",
+        projector="train",
+        gates="closed",
+        max_new_tokens=5,
+    )
     base = make("baseline", "tiny-llama-48", max_new_tokens=5)
     ours, ref = m.run_batch(examples), base.run_batch(examples)
     assert [p.answer for p in ours] == [p.answer for p in ref]
@@ -192,8 +247,11 @@ def test_every_gate_closed_is_the_baseline(examples):
     b = base.pair.receiver
     batch = tokenize_prompts(b, [receiver_text(e) for e in examples])
     with torch.inference_mode():
-        plain = b.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                        position_ids=positions_from_mask(batch.attention_mask)).logits
+        plain = b.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=positions_from_mask(batch.attention_mask),
+        ).logits
     real = batch.attention_mask.bool()
     assert_forward_close(got[real], plain[real], b, seq_len=batch.input_ids.shape[1])
 
@@ -201,7 +259,15 @@ def test_every_gate_closed_is_the_baseline(examples):
 @pytest.mark.parametrize("pairing", ["last_aligned", "nearest"])
 def test_pairs_of_different_layers_heads_and_widths_run_and_count_a_sent_layers(pairing, examples):
     # tiny-gemma3-64: 4 layers, 1 KV head; tiny-llama-48: 3 layers, 2 KV heads of another width.
-    m = make("kv_translate", "tiny-gemma3-64", "tiny-llama-48", projector="train", gates="open", pairing=pairing, max_new_tokens=4)
+    m = make(
+        "kv_translate",
+        "tiny-gemma3-64",
+        "tiny-llama-48",
+        projector="train",
+        gates="open",
+        pairing=pairing,
+        max_new_tokens=4,
+    )
     preds = m.run_batch(examples)
     a = m.pair.sender
     for p in preds:
@@ -224,7 +290,9 @@ def test_quantized_c2c_sends_kv_wire_frames_and_reads_them_back(examples):
     side = q2.sender(examples[:1], q2.active_layers())
     sent, sizes = q2.transmit(side, q2.sender_layers(q2.active_layers()))
     k_raw = side.pre.kv[1][0]
-    assert sizes == [a2[0].payload_bytes] and not torch.equal(sent[1][0], k_raw)  # B reads the decoded tensors
+    assert sizes == [a2[0].payload_bytes] and not torch.equal(
+        sent[1][0], k_raw
+    )  # B reads the decoded tensors
     # The batched frame is kv_wire's own: one row encoded alone has the same bytes, and decodes the same.
     cols = side.pre.full_mask[0].bool()
     one = q2.wire(q2.sender_layers(q2.active_layers()), int(cols.sum()))
@@ -242,7 +310,12 @@ def test_a_projector_for_another_pair_is_refused(tmp_path, examples):
     from cross_model.checkpointing import publish_once
 
     other = make("kv_translate", "tiny-gemma3-64", "tiny-llama-48", projector="train")
-    meta = {"sender": {"name": "someone-else"}, "receiver": {}, "pairing": "last_aligned", "hidden": 256}
+    meta = {
+        "sender": {"name": "someone-else"},
+        "receiver": {},
+        "pairing": "last_aligned",
+        "hidden": 256,
+    }
     publish_once(tmp_path / "p", {WEIGHTS_FILE: other.projector.state_dict()}, meta)
     with pytest.raises(ValueError, match="trained for another setting.*sender"):
         make("kv_translate", "tiny-gemma3-64", "tiny-llama-48", projector=str(tmp_path / "p"))
@@ -253,26 +326,47 @@ def test_training_rows_from_a_chat_dataset_a_jsonl_file_and_the_tasks(tmp_path):
     from cross_model.c2c.train_projector import conversation_pair, training_rows
     from cross_model.config import load_config
 
-    hermes = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Name a fjord."},
-                                {"from": "gpt", "value": "Geiranger."}]}
+    hermes = {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Name a fjord."},
+            {"from": "gpt", "value": "Geiranger."},
+        ]
+    }
     # the user turn is the context, the assistant's reply after it the gold response (target: gold)
     assert conversation_pair(hermes, "Answer it.") == ("Name a fjord.", "Answer it.", "Geiranger.")
     assert conversation_pair({"context": "c", "question": "q"}, "x") == ("c", "q", "")
-    assert conversation_pair({"context": "c", "question": "q", "answer": "a"}, "x") == ("c", "q", "a")
+    assert conversation_pair({"context": "c", "question": "q", "answer": "a"}, "x") == (
+        "c",
+        "q",
+        "a",
+    )
     path = tmp_path / "rows.jsonl"
-    path.write_text("".join(json.dumps({"context": f"c{i}", "question": f"q{i}"}) + "\n" for i in range(5)))
+    path.write_text(
+        "".join(json.dumps({"context": f"c{i}", "question": f"q{i}"}) + "\n" for i in range(5))
+    )
     _, p = resolve_method("kv_translate", {"data": str(path), "n_train": 3, "n_heldout": 2})
     train, held = training_rows(p)
-    assert [e.prompt_A for e in train] == ["c0", "c1", "c2"] and [e.prompt_B for e in held] == ["q3", "q4"]
+    assert [e.prompt_A for e in train] == ["c0", "c1", "c2"] and [e.prompt_B for e in held] == [
+        "q3",
+        "q4",
+    ]
     from cross_model.c2c.train_projector import gold_targets
+
     with pytest.raises(ValueError, match="has no gold answer .*JSONL rows need an `answer` field"):
         gold_targets(load_model("tiny-llama-48"), train, 4)
     with pytest.raises(ValueError, match="needs 9"):
-        training_rows(resolve_method("kv_translate", {"data": str(path), "n_train": 7, "n_heldout": 2})[1])
+        training_rows(
+            resolve_method("kv_translate", {"data": str(path), "n_train": 7, "n_heldout": 2})[1]
+        )
     cfg = load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path)])
     _, p = resolve_method("kv_translate", {"data": "tasks", "n_train": 6, "n_heldout": 2})
     train, held = training_rows(p, cfg)
-    test = {e.prompt_A for t in cfg.tasks for e in load_task_examples(t.name, t.n_test, t.n_calib, cfg.seed, t.path)[0]}
+    test = {
+        e.prompt_A
+        for t in cfg.tasks
+        for e in load_task_examples(t.name, t.n_test, t.n_calib, cfg.seed, t.path)[0]
+    }
     assert len(train) == 6 and len(held) == 2 and not test & {e.prompt_A for e in train + held}
     with pytest.raises(ValueError, match="data"):
         resolve_method("kv_translate", {"data": "wikipedia"})
@@ -281,11 +375,20 @@ def test_training_rows_from_a_chat_dataset_a_jsonl_file_and_the_tasks(tmp_path):
 def test_each_prompt_is_recorded_once(examples):
     from cross_model.prompting import recording_prompts, sender_text
 
-    m = make("kv_translate", "tiny-gemma3-64", "tiny-llama-48", projector="train", gates="open", max_new_tokens=2)
+    m = make(
+        "kv_translate",
+        "tiny-gemma3-64",
+        "tiny-llama-48",
+        projector="train",
+        gates="open",
+        max_new_tokens=2,
+    )
     with recording_prompts() as log:
         m.run_batch(examples[:1])
     assert [r["model"] for r in log] == ["tiny-gemma3-64", "tiny-llama-48"]
-    assert sender_text(examples[0]) in log[0]["text"] and receiver_text(examples[0]) in log[1]["text"]
+    assert (
+        sender_text(examples[0]) in log[0]["text"] and receiver_text(examples[0]) in log[1]["text"]
+    )
 
 
 def test_the_other_item_control_reads_each_items_donor_context_and_b_its_own_question(examples):

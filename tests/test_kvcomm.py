@@ -33,17 +33,26 @@ def make(spec_a, spec_b=None, **params):
 def receiver_logits(m, examples, selected, b_ids=None):
     """B's logits at every prompt position (B x T x V), reading A's cache for `selected` layers."""
     a_pre, a_cache, sink = m.sender_cache(examples, selected)
-    cache, layout = assemble_receiver_cache(a_cache, a_pre.full_mask, m.layer_map, selected, sink, m.params.receiver_mask)
+    cache, layout = assemble_receiver_cache(
+        a_cache, a_pre.full_mask, m.layer_map, selected, sink, m.params.receiver_mask
+    )
     b = m.pair.receiver
     batch = tokenize_prompts(b, [receiver_text(e) for e in examples]) if b_ids is None else b_ids
     pos = positions_from_mask(batch.attention_mask, a_pre.full_mask.sum(-1))
     fwd = layout_forward(b, layout, all_logits=True)
     with torch.inference_mode():
-        return fwd(cache=cache, full_mask_BT=batch.attention_mask, position_ids_BT=pos, input_ids_BT=batch.input_ids), batch
+        return fwd(
+            cache=cache,
+            full_mask_BT=batch.attention_mask,
+            position_ids_BT=pos,
+            input_ids_BT=batch.input_ids,
+        ), batch
 
 
 def concatenated_logits(lm, example):
-    ids = encode_texts(lm, [chat_wrap(lm, sender_text(example)), chat_wrap(lm, receiver_text(example))])
+    ids = encode_texts(
+        lm, [chat_wrap(lm, sender_text(example)), chat_wrap(lm, receiver_text(example))]
+    )
     n_b = len(ids[1])
     with torch.inference_mode():
         out = lm.model(input_ids=torch.tensor([ids[0] + ids[1]], device=lm.device)).logits[0]
@@ -73,7 +82,12 @@ def test_all_layers_sent_equals_one_concatenated_forward(arch, share_prefix, exa
 
 def test_gemma_sliding_window_is_exercised(examples):
     lm = load_model("tiny-gemma3-64")
-    n = len(encode_texts(lm, [chat_wrap(lm, sender_text(examples[0])) + chat_wrap(lm, receiver_text(examples[0]))])[0])
+    n = len(
+        encode_texts(
+            lm,
+            [chat_wrap(lm, sender_text(examples[0])) + chat_wrap(lm, receiver_text(examples[0]))],
+        )[0]
+    )
     assert n > lm.model.config.sliding_window  # so the window rule matters in the test above
 
 
@@ -129,7 +143,9 @@ def test_batched_equals_unbatched_and_payload_formula(examples):
         assert p.extra["layers"] == [0, 2]  # layer 0 is always sent by default
         header = m.wire_payload({0, 2}, n).header()
         framing = kv_wire._PREAMBLE.size + len(kv_wire._header_bytes(header)) + kv_wire._CRC.size
-        assert p.payload_bytes == per * (2 * n + 2) + framing  # two full layers + two sink tokens, framed
+        assert (
+            p.payload_bytes == per * (2 * n + 2) + framing
+        )  # two full layers + two sink tokens, framed
 
 
 def test_refuses_different_kv_shapes_and_bad_layers():
@@ -161,7 +177,9 @@ def test_calibration_ranks_layers_where_b_can_see_a(examples, monkeypatch):
         return cache, layout
 
     monkeypatch.setattr(kv, "assemble_from_sources", only_1_and_3)
-    m = make("tiny-llama-64", selection="calibrate", top_layers=0.5, alpha=1.0, always_send_layer0=False)
+    m = make(
+        "tiny-llama-64", selection="calibrate", top_layers=0.5, alpha=1.0, always_send_layer0=False
+    )
     _, calib = load_task_examples("countries", 1, 4, seed=5)
     out = m.calibrate(calib)
     assert out["importance"][0] == 0.0 and out["importance"][2] == 0.0
@@ -178,7 +196,9 @@ def test_public_calibration_mask_reproduces_the_public_recompute(examples):
     causal = make("tiny-llama-64", selection="calibrate")
     lm = public.pair.receiver
     for e in examples[:2]:
-        a_ids, b_ids = encode_texts(lm, [chat_wrap(lm, sender_text(e)), chat_wrap(lm, receiver_text(e))])
+        a_ids, b_ids = encode_texts(
+            lm, [chat_wrap(lm, sender_text(e)), chat_wrap(lm, receiver_text(e))]
+        )
         ref = public_calibration_importance(a_ids, b_ids)
         # a layer's attention mass sums the softmax over A's keys after that layer's forward
         atol = reorder_atol(torch.tensor(ref), **forward_budget(lm, len(a_ids) + len(b_ids)))
@@ -187,10 +207,20 @@ def test_public_calibration_mask_reproduces_the_public_recompute(examples):
     batched = public.layer_importance(examples[:4], batch_size=4)
     alone = [public.layer_importance([e]) for e in examples[:4]]
     mean = [sum(x) / 4 for x in zip(*alone)]
-    longest = max(sum(map(len, encode_texts(lm, [chat_wrap(lm, sender_text(e)), chat_wrap(lm, receiver_text(e))])))
-                  for e in examples[:4])
-    assert batched == pytest.approx(mean, abs=reorder_atol(torch.tensor(mean), **forward_budget(lm, longest)))
+    longest = max(
+        sum(
+            map(
+                len,
+                encode_texts(lm, [chat_wrap(lm, sender_text(e)), chat_wrap(lm, receiver_text(e))]),
+            )
+        )
+        for e in examples[:4]
+    )
+    assert batched == pytest.approx(
+        mean, abs=reorder_atol(torch.tensor(mean), **forward_budget(lm, longest))
+    )
     from cross_model.methods.kvcomm import KVComm
+
     assert KVComm.public_settings["calibration_mask"] == "public"
 
 
@@ -202,11 +232,15 @@ def test_calibration_attention_applies_the_causal_mask(examples):
     importance = m.layer_importance([e])
     ref_lm = load_model("tiny-llama-64")
     ref_lm.model.set_attn_implementation("eager")
-    ids = encode_texts(ref_lm, [chat_wrap(ref_lm, sender_text(e)), chat_wrap(ref_lm, receiver_text(e))])
+    ids = encode_texts(
+        ref_lm, [chat_wrap(ref_lm, sender_text(e)), chat_wrap(ref_lm, receiver_text(e))]
+    )
     n_a = len(ids[0])
     with torch.inference_mode():
         out = ref_lm.model(input_ids=torch.tensor([ids[0] + ids[1]]), output_attentions=True)
-    atol = reorder_atol(torch.ones(1), **forward_budget(ref_lm, len(ids[0]) + len(ids[1])))  # masses are <= 1
+    atol = reorder_atol(
+        torch.ones(1), **forward_budget(ref_lm, len(ids[0]) + len(ids[1]))
+    )  # masses are <= 1
     for l, att in enumerate(out.attentions):  # 1 x H x T x T, rows sum to 1 under the causal mask
         mass = att[0, :, n_a:, 1:n_a].sum(-1).mean()  # B's queries on A's tokens except the sink
         assert importance[l] == pytest.approx(float(mass), abs=atol)
@@ -220,28 +254,43 @@ def test_public_receiver_mask_reproduces_the_public_first_pass(selected, example
     concatenated forward."""
     e = examples[0]
     lm = load_model("tiny-llama-64")
-    a_ids, b_ids = encode_texts(lm, [chat_wrap(lm, sender_text(e)), chat_wrap(lm, receiver_text(e))])
-    public = make("tiny-llama-64", selection="layers", layers_list=sorted(selected), receiver_mask="public")
+    a_ids, b_ids = encode_texts(
+        lm, [chat_wrap(lm, sender_text(e)), chat_wrap(lm, receiver_text(e))]
+    )
+    public = make(
+        "tiny-llama-64", selection="layers", layers_list=sorted(selected), receiver_mask="public"
+    )
     causal = make("tiny-llama-64", selection="layers", layers_list=sorted(selected))
     got_public, _ = receiver_logits(public, [e], selected)
     got_causal, _ = receiver_logits(causal, [e], selected)
     ref = public_receiver_logits([a_ids], b_ids, selected)
     n = len(a_ids) + len(b_ids)
-    assert_forward_close(got_public[0, -len(b_ids):], ref, lm, n)
+    assert_forward_close(got_public[0, -len(b_ids) :], ref, lm, n)
     if len(selected) == 4:
         assert_forward_close(got_public, got_causal, lm, n)
-        assert_forward_close(got_causal[0, -len(b_ids):], concatenated_logits(lm, e), lm, n)
+        assert_forward_close(got_causal[0, -len(b_ids) :], concatenated_logits(lm, e), lm, n)
     else:
-        assert (got_public[0, 0] - got_causal[0, 0]).abs().max() > 1e-3  # B's first token saw later ones
+        assert (
+            got_public[0, 0] - got_causal[0, 0]
+        ).abs().max() > 1e-3  # B's first token saw later ones
 
 
 @pytest.mark.float_sensitive
-@pytest.mark.parametrize("sender,receiver,selected", [
-    ("tiny-llama-64-deep", "tiny-llama-64", {0, 2, 5}),  # two sender layers in every receiver layer
-    ("tiny-llama-64-deep", "tiny-llama-64", set(range(8))),
-    ("tiny-llama-64", "tiny-llama-64-deep", {0, 2}),  # receiver layers 1, 3, 5, 7 get nothing
-])
-def test_public_depth_map_reproduces_the_public_receiver_across_depths(sender, receiver, selected, examples):
+@pytest.mark.parametrize(
+    "sender,receiver,selected",
+    [
+        (
+            "tiny-llama-64-deep",
+            "tiny-llama-64",
+            {0, 2, 5},
+        ),  # two sender layers in every receiver layer
+        ("tiny-llama-64-deep", "tiny-llama-64", set(range(8))),
+        ("tiny-llama-64", "tiny-llama-64-deep", {0, 2}),  # receiver layers 1, 3, 5, 7 get nothing
+    ],
+)
+def test_public_depth_map_reproduces_the_public_receiver_across_depths(
+    sender, receiver, selected, examples
+):
     """depth_map public (the public models.py): sender layer i goes to receiver layer
     round((i + 0.5) L_B / L_A - 0.5), several concatenated, with the selection applied to the sender's
     indices; with the public receiver mask it equals that receiver rebuilt from transformers pieces, one
@@ -249,26 +298,50 @@ def test_public_depth_map_reproduces_the_public_receiver_across_depths(sender, r
     from cross_model.kv_wire import payload_size
     from cross_model.methods.kvcomm import public_depth_map
 
-    m = make(sender, receiver, selection="layers", layers_list=sorted(selected), receiver_mask="public", depth_map="public")
+    m = make(
+        sender,
+        receiver,
+        selection="layers",
+        layers_list=sorted(selected),
+        receiver_mask="public",
+        depth_map="public",
+    )
     a, b = m.pair.sender, m.pair.receiver
-    nearest = make(sender, receiver, selection="layers", receiver_mask="public",
-                   layers_list=sorted(l for l in selected if l < b.info.num_layers))
+    nearest = make(
+        sender,
+        receiver,
+        selection="layers",
+        receiver_mask="public",
+        layers_list=sorted(l for l in selected if l < b.info.num_layers),
+    )
     chosen = m.selected_layers()
     groups = public_depth_map(a.info.num_layers, b.info.num_layers)
     assert sorted(x for g in groups for x in g) == list(range(a.info.num_layers))
     batch = tokenize_prompts(b, [receiver_text(e) for e in examples[:3]])
     outs = []
     for method in (m, nearest):
-        cache, layout, offset, _, _, _ = method.receiver_cache(examples[:3], method.selected_layers())
+        cache, layout, offset, _, _, _ = method.receiver_cache(
+            examples[:3], method.selected_layers()
+        )
         pos = offset[:, None] + (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
-            outs.append(layout_forward(b, layout, all_logits=True)(cache=cache, full_mask_BT=batch.attention_mask,
-                                                                   position_ids_BT=pos, input_ids_BT=batch.input_ids))
+            outs.append(
+                layout_forward(b, layout, all_logits=True)(
+                    cache=cache,
+                    full_mask_BT=batch.attention_mask,
+                    position_ids_BT=pos,
+                    input_ids_BT=batch.input_ids,
+                )
+            )
     for i, e in enumerate(examples[:3]):
-        a_ids, b_ids = encode_texts(a, [chat_wrap(a, sender_text(e)), chat_wrap(b, receiver_text(e))])
+        a_ids, b_ids = encode_texts(
+            a, [chat_wrap(a, sender_text(e)), chat_wrap(b, receiver_text(e))]
+        )
         ref = public_receiver_logits([a_ids], b_ids, chosen, sender=sender, receiver=receiver)
-        assert_forward_close(outs[0][i, -len(b_ids):], ref, b, len(a_ids) + len(b_ids))
-        assert (outs[1][i, -len(b_ids):] - ref).abs().max() > 1e-3  # ours reads one sender layer per layer
+        assert_forward_close(outs[0][i, -len(b_ids) :], ref, b, len(a_ids) + len(b_ids))
+        assert (
+            outs[1][i, -len(b_ids) :] - ref
+        ).abs().max() > 1e-3  # ours reads one sender layer per layer
         p = m.wire_payload(chosen, len(a_ids))
         assert sorted(p.sender_layers + p.sink_sender_layers) == list(range(a.info.num_layers))
         assert m.run_batch([e])[0].payload_bytes == payload_size(p.header())
@@ -280,7 +353,11 @@ def test_q_kvcomm_refuses_the_public_depth_map_across_depths():
         cls(p, ModelPair(load_model("tiny-llama-64-deep"), load_model("tiny-llama-64")))
     from cross_model.methods.kvcomm import KVComm
     from cross_model.methods.qkvcomm import QKVComm
-    assert KVComm.public_settings["depth_map"] == "public" and "depth_map" not in QKVComm.public_settings
+
+    assert (
+        KVComm.public_settings["depth_map"] == "public"
+        and "depth_map" not in QKVComm.public_settings
+    )
 
 
 @pytest.mark.float_sensitive
@@ -295,7 +372,9 @@ def test_public_receiver_mask_batched_equals_one_at_a_time(examples):
         assert_forward_close(batched[i, -n:], alone[0, -n:], m.pair.receiver, batched.shape[1])
 
 
-def test_public_online_rule_ranks_on_every_intervalth_item_of_the_task_whatever_the_batches(examples):
+def test_public_online_rule_ranks_on_every_intervalth_item_of_the_task_whatever_the_batches(
+    examples,
+):
     """online_rule public (com_online.py): item k is answered with the ranking that item
     k - k mod calib_interval gave alone; two batchings in other orders (as two ranks' shares would
     be) give every item the same layers and answers."""
@@ -306,15 +385,24 @@ def test_public_online_rule_ranks_on_every_intervalth_item_of_the_task_whatever_
     parts = make("tiny-llama-64", **kw)
     parts.set_task_items(examples)
     shuffled = [examples[i] for i in (5, 1, 4, 0, 3, 2)]
-    two = {p.example_id: p for part in (shuffled[:2], shuffled[2:3], shuffled[3:]) for p in parts.run_batch(part)}
-    assert [(p.answer, p.extra["layers"]) for p in one] == [(two[p.example_id].answer, two[p.example_id].extra["layers"])
-                                                           for p in one]
-    assert [p.extra["online_anchor"] for p in one] == [examples[0].example_id] * 4 + [examples[4].example_id] * 2
+    two = {
+        p.example_id: p
+        for part in (shuffled[:2], shuffled[2:3], shuffled[3:])
+        for p in parts.run_batch(part)
+    }
+    assert [(p.answer, p.extra["layers"]) for p in one] == [
+        (two[p.example_id].answer, two[p.example_id].extra["layers"]) for p in one
+    ]
+    assert [p.extra["online_anchor"] for p in one] == [examples[0].example_id] * 4 + [
+        examples[4].example_id
+    ] * 2
     offline = make("tiny-llama-64", selection="calibrate", top_layers=0.5)
     for anchor, rows in ((0, one[:4]), (4, one[4:])):
         offline.calibrate([examples[anchor]])  # the anchor alone, as the public code ranks
         assert all(p.extra["layers"] == sorted(offline.selected_layers()) for p in rows)
-    (failed,) = make("tiny-llama-64", **kw).run_batch(examples[:1])  # no task list handed over: the row fails
+    (failed,) = make("tiny-llama-64", **kw).run_batch(
+        examples[:1]
+    )  # no task list handed over: the row fails
     assert "online_rule public ranks on the task's own items" in failed.error
 
 
@@ -332,8 +420,13 @@ def test_online_selection_reranks_on_the_batchs_own_prompts_every_calib_interval
     assert online.ranking == offline.calibrate(first)["ranking"]
     assert [p.extra["layers"] for p in a] == [sorted(offline.selected_layers())] * 3
     b = online.run_batch(second)  # items 3..5 hold item 4: re-selected from this batch
-    assert all(p.extra["online_reselected"] for p in b) and online.ranking == offline.calibrate(second)["ranking"]
-    assert not online.run_batch(examples[:2])[0].extra["online_reselected"]  # seen before: not new items
+    assert (
+        all(p.extra["online_reselected"] for p in b)
+        and online.ranking == offline.calibrate(second)["ranking"]
+    )
+    assert not online.run_batch(examples[:2])[0].extra[
+        "online_reselected"
+    ]  # seen before: not new items
     assert online.online_seen == 6
     # The answers are never read: blanked golds choose the same layers.
     blank = make("tiny-llama-64", selection="online", calib_interval=4, top_layers=0.5)
@@ -356,9 +449,12 @@ def test_other_item_control_reads_the_next_items_cache_by_context_length(example
     assert all(donor[e.example_id].example_id != e.example_id for e in examples)
     got = m.run_batch(examples)
     ref = make("tiny-llama-64", selection="range", layer_from=1, layer_to=2).run_batch(
-        [replace(e, prompt_A=donor[e.example_id].prompt_A) for e in examples])
+        [replace(e, prompt_A=donor[e.example_id].prompt_A) for e in examples]
+    )
     assert [p.answer for p in got] == [p.answer for p in ref]
     assert [p.payload_bytes for p in got] == [p.payload_bytes for p in ref]
-    assert [p.answer for p in m.run_batch(examples[3:])] == [p.answer for p in got[3:]]  # batch-independent
+    assert [p.answer for p in m.run_batch(examples[3:])] == [
+        p.answer for p in got[3:]
+    ]  # batch-independent
     with pytest.raises(ValueError, match="control: 'noise' is not one of"):
         make("tiny-llama-64", control="noise")

@@ -59,16 +59,37 @@ def test_rendezvous_port_is_derived_from_the_job_id():
 def test_plain_srun_tasks_become_ranks_and_torchrun_or_a_batch_shell_is_left_alone():
     from cross_model.distributed import adopt_slurm_env, first_host, tasks_per_node
 
-    srun = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NODEID": "1",
-            "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"}
+    srun = {
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_NODEID": "1",
+        "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+        "SLURM_STEP_NODELIST": "gpu[07-08]",
+        "SLURM_JOB_ID": "4242",
+    }
     env = dict(srun)
     assert adopt_slurm_env(env)
-    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == ("5", "1", "8", "4")
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == (
+        "5",
+        "1",
+        "8",
+        "4",
+    )
     assert env["MASTER_ADDR"] == "gpu07" and env["MASTER_PORT"] == "24242"
     torchrun = {**srun, "RANK": "0"}  # torchrun under srun (our sbatch scripts): its variables win
-    assert not adopt_slurm_env(torchrun) and torchrun["RANK"] == "0" and "WORLD_SIZE" not in torchrun
-    batch_shell = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "1"}
-    assert not adopt_slurm_env(batch_shell) and "RANK" not in batch_shell  # the batch script itself: one process
+    assert (
+        not adopt_slurm_env(torchrun) and torchrun["RANK"] == "0" and "WORLD_SIZE" not in torchrun
+    )
+    batch_shell = {
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NTASKS": "4",
+        "SLURM_JOB_ID": "1",
+    }
+    assert (
+        not adopt_slurm_env(batch_shell) and "RANK" not in batch_shell
+    )  # the batch script itself: one process
     with pytest.raises(ValueError, match="SLURM_STEP_NODELIST"):
         adopt_slurm_env({k: v for k, v in srun.items() if k != "SLURM_STEP_NODELIST"})
     assert tasks_per_node("4(x2),3") == [4, 4, 3]
@@ -87,14 +108,22 @@ def _cluster():
     # Starting the cluster apt-installs slurm-wlm and munge and writes /etc/munge/munge.key: a change to the
     # system that `make test` must not make. Only `make test-slurm` asks for it.
     if os.environ.get("CROSS_MODEL_SLURM_TESTS") != "1":
-        pytest.skip("the real-SLURM tests install slurm-wlm and munge system-wide: run them with `make test-slurm` (as root)")
+        pytest.skip(
+            "the real-SLURM tests install slurm-wlm and munge system-wide: run them with `make test-slurm` (as root)"
+        )
     if os.geteuid() != 0:
         pytest.skip("a local SLURM needs root to install slurm-wlm/munge and run its daemons")
     if not shutil.which("slurmctld") and not shutil.which("apt-get"):
         pytest.skip("no slurm-wlm and no apt-get to install it")
-    res = subprocess.run(["bash", str(ROOT / "slurm" / "local_cluster.sh"), "start"], capture_output=True, text=True,
-                         timeout=900)
-    if res.returncode != 0:  # as root with the packages at hand, a cluster that does not start is a failure
+    res = subprocess.run(
+        ["bash", str(ROOT / "slurm" / "local_cluster.sh"), "start"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if (
+        res.returncode != 0
+    ):  # as root with the packages at hand, a cluster that does not start is a failure
         pytest.fail(f"could not start a local SLURM: {res.stderr.strip()[-2000:]}")
     conf = res.stdout.strip().split("SLURM_CONF=")[-1]
     return {**os.environ, "SLURM_CONF": conf}
@@ -114,7 +143,9 @@ def _tiny_args(tmp_path: Path, name: str) -> str:
 def _wait_job(env, job_id: str, timeout: float = 600) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=env, capture_output=True, text=True).stdout.strip()
+        state = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T"], env=env, capture_output=True, text=True
+        ).stdout.strip()
         if not state:
             return "DONE"
         time.sleep(2)
@@ -132,9 +163,27 @@ def _check_results(run_dir: Path) -> dict:
 
 @pytest.mark.slurm
 def test_sbatch_runs_the_pipeline(slurm_env, tmp_path):
-    env = {**slurm_env, "CONFIG": "configs/tiny.yaml", "NPROC_PER_NODE": "2", "EXTRA_ARGS": _tiny_args(tmp_path, "sb")}
-    out = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", f"--output={tmp_path}/%j.out",
-                          "slurm/pipeline.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    env = {
+        **slurm_env,
+        "CONFIG": "configs/tiny.yaml",
+        "NPROC_PER_NODE": "2",
+        "EXTRA_ARGS": _tiny_args(tmp_path, "sb"),
+    }
+    out = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--gpus-per-node=0",
+            "--cpus-per-task=2",
+            f"--output={tmp_path}/%j.out",
+            "slurm/pipeline.sbatch",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     job = out.stdout.strip().split(";")[0]
     _wait_job(slurm_env, job)
     log = (tmp_path / f"{job}.out").read_text()
@@ -146,34 +195,90 @@ def test_sbatch_runs_the_pipeline(slurm_env, tmp_path):
 @pytest.mark.slurm
 def test_plain_srun_runs_one_rank_per_task(slurm_env, tmp_path):
     """`srun --ntasks=2 python run_experiments.py` (no torchrun): two ranks of one run, not two rank 0s."""
-    res = subprocess.run(["srun", "--ntasks=2", "--cpus-per-task=1", sys.executable, "run_experiments.py", "--config",
-                          "configs/tiny.yaml", *_tiny_args(tmp_path, "srun").split()],
-                         cwd=ROOT, env={**slurm_env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [
+            "srun",
+            "--ntasks=2",
+            "--cpus-per-task=1",
+            sys.executable,
+            "run_experiments.py",
+            "--config",
+            "configs/tiny.yaml",
+            *_tiny_args(tmp_path, "srun").split(),
+        ],
+        cwd=ROOT,
+        env={**slurm_env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     data = _check_results(tmp_path / "srun")
     assert data["starts"][-1]["world_size"] == 2
-    files = sorted(p.name for p in (tmp_path / "srun" / "results" / "countries" / "baseline").glob("rank*.jsonl"))
+    files = sorted(
+        p.name
+        for p in (tmp_path / "srun" / "results" / "countries" / "baseline").glob("rank*.jsonl")
+    )
     assert files == ["rank0.jsonl", "rank1.jsonl"]
 
 
 @pytest.mark.slurm
 def test_submitit_launcher_runs_the_pipeline(slurm_env, tmp_path):
     pytest.importorskip("submitit")
-    res = subprocess.run([sys.executable, "-m", "launch.submit", "--config", "configs/tiny.yaml", "--tasks-per-node", "2",
-                          "--cpus-per-task", "1", "--time", "20", "--wait", *_tiny_args(tmp_path, "sub").split()],
-                         cwd=ROOT, env=slurm_env, capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.submit",
+            "--config",
+            "configs/tiny.yaml",
+            "--tasks-per-node",
+            "2",
+            "--cpus-per-task",
+            "1",
+            "--time",
+            "20",
+            "--wait",
+            *_tiny_args(tmp_path, "sub").split(),
+        ],
+        cwd=ROOT,
+        env=slurm_env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     data = _check_results(tmp_path / "sub")
     assert data["starts"][-1]["world_size"] == 2
-    assert list((tmp_path / "sub" / "slurm").glob("*/*_log.out")), "submitit's logs are in the run directory"
+    assert list((tmp_path / "sub" / "slurm").glob("*/*_log.out")), (
+        "submitit's logs are in the run directory"
+    )
 
 
 @pytest.mark.slurm
 def test_a_requeued_job_resumes_rather_than_restarts(slurm_env, tmp_path):
-    env = {**slurm_env, "CONFIG": "configs/tiny.yaml", "NPROC_PER_NODE": "1", "CROSS_MODEL_TEST_STEP_DELAY": "0.5",
-           "EXTRA_ARGS": _tiny_args(tmp_path, "rq")}
-    out = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={tmp_path}/%j.out",
-                          "slurm/pipeline.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    env = {
+        **slurm_env,
+        "CONFIG": "configs/tiny.yaml",
+        "NPROC_PER_NODE": "1",
+        "CROSS_MODEL_TEST_STEP_DELAY": "0.5",
+        "EXTRA_ARGS": _tiny_args(tmp_path, "rq"),
+    }
+    out = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            f"--output={tmp_path}/%j.out",
+            "slurm/pipeline.sbatch",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     job = out.stdout.strip().split(";")[0]
     results = tmp_path / "rq" / "results"
     deadline = time.time() + 600
@@ -183,7 +288,9 @@ def test_a_requeued_job_resumes_rather_than_restarts(slurm_env, tmp_path):
     subprocess.run(["scontrol", "requeue", job], env=slurm_env, check=True)
     _wait_job(slurm_env, job, timeout=900)
     log = (tmp_path / f"{job}.out").read_text()
-    starts = [json.loads(line) for line in (tmp_path / "rq" / "runs.jsonl").read_text().splitlines()]
+    starts = [
+        json.loads(line) for line in (tmp_path / "rq" / "runs.jsonl").read_text().splitlines()
+    ]
     assert len(starts) == 2, log[-3000:]
     assert "already done; resuming" in log and "restart 1" in log
     _check_results(tmp_path / "rq")

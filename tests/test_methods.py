@@ -54,13 +54,17 @@ def test_batched_equals_unbatched(method, examples):
     assert all(p.error is None for p in batched), batched[0].error
     assert [p.answer for p in batched] == [p.answer for p in single]
     assert [p.payload_bytes for p in batched] == [p.payload_bytes for p in single]
-    assert [p.receiver_generated_tokens for p in batched] == [p.receiver_generated_tokens for p in single]
+    assert [p.receiver_generated_tokens for p in batched] == [
+        p.receiver_generated_tokens for p in single
+    ]
 
 
 def test_payload_formulas(examples):
     e = examples[:2]
     assert [p.payload_bytes for p in make("baseline").run_batch(e)] == [0, 0]
-    assert [p.payload_bytes for p in make("skyline").run_batch(e)] == [len(x.prompt_A.encode()) for x in e]
+    assert [p.payload_bytes for p in make("skyline").run_batch(e)] == [
+        len(x.prompt_A.encode()) for x in e
+    ]
     nld = make("nld", rounds=1).run_batch(e)
     assert [p.payload_bytes for p in nld] == [len(p.extra["sender_message"].encode()) for p in nld]
     cipher = make("cipher", rounds=1).run_batch(e)
@@ -77,12 +81,18 @@ def test_ac_replace_same_prompt_same_layer_is_identity(examples):
     m = make("ac", mode="replace", k=2, j=2)
     lm = m.pair.receiver
     batch = tokenize_prompts(lm, [receiver_text(x) for x in examples])
-    a_vec = last_token(partial_forward(lm, batch.input_ids, batch.attention_mask, 2), batch.attention_mask)
+    a_vec = last_token(
+        partial_forward(lm, batch.input_ids, batch.attention_mask, 2), batch.attention_mask
+    )
     pos = positions_from_mask(batch.attention_mask)
     with torch.inference_mode():
-        plain = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits[:, -1]
+        plain = lm.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos
+        ).logits[:, -1]
         with residual_edit(lm, 2, lambda b: combine("replace", a_vec, b)) as rec:
-            edited = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits[:, -1]
+            edited = lm.model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos
+            ).logits[:, -1]
     seq = batch.input_ids.shape[1]
     assert_reordered_close(rec["before"], a_vec, **forward_budget(lm, seq, layers=2))
     assert_forward_close(edited, plain, lm, seq)
@@ -92,7 +102,9 @@ def test_ac_replace_same_prompt_same_layer_is_identity(examples):
     proj = LearnedProjection(64, 64).requires_grad_(False)
     proj.linear.weight.copy_(torch.eye(64))
     with torch.inference_mode(), residual_edit(lm, 2, lambda b: combine("replace", proj(a_vec), b)):
-        projected = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits[:, -1]
+        projected = lm.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos
+        ).logits[:, -1]
     assert_forward_close(projected, plain, lm, seq)
 
 
@@ -101,12 +113,18 @@ def test_ac_sum_doubles_the_vector_and_mean_keeps_it(examples):
     m = make("ac", k=2, j=2)
     lm = m.pair.receiver
     batch = tokenize_prompts(lm, [receiver_text(x) for x in examples])
-    a_vec = last_token(partial_forward(lm, batch.input_ids, batch.attention_mask, 2), batch.attention_mask)
+    a_vec = last_token(
+        partial_forward(lm, batch.input_ids, batch.attention_mask, 2), batch.attention_mask
+    )
     pos = positions_from_mask(batch.attention_mask)
     for mode, factor in (("sum", 2.0), ("mean", 1.0)):
         with torch.inference_mode(), residual_edit(lm, 2, lambda b: combine(mode, a_vec, b)) as rec:
-            lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos)
-        assert_reordered_close(rec["after"], factor * a_vec, **forward_budget(lm, batch.input_ids.shape[1], layers=2))
+            lm.model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos
+            )
+        assert_reordered_close(
+            rec["after"], factor * a_vec, **forward_budget(lm, batch.input_ids.shape[1], layers=2)
+        )
 
 
 def test_ac_slicing_rule_for_different_widths():
@@ -152,7 +170,9 @@ def test_ac_edits_the_receiver_vector_through_the_method(examples):
         ac_mod.residual_edit = real
     rec = records[0]
     # run_batch prefills A again, in its own batch: A's first k = 3 blocks in another order of sums
-    assert_reordered_close(rec["after"][:, 16:], a_vec, **forward_budget(m.pair.sender, 256, layers=3))
+    assert_reordered_close(
+        rec["after"][:, 16:], a_vec, **forward_budget(m.pair.sender, 256, layers=3)
+    )
     torch.testing.assert_close(rec["after"][:, :16], rec["before"][:, :16])
 
 
@@ -181,8 +201,12 @@ def test_ac_random_control_sends_a_vector_of_the_same_norm_fixed_per_example(exa
     assert_reordered_close(sent.norm(dim=-1), a_vec.norm(dim=-1), **budget)
     cos = torch.nn.functional.cosine_similarity(sent, a_vec, dim=-1)
     assert cos.abs().max() < 0.9  # not A's direction
-    assert_reordered_close(records[1][:, 16:], sent[1:2], **budget)  # the same direction for the same example alone
-    assert [p.payload_bytes for p in preds] == [p.payload_bytes for p in plain.run_batch(examples[:3])]
+    assert_reordered_close(
+        records[1][:, 16:], sent[1:2], **budget
+    )  # the same direction for the same example alone
+    assert [p.payload_bytes for p in preds] == [
+        p.payload_bytes for p in plain.run_batch(examples[:3])
+    ]
     with pytest.raises(ValueError, match="control: 'noise' is not one of"):
         make("ac", control="noise")
 
@@ -225,11 +249,17 @@ def test_cipher_cache_equals_recompute(examples):
 def test_cipher_vectors_batched_match_single(examples):
     m = make("cipher", dtype=torch.float64)
     lm = m.pair.sender
-    batched, steps = vector_generate(lm, None, None, 6, 0.7, start=m.prefill(lm, [sender_text(e) for e in examples]))
+    batched, steps = vector_generate(
+        lm, None, None, 6, 0.7, start=m.prefill(lm, [sender_text(e) for e in examples])
+    )
     for i, e in enumerate(examples):
-        single, steps1 = vector_generate(lm, None, None, 6, 0.7, start=m.prefill(lm, [sender_text(e)]))
+        single, steps1 = vector_generate(
+            lm, None, None, 6, 0.7, start=m.prefill(lm, [sender_text(e)])
+        )
         assert steps1[0] == steps[i]
-        torch.testing.assert_close(batched[i], single[0], atol=1e-9, rtol=1e-9)  # as above: float64, feedback
+        torch.testing.assert_close(
+            batched[i], single[0], atol=1e-9, rtol=1e-9
+        )  # as above: float64, feedback
 
 
 def test_cipher_temperature_is_honoured(examples):
@@ -237,7 +267,9 @@ def test_cipher_temperature_is_honoured(examples):
     lm = m.pair.sender
     start = m.prefill(lm, [sender_text(e) for e in examples[:2]])
     hot, _ = vector_generate(lm, None, None, 3, 5.0, start=start)
-    cold, _ = vector_generate(lm, None, None, 3, 0.1, start=start)  # each run decodes from its own copy
+    cold, _ = vector_generate(
+        lm, None, None, 3, 0.1, start=start
+    )  # each run decodes from its own copy
     assert not torch.allclose(hot[0][0], cold[0][0])
 
 
@@ -267,7 +299,10 @@ def test_a_failing_example_is_recorded_not_dropped(examples, monkeypatch, caplog
     assert preds[1].error and "boom" in preds[1].error and preds[1].answer == ""
     assert all(p.error is None for i, p in enumerate(preds) if i != 1)
     # the fallback is said (a batch too big for memory would otherwise just run slowly)
-    assert f"a batch of {len(examples)} failed (RuntimeError: boom); running its examples one at a time" in caplog.text
+    assert (
+        f"a batch of {len(examples)} failed (RuntimeError: boom); running its examples one at a time"
+        in caplog.text
+    )
 
 
 def test_other_architectures_run(examples):
@@ -281,7 +316,14 @@ def test_ac_with_a_projection_checkpoint_and_its_refusals(tmp_path, examples):
     from cross_model.projection import LearnedProjection, save_projection
 
     proj = LearnedProjection(48, 64, seed=0)
-    meta = {"sender": "tiny-llama-48", "receiver": "tiny-llama-64", "k": 3, "j": 1, "d_in": 48, "d_out": 64}
+    meta = {
+        "sender": "tiny-llama-48",
+        "receiver": "tiny-llama-64",
+        "k": 3,
+        "j": 1,
+        "d_in": 48,
+        "d_out": 64,
+    }
     save_projection(proj, tmp_path / "w", meta)
     m = make("ac", "tiny-llama-48", "tiny-llama-64", k=3, j=1, projection=str(tmp_path / "w"))
     torch.testing.assert_close(m.projection.linear.weight, proj.linear.weight)
@@ -323,8 +365,12 @@ def test_methods_sharing_prefills_answer_as_they_do_alone(examples):
         cls, p = resolve_method(n, METHOD_PARAMS[n])
         methods[n] = cls(p, ModelPair(lm, lm))
     memo = PrefillMemo()
-    shared = {n: [p.to_dict() for p in m.run_batch(examples, memo=memo)] for n, m in methods.items()}
-    assert memo.hits == 5  # NLD's B (from the baseline); CIPHER's A and B, AC's A, KVComm's A (from NLD)
+    shared = {
+        n: [p.to_dict() for p in m.run_batch(examples, memo=memo)] for n, m in methods.items()
+    }
+    assert (
+        memo.hits == 5
+    )  # NLD's B (from the baseline); CIPHER's A and B, AC's A, KVComm's A (from NLD)
     off = PrefillMemo(0)
     alone = {n: [p.to_dict() for p in m.run_batch(examples, memo=off)] for n, m in methods.items()}
     assert off.hits == 0 and not off._entries
@@ -343,14 +389,20 @@ def test_ac_sender_vector_is_hidden_state_k_of_a_plain_forward(examples, k):
     ac = cls(p, ModelPair(lm, lm))
     batch = tokenize_prompts(lm, [sender_text(e) for e in examples])
     with torch.inference_mode():
-        ref = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=positions_from_mask(batch.attention_mask), output_hidden_states=True)
+        ref = lm.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=positions_from_mask(batch.attention_mask),
+            output_hidden_states=True,
+        )
     expected = ref.hidden_states[k][:, -1]
     budget = forward_budget(lm, batch.input_ids.shape[1], layers=k)
     assert_reordered_close(ac.sender_vectors(examples), expected, **budget)
     memo = PrefillMemo()
     with ac.using_memo(memo):
-        ac.prefill(lm, [sender_text(e) for e in examples])  # what NLD leaves in the memo: every layer
+        ac.prefill(
+            lm, [sender_text(e) for e in examples]
+        )  # what NLD leaves in the memo: every layer
         assert_reordered_close(ac.sender_vectors(examples), expected, **budget)
     assert (memo.hits, memo.misses) == (1, 1)
 

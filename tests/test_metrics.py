@@ -52,8 +52,12 @@ def test_exact_and_numeric_match():
 
 
 def test_rouge_l_recall():
-    assert rouge_l_recall("x equals 3", ["x = 3"]) == pytest.approx(1.0)  # "x 3" after normalisation
-    assert rouge_l_recall("first 4 times 2 then add 3", ["First 4 * 2 = 8, then 3 + 8 = 11."]) == pytest.approx(5 / 8)  # gold: first 4 2 8 then 3 8 11; LCS: first 4 2 then 3
+    assert rouge_l_recall("x equals 3", ["x = 3"]) == pytest.approx(
+        1.0
+    )  # "x 3" after normalisation
+    assert rouge_l_recall(
+        "first 4 times 2 then add 3", ["First 4 * 2 = 8, then 3 + 8 = 11."]
+    ) == pytest.approx(5 / 8)  # gold: first 4 2 8 then 3 8 11; LCS: first 4 2 then 3
     assert rouge_l_recall("", ["a b"]) == 0.0
 
 

@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -18,7 +17,12 @@ def test_tiny_models_are_deterministic_and_frozen(name):
 
 def test_tiny_models_differ_and_describe_themselves():
     a, b = load_model("tiny-llama-64"), load_model("tiny-llama-48")
-    assert (a.info.hidden_size, a.info.num_layers, a.info.num_kv_heads, a.info.head_dim) == (64, 4, 2, 16)
+    assert (a.info.hidden_size, a.info.num_layers, a.info.num_kv_heads, a.info.head_dim) == (
+        64,
+        4,
+        2,
+        16,
+    )
     assert (b.info.hidden_size, b.info.num_layers) == (48, 3)
     assert a.info.has_chat_template and not load_model("tiny-gemma3-64").info.has_chat_template
     assert a.info.kv_bytes_per_token_per_layer == 2 * 2 * 16 * 4
@@ -48,7 +52,13 @@ def _answer(lm, question: str, max_new_tokens: int = 12) -> str:
 @pytest.mark.slow
 def test_smollm2_loads_offline_and_answers(smollm2):
     info = smollm2.info
-    assert (info.hidden_size, info.num_layers, info.num_heads, info.num_kv_heads, info.vocab_size) == (576, 30, 9, 3, 49152)
+    assert (
+        info.hidden_size,
+        info.num_layers,
+        info.num_heads,
+        info.num_kv_heads,
+        info.vocab_size,
+    ) == (576, 30, 9, 3, 49152)
     assert info.has_chat_template
     assert "Paris" in _answer(smollm2, "What is the capital of France?")
 
@@ -57,7 +67,13 @@ def test_smollm2_loads_offline_and_answers(smollm2):
 def test_gemma3_loads_offline_and_answers():
     lm = load_model("gemma3-270m")
     info = lm.info
-    assert (info.hidden_size, info.num_layers, info.num_kv_heads, info.head_dim, info.vocab_size) == (640, 18, 1, 256, 262144)
+    assert (
+        info.hidden_size,
+        info.num_layers,
+        info.num_kv_heads,
+        info.head_dim,
+        info.vocab_size,
+    ) == (640, 18, 1, 256, 262144)
     assert not info.has_chat_template  # a base model: plain-text prompts
     assert "Paris" in _answer(lm, "Question: What is the capital of France?\nAnswer:", 6)
 
@@ -76,8 +92,12 @@ def test_packaged_model_directory_is_what_save_pretrained_writes(smollm2):
     assert smollm2.model.config.tie_word_embeddings
     with safe_open(str(directory / "model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
-        assert "model.embed_tokens.weight" in set(f.keys()) and "lm_head.weight" not in set(f.keys())
-        torch.testing.assert_close(f.get_tensor("model.embed_tokens.weight"), smollm2.model.get_input_embeddings().weight)
+        assert "model.embed_tokens.weight" in set(f.keys()) and "lm_head.weight" not in set(
+            f.keys()
+        )
+        torch.testing.assert_close(
+            f.get_tensor("model.embed_tokens.weight"), smollm2.model.get_input_embeddings().weight
+        )
     plain = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     ids = torch.tensor([smollm2.tokenizer("The capital of France is")["input_ids"]])
     with torch.inference_mode():
@@ -96,7 +116,10 @@ def test_packaged_model_directories_carry_what_transformers_4_53_reads(smollm2):
     from cross_model.models import packaged_dir
 
     gemma = load_model("gemma3-270m")
-    small, big = (json.loads((packaged_dir(n) / "config.json").read_text()) for n in ("smollm2-135m-instruct", "gemma3-270m"))
+    small, big = (
+        json.loads((packaged_dir(n) / "config.json").read_text())
+        for n in ("smollm2-135m-instruct", "gemma3-270m")
+    )
     assert small["rope_theta"] == small["rope_parameters"]["rope_theta"] == 100000.0
     assert small["architectures"] == ["LlamaForCausalLM"]
     assert (big["rope_theta"], big["rope_local_base_freq"]) == (1000000.0, 10000.0)
@@ -110,4 +133,6 @@ def test_packaged_model_directories_carry_what_transformers_4_53_reads(smollm2):
         assert plain.config.rope_parameters == lm.model.config.rope_parameters
         ids = torch.tensor([again(text)["input_ids"]])
         with torch.inference_mode():
-            torch.testing.assert_close(plain(input_ids=ids).logits, lm.model(input_ids=ids).logits.float())
+            torch.testing.assert_close(
+                plain(input_ids=ids).logits, lm.model(input_ids=ids).logits.float()
+            )

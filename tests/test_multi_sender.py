@@ -50,42 +50,62 @@ def make(name, arch="tiny-llama-64", **params):
 
 def reference_cache(lm, example):
     """[A1 | A2] by plain forwards: A2 at the positions after A1 and without A1 in its cache."""
-    ids = [encode_texts(lm, [chat_wrap(lm, sender_text(example.as_sender(j)))])[0] for j in range(2)]
+    ids = [
+        encode_texts(lm, [chat_wrap(lm, sender_text(example.as_sender(j)))])[0] for j in range(2)
+    ]
     parts, start = [], 0
     with torch.inference_mode():
         for row in ids:
             c = DynamicCache()
-            lm.model(input_ids=torch.tensor([row]), position_ids=torch.arange(start, start + len(row))[None],
-                     past_key_values=c, use_cache=True)
+            lm.model(
+                input_ids=torch.tensor([row]),
+                position_ids=torch.arange(start, start + len(row))[None],
+                past_key_values=c,
+                use_cache=True,
+            )
             parts.append(c)
             start += len(row)
     joined = DynamicCache()
     for l in range(lm.info.num_layers):
-        joined.update(torch.cat([c.layers[l].keys for c in parts], 2), torch.cat([c.layers[l].values for c in parts], 2), l)
+        joined.update(
+            torch.cat([c.layers[l].keys for c in parts], 2),
+            torch.cat([c.layers[l].values for c in parts], 2),
+            l,
+        )
     return joined, start
 
 
 @pytest.mark.float_sensitive
 @pytest.mark.parametrize("share_prefix", [True, False], ids=["shared-prefix", "left-padded"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_kvcomm_all_layers_from_two_senders_equals_one_forward_over_both_contexts(arch, share_prefix, items):
+def test_kvcomm_all_layers_from_two_senders_equals_one_forward_over_both_contexts(
+    arch, share_prefix, items
+):
     m = make("kvcomm", arch, selection="all", share_prefix=share_prefix)
     lm = m.pair.receiver
     cache, layout, offset, _, _, _ = m.receiver_cache(items, set(range(lm.info.num_layers)))
     batch = tokenize_prompts(lm, [receiver_text(e) for e in items])
     pos = offset[:, None] + (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
-        got = layout_forward(lm, layout, all_logits=True)(cache=cache, full_mask_BT=batch.attention_mask,
-                                                          position_ids_BT=pos, input_ids_BT=batch.input_ids)
+        got = layout_forward(lm, layout, all_logits=True)(
+            cache=cache,
+            full_mask_BT=batch.attention_mask,
+            position_ids_BT=pos,
+            input_ids_BT=batch.input_ids,
+        )
     for i, e in enumerate(items):
         ref_cache, n_a = reference_cache(lm, e)
         assert int(offset[i]) == n_a  # B's positions continue after both contexts
         b_ids = encode_texts(lm, [chat_wrap(lm, receiver_text(e))])[0]
         with torch.inference_mode():
-            ref = lm.model(input_ids=torch.tensor([b_ids]), position_ids=torch.arange(n_a, n_a + len(b_ids))[None],
-                           past_key_values=ref_cache, attention_mask=torch.ones((1, n_a + len(b_ids)), dtype=torch.long),
-                           use_cache=True).logits[0]
-        assert_forward_close(got[i, -len(b_ids):], ref, lm, n_a + len(b_ids))
+            ref = lm.model(
+                input_ids=torch.tensor([b_ids]),
+                position_ids=torch.arange(n_a, n_a + len(b_ids))[None],
+                past_key_values=ref_cache,
+                attention_mask=torch.ones((1, n_a + len(b_ids)), dtype=torch.long),
+                use_cache=True,
+            ).logits[0]
+        assert_forward_close(got[i, -len(b_ids) :], ref, lm, n_a + len(b_ids))
 
 
 def test_kvcomm_two_senders_answers_as_greedy_decoding_from_the_reference_cache(items):
@@ -95,16 +115,24 @@ def test_kvcomm_two_senders_answers_as_greedy_decoding_from_the_reference_cache(
     for p, e in zip(preds, items):
         cache, n_a = reference_cache(lm, e)
         b_ids = torch.tensor([encode_texts(lm, [chat_wrap(lm, receiver_text(e))])[0]])
-        ref = greedy_generate(lm, b_ids, torch.ones_like(b_ids), 6, cache=cache,
-                              past_mask_BP=torch.ones((1, n_a), dtype=torch.long),
-                              position_offset_B=torch.tensor([n_a]))
+        ref = greedy_generate(
+            lm,
+            b_ids,
+            torch.ones_like(b_ids),
+            6,
+            cache=cache,
+            past_mask_BP=torch.ones((1, n_a), dtype=torch.long),
+            position_offset_B=torch.tensor([n_a]),
+        )
         assert p.error is None and p.answer == ref.texts[0]
 
 
 @pytest.mark.float_sensitive
 @pytest.mark.parametrize("selected", [set(), {1, 3}])
 def test_kvcomm_two_senders_stay_causal_and_count_both_payloads(selected, items):
-    m = make("kvcomm", selection="layers", layers_list=[3], always_send_layer0=False, max_new_tokens=4)
+    m = make(
+        "kvcomm", selection="layers", layers_list=[3], always_send_layer0=False, max_new_tokens=4
+    )
     lm = m.pair.receiver
     batch = tokenize_prompts(lm, [receiver_text(e) for e in items])
     changed = batch.input_ids.clone()
@@ -114,17 +142,29 @@ def test_kvcomm_two_senders_stay_causal_and_count_both_payloads(selected, items)
         cache, layout, offset, _, _, _ = m.receiver_cache(items, selected)
         pos = offset[:, None] + (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
-            out.append(layout_forward(lm, layout, all_logits=True)(cache=cache, full_mask_BT=batch.attention_mask,
-                                                                   position_ids_BT=pos, input_ids_BT=ids))
-    assert_forward_close(out[1][:, :-1], out[0][:, :-1], lm, out[0].shape[1] + layout.key_pos[0].shape[1])
+            out.append(
+                layout_forward(lm, layout, all_logits=True)(
+                    cache=cache,
+                    full_mask_BT=batch.attention_mask,
+                    position_ids_BT=pos,
+                    input_ids_BT=ids,
+                )
+            )
+    assert_forward_close(
+        out[1][:, :-1], out[0][:, :-1], lm, out[0].shape[1] + layout.key_pos[0].shape[1]
+    )
     # Both senders' sinks sit in every unsent layer: two keys per row, at positions 0 and n1.
     if not selected:
         assert layout.key_pos[0].shape[1] == 2 + batch.input_ids.shape[1]
     preds = m.run_batch(items)
     for p, e in zip(preds, items):
-        n = [len(encode_texts(lm, [chat_wrap(lm, sender_text(e.as_sender(j)))])[0]) for j in range(2)]
+        n = [
+            len(encode_texts(lm, [chat_wrap(lm, sender_text(e.as_sender(j)))])[0]) for j in range(2)
+        ]
         assert p.extra["bytes_per_sender"] == [m.payload_bytes(k, {3}) for k in n]
-        assert p.payload_bytes == sum(p.extra["bytes_per_sender"]) and p.sender_prefill_tokens == sum(n)
+        assert p.payload_bytes == sum(
+            p.extra["bytes_per_sender"]
+        ) and p.sender_prefill_tokens == sum(n)
         assert p.extra["text_bytes"] == sum(len(c.encode()) for c in e.contexts)
 
 
@@ -134,8 +174,12 @@ def receiver_prompt_logits(m, items, selected):
     batch = tokenize_prompts(lm, [receiver_text(e) for e in items])
     pos = offset[:, None] + (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
-        return layout_forward(lm, layout, all_logits=True)(cache=cache, full_mask_BT=batch.attention_mask,
-                                                           position_ids_BT=pos, input_ids_BT=batch.input_ids), layout
+        return layout_forward(lm, layout, all_logits=True)(
+            cache=cache,
+            full_mask_BT=batch.attention_mask,
+            position_ids_BT=pos,
+            input_ids_BT=batch.input_ids,
+        ), layout
 
 
 @pytest.mark.float_sensitive
@@ -151,14 +195,16 @@ def test_public_multi_sender_cache_reproduces_the_public_two_sender_receiver(sel
     got, layout = receiver_prompt_logits(public, items, selected)
     got_ordered, _ = receiver_prompt_logits(ordered, items, selected)
     for i, e in enumerate(items):
-        senders = [encode_texts(lm, [chat_wrap(lm, sender_text(e.as_sender(j)))])[0] for j in range(2)]
+        senders = [
+            encode_texts(lm, [chat_wrap(lm, sender_text(e.as_sender(j)))])[0] for j in range(2)
+        ]
         b_ids = encode_texts(lm, [chat_wrap(lm, receiver_text(e))])[0]
         ref = public_receiver_logits(senders, b_ids, selected)
         n = sum(map(len, senders)) + len(b_ids)
-        assert_forward_close(got[i, -len(b_ids):], ref, lm, n)
-        assert (got_ordered[i, -len(b_ids):] - ref).abs().max() > 1e-3
+        assert_forward_close(got[i, -len(b_ids) :], ref, lm, n)
+        assert (got_ordered[i, -len(b_ids) :] - ref).abs().max() > 1e-3
         alone, _ = receiver_prompt_logits(public, [e], selected)
-        assert_forward_close(alone[0, -len(b_ids):], ref, lm, n)
+        assert_forward_close(alone[0, -len(b_ids) :], ref, lm, n)
     if len(selected) < 4:  # an unsent layer holds one key per row (A1's sink) before B's tokens
         unsent = min(set(range(4)) - selected)
         assert layout.key_src[unsent].shape[1] == 1 + got.shape[1]
@@ -167,25 +213,35 @@ def test_public_multi_sender_cache_reproduces_the_public_two_sender_receiver(sel
 def test_public_multi_sender_cache_sends_only_the_first_senders_sinks(items):
     """The bytes follow what B reads: A2's payload carries its sent layers and no sink; the preset turns
     the rule on."""
-    public = make("kvcomm", selection="layers", layers_list=[2], multi_sender_cache="public", max_new_tokens=2)
+    public = make(
+        "kvcomm", selection="layers", layers_list=[2], multi_sender_cache="public", max_new_tokens=2
+    )
     ordered = make("kvcomm", selection="layers", layers_list=[2], max_new_tokens=2)
     lm = public.pair.receiver
     for p, q, e in zip(public.run_batch(items), ordered.run_batch(items), items):
-        n = [len(encode_texts(lm, [chat_wrap(lm, sender_text(e.as_sender(j)))])[0]) for j in range(2)]
+        n = [
+            len(encode_texts(lm, [chat_wrap(lm, sender_text(e.as_sender(j)))])[0]) for j in range(2)
+        ]
         assert p.extra["bytes_per_sender"][0] == q.extra["bytes_per_sender"][0]
         no_sinks = public.wire_payload({0, 2}, n[1], side=public.sender_side(1))
-        assert no_sinks.sink_layers == [] and p.extra["bytes_per_sender"][1] == payload_size(no_sinks.header())
+        assert no_sinks.sink_layers == [] and p.extra["bytes_per_sender"][1] == payload_size(
+            no_sinks.header()
+        )
         assert p.extra["bytes_per_sender"][1] < q.extra["bytes_per_sender"][1]
     from cross_model.methods.kvcomm import KVComm
+
     assert KVComm.public_settings["multi_sender_cache"] == "public"
 
 
-@pytest.mark.parametrize("name,params", [
-    ("kvcomm", {"selection": "layers", "layers_list": [2]}),
-    ("qkvcomm", {"selection": "all", "bits": 4}),
-    ("nld", {"rounds": 2, "nld_max_tokens": 4}),
-    ("cipher", {"rounds": 2, "nld_max_tokens": 4}),
-])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("kvcomm", {"selection": "layers", "layers_list": [2]}),
+        ("qkvcomm", {"selection": "all", "bits": 4}),
+        ("nld", {"rounds": 2, "nld_max_tokens": 4}),
+        ("cipher", {"rounds": 2, "nld_max_tokens": 4}),
+    ],
+)
 def test_two_senders_batched_equals_one_item_at_a_time(name, params, items):
     m = make(name, max_new_tokens=4, **params)
     batched = m.run_batch(items)
@@ -199,7 +255,9 @@ def test_qkvcomm_two_senders_bytes_add_and_ratios_are_of_the_sums(items):
     m = make("qkvcomm", selection="all", bits=4, max_new_tokens=2)
     two = m.run_batch(items)
     for p, e in zip(two, items):
-        alone = [m.run_batch([e.as_sender(j)])[0] for j in range(2)]  # each sender's payload on its own
+        alone = [
+            m.run_batch([e.as_sender(j)])[0] for j in range(2)
+        ]  # each sender's payload on its own
         assert p.extra["bytes_per_sender"] == [a.payload_bytes for a in alone]
         assert p.payload_bytes == sum(a.payload_bytes for a in alone)
         bf16 = sum(a.extra["bf16_bytes"] for a in alone)
@@ -260,9 +318,15 @@ def test_cipher_refinement_puts_each_senders_vectors_in_its_own_block():
     rows = [int(i) for i in range(rest.shape[0])]
     marked = {x: [r for r in rows if torch.all(rest[r] == x)] for x in (7.0, 8.0, 9.0)}
     assert [len(marked[x]) for x in (7.0, 8.0, 9.0)] == [2, 3, 1]
-    assert marked[7.0] == [0, 1] and marked[7.0][-1] < marked[8.0][0] and marked[8.0][-1] < marked[9.0][0]
+    assert (
+        marked[7.0] == [0, 1]
+        and marked[7.0][-1] < marked[8.0][0]
+        and marked[8.0][-1] < marked[9.0][0]
+    )
 
-    def words(part: torch.Tensor, lo: int, hi: int) -> str:  # embedded text read back as its token ids
+    def words(
+        part: torch.Tensor, lo: int, hi: int
+    ) -> str:  # embedded text read back as its token ids
         ids = [int((table == part[r].to(table.dtype)).all(-1).nonzero()[0]) for r in range(lo, hi)]
         return b.tokenizer.decode(ids)
 
@@ -298,23 +362,38 @@ def test_senders_of_different_models_each_run_their_own(items):
         ids2 = encode_texts(a2, [chat_wrap(a2, sender_text(e.as_sender(1)))])[0]
         with torch.inference_mode():
             c2 = DynamicCache()
-            a2.model(input_ids=torch.tensor([ids2]), position_ids=torch.arange(n1, n1 + len(ids2))[None],
-                     past_key_values=c2, use_cache=True)
-        got = cache.layers[2].keys[i][:, -len(ids2):]  # A2's part of layer 2, right after A1's
+            a2.model(
+                input_ids=torch.tensor([ids2]),
+                position_ids=torch.arange(n1, n1 + len(ids2))[None],
+                past_key_values=c2,
+                use_cache=True,
+            )
+        got = cache.layers[2].keys[i][:, -len(ids2) :]  # A2's part of layer 2, right after A1's
         # layer 2's keys come out of the two layers below it
-        assert_reordered_close(got, c2.layers[2].keys[0], **dict(forward_budget(a2, n1 + len(ids2)), depth=3))
-        assert extras[i]["bytes_per_sender"] == [m.payload_bytes(n1, set(range(4))), m.payload_bytes(len(ids2), set(range(4)))]
+        assert_reordered_close(
+            got, c2.layers[2].keys[0], **dict(forward_budget(a2, n1 + len(ids2)), depth=3)
+        )
+        assert extras[i]["bytes_per_sender"] == [
+            m.payload_bytes(n1, set(range(4))),
+            m.payload_bytes(len(ids2), set(range(4))),
+        ]
     nld = make("nld", nld_max_tokens=4, max_new_tokens=3)
     nld.pair.more_senders = [a2]
     with recording_prompts() as log:
         nld.run_batch(items[:1])
     # each sender prompts its own model
-    assert [r["model"] for r in log[:2]] == [nld.pair.sender.info.name, a2.info.name] and a1.info.name != a2.info.name
+    assert [r["model"] for r in log[:2]] == [
+        nld.pair.sender.info.name,
+        a2.info.name,
+    ] and a1.info.name != a2.info.name
     cipher = make("cipher", nld_max_tokens=4, max_new_tokens=2)
     cipher.pair.more_senders = [a2]
     (p,) = cipher.run_batch(items[:1])
     pre = cipher.prefill(a2, [first_sender_text(items[0].as_sender(1), cipher.params)])
-    assert p.extra["vectors_per_sender"][1] == vector_generate(a2, None, None, 4, 1.0, start=pre)[0][0].shape[0]
+    assert (
+        p.extra["vectors_per_sender"][1]
+        == vector_generate(a2, None, None, 4, 1.0, start=pre)[0][0].shape[0]
+    )
 
 
 def test_the_two_hop_task_needs_both_senders_and_its_items_do_not_move_with_the_sizes():
@@ -329,14 +408,20 @@ def test_the_two_hop_task_needs_both_senders_and_its_items_do_not_move_with_the_
         a1, a2 = e.contexts
         person, landmark = e.meta["person"], e.meta["landmark"]
         assert f"{person} is at the {landmark}." in a1 and not any(c in a1 for c in COUNTRY_NAMES)
-        assert f"The {landmark} is in {e.answers[0]}." in a2 and not any(p in a2.split() for p in PEOPLE)
+        assert f"The {landmark} is in {e.answers[0]}." in a2 and not any(
+            p in a2.split() for p in PEOPLE
+        )
         assert e.answers == (LANDMARKS[landmark],) and person in e.prompt_B
         named = [LANDMARKS[x] for x in LANDMARKS if f"The {x} is in" in a2]
-        assert len(named) == len(set(named)) == 3  # three landmarks, three countries: no lucky guess
+        assert (
+            len(named) == len(set(named)) == 3
+        )  # three landmarks, three countries: no lucky guess
         other = [p for p in PEOPLE if p != person and f"{p} is at the" in a1]
         assert len(other) == 1
     small, small_calib = load_task_examples("countries_two_hop", 3, 2)
-    assert [(x.example_id, x.contexts, x.prompt_B) for x in small] == [(x.example_id, x.contexts, x.prompt_B) for x in test[:3]]
+    assert [(x.example_id, x.contexts, x.prompt_B) for x in small] == [
+        (x.example_id, x.contexts, x.prompt_B) for x in test[:3]
+    ]
     assert {x.contexts for x in small_calib} <= {x.contexts for x in calib}
     assert not {x.contexts for x in test} & {x.contexts for x in calib}
     with pytest.raises(ValueError, match="reads no file"):

@@ -25,13 +25,17 @@ def test_paired_interval_agrees_with_the_normal_approximation_and_sees_what_wils
     rng = np.random.default_rng(1)
     a = (rng.random(200) < 0.30).astype(float)
     b = a.copy()
-    flip = rng.choice(np.flatnonzero(a == 0), 16, replace=False)  # B right where A was wrong, 16 times
+    flip = rng.choice(
+        np.flatnonzero(a == 0), 16, replace=False
+    )  # B right where A was wrong, 16 times
     b[flip] = 1.0
     res = paired_difference(a, b)
     d = b - a
     half = 1.96 * d.std(ddof=1) / math.sqrt(len(d))
     assert res["diff"] == pytest.approx(0.08)
-    assert res["ci95"][0] == pytest.approx(0.08 - half, abs=0.01) and res["ci95"][1] == pytest.approx(0.08 + half, abs=0.01)
+    assert res["ci95"][0] == pytest.approx(0.08 - half, abs=0.01) and res["ci95"][
+        1
+    ] == pytest.approx(0.08 + half, abs=0.01)
     assert (res["a_only"], res["b_only"]) == (0, 16) and res["mcnemar_p"] < 1e-4
     assert verdict(res) == "better" and verdict(paired_difference(b, a)) == "worse"
     same = paired_difference(a, a)
@@ -41,13 +45,32 @@ def test_paired_interval_agrees_with_the_normal_approximation_and_sees_what_wils
 
 
 def test_paired_rows_compare_each_method_with_the_reference_on_shared_items():
-    rows = {"t": {
-        "base": [{"example_id": f"e{i}", "score": 0.0, "first_named": float(i % 2)} for i in range(20)],
-        "m": [{"example_id": f"e{i}", "score": 1.0 if i < 10 else 0.0, "first_named": float(i % 2)} for i in range(20)],
-    }}
+    rows = {
+        "t": {
+            "base": [
+                {"example_id": f"e{i}", "score": 0.0, "first_named": float(i % 2)}
+                for i in range(20)
+            ],
+            "m": [
+                {
+                    "example_id": f"e{i}",
+                    "score": 1.0 if i < 10 else 0.0,
+                    "first_named": float(i % 2),
+                }
+                for i in range(20)
+            ],
+        }
+    }
     (line,) = paired_rows(rows, "base")
-    assert line["n"] == 20 and line["score"]["diff"] == pytest.approx(0.5) and line["score"]["verdict"] == "better"
-    assert line["first_named"]["diff"] == 0.0 and line["first_named"]["verdict"] == "no difference shown"
+    assert (
+        line["n"] == 20
+        and line["score"]["diff"] == pytest.approx(0.5)
+        and line["score"]["verdict"] == "better"
+    )
+    assert (
+        line["first_named"]["diff"] == 0.0
+        and line["first_named"]["verdict"] == "no difference shown"
+    )
     text = format_paired([line])
     assert "| t | m | 20 | +50.0 [" in text and "better" in text
 
@@ -72,7 +95,9 @@ def test_one_comparison_whatever_order_the_rows_arrive_in():
     ref = [{"example_id": f"t-{i:03d}", "score": float(rng.random() < 0.5)} for i in range(60)]
     got = [{"example_id": f"t-{i:03d}", "score": float(rng.random() < 0.6)} for i in range(60)]
     first = compare(ref, got)
-    assert isinstance(first, PairedResult) and first.ids == tuple(sorted(r["example_id"] for r in ref))
+    assert isinstance(first, PairedResult) and first.ids == tuple(
+        sorted(r["example_id"] for r in ref)
+    )
     for _ in range(5):
         a, b = ref[:], got[:]
         rng.shuffle(a)

@@ -17,14 +17,18 @@ def hardware(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
         monkeypatch.setattr(platform, "_mps_available", lambda: mps)
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+
     return set_
 
 
-@pytest.mark.parametrize("cuda,mps,device,dtype", [
-    (0, False, "cpu", torch.float32),
-    (0, True, "mps", torch.float32),  # MPS bf16 is slow or missing: fp32
-    (2, True, "cuda", torch.bfloat16),  # CUDA first, bf16 where supported
-])
+@pytest.mark.parametrize(
+    "cuda,mps,device,dtype",
+    [
+        (0, False, "cpu", torch.float32),
+        (0, True, "mps", torch.float32),  # MPS bf16 is slow or missing: fp32
+        (2, True, "cuda", torch.bfloat16),  # CUDA first, bf16 where supported
+    ],
+)
 def test_auto_prefers_cuda_then_mps_then_cpu(hardware, cuda, mps, device, dtype):
     hardware(cuda=cuda, mps=mps)
     p = detect_platform("auto", "auto")

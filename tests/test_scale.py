@@ -28,7 +28,9 @@ def _tiny_budget() -> dict[str, int]:
     from cross_model.models import load_model
     from tests.tolerance import forward_budget
 
-    return forward_budget(load_model("tiny-llama-64"), 512)  # tiny.yaml's pair; its prompts are < 512 bytes
+    return forward_budget(
+        load_model("tiny-llama-64"), 512
+    )  # tiny.yaml's pair; its prompts are < 512 bytes
 
 
 def _mass_atol() -> float:
@@ -48,14 +50,21 @@ def _logprob_atol() -> float:
 
 def _answers(run_dir: Path) -> dict:
     data = json.loads((run_dir / "results.json").read_text())
-    return {t: {m: [(r["example_id"], r["answer"], r["payload_bytes"]) for r in rows] for m, rows in ms.items()}
-            for t, ms in data["examples"].items()}
+    return {
+        t: {
+            m: [(r["example_id"], r["answer"], r["payload_bytes"]) for r in rows]
+            for m, rows in ms.items()
+        }
+        for t, ms in data["examples"].items()
+    }
 
 
 # --- 1. batch-major evaluation: one memo per batch, shared by every method, freed after --------------
 
 
-def test_every_batch_shares_its_prefills_between_methods_and_keeps_nothing_after(tmp_path, monkeypatch):
+def test_every_batch_shares_its_prefills_between_methods_and_keeps_nothing_after(
+    tmp_path, monkeypatch
+):
     from cross_model import evaluation
     from cross_model.prefill_memo import PrefillMemo
 
@@ -77,7 +86,9 @@ def test_every_batch_shares_its_prefills_between_methods_and_keeps_nothing_after
         assert not memo._entries, "a batch's prefills outlived it"
     assert _main(*common, "--name", "alone", "--eval.reuse_prefills", "0") == 0
     assert _answers(tmp_path / "shared") == _answers(tmp_path / "alone")
-    rows = json.loads((tmp_path / "shared" / "results.json").read_text())["examples"]["countries"]["baseline"]
+    rows = json.loads((tmp_path / "shared" / "results.json").read_text())["examples"]["countries"][
+        "baseline"
+    ]
     assert {(r["start"], r["device"], r["dtype"]) for r in rows} == {(0, "cpu", "float32")}
 
 
@@ -85,8 +96,20 @@ def test_every_batch_shares_its_prefills_between_methods_and_keeps_nothing_after
 
 
 def _torchrun(tmp: Path, name: str, nproc: int, *extra: str) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "run_experiments.py", *TINY, "--output_dir", str(tmp), "--name", name, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "run_experiments.py",
+        *TINY,
+        "--output_dir",
+        str(tmp),
+        "--name",
+        name,
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -95,8 +118,10 @@ def _torchrun(tmp: Path, name: str, nproc: int, *extra: str) -> str:
 
 @pytest.mark.float_sensitive
 def test_two_ranks_calibrate_their_shares_and_choose_what_one_rank_chooses(tmp_path):
-    methods = ('{"kvcomm": {"selection": "calibrate", "top_layers": 0.5}, '
-               '"q": {"method": "qkvcomm", "selection": "calibrate", "top_layers": 0.5, "target_bits": 3}}')
+    methods = (
+        '{"kvcomm": {"selection": "calibrate", "top_layers": 0.5}, '
+        '"q": {"method": "qkvcomm", "selection": "calibrate", "top_layers": 0.5, "target_bits": 3}}'
+    )
     args = ("--stages", "[calibrate]", "--methods", methods)
     assert _main("--output_dir", str(tmp_path), "--name", "one", *args) == 0
     _torchrun(tmp_path, "two", 2, *args)
@@ -107,7 +132,11 @@ def test_two_ranks_calibrate_their_shares_and_choose_what_one_rank_chooses(tmp_p
         if name == "kvcomm":  # each rank measured its own share, not every item
             r0, r1 = two["measured_per_rank"]
             assert len(r0) == len(r1) == 2 and not set(r0) & set(r1)
-            assert sorted(r0 + r1) == sorted(two["calibration_ids"]) == sorted(one["measured_per_rank"][0])
+            assert (
+                sorted(r0 + r1)
+                == sorted(two["calibration_ids"])
+                == sorted(one["measured_per_rank"][0])
+            )
         assert two["selected"] == one["selected"] and two["ranking"] == one["ranking"]
         assert two["importance"] == pytest.approx(one["importance"], abs=_mass_atol())
     q1 = json.loads((tmp_path / "one" / "calibration-q.json").read_text())
@@ -126,15 +155,23 @@ def test_each_rank_gets_its_own_gpu_or_a_clear_error(monkeypatch):
 
     assert cuda_index_for_rank(3, 4) == 3
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    with pytest.raises(ValueError, match="4 ranks on this node .*all see the one GPU.*--gpus-per-task=1"):
+    with pytest.raises(
+        ValueError, match="4 ranks on this node .*all see the one GPU.*--gpus-per-task=1"
+    ):
         cuda_index_for_rank(3, 1, local_world_size=4)  # nothing gave each rank its own GPU
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
-    assert cuda_index_for_rank(3, 1, local_world_size=4) == 0  # srun --gpus-per-task=1: one GPU visible per rank
+    assert (
+        cuda_index_for_rank(3, 1, local_world_size=4) == 0
+    )  # srun --gpus-per-task=1: one GPU visible per rank
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    with pytest.raises(ValueError, match=r"LOCAL_RANK=3.*2 visible CUDA device\(s\), CUDA_VISIBLE_DEVICES=0,1"):
+    with pytest.raises(
+        ValueError, match=r"LOCAL_RANK=3.*2 visible CUDA device\(s\), CUDA_VISIBLE_DEVICES=0,1"
+    ):
         cuda_index_for_rank(3, 2)
     with pytest.raises(ValueError, match="4 ranks on this node .*nproc_per_node=2"):
-        cuda_index_for_rank(0, 2, local_world_size=4)  # rank 0 refuses too, so no rank waits for the others
+        cuda_index_for_rank(
+            0, 2, local_world_size=4
+        )  # rank 0 refuses too, so no rank waits for the others
     with pytest.raises(ValueError, match="no CUDA device"):
         cuda_index_for_rank(0, 0)
     check_distinct_devices([("n1", "GPU-a"), ("n1", "GPU-b"), ("n2", "GPU-a")])
@@ -152,7 +189,11 @@ def test_detect_platform_uses_the_rule_with_the_device_count_patched(monkeypatch
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     p = platform.detect_platform("cuda", "auto", local_rank=3)
-    assert p.device == torch.device("cuda", 0) and p.dtype == torch.bfloat16 and p.dist_backend == "nccl"
+    assert (
+        p.device == torch.device("cuda", 0)
+        and p.dtype == torch.bfloat16
+        and p.dist_backend == "nccl"
+    )
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert platform.detect_platform("auto", "auto", local_rank=3).device == torch.device("cuda", 3)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -205,7 +246,9 @@ def test_an_error_keeps_the_frame_that_raised_and_the_full_traceback_on_the_side
         return deep(n - 1)
 
     def _run_batch(self, examples):
-        return deep(12)  # far below the evaluator's frames: a limit=4 traceback would show only those
+        return deep(
+            12
+        )  # far below the evaluator's frames: a limit=4 traceback would show only those
 
     preds = _method({"_run_batch": _run_batch}).run_batch(_examples(1))
     assert "the innermost reason" in preds[0].error and "deep" in preds[0].error
@@ -213,7 +256,9 @@ def test_an_error_keeps_the_frame_that_raised_and_the_full_traceback_on_the_side
     assert "error_traceback" not in preds[0].to_dict()
 
 
-@pytest.mark.parametrize("message", ["CUDA error: device-side assert triggered", "NCCL communicator was aborted"])
+@pytest.mark.parametrize(
+    "message", ["CUDA error: device-side assert triggered", "NCCL communicator was aborted"]
+)
 def test_errors_that_poison_the_device_or_the_group_are_raised_not_scored(message):
     calls = []
 
@@ -243,7 +288,9 @@ def test_out_of_memory_frees_the_cache_and_halves_the_batch(caplog):
     assert sizes == [6, 3, 2, 1, 3, 2, 1]
     assert "out of memory on a batch of 6" in caplog.text and "running it as 3 + 3" in caplog.text
     plain = _method({}, "plain").run_batch(examples)
-    assert [p.answer for p in preds] == [p.answer for p in plain] and not any(p.error for p in preds)
+    assert [p.answer for p in preds] == [p.answer for p in plain] and not any(
+        p.error for p in preds
+    )
 
 
 def test_a_method_failing_on_nearly_all_its_first_items_stops_the_run_with_its_traceback(tmp_path):
@@ -260,12 +307,26 @@ def test_a_method_failing_on_nearly_all_its_first_items_stops_the_run_with_its_t
             return broken_helper()
 
     try:
-        with pytest.raises(MethodFailing, match=r"4 of its first 4 items failed(.|\n)*broken_helper"):
-            _main("--output_dir", str(tmp_path), "--stages", "[evaluate]", "--eval.fail_fast_items", "4",
-                  "--methods", '{"baseline": {}, "bad": {"method": "always_fails_for_test"}}')
+        with pytest.raises(
+            MethodFailing, match=r"4 of its first 4 items failed(.|\n)*broken_helper"
+        ):
+            _main(
+                "--output_dir",
+                str(tmp_path),
+                "--stages",
+                "[evaluate]",
+                "--eval.fail_fast_items",
+                "4",
+                "--methods",
+                '{"baseline": {}, "bad": {"method": "always_fails_for_test"}}',
+            )
     finally:
         _METHODS.pop("always_fails_for_test")
-    done = (tmp_path / "tiny" / "results" / "countries" / "bad" / "rank0.jsonl").read_text().splitlines()
+    done = (
+        (tmp_path / "tiny" / "results" / "countries" / "bad" / "rank0.jsonl")
+        .read_text()
+        .splitlines()
+    )
     assert len(done) == 4, "the failed items are on disk, so the run resumes after the fix"
 
 
@@ -276,7 +337,13 @@ def _shared_dir_worker(rank: int, port: int, dirs: list, out) -> None:
     from cross_model import distributed as d
     from cross_model.runinfo import check_shared_run_dir
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+    )
     with d.distributed_session("gloo"):
         try:
             check_shared_run_dir(Path(dirs[rank]), wait_s=1.0)
@@ -298,7 +365,11 @@ def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path):
     # Node-local directories: the same path name, different filesystems (two directories here).
     local = _two_ranks([str(tmp_path / "node0" / "run"), str(tmp_path / "node1" / "run")])
     for rank in (0, 1):
-        assert "not shared by all 2 ranks" in local[rank] and "shared" in local[rank] and "filesystem" in local[rank]
+        assert (
+            "not shared by all 2 ranks" in local[rank]
+            and "shared" in local[rank]
+            and "filesystem" in local[rank]
+        )
 
 
 # --- 6. a resume that cannot mix hardware or code ---------------------------------------------------
@@ -312,30 +383,55 @@ def test_a_resume_refuses_other_hardware_or_other_code(tmp_path):
     first = {"device": "cuda", "dtype": "bfloat16", "commit": "abc", "changes": None}
     assert prepare_run_dir(cfg, {}, first) == 0
     assert prepare_run_dir(cfg, {}, dict(first)) == 1
-    with pytest.raises(ValueError, match="started on cuda in bfloat16, this start resolves to cpu in float32"):
+    with pytest.raises(
+        ValueError, match="started on cuda in bfloat16, this start resolves to cpu in float32"
+    ):
         prepare_run_dir(cfg, {}, {**first, "device": "cpu", "dtype": "float32"})
     with pytest.raises(ValueError, match="commit abc -> def.*--allow-code-change"):
         prepare_run_dir(cfg, {}, {**first, "commit": "def"})
     with pytest.raises(ValueError, match="uncommitted changes none -> 1234"):
         prepare_run_dir(cfg, {}, {**first, "changes": "1234"})
     assert prepare_run_dir(cfg, {}, {**first, "commit": "def"}, allow_code_change=True) == 2
-    starts = [json.loads(line) for line in (tmp_path / "tiny" / "runs.jsonl").read_text().splitlines()]
+    starts = [
+        json.loads(line) for line in (tmp_path / "tiny" / "runs.jsonl").read_text().splitlines()
+    ]
     assert [s["start"] for s in starts] == [0, 1, 2] and starts[2]["identity"]["commit"] == "def"
-    assert json.loads((tmp_path / "tiny" / "identity.json").read_text()) == first  # the first start's, kept
+    assert (
+        json.loads((tmp_path / "tiny" / "identity.json").read_text()) == first
+    )  # the first start's, kept
 
 
-def test_run_experiments_refuses_a_resume_where_auto_resolves_otherwise(tmp_path, capsys, monkeypatch):
+def test_run_experiments_refuses_a_resume_where_auto_resolves_otherwise(
+    tmp_path, capsys, monkeypatch
+):
     """dtype `auto` is float32 on this CPU and bfloat16 on a GPU: the second start's platform is patched to
     resolve as a GPU machine's would (same config), and the resume is refused."""
     import run_experiments
     from cross_model.platform import Platform
 
-    common = ("--output_dir", str(tmp_path), "--stages", "[evaluate]", "--methods", '{"baseline": {}}', "--eval.limit", "2")
+    common = (
+        "--output_dir",
+        str(tmp_path),
+        "--stages",
+        "[evaluate]",
+        "--methods",
+        '{"baseline": {}}',
+        "--eval.limit",
+        "2",
+    )
     assert _main(*common) == 0
-    monkeypatch.setattr(run_experiments, "detect_platform",
-                        lambda *a, **k: Platform(torch.device("cpu"), torch.bfloat16, "as a GPU would resolve auto"))
+    monkeypatch.setattr(
+        run_experiments,
+        "detect_platform",
+        lambda *a, **k: Platform(
+            torch.device("cpu"), torch.bfloat16, "as a GPU would resolve auto"
+        ),
+    )
     assert _main(*common) == 2
-    assert "started on cpu in float32, this start resolves to cpu in bfloat16" in capsys.readouterr().err
+    assert (
+        "started on cpu in float32, this start resolves to cpu in bfloat16"
+        in capsys.readouterr().err
+    )
 
 
 # --- 9. progress off a terminal ---------------------------------------------------------------------
@@ -375,7 +471,9 @@ def test_per_model_tables_are_built_once(monkeypatch):
     assert vector_tables(lm) is vector_tables(lm)
     assert input_embeddings(lm) is input_embeddings(lm)  # Gemma's scaled table: one copy per model
     emb = lm.model.get_input_embeddings()
-    torch.testing.assert_close(input_embeddings(lm), emb.weight * emb.embed_scale.to(emb.weight.dtype))
+    torch.testing.assert_close(
+        input_embeddings(lm), emb.weight * emb.embed_scale.to(emb.weight.dtype)
+    )
 
 
 def test_kvcomm_builds_one_mask_per_kind_of_layer_per_step():
@@ -388,7 +486,9 @@ def test_kvcomm_builds_one_mask_per_kind_of_layer_per_step():
     from cross_model.models import load_model
 
     lm = load_model("tiny-llama-64")
-    cls, p = resolve_method("kvcomm", {"selection": "layers", "layers_list": [1, 2], "always_send_layer0": False})
+    cls, p = resolve_method(
+        "kvcomm", {"selection": "layers", "layers_list": [1, 2], "always_send_layer0": False}
+    )
     m = cls(p, ModelPair(lm, lm))
     ex = load_task_examples("countries", 2, 0, 0, None, 4)[0]
     pre, cache, sink = m.sender_cache(ex, {1, 2})
@@ -397,7 +497,9 @@ def test_kvcomm_builds_one_mask_per_kind_of_layer_per_step():
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
     pos = torch.tensor([[40, 41, 42], [40, 41, 42]])
     with torch.inference_mode():
-        layout_forward(lm, layout)(cache=b_cache, full_mask_BT=torch.ones_like(ids), position_ids_BT=pos, input_ids_BT=ids)
+        layout_forward(lm, layout)(
+            cache=b_cache, full_mask_BT=torch.ones_like(ids), position_ids_BT=pos, input_ids_BT=ids
+        )
     plain = [k for k in layout._masks if k[0] != "folded"]
     assert len(plain) == 2 and lm.info.num_layers == 4
 
@@ -407,20 +509,41 @@ def test_rows_carry_their_limits_and_with_log_prompts_the_exact_prompts(tmp_path
     from cross_model.models import load_model
     from cross_model.prompting import chat_wrap, receiver_text, sender_text, skyline_text
 
-    assert _main("--output_dir", str(tmp_path), "--stages", "[evaluate,report]", "--eval.log_prompts", "true",
-                 "--methods", '{"baseline": {}, "skyline": {"max_new_tokens": 3}, "nld": {"nld_max_tokens": 4}, '
-                              '"cipher": {"nld_max_tokens": 4}}') == 0
+    assert (
+        _main(
+            "--output_dir",
+            str(tmp_path),
+            "--stages",
+            "[evaluate,report]",
+            "--eval.log_prompts",
+            "true",
+            "--methods",
+            '{"baseline": {}, "skyline": {"max_new_tokens": 3}, "nld": {"nld_max_tokens": 4}, '
+            '"cipher": {"nld_max_tokens": 4}}',
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "tiny" / "results.json").read_text())["examples"]["countries"]
     lm = load_model("tiny-llama-64")
     test = {e.example_id: e for e in load_task_examples("countries", 6, 2, 0, None, 4)[0]}
     for row in data["baseline"]:
         assert row["max_new_tokens"] == 4 and row["max_prompt_tokens"] is None
-        assert row["prompts"] == [{"model": "tiny-llama-64", "text": chat_wrap(lm, receiver_text(test[row["example_id"]]))}]
+        assert row["prompts"] == [
+            {
+                "model": "tiny-llama-64",
+                "text": chat_wrap(lm, receiver_text(test[row["example_id"]])),
+            }
+        ]
     for row in data["skyline"]:
         assert row["max_new_tokens"] == 3
-        assert [p["text"] for p in row["prompts"]] == [chat_wrap(lm, skyline_text(test[row["example_id"]]))]
+        assert [p["text"] for p in row["prompts"]] == [
+            chat_wrap(lm, skyline_text(test[row["example_id"]]))
+        ]
     for row in data["nld"]:  # A's message, B's first answer, B's revision (which quotes both)
         e = test[row["example_id"]]
         texts = [p["text"] for p in row["prompts"]]
-        assert texts[:2] == [chat_wrap(lm, sender_text(e)), chat_wrap(lm, receiver_text(e))] and len(texts) == 3
+        assert (
+            texts[:2] == [chat_wrap(lm, sender_text(e)), chat_wrap(lm, receiver_text(e))]
+            and len(texts) == 3
+        )
     assert all("[vectors]" in row["prompts"][-1]["text"] for row in data["cipher"])

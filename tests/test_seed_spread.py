@@ -13,15 +13,38 @@ from cross_model.doc_tables import render
 from cross_model.seed_spread import aggregate, format_spread, main
 
 
-def _run(seed: int, accuracy: float, first: float, gap: float, crossed: bool, commit: str = "abc") -> dict:
+def _run(
+    seed: int, accuracy: float, first: float, gap: float, crossed: bool, commit: str = "abc"
+) -> dict:
     return {
-        "name": f"ladder_s{seed}", "config": {"seed": seed},
+        "name": f"ladder_s{seed}",
+        "config": {"seed": seed},
         "starts": [{"git": {"commit": commit, "changes": None}}],
-        "summary": [{"task": "secret_word", "method": "latentwire", "n": 100, "accuracy": accuracy, "first_named": first},
-                    {"task": "secret_word", "method": "baseline", "n": 100, "accuracy": 0.0, "first_named": 0.0}],
-        "latentwire_controls": [{"task": "secret_word", "method": "latentwire", "control": "latentwire_shuffled",
-                                 "nll_gap": {"diff": gap, "ci95": [gap - 0.05, gap + 0.05]},
-                                 "information_crossed": crossed}],
+        "summary": [
+            {
+                "task": "secret_word",
+                "method": "latentwire",
+                "n": 100,
+                "accuracy": accuracy,
+                "first_named": first,
+            },
+            {
+                "task": "secret_word",
+                "method": "baseline",
+                "n": 100,
+                "accuracy": 0.0,
+                "first_named": 0.0,
+            },
+        ],
+        "latentwire_controls": [
+            {
+                "task": "secret_word",
+                "method": "latentwire",
+                "control": "latentwire_shuffled",
+                "nll_gap": {"diff": gap, "ci95": [gap - 0.05, gap + 0.05]},
+                "information_crossed": crossed,
+            }
+        ],
     }
 
 
@@ -33,10 +56,16 @@ def test_the_interlinguas_own_seed_names_a_run_where_it_is_set():
 
 
 def test_the_spread_is_the_mean_and_sample_sd_over_seeds():
-    runs = [_run(0, 0.02, 0.04, 0.11, True), _run(1, 0.05, 0.06, 0.02, False), _run(2, 0.08, 0.05, 0.09, True)]
+    runs = [
+        _run(0, 0.02, 0.04, 0.11, True),
+        _run(1, 0.05, 0.06, 0.02, False),
+        _run(2, 0.08, 0.05, 0.09, True),
+    ]
     got = aggregate(runs)
     lw = next(r for r in got["rows"] if r["method"] == "latentwire")
-    assert lw["accuracy"]["mean"] == pytest.approx(0.05) and lw["accuracy"]["sd"] == pytest.approx(0.03)
+    assert lw["accuracy"]["mean"] == pytest.approx(0.05) and lw["accuracy"]["sd"] == pytest.approx(
+        0.03
+    )
     assert (lw["accuracy"]["min"], lw["accuracy"]["max"]) == (0.02, 0.08)
     assert lw["first_named"]["sd"] == pytest.approx(statistics.stdev([0.04, 0.06, 0.05]))
     (c,) = got["controls"]
@@ -74,6 +103,10 @@ def test_runs_that_differ_in_more_than_their_seed_or_ran_uncommitted_code_are_re
 def test_the_seeds_table_renders_from_its_file(tmp_path, monkeypatch):
     import cross_model.doc_tables as dt
 
-    (tmp_path / "seeds.json").write_text(json.dumps(aggregate([_run(0, 0.02, 0.04, 0.1, True), _run(1, 0.04, 0.06, 0.2, True)])))
+    (tmp_path / "seeds.json").write_text(
+        json.dumps(aggregate([_run(0, 0.02, 0.04, 0.1, True), _run(1, 0.04, 0.06, 0.2, True)]))
+    )
     monkeypatch.setattr(dt, "ROOT", tmp_path)
-    assert render("seeds seeds.json").startswith("| task | method | items | accuracy % over 2 seeds")
+    assert render("seeds seeds.json").startswith(
+        "| task | method | items | accuracy % over 2 seeds"
+    )

@@ -24,17 +24,42 @@ FIX = Path(__file__).resolve().parent / "fixtures"
 SIZES = [(1, 0), (5, 2), (20, 8), (40, 1), (3, 8)]
 # task -> fixture file in its source's format (hub copies as JSONL; `path` reads them like the hub's rows)
 SOURCES = {
-    "hotpotqa": "hotpotqa", "hotpotqa_ms": "hotpotqa", "musique": "musique", "musique_ms": "musique",
-    "hotpotqa_public": "hotpotqa", "hotpotqa_ms_public": "hotpotqa", "musique_public": "musique",
-    "qasper": "qasper", "multifieldqa_en": "qasper", "twowikimqa": "qasper", "twowikimqa_ms": "twowikimqa",
-    "squad": "squad", "gsm8k": "gsm8k", "repobench": "repobench", "repobench_full": "repobench",
-    "samsum": "samsum", "samsum_full": "samsum", "jsonl": "custom", "tmath": "tmath",
-    "musique_ms_public": "musique", "twowikimqa_ms_public": "twowikimqa_longbench",
-    "hotpotqa_full": "hotpotqa", "musique_full": "musique", "multifieldqa_en_public": "qasper",
-    "twowikimqa_public": "qasper", "qasper_public": "scrolls_qasper", "qasper_full": "scrolls_qasper",
-    "sst2": "sst2", "ag_news": "ag_news", "trec": "trec", "mmlu_redux": "mmlu_redux", "arc_challenge": "arc_challenge",
+    "hotpotqa": "hotpotqa",
+    "hotpotqa_ms": "hotpotqa",
+    "musique": "musique",
+    "musique_ms": "musique",
+    "hotpotqa_public": "hotpotqa",
+    "hotpotqa_ms_public": "hotpotqa",
+    "musique_public": "musique",
+    "qasper": "qasper",
+    "multifieldqa_en": "qasper",
+    "twowikimqa": "qasper",
+    "twowikimqa_ms": "twowikimqa",
+    "squad": "squad",
+    "gsm8k": "gsm8k",
+    "repobench": "repobench",
+    "repobench_full": "repobench",
+    "samsum": "samsum",
+    "samsum_full": "samsum",
+    "jsonl": "custom",
+    "tmath": "tmath",
+    "musique_ms_public": "musique",
+    "twowikimqa_ms_public": "twowikimqa_longbench",
+    "hotpotqa_full": "hotpotqa",
+    "musique_full": "musique",
+    "multifieldqa_en_public": "qasper",
+    "twowikimqa_public": "qasper",
+    "qasper_public": "scrolls_qasper",
+    "qasper_full": "scrolls_qasper",
+    "sst2": "sst2",
+    "ag_news": "ag_news",
+    "trec": "trec",
+    "mmlu_redux": "mmlu_redux",
+    "arc_challenge": "arc_challenge",
     "openbookqa": "openbookqa",
 }
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, str]:
     out = {}
@@ -42,8 +67,15 @@ def sources(tmp_path_factory) -> dict[str, str]:
     for name, file in SOURCES.items():
         if file == "tmath":
             continue  # a directory format; its reader goes through the same `front_and_back`
-        rows = [json.loads(line) for line in (FIX / f"{file}.jsonl").read_text().splitlines() if line.strip()]
-        if name in ("musique_ms", "musique_ms_public"):  # the fixture's rows have one supporting paragraph; the task keeps two or more
+        rows = [
+            json.loads(line)
+            for line in (FIX / f"{file}.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+        if name in (
+            "musique_ms",
+            "musique_ms_public",
+        ):  # the fixture's rows have one supporting paragraph; the task keeps two or more
             file = "musique_ms"
             for row in rows:
                 for paragraph in row["paragraphs"]:
@@ -65,17 +97,27 @@ def test_no_calibration_row_of_any_call_is_a_test_row_of_any_call(task, sources)
     for n_test, n_calib in SIZES:
         try:
             test, calib = load_task_examples(task, n_test, n_calib, seed=0, path=sources.get(task))
-        except ValueError as err:  # a size the source cannot give is refused, never served otherwise
+        except (
+            ValueError
+        ) as err:  # a size the source cannot give is refused, never served otherwise
             assert "exceeds" in str(err), err
             continue
-        per = 2 if task.startswith("countries_tipsheets") else 1  # the mixed tasks: n_test of each source
+        per = (
+            2 if task.startswith("countries_tipsheets") else 1
+        )  # the mixed tasks: n_test of each source
         # every-row tasks (`_full`, the multiple-choice benchmarks) give what they have
-        assert len(test) == per * n_test or task.endswith("_full") or get_task(task).default_n_test >= 10**9
+        assert (
+            len(test) == per * n_test
+            or task.endswith("_full")
+            or get_task(task).default_n_test >= 10**9
+        )
         assert len(calib) == per * n_calib
         tests |= {_content(e) for e in test}
         calibs |= {_content(e) for e in calib}
     assert tests and (calibs or all(c == 0 for _, c in SIZES))
-    assert not tests & calibs, f"{task}: {len(tests & calibs)} items are test items in one call and calibration in another"
+    assert not tests & calibs, (
+        f"{task}: {len(tests & calibs)} items are test items in one call and calibration in another"
+    )
 
 
 def test_the_reserve_is_fixed_by_the_source_not_the_request():
@@ -83,7 +125,9 @@ def test_the_reserve_is_fixed_by_the_source_not_the_request():
     assert calibration_reserve(200) == 8 and calibration_reserve(SMALL_SOURCE - 1) == 0
     backs = {tuple(front_and_back(items, t, c, "x")[1]) for t in (1, 100, 192) for c in (1, 8)}
     assert set().union(*backs) <= set(items[192:])
-    with pytest.raises(ValueError, match="exceeds the 192 test items of its 200 .*the last 8 are kept"):
+    with pytest.raises(
+        ValueError, match="exceeds the 192 test items of its 200 .*the last 8 are kept"
+    ):
         front_and_back(items, 193, 0, "x")
     with pytest.raises(ValueError, match="n_calib .9. exceeds the 8 items kept for calibration"):
         front_and_back(items, 1, 9, "x")
@@ -114,7 +158,9 @@ def test_no_training_row_is_a_test_or_calibration_row_of_any_call(task, sources,
             continue
         seen |= {_content(e) for e in test + calib}
     assert seen, f"{task}: no size was served"
-    assert not seen & {_content(e) for e in train}, f"{task}: a training row is a test or calibration row"
+    assert not seen & {_content(e) for e in train}, (
+        f"{task}: a training row is a test or calibration row"
+    )
     assert [_content(e) for e in task_rows(task, 200, 0, source)] == [_content(e) for e in train]
 
 
@@ -129,16 +175,24 @@ def test_the_published_ladder_sizes_fit_the_ladders_regions():
 
 def test_test_items_stay_inside_the_test_region_and_training_rows_are_refused_where_none_are_kept():
     items = list(range(1200))
-    with pytest.raises(ValueError, match="n_test .1001. exceeds the 1000 test items of its 1200 .the items after "
-                                         "them are kept for training, the last 48"):
+    with pytest.raises(
+        ValueError,
+        match="n_test .1001. exceeds the 1000 test items of its 1200 .the items after "
+        "them are kept for training, the last 48",
+    ):
         front_and_back(items, 1001, 0, "x", test_region=1000)
     assert training_region(items, 152, "x", 1000) == items[1000:1152]
     with pytest.raises(ValueError, match="153 training items asked, the source keeps 152"):
         training_region(items, 153, "x", 1000)
-    with pytest.raises(ValueError, match="task 'qasper' keeps no rows for training; train on one that does: "
-                                         "ag_news, countries, fact_lookup"):
+    with pytest.raises(
+        ValueError,
+        match="task 'qasper' keeps no rows for training; train on one that does: "
+        "ag_news, countries, fact_lookup",
+    ):
         task_rows("qasper", 1, 0, None)
-    with pytest.raises(ValueError, match="training rows come from our generator, not from the public file"):
+    with pytest.raises(
+        ValueError, match="training rows come from our generator, not from the public file"
+    ):
         task_rows("countries", 1, 0, str(FIX / "public" / "countries.jsonl"))
 
 

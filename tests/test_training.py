@@ -25,8 +25,16 @@ from tests.conftest import ROOT, free_port
 from tests.helpers import kill_9_after_first_checkpoint
 from tests.tolerance import assert_reordered_close
 
-IDENTITY = {"sender": "synthetic-a", "receiver": "synthetic-b", "sender_revision": None, "receiver_revision": None,
-            "k": 1, "j": 1, "d_in": 24, "d_out": 16}
+IDENTITY = {
+    "sender": "synthetic-a",
+    "receiver": "synthetic-b",
+    "sender_revision": None,
+    "receiver_revision": None,
+    "k": 1,
+    "j": 1,
+    "d_in": 24,
+    "d_out": 16,
+}
 
 
 def synthetic_pairs(n: int, seed: int = 0, noise: float = 0.0):
@@ -49,7 +57,9 @@ def recipe(cfg: TrainConfig, seed: int = 0) -> dict:
 def test_checkpoints_are_atomic_pruned_and_damaged_ones_skipped(tmp_path, caplog):
     manager = CheckpointManager(tmp_path, keep_last=2)
     for step in (1, 2, 3, 4):
-        manager.save(step, {"w": torch.full((3,), float(step))}, {"what": "test"}, {"step": step}, [{"r": 0}])
+        manager.save(
+            step, {"w": torch.full((3,), float(step))}, {"what": "test"}, {"step": step}, [{"r": 0}]
+        )
     assert manager.steps() == [3, 4]  # keep-last-2
     assert manager.load_latest().tensors["w"].tolist() == [4.0] * 3
 
@@ -77,15 +87,30 @@ def test_checkpoints_are_atomic_pruned_and_damaged_ones_skipped(tmp_path, caplog
 
 def test_linear_map_is_recovered(tmp_path):
     a, b, m = synthetic_pairs(640)
-    cfg = TrainConfig(solver="adam", epochs=30, batch_size=32, lr=1e-2, checkpoint_dir=str(tmp_path), checkpoint_every=1000)
+    cfg = TrainConfig(
+        solver="adam",
+        epochs=30,
+        batch_size=32,
+        lr=1e-2,
+        checkpoint_dir=str(tmp_path),
+        checkpoint_every=1000,
+    )
     held = (a[576:], b[576:])
-    result = fit_projection(lambda idx: (a[idx], b[idx]), 576, held, IDENTITY, recipe(cfg), tmp_path / "p", cfg)
+    result = fit_projection(
+        lambda idx: (a[idx], b[idx]), 576, held, IDENTITY, recipe(cfg), tmp_path / "p", cfg
+    )
     fit = result.meta["fit"]
     assert fit["r2"] > 0.99 and fit["cosine"] > 0.99, fit
-    assert len(result.meta["history"]) == 30  # held-out statistics every epoch, stored with the checkpoint
+    assert (
+        len(result.meta["history"]) == 30
+    )  # held-out statistics every epoch, stored with the checkpoint
     torch.testing.assert_close(result.projection.linear.weight, m, atol=0.05, rtol=0)
     final_meta = json.loads((tmp_path / "p" / "final" / "projection.json").read_text())
-    assert final_meta["fit"]["r2"] == fit["r2"] and final_meta["d_in"] == 24 and final_meta["lr"] == 1e-2
+    assert (
+        final_meta["fit"]["r2"] == fit["r2"]
+        and final_meta["d_in"] == 24
+        and final_meta["lr"] == 1e-2
+    )
 
 
 @pytest.mark.float_sensitive
@@ -100,19 +125,33 @@ def test_least_squares_is_the_exact_minimiser_with_and_without_ridge(tmp_path, c
     x, y = a[:270].double().numpy(), b[:270].double().numpy()
     plain = np.linalg.lstsq(x, y, rcond=None)[0].T
     # solved in float64 and returned in float32: the float32 rounding of W is the whole difference
-    assert_reordered_close(least_squares(pairs, 270, 24, 16, 0.0, chunk=7).double(), torch.from_numpy(plain),
-                           terms=1, dtype=torch.float32)
+    assert_reordered_close(
+        least_squares(pairs, 270, 24, 16, 0.0, chunk=7).double(),
+        torch.from_numpy(plain),
+        terms=1,
+        dtype=torch.float32,
+    )
     # Ridge: (A^T A + lam I)^-1 A^T B with lam relative to the mean diagonal of A^T A.
     gram = x.T @ x
     lam = 0.1 * np.trace(gram) / 24
     ridge_ref = np.linalg.solve(gram + lam * np.eye(24), x.T @ y).T
-    assert_reordered_close(least_squares(pairs, 270, 24, 16, 0.1).double(), torch.from_numpy(ridge_ref),
-                           terms=1, dtype=torch.float32)
+    assert_reordered_close(
+        least_squares(pairs, 270, 24, 16, 0.1).double(),
+        torch.from_numpy(ridge_ref),
+        terms=1,
+        dtype=torch.float32,
+    )
     assert not np.allclose(ridge_ref, plain, atol=1e-3)  # the ridge changed W
 
     cfg = TrainConfig(ridge=0.0)
-    result = fit_projection(pairs, 270, (a[270:], b[270:]), IDENTITY, recipe(cfg), tmp_path / "p", cfg)
-    assert result.meta["solver"] == "lstsq" and result.meta["fit"]["r2"] > 0.9 and len(result.meta["history"]) == 1
+    result = fit_projection(
+        pairs, 270, (a[270:], b[270:]), IDENTITY, recipe(cfg), tmp_path / "p", cfg
+    )
+    assert (
+        result.meta["solver"] == "lstsq"
+        and result.meta["fit"]["r2"] > 0.9
+        and len(result.meta["history"]) == 1
+    )
     assert (tmp_path / "p" / "final" / "projection.safetensors").exists()
     # A held-out set the map does not describe: the fit is worse than the mean, and the log says so.
     with caplog.at_level(logging.WARNING):
@@ -131,24 +170,46 @@ def test_least_squares_over_two_ranks_equals_one_process(tmp_path):
     assert_reordered_close(w0, w, terms=1)  # float64 sums in another order, W rounded to float32
 
 
-
 def _fit_worker(rank, world, port, directory, out, delay, solver="adam"):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), CROSS_MODEL_TEST_STEP_DELAY=str(delay))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        CROSS_MODEL_TEST_STEP_DELAY=str(delay),
+    )
     torch.set_num_threads(1)
     a, b, _ = synthetic_pairs(200, noise=0.1)
-    cfg = TrainConfig(solver=solver, epochs=4, batch_size=30, lr=1e-2, checkpoint_every=2, keep_last=10)
+    cfg = TrainConfig(
+        solver=solver, epochs=4, batch_size=30, lr=1e-2, checkpoint_every=2, keep_last=10
+    )
     record = []
 
     def on_step(step, proj):
         # numpy arrays travel through the queue by value (tensors would go through shared memory)
-        record.append((step, proj.linear.weight.grad.numpy().copy(), proj.linear.weight.detach().numpy().copy()))
+        record.append(
+            (
+                step,
+                proj.linear.weight.grad.numpy().copy(),
+                proj.linear.weight.detach().numpy().copy(),
+            )
+        )
 
     with d.distributed_session("gloo"):
         stop = d.StopFlag().install()
         try:
-            res = fit_projection(lambda idx: (a[idx], b[idx]), 180, (a[180:], b[180:]), IDENTITY, recipe(cfg),
-                                 Path(directory), cfg, stop=stop, on_step=on_step)
+            res = fit_projection(
+                lambda idx: (a[idx], b[idx]),
+                180,
+                (a[180:], b[180:]),
+                IDENTITY,
+                recipe(cfg),
+                Path(directory),
+                cfg,
+                stop=stop,
+                on_step=on_step,
+            )
             out.put((rank, "done", record, res.projection.linear.weight.numpy().copy()))
         except Preempted:
             out.put((rank, "preempted", record, None))
@@ -158,7 +219,10 @@ def _run_ranks(directory, delay=0.0, sigterm_rank=None, world=2, solver="adam"):
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_fit_worker, args=(r, world, port, str(directory), out, delay, solver)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_fit_worker, args=(r, world, port, str(directory), out, delay, solver))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     if sigterm_rank is not None:
@@ -169,8 +233,15 @@ def _run_ranks(directory, delay=0.0, sigterm_rank=None, world=2, solver="adam"):
             time.sleep(0.05)
         os.kill(procs[sigterm_rank].pid, signal.SIGTERM)  # one rank only: the others must agree
     results = sorted((out.get(timeout=180) for _ in procs), key=lambda r: r[0])
-    results = [(r, status, [(s, torch.from_numpy(g), torch.from_numpy(w)) for s, g, w in rec],
-                None if final is None else torch.from_numpy(final)) for r, status, rec, final in results]
+    results = [
+        (
+            r,
+            status,
+            [(s, torch.from_numpy(g), torch.from_numpy(w)) for s, g, w in rec],
+            None if final is None else torch.from_numpy(final),
+        )
+        for r, status, rec, final in results
+    ]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
@@ -189,7 +260,9 @@ def test_two_ranks_keep_identical_gradients_and_parameters_and_match_one_process
     assert torch.equal(w0, w1)
     # The split batch gives the global-batch gradient: the same fit as one process, up to rounding.
     (_, s, rec, w) = _run_ranks(tmp_path / "one", world=1)[0]
-    assert_reordered_close(rec[0][1], rec0[0][1], terms=32, depth=2)  # a batch of 32, forward and backward
+    assert_reordered_close(
+        rec[0][1], rec0[0][1], terms=32, depth=2
+    )  # a batch of 32, forward and backward
     # After 24 Adam steps rounding has passed through every update (m / sqrt(v) rescales it), so this is a
     # bound on a trajectory, not the reordering rule: 1e-4 of W, three orders above the ~1e-7 per step the
     # rule allows the gradients, and far below what a wrong split of the batch changes.
@@ -215,12 +288,22 @@ def test_sigterm_to_one_rank_saves_exits_zero_and_resume_is_bitwise_equal(tmp_pa
 
 def _train_config(tmp_path: Path, name: str, cache: bool) -> Path:
     cfg = {
-        "name": name, "output_dir": str(tmp_path / "runs"), "stages": ["train"],
+        "name": name,
+        "output_dir": str(tmp_path / "runs"),
+        "stages": ["train"],
         "models": {"sender": "tiny-llama-48", "receiver": "tiny-llama-64"},
         "tasks": [{"name": "countries", "n_test": 2}],
         "methods": {"ac_w": {"method": "ac", "k": 2, "j": 2, "projection": "train"}},
-        "train": {"solver": "adam", "corpus": "offline", "n_sentences": 72, "epochs": 3, "batch_size": 8, "checkpoint_every": 3,
-                  "cache_activations": cache, "checkpoint_dir": str(tmp_path / name / "ckpt")},
+        "train": {
+            "solver": "adam",
+            "corpus": "offline",
+            "n_sentences": 72,
+            "epochs": 3,
+            "batch_size": 8,
+            "checkpoint_every": 3,
+            "cache_activations": cache,
+            "checkpoint_dir": str(tmp_path / name / "ckpt"),
+        },
     }
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(cfg))  # JSON is YAML
@@ -234,8 +317,14 @@ def _final_weights(tmp_path: Path, name: str) -> torch.Tensor:
 
 def _entry(config: Path, delay: float = 0.0) -> subprocess.Popen:
     env = {**os.environ, "CROSS_MODEL_TEST_STEP_DELAY": str(delay), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "run_experiments.py"), "--config", str(config)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run_experiments.py"), "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.mark.parametrize("cache", [True, False], ids=["activation-cache", "no-cache"])
@@ -271,55 +360,82 @@ def test_sigterm_on_the_entry_point_leaves_a_checkpoint_and_exits_zero(tmp_path)
     assert proc.returncode == 0, out
     assert "preempted" in out
     (pair_dir,) = [p for p in (tmp_path / "term" / "ckpt").glob("*") if p.name != "activations"]
-    assert CheckpointManager(pair_dir).latest_step() is not None and not (pair_dir / "final").exists()
+    assert (
+        CheckpointManager(pair_dir).latest_step() is not None and not (pair_dir / "final").exists()
+    )
 
 
 # --- refusing what does not fit -----------------------------------------------------------------
 
 
-def test_checkpoints_and_projections_of_another_pair_are_refused(tmp_path, tiny_llama, tiny_llama_48):
+def test_checkpoints_and_projections_of_another_pair_are_refused(
+    tmp_path, tiny_llama, tiny_llama_48
+):
     from cross_model.projection import load_projection
     from cross_model.training.ac_projection import projection_identity
 
-    cfg = TrainConfig(solver="adam", corpus="offline", n_sentences=24, epochs=1, batch_size=8, checkpoint_dir=str(tmp_path))
+    cfg = TrainConfig(
+        solver="adam",
+        corpus="offline",
+        n_sentences=24,
+        epochs=1,
+        batch_size=8,
+        checkpoint_dir=str(tmp_path),
+    )
     first = train_projection(tiny_llama_48, tiny_llama, 2, 2, cfg, seed=0)
     assert not first.loaded_final and first.meta["d_in"] == 48 and first.meta["d_out"] == 64
     assert train_projection(tiny_llama_48, tiny_llama, 2, 2, cfg, seed=0).loaded_final
 
     # A step checkpoint of the 48 -> 64 pair copied where the 64 -> 48 pair's training looks:
     other = train_projection.__globals__["projection_dir"](
-        tmp_path, projection_identity(tiny_llama, tiny_llama_48, 2, 2), recipe(cfg))
+        tmp_path, projection_identity(tiny_llama, tiny_llama_48, 2, 2), recipe(cfg)
+    )
     other.mkdir(parents=True)
     step = max(first.directory.glob("step_*"))
     shutil.copytree(step, other / step.name)
-    with pytest.raises(ValueError, match=r"sender: checkpoint has 'tiny-llama-48', this run needs 'tiny-llama-64'.*d_in"):
+    with pytest.raises(
+        ValueError,
+        match=r"sender: checkpoint has 'tiny-llama-48', this run needs 'tiny-llama-64'.*d_in",
+    ):
         train_projection(tiny_llama, tiny_llama_48, 2, 2, cfg, seed=0)
 
     with pytest.raises(ValueError, match="k: checkpoint has 2, this run needs 3"):
-        load_projection(first.directory / "final", {**projection_identity(tiny_llama_48, tiny_llama, 3, 2)})
+        load_projection(
+            first.directory / "final", {**projection_identity(tiny_llama_48, tiny_llama, 3, 2)}
+        )
     # A damaged final projection is refused too, not half-loaded.
     w = first.directory / "final" / "projection.safetensors"
     w.write_bytes(w.read_bytes()[:-3])
     with pytest.raises(ValueError, match="damaged"):
-        load_projection(first.directory / "final", projection_identity(tiny_llama_48, tiny_llama, 2, 2))
+        load_projection(
+            first.directory / "final", projection_identity(tiny_llama_48, tiny_llama, 2, 2)
+        )
 
 
-def test_a_refit_with_another_solver_reads_the_cached_activations(tmp_path, tiny_llama, tiny_llama_48, caplog):
+def test_a_refit_with_another_solver_reads_the_cached_activations(
+    tmp_path, tiny_llama, tiny_llama_48, caplog
+):
     from dataclasses import replace
 
     cfg = TrainConfig(corpus="offline", n_sentences=40, checkpoint_dir=str(tmp_path))
     calls = []
-    hooks = [lm.model.get_input_embeddings().register_forward_hook(lambda *_: calls.append(1))
-             for lm in (tiny_llama_48, tiny_llama)]
+    hooks = [
+        lm.model.get_input_embeddings().register_forward_hook(lambda *_: calls.append(1))
+        for lm in (tiny_llama_48, tiny_llama)
+    ]
     try:
         first = train_projection(tiny_llama_48, tiny_llama, 2, 2, cfg, seed=0)
         assert calls  # the models ran for the first fit
         calls.clear()
         with caplog.at_level(logging.INFO):
-            second = train_projection(tiny_llama_48, tiny_llama, 2, 2, replace(cfg, ridge=0.5), seed=0)
+            second = train_projection(
+                tiny_llama_48, tiny_llama, 2, 2, replace(cfg, ridge=0.5), seed=0
+            )
     finally:
         for h in hooks:
             h.remove()
     assert not second.loaded_final and second.directory != first.directory  # another W, fitted anew
-    assert calls == [] and caplog.text.count("read from the cache") == 2  # held-out and training pairs
+    assert (
+        calls == [] and caplog.text.count("read from the cache") == 2
+    )  # held-out and training pairs
     assert second.meta["fit"]["r2"] != first.meta["fit"]["r2"]

@@ -34,7 +34,9 @@ import torch
 SLACK = 8.0
 
 
-def reorder_atol(ref: torch.Tensor, *, terms: int, depth: int = 1, dtype: torch.dtype | None = None) -> float:
+def reorder_atol(
+    ref: torch.Tensor, *, terms: int, depth: int = 1, dtype: torch.dtype | None = None
+) -> float:
     """The absolute tolerance above for `ref` computed in `dtype` (default: ref's own)."""
     dtype = dtype or ref.dtype
     eps = torch.finfo(dtype).eps
@@ -51,20 +53,42 @@ def forward_budget(lm, seq_len: int = 1, layers: int | None = None) -> dict[str,
     cfg = lm.model.config
     cfg = getattr(cfg, "text_config", cfg)
     widths = [cfg.hidden_size, getattr(cfg, "intermediate_size", 0) or 0, seq_len]
-    return {"terms": max(widths), "depth": (cfg.num_hidden_layers if layers is None else layers) + 1}
+    return {
+        "terms": max(widths),
+        "depth": (cfg.num_hidden_layers if layers is None else layers) + 1,
+    }
 
 
-def assert_reordered_close(got: torch.Tensor, ref: torch.Tensor, *, terms: int, depth: int = 1,
-                           dtype: torch.dtype | None = None, msg: str = "") -> None:
+def assert_reordered_close(
+    got: torch.Tensor,
+    ref: torch.Tensor,
+    *,
+    terms: int,
+    depth: int = 1,
+    dtype: torch.dtype | None = None,
+    msg: str = "",
+) -> None:
     """got equals ref up to the rounding of reordered sums (the module docstring's rule)."""
     atol = reorder_atol(ref, terms=terms, depth=depth, dtype=dtype)
     _record(got, ref, atol)
-    torch.testing.assert_close(got, ref, atol=atol, rtol=0,
-                               msg=lambda m: f"{msg}{': ' if msg else ''}{m}\n(tolerance {atol:.3g}: tests/tolerance.py)")
+    torch.testing.assert_close(
+        got,
+        ref,
+        atol=atol,
+        rtol=0,
+        msg=lambda m: f"{msg}{': ' if msg else ''}{m}\n(tolerance {atol:.3g}: tests/tolerance.py)",
+    )
 
 
-def assert_forward_close(got: torch.Tensor, ref: torch.Tensor, lm, seq_len: int = 1, *,
-                         dtype: torch.dtype | None = None, msg: str = "") -> None:
+def assert_forward_close(
+    got: torch.Tensor,
+    ref: torch.Tensor,
+    lm,
+    seq_len: int = 1,
+    *,
+    dtype: torch.dtype | None = None,
+    msg: str = "",
+) -> None:
     """Two computations of one forward of `lm` agree to the rounding of reordered sums."""
     assert_reordered_close(got, ref, **forward_budget(lm, seq_len), dtype=dtype, msg=msg)
 
@@ -77,5 +101,14 @@ def _record(got: torch.Tensor, ref: torch.Tensor, atol: float) -> None:
         return
     err = float((got.detach().double() - ref.detach().double()).abs().max()) if ref.numel() else 0.0
     with open(path, "a") as f:
-        f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
-                            "err": err, "atol": atol, "ratio": err / atol if atol else None}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
+                    "err": err,
+                    "atol": atol,
+                    "ratio": err / atol if atol else None,
+                }
+            )
+            + "\n"
+        )

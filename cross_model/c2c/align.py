@@ -21,7 +21,9 @@ Span = tuple[int, int]
 def token_spans(lm: LoadedModel, text: str) -> tuple[list[int], list[Span]]:
     """`text`'s token ids as `prompting.encode_texts` makes them (the same special-token policy), with
     each token's character span in `text`."""
-    enc = lm.tokenizer(text, add_special_tokens=not lm.info.has_chat_template, return_offsets_mapping=True)
+    enc = lm.tokenizer(
+        text, add_special_tokens=not lm.info.has_chat_template, return_offsets_mapping=True
+    )
     return list(enc["input_ids"]), [tuple(s) for s in enc["offset_mapping"]]
 
 
@@ -47,7 +49,9 @@ def align_spans(sender: list[Span], receiver: list[Span]) -> list[list[int]]:
                 j += 1
         else:
             hit = list(empty.get(s, []))
-        if not hit:  # a zero-width token, or characters no sender token covers (rare: stripped spaces)
+        if (
+            not hit
+        ):  # a zero-width token, or characters no sender token covers (rare: stripped spaces)
             j = bisect.bisect_left(starts, s)
             hit = [wide[j][2] if j < len(wide) else len(sender) - 1]
         out.append(hit)
@@ -68,8 +72,12 @@ class AlignmentStats:
 
     def to_dict(self) -> dict[str, float]:
         n = max(self.receiver_tokens, 1)
-        return {"receiver_tokens": self.receiver_tokens, "exact_fraction": round(self.exact / n, 4),
-                "mismatch_fraction": round(1 - self.exact / n, 4), "many_fraction": round(self.many / n, 4)}
+        return {
+            "receiver_tokens": self.receiver_tokens,
+            "exact_fraction": round(self.exact / n, 4),
+            "mismatch_fraction": round(1 - self.exact / n, 4),
+            "many_fraction": round(self.many / n, 4),
+        }
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,9 @@ class TokenPool:
     def __call__(self, x_BHTD: torch.Tensor) -> torch.Tensor:
         """B x width x (H*D): each receiver token's mean over its sender tokens, heads flattened."""
         b, h, _, d = x_BHTD.shape
-        picked = x_BHTD[self.row, :, self.col].reshape(-1, h * d) * self.weight[:, None].to(x_BHTD.dtype)
+        picked = x_BHTD[self.row, :, self.col].reshape(-1, h * d) * self.weight[:, None].to(
+            x_BHTD.dtype
+        )
         out = x_BHTD.new_zeros((b * self.width, h * d))
         out.index_add_(0, self.row * self.width + self.dst, picked)
         return out.view(b, self.width, h * d)
@@ -100,7 +110,9 @@ class TokenPool:
         return m
 
 
-def token_pool(alignments: list[list[list[int]]], sender_mask_BT: torch.Tensor, width: int) -> TokenPool:
+def token_pool(
+    alignments: list[list[list[int]]], sender_mask_BT: torch.Tensor, width: int
+) -> TokenPool:
     """Row i's receiver token n (left-padded to `width`) reads the mean of its sender tokens, found at
     the columns where `sender_mask_BT` is 1 (any padding or prefix layout). Built from index lists on
     the host and moved to the device in one copy per tensor."""
@@ -116,5 +128,11 @@ def token_pool(alignments: list[list[list[int]]], sender_mask_BT: torch.Tensor, 
                 weight.append(1.0 / len(hit))
     device = sender_mask_BT.device
     as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-    return TokenPool(as_long(row), as_long(dst), as_long(col), torch.tensor(weight, dtype=torch.float32, device=device),
-                     len(alignments), width)
+    return TokenPool(
+        as_long(row),
+        as_long(dst),
+        as_long(col),
+        torch.tensor(weight, dtype=torch.float32, device=device),
+        len(alignments),
+        width,
+    )

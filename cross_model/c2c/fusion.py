@@ -37,10 +37,14 @@ class HeldBack:
 def split_prompt(b: LoadedModel, wrapped: str, max_tokens: int | None = None) -> HeldBack:
     ids, spans = token_spans(b, wrapped)
     if len(ids) < 2:
-        raise ValueError(f"c2c: B's prompt has {len(ids)} token(s); fusion needs at least two (a prefix and the last)")
+        raise ValueError(
+            f"c2c: B's prompt has {len(ids)} token(s); fusion needs at least two (a prefix and the last)"
+        )
     if max_tokens is not None and len(ids) > max_tokens:
-        raise ValueError(f"c2c: B's prompt has {len(ids)} tokens, over max_prompt_tokens {max_tokens}; A must read the "
-                         f"characters B reads, so c2c cuts no prompt: cap the contexts (tasks.N.max_context_chars)")
+        raise ValueError(
+            f"c2c: B's prompt has {len(ids)} tokens, over max_prompt_tokens {max_tokens}; A must read the "
+            f"characters B reads, so c2c cuts no prompt: cap the contexts (tasks.N.max_context_chars)"
+        )
     cut = spans[-1][0] if spans[-1][1] > spans[-1][0] else spans[-1][1]
     return HeldBack(ids[:-1], spans[:-1], ids[-1], wrapped[:cut])
 
@@ -65,8 +69,13 @@ class SharedInput:
     stats: AlignmentStats
 
 
-def shared_input(a: LoadedModel, b: LoadedModel, wrapped: list[str], donors: list[str] | None = None,
-                 max_tokens: int | None = None) -> SharedInput:
+def shared_input(
+    a: LoadedModel,
+    b: LoadedModel,
+    wrapped: list[str],
+    donors: list[str] | None = None,
+    max_tokens: int | None = None,
+) -> SharedInput:
     """`wrapped`: B's chat-wrapped prompts; `donors`: the prompts A reads instead (content control)."""
     rows = [split_prompt(b, w, max_tokens) for w in wrapped]
     read = rows if donors is None else [split_prompt(b, w) for w in donors]
@@ -80,12 +89,25 @@ def shared_input(a: LoadedModel, b: LoadedModel, wrapped: list[str], donors: lis
     prefix = pad_left([r.ids for r in rows], b.tokenizer.pad_token_id, b.device)
     a_batch = pad_left(a_ids, a.tokenizer.pad_token_id, a.device)
     last = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=b.device)
-    return SharedInput(prefix, [r.ids for r in rows], last, a_ids, a_batch,
-                       token_pool(alignments, a_batch.attention_mask, prefix.input_ids.shape[1]), stats)
+    return SharedInput(
+        prefix,
+        [r.ids for r in rows],
+        last,
+        a_ids,
+        a_batch,
+        token_pool(alignments, a_batch.attention_mask, prefix.input_ids.shape[1]),
+        stats,
+    )
 
 
-def gate_noise(fuser: CacheFuser, inp: SharedInput, seed: int, step: int, row_ids: tuple[int, ...],
-               temperature: float) -> list[GateNoise]:
+def gate_noise(
+    fuser: CacheFuser,
+    inp: SharedInput,
+    seed: int,
+    step: int,
+    row_ids: tuple[int, ...],
+    temperature: float,
+) -> list[GateNoise]:
     """Per receiver layer, the Gumbel uniforms of a training step: drawn per row from the seed, the step
     and the row's index, over the row's own tokens, so they do not depend on the batch a row meets,
     on the rank it lands on or on resuming."""
@@ -95,13 +117,23 @@ def gate_noise(fuser: CacheFuser, inp: SharedInput, seed: int, step: int, row_id
     u = torch.full((len(row_ids), n_layers, 2, heads, width, 1), 0.5)
     for i, (rid, ids) in enumerate(zip(row_ids, inp.prefix_ids)):
         g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_003 + rid)
-        u[i, ..., width - len(ids) :, :] = torch.rand((n_layers, 2, heads, len(ids), 1), generator=g)
+        u[i, ..., width - len(ids) :, :] = torch.rand(
+            (n_layers, 2, heads, len(ids), 1), generator=g
+        )
     u = u.to(inp.prefix.input_ids.device)
     return [GateNoise(u[:, l, 0], u[:, l, 1], temperature) for l in range(n_layers)]
 
 
-def fused_cache(fuser: CacheFuser, a: LoadedModel, b: LoadedModel, inp: SharedInput, layers: list[int],
-                noise: list[GateNoise] | None = None, grad: bool = False, force_open: bool = False) -> DynamicCache:
+def fused_cache(
+    fuser: CacheFuser,
+    a: LoadedModel,
+    b: LoadedModel,
+    inp: SharedInput,
+    layers: list[int],
+    noise: list[GateNoise] | None = None,
+    grad: bool = False,
+    force_open: bool = False,
+) -> DynamicCache:
     """B's cache of its prefix with receiver layers in `layers` fused (hard gates, or the soft ones of
     `noise`, or held open: `force_open`); every other layer as B computed it. `grad`: the fused tensors carry
     the fuser's gradient."""
@@ -123,8 +155,16 @@ def fused_cache(fuser: CacheFuser, a: LoadedModel, b: LoadedModel, inp: SharedIn
                 pooled[la] = (inp.pool(a_kv[la][0].float()), inp.pool(a_kv[la][1].float()))
             f = fuser.fusers[l]
             n = noise[l] if noise is not None else None
-            k_b = f.fuse("key", pooled[la][0], k_b.float(), n and n.u_key, n and n.temperature, force_open).to(k_b.dtype)
-            v_b = f.fuse("value", pooled[la][1], v_b.float(), n and n.u_value, n and n.temperature, force_open).to(v_b.dtype)
+            k_b = f.fuse(
+                "key", pooled[la][0], k_b.float(), n and n.u_key, n and n.temperature, force_open
+            ).to(k_b.dtype)
+            v_b = f.fuse(
+                "value",
+                pooled[la][1],
+                v_b.float(),
+                n and n.u_value,
+                n and n.temperature,
+                force_open,
+            ).to(v_b.dtype)
         cache.update(k_b, v_b, l)
     return cache
-

@@ -32,14 +32,21 @@ WEIGHTS_FILE = "projector.safetensors"  # beside meta.json in a finished project
 def model_record(lm: Any) -> dict[str, Any]:
     """What a projector is made for, of each model: name, depth, KV layout and vocabulary."""
     i = lm.info
-    return {"name": i.name, "num_layers": i.num_layers, "num_kv_heads": i.num_kv_heads, "head_dim": i.head_dim,
-            "vocab_size": i.vocab_size}
+    return {
+        "name": i.name,
+        "num_layers": i.num_layers,
+        "num_kv_heads": i.num_kv_heads,
+        "head_dim": i.head_dim,
+        "vocab_size": i.vocab_size,
+    }
 
 
 def new_projector(params: Any, a: Any, b: Any) -> "CacheProjector":
     """A fresh projector for the pair (a c2c method's parameters), initialised from `params.seed`."""
     torch.manual_seed(params.seed)
-    return CacheProjector(model_record(a), model_record(b), params.pairing, params.hidden, params.gate_init)
+    return CacheProjector(
+        model_record(a), model_record(b), params.pairing, params.hidden, params.gate_init
+    )
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
@@ -77,8 +84,10 @@ class TensorMap(nn.Module):
 
     def identity_init(self) -> None:
         if self.linear.in_features != self.linear.out_features:
-            raise ValueError(f"c2c: an identity projector needs equal widths, got {self.linear.in_features} -> "
-                             f"{self.linear.out_features}")
+            raise ValueError(
+                f"c2c: an identity projector needs equal widths, got {self.linear.in_features} -> "
+                f"{self.linear.out_features}"
+            )
         with torch.no_grad():
             self.linear.weight.copy_(torch.eye(self.linear.in_features))
             self.linear.bias.zero_()
@@ -101,8 +110,12 @@ class CacheProjector(nn.Module):
         self.partners = pair_layers(sender["num_layers"], receiver["num_layers"], pairing)
         d_in = sender["num_kv_heads"] * sender["head_dim"]
         h, d = receiver["num_kv_heads"], receiver["head_dim"]
-        self.keys = nn.ModuleDict({str(l): TensorMap(d_in, h, d, hidden) for l in range(len(self.partners))})
-        self.values = nn.ModuleDict({str(l): TensorMap(d_in, h, d, hidden) for l in range(len(self.partners))})
+        self.keys = nn.ModuleDict(
+            {str(l): TensorMap(d_in, h, d, hidden) for l in range(len(self.partners))}
+        )
+        self.values = nn.ModuleDict(
+            {str(l): TensorMap(d_in, h, d, hidden) for l in range(len(self.partners))}
+        )
         self.gate_logits = nn.Parameter(torch.full((receiver["num_layers"],), float(gate_init)))
 
     @property
@@ -121,11 +134,17 @@ class CacheProjector(nn.Module):
     def soft_gates(self, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
         """Gumbel-sigmoid gates (one per receiver layer) at temperature `tau`: logistic noise added to the
         logits, then sigmoid(./tau)."""
-        u = torch.rand(self.gate_logits.shape, generator=generator).clamp(1e-6, 1 - 1e-6).to(self.gate_logits.device)
+        u = (
+            torch.rand(self.gate_logits.shape, generator=generator)
+            .clamp(1e-6, 1 - 1e-6)
+            .to(self.gate_logits.device)
+        )
         noise = torch.log(u) - torch.log1p(-u)
         return torch.sigmoid((self.gate_logits + noise) / tau)
 
-    def project(self, layer: int, aligned_k: torch.Tensor, aligned_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project(
+        self, layer: int, aligned_k: torch.Tensor, aligned_v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Receiver layer `layer`'s context keys and values from A's aligned ones (B x N x H_A*D_A)."""
         return self.keys[str(layer)](aligned_k), self.values[str(layer)](aligned_v)
 

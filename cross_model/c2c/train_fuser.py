@@ -50,22 +50,45 @@ class FuserLoss(nn.Module):
         if mode.kind != "closed" and p.gates == "open":
             layers = every
         elif mode.kind == "soft" and p.gates == "learned":
-            noise = gate_noise(fuser, inp, p.seed, mode.step, mode.row_ids, fuser.fusers[0].temperature_at(mode.step))
+            noise = gate_noise(
+                fuser,
+                inp,
+                p.seed,
+                mode.step,
+                mode.row_ids,
+                fuser.fusers[0].temperature_at(mode.step),
+            )
             layers = every
         elif mode.kind == "hard" and p.gates == "learned":
             layers = fuser.open_layers()
-        cache = fused_cache(fuser, a, b, inp, layers, noise, grad=True, force_open=p.gates == "open" and bool(layers))
+        cache = fused_cache(
+            fuser,
+            a,
+            b,
+            inp,
+            layers,
+            noise,
+            grad=True,
+            force_open=p.gates == "open" and bool(layers),
+        )
         rest = [[int(x)] + t for x, t in zip(inp.last_B1[:, 0].tolist(), targets)]
         width = max(len(r) for r in rest)
         ids = torch.full((len(rest), width), b.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rest), width), dtype=torch.long)
-        for i, r in enumerate(rest):  # right-padded after the prefix: causal reading never sees the padding
+        for i, r in enumerate(
+            rest
+        ):  # right-padded after the prefix: causal reading never sees the padding
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
         ids, mask = ids.to(b.device), mask.to(b.device)
         start = inp.prefix.attention_mask.sum(-1, keepdim=True)
-        out = b.model(input_ids=ids, attention_mask=torch.cat([inp.prefix.attention_mask, mask], dim=-1),
-                      position_ids=start + torch.arange(width, device=b.device)[None], past_key_values=cache, use_cache=True)
+        out = b.model(
+            input_ids=ids,
+            attention_mask=torch.cat([inp.prefix.attention_mask, mask], dim=-1),
+            position_ids=start + torch.arange(width, device=b.device)[None],
+            past_key_values=cache,
+            use_cache=True,
+        )
         losses = target_losses(out.logits, targets, [len(r) for r in rest])
         return losses + 0.0 * fuser.gate_logits().sum()  # every parameter in the graph, for DDP
 

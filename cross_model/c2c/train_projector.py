@@ -81,8 +81,10 @@ RECIPE_KEYS = TRANSLATOR_KEYS
 
 def _examples(rows: list[tuple[str, str, str]], params: Any) -> list[Example]:
     """(context, question, gold answer or "") rows as examples (the gold is `target: gold`'s target)."""
-    return [Example(f"c2c-{i}", c, q, (g,), "c2c_corpus", params.target_tokens, "f1_match", QA)
-            for i, (c, q, g) in enumerate(rows)]
+    return [
+        Example(f"c2c-{i}", c, q, (g,), "c2c_corpus", params.target_tokens, "f1_match", QA)
+        for i, (c, q, g) in enumerate(rows)
+    ]
 
 
 def conversation_pair(row: dict, question: str) -> tuple[str, str, str]:
@@ -95,9 +97,18 @@ def conversation_pair(row: dict, question: str) -> tuple[str, str, str]:
     text = lambda t: t.get("value") or t.get("content") or ""  # noqa: E731
     for i, t in enumerate(turns):
         if (t.get("from") or t.get("role")) in ("human", "user"):
-            reply = next((text(r) for r in turns[i + 1 :] if (r.get("from") or r.get("role")) in ("gpt", "assistant")), "")
+            reply = next(
+                (
+                    text(r)
+                    for r in turns[i + 1 :]
+                    if (r.get("from") or r.get("role")) in ("gpt", "assistant")
+                ),
+                "",
+            )
             return text(t), question, reply
-    raise ValueError(f"c2c data: a hub row with neither context nor a user turn (fields: {sorted(row)})")
+    raise ValueError(
+        f"c2c data: a hub row with neither context nor a user turn (fields: {sorted(row)})"
+    )
 
 
 def hub_pairs(name: str, n: int, question: str) -> list[tuple[str, str, str]]:
@@ -128,7 +139,9 @@ def task_pairs(cfg: Any, n: int) -> list[tuple[str, str, str]]:
     rows = [r for group in zip(*parts) for r in group][:n]
     check_disjoint(rows, taken, "c2c")
     if len(rows) < n:
-        raise ValueError(f"c2c data tasks: {len(rows)} rows set aside, n_train + n_heldout needs {n}")
+        raise ValueError(
+            f"c2c data tasks: {len(rows)} rows set aside, n_train + n_heldout needs {n}"
+        )
     return [(e.prompt_A, e.prompt_B, e.answers[0] if e.answers else "") for e in rows]
 
 
@@ -147,9 +160,13 @@ def training_rows(params: Any, cfg: Any = None) -> tuple[list[Example], list[Exa
         lines = [json.loads(x) for x in Path(params.data).read_text().splitlines() if x.strip()]
         bad = [i for i, r in enumerate(lines) if not {"context", "question"} <= set(r)]
         if bad:
-            raise ValueError(f"c2c data {params.data}: line {bad[0] + 1} lacks a context or question field")
+            raise ValueError(
+                f"c2c data {params.data}: line {bad[0] + 1} lacks a context or question field"
+            )
         if len(lines) < n:
-            raise ValueError(f"c2c data {params.data}: {len(lines)} rows, n_train + n_heldout needs {n}")
+            raise ValueError(
+                f"c2c data {params.data}: {len(lines)} rows, n_train + n_heldout needs {n}"
+            )
         pairs = [(r["context"], r["question"], r.get("answer") or "") for r in lines[:n]]
     else:
         pairs = [(s, params.question, "") for s in load_corpus(params.data, n, params.seed)]
@@ -164,14 +181,20 @@ def gold_targets(b: LoadedModel, rows: list[Example], tokens: int) -> list[list[
     out = []
     for row in rows:
         if not row.answers or not row.answers[0]:
-            raise ValueError(f"c2c target: gold, but training row {row.example_id} has no gold answer (corpus "
-                             f"sentences have none; JSONL rows need an `answer` field); use target: own")
-        ids = b.tokenizer(row.answers[0], add_special_tokens=False)["input_ids"] + [b.tokenizer.eos_token_id]
+            raise ValueError(
+                f"c2c target: gold, but training row {row.example_id} has no gold answer (corpus "
+                f"sentences have none; JSONL rows need an `answer` field); use target: own"
+            )
+        ids = b.tokenizer(row.answers[0], add_special_tokens=False)["input_ids"] + [
+            b.tokenizer.eos_token_id
+        ]
         out.append(ids[:tokens])
     return out
 
 
-def receiver_targets(b: LoadedModel, rows: list[Example], tokens: int, batch_size: int = 8) -> list[list[int]]:
+def receiver_targets(
+    b: LoadedModel, rows: list[Example], tokens: int, batch_size: int = 8
+) -> list[list[int]]:
     """B's own greedy continuation of each row's context + question, sharded over ranks and gathered."""
     rank, world = get_rank(), get_world_size()
     mine = list(range(rank, len(rows), world))
@@ -241,8 +264,13 @@ class TranslatorLoss(nn.Module):
         losses = self.losses(rows, targets, gates, proj.layers if gates is not None else layers)
         return losses + 0.0 * proj.gate_logits.sum()  # every parameter in the graph, for DDP
 
-    def losses(self, rows: list[Example], targets: list[list[int]], gates: torch.Tensor | None,
-               chosen: list[int]) -> torch.Tensor:
+    def losses(
+        self,
+        rows: list[Example],
+        targets: list[list[int]],
+        gates: torch.Tensor | None,
+        chosen: list[int],
+    ) -> torch.Tensor:
         a, b = self._models
         read = with_donor_contexts(rows, self.donors, self.what) if self.donors else rows
         texts = [sender_text(e) for e in read]
@@ -253,17 +281,27 @@ class TranslatorLoss(nn.Module):
             pre = run_prefill(a, pad_left(ids, a.tokenizer.pad_token_id, a.device), ids, top)
         pre.kv = [(k.clone(), v.clone()) for k, v in pre.kv]  # out of inference mode, for autograd
         side = sender_side(a, b, wrapped, ids, pre)
-        cache, layout, offset = receiver_cache(self.projector, b, side, chosen, gates, a=a, rope=self.params.rope)
+        cache, layout, offset = receiver_cache(
+            self.projector, b, side, chosen, gates, a=a, rope=self.params.rope
+        )
         prompts = encode_texts(b, [chat_wrap(b, receiver_text(e)) for e in rows])
         full = [p + t for p, t in zip(prompts, targets)]
         batch = pad_left(full, b.tokenizer.pad_token_id, b.device)
-        pos = offset.to(b.device)[:, None] + (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = layout_forward(b, layout, all_logits=True)(cache=cache, full_mask_BT=batch.attention_mask,
-                                                            position_ids_BT=pos, input_ids_BT=batch.input_ids)
+        pos = offset.to(b.device)[:, None] + (batch.attention_mask.long().cumsum(-1) - 1).clamp(
+            min=0
+        )
+        logits = layout_forward(b, layout, all_logits=True)(
+            cache=cache,
+            full_mask_BT=batch.attention_mask,
+            position_ids_BT=pos,
+            input_ids_BT=batch.input_ids,
+        )
         return target_losses(logits, targets)
 
 
-def target_losses(logits_BTV: torch.Tensor, targets: list[list[int]], ends: list[int] | None = None) -> torch.Tensor:
+def target_losses(
+    logits_BTV: torch.Tensor, targets: list[list[int]], ends: list[int] | None = None
+) -> torch.Tensor:
     """Per row, the mean cross-entropy of its target, which ends at column `ends[i]` (default: the last):
     position p predicts token p + 1."""
     losses = []
@@ -278,24 +316,36 @@ def target_losses(logits_BTV: torch.Tensor, targets: list[list[int]], ends: list
 # --- identity and where it lives ----------------------------------------------------------------------------
 
 
-def identity_of(params: Any, a: LoadedModel, b: LoadedModel, cfg: Any = None,
-                keys: tuple[str, ...] = RECIPE_KEYS) -> dict[str, Any]:
+def identity_of(
+    params: Any,
+    a: LoadedModel,
+    b: LoadedModel,
+    cfg: Any = None,
+    keys: tuple[str, ...] = RECIPE_KEYS,
+) -> dict[str, Any]:
     """What a checkpoint must match to be resumed or used: the pair, the recipe and (data: tasks) the tasks."""
     p = asdict(params)
     out = {"sender": model_record(a), "receiver": model_record(b), **{k: p[k] for k in keys}}
     if params.data == "tasks" and cfg is not None:
         # training rows are a split of their own: they depend on the task, its seed and source, not on sizes
-        out["tasks"] = [[t.name, t.seed if t.seed is not None else cfg.seed, t.path] for t in cfg.tasks]
+        out["tasks"] = [
+            [t.name, t.seed if t.seed is not None else cfg.seed, t.path] for t in cfg.tasks
+        ]
     return {**out, **(cfg.models.template_identity() if cfg is not None else {})}
 
 
 def learned_dir(root: str | Path, identity: dict[str, Any], prefix: str) -> Path:
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    return Path(root) / f"{prefix}__{directory_slug(identity['sender']['name'])[-24:]}__{directory_slug(identity['receiver']['name'])[-24:]}__{digest}"
+    return (
+        Path(root)
+        / f"{prefix}__{directory_slug(identity['sender']['name'])[-24:]}__{directory_slug(identity['receiver']['name'])[-24:]}__{digest}"
+    )
 
 
 @torch.no_grad()
-def heldout_losses(net: nn.Module, rows: list[Example], targets: list[list[int]], batch_size: int) -> dict[str, float]:
+def heldout_losses(
+    net: nn.Module, rows: list[Example], targets: list[list[int]], batch_size: int
+) -> dict[str, float]:
     """Mean held-out target cross-entropy with the hard gates (what evaluation sends) and with every gate
     closed (B without A: the baseline's loss on the same targets), sharded over ranks and summed."""
     idx = list(range(get_rank(), len(rows), get_world_size()))
@@ -308,32 +358,51 @@ def heldout_losses(net: nn.Module, rows: list[Example], targets: list[list[int]]
         sums[2] += len(part)
     total = all_reduce_sum(sums) if is_initialized() else sums
     n = max(total[2], 1.0)
-    return {"heldout_loss": total[0] / n, "heldout_loss_closed": total[1] / n, "open_layers": len(net.open_layers())}
+    return {
+        "heldout_loss": total[0] / n,
+        "heldout_loss_closed": total[1] / n,
+        "open_layers": len(net.open_layers()),
+    }
 
 
 TrainedProjector = Trained  # what the train stage gets back
 
 
-def fit_projector(net: nn.Module, b: LoadedModel, params: Any, identity: dict[str, Any], directory: Path,
-                  rows: tuple[list[Example], list[Example]] | None = None, keep_last: int = 3, stop: StopFlag | None = None,
-                  log_metrics: Any = None) -> TrainedProjector:
+def fit_projector(
+    net: nn.Module,
+    b: LoadedModel,
+    params: Any,
+    identity: dict[str, Any],
+    directory: Path,
+    rows: tuple[list[Example], list[Example]] | None = None,
+    keep_last: int = 3,
+    stop: StopFlag | None = None,
+    log_metrics: Any = None,
+) -> TrainedProjector:
     """Train `net.projector` (the translator's projector or C2C's fuser) on `rows` (training, held-out;
     default `training_rows(params)`), resuming from the newest checkpoint in `directory`. Collective."""
     world = get_world_size()
     projector, what = net.projector, net.what
-    ckpt = latest_checkpoint(directory, keep_last, identity, tuple(identity))  # refused before anything is computed
+    ckpt = latest_checkpoint(
+        directory, keep_last, identity, tuple(identity)
+    )  # refused before anything is computed
     train, held = rows if rows is not None else training_rows(params)
     targets_file = directory / "targets.json"
     if broadcast_object(targets_file.exists() if is_main() else None):
         targets = json.loads(targets_file.read_text())
     else:
-        targets = (gold_targets(b, train + held, params.target_tokens) if params.target == "gold"
-                   else receiver_targets(b, train + held, params.target_tokens))
+        targets = (
+            gold_targets(b, train + held, params.target_tokens)
+            if params.target == "gold"
+            else receiver_targets(b, train + held, params.target_tokens)
+        )
         if is_main():
             directory.mkdir(parents=True, exist_ok=True)
             write_json_atomically(targets_file, targets)
     train_t, held_t = targets[: len(train)], targets[len(train) :]
-    if params.train_control == "shuffled_a":  # A reads another row's input; B reads its own, targets its own
+    if (
+        params.train_control == "shuffled_a"
+    ):  # A reads another row's input; B reads its own, targets its own
         net.donors = {**donor_map(train), **donor_map(held)}
     projector.to(b.device).train()
     model: nn.Module = net
@@ -344,39 +413,85 @@ def fit_projector(net: nn.Module, b: LoadedModel, params: Any, identity: dict[st
     steps_per_epoch = math.ceil(len(train) / params.batch_size_train)
 
     def loss(step: int, mine: list[int], batch_rows: int) -> torch.Tensor:
-        rows = model([train[i] for i in mine], [train_t[i] for i in mine], Mode("soft", step, tuple(mine)))
+        rows = model(
+            [train[i] for i in mine], [train_t[i] for i in mine], Mode("soft", step, tuple(mine))
+        )
         # Each rank's share of the global batch's mean; DDP averages over ranks, hence the factor `world`.
         return rows.sum() / batch_rows * world
 
     def step_optimizer(value: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
         value.backward()
-        if params.grad_clip > 0:  # DDP's gradients are already the ranks' mean: every rank clips alike
+        if (
+            params.grad_clip > 0
+        ):  # DDP's gradients are already the ranks' mean: every rank clips alike
             torch.nn.utils.clip_grad_norm_(trained, params.grad_clip)
         opt.step()
 
     def schedule(step: int) -> None:
-        set_learning_rate(opt, [params.lr], step, params.warmup_steps, params.steps, params.schedule)
+        set_learning_rate(
+            opt, [params.lr], step, params.warmup_steps, params.steps, params.schedule
+        )
 
     def heldout(at: int) -> dict[str, Any]:
         projector.eval()
-        stats = {"step": at, "epoch": at / steps_per_epoch, **heldout_losses(net, held, held_t, params.batch_size_train)}
+        stats = {
+            "step": at,
+            "epoch": at / steps_per_epoch,
+            **heldout_losses(net, held, held_t, params.batch_size_train),
+        }
         projector.train()
-        log.info("%s: step %d/%d held-out loss %.4f (every gate closed: %.4f), %d layers open",
-                 what, at, params.steps, stats["heldout_loss"], stats["heldout_loss_closed"], stats["open_layers"])
+        log.info(
+            "%s: step %d/%d held-out loss %.4f (every gate closed: %.4f), %d layers open",
+            what,
+            at,
+            params.steps,
+            stats["heldout_loss"],
+            stats["heldout_loss_closed"],
+            stats["open_layers"],
+        )
         return stats
 
-    job = TrainJob(what, f"train {what} {identity['sender']['name']} -> {identity['receiver']['name']}", directory,
-                   projector, loss, step_optimizer, opt.state_dict, opt.load_state_dict, len(train),
-                   params.batch_size_train, params.steps, params.seed, params.checkpoint_every, keep_last, identity,
-                   tuple(identity), heldout=heldout if held else None, heldout_every=steps_per_epoch,
-                   heldout_at_start=True, stop=stop, log_metrics=log_metrics, schedule=schedule)
+    job = TrainJob(
+        what,
+        f"train {what} {identity['sender']['name']} -> {identity['receiver']['name']}",
+        directory,
+        projector,
+        loss,
+        step_optimizer,
+        opt.state_dict,
+        opt.load_state_dict,
+        len(train),
+        params.batch_size_train,
+        params.steps,
+        params.seed,
+        params.checkpoint_every,
+        keep_last,
+        identity,
+        tuple(identity),
+        heldout=heldout if held else None,
+        heldout_every=steps_per_epoch,
+        heldout_at_start=True,
+        stop=stop,
+        log_metrics=log_metrics,
+        schedule=schedule,
+    )
     done = train_loop(job, ckpt)
     projector.eval()
-    meta = {**identity, "history": done.history, "final_step": done.step, "open_layers": net.open_layers(),
-            "partners": projector.partners, "identity": identity}
+    meta = {
+        **identity,
+        "history": done.history,
+        "final_step": done.step,
+        "open_layers": net.open_layers(),
+        "partners": projector.partners,
+        "identity": identity,
+    }
     if is_main():
-        publish_once(directory / FINAL, {WEIGHTS_FILE: {k: v.detach().cpu() for k, v in projector.state_dict().items()}}, meta)
+        publish_once(
+            directory / FINAL,
+            {WEIGHTS_FILE: {k: v.detach().cpu() for k, v in projector.state_dict().items()}},
+            meta,
+        )
     barrier()
     return TrainedProjector(directory, meta, resumed_from=done.resumed_from)
 
@@ -395,8 +510,14 @@ class LearnedCache:
 TRANSLATOR = LearnedCache("kv_translate", RECIPE_KEYS, new_projector, TranslatorLoss)
 
 
-def train_learned(request: TrainRequest, name: str, params: Any, a: LoadedModel, b: LoadedModel,
-                  spec: LearnedCache) -> TrainedProjector:
+def train_learned(
+    request: TrainRequest,
+    name: str,
+    params: Any,
+    a: LoadedModel,
+    b: LoadedModel,
+    spec: LearnedCache,
+) -> TrainedProjector:
     """One method instance's learned cache module (its sender `a`, receiver `b`): trained, or found finished."""
     cfg = request.cfg
     for lm in (a, b):
@@ -409,26 +530,50 @@ def train_learned(request: TrainRequest, name: str, params: Any, a: LoadedModel,
         log.info("%s: %s is already trained; loaded, not retrained", spec.prefix, final)
         return TrainedProjector(directory, verify(final)[0] or {}, loaded_final=True)
     module = spec.new(params, a, b)
-    log.info("methods.%s: %s %s -> %s (%s pairing, %d receiver layers paired), %d trainable parameters", name,
-             spec.prefix, a.info.name, b.info.name, params.pairing, len(module.partners),
-             sum(p.numel() for p in module.parameters()))
-    return fit_projector(spec.net(module, a, b, params), b, params, identity, directory, training_rows(params, cfg),
-                         train_cfg.keep_last, request.stop, request.log_metrics)
+    log.info(
+        "methods.%s: %s %s -> %s (%s pairing, %d receiver layers paired), %d trainable parameters",
+        name,
+        spec.prefix,
+        a.info.name,
+        b.info.name,
+        params.pairing,
+        len(module.partners),
+        sum(p.numel() for p in module.parameters()),
+    )
+    return fit_projector(
+        spec.net(module, a, b, params),
+        b,
+        params,
+        identity,
+        directory,
+        training_rows(params, cfg),
+        train_cfg.keep_last,
+        request.stop,
+        request.log_metrics,
+    )
 
 
-def train_methods(request: TrainRequest, methods: list[tuple[str, Any]], spec: LearnedCache) -> TrainOutcome:
+def train_methods(
+    request: TrainRequest, methods: list[tuple[str, Any]], spec: LearnedCache
+) -> TrainOutcome:
     """A train stage job: each method instance its own module (its pair and recipe decide where)."""
     artefacts, record = {}, {}
     for name, params in methods:
         pair = request.model_pair(params)
         trained = train_learned(request, name, params, pair.sender, pair.receiver, spec)
         artefacts[name] = trained.directory / FINAL
-        record[name] = {"directory": str(trained.directory / FINAL), "history": trained.meta.get("history", []),
-                        "open_layers": trained.meta.get("open_layers"), "loaded_final": trained.loaded_final}
+        record[name] = {
+            "directory": str(trained.directory / FINAL),
+            "history": trained.meta.get("history", []),
+            "open_layers": trained.meta.get("open_layers"),
+            "loaded_final": trained.loaded_final,
+        }
     return TrainOutcome(artefacts, record)
 
 
-def final_dir(cfg: Any, params: Any, a: LoadedModel, b: LoadedModel, spec: LearnedCache = TRANSLATOR) -> Path:
+def final_dir(
+    cfg: Any, params: Any, a: LoadedModel, b: LoadedModel, spec: LearnedCache = TRANSLATOR
+) -> Path:
     root = Path(resolved_train_config(cfg).checkpoint_dir)
     return learned_dir(root, identity_of(params, a, b, cfg, spec.keys), spec.prefix) / FINAL
 
@@ -438,8 +583,14 @@ def trainable(name: str, spec: LearnedCache, what: str) -> Trainable:
         pair = request.model_pair(params)
         return final_dir(request.cfg, params, pair.sender, pair.receiver, spec)
 
-    return Trainable(name, f"methods.<{name} instance> and train", what, f"{name}.json",
-                     lambda request, methods: train_methods(request, methods, spec), locate)
+    return Trainable(
+        name,
+        f"methods.<{name} instance> and train",
+        what,
+        f"{name}.json",
+        lambda request, methods: train_methods(request, methods, spec),
+        locate,
+    )
 
 
 TRAINABLE = trainable("kv_translate", TRANSLATOR, "kv_translate projector")

@@ -29,14 +29,18 @@ class SenderSide:
     stats: AlignmentStats
 
 
-def align_prompts(a: LoadedModel, b: LoadedModel, wrapped: list[str], a_ids: list[list[int]]) -> tuple[list, list[int], AlignmentStats]:
+def align_prompts(
+    a: LoadedModel, b: LoadedModel, wrapped: list[str], a_ids: list[list[int]]
+) -> tuple[list, list[int], AlignmentStats]:
     """Per row, B's tokens of A's chat-wrapped prompt aligned to A's tokens, and their counts."""
     stats, alignments, counts = AlignmentStats(), [], []
     for text, ids in zip(wrapped, a_ids):
         got, a_spans = token_spans(a, text)
         if got != ids:
-            raise ValueError("c2c: A's prompt was truncated (max_prompt_tokens) or tokenised differently, so its "
-                             "characters cannot be aligned; raise max_prompt_tokens or leave it unset")
+            raise ValueError(
+                "c2c: A's prompt was truncated (max_prompt_tokens) or tokenised differently, so its "
+                "characters cannot be aligned; raise max_prompt_tokens or leave it unset"
+            )
         _, b_spans = token_spans(b, text)
         rows = align_spans(a_spans, b_spans)
         stats.add(a_spans, b_spans, rows)
@@ -45,7 +49,9 @@ def align_prompts(a: LoadedModel, b: LoadedModel, wrapped: list[str], a_ids: lis
     return alignments, counts, stats
 
 
-def sender_side(a: LoadedModel, b: LoadedModel, wrapped: list[str], a_ids: list[list[int]], pre: Prefill) -> SenderSide:
+def sender_side(
+    a: LoadedModel, b: LoadedModel, wrapped: list[str], a_ids: list[list[int]], pre: Prefill
+) -> SenderSide:
     alignments, counts, stats = align_prompts(a, b, wrapped, a_ids)
     width = max(counts)
     mask = torch.zeros((len(counts), width), dtype=torch.long, device=pre.full_mask.device)
@@ -74,10 +80,14 @@ class Rotary:
         kind = self.types[layer] if self.by_type and self.types else None
         if kind not in self._memo:
             like = torch.zeros((), dtype=torch.float32, device=self.pos.device)
-            cos, sin = self.emb(like, self.pos, kind) if kind is not None else self.emb(like, self.pos)
+            cos, sin = (
+                self.emb(like, self.pos, kind) if kind is not None else self.emb(like, self.pos)
+            )
             if cos.shape[-1] != self.lm.info.head_dim:
-                raise ValueError(f"c2c rope: reapply needs rotary embedding over the whole head ({self.lm.info.name} "
-                                 f"rotates {cos.shape[-1]} of {self.lm.info.head_dim} dims); use rope: as_cached")
+                raise ValueError(
+                    f"c2c rope: reapply needs rotary embedding over the whole head ({self.lm.info.name} "
+                    f"rotates {cos.shape[-1]} of {self.lm.info.head_dim} dims); use rope: as_cached"
+                )
             self._memo[kind] = (cos[:, None].float(), sin[:, None].float())
         return self._memo[kind]
 
@@ -90,10 +100,16 @@ class Rotary:
         return k_BHTD * cos - _rotate_half(k_BHTD) * sin
 
 
-def receiver_cache(projector: CacheProjector, b: LoadedModel, side: SenderSide, layers: list[int],
-                   gates: torch.Tensor | None = None, sent: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                   a: LoadedModel | None = None, rope: str = "as_cached",
-                   ) -> tuple[DynamicCache, KVLayout, torch.Tensor]:
+def receiver_cache(
+    projector: CacheProjector,
+    b: LoadedModel,
+    side: SenderSide,
+    layers: list[int],
+    gates: torch.Tensor | None = None,
+    sent: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    a: LoadedModel | None = None,
+    rope: str = "as_cached",
+) -> tuple[DynamicCache, KVLayout, torch.Tensor]:
     """B's cache: receiver layers in `layers` hold the projected context (B's positions 0..N_B-1), every
     other layer nothing; `gates` (one soft gate per receiver layer) adds log(g) to the context keys'
     logits. `sent[la]`: A's keys/values as B received them (quantized), else A's prefill. Returns the
@@ -121,7 +137,9 @@ def receiver_cache(projector: CacheProjector, b: LoadedModel, side: SenderSide, 
     for l in range(b.info.num_layers):
         la = projector.partners[l]
         if l in chosen:
-            if la not in pooled:  # several receiver layers may read one sender layer (nearest pairing)
+            if (
+                la not in pooled
+            ):  # several receiver layers may read one sender layer (nearest pairing)
                 k_a, v_a = sent[la] if sent and la in sent else side.pre.kv[la]
                 k_a = k_a.float() if rope != "reapply" else a_rope.remove(la, k_a.float())
                 # Each B token's mean over the A tokens covering its characters, heads flattened.
@@ -133,7 +151,11 @@ def receiver_cache(projector: CacheProjector, b: LoadedModel, side: SenderSide, 
             key_pos.append(pos)
             key_valid.append(valid)
             key_src.append(src)
-            bias.append(None if gates is None else torch.log(gates[l].clamp(min=1e-9)).expand(bsz, mask.shape[1]))
+            bias.append(
+                None
+                if gates is None
+                else torch.log(gates[l].clamp(min=1e-9)).expand(bsz, mask.shape[1])
+            )
         else:
             empty = torch.zeros((bsz, heads, 0, dim), dtype=dtype, device=device)
             cache.update(empty, empty, l)

@@ -58,7 +58,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         _, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
             raise ValueError(f"{key}: expected a mapping, got {value!r}")
-        return {str(k): coerce(v if v is not None else {}, val_tp, f"{key}.{k}") for k, v in value.items()}
+        return {
+            str(k): coerce(v if v is not None else {}, val_tp, f"{key}.{k}")
+            for k, v in value.items()
+        }
     if tp is Any:
         return value
     if tp is bool:
@@ -77,7 +80,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             return value
         raise ValueError(f"{key}: expected a string, got {value!r}")
-    raise TypeError(f"{key}: unsupported annotation {tp!r}")  # a bug in a config class, not user input
+    raise TypeError(
+        f"{key}: unsupported annotation {tp!r}"
+    )  # a bug in a config class, not user input
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
@@ -118,7 +123,9 @@ def apply_override(data: dict, dotted: str, value: Any) -> None:
         key_so_far = ".".join(parts[: i + 1])
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ValueError(f"--{dotted}: {key_so_far!r} must be a list index below {len(node)}")
+                raise ValueError(
+                    f"--{dotted}: {key_so_far!r} must be a list index below {len(node)}"
+                )
             node = node[int(part)]
         else:
             if node.get(part) is None:
@@ -139,7 +146,9 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or len(arg) == 2:
-            raise ValueError(f"unexpected argument {arg!r}; overrides look like --section.key value")
+            raise ValueError(
+                f"unexpected argument {arg!r}; overrides look like --section.key value"
+            )
         if "=" in arg:
             key, raw = arg[2:].split("=", 1)
             i += 1
@@ -158,15 +167,21 @@ _RANGE = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*(?:\.\.\s*(\d+)\s*)?$")
 
 
 def _values(entry: str, key: str, spec: Any) -> list[int]:
-    if isinstance(spec, list) and spec and all(isinstance(v, int) and not isinstance(v, bool) for v in spec):
+    if (
+        isinstance(spec, list)
+        and spec
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in spec)
+    ):
         return list(spec)
     m = _RANGE.match(spec) if isinstance(spec, str) else None
     if m:
         lo, hi, step = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
         if step >= 1 and lo <= hi:
             return list(range(lo, hi + 1, step))
-    raise ValueError(f"methods.{entry}.sweep.{key}: {spec!r} is not a list of integers, 'a..b' or 'a..b..step' "
-                     f"(a <= b, step >= 1), nor the name of another swept key")
+    raise ValueError(
+        f"methods.{entry}.sweep.{key}: {spec!r} is not a list of integers, 'a..b' or 'a..b..step' "
+        f"(a <= b, step >= 1), nor the name of another swept key"
+    )
 
 
 def expand_sweeps(methods: dict[str, Any]) -> dict[str, Any]:
@@ -178,12 +193,20 @@ def expand_sweeps(methods: dict[str, Any]) -> dict[str, Any]:
             continue
         sweep = params["sweep"]
         if not isinstance(sweep, dict) or not sweep:
-            raise ValueError(f"methods.{name}.sweep: a mapping of parameter -> values, e.g. {{k: '1..29', j: k}}")
-        free = {k: _values(name, k, v) for k, v in sweep.items() if not (isinstance(v, str) and v in sweep)}
+            raise ValueError(
+                f"methods.{name}.sweep: a mapping of parameter -> values, e.g. {{k: '1..29', j: k}}"
+            )
+        free = {
+            k: _values(name, k, v)
+            for k, v in sweep.items()
+            if not (isinstance(v, str) and v in sweep)
+        }
         tied = {k: v for k, v in sweep.items() if k not in free}
         for key, target in tied.items():
             if target not in free:
-                raise ValueError(f"methods.{name}.sweep.{key}: tied to {target!r}, which is not itself swept over values")
+                raise ValueError(
+                    f"methods.{name}.sweep.{key}: tied to {target!r}, which is not itself swept over values"
+                )
         base = {k: v for k, v in params.items() if k != "sweep"}
         base.setdefault("method", name)
         for combo in itertools.product(*free.values()):
@@ -191,18 +214,24 @@ def expand_sweeps(methods: dict[str, Any]) -> dict[str, Any]:
             values.update({key: values[target] for key, target in tied.items()})
             instance = name + "".join(f"_{k}{values[k]}" for k in sweep)
             if instance in methods or instance in out:
-                raise ValueError(f"methods.{name}: its instance {instance!r} clashes with another method's name")
+                raise ValueError(
+                    f"methods.{name}: its instance {instance!r} clashes with another method's name"
+                )
             out[instance] = {**base, **values, "group": name}
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
     """Defaults, then the YAML file, then CLI overrides; validated."""
     data = to_dict(ExperimentConfig())
     if path is not None:
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist (configs live in configs/)")
+            raise FileNotFoundError(
+                f"config file {str(path)!r} does not exist (configs live in configs/)"
+            )
         with open(path) as fh:
             loaded = yaml.safe_load(fh) or {}
         if not isinstance(loaded, dict):
@@ -221,7 +250,12 @@ def _merge(base: dict, new: dict, prefix: str) -> None:
     """YAML mappings merge into the defaults, except `methods` and lists, which replace them."""
     for key, value in new.items():
         dotted = f"{prefix}{key}"
-        if key in base and isinstance(base[key], dict) and isinstance(value, dict) and dotted != "methods":
+        if (
+            key in base
+            and isinstance(base[key], dict)
+            and isinstance(value, dict)
+            and dotted != "methods"
+        ):
             _merge(base[key], value, dotted + ".")
         else:
             base[key] = value
@@ -250,4 +284,6 @@ def resolved_train_config(cfg: Any) -> Any:
     """The experiment's train settings with `checkpoint_dir` made absolute: a relative one lives
     under `output_dir`, so runs in one output directory share finished projections."""
     path = Path(cfg.train.checkpoint_dir).expanduser()
-    return dataclasses.replace(cfg.train, checkpoint_dir=str(path if path.is_absolute() else Path(cfg.output_dir) / path))
+    return dataclasses.replace(
+        cfg.train, checkpoint_dir=str(path if path.is_absolute() else Path(cfg.output_dir) / path)
+    )

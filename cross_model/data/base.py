@@ -21,7 +21,9 @@ class Example:
     answers: tuple[str, ...]
     task: str
     max_new_tokens: int
-    metric: str  # f1_match, exact_match, numeric_match, rouge_l_recall, edit_similarity, choice_letter
+    metric: (
+        str  # f1_match, exact_match, numeric_match, rouge_l_recall, edit_similarity, choice_letter
+    )
     kind: str = QA  # selects the instruction (QA, math, code or summary)
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     # Multi-sender tasks: the contexts of senders 2, 3, ... (`prompt_A` is sender 1's). Methods that
@@ -45,8 +47,10 @@ def sender_count(examples: list[Example]) -> int:
     """How many senders a batch's items have: one number for the batch, or a clear error."""
     counts = {len(e.contexts) for e in examples}
     if len(counts) > 1:
-        raise ValueError(f"a batch mixes items with {sorted(counts)} senders; a multi-sender task gives every item "
-                         "the same number (this batch: " + ", ".join(e.example_id for e in examples[:4]) + ")")
+        raise ValueError(
+            f"a batch mixes items with {sorted(counts)} senders; a multi-sender task gives every item "
+            "the same number (this batch: " + ", ".join(e.example_id for e in examples[:4]) + ")"
+        )
     return counts.pop() if counts else 1
 
 
@@ -66,8 +70,14 @@ def calibration_reserve(n: int) -> int:
     return 0 if n < SMALL_SOURCE else min(64, max(8, n // 25))
 
 
-def front_and_back(items: list, n_test: int, n_calib: int, task: str, what: str = "items",
-                   test_region: int | None = None) -> tuple[list, list]:
+def front_and_back(
+    items: list,
+    n_test: int,
+    n_calib: int,
+    task: str,
+    what: str = "items",
+    test_region: int | None = None,
+) -> tuple[list, list]:
     """Test items from the front of a source's fixed order, calibration items from a reserve of fixed
     size at its back (`calibration_reserve`): an item's split is a property of the item, the same for
     every n_test and n_calib, so no run's calibration item is another run's test item. A small source
@@ -79,31 +89,43 @@ def front_and_back(items: list, n_test: int, n_calib: int, task: str, what: str 
     reserve = calibration_reserve(len(items))
     if not reserve:
         if n_test + n_calib > len(items):
-            raise ValueError(f"tasks.{task}: n_test ({n_test}) + n_calib ({n_calib}) exceeds the {len(items)} {what} "
-                             f"available; lower them")
+            raise ValueError(
+                f"tasks.{task}: n_test ({n_test}) + n_calib ({n_calib}) exceeds the {len(items)} {what} "
+                f"available; lower them"
+            )
     elif n_test > len(items) - reserve:
-        raise ValueError(f"tasks.{task}: n_test ({n_test}) exceeds the {len(items) - reserve} test {what} of its "
-                         f"{len(items)} (the last {reserve} are kept for calibration); lower n_test")
+        raise ValueError(
+            f"tasks.{task}: n_test ({n_test}) exceeds the {len(items) - reserve} test {what} of its "
+            f"{len(items)} (the last {reserve} are kept for calibration); lower n_test"
+        )
     elif n_calib > reserve:
-        raise ValueError(f"tasks.{task}: n_calib ({n_calib}) exceeds the {reserve} {what} kept for calibration "
-                         f"(the last {reserve} of {len(items)}); lower n_calib")
+        raise ValueError(
+            f"tasks.{task}: n_calib ({n_calib}) exceeds the {reserve} {what} kept for calibration "
+            f"(the last {reserve} of {len(items)}); lower n_calib"
+        )
     if test_region is not None and n_test > test_region and len(items) - reserve > test_region:
-        raise ValueError(f"tasks.{task}: n_test ({n_test}) exceeds the {test_region} test {what} of its "
-                         f"{len(items)} (the {what} after them are kept for training, the last {reserve} for "
-                         f"calibration); lower n_test")
+        raise ValueError(
+            f"tasks.{task}: n_test ({n_test}) exceeds the {test_region} test {what} of its "
+            f"{len(items)} (the {what} after them are kept for training, the last {reserve} for "
+            f"calibration); lower n_test"
+        )
     return items[:n_test], items[len(items) - n_calib :] if n_calib else []
 
 
-def training_region(items: list, n_rows: int, task: str, test_region: int, what: str = "items") -> list:
+def training_region(
+    items: list, n_rows: int, task: str, test_region: int, what: str = "items"
+) -> list:
     """The first `n_rows` of a source's training rows: those after its test region and before its
     calibration reserve (`front_and_back`), so no training row is a test or calibration item of any
     run. A small source (no reserve) keeps none."""
     reserve = calibration_reserve(len(items))
     free = items[test_region : len(items) - reserve] if reserve else []
     if n_rows > len(free):
-        raise ValueError(f"tasks.{task}: {n_rows} training {what} asked, the source keeps {len(free)} (the "
-                         f"{what} after its first {test_region} test {what} and before its last {reserve} "
-                         f"calibration {what}, of {len(items)}); lower n_train/n_heldout")
+        raise ValueError(
+            f"tasks.{task}: {n_rows} training {what} asked, the source keeps {len(free)} (the "
+            f"{what} after its first {test_region} test {what} and before its last {reserve} "
+            f"calibration {what}, of {len(items)}); lower n_train/n_heldout"
+        )
     return free[:n_rows]
 
 
@@ -124,8 +146,12 @@ class Task:
     build: Callable[..., tuple[list[Example], list[Example]]]
     kind: str = QA
     description: str = ""
-    rows_available: int | None = None  # rows the source has in all, where fixed and known (checked by --dry-run)
-    source: Any = None  # where the rows come from (a hub source, for `python -m cross_model.data check`)
+    rows_available: int | None = (
+        None  # rows the source has in all, where fixed and known (checked by --dry-run)
+    )
+    source: Any = (
+        None  # where the rows come from (a hub source, for `python -m cross_model.data check`)
+    )
     # train(n_rows, seed, path) -> rows set aside for training (LatentWire, C2C): never a test or a
     # calibration item of any run, whatever its sizes; None where the task keeps no such rows
     train: Callable[..., list[Example]] | None = None
@@ -167,7 +193,9 @@ def load_task_examples(
 ) -> tuple[list[Example], list[Example]]:
     """Test and calibration examples of a task; calibration ids never overlap test ids."""
     task = get_task(name)
-    test, calib = task.build(n_test=n_test or task.default_n_test, n_calib=n_calib, seed=seed, path=path)
+    test, calib = task.build(
+        n_test=n_test or task.default_n_test, n_calib=n_calib, seed=seed, path=path
+    )
     if max_new_tokens is not None:
         test = [_with_max_new_tokens(e, max_new_tokens) for e in test]
         calib = [_with_max_new_tokens(e, max_new_tokens) for e in calib]
@@ -178,7 +206,9 @@ def load_task_examples(
     return test, calib
 
 
-def asked_sizes(n_test: int | None, n_calib: int, calibrate_on: str | None) -> tuple[int | None, int]:
+def asked_sizes(
+    n_test: int | None, n_calib: int, calibrate_on: str | None
+) -> tuple[int | None, int]:
     """The (n_test, n_calib) a task config asks its source for: `calibrate_on: test_item_0` asks for
     no calibration items and, without n_test, for every row (its calibration is its first test item)."""
     if calibrate_on == "test_item_0":

@@ -51,30 +51,66 @@ def check_counts(cfg: Any, load: bool = True) -> list[TaskCheck]:
         if task.rows_available and not t.path and sampled and n_test != EVERY_ROW:
             reserve = calibration_reserve(task.rows_available) or n_calib
             if n_test > task.rows_available - reserve or n_calib > reserve:
-                out.append(TaskCheck(t.key, False, (
-                    f"tasks.{t.key}: n_test ({n_test}) and n_calib ({n_calib}) do not fit the {task.rows_available} "
-                    f"rows of {where}: at most {task.rows_available - reserve} test rows, and the last {reserve} "
-                    f"are kept for calibration")))
+                out.append(
+                    TaskCheck(
+                        t.key,
+                        False,
+                        (
+                            f"tasks.{t.key}: n_test ({n_test}) and n_calib ({n_calib}) do not fit the {task.rows_available} "
+                            f"rows of {where}: at most {task.rows_available - reserve} test rows, and the last {reserve} "
+                            f"are kept for calibration"
+                        ),
+                    )
+                )
                 continue
         if not load:
-            out.append(TaskCheck(t.key, True, f"tasks.{t.key}: {_count(n_test)} test + {n_calib} calibration items asked of {where}"))
+            out.append(
+                TaskCheck(
+                    t.key,
+                    True,
+                    f"tasks.{t.key}: {_count(n_test)} test + {n_calib} calibration items asked of {where}",
+                )
+            )
             continue
         seed = t.seed if t.seed is not None else cfg.seed
         try:
-            test, calib = load_task_examples(t.name, n_test, n_calib, seed, t.path, t.max_new_tokens)
+            test, calib = load_task_examples(
+                t.name, n_test, n_calib, seed, t.path, t.max_new_tokens
+            )
         except FileNotFoundError as err:
             first = str(err).splitlines()[0]
-            out.append(TaskCheck(t.key, True, f"tasks.{t.key}: not loaded here ({first}); "
-                                               f"{_count(n_test)} test + {n_calib} calibration items asked of {where}"))
+            out.append(
+                TaskCheck(
+                    t.key,
+                    True,
+                    f"tasks.{t.key}: not loaded here ({first}); "
+                    f"{_count(n_test)} test + {n_calib} calibration items asked of {where}",
+                )
+            )
             continue
         except ValueError as err:
             text = str(err)
-            out.append(TaskCheck(t.key, False, text if text.startswith(f"tasks.{t.name}") else f"tasks.{t.key}: {text}"))
+            out.append(
+                TaskCheck(
+                    t.key,
+                    False,
+                    text if text.startswith(f"tasks.{t.name}") else f"tasks.{t.key}: {text}",
+                )
+            )
             continue
-        longest = max((sum(map(len, e.contexts)) + len(e.prompt_B) for e in test + calib), default=0)
+        longest = max(
+            (sum(map(len, e.contexts)) + len(e.prompt_B) for e in test + calib), default=0
+        )
         on_test = " (calibrated on its first test item)" if t.calibrate_on == "test_item_0" else ""
-        out.append(TaskCheck(t.key, True, f"tasks.{t.key}: {len(test)} test + {len(calib)} calibration items from "
-                                          f"{where}{on_test}", longest))
+        out.append(
+            TaskCheck(
+                t.key,
+                True,
+                f"tasks.{t.key}: {len(test)} test + {len(calib)} calibration items from "
+                f"{where}{on_test}",
+                longest,
+            )
+        )
     return out
 
 
@@ -84,7 +120,9 @@ def resolved_commit(source: Any) -> str:
         from huggingface_hub import HfApi
 
         sha = HfApi().dataset_info(source.path, revision=source.revision or "main").sha
-        return f"commit {sha}" + ("" if source.revision else " (unpinned: add it to data.hub.REVISIONS)")
+        return f"commit {sha}" + (
+            "" if source.revision else " (unpinned: add it to data.hub.REVISIONS)"
+        )
     except Exception as err:  # noqa: BLE001 - offline, gated or missing: all mean "not read here"
         return f"commit not read ({type(err).__name__})"
 
@@ -101,24 +139,41 @@ def check_rows(cfg: Any) -> list[TaskCheck]:
         try:
             test, _ = load_task_examples(t.name, 1, 0, seed, t.path, t.max_new_tokens)
         except (FileNotFoundError, ValueError) as err:
-            out.append(TaskCheck(t.key, False, f"tasks.{t.key}: FAILED from {origin}: {str(err).splitlines()[0]}"))
+            out.append(
+                TaskCheck(
+                    t.key, False, f"tasks.{t.key}: FAILED from {origin}: {str(err).splitlines()[0]}"
+                )
+            )
             continue
         e = test[0]
         answer = e.answers[0] if e.answers else ""
-        out.append(TaskCheck(t.key, True, (
-            f"tasks.{t.key}: ok from {origin}: {e.example_id}, A reads {len(e.prompt_A)} chars "
-            f"({len(e.contexts)} sender{'s' if len(e.contexts) > 1 else ''}), B {len(e.prompt_B)} chars, "
-            f"gold {answer[:40]!r}")))
+        out.append(
+            TaskCheck(
+                t.key,
+                True,
+                (
+                    f"tasks.{t.key}: ok from {origin}: {e.example_id}, A reads {len(e.prompt_A)} chars "
+                    f"({len(e.contexts)} sender{'s' if len(e.contexts) > 1 else ''}), B {len(e.prompt_B)} chars, "
+                    f"gold {answer[:40]!r}"
+                ),
+            )
+        )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m cross_model.data check CONFIG [--section.key value ...]`: one row of every task."""
-    parser = argparse.ArgumentParser(prog="python -m cross_model.data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m cross_model.data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="check")
-    check = verbs.add_parser("check", help="load one row of every task of CONFIG and say where it came from",
-                             epilog="Any config key can be overridden with --section.key VALUE.")
+    check = verbs.add_parser(
+        "check",
+        help="load one row of every task of CONFIG and say where it came from",
+        epilog="Any config key can be overridden with --section.key VALUE.",
+    )
     check.add_argument("config", help="YAML config (see configs/)")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -131,5 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in checks:
         print(c.line, flush=True)
     failed = [c.key for c in checks if not c.ok]
-    print(f"{len(checks) - len(failed)} of {len(checks)} tasks loaded" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(
+        f"{len(checks) - len(failed)} of {len(checks)} tasks loaded"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0

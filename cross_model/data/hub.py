@@ -59,9 +59,13 @@ REVISIONS: dict[str, str | None] = {
 @dataclass(frozen=True)
 class HubSource:
     path: str
-    name: str | tuple[str, ...] | None  # a tuple: every config in turn (MMLU-Redux's subjects), concatenated
+    name: (
+        str | tuple[str, ...] | None
+    )  # a tuple: every config in turn (MMLU-Redux's subjects), concatenated
     split: str
-    rows: int | None = None  # the split's size where it is fixed and known (LongBench), checked by --dry-run
+    rows: int | None = (
+        None  # the split's size where it is fixed and known (LongBench), checked by --dry-run
+    )
 
     @property
     def revision(self) -> str | None:
@@ -79,7 +83,12 @@ def hub_errors() -> tuple[type[BaseException], ...]:
     errors, which are not OSErrors. A bug in our code (a KeyError, a TypeError) is none of these."""
     import datasets.exceptions
 
-    errors: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError, datasets.exceptions.DatasetsError]
+    errors: list[type[BaseException]] = [
+        OSError,
+        ConnectionError,
+        TimeoutError,
+        datasets.exceptions.DatasetsError,
+    ]
     for module in ("httpx2", "httpx"):
         try:
             errors.append(__import__(module).HTTPError)
@@ -94,7 +103,11 @@ LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 def local_files(local_path: str) -> tuple[str, list[str]]:
     """(datasets' builder name, files) of a local copy: a JSON/JSONL or parquet file, or a directory of them."""
     p = Path(local_path).expanduser()
-    files = sorted(str(f) for f in p.iterdir() if f.suffix in LOCAL_SUFFIXES) if p.is_dir() else [str(p)]
+    files = (
+        sorted(str(f) for f in p.iterdir() if f.suffix in LOCAL_SUFFIXES)
+        if p.is_dir()
+        else [str(p)]
+    )
     if not files or not p.exists():
         raise FileNotFoundError(f"no .json/.jsonl/.parquet files at {p}")
     kinds = {Path(f).suffix for f in files}
@@ -111,13 +124,19 @@ def load_rows(source: HubSource, local_path: str | None) -> Any:
         builder, files = local_files(local_path)
         return datasets.load_dataset(builder, data_files=files, split="train")
     try:
-        if isinstance(source.name, tuple):  # one dataset per config, each row labelled with its config
+        if isinstance(
+            source.name, tuple
+        ):  # one dataset per config, each row labelled with its config
             parts = []
             for name in source.name:
-                part = datasets.load_dataset(source.path, name, split=source.split, revision=source.revision)
+                part = datasets.load_dataset(
+                    source.path, name, split=source.split, revision=source.revision
+                )
                 parts.append(part.add_column("subject", [name] * len(part)))
             return datasets.concatenate_datasets(parts)
-        return datasets.load_dataset(source.path, source.name, split=source.split, revision=source.revision)
+        return datasets.load_dataset(
+            source.path, source.name, split=source.split, revision=source.revision
+        )
     except hub_errors() as err:
         raise FileNotFoundError(
             f"could not load {source.path} ({source.name or 'default'}, {source.split}, revision "
@@ -127,10 +146,18 @@ def load_rows(source: HubSource, local_path: str | None) -> Any:
         ) from err
 
 
-def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tuple[str, str, str, list[str]]],
-                keep: Callable[[dict], bool] | None = None, sample: bool = True, items_of: str | None = None,
-                keep_after_shuffle: bool = False, train_source: HubSource | None = None,
-                candidates: tuple[str, ...] = (), candidates_of: Callable[[dict], list[str]] | None = None):
+def _hub_builder(
+    task_name: str,
+    source: HubSource,
+    parse: Callable[[dict], tuple[str, str, str, list[str]]],
+    keep: Callable[[dict], bool] | None = None,
+    sample: bool = True,
+    items_of: str | None = None,
+    keep_after_shuffle: bool = False,
+    train_source: HubSource | None = None,
+    candidates: tuple[str, ...] = (),
+    candidates_of: Callable[[dict], list[str]] | None = None,
+):
     """(build, train) for a hub task. `keep` filters rows before the shuffle (as the public single-
     sender loaders filter before they sample), or after it with `keep_after_shuffle` (as the public
     multi-sender loaders do: shuffle, filter, select); without `sample` the rows stay in the split's
@@ -140,6 +167,7 @@ def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tupl
     hub; a local `path` copy of the evaluated split keeps giving the rows after its test region).
     `candidates`: the label names a classification task's answer is one of (for first-named);
     `candidates_of`: a row's own (a multiple-choice row's choices)."""
+
     def ordered_rows(path: str | None, of: HubSource = source) -> Any:
         rows = load_rows(of, path)
         if keep is not None and not keep_after_shuffle:
@@ -149,7 +177,9 @@ def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tupl
 
     def make(row: dict, split: str) -> Example:
         task = TASKS[task_name]
-        rid, prompt_a, prompt_b, answers, *more = parse(row)  # multi-sender parsers add the other contexts
+        rid, prompt_a, prompt_b, answers, *more = parse(
+            row
+        )  # multi-sender parsers add the other contexts
         return Example(
             example_id=f"{items_of or task_name}-{rid}",
             prompt_A=prompt_a,
@@ -159,32 +189,46 @@ def _hub_builder(task_name: str, source: HubSource, parse: Callable[[dict], tupl
             max_new_tokens=task.max_new_tokens,
             metric=task.metric,
             kind=task.kind,
-            meta={"split": split, **({"candidates": list(candidates)} if candidates else {}),
-                  **({"candidates": candidates_of(row)} if candidates_of else {})},
+            meta={
+                "split": split,
+                **({"candidates": list(candidates)} if candidates else {}),
+                **({"candidates": candidates_of(row)} if candidates_of else {}),
+            },
             more_senders=tuple(more[0]) if more else (),
         )
 
-    def build(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
+    def build(
+        n_test: int, n_calib: int, seed: int, path: str | None = None
+    ) -> tuple[list[Example], list[Example]]:
         rows = ordered_rows(path)
         if not sample and n_test != EVERY_ROW:  # every row not kept for calibration
             n_test = min(n_test, len(rows) - (calibration_reserve(len(rows)) or n_calib))
         # The test region keeps room for training rows in the evaluated split; a task that trains on its
         # own training split (from the hub) needs none, so every row but the calibration reserve can test.
         region = TEST_REGION if sample and (train_source is None or path) else None
-        test_rows, calib_rows = front_and_back(list(range(len(rows))), n_test, n_calib, task_name, "rows",
-                                               test_region=region)
-        return [make(rows[i], "test") for i in test_rows], [make(rows[i], "calib") for i in calib_rows]
+        test_rows, calib_rows = front_and_back(
+            list(range(len(rows))), n_test, n_calib, task_name, "rows", test_region=region
+        )
+        return [make(rows[i], "test") for i in test_rows], [
+            make(rows[i], "calib") for i in calib_rows
+        ]
 
     def train(n_rows: int, seed: int, path: str | None = None) -> list[Example]:
-        if train_source is not None and not path:  # another split: no row of it is a test or calibration row
+        if (
+            train_source is not None and not path
+        ):  # another split: no row of it is a test or calibration row
             rows = ordered_rows(None, train_source)
             if n_rows > len(rows):
-                raise ValueError(f"tasks.{task_name}: {n_rows} training rows asked, {train_source.describe()} has "
-                                 f"{len(rows)}; lower n_train/n_heldout")
+                raise ValueError(
+                    f"tasks.{task_name}: {n_rows} training rows asked, {train_source.describe()} has "
+                    f"{len(rows)}; lower n_train/n_heldout"
+                )
             return [make(rows[i], "train") for i in range(n_rows)]
         rows = ordered_rows(path)
-        return [make(rows[i], "train") for i in training_region(list(range(len(rows))), n_rows, task_name,
-                                                                TEST_REGION, "rows")]
+        return [
+            make(rows[i], "train")
+            for i in training_region(list(range(len(rows))), n_rows, task_name, TEST_REGION, "rows")
+        ]
 
     return build, (train if sample else None)
 
@@ -210,7 +254,9 @@ def parse_longbench(row: dict) -> tuple[str, str, str, list[str]]:
 
     question = row["input"] if "input" in row else row["question"]
     answers = row["answers"] if "answers" in row else row["answer"]
-    rid = row.get("_id") or hashlib.sha1(f"{row['context']}\x00{question}".encode()).hexdigest()[:16]
+    rid = (
+        row.get("_id") or hashlib.sha1(f"{row['context']}\x00{question}".encode()).hexdigest()[:16]
+    )
     return rid, row["context"], question, [answers] if isinstance(answers, str) else list(answers)
 
 
@@ -227,9 +273,21 @@ def parse_gsm8k(row: dict) -> tuple[str, str, str, list[str]]:
 
 
 SST2_LABELS = ("negative", "positive")
-AG_NEWS_LABELS = (("World",), ("Sports",), ("Business",), ("Science", "Technology"))  # label 3 is Sci/Tech
+AG_NEWS_LABELS = (
+    ("World",),
+    ("Sports",),
+    ("Business",),
+    ("Science", "Technology"),
+)  # label 3 is Sci/Tech
 AG_NEWS_CANDIDATES = tuple(name for names in AG_NEWS_LABELS for name in names)
-TREC_LABELS = ("abbreviation", "entity", "description", "human", "location", "number")  # ABBR ... NUM
+TREC_LABELS = (
+    "abbreviation",
+    "entity",
+    "description",
+    "human",
+    "location",
+    "number",
+)  # ABBR ... NUM
 
 
 def _text_id(text: str) -> str:
@@ -240,29 +298,43 @@ def _text_id(text: str) -> str:
 
 def parse_sst2(row: dict) -> tuple[str, str, str, list[str]]:
     """SST-2 (GLUE; validation, labelled): the sentence for A; B names its sentiment."""
-    return (str(row["idx"]), row["sentence"].strip(), "Is the sentiment of the passage positive or negative?",
-            [SST2_LABELS[row["label"]]])
+    return (
+        str(row["idx"]),
+        row["sentence"].strip(),
+        "Is the sentiment of the passage positive or negative?",
+        [SST2_LABELS[row["label"]]],
+    )
 
 
 def parse_ag_news(row: dict) -> tuple[str, str, str, list[str]]:
     """AG News: the article for A; B names its topic (gold: the label's name or names)."""
-    return (_text_id(row["text"]), row["text"], "Which topic is the article about: World, Sports, Business, or "
-            "Science and Technology?", list(AG_NEWS_LABELS[row["label"]]))
+    return (
+        _text_id(row["text"]),
+        row["text"],
+        "Which topic is the article about: World, Sports, Business, or Science and Technology?",
+        list(AG_NEWS_LABELS[row["label"]]),
+    )
 
 
 def parse_trec(row: dict) -> tuple[str, str, str, list[str]]:
     """TREC question classification (coarse labels): the question for A; B names the kind of answer it
     asks for. Older copies name the field `label-coarse`."""
     label = row["coarse_label"] if "coarse_label" in row else row["label-coarse"]
-    return (_text_id(row["text"]), f"Question: {row['text']}", "What kind of answer does the question ask for: "
-            "abbreviation, entity, description, human, location, or number?", [TREC_LABELS[label]])
+    return (
+        _text_id(row["text"]),
+        f"Question: {row['text']}",
+        "What kind of answer does the question ask for: "
+        "abbreviation, entity, description, human, location, or number?",
+        [TREC_LABELS[label]],
+    )
 
 
 def repobench_prompts(row: dict) -> tuple[str, str]:
     """RepoBench's split of one completion problem: the cross-file snippets for A, the in-file code
     for B (runs of 4+ newlines squeezed to 2, as the public code does)."""
     cross = f"# Repo Name: {row['repo_name']}\n" + "".join(
-        f"# Path: {c['path']}\n{c['snippet']}\n\n" for c in row["context"])
+        f"# Path: {c['path']}\n{c['snippet']}\n\n" for c in row["context"]
+    )
     in_file = f"# Path: {row['file_path']}\n{row['import_statement']}\n{row['cropped_code']}\n"
     squeeze = lambda t: re.sub(r"\n{4,}", "\n\n", t)  # noqa: E731
     return squeeze(cross), squeeze(in_file)
@@ -278,17 +350,26 @@ def parse_repobench(row: dict) -> tuple[str, str, str, list[str]]:
 
 
 def repobench_fits(row: dict) -> bool:
-    return len(repobench_prompts(row)[0]) < 5000  # the public code keeps cross-file contexts under 5000 chars
+    return (
+        len(repobench_prompts(row)[0]) < 5000
+    )  # the public code keeps cross-file contexts under 5000 chars
 
 
 def parse_samsum(row: dict) -> tuple[str, str, str, list[str]]:
     """The dialogue split in halves by lines: A reads the first, B the second; gold: the summary."""
     lines = row["dialogue"].strip().split("\n")
     mid = len(lines) // 2
-    return str(row["id"]), "\n".join(lines[:mid]).strip(), "\n".join(lines[mid:]).strip(), [row["summary"]]
+    return (
+        str(row["id"]),
+        "\n".join(lines[:mid]).strip(),
+        "\n".join(lines[mid:]).strip(),
+        [row["summary"]],
+    )
 
 
-def supporting_sentences(row: dict, sentences_key: str = "sentences", strip: bool = True) -> list[str]:
+def supporting_sentences(
+    row: dict, sentences_key: str = "sentences", strip: bool = True
+) -> list[str]:
     """The gold supporting-fact sentences, (title, sentence index) pairs into the row's context of
     (title, sentences) (HotpotQA's distractor setting; 2WikiMultihopQA names the sentences `content`).
     `strip=False`: as the public loader keeps them (HotpotQA's sentences carry their leading space)."""
@@ -306,7 +387,9 @@ def hotpotqa_facts(row: dict) -> list[str]:
 
 
 def musique_facts(row: dict) -> list[str]:
-    return [f"{p['title']}: {p['paragraph_text']}" for p in row["paragraphs"] if p.get("is_supporting")]
+    return [
+        f"{p['title']}: {p['paragraph_text']}" for p in row["paragraphs"] if p.get("is_supporting")
+    ]
 
 
 def hotpotqa_public_facts(row: dict) -> list[str]:
@@ -332,7 +415,9 @@ def passage_halves(row: dict) -> tuple:
     rid, context, question, answers = parse_longbench(row)
     starts = [m.start() for m in PASSAGE.finditer(context)]
     if not starts:
-        raise ValueError(f"twowikimqa_ms_public: row {rid} has no 'Passage N:' block in its context")
+        raise ValueError(
+            f"twowikimqa_ms_public: row {rid} has no 'Passage N:' block in its context"
+        )
     head = context[: starts[0]]
     blocks = [context[a:b] for a, b in zip(starts, starts[1:] + [len(context)])]
     mid = len(blocks) // 2
@@ -347,9 +432,12 @@ def musique_answers(row: dict) -> list[str]:
     return [row["answer"], *(row.get("answer_aliases") or [])]
 
 
-def two_senders(facts_of: Callable[[dict], list[str]], answers_of: Callable[[dict], list[str]], sep: str):
+def two_senders(
+    facts_of: Callable[[dict], list[str]], answers_of: Callable[[dict], list[str]], sep: str
+):
     """A multi-sender parser (the public com_ms.py's split): the first half of the supporting facts to
     A1, the rest to A2; returns (id, A1's context, question, answers, [A2's context])."""
+
     def parse(row: dict) -> tuple:
         facts = facts_of(row)
         mid = len(facts) // 2
@@ -362,80 +450,245 @@ def two_senders(facts_of: Callable[[dict], list[str]], answers_of: Callable[[dic
 TASKS: dict[str, Task] = {}
 
 
-def _register(name: str, source: HubSource, parse: Callable, metric: str, max_new_tokens: int, kind: str = QA,
-              n_test: int = 500, keep: Callable[[dict], bool] | None = None, sample: bool = True,
-              items_of: str | None = None, keep_after_shuffle: bool = False, train_split: str | None = None,
-              candidates: tuple[str, ...] = (), candidates_of: Callable[[dict], list[str]] | None = None) -> None:
+def _register(
+    name: str,
+    source: HubSource,
+    parse: Callable,
+    metric: str,
+    max_new_tokens: int,
+    kind: str = QA,
+    n_test: int = 500,
+    keep: Callable[[dict], bool] | None = None,
+    sample: bool = True,
+    items_of: str | None = None,
+    keep_after_shuffle: bool = False,
+    train_split: str | None = None,
+    candidates: tuple[str, ...] = (),
+    candidates_of: Callable[[dict], list[str]] | None = None,
+) -> None:
     train_source = HubSource(source.path, source.name, train_split) if train_split else None
-    build, train = _hub_builder(name, source, parse, keep, sample, items_of, keep_after_shuffle, train_source,
-                                candidates, candidates_of)
+    build, train = _hub_builder(
+        name,
+        source,
+        parse,
+        keep,
+        sample,
+        items_of,
+        keep_after_shuffle,
+        train_source,
+        candidates,
+        candidates_of,
+    )
     if source.rows is not None and source.rows - calibration_reserve(source.rows) <= TEST_REGION:
         train = None  # every row is a test or calibration row (LongBench)
     TASKS[name] = register_task(
-        Task(name, metric, max_new_tokens, n_test if sample else 10**9, build, kind=kind,
-             description=source.describe() + ("" if sample else ", every row")
-             + (f", training rows from {train_split}" if train_split else ""),
-             rows_available=source.rows if keep is None else None, source=source, train=train)
+        Task(
+            name,
+            metric,
+            max_new_tokens,
+            n_test if sample else 10**9,
+            build,
+            kind=kind,
+            description=source.describe()
+            + ("" if sample else ", every row")
+            + (f", training rows from {train_split}" if train_split else ""),
+            rows_available=source.rows if keep is None else None,
+            source=source,
+            train=train,
+        )
     )
 
 
-_register("hotpotqa", HubSource("hotpotqa/hotpot_qa", "distractor", "validation"), parse_hotpotqa, "f1_match", 48,
-          train_split="train")
-_register("musique", HubSource("dgslibisey/MuSiQue", None, "validation"), parse_musique, "f1_match", 48)
+_register(
+    "hotpotqa",
+    HubSource("hotpotqa/hotpot_qa", "distractor", "validation"),
+    parse_hotpotqa,
+    "f1_match",
+    48,
+    train_split="train",
+)
+_register(
+    "musique", HubSource("dgslibisey/MuSiQue", None, "validation"), parse_musique, "f1_match", 48
+)
 _LONGBENCH = "Xnhyacinth/LongBench"
-_register("qasper", HubSource(_LONGBENCH, "qasper", "test", rows=200), parse_longbench, "f1_match", 128)
-_register("multifieldqa_en", HubSource(_LONGBENCH, "multifieldqa_en", "test", rows=150), parse_longbench, "f1_match", 64)
-_register("twowikimqa", HubSource(_LONGBENCH, "2wikimqa", "test", rows=200), parse_longbench, "f1_match", 32)
-_register("squad", HubSource("rajpurkar/squad", None, "validation"), parse_squad, "exact_match", 32, train_split="train")
-_register("gsm8k", HubSource("openai/gsm8k", "main", "test"), parse_gsm8k, "numeric_match", 256, kind=MATH,
-          train_split="train")
+_register(
+    "qasper", HubSource(_LONGBENCH, "qasper", "test", rows=200), parse_longbench, "f1_match", 128
+)
+_register(
+    "multifieldqa_en",
+    HubSource(_LONGBENCH, "multifieldqa_en", "test", rows=150),
+    parse_longbench,
+    "f1_match",
+    64,
+)
+_register(
+    "twowikimqa",
+    HubSource(_LONGBENCH, "2wikimqa", "test", rows=200),
+    parse_longbench,
+    "f1_match",
+    32,
+)
+_register(
+    "squad",
+    HubSource("rajpurkar/squad", None, "validation"),
+    parse_squad,
+    "exact_match",
+    32,
+    train_split="train",
+)
+_register(
+    "gsm8k",
+    HubSource("openai/gsm8k", "main", "test"),
+    parse_gsm8k,
+    "numeric_match",
+    256,
+    kind=MATH,
+    train_split="train",
+)
 _REPOBENCH = HubSource("tianyang/repobench_python_v1.1", None, "cross_file_first")
 _SAMSUM = HubSource("knkarthick/samsum", None, "test")
-_register("repobench", _REPOBENCH, parse_repobench, "edit_similarity", 100, kind=CODE, n_test=1000, keep=repobench_fits)
-_register("repobench_full", _REPOBENCH, parse_repobench, "edit_similarity", 100, kind=CODE, keep=repobench_fits,
-          sample=False)
+_register(
+    "repobench",
+    _REPOBENCH,
+    parse_repobench,
+    "edit_similarity",
+    100,
+    kind=CODE,
+    n_test=1000,
+    keep=repobench_fits,
+)
+_register(
+    "repobench_full",
+    _REPOBENCH,
+    parse_repobench,
+    "edit_similarity",
+    100,
+    kind=CODE,
+    keep=repobench_fits,
+    sample=False,
+)
 _register("samsum", _SAMSUM, parse_samsum, "rouge_l_recall", 300, kind=SUMMARY)
 # LatentWire's classification tasks: A reads the text, B names its label (one of the candidates).
-_register("sst2", HubSource("stanfordnlp/sst2", None, "validation"), parse_sst2, "f1_match", 8, train_split="train",
-          candidates=SST2_LABELS)
-_register("ag_news", HubSource("fancyzhx/ag_news", None, "test"), parse_ag_news, "f1_match", 8, train_split="train",
-          candidates=AG_NEWS_CANDIDATES)
-_register("trec", HubSource("CogComp/trec", None, "test"), parse_trec, "f1_match", 8, train_split="train",
-          candidates=TREC_LABELS)
+_register(
+    "sst2",
+    HubSource("stanfordnlp/sst2", None, "validation"),
+    parse_sst2,
+    "f1_match",
+    8,
+    train_split="train",
+    candidates=SST2_LABELS,
+)
+_register(
+    "ag_news",
+    HubSource("fancyzhx/ag_news", None, "test"),
+    parse_ag_news,
+    "f1_match",
+    8,
+    train_split="train",
+    candidates=AG_NEWS_CANDIDATES,
+)
+_register(
+    "trec",
+    HubSource("CogComp/trec", None, "test"),
+    parse_trec,
+    "f1_match",
+    8,
+    train_split="train",
+    candidates=TREC_LABELS,
+)
 # Multi-sender (the public com_ms.py): items with at least two supporting facts, split between two senders.
-_register("hotpotqa_ms", HubSource("hotpotqa/hotpot_qa", "distractor", "validation"),
-          two_senders(hotpotqa_facts, lambda r: [r["answer"]], " "), "f1_match", 48,
-          keep=lambda r: len(hotpotqa_facts(r)) >= 2)
-_register("musique_ms", HubSource("dgslibisey/MuSiQue", None, "validation"),
-          two_senders(musique_facts, musique_answers, "\n"), "f1_match", 48,
-          keep=lambda r: len(musique_facts(r)) >= 2)
-_register("twowikimqa_ms", HubSource("ohjoonhee/2WikiMultihopQA", None, "validation"),
-          two_senders(twowiki_facts, lambda r: [r["answer"]], " "), "f1_match", 32,
-          keep=lambda r: len(twowiki_facts(r)) >= 2)
+_register(
+    "hotpotqa_ms",
+    HubSource("hotpotqa/hotpot_qa", "distractor", "validation"),
+    two_senders(hotpotqa_facts, lambda r: [r["answer"]], " "),
+    "f1_match",
+    48,
+    keep=lambda r: len(hotpotqa_facts(r)) >= 2,
+)
+_register(
+    "musique_ms",
+    HubSource("dgslibisey/MuSiQue", None, "validation"),
+    two_senders(musique_facts, musique_answers, "\n"),
+    "f1_match",
+    48,
+    keep=lambda r: len(musique_facts(r)) >= 2,
+)
+_register(
+    "twowikimqa_ms",
+    HubSource("ohjoonhee/2WikiMultihopQA", None, "validation"),
+    two_senders(twowiki_facts, lambda r: [r["answer"]], " "),
+    "f1_match",
+    32,
+    keep=lambda r: len(twowiki_facts(r)) >= 2,
+)
 _register("samsum_full", _SAMSUM, parse_samsum, "rouge_l_recall", 300, kind=SUMMARY, sample=False)
 # As the public loaders build A's context (`preset: kvcomm_public` reads these): HotpotQA's supporting
 # sentences unstripped and joined by newlines, MuSiQue's supporting paragraphs without their titles.
-_register("hotpotqa_public", HubSource("hotpotqa/hotpot_qa", "distractor", "validation"),
-          public_joined(hotpotqa_public_facts, lambda r: [r["answer"]]), "f1_match", 48, items_of="hotpotqa")
-_register("musique_public", HubSource("dgslibisey/MuSiQue", None, "validation"),
-          public_joined(musique_public_facts, musique_answers), "f1_match", 48, items_of="musique")
+_register(
+    "hotpotqa_public",
+    HubSource("hotpotqa/hotpot_qa", "distractor", "validation"),
+    public_joined(hotpotqa_public_facts, lambda r: [r["answer"]]),
+    "f1_match",
+    48,
+    items_of="hotpotqa",
+)
+_register(
+    "musique_public",
+    HubSource("dgslibisey/MuSiQue", None, "validation"),
+    public_joined(musique_public_facts, musique_answers),
+    "f1_match",
+    48,
+    items_of="musique",
+)
 # The public loaders with n_samples unset (`*_full`): every row of the split, in its order, as above.
-_register("hotpotqa_full", HubSource("hotpotqa/hotpot_qa", "distractor", "validation"),
-          public_joined(hotpotqa_public_facts, lambda r: [r["answer"]]), "f1_match", 48, sample=False)
-_register("musique_full", HubSource("dgslibisey/MuSiQue", None, "validation"),
-          public_joined(musique_public_facts, musique_answers), "f1_match", 48, sample=False)
+_register(
+    "hotpotqa_full",
+    HubSource("hotpotqa/hotpot_qa", "distractor", "validation"),
+    public_joined(hotpotqa_public_facts, lambda r: [r["answer"]]),
+    "f1_match",
+    48,
+    sample=False,
+)
+_register(
+    "musique_full",
+    HubSource("dgslibisey/MuSiQue", None, "validation"),
+    public_joined(musique_public_facts, musique_answers),
+    "f1_match",
+    48,
+    sample=False,
+)
 # The public multi-sender loaders shuffle, then filter, then select: other test items than our
 # filter-then-shuffle order, so these do not pair with hotpotqa_ms / musique_ms item by item.
-_register("hotpotqa_ms_public", HubSource("hotpotqa/hotpot_qa", "distractor", "validation"),
-          two_senders(hotpotqa_public_facts, lambda r: [r["answer"]], "\n"), "f1_match", 48,
-          keep=lambda r: len(hotpotqa_public_facts(r)) >= 2, keep_after_shuffle=True)
-_register("musique_ms_public", HubSource("dgslibisey/MuSiQue", None, "validation"),
-          two_senders(musique_public_facts, musique_answers, "\n"), "f1_match", 48,
-          keep=lambda r: len(musique_public_facts(r)) >= 2, keep_after_shuffle=True)
+_register(
+    "hotpotqa_ms_public",
+    HubSource("hotpotqa/hotpot_qa", "distractor", "validation"),
+    two_senders(hotpotqa_public_facts, lambda r: [r["answer"]], "\n"),
+    "f1_match",
+    48,
+    keep=lambda r: len(hotpotqa_public_facts(r)) >= 2,
+    keep_after_shuffle=True,
+)
+_register(
+    "musique_ms_public",
+    HubSource("dgslibisey/MuSiQue", None, "validation"),
+    two_senders(musique_public_facts, musique_answers, "\n"),
+    "f1_match",
+    48,
+    keep=lambda r: len(musique_public_facts(r)) >= 2,
+    keep_after_shuffle=True,
+)
 # 2WikiMultihopQA's two senders as the public code builds them: every LongBench row, in file order,
 # its "Passage N:" blocks split in two halves (ours reads supporting facts from the full dataset).
-_register("twowikimqa_ms_public", HubSource(_LONGBENCH, "2wikimqa", "test", rows=200), passage_halves,
-          "f1_match", 32, sample=False)
+_register(
+    "twowikimqa_ms_public",
+    HubSource(_LONGBENCH, "2wikimqa", "test", rows=200),
+    passage_halves,
+    "f1_match",
+    32,
+    sample=False,
+)
+
+
 def parse_scrolls_qasper(row: dict) -> tuple[str, str, str, list[str]]:
     """SCROLLS' Qasper, as the public loader reads it: the question is the input up to its first blank
     line, the paper the rest (both stripped); one answer, the row's output (a question with several
@@ -443,7 +696,9 @@ def parse_scrolls_qasper(row: dict) -> tuple[str, str, str, list[str]]:
     text = row["input"]
     cut = text.find("\n\n")
     if cut < 0:
-        raise ValueError(f"qasper_public: row {row.get('pid') or row['id']} has no blank line between question and paper")
+        raise ValueError(
+            f"qasper_public: row {row.get('pid') or row['id']} has no blank line between question and paper"
+        )
     return row.get("pid") or row["id"], text[cut + 2 :].strip(), text[:cut].strip(), [row["output"]]
 
 
@@ -451,11 +706,30 @@ _SCROLLS_QASPER = HubSource("tau/scrolls", "qasper", "validation")
 _register("qasper_public", _SCROLLS_QASPER, parse_scrolls_qasper, "f1_match", 128)
 _register("qasper_full", _SCROLLS_QASPER, parse_scrolls_qasper, "f1_match", 128, sample=False)
 # LongBench's multifieldqa_en and 2wikimqa as the public loaders read them: every row, in file order.
-_register("multifieldqa_en_public", HubSource(_LONGBENCH, "multifieldqa_en", "test", rows=150), parse_longbench,
-          "f1_match", 64, sample=False)
-_register("twowikimqa_public", HubSource(_LONGBENCH, "2wikimqa", "test", rows=200), parse_longbench, "f1_match", 32,
-          sample=False)
+_register(
+    "multifieldqa_en_public",
+    HubSource(_LONGBENCH, "multifieldqa_en", "test", rows=150),
+    parse_longbench,
+    "f1_match",
+    64,
+    sample=False,
+)
+_register(
+    "twowikimqa_public",
+    HubSource(_LONGBENCH, "2wikimqa", "test", rows=200),
+    parse_longbench,
+    "f1_match",
+    32,
+    sample=False,
+)
 # What `preset: kvcomm_public` reads instead of each task (results keep the task's own label).
-PUBLIC_TASKS = {"hotpotqa": "hotpotqa_public", "musique": "musique_public", "hotpotqa_ms": "hotpotqa_ms_public",
-                "musique_ms": "musique_ms_public", "twowikimqa_ms": "twowikimqa_ms_public",
-                "multifieldqa_en": "multifieldqa_en_public", "twowikimqa": "twowikimqa_public", "qasper": "qasper_public"}
+PUBLIC_TASKS = {
+    "hotpotqa": "hotpotqa_public",
+    "musique": "musique_public",
+    "hotpotqa_ms": "hotpotqa_ms_public",
+    "musique_ms": "musique_ms_public",
+    "twowikimqa_ms": "twowikimqa_ms_public",
+    "multifieldqa_en": "multifieldqa_en_public",
+    "twowikimqa": "twowikimqa_public",
+    "qasper": "qasper_public",
+}

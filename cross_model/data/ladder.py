@@ -23,30 +23,133 @@ from cross_model.data.base import (
 )
 
 WORDS = (
-    "apple", "river", "candle", "violin", "tiger", "pencil", "garden", "rocket", "mirror", "castle", "anchor",
-    "blanket", "cactus", "dolphin", "engine", "feather", "glacier", "hammer", "island", "jacket", "kettle",
-    "lantern", "magnet", "needle", "orchid", "parrot", "quilt", "saddle", "tunnel", "umbrella", "velvet",
-    "wallet", "yogurt", "zipper", "balloon", "compass", "diamond", "falcon", "guitar", "harbor", "igloo",
-    "jungle", "ladder", "meadow", "noodle", "oyster", "pepper", "rabbit", "salmon", "teapot", "walnut",
-    "bridge", "cherry", "desert", "forest", "helmet", "lemon", "marble", "planet", "silver", "thunder",
-    "window", "button", "carpet", "dragon", "pillow", "spider", "tomato", "basket", "circus", "donkey",
-    "finger", "ginger", "honey", "insect", "jigsaw", "koala", "lizard", "monkey", "nickel", "orange",
-    "peanut", "radish", "sugar", "turtle", "valley", "whistle", "copper", "banana", "cotton", "puzzle",
+    "apple",
+    "river",
+    "candle",
+    "violin",
+    "tiger",
+    "pencil",
+    "garden",
+    "rocket",
+    "mirror",
+    "castle",
+    "anchor",
+    "blanket",
+    "cactus",
+    "dolphin",
+    "engine",
+    "feather",
+    "glacier",
+    "hammer",
+    "island",
+    "jacket",
+    "kettle",
+    "lantern",
+    "magnet",
+    "needle",
+    "orchid",
+    "parrot",
+    "quilt",
+    "saddle",
+    "tunnel",
+    "umbrella",
+    "velvet",
+    "wallet",
+    "yogurt",
+    "zipper",
+    "balloon",
+    "compass",
+    "diamond",
+    "falcon",
+    "guitar",
+    "harbor",
+    "igloo",
+    "jungle",
+    "ladder",
+    "meadow",
+    "noodle",
+    "oyster",
+    "pepper",
+    "rabbit",
+    "salmon",
+    "teapot",
+    "walnut",
+    "bridge",
+    "cherry",
+    "desert",
+    "forest",
+    "helmet",
+    "lemon",
+    "marble",
+    "planet",
+    "silver",
+    "thunder",
+    "window",
+    "button",
+    "carpet",
+    "dragon",
+    "pillow",
+    "spider",
+    "tomato",
+    "basket",
+    "circus",
+    "donkey",
+    "finger",
+    "ginger",
+    "honey",
+    "insect",
+    "jigsaw",
+    "koala",
+    "lizard",
+    "monkey",
+    "nickel",
+    "orange",
+    "peanut",
+    "radish",
+    "sugar",
+    "turtle",
+    "valley",
+    "whistle",
+    "copper",
+    "banana",
+    "cotton",
+    "puzzle",
 )
 PHRASINGS = (
-    "The secret word is {w}.", "Remember this: the secret word is {w}.", "Here is the secret word: {w}.",
-    "The secret word for today is {w}.", "Note that the secret word is {w}.", "Keep it quiet, the secret word is {w}.",
-    "Someone whispered that the secret word is {w}.", "The secret word, written on the card, is {w}.",
+    "The secret word is {w}.",
+    "Remember this: the secret word is {w}.",
+    "Here is the secret word: {w}.",
+    "The secret word for today is {w}.",
+    "Note that the secret word is {w}.",
+    "Keep it quiet, the secret word is {w}.",
+    "Someone whispered that the secret word is {w}.",
+    "The secret word, written on the card, is {w}.",
 )
 KEYS = (
-    "color of the box", "name of the dog", "city of the meeting", "day of the party", "fruit in the bowl",
-    "animal in the barn", "metal of the ring", "flower in the vase", "tool on the bench", "drink on the table",
+    "color of the box",
+    "name of the dog",
+    "city of the meeting",
+    "day of the party",
+    "fruit in the bowl",
+    "animal in the barn",
+    "metal of the ring",
+    "flower in the vase",
+    "tool on the bench",
+    "drink on the table",
 )
 VALUES = {
     "color of the box": ("red", "blue", "green", "yellow", "purple", "orange", "black", "white"),
     "name of the dog": ("Rex", "Bella", "Max", "Luna", "Charlie", "Daisy", "Rocky", "Milo"),
     "city of the meeting": ("Paris", "Tokyo", "Cairo", "Lima", "Oslo", "Rome", "Dublin", "Seoul"),
-    "day of the party": ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"),
+    "day of the party": (
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ),
     "fruit in the bowl": ("apple", "pear", "plum", "mango", "peach", "grape", "kiwi", "lime"),
     "animal in the barn": ("cow", "horse", "goat", "sheep", "pig", "duck", "hen", "donkey"),
     "metal of the ring": ("gold", "silver", "copper", "iron", "tin", "nickel", "zinc", "steel"),
@@ -69,9 +172,14 @@ def _secret_pool(seed: int) -> list[tuple[int, str]]:
 def _secret_example(seed: int, split: str, i: int, item: tuple[int, str]) -> Example:
     p, w = item
     return Example(
-        example_id=f"secret_word-s{seed}-{split}-{i:04d}", prompt_A=PHRASINGS[p].format(w=w),
-        prompt_B="What is the secret word?", answers=(w,), task="secret_word",
-        max_new_tokens=SECRET_WORD.max_new_tokens, metric="exact_match", meta={"candidates": list(WORDS)},
+        example_id=f"secret_word-s{seed}-{split}-{i:04d}",
+        prompt_A=PHRASINGS[p].format(w=w),
+        prompt_B="What is the secret word?",
+        answers=(w,),
+        task="secret_word",
+        max_new_tokens=SECRET_WORD.max_new_tokens,
+        metric="exact_match",
+        meta={"candidates": list(WORDS)},
     )
 
 
@@ -92,21 +200,35 @@ def _lookup_example(seed: int, split: str, i: int, item) -> Example:
     facts, asked = item
     key, value = facts[asked]
     return Example(
-        example_id=f"fact_lookup-s{seed}-{split}-{i:04d}", prompt_A=" ".join(f"The {k} is {v}." for k, v in facts),
-        prompt_B=f"What is the {key}?", answers=(value,), task="fact_lookup",
-        max_new_tokens=FACT_LOOKUP.max_new_tokens, metric="exact_match", meta={"candidates": list(VALUES[key])},
+        example_id=f"fact_lookup-s{seed}-{split}-{i:04d}",
+        prompt_A=" ".join(f"The {k} is {v}." for k, v in facts),
+        prompt_B=f"What is the {key}?",
+        answers=(value,),
+        task="fact_lookup",
+        max_new_tokens=FACT_LOOKUP.max_new_tokens,
+        metric="exact_match",
+        meta={"candidates": list(VALUES[key])},
     )
 
 
-_POOLS = {"secret_word": (_secret_pool, _secret_example), "fact_lookup": (_lookup_pool, _lookup_example)}
+_POOLS = {
+    "secret_word": (_secret_pool, _secret_example),
+    "fact_lookup": (_lookup_pool, _lookup_example),
+}
 
 
 def _builder(name: str):
     pool_of, make = _POOLS[name]
 
-    def build(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
-        test, calib = front_and_back(pool_of(seed), n_test, n_calib, name, test_region=TEST_REGIONS[name])
-        return [make(seed, "test", i, x) for i, x in enumerate(test)], [make(seed, "calib", i, x) for i, x in enumerate(calib)]
+    def build(
+        n_test: int, n_calib: int, seed: int, path: str | None = None
+    ) -> tuple[list[Example], list[Example]]:
+        test, calib = front_and_back(
+            pool_of(seed), n_test, n_calib, name, test_region=TEST_REGIONS[name]
+        )
+        return [make(seed, "test", i, x) for i, x in enumerate(test)], [
+            make(seed, "calib", i, x) for i, x in enumerate(calib)
+        ]
 
     return build
 
@@ -123,12 +245,26 @@ def training_rows(name: str):
     return train
 
 
-SECRET_WORD = register_task(Task(
-    "secret_word", "exact_match", 5, 100, _builder("secret_word"), train=training_rows("secret_word"),
-    description=f"copy rung: 'The secret word is X.' in {len(PHRASINGS)} phrasings x {len(WORDS)} words",
-))
-FACT_LOOKUP = register_task(Task(
-    "fact_lookup", "exact_match", 5, 100, _builder("fact_lookup"), train=training_rows("fact_lookup"),
-    description="lookup rung: 2-4 key/value facts, one asked",
-))
+SECRET_WORD = register_task(
+    Task(
+        "secret_word",
+        "exact_match",
+        5,
+        100,
+        _builder("secret_word"),
+        train=training_rows("secret_word"),
+        description=f"copy rung: 'The secret word is X.' in {len(PHRASINGS)} phrasings x {len(WORDS)} words",
+    )
+)
+FACT_LOOKUP = register_task(
+    Task(
+        "fact_lookup",
+        "exact_match",
+        5,
+        100,
+        _builder("fact_lookup"),
+        train=training_rows("fact_lookup"),
+        description="lookup rung: 2-4 key/value facts, one asked",
+    )
+)
 LADDER_TASKS = tuple(_POOLS)

@@ -39,17 +39,62 @@ Instructions:
 The correct answer is"""
 
 MMLU_REDUX_SUBJECTS = (
-    "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge", "college_biology",
-    "college_chemistry", "college_computer_science", "college_mathematics", "college_medicine", "college_physics",
-    "computer_security", "conceptual_physics", "econometrics", "electrical_engineering", "elementary_mathematics",
-    "formal_logic", "global_facts", "high_school_biology", "high_school_chemistry", "high_school_computer_science",
-    "high_school_european_history", "high_school_geography", "high_school_government_and_politics",
-    "high_school_macroeconomics", "high_school_mathematics", "high_school_microeconomics", "high_school_physics",
-    "high_school_psychology", "high_school_statistics", "high_school_us_history", "high_school_world_history",
-    "human_aging", "human_sexuality", "international_law", "jurisprudence", "logical_fallacies", "machine_learning",
-    "management", "marketing", "medical_genetics", "miscellaneous", "moral_disputes", "moral_scenarios", "nutrition",
-    "philosophy", "prehistory", "professional_accounting", "professional_law", "professional_medicine",
-    "professional_psychology", "public_relations", "security_studies", "sociology", "us_foreign_policy", "virology",
+    "abstract_algebra",
+    "anatomy",
+    "astronomy",
+    "business_ethics",
+    "clinical_knowledge",
+    "college_biology",
+    "college_chemistry",
+    "college_computer_science",
+    "college_mathematics",
+    "college_medicine",
+    "college_physics",
+    "computer_security",
+    "conceptual_physics",
+    "econometrics",
+    "electrical_engineering",
+    "elementary_mathematics",
+    "formal_logic",
+    "global_facts",
+    "high_school_biology",
+    "high_school_chemistry",
+    "high_school_computer_science",
+    "high_school_european_history",
+    "high_school_geography",
+    "high_school_government_and_politics",
+    "high_school_macroeconomics",
+    "high_school_mathematics",
+    "high_school_microeconomics",
+    "high_school_physics",
+    "high_school_psychology",
+    "high_school_statistics",
+    "high_school_us_history",
+    "high_school_world_history",
+    "human_aging",
+    "human_sexuality",
+    "international_law",
+    "jurisprudence",
+    "logical_fallacies",
+    "machine_learning",
+    "management",
+    "marketing",
+    "medical_genetics",
+    "miscellaneous",
+    "moral_disputes",
+    "moral_scenarios",
+    "nutrition",
+    "philosophy",
+    "prehistory",
+    "professional_accounting",
+    "professional_law",
+    "professional_medicine",
+    "professional_psychology",
+    "public_relations",
+    "security_studies",
+    "sociology",
+    "us_foreign_policy",
+    "virology",
     "world_religions",
 )
 
@@ -58,11 +103,17 @@ def lettered(choices: list[str]) -> str:
     return "".join(f"{chr(65 + i)}. {c}\n" for i, c in enumerate(choices))
 
 
-def choice_item(rid: str, question: str, choices: list[str], gold: int) -> tuple[str, str, str, list[str]]:
+def choice_item(
+    rid: str, question: str, choices: list[str], gold: int
+) -> tuple[str, str, str, list[str]]:
     """(id, A's context, B's prompt, [gold letter, gold text]) of one multiple-choice row."""
     block = lettered(choices)
-    return rid, f"{question}\n\nChoices:\n{block}".rstrip(), TEMPLATE.format(question=question, choices=block), \
-        [LETTERS[gold], choices[gold]]
+    return (
+        rid,
+        f"{question}\n\nChoices:\n{block}".rstrip(),
+        TEMPLATE.format(question=question, choices=block),
+        [LETTERS[gold], choices[gold]],
+    )
 
 
 def _row_id(*parts: str) -> str:
@@ -101,17 +152,44 @@ def keyed_gold(row: dict) -> int | None:
 
 def parse_keyed(question_field: str):
     def parse(row: dict) -> tuple[str, str, str, list[str]]:
-        return choice_item(str(row["id"]), row[question_field], list(row["choices"]["text"]), keyed_gold(row))
+        return choice_item(
+            str(row["id"]), row[question_field], list(row["choices"]["text"]), keyed_gold(row)
+        )
+
     return parse
 
 
 CHOICE_TOKENS = 16  # "The correct answer is" continues with a letter and perhaps its text
-_register("mmlu_redux", HubSource("edinburgh-dawg/mmlu-redux-2.0", MMLU_REDUX_SUBJECTS, "test"), parse_mmlu_redux,
-          "choice_letter", CHOICE_TOKENS, kind=CHOICE, sample=False, keep=lambda r: mmlu_redux_gold(r) is not None,
-          candidates_of=lambda r: list(r["choices"]))
-_register("arc_challenge", HubSource("allenai/ai2_arc", "ARC-Challenge", "test"), parse_keyed("question"),
-          "choice_letter", CHOICE_TOKENS, kind=CHOICE, sample=False, keep=lambda r: keyed_gold(r) is not None,
-          candidates_of=lambda r: list(r["choices"]["text"]))
-_register("openbookqa", HubSource("allenai/openbookqa", "main", "test"), parse_keyed("question_stem"),
-          "choice_letter", CHOICE_TOKENS, kind=CHOICE, sample=False, keep=lambda r: keyed_gold(r) is not None,
-          candidates_of=lambda r: list(r["choices"]["text"]))
+_register(
+    "mmlu_redux",
+    HubSource("edinburgh-dawg/mmlu-redux-2.0", MMLU_REDUX_SUBJECTS, "test"),
+    parse_mmlu_redux,
+    "choice_letter",
+    CHOICE_TOKENS,
+    kind=CHOICE,
+    sample=False,
+    keep=lambda r: mmlu_redux_gold(r) is not None,
+    candidates_of=lambda r: list(r["choices"]),
+)
+_register(
+    "arc_challenge",
+    HubSource("allenai/ai2_arc", "ARC-Challenge", "test"),
+    parse_keyed("question"),
+    "choice_letter",
+    CHOICE_TOKENS,
+    kind=CHOICE,
+    sample=False,
+    keep=lambda r: keyed_gold(r) is not None,
+    candidates_of=lambda r: list(r["choices"]["text"]),
+)
+_register(
+    "openbookqa",
+    HubSource("allenai/openbookqa", "main", "test"),
+    parse_keyed("question_stem"),
+    "choice_letter",
+    CHOICE_TOKENS,
+    kind=CHOICE,
+    sample=False,
+    keep=lambda r: keyed_gold(r) is not None,
+    candidates_of=lambda r: list(r["choices"]["text"]),
+)

@@ -12,7 +12,9 @@ def task_rows(name: str, n_rows: int, seed: int, path: str | None) -> list[Examp
     task = get_task(name)
     if task.train is None:
         keeping = [t for t in available_tasks() if get_task(t).train is not None]
-        raise ValueError(f"task {name!r} keeps no rows for training; train on one that does: {', '.join(keeping)}")
+        raise ValueError(
+            f"task {name!r} keeps no rows for training; train on one that does: {', '.join(keeping)}"
+        )
     return task.train(n_rows, seed, path)
 
 
@@ -25,5 +27,7 @@ def check_disjoint(rows: list[Example], held_out: list[Example], what: str) -> N
     """Refuse training rows that are, by content, test or calibration items of the run."""
     clash = {content(e) for e in held_out} & {content(e) for e in rows}
     if clash:
-        raise ValueError(f"{what}: {len(clash)} training rows are test or calibration items of this run, e.g. "
-                         f"{sorted(clash)[0]!r}")
+        raise ValueError(
+            f"{what}: {len(clash)} training rows are test or calibration items of this run, e.g. "
+            f"{sorted(clash)[0]!r}"
+        )

@@ -47,13 +47,19 @@ def two_hop_example(seed: int, split: str, index: int, person: str, landmark: st
         task=NAME,
         max_new_tokens=TWO_HOP.max_new_tokens,
         metric="f1_match",
-        meta={"candidates": COUNTRY_NAMES, "person": person, "landmark": landmark,
-              "distractors": [other_landmark, third_landmark]},
+        meta={
+            "candidates": COUNTRY_NAMES,
+            "person": person,
+            "landmark": landmark,
+            "distractors": [other_landmark, third_landmark],
+        },
         more_senders=(" ".join(where),),
     )
 
 
-def build_two_hop(n_test: int, n_calib: int, seed: int, path: str | None = None) -> tuple[list[Example], list[Example]]:
+def build_two_hop(
+    n_test: int, n_calib: int, seed: int, path: str | None = None
+) -> tuple[list[Example], list[Example]]:
     if path:
         raise ValueError(f"tasks.{NAME}: a generated task, it reads no file; drop `path`")
     indexed = list(enumerate(p for p in _countries_pairs(seed) if p[1] in UNNAMED))
@@ -65,6 +71,13 @@ def build_two_hop(n_test: int, n_calib: int, seed: int, path: str | None = None)
 
 
 TWO_HOP = register_task(
-    Task(NAME, "f1_match", 5, 200, build_two_hop, rows_available=len(PEOPLE) * len(UNNAMED),
-         description="two senders: who is at which landmark (A1), which country each landmark is in (A2)")
+    Task(
+        NAME,
+        "f1_match",
+        5,
+        200,
+        build_two_hop,
+        rows_available=len(PEOPLE) * len(UNNAMED),
+        description="two senders: who is at which landmark (A1), which country each landmark is in (A2)",
+    )
 )

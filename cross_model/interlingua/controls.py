@@ -43,28 +43,45 @@ def control_rows(rows: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[
                 nll = compare(mine, theirs, "gold_nll").to_dict()  # control - latent
                 acc = compare(theirs, mine, "score").to_dict()  # latent - control
                 lo = nll["ci95"][0]
-                out.append({
-                    "task": task, "method": m, "control": c, "receiver": receivers[m], "control_variant": variants[c], "n": len(shared),
-                    "nll": sum(mine[i]["gold_nll"] for i in shared) / len(shared),
-                    "control_nll": sum(theirs[i]["gold_nll"] for i in shared) / len(shared),
-                    "nll_gap": {k: nll[k] for k in ("diff", "ci95")},
-                    "accuracy_gain": acc,
-                    "first_token_acc": sum(mine[i].get("first_token_correct", 0) for i in shared) / len(shared),
-                    "control_first_token_acc": sum(theirs[i].get("first_token_correct", 0) for i in shared) / len(shared),
-                    "payload_bytes": sum(mine[i]["payload_bytes"] for i in shared) / len(shared),
-                    "text_bytes": sum(mine[i].get("text_bytes", 0) for i in shared) / len(shared),
-                    "information_crossed": lo > 0,
-                })
+                out.append(
+                    {
+                        "task": task,
+                        "method": m,
+                        "control": c,
+                        "receiver": receivers[m],
+                        "control_variant": variants[c],
+                        "n": len(shared),
+                        "nll": sum(mine[i]["gold_nll"] for i in shared) / len(shared),
+                        "control_nll": sum(theirs[i]["gold_nll"] for i in shared) / len(shared),
+                        "nll_gap": {k: nll[k] for k in ("diff", "ci95")},
+                        "accuracy_gain": acc,
+                        "first_token_acc": sum(
+                            mine[i].get("first_token_correct", 0) for i in shared
+                        )
+                        / len(shared),
+                        "control_first_token_acc": sum(
+                            theirs[i].get("first_token_correct", 0) for i in shared
+                        )
+                        / len(shared),
+                        "payload_bytes": sum(mine[i]["payload_bytes"] for i in shared)
+                        / len(shared),
+                        "text_bytes": sum(mine[i].get("text_bytes", 0) for i in shared)
+                        / len(shared),
+                        "information_crossed": lo > 0,
+                    }
+                )
     return out
 
 
 def format_controls(lines: list[dict[str, Any]]) -> str:
     if not lines:
         return ""
-    table = ["| task | latent method | control | n | bytes: latent / context as text | gold NLL latent / control "
-             "| control - latent NLL [95% CI] | first token % latent / control "
-             "| accuracy latent - control (points) [95% CI], McNemar p (Holm) | information crossed |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    table = [
+        "| task | latent method | control | n | bytes: latent / context as text | gold NLL latent / control "
+        "| control - latent NLL [95% CI] | first token % latent / control "
+        "| accuracy latent - control (points) [95% CI], McNemar p (Holm) | information crossed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     adjusted = holm_by_line(lines, "accuracy_gain")  # several controls in one table
     for x, p_holm in zip(lines, adjusted):
         g, a = x["nll_gap"], x["accuracy_gain"]
@@ -94,22 +111,39 @@ def joint_rows(rows: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[st
                 continue
             names = [k.removeprefix("score_") for k in answered[0] if k.startswith("score_")]
             n = len(joint)
-            out.append({
-                "task": task, "method": m, "n": n, "errors": n - len(answered),
-                "accuracy": sum(float(r["score"]) for r in answered) / n,
-                "oracle": sum(float(r["oracle_score"]) for r in answered) / n,
-                "receivers": {x: {"accuracy": sum(float(r[f"score_{x}"]) for r in answered) / n,
-                                  "kept": sum(r["joint_choice"] == x for r in answered) / n} for x in names},
-            })
+            out.append(
+                {
+                    "task": task,
+                    "method": m,
+                    "n": n,
+                    "errors": n - len(answered),
+                    "accuracy": sum(float(r["score"]) for r in answered) / n,
+                    "oracle": sum(float(r["oracle_score"]) for r in answered) / n,
+                    "receivers": {
+                        x: {
+                            "accuracy": sum(float(r[f"score_{x}"]) for r in answered) / n,
+                            "kept": sum(r["joint_choice"] == x for r in answered) / n,
+                        }
+                        for x in names
+                    },
+                }
+            )
     return out
 
 
 def format_joint(lines: list[dict[str, Any]]) -> str:
     if not lines:
         return ""
-    table = ["| task | method | n | joint accuracy % | receiver alone: accuracy % (answer kept %) | oracle accuracy % |",
-             "|---|---|---|---|---|---|"]
+    table = [
+        "| task | method | n | joint accuracy % | receiver alone: accuracy % (answer kept %) | oracle accuracy % |",
+        "|---|---|---|---|---|---|",
+    ]
     for x in lines:
-        alone = "; ".join(f"{name} {100 * v['accuracy']:.1f} ({100 * v['kept']:.0f})" for name, v in x["receivers"].items())
-        table.append(f"| {x['task']} | {x['method']} | {x['n']} | {100 * x['accuracy']:.1f} | {alone} | {100 * x['oracle']:.1f} |")
+        alone = "; ".join(
+            f"{name} {100 * v['accuracy']:.1f} ({100 * v['kept']:.0f})"
+            for name, v in x["receivers"].items()
+        )
+        table.append(
+            f"| {x['task']} | {x['method']} | {x['n']} | {100 * x['accuracy']:.1f} | {alone} | {100 * x['oracle']:.1f} |"
+        )
     return "\n".join(table)

@@ -20,7 +20,9 @@ def row_generator(seed: int, example_id: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-def nucleus_sample(logits_V: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+def nucleus_sample(
+    logits_V: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> int:
     """One token from the smallest set of most likely tokens whose probability reaches `top_p`, at
     `temperature`."""
     probs = torch.softmax(logits_V.float().cpu() / temperature, dim=-1)
@@ -31,8 +33,15 @@ def nucleus_sample(logits_V: torch.Tensor, temperature: float, top_p: float, gen
     return int(order[pick])
 
 
-def design_chooser(eos_ids: set[int], eos_ban_steps: int, sample_first: bool, temperature: float, top_p: float,
-                   seed: int, example_ids: list[str]) -> ChooseFn:
+def design_chooser(
+    eos_ids: set[int],
+    eos_ban_steps: int,
+    sample_first: bool,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    example_ids: list[str],
+) -> ChooseFn:
     """`greedy_generate`'s per-step rule for one batch: EOS masked for steps < `eos_ban_steps`; the first
     step sampled (`sample_first`), every later one greedy. Rows are the batch's, in `example_ids` order."""
     generators = [row_generator(seed, i) for i in example_ids] if sample_first else []
@@ -43,7 +52,10 @@ def design_chooser(eos_ids: set[int], eos_ban_steps: int, sample_first: bool, te
             logits_BV = logits_BV.clone()
             logits_BV[:, banned] = float("-inf")
         if step == 0 and sample_first:
-            picks = [nucleus_sample(logits_BV[i], temperature, top_p, generators[r]) for i, r in enumerate(rows)]
+            picks = [
+                nucleus_sample(logits_BV[i], temperature, top_p, generators[r])
+                for i, r in enumerate(rows)
+            ]
             return torch.tensor(picks, dtype=torch.long, device=logits_BV.device)
         return logits_BV.argmax(dim=-1)
 

@@ -28,7 +28,9 @@ class EncoderShape:
         return asdict(self)
 
 
-def encode_bytes(texts: list[str], max_bytes: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def encode_bytes(
+    texts: list[str], max_bytes: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded byte ids (B x L) and the mask of real bytes. An empty text is one PAD byte, counted
     as real (attention over nothing would be NaN)."""
     rows = [list(t.encode("utf-8"))[:max_bytes] for t in texts]
@@ -75,8 +77,15 @@ class InterlinguaEncoder(nn.Module):
             torch.manual_seed(seed)  # the same seed gives the same encoder, whatever ran before
             self.byte_embed = nn.Embedding(PAD + 1, d, padding_idx=PAD)
             self.positions = nn.Parameter(torch.randn(shape.max_bytes, d) * 0.02)
-            layer = nn.TransformerEncoderLayer(d, shape.heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True,
-                                               activation="gelu")
+            layer = nn.TransformerEncoderLayer(
+                d,
+                shape.heads,
+                4 * d,
+                dropout=0.0,
+                batch_first=True,
+                norm_first=True,
+                activation="gelu",
+            )
             # No nested-tensor fast path: it changes how padded rows are computed between train and eval.
             self.layers = nn.TransformerEncoder(layer, shape.layers, enable_nested_tensor=False)
             self.pooler = LatentPooler(shape.m, d, shape.heads)

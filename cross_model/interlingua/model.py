@@ -30,8 +30,12 @@ META_FILE = "interlingua.json"
 
 
 def receiver_record(lm: LoadedModel) -> dict[str, Any]:
-    return {"name": lm.info.name, "revision": lm.info.revision, "d_model": lm.info.hidden_size,
-            "target_rms": embedding_rms(lm)}
+    return {
+        "name": lm.info.name,
+        "revision": lm.info.revision,
+        "d_model": lm.info.hidden_size,
+        "target_rms": embedding_rms(lm),
+    }
 
 
 class TeacherCache:
@@ -45,8 +49,16 @@ class TeacherCache:
         self.rows: dict[tuple, torch.Tensor] = {}
         self.hits = self.misses = 0
 
-    def logits(self, lm: LoadedModel, r: int, contexts: list[str], questions: list[str], answers: list[str],
-               a_max: int, bos: bool | str) -> torch.Tensor:
+    def logits(
+        self,
+        lm: LoadedModel,
+        r: int,
+        contexts: list[str],
+        questions: list[str],
+        answers: list[str],
+        a_max: int,
+        bos: bool | str,
+    ) -> torch.Tensor:
         """B x a_max x V, row i's first len(answer_i) positions filled."""
         rows = []
         for key in zip([r] * len(contexts), contexts, questions, answers):
@@ -73,8 +85,14 @@ class LatentWire(nn.Module):
     """Encoder + adapters. The frozen receivers are kept outside the module tree (a plain list), so
     that DDP / DeepSpeed see, broadcast and reduce only what trains."""
 
-    def __init__(self, shape: EncoderShape, receivers: list[dict[str, Any]], calibrate: bool = True, seed: int = 0,
-                 bos_policy: str = "auto"):
+    def __init__(
+        self,
+        shape: EncoderShape,
+        receivers: list[dict[str, Any]],
+        calibrate: bool = True,
+        seed: int = 0,
+        bos_policy: str = "auto",
+    ):
         super().__init__()
         self.shape = shape
         self.bos_policy = bos_policy
@@ -82,9 +100,17 @@ class LatentWire(nn.Module):
         self.encoder = InterlinguaEncoder(shape, seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
-            self.adapters = nn.ModuleList(Adapter(shape.d_z, r["d_model"], r["target_rms"], calibrate) for r in receivers)
+            self.adapters = nn.ModuleList(
+                Adapter(shape.d_z, r["d_model"], r["target_rms"], calibrate) for r in receivers
+            )
         self.receivers: list[LoadedModel] = []  # attached for training and evaluation
-        self.loss_weights: dict[str, float] = {"first_weight": 0.0, "k_weight": 0.0, "k": 4, "kd_weight": 0.0, "tau": 1.0}
+        self.loss_weights: dict[str, float] = {
+            "first_weight": 0.0,
+            "k_weight": 0.0,
+            "k": 4,
+            "kd_weight": 0.0,
+            "tau": 1.0,
+        }
         self.teacher = TeacherCache(0)  # training sets its budget (interlingua.kd_cache_mb)
 
     def attach(self, receivers: list[LoadedModel]) -> "LatentWire":
@@ -94,15 +120,21 @@ class LatentWire(nn.Module):
         for lm in receivers:
             r = self.records[self.index_of(lm.info.name)]
             if lm.info.hidden_size != r["d_model"]:
-                raise ValueError(f"interlingua: {lm.info.name} has width {lm.info.hidden_size}, its adapter {r['d_model']}")
+                raise ValueError(
+                    f"interlingua: {lm.info.name} has width {lm.info.hidden_size}, its adapter {r['d_model']}"
+                )
             by_name[lm.info.name] = lm
-        object.__setattr__(self, "receivers", [by_name.get(r["name"]) for r in self.records])  # not submodules
+        object.__setattr__(
+            self, "receivers", [by_name.get(r["name"]) for r in self.records]
+        )  # not submodules
         return self
 
     def index_of(self, name: str) -> int:
         names = [r["name"] for r in self.records]
         if name not in names:
-            raise ValueError(f"interlingua: no adapter for receiver {name!r}; it was trained for {', '.join(names)}")
+            raise ValueError(
+                f"interlingua: no adapter for receiver {name!r}; it was trained for {', '.join(names)}"
+            )
         return names.index(name)
 
     def latent(self, contexts: list[str]) -> torch.Tensor:
@@ -112,7 +144,9 @@ class LatentWire(nn.Module):
     def receiver(self, r: int) -> LoadedModel:
         lm = self.receivers[r] if r < len(self.receivers) else None
         if lm is None:
-            raise ValueError(f"interlingua: receiver {self.records[r]['name']} is not loaded in this run")
+            raise ValueError(
+                f"interlingua: receiver {self.records[r]['name']} is not loaded in this run"
+            )
         return lm
 
     def bos(self, r: int) -> bool | str:
@@ -122,43 +156,69 @@ class LatentWire(nn.Module):
         lm = self.receiver(r)
         return self.adapters[r](z_BMZ.to(self.encoder.positions.device)).to(lm.device, lm.dtype)
 
-    def row_losses(self, z_BMZ: torch.Tensor, r: int, questions: list[str], answers: list[str],
-                   contexts: list[str] | None = None) -> dict[str, torch.Tensor]:
+    def row_losses(
+        self,
+        z_BMZ: torch.Tensor,
+        r: int,
+        questions: list[str],
+        answers: list[str],
+        contexts: list[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Per row, from one forward of receiver r: the weighted CE, gold NLL and (with contexts and
         kd_weight > 0) distillation from the same receiver reading the context as text."""
         lm, w = self.receiver(r), self.loss_weights
         soft = self.soft_tokens(z_BMZ, r)
         a = answer_logits(lm, compose(lm, list(soft), questions, answers, self.bos(r)))
-        out = {"ce": weighted_ce(a, w["first_weight"], w["k_weight"], int(w["k"])), "nll": gold_nll(a)}
+        out = {
+            "ce": weighted_ce(a, w["first_weight"], w["k_weight"], int(w["k"])),
+            "nll": gold_nll(a),
+        }
         loss = out["ce"]
         if contexts is not None and w["kd_weight"] > 0:
-            teacher = self.teacher.logits(lm, r, contexts, questions, answers, a.logits_BAV.shape[1], self.bos(r))
+            teacher = self.teacher.logits(
+                lm, r, contexts, questions, answers, a.logits_BAV.shape[1], self.bos(r)
+            )
             out["kd"] = distillation(a, teacher, w["tau"])
             loss = loss + w["kd_weight"] * out["kd"]
         out["loss"] = loss
         return out
 
-    def forward(self, contexts: list[str], questions: list[str], answers: list[str]) -> torch.Tensor:
+    def forward(
+        self, contexts: list[str], questions: list[str], answers: list[str]
+    ) -> torch.Tensor:
         """Per-row training loss, the mean over receivers (float32, on the encoder's device)."""
         z = self.latent(contexts)
         dev = self.encoder.positions.device
-        total = [self.row_losses(z, r, questions, answers, contexts)["loss"].to(dev) for r in range(len(self.receivers))]
+        total = [
+            self.row_losses(z, r, questions, answers, contexts)["loss"].to(dev)
+            for r in range(len(self.receivers))
+        ]
         return torch.stack(total).mean(0)
 
 
-def load_latentwire(directory: str | Path, receivers: list[LoadedModel]) -> tuple[LatentWire, dict[str, Any]]:
+def load_latentwire(
+    directory: str | Path, receivers: list[LoadedModel]
+) -> tuple[LatentWire, dict[str, Any]]:
     """A finished interlingua with `receivers` attached, refused when its files fail their checksums or
     it was made for other receivers or widths."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
     if not (directory / META_FILE).exists() or not (directory / WEIGHTS_FILE).exists():
-        raise FileNotFoundError(f"no interlingua in {directory} (expected {META_FILE} and {WEIGHTS_FILE})")
+        raise FileNotFoundError(
+            f"no interlingua in {directory} (expected {META_FILE} and {WEIGHTS_FILE})"
+        )
     if (directory / META).exists() and verify(directory)[0] is None:
-        raise ValueError(f"interlingua {directory} is damaged: {verify(directory)[1]}; delete it and train again")
+        raise ValueError(
+            f"interlingua {directory} is damaged: {verify(directory)[1]}; delete it and train again"
+        )
     meta = json.loads((directory / META_FILE).read_text())
-    net = LatentWire(EncoderShape(**meta["shape"]), meta["receivers"], meta.get("calibrate", True),
-                     bos_policy=meta.get("bos_policy", "auto"))
+    net = LatentWire(
+        EncoderShape(**meta["shape"]),
+        meta["receivers"],
+        meta.get("calibrate", True),
+        bos_policy=meta.get("bos_policy", "auto"),
+    )
     net.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
     net.attach(receivers)
     return net.eval().requires_grad_(False), meta

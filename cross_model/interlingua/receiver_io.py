@@ -31,10 +31,12 @@ IGNORE = -100
 
 def adds_bos(lm: LoadedModel) -> bool:
     """The BOS policy: a receiver whose tokenizer starts every text with BOS gets it first."""
+
     def compute() -> bool:
         bos = lm.tokenizer.bos_token_id
         ids = lm.tokenizer("a")["input_ids"]
         return bos is not None and len(ids) > 0 and ids[0] == bos
+
     return lm.cached("interlingua_adds_bos", compute)
 
 
@@ -51,7 +53,9 @@ def use_bos(lm: LoadedModel, policy: str = "auto") -> bool | str:
         return adds_bos(lm)
     if policy in ("always", "after_prefix"):
         if lm.tokenizer.bos_token_id is None:
-            raise ValueError(f"interlingua.bos: {policy}, but {lm.info.name} has no BOS token; use auto or never")
+            raise ValueError(
+                f"interlingua.bos: {policy}, but {lm.info.name} has no BOS token; use auto or never"
+            )
         return True if policy == "always" else AFTER_PREFIX
     if policy == "never":
         return False
@@ -60,9 +64,14 @@ def use_bos(lm: LoadedModel, policy: str = "auto") -> bool | str:
 
 def embedding_rms(lm: LoadedModel) -> float:
     """RMS of `get_input_embeddings()` over the whole vocabulary (what soft tokens are scaled to)."""
+
     def compute() -> float:
         emb = lm.model.get_input_embeddings()
-        n = emb.num_embeddings if hasattr(emb, "num_embeddings") else lm.model.config.get_text_config().vocab_size
+        n = (
+            emb.num_embeddings
+            if hasattr(emb, "num_embeddings")
+            else lm.model.config.get_text_config().vocab_size
+        )
         total, count = 0.0, 0
         with torch.inference_mode():
             for start in range(0, n, 8192):
@@ -71,6 +80,7 @@ def embedding_rms(lm: LoadedModel) -> float:
                 total += float((x * x).sum())
                 count += x.numel()
         return (total / count) ** 0.5
+
     return lm.cached("interlingua_embedding_rms", compute)
 
 
@@ -83,7 +93,9 @@ def embed_ids(lm: LoadedModel, ids: list[int]) -> torch.Tensor:
 def eos_id(lm: LoadedModel) -> int:
     eos = lm.tokenizer.eos_token_id
     if eos is None:
-        raise ValueError(f"interlingua: receiver {lm.info.name} has no EOS token to end answers with")
+        raise ValueError(
+            f"interlingua: receiver {lm.info.name} has no EOS token to end answers with"
+        )
     return int(eos)
 
 
@@ -135,8 +147,13 @@ class Composed:
         return max(len(a) for a in self.answer_ids) + 1 if self.answer_ids else 1
 
 
-def compose(lm: LoadedModel, prefixes: list[torch.Tensor], questions: list[str], answers: list[str] | None = None,
-            bos: bool | str | None = None) -> Composed:
+def compose(
+    lm: LoadedModel,
+    prefixes: list[torch.Tensor],
+    questions: list[str],
+    answers: list[str] | None = None,
+    bos: bool | str | None = None,
+) -> Composed:
     """`[BOS?][prefix][question][answer + EOS]` per row, left-padded. `prefixes`: n_i x D each (soft
     tokens or embedded ids; gradients flow through them). `bos`: None follows the tokenizer; True first;
     `AFTER_PREFIX` between the prefix and the question."""
@@ -160,14 +177,18 @@ def compose(lm: LoadedModel, prefixes: list[torch.Tensor], questions: list[str],
     mask = torch.zeros(len(rows), width, dtype=torch.long, device=lm.device)
     padded = []
     for i, r in enumerate(rows):
-        padded.append(torch.cat([r.new_zeros(width - r.shape[0], d), r]) if r.shape[0] < width else r)
+        padded.append(
+            torch.cat([r.new_zeros(width - r.shape[0], d), r]) if r.shape[0] < width else r
+        )
         mask[i, width - r.shape[0] :] = 1
     embeds = torch.stack(padded)
     lengths = [r.shape[0] - (len(answer_ids[i]) if answer_ids else 0) for i, r in enumerate(rows)]
     return Composed(embeds, mask, positions_from_mask(mask), answer_ids, lengths)
 
 
-def text_prefixes(lm: LoadedModel, contexts: list[str], max_tokens: int | None = None) -> tuple[list[torch.Tensor], list[int]]:
+def text_prefixes(
+    lm: LoadedModel, contexts: list[str], max_tokens: int | None = None
+) -> tuple[list[torch.Tensor], list[int]]:
     """The contexts' embedded ids (the first `max_tokens` of each: the token budget) and their counts."""
     out, counts = [], []
     for c in contexts:
@@ -197,9 +218,16 @@ def answer_logits(lm: LoadedModel, c: Composed) -> AnswerLogits:
     if c.answer_ids is None:
         raise ValueError("answer_logits: the composed rows have no answers")
     keep = c.keep
-    out = lm.model(inputs_embeds=c.embeds_BTD, attention_mask=c.mask_BT, position_ids=c.positions_BT,
-                   use_cache=False, logits_to_keep=keep)
-    logits = out.logits  # B x keep x V; column keep - 1 is each row's last position (EOS, predicts nothing)
+    out = lm.model(
+        inputs_embeds=c.embeds_BTD,
+        attention_mask=c.mask_BT,
+        position_ids=c.positions_BT,
+        use_cache=False,
+        logits_to_keep=keep,
+    )
+    logits = (
+        out.logits
+    )  # B x keep x V; column keep - 1 is each row's last position (EOS, predicts nothing)
     a_max = keep - 1
     lens = torch.tensor([len(a) for a in c.answer_ids], device=logits.device)
     t = torch.arange(a_max, device=logits.device)
@@ -219,20 +247,26 @@ def token_nll(a: AnswerLogits) -> torch.Tensor:
     return -logp.gather(-1, gold[:, :, None])[:, :, 0] * a.valid_BA
 
 
-def answer_weights(valid_BA: torch.Tensor, first_weight: float, k_weight: float, k: int) -> torch.Tensor:
+def answer_weights(
+    valid_BA: torch.Tensor, first_weight: float, k_weight: float, k: int
+) -> torch.Tensor:
     """1 per answer token, + first_weight on the first, + k_weight on each of the first k."""
     t = torch.arange(valid_BA.shape[1], device=valid_BA.device)[None, :]
     w = 1.0 + first_weight * (t == 0).float() + k_weight * (t < k).float()
     return w * valid_BA
 
 
-def weighted_ce(a: AnswerLogits, first_weight: float = 0.0, k_weight: float = 0.0, k: int = 4) -> torch.Tensor:
+def weighted_ce(
+    a: AnswerLogits, first_weight: float = 0.0, k_weight: float = 0.0, k: int = 4
+) -> torch.Tensor:
     """Per-row weighted cross-entropy on the answer (EOS included); a row's value never depends on others."""
     w = answer_weights(a.valid_BA, first_weight, k_weight, k)
     return (token_nll(a) * w).sum(-1) / w.sum(-1)
 
 
-def distillation(student: AnswerLogits, teacher_logits_BAV: torch.Tensor, tau: float) -> torch.Tensor:
+def distillation(
+    student: AnswerLogits, teacher_logits_BAV: torch.Tensor, tau: float
+) -> torch.Tensor:
     """Per row: tau^2 x mean over answer positions of KL(teacher/tau || student/tau)."""
     t = torch.log_softmax(teacher_logits_BAV.float() / tau, dim=-1)
     s = torch.log_softmax(student.logits_BAV.float() / tau, dim=-1)
@@ -252,18 +286,36 @@ def first_token_correct(a: AnswerLogits) -> torch.Tensor:
 # --- decoding -----------------------------------------------------------------------------------------
 
 
-def decode_answers(lm: LoadedModel, prefixes: list[torch.Tensor], questions: list[str], limits: list[int],
-                   bos: bool | str | None = None, choose: ChooseFn | None = None) -> tuple[GenerationResult, list[int]]:
+def decode_answers(
+    lm: LoadedModel,
+    prefixes: list[torch.Tensor],
+    questions: list[str],
+    limits: list[int],
+    bos: bool | str | None = None,
+    choose: ChooseFn | None = None,
+) -> tuple[GenerationResult, list[int]]:
     """Greedy answers (or `choose`'s) after `[BOS?][prefix][question]`; also each row's prompt length."""
     c = compose(lm, [p.detach() for p in prefixes], questions, bos=bos)
-    gen = greedy_generate(lm, None, c.mask_BT, max(limits), inputs_embeds_BTD=c.embeds_BTD, max_new_tokens_B=limits,
-                          choose=choose)
+    gen = greedy_generate(
+        lm,
+        None,
+        c.mask_BT,
+        max(limits),
+        inputs_embeds_BTD=c.embeds_BTD,
+        max_new_tokens_B=limits,
+        choose=choose,
+    )
     return gen, c.prompt_lengths
 
 
 @torch.inference_mode()
-def answer_scores(lm: LoadedModel, prefixes: list[torch.Tensor], questions: list[str], answers: list[str],
-                  bos: bool | str | None = None) -> torch.Tensor:
+def answer_scores(
+    lm: LoadedModel,
+    prefixes: list[torch.Tensor],
+    questions: list[str],
+    answers: list[str],
+    bos: bool | str | None = None,
+) -> torch.Tensor:
     """Length-normalised log-probability of each row's answer (EOS included): joint rescoring's score."""
     a = answer_logits(lm, compose(lm, prefixes, questions, answers, bos))
     return -gold_nll(a)

@@ -50,9 +50,28 @@ from cross_model.training.trainables import Trainable, TrainOutcome, TrainReques
 
 log = logging.getLogger(__name__)
 
-RECIPE_KEYS = ("n_train", "n_heldout", "steps", "batch_size", "lr", "encoder_lr", "weight_decay", "warmup_steps", "schedule",
-               "grad_clip", "first_weight", "k_weight", "k_tokens", "kd_weight", "tau", "calibrate", "bos", "engine",
-               "zero_stage", "seed")
+RECIPE_KEYS = (
+    "n_train",
+    "n_heldout",
+    "steps",
+    "batch_size",
+    "lr",
+    "encoder_lr",
+    "weight_decay",
+    "warmup_steps",
+    "schedule",
+    "grad_clip",
+    "first_weight",
+    "k_weight",
+    "k_tokens",
+    "kd_weight",
+    "tau",
+    "calibrate",
+    "bos",
+    "engine",
+    "zero_stage",
+    "seed",
+)
 
 
 # --- what is trained on --------------------------------------------------------------------------------
@@ -67,8 +86,10 @@ def training_data(cfg: Any) -> tuple[list[Example], list[Example]]:
     train, held, taken = [], [], []
     for name in names:
         if name not in by_name:
-            raise ValueError(f"interlingua.train_tasks: {name!r} is not among the configured tasks "
-                             f"({', '.join(by_name)}); add it under tasks:")
+            raise ValueError(
+                f"interlingua.train_tasks: {name!r} is not among the configured tasks "
+                f"({', '.join(by_name)}); add it under tasks:"
+            )
         t = by_name[name]
         seed = t.seed if t.seed is not None else cfg.seed
         test, calib = load_task_examples(t.name, t.n_test, t.n_calib, seed, t.path)
@@ -92,16 +113,28 @@ def receiver_names(cfg: Any) -> list[str]:
 
 
 def shape_of(ic: InterlinguaConfig) -> EncoderShape:
-    return EncoderShape(m=ic.m, d_z=ic.d_z, layers=ic.layers, heads=ic.heads, max_bytes=ic.max_bytes)
+    return EncoderShape(
+        m=ic.m, d_z=ic.d_z, layers=ic.layers, heads=ic.heads, max_bytes=ic.max_bytes
+    )
 
 
 def identity_of(cfg: Any) -> dict[str, Any]:
     """What a checkpoint must match to be resumed or used: receivers, shape, recipe and data."""
     ic = cfg.interlingua
     recipe = {k: getattr(ic, k) for k in RECIPE_KEYS if k != "seed"}
-    data = [(t.name, t.seed, t.path) for t in cfg.tasks if t.key in (ic.train_tasks or [x.key for x in cfg.tasks])]
-    return {"receivers": receiver_names(cfg), "shape": shape_of(ic).to_dict(), **recipe,
-            "seed": interlingua_seed(cfg), "data": json.loads(json.dumps(data)), **cfg.models.template_identity()}
+    data = [
+        (t.name, t.seed, t.path)
+        for t in cfg.tasks
+        if t.key in (ic.train_tasks or [x.key for x in cfg.tasks])
+    ]
+    return {
+        "receivers": receiver_names(cfg),
+        "shape": shape_of(ic).to_dict(),
+        **recipe,
+        "seed": interlingua_seed(cfg),
+        "data": json.loads(json.dumps(data)),
+        **cfg.models.template_identity(),
+    }
 
 
 def checkpoint_root(cfg: Any) -> Path:
@@ -112,7 +145,10 @@ def checkpoint_root(cfg: Any) -> Path:
 def interlingua_dir(cfg: Any) -> Path:
     ident = identity_of(cfg)
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
-    return checkpoint_root(cfg) / f"latentwire__{'+'.join(directory_slug(n)[-24:] for n in ident['receivers'])}__{digest}"
+    return (
+        checkpoint_root(cfg)
+        / f"latentwire__{'+'.join(directory_slug(n)[-24:] for n in ident['receivers'])}__{digest}"
+    )
 
 
 def final_dir(cfg: Any) -> Path:
@@ -130,7 +166,11 @@ def heldout_stats(net: LatentWire, rows: list[Example], batch_size: int) -> dict
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, nll true, nll shuffled, rows
     for i in range(0, len(mine), batch_size):
         chunk = mine[i : i + batch_size]
-        contexts, qs, ans = [e.prompt_A for e in chunk], [question_text(e) for e in chunk], [answer_text(e) for e in chunk]
+        contexts, qs, ans = (
+            [e.prompt_A for e in chunk],
+            [question_text(e) for e in chunk],
+            [answer_text(e) for e in chunk],
+        )
         z = net.latent(contexts)
         for r in range(len(net.receivers)):
             true = net.row_losses(z, r, qs, ans, contexts)
@@ -141,7 +181,11 @@ def heldout_stats(net: LatentWire, rows: list[Example], batch_size: int) -> dict
         sums[3] += len(chunk)
     total = all_reduce_sum(sums) if is_initialized() else sums
     n = max(total[3], 1.0)
-    return {"heldout_loss": total[0] / n, "heldout_nll": total[1] / n, "heldout_nll_shuffled": total[2] / n}
+    return {
+        "heldout_loss": total[0] / n,
+        "heldout_nll": total[1] / n,
+        "heldout_nll_shuffled": total[2] / n,
+    }
 
 
 # --- the loop ---------------------------------------------------------------------------------------------
@@ -169,16 +213,28 @@ class _Engine:
             try:
                 import deepspeed
             except ImportError as err:
-                raise ImportError("interlingua.engine: deepspeed needs DeepSpeed: `DS_BUILD_OPS=0 pip install "
-                                  "--no-build-isolation -r requirements-deepspeed.txt` (or engine: ddp)") from err
+                raise ImportError(
+                    "interlingua.engine: deepspeed needs DeepSpeed: `DS_BUILD_OPS=0 pip install "
+                    "--no-build-isolation -r requirements-deepspeed.txt` (or engine: ddp)"
+                ) from err
 
             micro = math.ceil(ic.batch_size / world)
-            config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
-                      "train_batch_size": micro * world, "zero_optimization": {"stage": ic.zero_stage},
-                      "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
-            if ic.grad_clip > 0:  # DeepSpeed clips the global norm over every rank's partition itself
+            config = {
+                "train_micro_batch_size_per_gpu": micro,
+                "gradient_accumulation_steps": 1,
+                "train_batch_size": micro * world,
+                "zero_optimization": {"stage": ic.zero_stage},
+                "zero_allow_untested_optimizer": True,
+                "steps_per_print": 10**9,
+                "wall_clock_breakdown": False,
+            }
+            if (
+                ic.grad_clip > 0
+            ):  # DeepSpeed clips the global norm over every rank's partition itself
                 config["gradient_clipping"] = ic.grad_clip
-            self.ds, self.opt, _, _ = deepspeed.initialize(model=net, optimizer=self.opt, config=config)
+            self.ds, self.opt, _, _ = deepspeed.initialize(
+                model=net, optimizer=self.opt, config=config
+            )
             self.model = self.ds
         elif is_initialized():
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -187,7 +243,9 @@ class _Engine:
 
     def schedule(self, step: int) -> None:
         """The learning rate of the step about to be taken (`step` counts from 0)."""
-        set_learning_rate(self.opt, self.base_lrs, step, self.ic.warmup_steps, self.ic.steps, self.ic.schedule)
+        set_learning_rate(
+            self.opt, self.base_lrs, step, self.ic.warmup_steps, self.ic.steps, self.ic.schedule
+        )
 
     def step(self, loss: torch.Tensor) -> None:
         if self.ds is not None:
@@ -198,8 +256,12 @@ class _Engine:
             return
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.ic.grad_clip > 0:  # DDP's gradients are already the ranks' mean: every rank clips alike
-            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], self.ic.grad_clip)
+        if (
+            self.ic.grad_clip > 0
+        ):  # DDP's gradients are already the ranks' mean: every rank clips alike
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in self.opt.param_groups for p in g["params"]], self.ic.grad_clip
+            )
         self.opt.step()
 
     def optimizer_state(self) -> dict[str, Any]:
@@ -207,20 +269,31 @@ class _Engine:
         one checkpoint holds all of them (resumable at the same world size)."""
         if self.ds is None or self.ds.zero_optimization_stage() == 0:
             return {"torch": self.opt.state_dict()}
-        return {"zero_per_rank": gather_object(plain_zero_state(self.opt.state_dict())), "world_size": get_world_size()}
+        return {
+            "zero_per_rank": gather_object(plain_zero_state(self.opt.state_dict())),
+            "world_size": get_world_size(),
+        }
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        if ("zero_per_rank" in state) != (self.ds is not None and self.ds.zero_optimization_stage() > 0):
-            raise ValueError("interlingua: the checkpoint's optimizer state was saved under another engine or ZeRO "
-                             "stage; resume with the same interlingua.engine / zero_stage")
+        if ("zero_per_rank" in state) != (
+            self.ds is not None and self.ds.zero_optimization_stage() > 0
+        ):
+            raise ValueError(
+                "interlingua: the checkpoint's optimizer state was saved under another engine or ZeRO "
+                "stage; resume with the same interlingua.engine / zero_stage"
+            )
         if "torch" in state:
             self.opt.load_state_dict(state["torch"])
             return
         if state["world_size"] != get_world_size():
-            raise ValueError(f"interlingua: ZeRO optimizer state was partitioned over {state['world_size']} ranks, this "
-                             f"run has {get_world_size()}; resume with the same number of processes")
+            raise ValueError(
+                f"interlingua: ZeRO optimizer state was partitioned over {state['world_size']} ranks, this "
+                f"run has {get_world_size()}; resume with the same number of processes"
+            )
         # Our weights are fp32, so the fp32 partitions the optimizer updates are restored from the state too.
-        self.opt.load_state_dict(state["zero_per_rank"], load_optimizer_states=True, load_from_fp32_weights=True)
+        self.opt.load_state_dict(
+            state["zero_per_rank"], load_optimizer_states=True, load_from_fp32_weights=True
+        )
 
 
 # What a ZeRO-1/2 optimizer's state_dict holds besides plain data, and why it can be left out: our
@@ -237,8 +310,10 @@ def plain_zero_state(state: dict[str, Any]) -> dict[str, Any]:
     `load_state_dict` restores (it keeps its own loss scaler when the state has none). Dynamic loss
     scaling (fp16) carries state in its scaler object, so it is refused rather than lost."""
     if state.get("dynamic_loss_scale"):
-        raise ValueError("interlingua: DeepSpeed's dynamic loss scaling (fp16) keeps its state in an object our "
-                         "checkpoints do not store; train in fp32 or bf16")
+        raise ValueError(
+            "interlingua: DeepSpeed's dynamic loss scaling (fp16) keeps its state in an object our "
+            "checkpoints do not store; train in fp32 or bf16"
+        )
     out = {k: v for k, v in state.items() if k not in _ZERO_OBJECTS}
 
     def check(value: Any, where: str) -> None:
@@ -249,25 +324,38 @@ def plain_zero_state(state: dict[str, Any]) -> dict[str, Any]:
             for i, v in enumerate(value):
                 check(v, f"{where}[{i}]")
         elif not (value is None or isinstance(value, (torch.Tensor, bool, int, float, str))):
-            raise TypeError(f"interlingua: the ZeRO optimizer state holds a {type(value).__name__} at {where}, "
-                            f"which a weights-only checkpoint cannot store; add it to _ZERO_OBJECTS with the reason "
-                            f"it can be left out, or convert it")
+            raise TypeError(
+                f"interlingua: the ZeRO optimizer state holds a {type(value).__name__} at {where}, "
+                f"which a weights-only checkpoint cannot store; add it to _ZERO_OBJECTS with the reason "
+                f"it can be left out, or convert it"
+            )
 
     check(out, "state")
     return out
 
 
 def fit_interlingua(
-    net: LatentWire, train: list[Example], held: list[Example], ic: InterlinguaConfig, identity: dict[str, Any],
-    directory: Path, device: torch.device, stop: StopFlag | None = None,
+    net: LatentWire,
+    train: list[Example],
+    held: list[Example],
+    ic: InterlinguaConfig,
+    identity: dict[str, Any],
+    directory: Path,
+    device: torch.device,
+    stop: StopFlag | None = None,
     log_metrics: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[int, LatentWire], None] | None = None,
 ) -> TrainedInterlingua:
     """Train `net` (receivers attached) on `train`, resuming from the newest checkpoint in `directory`.
     Collective: every rank calls it with the same arguments."""
     world = get_world_size()
-    net.loss_weights = {"first_weight": ic.first_weight, "k_weight": ic.k_weight, "k": ic.k_tokens,
-                        "kd_weight": ic.kd_weight, "tau": ic.tau}
+    net.loss_weights = {
+        "first_weight": ic.first_weight,
+        "k_weight": ic.k_weight,
+        "k": ic.k_tokens,
+        "kd_weight": ic.kd_weight,
+        "tau": ic.tau,
+    }
     net.teacher = TeacherCache(ic.kd_cache_mb * 2**20)
     net.to(device).train()
     engine = _Engine(net, ic, world, device)
@@ -276,29 +364,75 @@ def fit_interlingua(
 
     def loss(step: int, rows: list[int], batch_rows: int) -> torch.Tensor:
         mine = [train[i] for i in rows]
-        losses = engine.model([e.prompt_A for e in mine], [question_text(e) for e in mine], [answer_text(e) for e in mine])
+        losses = engine.model(
+            [e.prompt_A for e in mine],
+            [question_text(e) for e in mine],
+            [answer_text(e) for e in mine],
+        )
         return losses.sum() / batch_rows * world
 
     def heldout(at: int) -> dict[str, Any]:
         net.eval()
-        stats = {"step": at, "epoch": at / steps_per_epoch, **heldout_stats(net, held, ic.batch_size)}
+        stats = {
+            "step": at,
+            "epoch": at / steps_per_epoch,
+            **heldout_stats(net, held, ic.batch_size),
+        }
         net.train()
-        log.info("interlingua: step %d/%d held-out loss %.4f  gold NLL %.4f (another row's latent: %.4f)",
-                 at, ic.steps, stats["heldout_loss"], stats["heldout_nll"], stats["heldout_nll_shuffled"])
+        log.info(
+            "interlingua: step %d/%d held-out loss %.4f  gold NLL %.4f (another row's latent: %.4f)",
+            at,
+            ic.steps,
+            stats["heldout_loss"],
+            stats["heldout_nll"],
+            stats["heldout_nll_shuffled"],
+        )
         t = net.teacher
         if ic.kd_weight > 0 and t.hits + t.misses:
-            log.info("interlingua: teacher logits: %d rows kept (%.0f MB), %.0f%% of lookups served from them",
-                     len(t.rows), t.used / 2**20, 100 * t.hits / (t.hits + t.misses))
+            log.info(
+                "interlingua: teacher logits: %d rows kept (%.0f MB), %.0f%% of lookups served from them",
+                len(t.rows),
+                t.used / 2**20,
+                100 * t.hits / (t.hits + t.misses),
+            )
         return stats
 
-    job = TrainJob("interlingua", f"train interlingua -> {', '.join(identity['receivers'])}", directory, net, loss,
-                   engine.step, engine.optimizer_state, engine.load_optimizer_state, len(train), ic.batch_size, ic.steps,
-                   identity["seed"], ic.checkpoint_every, ic.keep_last, sidecar, tuple(identity),
-                   heldout=heldout if held else None, heldout_every=ic.eval_every, heldout_at_start=True, stop=stop,
-                   on_step=on_step, log_metrics=log_metrics, schedule=engine.schedule)
+    job = TrainJob(
+        "interlingua",
+        f"train interlingua -> {', '.join(identity['receivers'])}",
+        directory,
+        net,
+        loss,
+        engine.step,
+        engine.optimizer_state,
+        engine.load_optimizer_state,
+        len(train),
+        ic.batch_size,
+        ic.steps,
+        identity["seed"],
+        ic.checkpoint_every,
+        ic.keep_last,
+        sidecar,
+        tuple(identity),
+        heldout=heldout if held else None,
+        heldout_every=ic.eval_every,
+        heldout_at_start=True,
+        stop=stop,
+        on_step=on_step,
+        log_metrics=log_metrics,
+        schedule=engine.schedule,
+    )
     done = train_loop(job)
-    meta = {**sidecar, "history": done.history, "final_step": done.step, "receivers": net.records,
-            "shape": net.shape.to_dict(), "calibrate": ic.calibrate, "bos_policy": net.bos_policy, "identity": identity}
+    meta = {
+        **sidecar,
+        "history": done.history,
+        "final_step": done.step,
+        "receivers": net.records,
+        "shape": net.shape.to_dict(),
+        "calibrate": ic.calibrate,
+        "bos_policy": net.bos_policy,
+        "identity": identity,
+    }
     if is_main():
         publish_final(net, directory / FINAL, meta)
     barrier()
@@ -306,8 +440,10 @@ def fit_interlingua(
 
 
 def publish_final(net: LatentWire, target: Path, meta: dict[str, Any]) -> None:
-    files = {WEIGHTS_FILE: {k: v.detach().cpu() for k, v in net.state_dict().items()},
-             META_FILE: json.dumps(meta, indent=2, sort_keys=True)}
+    files = {
+        WEIGHTS_FILE: {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        META_FILE: json.dumps(meta, indent=2, sort_keys=True),
+    }
     publish_once(target, files, meta)
 
 
@@ -327,17 +463,51 @@ def train_interlingua(request: TrainRequest, methods: list[tuple[str, Any]]) -> 
             lm.model.requires_grad_(False)
         identity = identity_of(cfg)
         train, held = training_data(cfg)
-        net = LatentWire(shape_of(ic), [receiver_record(lm) for lm in receivers], ic.calibrate, identity["seed"], ic.bos)
+        net = LatentWire(
+            shape_of(ic),
+            [receiver_record(lm) for lm in receivers],
+            ic.calibrate,
+            identity["seed"],
+            ic.bos,
+        )
         net.attach(receivers)
-        log.info("interlingua: M=%d d_z=%d, %d encoder layers, %d trainable parameters; %d training / %d held-out rows; "
-                 "receivers %s; engine %s", ic.m, ic.d_z, ic.layers, sum(p.numel() for p in net.parameters()),
-                 len(train), len(held), ", ".join(identity["receivers"]), ic.engine)
-        trained = fit_interlingua(net, train, held, ic, identity, directory, receivers[0].device, stop=request.stop,
-                                  log_metrics=request.log_metrics)
-    record = {"directory": str(trained.directory / FINAL), "history": trained.meta.get("history", []),
-              "identity": trained.meta.get("identity", {}), "loaded_final": trained.loaded_final}
+        log.info(
+            "interlingua: M=%d d_z=%d, %d encoder layers, %d trainable parameters; %d training / %d held-out rows; "
+            "receivers %s; engine %s",
+            ic.m,
+            ic.d_z,
+            ic.layers,
+            sum(p.numel() for p in net.parameters()),
+            len(train),
+            len(held),
+            ", ".join(identity["receivers"]),
+            ic.engine,
+        )
+        trained = fit_interlingua(
+            net,
+            train,
+            held,
+            ic,
+            identity,
+            directory,
+            receivers[0].device,
+            stop=request.stop,
+            log_metrics=request.log_metrics,
+        )
+    record = {
+        "directory": str(trained.directory / FINAL),
+        "history": trained.meta.get("history", []),
+        "identity": trained.meta.get("identity", {}),
+        "loaded_final": trained.loaded_final,
+    }
     return TrainOutcome({name: trained.directory / FINAL for name, _ in methods}, record)
 
 
-TRAINABLE = Trainable("interlingua", "interlingua", "interlingua", "interlingua.json", train_interlingua,
-                      lambda request, name, params: final_dir(request.cfg))
+TRAINABLE = Trainable(
+    "interlingua",
+    "interlingua",
+    "interlingua",
+    "interlingua.json",
+    train_interlingua,
+    lambda request, name, params: final_dir(request.cfg),
+)

@@ -39,11 +39,15 @@ def check_bits(bits: int, dtype: str) -> None:
     if dtype not in DTYPES:
         raise ValueError(f"latent wire: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if bits != dtype_bits(dtype) and bits not in QUANT_BITS:
-        raise ValueError(f"latent wire: bits must be {dtype_bits(dtype)} ({dtype}, raw) or one of {QUANT_BITS}, got {bits}")
+        raise ValueError(
+            f"latent wire: bits must be {dtype_bits(dtype)} ({dtype}, raw) or one of {QUANT_BITS}, got {bits}"
+        )
 
 
 def _header(m: int, d_z: int, bits: int, dtype: str) -> bytes:
-    return json.dumps({"m": m, "d_z": d_z, "bits": bits, "dtype": dtype}, sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps(
+        {"m": m, "d_z": d_z, "bits": bits, "dtype": dtype}, sort_keys=True, separators=(",", ":")
+    ).encode()
 
 
 def payload_size(m: int, d_z: int, bits: int, dtype: str = "float16") -> int:
@@ -75,8 +79,11 @@ def encode(z_MD: torch.Tensor, bits: int, dtype: str = "float16") -> bytes:
         body = z.to(DTYPES[dtype]).contiguous().view(torch.uint8).numpy().tobytes()
     else:
         codes, scale, zero = quantize(z.float(), bits, (1,))
-        body = (pack_bits(codes.numpy(), bits) + scale.contiguous().view(torch.uint8).numpy().tobytes()
-                + zero.contiguous().view(torch.uint8).numpy().tobytes())
+        body = (
+            pack_bits(codes.numpy(), bits)
+            + scale.contiguous().view(torch.uint8).numpy().tobytes()
+            + zero.contiguous().view(torch.uint8).numpy().tobytes()
+        )
     return frame(MAGIC, VERSION, _header(m, d_z, bits, dtype), body)
 
 
@@ -85,11 +92,24 @@ def decode(blob: bytes) -> torch.Tensor:
     h, start = read_frame(blob, MAGIC, VERSION, "latent payload")
     m, d_z, bits, dtype = h["m"], h["d_z"], h["bits"], h["dtype"]
     if payload_size(m, d_z, bits, dtype) != len(blob):
-        raise PayloadError(f"latent payload: {len(blob)} bytes where its header describes {payload_size(m, d_z, bits, dtype)}")
+        raise PayloadError(
+            f"latent payload: {len(blob)} bytes where its header describes {payload_size(m, d_z, bits, dtype)}"
+        )
     body = blob[start : -_CRC.size]
     if bits == dtype_bits(dtype):
-        return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(DTYPES[dtype]).reshape(m, d_z).float()
+        return (
+            torch.frombuffer(bytearray(body), dtype=torch.uint8)
+            .view(DTYPES[dtype])
+            .reshape(m, d_z)
+            .float()
+        )
     n_codes = math.ceil(m * d_z * bits / 8)
-    codes = torch.from_numpy(unpack_bits(body[:n_codes], bits, m * d_z).astype(np.uint8)).reshape(m, d_z)
-    scales = torch.frombuffer(bytearray(body[n_codes:]), dtype=torch.uint8).view(torch.float16).reshape(2, m, 1)
+    codes = torch.from_numpy(unpack_bits(body[:n_codes], bits, m * d_z).astype(np.uint8)).reshape(
+        m, d_z
+    )
+    scales = (
+        torch.frombuffer(bytearray(body[n_codes:]), dtype=torch.uint8)
+        .view(torch.float16)
+        .reshape(2, m, 1)
+    )
     return dequantize(codes, scales[0], scales[1], torch.float32)

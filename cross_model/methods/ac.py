@@ -34,12 +34,20 @@ CONTROLS = (None, "random")
 class ACParams(MethodParams):
     mode: str = field(default="replace", metadata={"help": "replace, sum or mean"})
     k: int = field(default=26, metadata={"help": "sender layer: hidden_states[k] (0 = embeddings)"})
-    j: int = field(default=26, metadata={"help": "receiver block whose incoming residual is edited"})
+    j: int = field(
+        default=26, metadata={"help": "receiver block whose incoming residual is edited"}
+    )
     projection: str | None = field(
-        default=None, metadata={"help": "null (slicing rule), 'train' (fitted by the train stage) or a checkpoint dir"}
+        default=None,
+        metadata={
+            "help": "null (slicing rule), 'train' (fitted by the train stage) or a checkpoint dir"
+        },
     )
     control: str | None = field(
-        default=None, metadata={"help": "null, or 'random': A's vector replaced by a random one of the same norm"}
+        default=None,
+        metadata={
+            "help": "null, or 'random': A's vector replaced by a random one of the same norm"
+        },
     )
 
     def validate(self, prefix: str) -> None:
@@ -57,7 +65,9 @@ def random_like(a_BD: torch.Tensor, example_ids: list[str]) -> torch.Tensor:
     rows = []
     for a_D, key in zip(a_BD.float(), example_ids):
         seed = int.from_bytes(hashlib.sha256(f"ac-control:{key}".encode()).digest()[:8], "little")
-        r = torch.randn(a_D.shape[-1], generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        r = torch.randn(
+            a_D.shape[-1], generator=torch.Generator().manual_seed(seed), dtype=torch.float32
+        )
         rows.append(r * (a_D.cpu().norm() / r.norm()))
     return torch.stack(rows).to(a_BD.device, a_BD.dtype)
 
@@ -92,14 +102,22 @@ class ActivationCommunication(Method):
         check_layer(self.pair.sender, self.params.k, f"methods.{self.name}.k")
         check_layer(self.pair.receiver, self.params.j, f"methods.{self.name}.j", allow_last=False)
         self.projection = None
-        source = self.trained or (self.params.projection if self.params.projection != "train" else None)
+        source = self.trained or (
+            self.params.projection if self.params.projection != "train" else None
+        )
         if source is not None:
             self.set_projection_from(source)
 
     def set_projection_from(self, directory: str) -> None:
         s, r = self.pair.sender.info, self.pair.receiver.info
-        expected = {"sender": s.name, "receiver": r.name, "k": self.params.k, "j": self.params.j,
-                    "d_in": s.hidden_size, "d_out": r.hidden_size}
+        expected = {
+            "sender": s.name,
+            "receiver": r.name,
+            "k": self.params.k,
+            "j": self.params.j,
+            "d_in": s.hidden_size,
+            "d_out": r.hidden_size,
+        }
         self.projection, _ = load_projection(directory, expected)
         self.projection.to(self.pair.receiver.device)
 
@@ -108,7 +126,9 @@ class ActivationCommunication(Method):
         return self.sender_prefill(examples).hidden_last[self.params.k]
 
     def sender_prefill(self, examples: list[Example]) -> Prefill:
-        return self.prefill(self.pair.sender, [sender_text(e) for e in examples], layers=self.params.k)
+        return self.prefill(
+            self.pair.sender, [sender_text(e) for e in examples], layers=self.params.k
+        )
 
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         pre = self.sender_prefill(examples)
@@ -116,17 +136,29 @@ class ActivationCommunication(Method):
         if self.params.control == "random":
             a_BD = random_like(a_BD, [e.example_id for e in examples])
         sent_bytes = a_BD.shape[-1] * a_BD.element_size()
-        message = self.projection(a_BD).to(self.pair.receiver.dtype) if self.projection is not None else a_BD
+        message = (
+            self.projection(a_BD).to(self.pair.receiver.dtype)
+            if self.projection is not None
+            else a_BD
+        )
         message = message.to(self.pair.receiver.device)
         edit = lambda b_BD: combine(self.params.mode, message, b_BD)  # noqa: E731
         gen, lengths = self.answer_with(
-            self.pair.receiver, [receiver_text(e) for e in examples], examples,
+            self.pair.receiver,
+            [receiver_text(e) for e in examples],
+            examples,
             prefill_context=lambda: residual_edit(self.pair.receiver, self.params.j, edit),
         )
         return [
             Prediction(
-                e.example_id, text, sent_bytes, sender_prefill_tokens=n_a,
-                receiver_prefill_tokens=n_b, receiver_generated_tokens=n_out,
+                e.example_id,
+                text,
+                sent_bytes,
+                sender_prefill_tokens=n_a,
+                receiver_prefill_tokens=n_b,
+                receiver_generated_tokens=n_out,
             )
-            for e, text, n_a, n_b, n_out in zip(examples, gen.texts, pre.prompt_lengths, lengths, gen.n_generated)
+            for e, text, n_a, n_b, n_out in zip(
+                examples, gen.texts, pre.prompt_lengths, lengths, gen.n_generated
+            )
         ]

@@ -13,8 +13,12 @@ class Baseline(Method):
     multi_sender = True  # no sender is read, so any number of them
 
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
-        gen, lengths = self.answer_with(self.pair.receiver, [baseline_text(e) for e in examples], examples, reuse=True)
+        gen, lengths = self.answer_with(
+            self.pair.receiver, [baseline_text(e) for e in examples], examples, reuse=True
+        )
         return [
-            Prediction(e.example_id, text, 0, receiver_prefill_tokens=n_in, receiver_generated_tokens=n_out)
+            Prediction(
+                e.example_id, text, 0, receiver_prefill_tokens=n_in, receiver_generated_tokens=n_out
+            )
             for e, text, n_in, n_out in zip(examples, gen.texts, lengths, gen.n_generated)
         ]

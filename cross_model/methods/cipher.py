@@ -46,10 +46,17 @@ from cross_model.surgery import embed_ids, input_embeddings
 
 @dataclass
 class CipherParams(DebateParams):
-    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the expected embedding"})
-    eos: str = field(default="all", metadata={"help": "which ids end a message: all (the tokenizer's and the generation "
-                                                      "config's) or tokenizer (its one id, as the public code; preset "
-                                                      "kvcomm_public)"})
+    temperature: float = field(
+        default=1.0, metadata={"help": "softmax temperature of the expected embedding"}
+    )
+    eos: str = field(
+        default="all",
+        metadata={
+            "help": "which ids end a message: all (the tokenizer's and the generation "
+            "config's) or tokenizer (its one id, as the public code; preset "
+            "kvcomm_public)"
+        },
+    )
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
@@ -78,7 +85,9 @@ def message_eos_ids(lm: LoadedModel, rule: str = "all") -> list[int]:
     a message: only <|end_of_text|> does)."""
     if rule == "tokenizer":
         if lm.tokenizer.eos_token_id is None:
-            raise ValueError(f"cipher eos: tokenizer: {lm.info.name}'s tokenizer has no eos_token_id; use eos: all")
+            raise ValueError(
+                f"cipher eos: tokenizer: {lm.info.name}'s tokenizer has no eos_token_id; use eos: all"
+            )
         return [int(lm.tokenizer.eos_token_id)]
     return sorted(eos_token_ids(lm))
 
@@ -86,19 +95,33 @@ def message_eos_ids(lm: LoadedModel, rule: str = "all") -> list[int]:
 def vector_tables(lm: LoadedModel, eos_rule: str = "all") -> VectorTables:
     def build() -> VectorTables:
         table = input_embeddings(lm)
-        table = table.to(torch.promote_types(table.dtype, torch.float32))  # a copy only when narrower
+        table = table.to(
+            torch.promote_types(table.dtype, torch.float32)
+        )  # a copy only when narrower
         inv = 1.0 / table.norm(dim=-1).clamp(min=1e-12)
         return VectorTables(table, inv, torch.tensor([], dtype=torch.long, device=table.device))
 
     shared = lm.cached("cipher_tables", build)  # the large parts, once per model whatever the rule
-    return lm.cached(f"cipher_tables_{eos_rule}", lambda: VectorTables(
-        shared.table_VD, shared.inv_norm_V, torch.tensor(message_eos_ids(lm, eos_rule), device=shared.table_VD.device)))
+    return lm.cached(
+        f"cipher_tables_{eos_rule}",
+        lambda: VectorTables(
+            shared.table_VD,
+            shared.inv_norm_V,
+            torch.tensor(message_eos_ids(lm, eos_rule), device=shared.table_VD.device),
+        ),
+    )
 
 
 @torch.inference_mode()
 def vector_generate(
-    lm: LoadedModel, prompts_BTD: torch.Tensor | None, mask_BT: torch.Tensor | None, max_steps: int,
-    temperature: float, recompute: bool = False, start: Prefill | None = None, eos_rule: str = "all",
+    lm: LoadedModel,
+    prompts_BTD: torch.Tensor | None,
+    mask_BT: torch.Tensor | None,
+    max_steps: int,
+    temperature: float,
+    recompute: bool = False,
+    start: Prefill | None = None,
+    eos_rule: str = "all",
 ) -> tuple[list[torch.Tensor], list[int]]:
     """Expected-embedding messages from embedded, left-padded prompts. Returns per row its vectors
     (n_i x D, EOS excluded) and the steps it ran. With `start`, the prompts were prefilled already
@@ -106,10 +129,16 @@ def vector_generate(
     tables = vector_tables(lm, eos_rule)
     table_VD, work = tables.table_VD, tables.table_VD.dtype
     if start is not None and recompute:
-        raise ValueError("vector_generate: recompute=True needs the whole prompt, not a prefilled one")
+        raise ValueError(
+            "vector_generate: recompute=True needs the whole prompt, not a prefilled one"
+        )
     if start is not None:
         cache, pos, mask, embeds = start.cache(), start.position_ids, start.full_mask, None
-        bsz, dtype, width = mask.shape[0], lm.model.get_input_embeddings().weight.dtype, lm.info.hidden_size
+        bsz, dtype, width = (
+            mask.shape[0],
+            lm.model.get_input_embeddings().weight.dtype,
+            lm.info.hidden_size,
+        )
     else:
         bsz, dtype, width = prompts_BTD.shape[0], prompts_BTD.dtype, prompts_BTD.shape[-1]
         cache = None if recompute else DynamicCache()
@@ -118,7 +147,9 @@ def vector_generate(
 
     def step(inputs_BTD: torch.Tensor, pos_BT: torch.Tensor) -> torch.Tensor:
         if recompute:
-            return default_forward(lm, None, mask, positions_from_mask(mask), inputs_embeds_BTD=embeds)
+            return default_forward(
+                lm, None, mask, positions_from_mask(mask), inputs_embeds_BTD=embeds
+            )
         return default_forward(lm, cache, mask, pos_BT, inputs_embeds_BTD=inputs_BTD)
 
     logits = start.logits if start is not None else step(embeds, pos)
@@ -148,7 +179,10 @@ def vector_generate(
         mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=mask.device)], dim=1)
         logits = step(new_BTD, next_pos[:, None])
         next_pos = next_pos + 1
-    return [torch.stack(v) if v else torch.zeros((0, width), dtype=dtype, device=mask.device) for v in vectors], steps
+    return [
+        torch.stack(v) if v else torch.zeros((0, width), dtype=dtype, device=mask.device)
+        for v in vectors
+    ], steps
 
 
 def pad_embeddings_left(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +206,10 @@ class Cipher(Method):
     def check_pair(self) -> None:
         b = self.pair.receiver
         for a in self.pair.senders:
-            if a.info.hidden_size != b.info.hidden_size or a.tokenizer.get_vocab() != b.tokenizer.get_vocab():
+            if (
+                a.info.hidden_size != b.info.hidden_size
+                or a.tokenizer.get_vocab() != b.tokenizer.get_vocab()
+            ):
                 raise ValueError(
                     f"methods.{self.name}: CIPHER needs one vocabulary and one embedding width for both models; "
                     f"{a.info.name} has vocab {a.info.vocab_size} x {a.info.hidden_size}, {b.info.name} has "
@@ -186,13 +223,16 @@ class Cipher(Method):
             return [(models[0], slice(0, rows))]
         return [(lm, slice(j * n, (j + 1) * n)) for j, lm in enumerate(models)]
 
-    def _refinement_embeds(self, lm: LoadedModel, prompt: str, own: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
+    def _refinement_embeds(
+        self, lm: LoadedModel, prompt: str, own: torch.Tensor, others: list[torch.Tensor]
+    ) -> torch.Tensor:
         """Chat-wrapped refinement prompt with the vector messages spliced into its text."""
         head, rest = self._refinement_parts(lm, prompt, own, others)
         return torch.cat([embed_ids(lm, head).to(rest.dtype), rest], dim=0)
 
-    def _refinement_parts(self, lm: LoadedModel, prompt: str, own: torch.Tensor,
-                          others: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
+    def _refinement_parts(
+        self, lm: LoadedModel, prompt: str, own: torch.Tensor, others: list[torch.Tensor]
+    ) -> tuple[list[int], torch.Tensor]:
         """The refinement prompt as (token ids before the first message, embeddings of the rest): one's
         own vectors, then each other agent's under its header (`debate.refinement_parts`)."""
         texts = refinement_parts(prompt, len(others))
@@ -210,14 +250,20 @@ class Cipher(Method):
         parts.append(embed_ids(lm, gap_ids[-1]))
         return encode_texts(lm, [head])[0], torch.cat([x.to(dtype) for x in parts], dim=0)
 
-    def _final_answer(self, lm: LoadedModel, parts: list[tuple[list[int], torch.Tensor]], limits: list[int]):
+    def _final_answer(
+        self, lm: LoadedModel, parts: list[tuple[list[int], torch.Tensor]], limits: list[int]
+    ):
         """B's answer to its refinement prompts; the text every row starts with is prefilled once."""
         heads = [h for h, _ in parts]
         p = shared_prefix_length(heads) if self.params.share_prefix and len(heads) > 1 else 0
-        if p < MIN_SHARED or not self.prefix_cache.fits_window(lm, [len(h) + len(r) for h, r in parts]):
+        if p < MIN_SHARED or not self.prefix_cache.fits_window(
+            lm, [len(h) + len(r) for h, r in parts]
+        ):
             p = 0
         dtype = lm.model.get_input_embeddings().weight.dtype
-        emb, mask = pad_embeddings_left([torch.cat([embed_ids(lm, h[p:]).to(dtype), rest]) for h, rest in parts])
+        emb, mask = pad_embeddings_left(
+            [torch.cat([embed_ids(lm, h[p:]).to(dtype), rest]) for h, rest in parts]
+        )
         kw: dict[str, Any] = {}
         if p:
             n = len(parts)
@@ -226,11 +272,16 @@ class Cipher(Method):
                 past_mask_BP=torch.ones((n, p), dtype=mask.dtype, device=mask.device),
                 position_offset_B=torch.full((n,), p, dtype=torch.long, device=mask.device),
             )
-        return greedy_generate(lm, None, mask, max(limits), inputs_embeds_BTD=emb, max_new_tokens_B=limits, **kw)
+        return greedy_generate(
+            lm, None, mask, max(limits), inputs_embeds_BTD=emb, max_new_tokens_B=limits, **kw
+        )
 
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         p = self.params
-        a, b = self.pair.sender, self.pair.receiver  # every sender has B's width and vocabulary (check_pair)
+        a, b = (
+            self.pair.sender,
+            self.pair.receiver,
+        )  # every sender has B's width and vocabulary (check_pair)
         n, senders = len(examples), sender_count(examples)
         # One row per (sender, item), sender-major: row j*n + i is sender j of item i.
         views = [e.as_sender(j) for j in range(senders) for e in examples]
@@ -245,35 +296,53 @@ class Cipher(Method):
         a_vecs, a_steps, a_len = [], [], []
         for lm, part in groups:
             a_pre = self.prefill(lm, a_prompts[part])
-            vecs, steps = vector_generate(lm, None, None, p.nld_max_tokens, p.temperature, start=a_pre, eos_rule=p.eos)
+            vecs, steps = vector_generate(
+                lm, None, None, p.nld_max_tokens, p.temperature, start=a_pre, eos_rule=p.eos
+            )
             a_vecs, a_steps, a_len = a_vecs + vecs, a_steps + steps, a_len + a_pre.prompt_lengths
         b_pre = self.prefill(b, b_prompts)
-        b_vecs, b_steps = vector_generate(b, None, None, p.nld_max_tokens, p.temperature, start=b_pre, eos_rule=p.eos)
+        b_vecs, b_steps = vector_generate(
+            b, None, None, p.nld_max_tokens, p.temperature, start=b_pre, eos_rule=p.eos
+        )
         b_len = b_pre.prompt_lengths
         n_sent = [v.shape[0] for v in a_vecs]
         a_gen, b_gen = list(a_steps), list(b_steps)
         a_in, b_in = list(a_len), list(b_len)
         for r in range(1, p.rounds):
-            a_rows = [self._refinement_embeds(self.pair.sender_for(k // n), ap, av,
-                                              [b_vecs[k % n], *heard(a_vecs, k % n, k // n)])
-                      for k, (ap, av) in enumerate(zip(a_prompts, a_vecs))]
+            a_rows = [
+                self._refinement_embeds(
+                    self.pair.sender_for(k // n),
+                    ap,
+                    av,
+                    [b_vecs[k % n], *heard(a_vecs, k % n, k // n)],
+                )
+                for k, (ap, av) in enumerate(zip(a_prompts, a_vecs))
+            ]
             new_a, steps = [], []
             for lm, part in groups:
                 emb, mask = pad_embeddings_left(a_rows[part])
-                vecs, took = vector_generate(lm, emb, mask, p.nld_max_tokens, p.temperature, eos_rule=p.eos)
+                vecs, took = vector_generate(
+                    lm, emb, mask, p.nld_max_tokens, p.temperature, eos_rule=p.eos
+                )
                 new_a, steps = new_a + vecs, steps + took
-            b_rows = [self._refinement_embeds(b, bp, bv, heard(a_vecs, i))
-                      for i, (bp, bv) in enumerate(zip(b_prompts, b_vecs))]
+            b_rows = [
+                self._refinement_embeds(b, bp, bv, heard(a_vecs, i))
+                for i, (bp, bv) in enumerate(zip(b_prompts, b_vecs))
+            ]
             emb, mask = pad_embeddings_left(b_rows)
-            b_vecs, b_steps2 = vector_generate(b, emb, mask, p.nld_max_tokens, p.temperature, eos_rule=p.eos)
+            b_vecs, b_steps2 = vector_generate(
+                b, emb, mask, p.nld_max_tokens, p.temperature, eos_rule=p.eos
+            )
             a_in = [x + len(rw) for x, rw in zip(a_in, a_rows)]
             b_in = [x + len(rw) for x, rw in zip(b_in, b_rows)]
             a_gen = [x + s for x, s in zip(a_gen, steps)]
             b_gen = [x + s for x, s in zip(b_gen, b_steps2)]
             a_vecs = new_a
             n_sent = [c + v.shape[0] for c, v in zip(n_sent, a_vecs)]
-        parts = [self._refinement_parts(b, bp, bv, heard(a_vecs, i))
-                 for i, (bp, bv) in enumerate(zip(b_prompts, b_vecs))]
+        parts = [
+            self._refinement_parts(b, bp, bv, heard(a_vecs, i))
+            for i, (bp, bv) in enumerate(zip(b_prompts, b_vecs))
+        ]
         gen = self._final_answer(b, parts, [self.max_new_tokens(e) for e in examples])
         rows = [len(head) + len(rest) for head, rest in parts]
         elem = a_vecs[0].element_size() if a_vecs else 4
@@ -285,12 +354,23 @@ class Cipher(Method):
         vectors, a_in, a_gen = per_item(n_sent), per_item(a_in), per_item(a_gen)
         return [
             Prediction(
-                e.example_id, text, count * d * elem, sender_prefill_tokens=ai, sender_generated_tokens=ag,
-                receiver_prefill_tokens=bi + row, receiver_generated_tokens=bg + out,
-                extra={"sender_vectors": count, **({"vectors_per_sender": [n_sent[j * n + i] for j in range(senders)]}
-                                                   if senders > 1 else {})},
+                e.example_id,
+                text,
+                count * d * elem,
+                sender_prefill_tokens=ai,
+                sender_generated_tokens=ag,
+                receiver_prefill_tokens=bi + row,
+                receiver_generated_tokens=bg + out,
+                extra={
+                    "sender_vectors": count,
+                    **(
+                        {"vectors_per_sender": [n_sent[j * n + i] for j in range(senders)]}
+                        if senders > 1
+                        else {}
+                    ),
+                },
             )
-            for i, (e, text, count, ai, ag, bi, bg, row, out) in enumerate(zip(
-                examples, gen.texts, vectors, a_in, a_gen, b_in, b_gen, rows, gen.n_generated
-            ))
+            for i, (e, text, count, ai, ag, bi, bg, row, out) in enumerate(
+                zip(examples, gen.texts, vectors, a_in, a_gen, b_in, b_gen, rows, gen.n_generated)
+            )
         ]

@@ -10,17 +10,30 @@ from cross_model.prompting import receiver_text, sender_aware_instruction, sende
 
 PREVIOUS = "\nYour previous answer:\n"
 OTHERS = "\nOther agents' answers (for your consideration):\n"
-ANOTHER = "\nAnother agent's answer (for your consideration):\n"  # one block per message, several senders
+ANOTHER = (
+    "\nAnother agent's answer (for your consideration):\n"  # one block per message, several senders
+)
 REVISE = "\nIf needed, revise your answer. Your new answer is:"
 
 
 @dataclass
 class DebateParams(MethodParams):
-    rounds: int = field(default=1, metadata={"help": "refinement rounds (Du et al.); the last one is B's answer"})
-    sender_aware: bool = field(default=False, metadata={"help": "A is told to summarise for another agent"})
-    nld_max_tokens: int = field(default=256, metadata={"help": "length of the first messages and of A's revisions"})
-    message_text: str = field(default="raw", metadata={"help": "messages quoted in a refinement prompt: raw (decoded "
-                                                                "as they are, as the public code) or stripped"})
+    rounds: int = field(
+        default=1, metadata={"help": "refinement rounds (Du et al.); the last one is B's answer"}
+    )
+    sender_aware: bool = field(
+        default=False, metadata={"help": "A is told to summarise for another agent"}
+    )
+    nld_max_tokens: int = field(
+        default=256, metadata={"help": "length of the first messages and of A's revisions"}
+    )
+    message_text: str = field(
+        default="raw",
+        metadata={
+            "help": "messages quoted in a refinement prompt: raw (decoded "
+            "as they are, as the public code) or stripped"
+        },
+    )
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)

@@ -14,7 +14,9 @@ from cross_model.prompting import receiver_text
 
 @dataclass
 class FactsParams(MethodParams):
-    facts_extractor: str = field(default="simple", metadata={"help": "simple (no dependency), yake or spacy"})
+    facts_extractor: str = field(
+        default="simple", metadata={"help": "simple (no dependency), yake or spacy"}
+    )
     max_facts: int = field(default=8, metadata={"help": "facts sent per example"})
 
     def validate(self, prefix: str) -> None:
@@ -27,11 +29,21 @@ class FactsOnly(Method):
     Params = FactsParams
 
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
-        texts = [facts_text(e, self.params.facts_extractor, self.params.max_facts) for e in examples]
+        texts = [
+            facts_text(e, self.params.facts_extractor, self.params.max_facts) for e in examples
+        ]
         seen = [with_facts(e, t) for e, t in zip(examples, texts)]
         gen, lengths = self.answer_with(self.pair.receiver, [receiver_text(e) for e in seen], seen)
         return [
-            Prediction(e.example_id, answer, len(t.encode("utf-8")), receiver_prefill_tokens=n_in,
-                       receiver_generated_tokens=n_out, extra={"facts": t})
-            for e, t, answer, n_in, n_out in zip(examples, texts, gen.texts, lengths, gen.n_generated)
+            Prediction(
+                e.example_id,
+                answer,
+                len(t.encode("utf-8")),
+                receiver_prefill_tokens=n_in,
+                receiver_generated_tokens=n_out,
+                extra={"facts": t},
+            )
+            for e, t, answer, n_in, n_out in zip(
+                examples, texts, gen.texts, lengths, gen.n_generated
+            )
         ]

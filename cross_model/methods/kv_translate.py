@@ -37,21 +37,46 @@ from cross_model.prompting import (
 
 @dataclass
 class KVTranslateParams(LearnedCacheParams):
-    projector: str = field(default="train", metadata={"help": "train (the train stage fits it), identity (untrained, "
-                                                               "A and B of one KV shape: KVComm-all), or a finished directory"})
-    pairing: str = field(default="last_aligned", metadata={"help": "receiver layer -> sender layer: last_aligned or nearest"})
+    projector: str = field(
+        default="train",
+        metadata={
+            "help": "train (the train stage fits it), identity (untrained, "
+            "A and B of one KV shape: KVComm-all), or a finished directory"
+        },
+    )
+    pairing: str = field(
+        default="last_aligned",
+        metadata={"help": "receiver layer -> sender layer: last_aligned or nearest"},
+    )
     hidden: int = field(default=256, metadata={"help": "width of each map's residual MLP"})
-    gate_init: float = field(default=0.0, metadata={"help": "initial gate logit (> 0: open; 0, the default, starts every layer half open in training and closed at step 0)"})
-    rope: str = field(default="as_cached", metadata={"help": "as_cached (A's keys projected as A cached them, as C2C) "
-                                                              "or reapply (A's rotary embedding taken off, B's put on)"})
-    bits: int | None = field(default=None, metadata={"help": "null (A's dtype, raw) or 2..8: A's layers quantized as Q-KVComm's"})
-    tau_start: float = field(default=1.0, metadata={"help": "Gumbel-sigmoid temperature at the first step"})
+    gate_init: float = field(
+        default=0.0,
+        metadata={
+            "help": "initial gate logit (> 0: open; 0, the default, starts every layer half open in training and closed at step 0)"
+        },
+    )
+    rope: str = field(
+        default="as_cached",
+        metadata={
+            "help": "as_cached (A's keys projected as A cached them, as C2C) "
+            "or reapply (A's rotary embedding taken off, B's put on)"
+        },
+    )
+    bits: int | None = field(
+        default=None,
+        metadata={"help": "null (A's dtype, raw) or 2..8: A's layers quantized as Q-KVComm's"},
+    )
+    tau_start: float = field(
+        default=1.0, metadata={"help": "Gumbel-sigmoid temperature at the first step"}
+    )
     tau_end: float = field(default=0.1, metadata={"help": "... and at the last"})
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
         if self.pairing not in PAIRINGS:
-            raise ValueError(f"{prefix}.pairing: one of {', '.join(PAIRINGS)}, got {self.pairing!r}")
+            raise ValueError(
+                f"{prefix}.pairing: one of {', '.join(PAIRINGS)}, got {self.pairing!r}"
+            )
         if self.rope not in ("as_cached", "reapply"):
             raise ValueError(f"{prefix}.rope: as_cached or reapply, got {self.rope!r}")
         if self.bits is not None and not 2 <= self.bits <= 8:
@@ -82,12 +107,19 @@ class KVTranslate(LearnedCacheMethod):
         """Load a finished projector, refusing one made for another pair, pairing or width."""
         path = Path(directory)
         meta = read_meta(path)
-        want = {"sender": model_record(self.pair.sender), "receiver": model_record(self.pair.receiver),
-                "pairing": self.params.pairing, "hidden": self.params.hidden, "rope": self.params.rope}
+        want = {
+            "sender": model_record(self.pair.sender),
+            "receiver": model_record(self.pair.receiver),
+            "pairing": self.params.pairing,
+            "hidden": self.params.hidden,
+            "rope": self.params.rope,
+        }
         diff = [k for k in want if meta.get(k) != want[k]]
         if diff:
-            raise ValueError(f"methods.{self.name}: the projector in {path} was trained for another setting "
-                             f"({', '.join(diff)}: {[meta.get(k) for k in diff]} there, {[want[k] for k in diff]} here)")
+            raise ValueError(
+                f"methods.{self.name}: the projector in {path} was trained for another setting "
+                f"({', '.join(diff)}: {[meta.get(k) for k in diff]} there, {[want[k] for k in diff]} here)"
+            )
         self.projector.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
         self.projector.to(self.pair.receiver.device)
         self.trained_meta = meta
@@ -106,23 +138,51 @@ class KVTranslate(LearnedCacheMethod):
         a = self.pair.sender
         dt = dtype_name(a.model.dtype)
         bits = [self.params.bits or dtype_bits(dt)] * len(sender_layers)
-        return KVPayload(a.info.name, self.pair.receiver.info.name, sender_layers, sender_layers, [], [], dt, bits,
-                         kv_heads=a.info.num_kv_heads, head_dim=a.info.head_dim, tokens=tokens, scheme=QuantScheme())
+        return KVPayload(
+            a.info.name,
+            self.pair.receiver.info.name,
+            sender_layers,
+            sender_layers,
+            [],
+            [],
+            dt,
+            bits,
+            kv_heads=a.info.num_kv_heads,
+            head_dim=a.info.head_dim,
+            tokens=tokens,
+            scheme=QuantScheme(),
+        )
 
     def transmit(self, side, sender_layers: list[int]) -> tuple[dict | None, list[int]]:
         """Each row's payload bytes and, when quantized, A's layers as B decodes them (Q-KVComm's
         batched wire path: one frame per row, encoded and decoded for the whole batch)."""
         lengths = [int(n) for n in side.pre.full_mask.sum(-1).tolist()]
         if self.params.bits is None or not sender_layers:
-            return None, [payload_size(self.wire(sender_layers, n).header()) if sender_layers else 0 for n in lengths]
+            return None, [
+                payload_size(self.wire(sender_layers, n).header()) if sender_layers else 0
+                for n in lengths
+            ]
         mask = side.pre.full_mask.bool()
         a = self.pair.sender
-        blobs = encode_batch(self.wire(sender_layers, 0), [side.pre.kv[la][0] for la in sender_layers],
-                             [side.pre.kv[la][1] for la in sender_layers], [], [], mask)
-        got_k, got_v, _, _, _, _ = decode_batch(blobs, self.pair.receiver.info.name, a.info.num_kv_heads,
-                                                a.info.head_dim, device=mask.device)
+        blobs = encode_batch(
+            self.wire(sender_layers, 0),
+            [side.pre.kv[la][0] for la in sender_layers],
+            [side.pre.kv[la][1] for la in sender_layers],
+            [],
+            [],
+            mask,
+        )
+        got_k, got_v, _, _, _, _ = decode_batch(
+            blobs,
+            self.pair.receiver.info.name,
+            a.info.num_kv_heads,
+            a.info.head_dim,
+            device=mask.device,
+        )
         row_i, pos_i = mask.nonzero(as_tuple=True)  # real tokens, in each row's order
-        tok_i = (mask.long().cumsum(-1) - 1)[row_i, pos_i]  # their place among the row's real tokens
+        tok_i = (mask.long().cumsum(-1) - 1)[
+            row_i, pos_i
+        ]  # their place among the row's real tokens
         sent = {}
         for la, k, v in zip(sender_layers, got_k, got_v):
             keys, values = side.pre.kv[la][0].clone(), side.pre.kv[la][1].clone()
@@ -140,31 +200,62 @@ class KVTranslate(LearnedCacheMethod):
         texts = [sender_text(e) for e in examples]
         pre = self.prefill(a, texts, layers=top)
         wrapped = [chat_text(a, t) for t in texts]  # what the prefill read (it logged it already)
-        return sender_side(a, b, wrapped, encode_texts(a, wrapped, self.params.max_prompt_tokens), pre)
+        return sender_side(
+            a, b, wrapped, encode_texts(a, wrapped, self.params.max_prompt_tokens), pre
+        )
 
     @torch.inference_mode()
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         b = self.pair.receiver
         layers = self.active_layers()
-        read = with_donor_contexts(examples, self.donors, self.name) if self.params.control == "other_item" else examples
+        read = (
+            with_donor_contexts(examples, self.donors, self.name)
+            if self.params.control == "other_item"
+            else examples
+        )
         side = self.sender(read, layers)
         a_layers = self.sender_layers(layers)
         sent, sizes = self.transmit(side, a_layers)
-        cache, layout, offset = receiver_cache(self.projector, b, side, layers, sent=sent, a=self.pair.sender,
-                                               rope=self.params.rope)
-        batch = tokenize_prompts(b, [receiver_text(e) for e in examples], self.params.max_prompt_tokens)
+        cache, layout, offset = receiver_cache(
+            self.projector, b, side, layers, sent=sent, a=self.pair.sender, rope=self.params.rope
+        )
+        batch = tokenize_prompts(
+            b, [receiver_text(e) for e in examples], self.params.max_prompt_tokens
+        )
         limits = [self.max_new_tokens(e) for e in examples]
-        gen = greedy_generate(b, batch.input_ids, batch.attention_mask, max(limits), cache=cache,
-                              position_offset_B=offset.to(b.device), forward=layout_forward(b, layout),
-                              max_new_tokens_B=limits)
+        gen = greedy_generate(
+            b,
+            batch.input_ids,
+            batch.attention_mask,
+            max(limits),
+            cache=cache,
+            position_offset_B=offset.to(b.device),
+            forward=layout_forward(b, layout),
+            max_new_tokens_B=limits,
+        )
         stats = side.stats.to_dict()
         return [
             Prediction(
-                e.example_id, text, size, sender_prefill_tokens=n_a, receiver_prefill_tokens=n_b,
+                e.example_id,
+                text,
+                size,
+                sender_prefill_tokens=n_a,
+                receiver_prefill_tokens=n_b,
                 receiver_generated_tokens=n_out,
-                extra={"layers": layers, "sender_layers": a_layers, "context_tokens_B": int(n_ctx),
-                       "alignment_mismatch": stats["mismatch_fraction"]},
+                extra={
+                    "layers": layers,
+                    "sender_layers": a_layers,
+                    "context_tokens_B": int(n_ctx),
+                    "alignment_mismatch": stats["mismatch_fraction"],
+                },
             )
             for e, text, size, n_a, n_b, n_out, n_ctx in zip(
-                examples, gen.texts, sizes, side.pre.prompt_lengths, batch.lengths, gen.n_generated, offset.tolist())
+                examples,
+                gen.texts,
+                sizes,
+                side.pre.prompt_lengths,
+                batch.lengths,
+                gen.n_generated,
+                offset.tolist(),
+            )
         ]

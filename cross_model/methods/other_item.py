@@ -14,18 +14,29 @@ from cross_model.data.base import Example
 def donor_map(items: list[Example]) -> dict[str, Example]:
     """Each item's donor; none for a task of one item."""
     order = sorted(items, key=lambda e: (len(e.prompt_A), e.example_id))
-    return {e.example_id: order[(i + 1) % len(order)] for i, e in enumerate(order)} if len(order) > 1 else {}
+    return (
+        {e.example_id: order[(i + 1) % len(order)] for i, e in enumerate(order)}
+        if len(order) > 1
+        else {}
+    )
 
 
 def donors_of(examples: list[Example], donors: dict[str, Example], method: str) -> list[Example]:
     """Each example's donor, or a clear error for an example without one."""
     missing = [e.example_id for e in examples if e.example_id not in donors]
     if missing:
-        raise ValueError(f"methods.{method}: control other_item needs another item of the task for "
-                         f"{missing[0]} (the evaluator hands over the test list; a task of one item has none)")
+        raise ValueError(
+            f"methods.{method}: control other_item needs another item of the task for "
+            f"{missing[0]} (the evaluator hands over the test list; a task of one item has none)"
+        )
     return [donors[e.example_id] for e in examples]
 
 
-def with_donor_contexts(examples: list[Example], donors: dict[str, Example], method: str) -> list[Example]:
+def with_donor_contexts(
+    examples: list[Example], donors: dict[str, Example], method: str
+) -> list[Example]:
     """The examples as A reads them under the control: each with its donor's context."""
-    return [replace(e, prompt_A=d.prompt_A) for e, d in zip(examples, donors_of(examples, donors, method))]
+    return [
+        replace(e, prompt_A=d.prompt_A)
+        for e, d in zip(examples, donors_of(examples, donors, method))
+    ]

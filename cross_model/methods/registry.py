@@ -26,7 +26,7 @@ def available_methods() -> list[str]:
 
 def get_method_class(name: str) -> type:
     if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS)) }")
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}")
     return _METHODS[name]
 
 
@@ -38,8 +38,12 @@ def resolve_method(instance: str, params: dict[str, Any]) -> tuple[type, Any]:
         raise ValueError(f"methods.{instance}.method: expected a method name, got {method!r}")
     if method not in _METHODS:
         raise ValueError(
-            f"methods.{instance}: unknown method {method!r}; available: {', '.join(sorted(_METHODS)) }"
-            + ("" if "method" in (params or {}) else " (set `method:` when the instance name is not a method name)")
+            f"methods.{instance}: unknown method {method!r}; available: {', '.join(sorted(_METHODS))}"
+            + (
+                ""
+                if "method" in (params or {})
+                else " (set `method:` when the instance name is not a method name)"
+            )
         )
     cls = _METHODS[method]
     typed = from_dict(cls.Params, params, f"methods.{instance}")

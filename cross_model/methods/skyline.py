@@ -18,8 +18,11 @@ class Skyline(Method):
         gen, lengths = self.answer_with(self.pair.receiver, texts, examples)
         return [
             Prediction(
-                e.example_id, text, sum(len(c.encode("utf-8")) for c in e.contexts),
-                receiver_prefill_tokens=n_in, receiver_generated_tokens=n_out,
+                e.example_id,
+                text,
+                sum(len(c.encode("utf-8")) for c in e.contexts),
+                receiver_prefill_tokens=n_in,
+                receiver_generated_tokens=n_out,
             )
             for e, text, n_in, n_out in zip(examples, gen.texts, lengths, gen.n_generated)
         ]

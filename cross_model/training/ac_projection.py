@@ -53,17 +53,38 @@ from cross_model.training.trainables import Trainable, TrainOutcome, TrainReques
 log = logging.getLogger(__name__)
 
 ACTIVATIONS = "activations"
-RECIPE_KEYS = ("corpus", "corpus_path", "n_sentences", "heldout_fraction", "solver", "ridge", "epochs", "batch_size", "lr",
-               "max_length", "seed")
+RECIPE_KEYS = (
+    "corpus",
+    "corpus_path",
+    "n_sentences",
+    "heldout_fraction",
+    "solver",
+    "ridge",
+    "epochs",
+    "batch_size",
+    "lr",
+    "max_length",
+    "seed",
+)
 
 
 # --- identity, recipe and where a projection lives ---------------------------------------------
 
 
-def projection_identity(sender: LoadedModel, receiver: LoadedModel, k: int, j: int) -> dict[str, Any]:
+def projection_identity(
+    sender: LoadedModel, receiver: LoadedModel, k: int, j: int
+) -> dict[str, Any]:
     s, r = sender.info, receiver.info
-    return {"sender": s.name, "receiver": r.name, "sender_revision": s.revision, "receiver_revision": r.revision,
-            "k": k, "j": j, "d_in": s.hidden_size, "d_out": r.hidden_size}
+    return {
+        "sender": s.name,
+        "receiver": r.name,
+        "sender_revision": s.revision,
+        "receiver_revision": r.revision,
+        "k": k,
+        "j": j,
+        "d_in": s.hidden_size,
+        "d_out": r.hidden_size,
+    }
 
 
 def training_recipe(cfg: TrainConfig, seed: int) -> dict[str, Any]:
@@ -71,9 +92,13 @@ def training_recipe(cfg: TrainConfig, seed: int) -> dict[str, Any]:
     return {**recipe, "seed": seed}
 
 
-def projection_dir(checkpoint_dir: str | Path, identity: dict[str, Any], recipe: dict[str, Any]) -> Path:
+def projection_dir(
+    checkpoint_dir: str | Path, identity: dict[str, Any], recipe: dict[str, Any]
+) -> Path:
     """One directory per (pair, layers, recipe): a changed recipe never resumes another's checkpoints."""
-    digest = hashlib.sha256(json.dumps({**identity, **recipe}, sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(
+        json.dumps({**identity, **recipe}, sort_keys=True).encode()
+    ).hexdigest()[:10]
     name = f"{directory_slug(identity['sender'])}__{directory_slug(identity['receiver'])}__k{identity['k']}_j{identity['j']}__{digest}"
     return Path(checkpoint_dir).expanduser() / name
 
@@ -81,7 +106,9 @@ def projection_dir(checkpoint_dir: str | Path, identity: dict[str, Any], recipe:
 DATA_KEYS = ("corpus", "corpus_path", "n_sentences", "heldout_fraction", "max_length", "seed")
 
 
-def activations_dir(checkpoint_dir: str | Path, identity: dict[str, Any], recipe: dict[str, Any]) -> Path:
+def activations_dir(
+    checkpoint_dir: str | Path, identity: dict[str, Any], recipe: dict[str, Any]
+) -> Path:
     """Where the frozen models' activations for (pair, layers, sentences) are cached: shared by every
     solver and optimizer setting, which change W but not the pairs it is fitted on."""
     key = {**identity, **{k: recipe[k] for k in DATA_KEYS}}
@@ -90,21 +117,31 @@ def activations_dir(checkpoint_dir: str | Path, identity: dict[str, Any], recipe
     return Path(checkpoint_dir).expanduser() / ACTIVATIONS / name
 
 
-def final_projection_dir(checkpoint_dir: str | Path, identity: dict[str, Any], recipe: dict[str, Any]) -> Path:
+def final_projection_dir(
+    checkpoint_dir: str | Path, identity: dict[str, Any], recipe: dict[str, Any]
+) -> Path:
     return projection_dir(checkpoint_dir, identity, recipe) / FINAL
 
 
 # --- activations ---------------------------------------------------------------------------------
 
 
-def _encode_raw(lm: LoadedModel, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode_raw(
+    lm: LoadedModel, texts: list[str], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     ids = [lm.tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
     batch = pad_left(ids, lm.tokenizer.pad_token_id, lm.device)
     return batch.input_ids, batch.attention_mask
 
 
 def frozen_activations(
-    sender: LoadedModel, receiver: LoadedModel, k: int, j: int, texts: list[str], max_length: int, batch_size: int = 32
+    sender: LoadedModel,
+    receiver: LoadedModel,
+    k: int,
+    j: int,
+    texts: list[str],
+    max_length: int,
+    batch_size: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A's hidden_states[k], B's hidden_states[j]) at each text's last real token, fp32 on CPU."""
     a_parts, b_parts = [], []
@@ -120,7 +157,10 @@ def frozen_activations(
         a_parts.append(out[0])
         b_parts.append(out[1])
     d_a, d_b = sender.info.hidden_size, receiver.info.hidden_size
-    return (torch.cat(a_parts) if a_parts else torch.zeros(0, d_a), torch.cat(b_parts) if b_parts else torch.zeros(0, d_b))
+    return (
+        torch.cat(a_parts) if a_parts else torch.zeros(0, d_a),
+        torch.cat(b_parts) if b_parts else torch.zeros(0, d_b),
+    )
 
 
 def sharded_activations(compute: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]], n: int):
@@ -150,7 +190,11 @@ def fit_statistics(proj: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> d
     err = ((pred - b) ** 2).sum().item()
     sst = ((b - b.mean(0, keepdim=True)) ** 2).sum().item()
     cos = torch.nn.functional.cosine_similarity(pred, b, dim=-1).mean().item()
-    return {"mse": err / b.numel(), "r2": 1.0 - err / sst if sst > 0 else float("nan"), "cosine": cos}
+    return {
+        "mse": err / b.numel(),
+        "r2": 1.0 - err / sst if sst > 0 else float("nan"),
+        "cosine": cos,
+    }
 
 
 # --- the data-parallel fit ---------------------------------------------------------------------------
@@ -165,8 +209,14 @@ class FitResult:
     loaded_final: bool = False
 
 
-def least_squares(train_pairs: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]], n_train: int,
-                  d_in: int, d_out: int, ridge: float, chunk: int = 256) -> torch.Tensor:
+def least_squares(
+    train_pairs: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
+    n_train: int,
+    d_in: int,
+    d_out: int,
+    ridge: float,
+    chunk: int = 256,
+) -> torch.Tensor:
     """The W (d_out x d_in) minimising sum ||W a - b||^2 + lam ||W||^2 over every training pair, with
     lam = ridge x mean diagonal of A^T A (scale-free). Each rank sums A^T A and A^T B over its pairs in
     float64; the sums are all-reduced and every rank solves the same system."""
@@ -182,16 +232,28 @@ def least_squares(train_pairs: Callable[[list[int]], tuple[torch.Tensor, torch.T
     gram, cross = all_reduce_tensors([gram, cross])
     lam = ridge * float(gram.diagonal().mean())
     # lstsq (not solve): with ridge 0 and fewer pairs than d_in the system is singular; gelsy copes.
-    solution = torch.linalg.lstsq(gram + lam * torch.eye(d_in, dtype=torch.float64), cross, driver="gelsy").solution
+    solution = torch.linalg.lstsq(
+        gram + lam * torch.eye(d_in, dtype=torch.float64), cross, driver="gelsy"
+    ).solution
     return solution.T.float().contiguous()
 
 
 def _warn_if_unfitted(stats: dict[str, float], n_train: int, d_in: int, solver: str) -> None:
     if stats.get("r2", 0.0) < 0:
-        fix = "a larger train.ridge" if solver == "lstsq" else "train.solver: lstsq (the exact minimiser)"
-        log.warning("train: held-out R^2 = %.3f < 0: W predicts B's residual worse than its mean does, so AC with it "
-                    "sends B an off-distribution vector. Fit with more sentences (%d training pairs for d_A = %d; the "
-                    "paper used 3072 for 3072) or %s.", stats["r2"], n_train, d_in, fix)
+        fix = (
+            "a larger train.ridge"
+            if solver == "lstsq"
+            else "train.solver: lstsq (the exact minimiser)"
+        )
+        log.warning(
+            "train: held-out R^2 = %.3f < 0: W predicts B's residual worse than its mean does, so AC with it "
+            "sends B an off-distribution vector. Fit with more sentences (%d training pairs for d_A = %d; the "
+            "paper used 3072 for 3072) or %s.",
+            stats["r2"],
+            n_train,
+            d_in,
+            fix,
+        )
 
 
 def fit_projection(
@@ -219,14 +281,23 @@ def fit_projection(
     sidecar = {**identity, **recipe, "dtype": "float32", "bias": False, "total_steps": total}
     model: torch.nn.Module = proj
     if is_initialized():
-        model = DDP(proj, device_ids=[torch.device(device).index] if torch.device(device).type == "cuda" else None)
+        model = DDP(
+            proj,
+            device_ids=[torch.device(device).index]
+            if torch.device(device).type == "cuda"
+            else None,
+        )
 
     def loss(step: int, rows: list[int], batch_rows: int) -> torch.Tensor:
         a, target = train_pairs(rows)
         pred = model(a.to(device))
         # Sum over this rank's rows / (global rows x width) x world: DDP's mean over ranks then gives
         # exactly the gradient of the global batch's MSE, however the batch was split.
-        return ((pred - target.to(device).float()) ** 2).sum() / (batch_rows * identity["d_out"]) * world
+        return (
+            ((pred - target.to(device).float()) ** 2).sum()
+            / (batch_rows * identity["d_out"])
+            * world
+        )
 
     def step_optimizer(value: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
@@ -234,39 +305,100 @@ def fit_projection(
         opt.step()
 
     def heldout_fit(step: int) -> dict[str, Any]:
-        stats = {"epoch": step // job.steps_per_epoch, "step": step, **fit_statistics(proj, *heldout)}
-        log.info("train: epoch %d/%d held-out mse %.4g  R^2 %.4f  cosine %.4f",
-                 stats["epoch"], cfg.epochs, stats["mse"], stats["r2"], stats["cosine"])
+        stats = {
+            "epoch": step // job.steps_per_epoch,
+            "step": step,
+            **fit_statistics(proj, *heldout),
+        }
+        log.info(
+            "train: epoch %d/%d held-out mse %.4g  R^2 %.4f  cosine %.4f",
+            stats["epoch"],
+            cfg.epochs,
+            stats["mse"],
+            stats["r2"],
+            stats["cosine"],
+        )
         return stats
 
-    job = TrainJob("train", f"train {identity['sender']}->{identity['receiver']}", directory, proj, loss, step_optimizer,
-                   opt.state_dict, opt.load_state_dict, n_train, cfg.batch_size, total, seed, cfg.checkpoint_every,
-                   cfg.keep_last, sidecar, tuple(identity) + RECIPE_KEYS, heldout=heldout_fit,
-                   heldout_every=math.ceil(n_train / cfg.batch_size), save_after_heldout=True, stop=stop,
-                   on_step=on_step, log_metrics=log_metrics)
+    job = TrainJob(
+        "train",
+        f"train {identity['sender']}->{identity['receiver']}",
+        directory,
+        proj,
+        loss,
+        step_optimizer,
+        opt.state_dict,
+        opt.load_state_dict,
+        n_train,
+        cfg.batch_size,
+        total,
+        seed,
+        cfg.checkpoint_every,
+        cfg.keep_last,
+        sidecar,
+        tuple(identity) + RECIPE_KEYS,
+        heldout=heldout_fit,
+        heldout_every=math.ceil(n_train / cfg.batch_size),
+        save_after_heldout=True,
+        stop=stop,
+        on_step=on_step,
+        log_metrics=log_metrics,
+    )
     done = train_loop(job)
     history = done.history
-    meta = {**sidecar, "history": history, "final_step": done.step, "fit": history[-1] if history else {}}
+    meta = {
+        **sidecar,
+        "history": history,
+        "final_step": done.step,
+        "fit": history[-1] if history else {},
+    }
     return _finish(proj, meta, directory, n_train, done.resumed_from)
 
 
-def _fit_exactly(proj: LearnedProjection, train_pairs: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
-                 n_train: int, heldout: tuple[torch.Tensor, torch.Tensor], identity: dict[str, Any],
-                 recipe: dict[str, Any], directory: Path, cfg: TrainConfig) -> FitResult:
+def _fit_exactly(
+    proj: LearnedProjection,
+    train_pairs: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
+    n_train: int,
+    heldout: tuple[torch.Tensor, torch.Tensor],
+    identity: dict[str, Any],
+    recipe: dict[str, Any],
+    directory: Path,
+    cfg: TrainConfig,
+) -> FitResult:
     """solver lstsq: one pass over the pairs, no step checkpoints (a restart recomputes the sums from
     the activation cache in seconds)."""
     weight = least_squares(train_pairs, n_train, identity["d_in"], identity["d_out"], cfg.ridge)
     with torch.no_grad():
         proj.linear.weight.copy_(weight.to(proj.linear.weight.device))
     stats = {"epoch": 1, "step": 1, **fit_statistics(proj, *heldout)}
-    log.info("train: least squares (ridge %g) over %d pairs: held-out mse %.4g  R^2 %.4f  cosine %.4f",
-             cfg.ridge, n_train, stats["mse"], stats["r2"], stats["cosine"])
-    meta = {**identity, **recipe, "dtype": "float32", "bias": False, "total_steps": 1, "history": [stats],
-            "final_step": 1, "fit": stats}
+    log.info(
+        "train: least squares (ridge %g) over %d pairs: held-out mse %.4g  R^2 %.4f  cosine %.4f",
+        cfg.ridge,
+        n_train,
+        stats["mse"],
+        stats["r2"],
+        stats["cosine"],
+    )
+    meta = {
+        **identity,
+        **recipe,
+        "dtype": "float32",
+        "bias": False,
+        "total_steps": 1,
+        "history": [stats],
+        "final_step": 1,
+        "fit": stats,
+    }
     return _finish(proj, meta, directory, n_train, None)
 
 
-def _finish(proj: LearnedProjection, meta: dict[str, Any], directory: Path, n_train: int, resumed: int | None) -> FitResult:
+def _finish(
+    proj: LearnedProjection,
+    meta: dict[str, Any],
+    directory: Path,
+    n_train: int,
+    resumed: int | None,
+) -> FitResult:
     _warn_if_unfitted(meta["fit"], n_train, meta["d_in"], meta.get("solver", "adam"))
     if is_main():
         publish_final(proj, directory / FINAL, meta)
@@ -276,8 +408,10 @@ def _finish(proj: LearnedProjection, meta: dict[str, Any], directory: Path, n_tr
 
 def publish_final(proj: LearnedProjection, target: Path, meta: dict[str, Any]) -> None:
     """The finished W in the format `load_projection` reads, written atomically (checksummed)."""
-    files = {"projection.safetensors": {k: v.detach() for k, v in proj.state_dict().items()},
-             "projection.json": json.dumps(meta, indent=2, sort_keys=True)}
+    files = {
+        "projection.safetensors": {k: v.detach() for k, v in proj.state_dict().items()},
+        "projection.json": json.dumps(meta, indent=2, sort_keys=True),
+    }
     publish_once(target, files, meta)
 
 
@@ -304,42 +438,80 @@ def train_projection(
     # Rank 0 decides about shared files and tells the others (it may be moving a damaged one aside).
     if broadcast_object(verify(final)[0] is not None if is_main() else None):
         proj, meta = load_projection(final, identity)
-        log.info("train: %s is already trained (R^2 %.4f); loaded, not retrained", final,
-                 meta.get("fit", {}).get("r2", float("nan")))
+        log.info(
+            "train: %s is already trained (R^2 %.4f); loaded, not retrained",
+            final,
+            meta.get("fit", {}).get("r2", float("nan")),
+        )
         return FitResult(proj, meta, directory, loaded_final=True)
 
     # One rank reads the corpus (C4 streams from the hub) and every rank gets the same sentences.
-    sentences = load_corpus(cfg.corpus, cfg.n_sentences, seed, cfg.corpus_path) if is_main() else None
+    sentences = (
+        load_corpus(cfg.corpus, cfg.n_sentences, seed, cfg.corpus_path) if is_main() else None
+    )
     sentences = broadcast_object(sentences)
     order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed)).tolist()
     n_held = max(1, round(len(sentences) * cfg.heldout_fraction))
     held_texts = [sentences[i] for i in order[:n_held]]
     train_texts = [sentences[i] for i in order[n_held:]]
     if len(train_texts) < 1:
-        raise ValueError(f"train.n_sentences={cfg.n_sentences} leaves no training sentence after the held-out split")
+        raise ValueError(
+            f"train.n_sentences={cfg.n_sentences} leaves no training sentence after the held-out split"
+        )
 
     def compute(texts: list[str]) -> Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]:
-        return lambda idx: frozen_activations(sender, receiver, k, j, [texts[i] for i in idx], cfg.max_length)
+        return lambda idx: frozen_activations(
+            sender, receiver, k, j, [texts[i] for i in idx], cfg.max_length
+        )
 
     if cfg.cache_activations:
         cache = activations_dir(cfg.checkpoint_dir, identity, recipe)
         key = {**identity, **{k: recipe[k] for k in DATA_KEYS}}
         heldout = cached_activations(cache / "heldout", key, compute(held_texts), len(held_texts))
-        a_all, b_all = cached_activations(cache / "train", key, compute(train_texts), len(train_texts))
+        a_all, b_all = cached_activations(
+            cache / "train", key, compute(train_texts), len(train_texts)
+        )
         train_pairs = lambda idx: (a_all[idx], b_all[idx])  # noqa: E731
     else:
         heldout = sharded_activations(compute(held_texts), len(held_texts))
         train_pairs = compute(train_texts)
-    how = f"{cfg.epochs} epochs of Adam" if cfg.solver == "adam" else f"least squares, ridge {cfg.ridge:g}"
-    log.info("train: %s k=%d -> %s j=%d (%d -> %d), %d train / %d held-out sentences, %s",
-             identity["sender"], k, identity["receiver"], j, identity["d_in"], identity["d_out"],
-             len(train_texts), len(held_texts), how)
-    return fit_projection(train_pairs, len(train_texts), heldout, identity, recipe, directory, cfg,
-                          device=receiver.device, stop=stop, on_step=on_step, log_metrics=log_metrics)
+    how = (
+        f"{cfg.epochs} epochs of Adam"
+        if cfg.solver == "adam"
+        else f"least squares, ridge {cfg.ridge:g}"
+    )
+    log.info(
+        "train: %s k=%d -> %s j=%d (%d -> %d), %d train / %d held-out sentences, %s",
+        identity["sender"],
+        k,
+        identity["receiver"],
+        j,
+        identity["d_in"],
+        identity["d_out"],
+        len(train_texts),
+        len(held_texts),
+        how,
+    )
+    return fit_projection(
+        train_pairs,
+        len(train_texts),
+        heldout,
+        identity,
+        recipe,
+        directory,
+        cfg,
+        device=receiver.device,
+        stop=stop,
+        on_step=on_step,
+        log_metrics=log_metrics,
+    )
 
 
 def cached_activations(
-    directory: Path, key: dict[str, Any], compute: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]], n: int
+    directory: Path,
+    key: dict[str, Any],
+    compute: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
+    n: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All n pairs, from the on-disk cache when it verifies and matches, else computed (sharded over
     ranks) and written by rank 0."""
@@ -354,11 +526,17 @@ def cached_activations(
         log.info("train: frozen-model activations read from the cache %s", directory)
         return tensors["a"], tensors["b"]
     if directory.exists() and is_main():
-        log.warning("activation cache %s is not usable (%s); recomputing", directory, why or "different recipe")
+        log.warning(
+            "activation cache %s is not usable (%s); recomputing",
+            directory,
+            why or "different recipe",
+        )
         os.rename(directory, directory.with_name(f"{directory.name}.stale-{time.time_ns()}"))
     a, b = sharded_activations(compute, n)
     if is_main():
-        write_atomically(directory, {"activations.safetensors": {"a": a, "b": b}}, {"key": key, "n": n})
+        write_atomically(
+            directory, {"activations.safetensors": {"a": a, "b": b}}, {"key": key, "n": n}
+        )
     barrier()
     return a, b
 
@@ -374,17 +552,48 @@ def train_projections_for(request: TrainRequest, methods: list[tuple[str, Any]])
         pair = request.model_pair(params)
         key = (pair.sender.info.name, pair.receiver.info.name, params.k, params.j)
         if key not in done:
-            done[key] = train_projection(pair.sender, pair.receiver, params.k, params.j, train_cfg, request.cfg.seed,
-                                         stop=request.stop, log_metrics=request.log_metrics)
+            done[key] = train_projection(
+                pair.sender,
+                pair.receiver,
+                params.k,
+                params.j,
+                train_cfg,
+                request.cfg.seed,
+                stop=request.stop,
+                log_metrics=request.log_metrics,
+            )
         result = done[key]
         artefacts[name] = result.directory / FINAL
         fit = result.meta.get("fit", {})
-        log.info("train: %s uses %s (held-out R^2 %.4f, cosine %.4f)", name, result.directory / FINAL,
-                 fit.get("r2", float("nan")), fit.get("cosine", float("nan")))
+        log.info(
+            "train: %s uses %s (held-out R^2 %.4f, cosine %.4f)",
+            name,
+            result.directory / FINAL,
+            fit.get("r2", float("nan")),
+            fit.get("cosine", float("nan")),
+        )
         meta = result.meta
-        fits[name] = {"directory": str(result.directory / FINAL), "fit": fit, "loaded_final": result.loaded_final,
-                      **{k: meta.get(k) for k in ("sender", "receiver", "k", "j", "d_in", "d_out", "solver", "ridge",
-                                                  "corpus", "n_sentences", "epochs")}}
+        fits[name] = {
+            "directory": str(result.directory / FINAL),
+            "fit": fit,
+            "loaded_final": result.loaded_final,
+            **{
+                k: meta.get(k)
+                for k in (
+                    "sender",
+                    "receiver",
+                    "k",
+                    "j",
+                    "d_in",
+                    "d_out",
+                    "solver",
+                    "ridge",
+                    "corpus",
+                    "n_sentences",
+                    "epochs",
+                )
+            },
+        }
     return TrainOutcome(artefacts, fits)
 
 
@@ -393,7 +602,16 @@ def locate_projection(request: TrainRequest, name: str, params: Any) -> Path:
     pair = request.model_pair(params)
     identity = projection_identity(pair.sender, pair.receiver, params.k, params.j)
     train = resolved_train_config(request.cfg)
-    return final_projection_dir(train.checkpoint_dir, identity, training_recipe(train, request.cfg.seed))
+    return final_projection_dir(
+        train.checkpoint_dir, identity, training_recipe(train, request.cfg.seed)
+    )
 
 
-TRAINABLE = Trainable("projection", "train", "projection W", "projections.json", train_projections_for, locate_projection)
+TRAINABLE = Trainable(
+    "projection",
+    "train",
+    "projection W",
+    "projections.json",
+    train_projections_for,
+    locate_projection,
+)

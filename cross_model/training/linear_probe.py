@@ -37,8 +37,9 @@ PROBE_FILE = "probe.safetensors"
 
 
 @torch.inference_mode()
-def probe_features(a: LoadedModel, examples: list[Example], layer: int, pooling: str,
-                   batch_size: int = 8) -> tuple[torch.Tensor, list[int]]:
+def probe_features(
+    a: LoadedModel, examples: list[Example], layer: int, pooling: str, batch_size: int = 8
+) -> tuple[torch.Tensor, list[int]]:
     """A's hidden state after block `layer` (1..L) for each example's prompt as A reads it when it
     communicates, pooled over the real tokens (`mean`) or taken at the last one (`last`): N x D, float64;
     and each prompt's token count."""
@@ -50,8 +51,17 @@ def probe_features(a: LoadedModel, examples: list[Example], layer: int, pooling:
             lengths += [len(x) for x in ids]
             batch = pad_left(ids, a.tokenizer.pad_token_id, a.device)
             pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-            hidden = a.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
-                             output_hidden_states=True, logits_to_keep=1).hidden_states[layer].double()
+            hidden = (
+                a.model(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    position_ids=pos,
+                    output_hidden_states=True,
+                    logits_to_keep=1,
+                )
+                .hidden_states[layer]
+                .double()
+            )
             if pooling == "mean":
                 m = batch.attention_mask.double()[..., None]
                 out.append((hidden * m).sum(1) / m.sum(1))
@@ -61,14 +71,23 @@ def probe_features(a: LoadedModel, examples: list[Example], layer: int, pooling:
     return torch.cat(out).cpu(), lengths
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, n_classes: int, c: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression minimising C sum CE + |W|^2 / 2 (the bias unpenalised, as
     sklearn's), from zero, by L-BFGS with a strong Wolfe line search, in float64: (W K x D, b K)."""
     x = x.double()
     w = torch.zeros((n_classes, x.shape[1]), dtype=torch.float64, requires_grad=True)
     b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14,
-                            history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1,
+        max_iter=500,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -97,8 +116,9 @@ def stratified_folds(y: torch.Tensor, folds: int, seed: int) -> list[torch.Tenso
     return [fold == f for f in range(folds)]
 
 
-def choose_c(x: torch.Tensor, y: torch.Tensor, n_classes: int, grid: list[float], folds: int,
-             seed: int) -> tuple[float, dict[str, float]]:
+def choose_c(
+    x: torch.Tensor, y: torch.Tensor, n_classes: int, grid: list[float], folds: int, seed: int
+) -> tuple[float, dict[str, float]]:
     """The C of `grid` with the best mean held-out accuracy over stratified folds (the smallest on a
     tie: the most regularised), and every C's accuracy."""
     scores = {}
@@ -116,11 +136,15 @@ def choose_c(x: torch.Tensor, y: torch.Tensor, n_classes: int, grid: list[float]
 def labels_of(rows: list[Example], task: str) -> tuple[list[str], torch.Tensor]:
     candidates = rows[0].meta.get("candidates") if rows else None
     if not candidates:
-        raise ValueError(f"linear probe: task {task} has no label candidates (it is not a classification task); "
-                         f"the probe serves sst2, ag_news, trec and tasks like them")
+        raise ValueError(
+            f"linear probe: task {task} has no label candidates (it is not a classification task); "
+            f"the probe serves sst2, ag_news, trec and tasks like them"
+        )
     bad = [r.example_id for r in rows if r.answers[0] not in candidates]
     if bad:
-        raise ValueError(f"linear probe: {task} row {bad[0]}'s gold is none of its candidates {candidates}")
+        raise ValueError(
+            f"linear probe: {task} row {bad[0]}'s gold is none of its candidates {candidates}"
+        )
     return list(candidates), torch.tensor([candidates.index(r.answers[0]) for r in rows])
 
 
@@ -146,20 +170,47 @@ def train_probe(request: TrainRequest, name: str, params: Any) -> Path:
             c, scores = choose_c(x, y, len(candidates), params.c_grid, params.folds, params.seed)
             mean, std = standardise(x)
             w, b = fit_logistic((x - mean) / std, y, len(candidates), c)
-            tensors.update({f"{t.name}.weight": w, f"{t.name}.bias": b, f"{t.name}.mean": mean, f"{t.name}.std": std})
-            tasks[t.name] = {"candidates": candidates, "C": c, "cv_accuracy": scores, "n_train": len(rows),
-                             "train_accuracy": float((((x - mean) / std) @ w.T + b).argmax(-1).eq(y).double().mean())}
-            log.info("methods.%s: %s probe, C = %g (cross-validated accuracy %.3f)", name, t.name, c, scores[str(c)])
+            tensors.update(
+                {
+                    f"{t.name}.weight": w,
+                    f"{t.name}.bias": b,
+                    f"{t.name}.mean": mean,
+                    f"{t.name}.std": std,
+                }
+            )
+            tasks[t.name] = {
+                "candidates": candidates,
+                "C": c,
+                "cv_accuracy": scores,
+                "n_train": len(rows),
+                "train_accuracy": float(
+                    (((x - mean) / std) @ w.T + b).argmax(-1).eq(y).double().mean()
+                ),
+            }
+            log.info(
+                "methods.%s: %s probe, C = %g (cross-validated accuracy %.3f)",
+                name,
+                t.name,
+                c,
+                scores[str(c)],
+            )
         publish_once(final, {PROBE_FILE: tensors}, {**identity, "layer": layer, "tasks": tasks})
     barrier()
     return final
 
 
 def probe_identity(cfg: Any, params: Any, a: LoadedModel) -> dict[str, Any]:
-    return {"sender": a.info.name, "layer": params.layer, "pooling": params.pooling, "n_train": params.n_train,
-            "c_grid": list(params.c_grid), "folds": params.folds, "seed": params.seed,
-            "tasks": [[t.name, t.seed if t.seed is not None else cfg.seed, t.path] for t in cfg.tasks],
-            **cfg.models.template_identity()}
+    return {
+        "sender": a.info.name,
+        "layer": params.layer,
+        "pooling": params.pooling,
+        "n_train": params.n_train,
+        "c_grid": list(params.c_grid),
+        "folds": params.folds,
+        "seed": params.seed,
+        "tasks": [[t.name, t.seed if t.seed is not None else cfg.seed, t.path] for t in cfg.tasks],
+        **cfg.models.template_identity(),
+    }
 
 
 def probe_dir(cfg: Any, identity: dict[str, Any]) -> Path:
@@ -170,13 +221,27 @@ def probe_dir(cfg: Any, identity: dict[str, Any]) -> Path:
 
 def train_probes(request: TrainRequest, methods: list[tuple[str, Any]]) -> TrainOutcome:
     artefacts = {name: train_probe(request, name, params) for name, params in methods}
-    record = {name: json.loads((path / "meta.json").read_text())["tasks"] for name, path in artefacts.items()}
+    record = {
+        name: json.loads((path / "meta.json").read_text())["tasks"]
+        for name, path in artefacts.items()
+    }
     return TrainOutcome(artefacts, record)
 
 
 def locate(request: TrainRequest, instance: str, params: Any) -> Path:
-    return probe_dir(request.cfg, probe_identity(request.cfg, params, request.model_pair(params).sender)) / FINAL
+    return (
+        probe_dir(
+            request.cfg, probe_identity(request.cfg, params, request.model_pair(params).sender)
+        )
+        / FINAL
+    )
 
 
-TRAINABLE = Trainable("linear_probe", "methods.<linear_probe instance>", "linear probe", "linear_probe.json",
-                      train_probes, locate)
+TRAINABLE = Trainable(
+    "linear_probe",
+    "methods.<linear_probe instance>",
+    "linear probe",
+    "linear_probe.json",
+    train_probes,
+    locate,
+)

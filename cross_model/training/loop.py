@@ -62,7 +62,9 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     return 1.0
 
 
-def set_learning_rate(optimizer: Any, base_lrs: list[float], step: int, warmup: int, total: int, schedule: str) -> None:
+def set_learning_rate(
+    optimizer: Any, base_lrs: list[float], step: int, warmup: int, total: int, schedule: str
+) -> None:
     """The rate of the step about to be taken, on every parameter group (a function of the step
     alone: a resumed run takes the same rates without a scheduler state to restore)."""
     factor = lr_factor(step, warmup, total, schedule)
@@ -92,14 +94,18 @@ class TrainJob:
     keep_last: int
     sidecar: dict[str, Any]  # saved with every checkpoint
     identity_keys: tuple[str, ...]  # the sidecar keys a checkpoint must match to be resumed
-    heldout: Callable[[int], dict[str, Any]] | None = None  # statistics at a step (collective); logged by it
+    heldout: Callable[[int], dict[str, Any]] | None = (
+        None  # statistics at a step (collective); logged by it
+    )
     heldout_every: int = 0  # steps between evaluations (and always after the last step); 0: never
     heldout_at_start: bool = False  # also before the first step of a fresh run
     save_after_heldout: bool = False  # also checkpoint whenever the held-out statistics are taken
     stop: StopFlag | None = None
     on_step: Callable[[int, torch.nn.Module], None] | None = None
     log_metrics: Callable[[dict[str, Any]], None] | None = None
-    schedule: Callable[[int], None] | None = None  # sets the learning rate of the step about to be taken
+    schedule: Callable[[int], None] | None = (
+        None  # sets the learning rate of the step about to be taken
+    )
 
     @property
     def steps_per_epoch(self) -> int:
@@ -113,7 +119,9 @@ class LoopResult:
     resumed_from: int | None = None  # the checkpoint's step, when the run resumed
 
 
-def latest_checkpoint(directory: Path, keep_last: int, sidecar: dict[str, Any], keys: tuple[str, ...]) -> Checkpoint | None:
+def latest_checkpoint(
+    directory: Path, keep_last: int, sidecar: dict[str, Any], keys: tuple[str, ...]
+) -> Checkpoint | None:
     """The newest complete checkpoint in `directory` (rank 0 picks it, every rank loads it), refused
     when it was made for another job. Collective. Trainers that prepare data before training call it
     first, so a mismatched checkpoint is refused before anything is computed."""
@@ -131,7 +139,9 @@ def train_loop(job: TrainJob, checkpoint: Checkpoint | None = None) -> LoopResul
     directory). Collective: every rank calls it with the same job."""
     rank, world = get_rank(), get_world_size()
     manager = CheckpointManager(job.directory, job.keep_last)
-    ckpt = checkpoint or latest_checkpoint(job.directory, job.keep_last, job.sidecar, job.identity_keys)
+    ckpt = checkpoint or latest_checkpoint(
+        job.directory, job.keep_last, job.sidecar, job.identity_keys
+    )
     step, resumed, history = 0, None, []
     if ckpt is not None:
         job.module.load_state_dict(ckpt.tensors)
@@ -139,16 +149,28 @@ def train_loop(job: TrainJob, checkpoint: Checkpoint | None = None) -> LoopResul
         if ckpt.rng is not None:
             set_rng_state(ckpt.rng)
         step, resumed, history = ckpt.trainer["step"], ckpt.step, ckpt.meta.get("history", [])
-        log.info("%s: resumed %s at step %d of %d", job.what, job.directory.name, step, job.total_steps)
+        log.info(
+            "%s: resumed %s at step %d of %d", job.what, job.directory.name, step, job.total_steps
+        )
     per_epoch = job.steps_per_epoch
 
     def save(at: int) -> None:
         rngs = gather_object(rng_state())
         optimizer = job.optimizer_state()
         if is_main():
-            trainer = {"optimizer": optimizer, "step": at, "epoch": at // per_epoch, "batch_in_epoch": at % per_epoch}
-            manager.save(at, {k: v.detach().cpu() for k, v in job.module.state_dict().items()},
-                         {**job.sidecar, "history": history}, trainer, rngs)
+            trainer = {
+                "optimizer": optimizer,
+                "step": at,
+                "epoch": at // per_epoch,
+                "batch_in_epoch": at % per_epoch,
+            }
+            manager.save(
+                at,
+                {k: v.detach().cpu() for k, v in job.module.state_dict().items()},
+                {**job.sidecar, "history": history},
+                trainer,
+                rngs,
+            )
         barrier()
 
     def evaluate(at: int) -> None:
@@ -164,7 +186,9 @@ def train_loop(job: TrainJob, checkpoint: Checkpoint | None = None) -> LoopResul
     last_saved = resumed
     while step < job.total_steps:
         epoch, b = divmod(step, per_epoch)
-        batch = epoch_order(job.n_rows, job.seed, epoch)[b * job.batch_size : (b + 1) * job.batch_size]
+        batch = epoch_order(job.n_rows, job.seed, epoch)[
+            b * job.batch_size : (b + 1) * job.batch_size
+        ]
         if job.schedule is not None:
             job.schedule(step)
         job.step_optimizer(job.loss(step, batch[rank::world], len(batch)))
@@ -174,21 +198,35 @@ def train_loop(job: TrainJob, checkpoint: Checkpoint | None = None) -> LoopResul
             job.on_step(step, job.module)
         if delay:
             time.sleep(delay)
-        evaluated = job.heldout is not None and job.heldout_every > 0 and (
-            step % job.heldout_every == 0 or step == job.total_steps)
+        evaluated = (
+            job.heldout is not None
+            and job.heldout_every > 0
+            and (step % job.heldout_every == 0 or step == job.total_steps)
+        )
         if evaluated:
             evaluate(step)
         stopping = job.stop is not None and job.stop.should_stop()
-        if (step == job.total_steps or stopping or step % job.checkpoint_every == 0
-                or (evaluated and job.save_after_heldout)):
+        if (
+            step == job.total_steps
+            or stopping
+            or step % job.checkpoint_every == 0
+            or (evaluated and job.save_after_heldout)
+        ):
             save(step)
             last_saved = step
         if stopping:
             bar.close()
-            log.warning("%s: stop signal; saved step %d of %d in %s, exiting to resume later", job.what, step,
-                        job.total_steps, job.directory)
-            raise Preempted(f"{job.what} training stopped at step {step} of {job.total_steps}; checkpoint saved in "
-                            f"{job.directory}")
+            log.warning(
+                "%s: stop signal; saved step %d of %d in %s, exiting to resume later",
+                job.what,
+                step,
+                job.total_steps,
+                job.directory,
+            )
+            raise Preempted(
+                f"{job.what} training stopped at step {step} of {job.total_steps}; checkpoint saved in "
+                f"{job.directory}"
+            )
     bar.close()
     if last_saved != step:
         save(step)

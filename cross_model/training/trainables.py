@@ -25,7 +25,9 @@ class TrainRequest:
     """What a trainer may use of the run."""
 
     cfg: Any  # the ExperimentConfig
-    model_pair: Callable[[Any], Any]  # a method's params -> its ModelPair (each model loaded once per run)
+    model_pair: Callable[
+        [Any], Any
+    ]  # a method's params -> its ModelPair (each model loaded once per run)
     load_model: Callable[[str], Any]  # a model spec -> the run's LoadedModel
     stop: StopFlag | None = None
     log_metrics: Callable[[dict[str, Any]], None] | None = None
@@ -36,7 +38,9 @@ class TrainOutcome:
     """What one trainable trained (or found finished) for a run's methods."""
 
     artefacts: dict[str, Path]  # method instance -> its finished directory
-    record: dict[str, Any] = field(default_factory=dict)  # written to the run directory as `record_file`
+    record: dict[str, Any] = field(
+        default_factory=dict
+    )  # written to the run directory as `record_file`
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,12 @@ class Trainable:
     config_section: str  # where its recipe lives in the experiment config
     what: str  # what it makes, for messages ("projection", "interlingua", ...)
     record_file: str  # the file in the run directory that records what was trained
-    train: Callable[[TrainRequest, list[tuple[str, Any]]], TrainOutcome]  # (request, [(instance, params)])
-    locate: Callable[[TrainRequest, str, Any], Path]  # (request, instance, params) -> its finished artefact's directory
+    train: Callable[
+        [TrainRequest, list[tuple[str, Any]]], TrainOutcome
+    ]  # (request, [(instance, params)])
+    locate: Callable[
+        [TrainRequest, str, Any], Path
+    ]  # (request, instance, params) -> its finished artefact's directory
 
 
 _TRAINABLES: dict[str, Trainable] = {}
@@ -66,8 +74,10 @@ def unregister_trainable(name: str) -> None:
 
 def get_trainable(name: str) -> Trainable:
     if name not in _TRAINABLES:
-        raise ValueError(f"no trainable {name!r} is registered (known: {', '.join(_TRAINABLES) or 'none'}); "
-                         f"a method's `trained_by` must name one registered in cross_model.trainers")
+        raise ValueError(
+            f"no trainable {name!r} is registered (known: {', '.join(_TRAINABLES) or 'none'}); "
+            f"a method's `trained_by` must name one registered in cross_model.trainers"
+        )
     return _TRAINABLES[name]
 
 
