@@ -16,6 +16,7 @@ from typing import Any
 
 from cross_model.data.base import Example
 from cross_model.distributed import barrier, broadcast_object, is_main
+from cross_model.failures import RunRefused
 from cross_model.result_files import write_json_atomically
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,17 @@ log = logging.getLogger(__name__)
 
 def calibration_path(run_dir: Path, name: str) -> Path:
     return run_dir / f"calibration-{name}.json"
+
+
+def _read_saved(path: Path) -> dict | str:
+    """The saved calibration, or what is wrong with it (a string, broadcast so every rank stops)."""
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        return f"saved calibration {path} is not JSON ({err}); delete it to calibrate again"
+    if not isinstance(saved, dict):
+        return f"saved calibration {path} is not a JSON object; delete it to calibrate again"
+    return saved
 
 
 def calibrate_methods(
@@ -33,11 +45,17 @@ def calibrate_methods(
     out = {}
     for name in names:
         path = calibration_path(run_dir, name)
-        saved = broadcast_object(
-            json.loads(path.read_text()) if is_main() and path.exists() else None
-        )
+        saved = broadcast_object(_read_saved(path) if is_main() and path.exists() else None)
+        if isinstance(saved, str):
+            raise RunRefused(saved)
         if saved is not None:
-            methods[name].load_calibration(saved)
+            try:
+                methods[name].load_calibration(saved)
+            except (ValueError, KeyError, TypeError) as err:
+                raise RunRefused(
+                    f"saved calibration {path} does not fit method {name}: {err}. Delete the file "
+                    f"to calibrate again"
+                ) from None
             log.info("calibrate: %s loaded its saved calibration from %s", name, path)
             out[name] = saved
             continue

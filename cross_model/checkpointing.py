@@ -3,7 +3,8 @@
 A checkpoint is a directory `step_<NNNNNNNN>/` holding
   - `weights.safetensors`  the trained tensors,
   - `trainer.pt`           optimizer state, step, data position (torch.save, loaded with weights_only),
-  - `rng_rank<r>.pt`       each rank's RNG states (restored only when the world size is unchanged),
+  - `rng_rank<r>.pt`       each rank's RNG states as tensors and plain data (restored only when the
+                           world size is unchanged; like trainer.pt, loaded with weights_only),
   - `meta.json`            written last: the identity sidecar, the step, fit statistics, and a
                            SHA-256 per file. Its presence (with matching checksums) marks a complete one.
 It is written into a hidden temporary directory, every file fsynced, then renamed into place, so a
@@ -18,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -209,11 +211,11 @@ class CheckpointManager:
         meta, why = verify(path)
         if meta is None:
             raise ValueError(f"checkpoint {path} cannot be loaded: {why}")
-        trainer = torch.load(path / TRAINER, weights_only=True)
+        trainer = load_plain(path / TRAINER)
         rng = None
         rng_file = path / f"rng_rank{rank}.pt"
         if meta.get("world_size") == world_size and rng_file.exists():
-            rng = torch.load(rng_file, weights_only=False)
+            rng = load_plain(rng_file)
         elif meta.get("world_size"):
             log.info(
                 "checkpoint %s was saved by %s ranks, this run has %s: RNG states not restored",
@@ -244,14 +246,40 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
 
 
+def load_plain(path: Path) -> Any:
+    """torch.load of tensors and plain data only (weights_only=True): a checkpoint file is read, never
+    run, so a crafted pickle planted in a checkpoint directory is refused with the file named."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"checkpoint file {path} holds objects other than tensors and plain data, which are never "
+            f"loaded (they could run code): {str(err).splitlines()[0]}. If this code wrote it, it was "
+            f"tampered with; delete that checkpoint directory to resume from an earlier one"
+        ) from None
+
+
 def rng_state() -> dict[str, Any]:
+    """Every RNG's state as tensors and plain data (saved and loaded with weights_only=True)."""
     import random
 
     import numpy as np
 
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {
+            "version": version,
+            "words": torch.tensor(words, dtype=torch.int64),
+            "gauss": gauss,
+        },
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -264,8 +292,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
     import numpy as np
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

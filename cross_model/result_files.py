@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cross_model.data.base import Example
+from cross_model.failures import RunRefused
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,16 @@ def read_results(directory: Path) -> dict[str, dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     failures: dict[str, int] = {}
     for path in sorted(directory.glob("rank*.jsonl")):
-        for line in path.read_text().splitlines():
+        lines = path.read_text().splitlines()
+        for lineno, line in enumerate(lines, 1):
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+            except json.JSONDecodeError as err:
+                if lineno == len(lines):
+                    continue  # the last line of a file another rank is writing
+                raise _damaged(path, lineno, f"not a JSON row ({err})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("example_id"), str):
+                raise _damaged(path, lineno, "a row without an example_id")
             rid = row["example_id"]
             kept = rows.get(rid)
             if kept is not None and not kept.get("error"):
@@ -73,6 +79,14 @@ def read_results(directory: Path) -> dict[str, dict[str, Any]]:
     for rid, n in failures.items():
         rows[rid]["failed_attempts"] = n
     return rows
+
+
+def _damaged(path: Path, lineno: int, what: str) -> RunRefused:
+    # Skipping the line would drop an item's row from every score without a word.
+    return RunRefused(
+        f"{path}:{lineno}: {what}, in the middle of a results file (edited or damaged). Move the file "
+        f"aside (nothing else reads it) and start the run again: its items are answered again"
+    )
 
 
 def finished_ids(directory: Path) -> set[str]:

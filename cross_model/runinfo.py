@@ -197,6 +197,15 @@ def prepare_run_dir(
     config_path = run_dir / "config.yaml"
     identity_path = run_dir / "identity.json"
     resolved = to_dict(cfg)
+    produced = produced_files(run_dir)
+    if config_path.exists() and not produced:
+        # An earlier start stopped before any stage wrote anything (a data error, a typo in an
+        # override): nothing would mix, so this start takes the directory over.
+        log.info(
+            "run directory %s holds no results yet: this start's config replaces its own", run_dir
+        )
+        identity_path.unlink(missing_ok=True)
+        config_path.unlink()
     if config_path.exists():
         old = yaml.safe_load(config_path.read_text()) or {}
         diff = config_differences(old, resolved)
@@ -209,6 +218,12 @@ def prepare_run_dir(
             check_identity(
                 run_dir, json.loads(identity_path.read_text()), identity, allow_code_change
             )
+        elif identity is not None:
+            raise ValueError(
+                f"run directory {run_dir} holds {', '.join(produced[:3])} but no identity.json, so "
+                f"nothing says which code and hardware wrote them (not a directory this program "
+                f"started, or its identity was deleted); pick another --name"
+            )
     else:
         _atomic_write(config_path, yaml.safe_dump(resolved, sort_keys=False))
     if identity is not None and not identity_path.exists():
@@ -220,6 +235,22 @@ def prepare_run_dir(
         fh.write(json.dumps({**meta, "start": start, "identity": identity}) + "\n")
     _atomic_write(run_dir / "versions.json", json.dumps(meta, indent=2))
     return start
+
+
+START_FILES = {"config.yaml", "identity.json", "runs.jsonl", "versions.json"}
+
+
+def produced_files(run_dir: Path) -> list[str]:
+    """What a stage wrote into the run directory (relative paths of non-empty files): everything but
+    what a start writes before its first stage and the ranks' directory check."""
+    out = []
+    for path in sorted(Path(run_dir).rglob("*")):
+        rel = path.relative_to(run_dir)
+        if rel.parts[0].startswith(".rank-check-") or str(rel) in START_FILES:
+            continue
+        if path.is_file() and path.stat().st_size > 0:
+            out.append(str(rel))
+    return out
 
 
 def check_shared_run_dir(run_dir: Path, wait_s: float = 20.0) -> None:

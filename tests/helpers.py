@@ -145,3 +145,11 @@ def write_copies(fixture: Path, out: Path, n: int) -> str:
     rows = [json.loads(line) for line in fixture.read_text().splitlines() if line.strip()]
     out.write_text("".join(json.dumps(r) + "\n" for r in distinct_copies(rows, n)))
     return str(out)
+
+
+def write_a_result_row(run_dir: Path) -> None:
+    """A row in the run's results, as the evaluate stage leaves it: a run directory with results is one
+    a later start must match (an empty one is taken over)."""
+    rows = Path(run_dir) / "results" / "countries" / "baseline"
+    rows.mkdir(parents=True, exist_ok=True)
+    (rows / "rank0.jsonl").write_text(json.dumps({"example_id": "countries-0"}) + "\n")

@@ -75,7 +75,11 @@ def test_list_index_and_method_overrides(tmp_path):
             [],
             "give a repeated task a distinct label",
         ),
-        ({"tasks": [{"name": "countries", "label": "a/b"}]}, [], r"tasks.0.label: 'a/b' must be"),
+        (
+            {"tasks": [{"name": "countries", "label": "a/b"}]},
+            [],
+            r"tasks.0.label: 'a/b' names a file or directory",
+        ),
     ],
 )
 def test_bad_input_names_the_key(tmp_path, data, overrides, match):
@@ -107,9 +111,11 @@ def test_shipped_configs_validate(path):
 
 def test_run_dir_refuses_a_different_config(tmp_path):
     from cross_model.runinfo import prepare_run_dir
+    from tests.helpers import write_a_result_row
 
     cfg = load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path)])
     prepare_run_dir(cfg, {"x": 1})
+    write_a_result_row(tmp_path / "tiny")
     prepare_run_dir(
         load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path), "--eval.batch_size", "2"]),
         {},

@@ -392,12 +392,14 @@ def test_code_identity_ignores_new_untracked_and_config_files_but_not_tracked_co
 def test_a_resume_with_other_torch_or_transformers_is_refused_unless_allowed(tmp_path):
     from cross_model.config import load_config
     from cross_model.runinfo import prepare_run_dir, run_identity
+    from tests.helpers import write_a_result_row
 
     cfg = load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path)])
     meta = {"git": {"commit": "abc"}, "versions": {"torch": "2.13.0", "transformers": "5.23.0"}}
     first = run_identity(meta, "cpu", "float32")
     assert first["torch"] == "2.13.0" and first["transformers"] == "5.23.0"
     prepare_run_dir(cfg, {}, first)
+    write_a_result_row(tmp_path / "tiny")
     later = run_identity(
         {**meta, "versions": {"torch": "2.13.0", "transformers": "5.17.0"}}, "cpu", "float32"
     )

@@ -20,7 +20,7 @@ from tests.conftest import ROOT
 def _declared() -> dict[str, Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = [Requirement(line) for line in project.get("dependencies", [])]
-    return {_name(r.name): r for r in reqs}
+    return {_name(req.name): req for req in reqs}
 
 
 def _locked() -> dict[str, str]:

@@ -378,10 +378,12 @@ def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path):
 def test_a_resume_refuses_other_hardware_or_other_code(tmp_path):
     from cross_model.config import load_config
     from cross_model.runinfo import prepare_run_dir
+    from tests.helpers import write_a_result_row
 
     cfg = load_config("configs/tiny.yaml", ["--output_dir", str(tmp_path)])
     first = {"device": "cuda", "dtype": "bfloat16", "commit": "abc", "changes": None}
     assert prepare_run_dir(cfg, {}, first) == 0
+    write_a_result_row(tmp_path / "tiny")
     assert prepare_run_dir(cfg, {}, dict(first)) == 1
     with pytest.raises(
         ValueError, match="started on cuda in bfloat16, this start resolves to cpu in float32"

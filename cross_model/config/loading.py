@@ -232,8 +232,11 @@ def load_config(
             raise FileNotFoundError(
                 f"config file {str(path)!r} does not exist (configs live in configs/)"
             )
-        with open(path) as fh:
-            loaded = yaml.safe_load(fh) or {}
+        try:
+            with open(path) as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: the top level must be a mapping of config sections")
         _merge(data, loaded, "")

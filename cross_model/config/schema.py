@@ -112,13 +112,7 @@ class TaskConfig:
     def validate(self, prefix: str) -> None:
         if not self.name:
             raise ValueError(f"{prefix}.name: must name a task")
-        if self.label is not None and (
-            not self.label or not re.fullmatch(r"[A-Za-z0-9_.+-]+", self.label)
-        ):
-            raise ValueError(
-                f"{prefix}.label: {self.label!r} must be non-empty letters, digits or _.+- "
-                f"(it names a results directory)"
-            )
+        check_path_name(f"{prefix}.label" if self.label is not None else f"{prefix}.name", self.key)
         if self.n_test is not None and self.n_test < 1:
             raise ValueError(f"{prefix}.n_test: must be >= 1 or null, got {self.n_test}")
         if self.n_calib < 0:
@@ -434,10 +428,7 @@ class ExperimentConfig:
         return Path(self.output_dir) / self.name
 
     def validate(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ValueError(
-                f"name: must be a non-empty directory name without '/', got {self.name!r}"
-            )
+        check_path_name("name", self.name)
         if self.preset is not None:
             _choice("preset", self.preset, PRESETS)
         for stage in self.stages:
@@ -458,6 +449,7 @@ class ExperimentConfig:
         if not self.methods:
             raise ValueError("methods: at least one method is needed")
         for name, params in self.methods.items():
+            check_path_name(f"methods.{name}", name)
             if not isinstance(params, dict):
                 raise ValueError(
                     f"methods.{name}: must be a mapping of parameters, got {type(params).__name__}"
@@ -468,6 +460,23 @@ class ExperimentConfig:
         self.logging.validate("logging")
         # Method parameters are checked by `context.load_experiment` against each method's own typed
         # parameters: config stays a leaf that knows no method.
+
+
+PATH_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
+
+
+def check_path_name(key: str, value: Any) -> None:
+    """The one rule for every name that becomes a file or directory name (the run, a task's key, a method
+    instance): letters, digits and _.+- only, and not `.` or `..`, so no name leaves its directory."""
+    if not isinstance(value, str) or not PATH_NAME.fullmatch(value) or value.strip(".") == "":
+        raise ValueError(
+            f"{key}: {value!r} names a file or directory, so it must be letters, digits or _.+- "
+            f"(no path separators, not '.' or '..'); rename it, e.g. {_suggest(value)!r}"
+        )
+
+
+def _suggest(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(value)).strip("._") or "run"
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:

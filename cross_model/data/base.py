@@ -200,9 +200,16 @@ def load_task_examples(
         test = [_with_max_new_tokens(e, max_new_tokens) for e in test]
         calib = [_with_max_new_tokens(e, max_new_tokens) for e in calib]
     overlap = {e.example_id for e in test} & {e.example_id for e in calib}
-    assert not overlap, f"task {name}: calibration and test share ids {sorted(overlap)[:3]}"
+    if overlap:
+        raise ValueError(f"task {name}: calibration and test share ids {sorted(overlap)[:3]}")
     ids = [e.example_id for e in test]
-    assert len(set(ids)) == len(ids), f"task {name}: duplicate example ids"
+    repeated = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+    if repeated:
+        # results are keyed by id: a repeated one would silently keep one row for two items
+        raise ValueError(
+            f"task {name}{f' ({path})' if path else ''}: example ids {repeated[:3]} occur more than "
+            f"once; give every item its own id"
+        )
     return test, calib
 
 

@@ -751,5 +751,16 @@ class KVComm(Method):
         return self.calibration
 
     def load_calibration(self, data: dict[str, Any]) -> None:
-        self.ranking = list(data["ranking"])
+        ranking = data.get("ranking")
+        if not isinstance(ranking, list) or sorted(ranking) != list(range(self.index_depth)):
+            raise ValueError(
+                f"its ranking must order every one of the {self.index_depth} layers once, "
+                f"got {ranking!r}"
+            )
+        self.ranking = list(ranking)
+        if "selected" in data and sorted(data["selected"]) != sorted(self.selected_layers()):
+            raise ValueError(
+                f"it selected layers {data['selected']}, but its ranking gives "
+                f"{sorted(self.selected_layers())} under this config's top_layers"
+            )
         self.calibration = data

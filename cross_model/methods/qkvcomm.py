@@ -589,5 +589,11 @@ class QKVComm(KVComm):
         if "ranking" in data:
             super().load_calibration(data)
         if "layer_bits" in data:
-            self.layer_bits = {int(l): int(b) for l, b in data["layer_bits"].items()}
+            bits = {int(layer): int(b) for layer, b in data["layer_bits"].items()}
+            wrong = {layer: b for layer, b in bits.items() if b not in self.params.bit_choices}
+            if wrong:
+                raise ValueError(
+                    f"layer_bits {wrong} are not among bit_choices {self.params.bit_choices}"
+                )
+            self.layer_bits = bits
         self.calibration = data
