@@ -36,6 +36,16 @@ class Outcomes:
                 entry["error"] = str(report.longrepr)[-2000:]
             self.tests.setdefault(report.nodeid, entry)
 
+    def pytest_collectreport(self, report) -> None:  # noqa: ANN001 - pytest's hook signature
+        # A module that fails to import (a missing package on a bare image) runs no test: without
+        # this it would read as "passed 0, failed 0"
+        if report.failed:
+            self.tests[f"collecting {report.nodeid or 'tests'}"] = {
+                "outcome": "failed",
+                "seconds": 0.0,
+                "error": str(report.longrepr)[-2000:],
+            }
+
 
 def device_description() -> dict:
     if not torch.cuda.is_available():

@@ -10,10 +10,6 @@ from collections import Counter
 from functools import lru_cache
 from typing import Iterable, Sequence
 
-from rapidfuzz import fuzz
-from rouge import Rouge
-
-_ROUGE = Rouge(metrics=["rouge-l"])
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCT = set(string.punctuation)
 
@@ -26,11 +22,28 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
+def optional_module(name: str, needed_by: str):
+    """A library only some metrics need, imported where it is used: a machine without it (the bare
+    GPU images) runs everything else, and a metric that needs it says which package to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise ImportError(
+            f"{needed_by} needs the {name!r} package, which is not installed here: "
+            f"pip install -r requirements.txt (or just {name})"
+        ) from err
+
+
+@lru_cache(maxsize=1)
+def _rouge_scorer():
+    return optional_module("rouge", "rouge_l_recall_public").Rouge(metrics=["rouge-l"])
+
+
 @lru_cache(maxsize=65536)
 def _lemma(word: str) -> str:
-    import simplemma
-
-    return simplemma.lemmatize(word, lang="en")
+    return optional_module("simplemma", "lemmatised f1_match").lemmatize(word, lang="en")
 
 
 def _tokens(text: str, lemmatize: bool) -> list[str]:
@@ -152,6 +165,7 @@ def edit_similarity(prediction: str, answers: Sequence[str]) -> float:
     """RepoBench's score: the first code line of the prediction against the gold line, `fuzz.ratio` as
     the public code computes it (2 x LCS(chars) / (len + len), the Levenshtein ratio with substitutions
     costing two edits, rounded to whole percent; rapidfuzz's implementation); max over gold answers."""
+    fuzz = optional_module("rapidfuzz", "edit_similarity").fuzz
     line = first_code_line(prediction)
     return max(
         (round(fuzz.ratio(line, answer)) / 100 for answer in answers if line or answer), default=0.0
@@ -168,7 +182,7 @@ def rouge_l_recall_public(prediction: str, answers: Sequence[str]) -> float:
     best = 0.0
     for answer in answers:
         if answer.strip():
-            best = max(best, _ROUGE.get_scores(prediction, answer)[0]["rouge-l"]["r"])
+            best = max(best, _rouge_scorer().get_scores(prediction, answer)[0]["rouge-l"]["r"])
     return best
 
 
