@@ -77,13 +77,17 @@ def git_commit(repo: Path | None = None) -> dict[str, Any]:
         dirty = bool(git("status", "--porcelain").strip())
         # Only what runs counts as a code change: editing docs or tests while a run waits is not one.
         diff = git("diff", "HEAD", "--binary", "--", *CODE_PATHS)
+        # The committed code itself, by content: a commit that changes no code path (docs, tests, an
+        # empty commit) leaves it as it was, so a requeue after such a commit still resumes.
+        trees = git("rev-parse", *(f"HEAD:{path}" for path in CODE_PATHS if (repo / path).exists()))
         return {
             "commit": commit,
             "dirty": dirty,
             "changes": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff.strip() else None,
+            "code": hashlib.sha256(trees.encode()).hexdigest()[:16],
         }
     except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None, "changes": None}
+        return {"commit": None, "dirty": None, "changes": None, "code": None}
 
 
 def versions() -> dict[str, Any]:
@@ -136,14 +140,17 @@ IDENTITY_PACKAGES = (
 
 def run_identity(meta: dict[str, Any], device: str, dtype: str) -> dict[str, Any]:
     """What a resumed run must share with its first start for its rows to be one experiment: the
-    resolved device kind and dtype (`auto` resolves differently on a GPU and a CPU), the code, and
-    the torch and transformers versions."""
+    resolved device kind and dtype (`auto` resolves differently on a GPU and a CPU), the number of
+    ranks (each calibrates its share, and batches, so bf16 sums, differ with it), the code (the
+    content of its paths, committed and not), and the torch and transformers versions."""
     git = meta.get("git") or {}
     found = meta.get("versions") or {}
     return {
         "device": device,
         "dtype": dtype,
+        "world_size": meta.get("world_size"),
         "commit": git.get("commit"),
+        "code": git.get("code"),
         "changes": git.get("changes"),
         **{name: found.get(name) for name in IDENTITY_PACKAGES},
     }
@@ -158,9 +165,22 @@ def check_identity(
             f"{now['device']} in {now['dtype']}: resuming would mix results of two set-ups. Resume it on the same hardware "
             f"(or set platform.device / platform.dtype to {first.get('device')} / {first.get('dtype')}), or pick another --name"
         )
+    if first.get("world_size") not in (None, now.get("world_size")):
+        raise ValueError(
+            f"run directory {run_dir} was started with {first['world_size']} ranks, this start has "
+            f"{now.get('world_size')}: each rank calibrates and batches its own share, so the rows "
+            f"would come from two set-ups. Resume it with {first['world_size']} ranks, or pick another --name"
+        )
     changed = []
-    if first.get("commit") != now.get("commit"):
-        changed.append(f"commit {first.get('commit')} -> {now.get('commit')}")
+    # Identities written before `code` existed compare commits.
+    same_code = (
+        first["code"] == now.get("code") if first.get("code") else first.get("commit") == now.get("commit")
+    )
+    if not same_code:
+        changed.append(
+            f"code {first.get('code') or first.get('commit')} -> {now.get('code') or now.get('commit')} "
+            f"(commit {first.get('commit')} -> {now.get('commit')})"
+        )
     elif first.get("changes") != now.get("changes"):
         changed.append(
             f"uncommitted changes {first.get('changes') or 'none'} -> {now.get('changes') or 'none'}"

@@ -192,3 +192,53 @@ def test_repeated_example_ids_in_a_local_file_are_refused(tmp_path):
     (tmp_path / "items.jsonl").write_text((json.dumps(row) + "\n") * 2)
     with pytest.raises(ValueError, match=r"example ids \['jsonl-a'\] occur more than once"):
         load_task_examples("jsonl", 2, 0, path=str(tmp_path / "items.jsonl"))
+
+
+def _git(repo: Path, *args: str) -> None:
+    import subprocess
+
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_a_commit_that_changes_no_code_path_does_not_stop_a_requeue(tmp_path):
+    """The identity compares the content of the code paths, not the commit: an empty commit or a docs
+    commit between a job's start and its requeue resumes; a change under cross_model/ is refused."""
+    from cross_model.runinfo import check_identity, git_commit, run_identity
+
+    repo = tmp_path / "repo"
+    (repo / "cross_model").mkdir(parents=True)
+    (repo / "cross_model" / "x.py").write_text("A = 1\n")
+    (repo / "run_experiments.py").write_text("")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "one")
+
+    def identity():
+        return run_identity({"git": git_commit(repo), "world_size": 1}, "cpu", "float32")
+
+    first = identity()
+    _git(repo, "commit", "-q", "--allow-empty", "-m", "empty")
+    (repo / "README.md").write_text("docs\n")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "docs")
+    later = identity()
+    assert later["commit"] != first["commit"] and later["code"] == first["code"]
+    check_identity(tmp_path, first, later, allow_code_change=False)
+    (repo / "cross_model" / "x.py").write_text("A = 2\n")
+    _git(repo, "commit", "-qam", "code")
+    with pytest.raises(ValueError, match="started with other code"):
+        check_identity(tmp_path, first, identity(), allow_code_change=False)
+
+
+def test_a_resume_with_another_number_of_ranks_is_refused(tmp_path):
+    from cross_model.runinfo import check_identity
+
+    first = {"device": "cpu", "dtype": "float32", "world_size": 4, "code": "c", "changes": None}
+    check_identity(tmp_path, first, dict(first), allow_code_change=False)
+    with pytest.raises(ValueError, match="started with 4 ranks, this start has 2"):
+        check_identity(tmp_path, first, {**first, "world_size": 2}, allow_code_change=False)
