@@ -174,7 +174,9 @@ def check_identity(
     changed = []
     # Identities written before `code` existed compare commits.
     same_code = (
-        first["code"] == now.get("code") if first.get("code") else first.get("commit") == now.get("commit")
+        first["code"] == now.get("code")
+        if first.get("code")
+        else first.get("commit") == now.get("commit")
     )
     if not same_code:
         changed.append(
