@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,13 +10,18 @@ from typing import Any
 from cross_model.config import ExperimentConfig, load_config
 from cross_model.data.base import get_task
 from cross_model.data.hub import PUBLIC_TASKS
-from cross_model.distributed import DistEnv, StopFlag, barrier, is_main
+from cross_model.distributed import DistEnv, StopFlag, rank0_first
 from cross_model.methods.base import ModelPair
 from cross_model.methods.registry import resolve_method, validate_methods
 from cross_model.metrics import PUBLIC_METRICS
 from cross_model.models import load_model
 from cross_model.platform import Platform
 from cross_model.prompting import CHAT_KWARGS
+
+log = logging.getLogger(__name__)
+
+
+MODEL_WAIT_S = 6 * 3600
 
 
 class ModelStore:
@@ -35,11 +41,13 @@ class ModelStore:
         revision = own[1] if spec == own[0] else other[1] if spec == other[0] else None
         key = (spec, revision)
         if key not in self.loaded:
-            if is_main():
-                self.loaded[key] = load_model(spec, p.dtype, p.device, revision)
-            barrier()
-            if not is_main():
-                self.loaded[key] = load_model(spec, p.dtype, p.device, revision)
+            # Rank 0 downloads and caches (16 GB over a slow link can take hours); the other ranks
+            # wait for it longer than the process group's 30 minutes, saying what they wait for.
+            self.loaded[key] = rank0_first(
+                lambda: load_model(spec, p.dtype, p.device, revision),
+                f"downloading and caching {spec}",
+                MODEL_WAIT_S,
+            )
             self.loaded[key].derived[CHAT_KWARGS] = dict(m.chat_template_kwargs)
         return self.loaded[key]
 

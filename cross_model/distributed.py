@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import logging
 import os
 import signal
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from cross_model.platform import check_distinct_devices
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _OBJECT_GROUP: Any = None  # gloo group for object collectives when the main backend is nccl
 
@@ -199,6 +201,34 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_initialized():
         dist.barrier(group=_OBJECT_GROUP)
+
+
+_RANK0_FIRST = itertools.count()
+
+
+def rank0_first(work: Callable[[], T], what: str, timeout_s: float) -> T:
+    """`work()` on rank 0, then on every other rank (a download and cache that one rank does for all).
+    The others wait on the rendezvous store for up to `timeout_s`, not in a collective bound by the
+    process group's timeout (30 minutes), and a failure on rank 0 reaches them at once. Every rank
+    must call it in the same order (the store key counts the calls)."""
+    if not is_initialized():
+        return work()
+    key = f"cross_model/rank0_first/{next(_RANK0_FIRST)}"
+    store = dist.distributed_c10d._get_default_store()
+    if is_main():
+        try:
+            out = work()
+        except BaseException as err:
+            store.set(key, f"failed: {type(err).__name__}: {err}")
+            raise
+        store.set(key, "ok")
+        return out
+    log.info("waiting for rank 0: %s (up to %.1f h)", what, timeout_s / 3600)
+    store.wait([key], datetime.timedelta(seconds=timeout_s))
+    status = store.get(key).decode()
+    if status != "ok":
+        raise RuntimeError(f"rank 0 {status} (while {what}); this rank stops with it")
+    return work()
 
 
 def gather_object(obj: Any) -> list[Any]:

@@ -18,7 +18,12 @@ echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELI
 # The requeued job runs this script again with the same arguments, and the run resumes.
 trap 'echo "time limit near: requeueing $SLURM_JOB_ID"; scontrol requeue "$SLURM_JOB_ID"' USR1
 
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
+# Slurm 22.05-23.02 do not pass the job's --cpus-per-task on to srun: without it torchrun and its
+# ranks would share one core. Pass it on explicitly when the job set it.
+CPUS=()
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then CPUS=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
+
+srun --ntasks-per-node=1 ${CPUS[@]+"${CPUS[@]}"} --kill-on-bad-exit=1 \
     "$PYTHON" -m torch.distributed.run \
         --nnodes="$SLURM_NNODES" --nproc_per_node="$NPROC_PER_NODE" \
         --rdzv_backend=c10d --rdzv_endpoint="$HEAD_NODE:$PORT" --rdzv_id="$SLURM_JOB_ID" \

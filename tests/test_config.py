@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -239,3 +242,47 @@ def test_chat_template_kwargs_are_part_of_a_trained_artefacts_identity(tmp_path)
     )
     assert "chat_template_kwargs" not in identity_of(params, a, a, plain)
     assert identity_of(params, a, a, other)["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+# Llama 3.2's template's date logic, as its tokenizer_config.json has it (trimmed to the date line).
+LLAMA32_DATE = (
+    "{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+    '{%- set date_string = strftime_now("%d %b %Y") %}{%- else %}'
+    '{%- set date_string = "26 Jul 2024" %}{%- endif %}{%- endif %}'
+    "Today Date: {{ date_string }}\n{{ messages[0]['content'] }}"
+)
+
+
+def test_configs_with_llama3_models_pin_the_templates_date(tmp_path):
+    """Llama 3.2's chat template prints today's date in every prompt: a run would answer differently on
+    different days, and a resumed run would mix two prompts. Every config with a Llama 3 model pins it."""
+    import datetime
+
+    from cross_model.context import ModelStore
+    from cross_model.platform import detect_platform
+    from cross_model.prompting import chat_text
+
+    llama = [
+        p for p in sorted(Path("configs").glob("*.yaml")) if "meta-llama/Llama-3" in p.read_text()
+    ]
+    assert len(llama) >= 5
+    for path in llama:
+        cfg = load_config(path)
+        assert cfg.models.chat_template_kwargs.get("date_string") == "26 Jul 2024", path
+        # the pinned kwargs reach the template in place of the clock
+        tiny = load_config(
+            "configs/tiny.yaml",
+            [
+                "--output_dir",
+                str(tmp_path),
+                "--models.chat_template_kwargs",
+                json.dumps(cfg.models.chat_template_kwargs),
+            ],
+        )
+        lm = ModelStore(tiny, detect_platform("cpu", "float32"))._load(
+            tiny.models.receiver, "receiver"
+        )
+        lm.tokenizer.chat_template = LLAMA32_DATE
+        assert chat_text(lm, "Hi").startswith("Today Date: 26 Jul 2024\n")
+        lm.derived.clear()
+        assert chat_text(lm, "Hi").startswith(f"Today Date: {datetime.date.today():%d %b %Y}")

@@ -109,3 +109,48 @@ def test_config_error_exit_code_and_message():
     )
     assert res.returncode == 2
     assert "eval.batch_size: expected an integer" in res.stderr
+
+
+def _slow_first_load(rank, port, fail, queue):
+    """Rank 0 takes longer to load a model than the process group's timeout (as a download would),
+    or fails to load it."""
+    import time
+
+    from cross_model import context
+    from cross_model.config import load_config
+    from cross_model.distributed import destroy_distributed, init_distributed, read_env
+    from cross_model.platform import detect_platform
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2"
+    )
+    init_distributed("gloo", read_env(), timeout_s=2)
+    real = context.load_model
+
+    def slow(*args, **kw):
+        if rank == 0:
+            time.sleep(5)
+            if fail:
+                raise OSError("gated repo: accept the licence")
+        return real(*args, **kw)
+
+    context.load_model = slow
+    try:
+        cfg = load_config("configs/tiny.yaml")
+        store = context.ModelStore(cfg, detect_platform("cpu", "float32"))
+        queue.put((rank, store.get(cfg.models.receiver).info.num_layers))
+    except Exception as err:  # noqa: BLE001 - the other rank must hear of it
+        queue.put((rank, f"{type(err).__name__}: {err}"))
+    finally:
+        destroy_distributed()
+
+
+def test_ranks_wait_for_rank_0s_model_download_past_the_process_group_timeout():
+    """Ranks 1.. wait for rank 0 to download and cache a model; that wait outlasts the group's timeout
+    (2 s here, 30 minutes in a run) instead of failing with an error about a collective."""
+    from tests.helpers import two_gloo_ranks
+
+    assert two_gloo_ranks(_slow_first_load, False) == {0: 4, 1: 4}
+    failed = two_gloo_ranks(_slow_first_load, True)
+    assert failed[0] == "OSError: gated repo: accept the licence"
+    assert failed[1].startswith("RuntimeError: rank 0 failed: OSError: gated repo")

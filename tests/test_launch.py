@@ -101,6 +101,38 @@ def test_slurm_scripts_parse(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
 
 
+@pytest.mark.parametrize("cpus", ["8", None])
+def test_the_sbatch_body_passes_the_jobs_cpus_per_task_on_to_srun(tmp_path, cpus):
+    """Slurm 22.05-23.02 give srun one CPU unless told: the step must ask for the job's
+    --cpus-per-task. The local SLURM binds no CPUs (task/none), so a recording `srun` stands in for
+    it here; the real one runs the same script in the slurm tests."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/srun.args\n')
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho node1\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NODELIST": "node1",
+        "SLURM_NNODES": "1",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "CONFIG": "configs/tiny.yaml",
+        "STAGES": "[evaluate]",
+        "NPROC_PER_NODE": "2",
+        "EXTRA_ARGS": "",
+    }
+    env.pop("SLURM_CPUS_PER_TASK", None)
+    if cpus:
+        env["SLURM_CPUS_PER_TASK"] = cpus
+    subprocess.run(["bash", str(ROOT / "slurm" / "_torchrun.sh")], env=env, check=True, timeout=60)
+    args = (tmp_path / "srun.args").read_text().split()
+    assert args[:1] == ["--ntasks-per-node=1"] and "--nproc_per_node=2" in args
+    assert ("--cpus-per-task=8" in args) == (cpus == "8")
+
+
 # --- a real SLURM on this machine ------------------------------------------------------------
 
 
