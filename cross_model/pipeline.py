@@ -59,6 +59,29 @@ def plan(cfg: ExperimentConfig) -> list[str]:
 CHARS_PER_TOKEN = 3  # English BPE averages about 4; 3 errs towards more tokens, so more memory
 
 
+def prompt_tokens(methods: list[tuple[str, type, Any]], longest: int) -> int:
+    """The longest prompt any method reads: per method that reads the context, the longest item
+    (tokens) cut to its own max_prompt_tokens; with no item loaded, the caps alone (0: unknown). A
+    method that reads no context (the baseline) reads the question, far shorter, whatever its cap."""
+    readers = [p.max_prompt_tokens for _, cls, p in methods if cls.reads_context]
+    if longest:
+        return max((min(longest, cap) if cap else longest for cap in readers), default=longest)
+    return max(readers) if readers and all(readers) else 0
+
+
+def estimate_dtype(cfg: ExperimentConfig, device, dtype) -> tuple[torch.dtype, str]:
+    """The dtype the run will use on its target device, and why: `auto` on a machine without a GPU
+    resolves to float32, but a config whose device is auto or cuda runs on a GPU in bfloat16."""
+    if cfg.platform.dtype != "auto":
+        return dtype, "platform.dtype"
+    if getattr(device, "type", device) != "cuda" and cfg.platform.device in ("auto", "cuda"):
+        return torch.bfloat16, (
+            f"what dtype auto gives on a GPU; this machine would run "
+            f"{str(dtype).removeprefix('torch.')}: set platform.dtype to estimate another"
+        )
+    return dtype, f"dtype auto on {getattr(device, 'type', device)}"
+
+
 def memory_plan(cfg: ExperimentConfig, device, dtype, longest_chars: int) -> list[str]:
     """What one rank will hold at the run's largest batch and context, from the models' configs
     (no weights loaded), and a warning above the device's memory. The context is the longest loaded
@@ -71,23 +94,19 @@ def memory_plan(cfg: ExperimentConfig, device, dtype, longest_chars: int) -> lis
         shapes = [shape_of(spec) for spec in sorted(specs)]
     except (FileNotFoundError, ValueError) as err:
         return [f"memory: not estimated ({err})"]
-    caps = [p.max_prompt_tokens for _, _, p in methods]
-    tokens = longest_chars // CHARS_PER_TOKEN if longest_chars else 0
-    if caps and all(caps):
-        tokens = min(tokens, max(caps)) if tokens else max(caps)
-    elif not tokens and any(
-        caps
-    ):  # no data here: the methods that read contexts say how long they may be
-        tokens = max(c for c in caps if c)
+    tokens = prompt_tokens(methods, longest_chars // CHARS_PER_TOKEN if longest_chars else 0)
     if not tokens:
         return [
-            "memory: not estimated (no task loaded here and no max_prompt_tokens on every method)"
+            "memory: not estimated (no task loaded here and no max_prompt_tokens on every method "
+            "that reads the context)"
         ]
+    dtype, why = estimate_dtype(cfg, device, dtype)
     new = max(t.max_new_tokens or get_task(t.name).max_new_tokens for t in cfg.tasks)
     batch = max([cfg.eval.batch_size] + [p.batch_size for _, _, p in methods if p.batch_size])
     element = torch.tensor([], dtype=dtype).element_size()
     est = estimate(shapes, element, batch, tokens, new, cfg.eval.reuse_prefills)
     lines = [f"memory: {line}" for line in est.lines()]
+    lines.append(f"memory: in {str(dtype).removeprefix('torch.')} ({why})")
     lines += [
         f"memory: {s.name}: {s.parameters / 1e6:,.1f} M parameters, {s.num_layers} layers, KV "
         f"{s.kv_bytes_per_token(element) / 2**10:.0f} KiB per token (config: {s.source})"

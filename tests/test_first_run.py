@@ -763,3 +763,69 @@ def test_failed_rows_stay_in_every_denominator_and_payload_means_skip_them():
         line["n"] == 2 and line["errors"] == 1 and line["accuracy"] == 0.5 and line["oracle"] == 0.5
     )
     assert line["receivers"]["x"]["accuracy"] == 0.5
+
+
+def _gib(line: str, key: str) -> float:
+    import re
+
+    return float(re.search(rf"{key} ([0-9.]+) GiB", line).group(1))
+
+
+@pytest.mark.parametrize(
+    "longest_chars", [0, 3 * 33_139]
+)  # no item loaded; LongBench's longest item
+def test_the_dry_run_estimates_kvcomm_llama8b_as_a_hand_calculation_does(longest_chars):
+    """configs/kvcomm_llama8b.yaml on a machine without a GPU: the figure is for the bf16 run it will be
+    on a GPU, at the methods' 8,192-token cap (the baseline reads no context, so its missing cap does
+    not lift it to the longest item's 33,139 tokens)."""
+    from cross_model.config import load_config
+    from cross_model.pipeline import memory_plan
+
+    cfg = load_config("configs/kvcomm_llama8b.yaml")
+    lines = memory_plan(cfg, torch.device("cpu"), torch.float32, longest_chars)
+    # By hand, Llama-3.1-8B: 8,030,261,248 parameters; 32 layers, 8 KV heads of 128, hidden 4096,
+    # MLP 14336, 32 heads, vocabulary 128256; bf16 = 2 bytes. Batch 4, 8192 prompt + 128 new tokens.
+    batch, prompt, tokens, bf16 = 4, 8192, 8192 + 128, 2
+    memo = cfg.eval.reuse_prefills
+    weights = 8_030_261_248 * bf16
+    kv = 2 * 32 * 8 * 128 * bf16 * batch * tokens * (memo + 2)
+    prefill = batch * prompt * (7 * 4096 + (32 + 2 * 8) * 128 + 3 * 14336) * bf16
+    hidden = 33 * batch * 4096 * bf16 * memo
+    decode = batch * 128256 * 4
+    total = weights + kv + prefill + hidden + decode
+    first = lines[0]
+    assert f"at batch {batch} x {tokens} tokens" in first
+    for key, want in (("weights", weights), ("kv", kv), ("prefill", prefill)):
+        assert _gib(first, key) == pytest.approx(want / 2**30, abs=0.005), key
+    assert _gib(first, "memory:") == pytest.approx(total / 2**30, abs=0.005)
+    assert round(total / 2**30, 2) == 44.09
+    assert lines[1].startswith("memory: in bfloat16 (what dtype auto gives on a GPU")
+
+
+def test_config_headers_quote_the_dry_runs_memory_estimate():
+    """A header that says how much GPU memory a config needs quotes the dry run's estimate (bf16, as
+    it will run) and asks for at least that much; configs whose models' shapes are not known offline
+    are not estimated here."""
+    import re
+    from pathlib import Path
+
+    from cross_model.config import load_config
+    from cross_model.data.check import check_counts
+    from cross_model.pipeline import memory_plan
+
+    checked = 0
+    for path in sorted(Path("configs").glob("*.yaml")):
+        header = " ".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+        needs = re.search(r"GPUs? with >= (\d+) GB", header)
+        if not needs:
+            continue
+        cfg = load_config(path)
+        longest = max((c.longest_chars for c in check_counts(cfg)), default=0)  # as --dry-run does
+        lines = memory_plan(cfg, torch.device("cpu"), torch.float32, longest)
+        if "not estimated" in lines[0]:
+            continue
+        figure = float(re.search(r"memory: ([0-9.]+) GiB per rank", lines[0]).group(1))
+        assert f"--dry-run`: {figure:.2f} GiB per rank in bf16" in header, path
+        assert int(needs.group(1)) * 1e9 >= figure * 2**30, path
+        checked += 1
+    assert checked >= 3

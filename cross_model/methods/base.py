@@ -120,6 +120,9 @@ class Method:
 
     Params = MethodParams
     registry_name = ""
+    # Whether some model of the method reads the item's context (the memory estimate takes its
+    # length only for those; B alone reads the question).
+    reads_context = True
 
     trained_by: str | None = (
         None  # the registered trainable that makes this method's learned part, if any

@@ -11,6 +11,7 @@ from cross_model.prompting import baseline_text
 @register("baseline")
 class Baseline(Method):
     multi_sender = True  # no sender is read, so any number of them
+    reads_context = False
 
     def _run_batch(self, examples: list[Example]) -> list[Prediction]:
         gen, lengths = self.answer_with(
