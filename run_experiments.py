@@ -14,7 +14,7 @@ import sys
 from cross_model.config import describe, dump_yaml
 from cross_model.context import load_experiment
 from cross_model.data.base import available_tasks, get_task
-from cross_model.data.check import check_counts
+from cross_model.data.check import check_counts, check_models
 from cross_model.distributed import (
     Preempted,
     StopFlag,
@@ -146,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
                 checks = check_counts(cfg)
                 for check in checks:
                     print(f"#   {check.line}")
+                print(
+                    "# models (asked of the hub whether each exists and may be read; no weights fetched):"
+                )
+                models = check_models(cfg)
+                for access in models:
+                    print(f"#   {access.line}")
                 for line in memory_plan(
                     cfg,
                     platform.device,
@@ -153,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
                     max((c.longest_chars for c in checks), default=0),
                 ):
                     print(f"# {line}")
-                failed = not all(c.ok for c in checks)
-                if failed:
+                blocked = [a.line for a in models if a.blocks]
+                if blocked:
+                    print("model error: " + "; ".join(blocked), file=sys.stderr)
+                failed = not all(c.ok for c in checks) or bool(blocked)
+                if not all(c.ok for c in checks):
                     print(
                         "data error: " + "; ".join(c.line for c in checks if not c.ok),
                         file=sys.stderr,

@@ -454,6 +454,74 @@ def model_config(spec: str, revision: str | None = None) -> tuple[Any, str]:
         raise FileNotFoundError(f"no config for model {spec!r} here ({err})") from err
 
 
+@dataclass(frozen=True)
+class ModelAccess:
+    """Whether a run here can reach a model: `ok`, `local`, `missing`, `gated` or `offline`."""
+
+    spec: str
+    status: str
+    detail: str
+
+    @property
+    def line(self) -> str:
+        return f"{self.spec}: {self.status}: {self.detail}"
+
+    @property
+    def blocks(self) -> bool:
+        """A run cannot load it, whatever the network: the dry run fails on it."""
+        return self.status in ("missing", "gated")
+
+
+def model_access(spec: str) -> ModelAccess:
+    """Asks the hub whether `spec` exists and this token may read it (no weights are fetched), so a
+    wrong name or an unaccepted licence is named before a job waits in a queue for it."""
+    if spec in TINY_MODELS or spec in PACKAGED_MODELS:
+        return ModelAccess(spec, "local", "built in" if spec in TINY_MODELS else "a packaged model")
+    if Path(spec).expanduser().is_dir():
+        return ModelAccess(spec, "local", "a local directory")
+    if spec.startswith((".", "/", "~")):
+        return ModelAccess(
+            spec, "missing", "no such local directory; fix models.* or the method's model"
+        )
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    try:
+        huggingface_hub.auth_check(spec)
+    except GatedRepoError:
+        return ModelAccess(
+            spec,
+            "gated",
+            (
+                f"accept its licence on https://huggingface.co/{spec} with your account, then set "
+                f"HF_TOKEN (or run `hf auth login`) where the run starts"
+            ),
+        )
+    except RepositoryNotFoundError:
+        return ModelAccess(
+            spec,
+            "missing",
+            (
+                "not on the hub (a typo, or a private repository: then set HF_TOKEN); fix models.* or the "
+                "method's model"
+            ),
+        )
+    except OfflineModeIsEnabled:
+        return ModelAccess(
+            spec, "offline", "not checked: HF_HUB_OFFLINE is set (a run reads it from the cache)"
+        )
+    except Exception as err:  # noqa: BLE001 - any network failure means: not checked from here
+        return ModelAccess(
+            spec,
+            "offline",
+            (
+                f"not checked: the hub cannot be reached from here ({type(err).__name__}); a run here needs "
+                f"it in the cache (HF_HOME) or as a local directory"
+            ),
+        )
+    return ModelAccess(spec, "ok", "on the hub, readable with this token")
+
+
 def available_model_names() -> list[str]:
     return [*PACKAGED_MODELS, *TINY_MODELS]
 

@@ -829,3 +829,52 @@ def test_config_headers_quote_the_dry_runs_memory_estimate():
         assert int(needs.group(1)) * 1e9 >= figure * 2**30, path
         checked += 1
     assert checked >= 3
+
+
+def _hub_says(monkeypatch, answers: dict):
+    """The hub's answer to auth_check, per repository. A stand-in: these machines cannot reach the hub;
+    the errors are huggingface_hub's own classes, built as the hub client builds them."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    def auth_check(repo_id, **_):
+        response = httpx2.Response(
+            403, request=httpx2.Request("GET", f"https://huggingface.co/{repo_id}")
+        )
+        kind = answers.get(repo_id, "ok")
+        if kind == "gated":
+            raise GatedRepoError("Access to model is restricted", response=response)
+        if kind == "missing":
+            raise RepositoryNotFoundError("Repository Not Found", response=response)
+        if kind == "down":
+            raise httpx2.ConnectError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "auth_check", auth_check)
+
+
+def test_the_dry_run_names_a_missing_or_gated_model_and_fails(tmp_path, monkeypatch, capsys):
+    import run_experiments
+
+    _hub_says(
+        monkeypatch, {"meta-llama/Gated": "gated", "nobody/typo": "missing", "org/far": "down"}
+    )
+    args = ["--config", "configs/tiny.yaml", "--output_dir", str(tmp_path), "--dry-run"]
+    assert run_experiments.main([*args, "--models.receiver", "meta-llama/Gated"]) == 2
+    err = capsys.readouterr().err
+    assert "model error: meta-llama/Gated: gated: accept its licence" in err and "HF_TOKEN" in err
+    assert run_experiments.main([*args, "--models.sender", "nobody/typo"]) == 2
+    assert "model error: nobody/typo: missing: not on the hub" in capsys.readouterr().err
+    # unreachable is not a failure: a run may read the model from the cache
+    out_code = run_experiments.main([*args, "--methods", '{"baseline": {"receiver": "org/far"}}'])
+    out = capsys.readouterr().out
+    assert out_code == 0 and "org/far: offline: not checked: the hub cannot be reached" in out
+    assert "tiny-llama-64: local: built in" in out
+
+
+def test_the_data_check_names_a_gated_model(tmp_path, monkeypatch, capsys):
+    from cross_model.data.check import main
+
+    _hub_says(monkeypatch, {"meta-llama/Gated": "gated"})
+    assert main(["check", "configs/tiny.yaml", "--models.receiver", "meta-llama/Gated"]) == 1
+    assert "model meta-llama/Gated: gated: accept its licence" in capsys.readouterr().out

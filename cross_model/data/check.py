@@ -161,6 +161,24 @@ def check_rows(cfg: Any) -> list[TaskCheck]:
     return out
 
 
+def model_specs(cfg: Any) -> list[str]:
+    """Every model the config's run loads: the pair, each method's own, LatentWire's receivers."""
+    from cross_model.methods.registry import resolve_method
+
+    specs = [cfg.models.sender, cfg.models.receiver, *cfg.interlingua.receivers]
+    for name, raw in cfg.methods.items():
+        _, params = resolve_method(name, raw)
+        specs += [m for m in (params.sender, params.receiver, *(params.senders or [])) if m]
+    return list(dict.fromkeys(specs))
+
+
+def check_models(cfg: Any) -> list[Any]:
+    """`models.model_access` of every model the run loads."""
+    from cross_model.models import model_access
+
+    return [model_access(spec) for spec in model_specs(cfg)]
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m cross_model.data check CONFIG [--section.key value ...]`: one row of every task."""
     parser = argparse.ArgumentParser(
@@ -185,9 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     checks = check_rows(cfg)
     for c in checks:
         print(c.line, flush=True)
-    failed = [c.key for c in checks if not c.ok]
+    models = check_models(cfg)
+    for access in models:
+        print(f"model {access.line}", flush=True)
+    failed = [c.key for c in checks if not c.ok] + [a.spec for a in models if a.blocks]
+    usable = sum(1 for a in models if not a.blocks)
     print(
-        f"{len(checks) - len(failed)} of {len(checks)} tasks loaded"
-        + (f"; failed: {', '.join(failed)}" if failed else "")
+        f"{sum(c.ok for c in checks)} of {len(checks)} tasks loaded, {usable} of {len(models)} models "
+        f"not refused" + (f"; failed: {', '.join(failed)}" if failed else "")
     )
     return 1 if failed else 0
