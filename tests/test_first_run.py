@@ -878,3 +878,36 @@ def test_the_data_check_names_a_gated_model(tmp_path, monkeypatch, capsys):
     _hub_says(monkeypatch, {"meta-llama/Gated": "gated"})
     assert main(["check", "configs/tiny.yaml", "--models.receiver", "meta-llama/Gated"]) == 1
     assert "model meta-llama/Gated: gated: accept its licence" in capsys.readouterr().out
+
+
+def test_the_data_check_applies_the_preset_and_a_refused_script_dataset_is_a_data_error(
+    monkeypatch, capsys
+):
+    """Under preset kvcomm_public qasper reads SCROLLS (tau/scrolls), a script dataset that datasets 5
+    refuses with a RuntimeError: the check looks at that source, and the refusal is a data error that
+    names it, not a traceback. The hub cannot be reached here: load_dataset raises what datasets 5
+    raises for a script dataset."""
+    import datasets
+
+    from cross_model.data.check import main
+
+    def refuse(path, *args, **kwargs):
+        raise RuntimeError(
+            f"Dataset scripts are no longer supported, but found {path.split('/')[-1]}.py"
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    code = main(
+        [
+            "check",
+            "configs/tiny.yaml",
+            "--preset",
+            "kvcomm_public",
+            "--tasks",
+            '[{"name": "qasper"}]',
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "tasks.qasper: FAILED from tau/scrolls" in out
+    assert "RuntimeError: Dataset scripts are no longer supported, but found scrolls.py" in out

@@ -10,7 +10,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from cross_model.config import load_config
 from cross_model.data.base import (
     EVERY_ROW,
     asked_sizes,
@@ -194,8 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     check.add_argument("config", help="YAML config (see configs/)")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    from cross_model.context import load_experiment
+
     try:
-        cfg = load_config(args.config, overrides)
+        # as the run resolves it: a preset changes the tasks' sources (kvcomm_public: SCROLLS' Qasper)
+        cfg = load_experiment(args.config, overrides)
     except (ValueError, FileNotFoundError) as err:
         print(check.format_usage().rstrip(), file=sys.stderr)
         print(f"config error: {err}", file=sys.stderr)

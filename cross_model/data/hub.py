@@ -122,7 +122,12 @@ def load_rows(source: HubSource, local_path: str | None) -> Any:
 
     if local_path:
         builder, files = local_files(local_path)
-        return datasets.load_dataset(builder, data_files=files, split="train")
+        try:
+            return datasets.load_dataset(builder, data_files=files, split="train")
+        except Exception as err:  # noqa: BLE001 - whatever the loader raises is a data error
+            raise ValueError(
+                f"could not read {local_path} ({builder} files): {type(err).__name__}: {err}"
+            ) from err
     try:
         if isinstance(
             source.name, tuple
@@ -137,7 +142,8 @@ def load_rows(source: HubSource, local_path: str | None) -> Any:
         return datasets.load_dataset(
             source.path, source.name, split=source.split, revision=source.revision
         )
-    except hub_errors() as err:
+    except Exception as err:  # noqa: BLE001 - whatever the loader raises (a script dataset that
+        # datasets refuses raises RuntimeError) is a data error that names the source
         raise FileNotFoundError(
             f"could not load {source.path} ({source.name or 'default'}, {source.split}, revision "
             f"{source.revision or 'main'}) from the Hugging Face hub: {type(err).__name__}: {err}\nWithout network "
