@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     max((c.longest_chars for c in checks), default=0),
                 ):
                     print(f"# {line}")
-                blocked = [a.line for a in models if a.blocks]
+                blocked = [access.line for access in models if access.blocks]
                 if blocked:
                     print("model error: " + "; ".join(blocked), file=sys.stderr)
                 failed = not all(c.ok for c in checks) or bool(blocked)

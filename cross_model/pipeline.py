@@ -63,7 +63,7 @@ def prompt_tokens(methods: list[tuple[str, type, Any]], longest: int) -> int:
     """The longest prompt any method reads: per method that reads the context, the longest item
     (tokens) cut to its own max_prompt_tokens; with no item loaded, the caps alone (0: unknown). A
     method that reads no context (the baseline) reads the question, far shorter, whatever its cap."""
-    readers = [p.max_prompt_tokens for _, cls, p in methods if cls.reads_context]
+    readers = [params.max_prompt_tokens for _, cls, params in methods if cls.reads_context]
     if longest:
         return max((min(longest, cap) if cap else longest for cap in readers), default=longest)
     return max(readers) if readers and all(readers) else 0

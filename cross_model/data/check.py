@@ -208,10 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     models = check_models(cfg)
     for access in models:
         print(f"model {access.line}", flush=True)
-    failed = [c.key for c in checks if not c.ok] + [a.spec for a in models if a.blocks]
-    usable = sum(1 for a in models if not a.blocks)
+    failed = [check.key for check in checks if not check.ok]
+    failed += [access.spec for access in models if access.blocks]
+    usable = sum(1 for access in models if not access.blocks)
     print(
-        f"{sum(c.ok for c in checks)} of {len(checks)} tasks loaded, {usable} of {len(models)} models "
+        f"{sum(check.ok for check in checks)} of {len(checks)} tasks loaded, {usable} of {len(models)} models "
         f"not refused" + (f"; failed: {', '.join(failed)}" if failed else "")
     )
     return 1 if failed else 0
