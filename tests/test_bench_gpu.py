@@ -31,12 +31,16 @@ def test_dense_parameter_count_matches_the_llama_formula(tokenizer):
 
 
 def test_a_saved_tokenizer_folder_is_used_and_a_wrong_one_refused(tokenizer, tmp_path):
+    """SmolLM2's tokenizer files carried to a GPU machine are recognised by their vocabulary, so the
+    ratio to the public code's figures is printed; another tokenizer is named by its folder."""
+    from cross_model.models import tiny_tokenizer
+
     tokenizer.save_pretrained(tmp_path / "tok")
     tok, name = gpu.bench_tokenizer(tmp_path / "tok")
-    assert (
-        name == str(tmp_path / "tok")
-        and tok("Paris")["input_ids"] == tokenizer("Paris")["input_ids"]
-    )
+    assert tok("Paris")["input_ids"] == tokenizer("Paris")["input_ids"]
+    assert name == (gpu.PUBLIC_TOKENIZER if len(tokenizer) == 49152 else str(tmp_path / "tok"))
+    tiny_tokenizer(True).save_pretrained(tmp_path / "bytes")
+    assert gpu.bench_tokenizer(tmp_path / "bytes")[1] == str(tmp_path / "bytes")
     with pytest.raises(SystemExit):
         gpu.main(["--tokenizer", str(tmp_path / "missing"), "--device", "cpu"])
 
@@ -81,10 +85,14 @@ def test_gpu_bench_fills_every_table_on_toy_shapes(tmp_path, capsys):
         assert set(r["ms_per_example"]) == {"1", "2"} and all(
             v > 0 for v in r["ms_per_example"].values()
         )
-        # like with like: the public code's one-at-a-time figure over our batch 1, never our best batch
-        assert r["vs_public"] == pytest.approx(
-            gpu.PUBLIC_MS["short"][r["method"]] / r["ms_per_example"]["1"]
-        )
+        # like with like: the public code's one-at-a-time figure over our batch 1, never our best
+        # batch; none for ac_projected (the public AC figure is an 8B sender, ours a 3B-shaped one)
+        if r["method"] == "ac_projected":
+            assert r["public_ms"] is None and r["vs_public"] is None
+        else:
+            assert r["vs_public"] == pytest.approx(
+                gpu.PUBLIC_MS["short"][r["method"]] / r["ms_per_example"]["1"]
+            )
         assert (
             (r["hf_generate_ms"] > 0) if r["method"] == "baseline" else r["hf_generate_ms"] is None
         )
