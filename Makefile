@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # Test files are spread over this many processes (pytest-xdist; a file's tests stay in one process).
 TEST_WORKERS ?= 2
 
-.PHONY: demo two-hop pareto latentwire latentwire-two latentwire-compressed latentwire-seeds qkvcomm-scheme projection-ridge c2c facts layer-sweep docs-tables test test-fast test-float test-slurm lint format test-gpu bench bench-gpu legacy-transformers install clean-venv
+.PHONY: demo two-hop pareto latentwire latentwire-two latentwire-compressed latentwire-seeds qkvcomm-scheme projection-ridge c2c facts layer-sweep docs-tables test test-fast test-float test-slurm lint format test-gpu bench bench-gpu gpu-check gpu-kit legacy-transformers install clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt requirements-deepspeed.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -148,6 +148,21 @@ test-gpu:
 
 bench-gpu:
 	PYTHONPATH=. $(GPU_PY) -m bench.gpu --json docs/bench_gpu.json
+
+# Every GPU check in one call on a bare GPU machine, under 8 minutes, one deadline and one JSON per step
+# under $OUT (else docs/gpu_check): the GPU tests, the bench's short and long workloads at batches 1
+# and 8, NLD and CIPHER at batch 8, one kvcomm_llama8b evaluator batch at its real shapes with its peak
+# memory against the dry run's estimate (bench/gpu_check.py). Carry .gpukit (make gpu-kit) with it.
+gpu-check:
+	PYTHONPATH=. $(GPU_PY) -m bench.gpu_check
+
+# Here, once: what a bare GPU machine lacks for gpu-check, in .gpukit/ (ignored; carry it): SmolLM2's
+# tokenizer, so the bench's prompts have the public code's lengths and its ratio to them prints. The
+# machine's own torch and transformers run (pyproject.toml admits transformers >= 5.17).
+gpu-kit: $(STAMP)
+	rm -rf .gpukit && mkdir -p .gpukit
+	$(PY) -c "from bench.gpu import bench_tokenizer; bench_tokenizer()[0].save_pretrained('.gpukit/tok')"
+	@du -sm .gpukit | awk '{ if ($$1 > 64) { print "gpu-kit: " $$1 " MiB, over the 64 MiB a call carries"; exit 1 } else print "gpu-kit: " $$1 " MiB in .gpukit" }'
 
 clean-venv:
 	rm -rf $(VENV)

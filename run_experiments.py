@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--allow-code-change",
         action="store_true",
-        help="resume a run whose code (commit or uncommitted changes) differs from its first start",
+        help="resume a run whose code, torch/transformers versions or (in half precision) number of "
+        "ranks differ from its first start",
     )
     return parser
 

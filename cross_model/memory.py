@@ -91,9 +91,18 @@ def shape_of(spec: str) -> ModelShape:
     config, source = model_config(spec)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    parameters = sum(
-        p.numel() for p in model.parameters()
-    )  # .parameters() yields a tied weight once
+    return _shape(spec, model, source)
+
+
+def shape_of_model(lm: Any) -> ModelShape:
+    """The shape of a loaded model (`models.LoadedModel`), counted as `shape_of` counts it."""
+    return _shape(lm.info.name, lm.model, "loaded")
+
+
+def _shape(spec: str, model: Any, source: str) -> ModelShape:
+    config = model.config
+    # .parameters() yields a tied weight once
+    parameters = sum(param.numel() for param in model.parameters())
     text = text_config(config)
     heads = text.num_attention_heads
     return ModelShape(

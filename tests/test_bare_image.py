@@ -75,3 +75,34 @@ def test_gpu_tests_record_a_collection_error_as_a_failure(tmp_path, bare_site):
     assert proc.returncode != 0 and record["failed"] == 1 and record["passed"] == 0
     (name,) = record["tests"]
     assert name.startswith("collecting") and "rapidfuzz" in record["tests"][name]["error"]
+
+
+@pytest.mark.slow  # the bench steps tokenise with SmolLM2's tokenizer (a packaged model)
+def test_gpu_check_runs_every_step_on_the_bare_image(tmp_path, bare_site):
+    """make gpu-check's steps, at toy shapes on this CPU (--toy), in the emulated bare image: every step
+    starts, finishes within its deadline and writes its record; the GPU tests run in bf16 on the CPU."""
+    import json
+
+    code = "import sys, bench.gpu_check as g; sys.exit(g.main(['--toy', '--out', sys.argv[1]]))"
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code, str(tmp_path)],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "PYTHONPATH": f"{ROOT}{os.pathsep}{bare_site}",
+            "CROSS_MODEL_GPU_TESTS_DEVICE": "cpu",
+        },
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    failed = {p.name: p.read_text()[-1500:] for p in tmp_path.glob("*.failed.txt")}
+    assert proc.returncode == 0 and not failed, (summary, failed)
+    assert list(summary) == ["tests", "short", "long", "debate", "kvcomm_8b"]
+    tests = json.loads((tmp_path / "tests.json").read_text())
+    assert tests["failed"] == 0 and tests["passed"] >= 7
+    evaluator = json.loads((tmp_path / "kvcomm_8b.json").read_text())
+    assert evaluator["errors"] == [] and evaluator["batch"] == 4 and evaluator["estimate_gib"] > 0
+    env = json.loads((tmp_path / "environment.json").read_text())
+    assert env["versions"]["gguf"] is None  # really the bare image
