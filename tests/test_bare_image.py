@@ -106,3 +106,12 @@ def test_gpu_check_runs_every_step_on_the_bare_image(tmp_path, bare_site):
     assert evaluator["errors"] == [] and evaluator["batch"] == 4 and evaluator["estimate_gib"] > 0
     env = json.loads((tmp_path / "environment.json").read_text())
     assert env["versions"]["gguf"] is None  # really the bare image
+
+
+def test_gpu_check_fits_one_call():
+    """A device call runs at most 10 minutes: gpu-check's deadlines add up to 8."""
+    from bench import gpu_check
+
+    for toy in (False, True):
+        deadlines = [deadline for _, _, deadline in gpu_check.steps(Path("/tmp"), toy, None)]
+        assert sum(deadlines) <= gpu_check.BUDGET_S <= 480
