@@ -23,6 +23,7 @@ MODULES = [
     "bench.run",
     "bench.gpu",
     "bench.gpu_tests",
+    "bench.gpu_check",
     "bench.choose_projection_ridge",
     "bench.choose_qkvcomm_scheme",
     "bench.legacy_transformers",

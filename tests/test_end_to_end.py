@@ -5,7 +5,7 @@ import sys
 from tests.conftest import ROOT
 
 
-def test_tiny_config_runs_every_method_end_to_end(tmp_path):
+def test_tiny_config_runs_its_six_methods_end_to_end(tmp_path):
     res = subprocess.run(
         [
             sys.executable,

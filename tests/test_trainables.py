@@ -1,4 +1,4 @@
-"""A fourth trainer added the way the registry promises (its own module's code and one registration)
+"""A sixth trainer added the way the registry promises (its own module's code and one registration)
 runs through the real pipeline: the train stage trains it and records it, the method gets its
 artefact in its constructor, and an evaluation without the train stage finds it or refuses."""
 

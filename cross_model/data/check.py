@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from cross_model.context import load_experiment
 from cross_model.data.base import (
     EVERY_ROW,
     asked_sizes,
@@ -17,6 +18,8 @@ from cross_model.data.base import (
     get_task,
     load_task_examples,
 )
+from cross_model.methods.registry import resolve_method
+from cross_model.models import model_access
 
 
 @dataclass(frozen=True)
@@ -162,8 +165,6 @@ def check_rows(cfg: Any) -> list[TaskCheck]:
 
 def model_specs(cfg: Any) -> list[str]:
     """Every model the config's run loads: the pair, each method's own, LatentWire's receivers."""
-    from cross_model.methods.registry import resolve_method
-
     specs = [cfg.models.sender, cfg.models.receiver, *cfg.interlingua.receivers]
     for name, raw in cfg.methods.items():
         _, params = resolve_method(name, raw)
@@ -173,8 +174,6 @@ def model_specs(cfg: Any) -> list[str]:
 
 def check_models(cfg: Any) -> list[Any]:
     """`models.model_access` of every model the run loads."""
-    from cross_model.models import model_access
-
     return [model_access(spec) for spec in model_specs(cfg)]
 
 
@@ -193,8 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     check.add_argument("config", help="YAML config (see configs/)")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    from cross_model.context import load_experiment
-
     try:
         # as the run resolves it: a preset changes the tasks' sources (kvcomm_public: SCROLLS' Qasper)
         cfg = load_experiment(args.config, overrides)
