@@ -11,26 +11,11 @@ import argparse
 import logging
 import sys
 
-from cross_model.config import describe, dump_yaml
-from cross_model.context import load_experiment
+# Only what the listing verbs need loads here (no torch, no method module): --list-methods,
+# --help-method, --list-tasks and --help-config answer at once; a run's modules load in `run`.
+from cross_model.config import describe
 from cross_model.data.base import available_tasks, get_task
-from cross_model.data.check import check_counts, check_models
-from cross_model.distributed import (
-    Preempted,
-    StopFlag,
-    broadcast_object,
-    distributed_session,
-    init_distributed,
-    is_main,
-    read_env,
-    setup_logging,
-)
-from cross_model.failures import RunRefused
-from cross_model.methods.registry import available_methods, get_method_class
-from cross_model.pipeline import RunContext, memory_plan, plan, run_stages
-from cross_model.platform import detect_platform
-from cross_model.progress import set_progress_interval
-from cross_model.runinfo import check_shared_run_dir, prepare_run_dir, run_identity, run_metadata
+from cross_model.methods.registry import available_methods, get_method_class, method_summary
 
 log = logging.getLogger("run_experiments")
 
@@ -81,10 +66,7 @@ def describe_registries(args: argparse.Namespace) -> int:
     """--list-methods, --help-method NAME, --list-tasks."""
     if args.list_methods:
         for name in available_methods():
-            doc = (
-                (sys.modules[get_method_class(name).__module__].__doc__ or "").strip().splitlines()
-            )
-            print(f"{name:10s} {doc[0] if doc else ''}")
+            print(f"{name:10s} {method_summary(name)}")
     if args.help_method:
         try:
             cls = get_method_class(args.help_method)
@@ -113,6 +95,35 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.list_methods or args.help_method or args.list_tasks:
         return describe_registries(args)
+    return run(args, overrides)
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    """The run (or its dry run): the modules that load torch and transformers are imported here."""
+    from cross_model.config import dump_yaml
+    from cross_model.context import load_experiment
+    from cross_model.data.check import check_counts, check_models
+    from cross_model.distributed import (
+        Preempted,
+        StopFlag,
+        broadcast_object,
+        distributed_session,
+        init_distributed,
+        is_main,
+        read_env,
+        setup_logging,
+    )
+    from cross_model.failures import RunRefused
+    from cross_model.pipeline import RunContext, memory_plan, plan, run_stages
+    from cross_model.platform import detect_platform
+    from cross_model.progress import set_progress_interval
+    from cross_model.runinfo import (
+        check_shared_run_dir,
+        prepare_run_dir,
+        run_identity,
+        run_metadata,
+    )
+
     try:
         cfg = load_experiment(args.config, overrides)
     except (ValueError, FileNotFoundError) as err:

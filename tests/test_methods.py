@@ -429,3 +429,36 @@ def test_nld_quotes_messages_raw_by_default_or_stripped(examples):
         assert r.payload_bytes >= s.payload_bytes
     with pytest.raises(ValueError, match="message_text: raw or stripped"):
         resolve_method("nld", {"message_text": "trimmed"})
+
+
+def test_the_lazy_registry_names_every_method_module_and_listing_imports_none():
+    """registry.LAZY names each shipped method's module and class (importing every method module
+    registers exactly those), and --list-methods / --list-tasks answer without importing torch or any
+    method module."""
+    import importlib
+    import pkgutil
+    import subprocess
+    import sys
+
+    import cross_model.methods as package
+    from cross_model.methods.registry import _METHODS, LAZY
+    from tests.conftest import ROOT
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"cross_model.methods.{info.name}")
+    shipped = {
+        n: f"{c.__module__}:{c.__name__}"
+        for n, c in _METHODS.items()
+        if c.__module__.startswith("cross_model.")
+    }
+    assert shipped == LAZY
+    code = (
+        "import sys, run_experiments\n"
+        "assert run_experiments.main(['--list-methods']) == 0\n"
+        "assert run_experiments.main(['--list-tasks']) == 0\n"
+        "loaded = [m for m in sys.modules if m == 'torch' or m.startswith('cross_model.methods.')]\n"
+        "assert loaded == ['cross_model.methods.registry'], loaded\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "kvcomm     KVComm (Shi et al., ICLR 2026)" in proc.stdout

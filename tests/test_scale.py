@@ -408,7 +408,6 @@ def test_run_experiments_refuses_a_resume_where_auto_resolves_otherwise(
 ):
     """dtype `auto` is float32 on this CPU and bfloat16 on a GPU: the second start's platform is patched to
     resolve as a GPU machine's would (same config), and the resume is refused."""
-    import run_experiments
     from cross_model.platform import Platform
 
     common = (
@@ -422,9 +421,8 @@ def test_run_experiments_refuses_a_resume_where_auto_resolves_otherwise(
         "2",
     )
     assert _main(*common) == 0
-    monkeypatch.setattr(
-        run_experiments,
-        "detect_platform",
+    monkeypatch.setattr(  # run_experiments.run imports it from there when a run starts
+        "cross_model.platform.detect_platform",
         lambda *a, **k: Platform(
             torch.device("cpu"), torch.bfloat16, "as a GPU would resolve auto"
         ),
